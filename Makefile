@@ -1,0 +1,48 @@
+# The two commands a newcomer needs:  `make demo`  and  `make test`.
+# Each sets up .venv (pip install -e '.[dev]') and the Debian packages it needs, then runs.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# Debian packages the test-suite talks to (real xenstore tools, the Xen headers for layout
+# checks, NBD clients, iproute2 for network namespaces).
+TEST_DEBS := libxen-dev xenstore-utils gcc
+# The Xen lab (real Xen under QEMU).
+LAB_DEBS  := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 linux-image-amd64 busybox-static cpio
+
+.PHONY: all venv deps demo test lint typecheck docs bench clean
+
+all: test
+
+$(STAMP): pyproject.toml setup.py aioxen/_native_build.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+deps:
+	@scripts/ensure-debs $(TEST_DEBS)
+
+demo: $(STAMP)
+	$(PY) -m aioxen.demo
+
+test: deps $(STAMP)
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check aioxen tests benchmarks
+	$(VENV)/bin/ruff format --check aioxen tests benchmarks
+	$(VENV)/bin/mypy aioxen
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+bench: $(STAMP)
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) site build *.egg-info aioxen/_native*.so aioxen/_native.c aioxen/_native.o

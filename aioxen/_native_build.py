@@ -1,0 +1,150 @@
+"""cffi (API mode) build script for ``aioxen._native``.
+
+The native helper is deliberately small: atomic loads/stores and read-modify-writes on
+shared memory, a full fence, wrap-aware byte-ring copies (which run without the GIL), fixed
+``mmap``s for composing grant mappings, and ``ioctl`` with a struct argument.  Everything
+protocol-specific stays in Python; this file only provides primitives that Python itself
+cannot express (atomicity and ordering) or that are hot (bulk copies).
+
+No Xen headers are needed to build it: struct layouts for the ``xen`` platform live in
+Python and are checked against ``libxen-dev``'s headers by the test-suite.
+"""
+
+from cffi import FFI
+
+CDEF = r"""
+uint8_t  ax_load_u8(const void *base, size_t off);
+uint16_t ax_load_u16(const void *base, size_t off);
+uint32_t ax_load_u32(const void *base, size_t off);
+void     ax_store_u8(void *base, size_t off, uint8_t v);
+void     ax_store_u16(void *base, size_t off, uint16_t v);
+void     ax_store_u32(void *base, size_t off, uint32_t v);
+uint8_t  ax_fetch_or_u8(void *base, size_t off, uint8_t v);
+uint8_t  ax_fetch_and_u8(void *base, size_t off, uint8_t v);
+uint32_t ax_exchange_u32(void *base, size_t off, uint32_t v);
+void     ax_fence(void);
+
+int64_t  ax_bring_used(const void *idx, size_t cons_off, size_t prod_off, uint32_t size);
+int64_t  ax_bring_write(void *idx, size_t cons_off, size_t prod_off,
+                        void *ring, uint32_t size, const void *src, size_t n);
+int64_t  ax_bring_read(void *idx, size_t cons_off, size_t prod_off,
+                       const void *ring, uint32_t size, void *dst, size_t n);
+void     ax_ring_copy_in(void *ring, uint32_t size, uint32_t idx, const void *src, size_t n);
+void     ax_ring_copy_out(const void *ring, uint32_t size, uint32_t idx, void *dst, size_t n);
+void     ax_memcpy(void *dst, const void *src, size_t n);
+
+uintptr_t ax_address(const void *p);
+int      ax_mmap_fixed(uintptr_t addr, size_t len, int prot, int fd, int64_t offset);
+int      ax_mprotect(uintptr_t addr, size_t len, int prot);
+int      ax_ioctl(int fd, unsigned long request, void *arg);
+"""
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <errno.h>
+#include <sys/mman.h>
+#include <sys/ioctl.h>
+
+#define AX_PTR(T, base, off) ((T *)((char *)(base) + (off)))
+
+static uint8_t  ax_load_u8(const void *b, size_t o)  { return __atomic_load_n(AX_PTR(const uint8_t, b, o), __ATOMIC_ACQUIRE); }
+static uint16_t ax_load_u16(const void *b, size_t o) { return __atomic_load_n(AX_PTR(const uint16_t, b, o), __ATOMIC_ACQUIRE); }
+static uint32_t ax_load_u32(const void *b, size_t o) { return __atomic_load_n(AX_PTR(const uint32_t, b, o), __ATOMIC_ACQUIRE); }
+static void ax_store_u8(void *b, size_t o, uint8_t v)   { __atomic_store_n(AX_PTR(uint8_t, b, o), v, __ATOMIC_RELEASE); }
+static void ax_store_u16(void *b, size_t o, uint16_t v) { __atomic_store_n(AX_PTR(uint16_t, b, o), v, __ATOMIC_RELEASE); }
+static void ax_store_u32(void *b, size_t o, uint32_t v) { __atomic_store_n(AX_PTR(uint32_t, b, o), v, __ATOMIC_RELEASE); }
+static uint8_t ax_fetch_or_u8(void *b, size_t o, uint8_t v)  { return __atomic_fetch_or(AX_PTR(uint8_t, b, o), v, __ATOMIC_SEQ_CST); }
+static uint8_t ax_fetch_and_u8(void *b, size_t o, uint8_t v) { return __atomic_fetch_and(AX_PTR(uint8_t, b, o), v, __ATOMIC_SEQ_CST); }
+static uint32_t ax_exchange_u32(void *b, size_t o, uint32_t v) { return __atomic_exchange_n(AX_PTR(uint32_t, b, o), v, __ATOMIC_SEQ_CST); }
+static void ax_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+/* Byte rings (vchan, console, xenstore): free-running u32 indices, power-of-two size.
+ * Each shared index is loaded exactly once and validated (XSA-155, XSA-86); a ring whose
+ * indices claim more than `size` bytes in flight is reported as -1. */
+static int64_t ax_bring_used(const void *idx, size_t cons_off, size_t prod_off, uint32_t size)
+{
+    uint32_t prod = __atomic_load_n(AX_PTR(const uint32_t, idx, prod_off), __ATOMIC_ACQUIRE);
+    uint32_t cons = __atomic_load_n(AX_PTR(const uint32_t, idx, cons_off), __ATOMIC_ACQUIRE);
+    uint32_t used = prod - cons;
+    return used > size ? -1 : (int64_t)used;
+}
+
+static void ax_ring_copy_in(void *ring, uint32_t size, uint32_t i, const void *src, size_t n)
+{
+    uint32_t off = i & (size - 1);
+    size_t first = size - off;
+    if (first > n) first = n;
+    memcpy((char *)ring + off, src, first);
+    if (n > first) memcpy(ring, (const char *)src + first, n - first);
+}
+
+static void ax_ring_copy_out(const void *ring, uint32_t size, uint32_t i, void *dst, size_t n)
+{
+    uint32_t off = i & (size - 1);
+    size_t first = size - off;
+    if (first > n) first = n;
+    memcpy(dst, (const char *)ring + off, first);
+    if (n > first) memcpy((char *)dst + first, ring, n - first);
+}
+
+static int64_t ax_bring_write(void *idx, size_t cons_off, size_t prod_off,
+                              void *ring, uint32_t size, const void *src, size_t n)
+{
+    uint32_t cons = __atomic_load_n(AX_PTR(uint32_t, idx, cons_off), __ATOMIC_ACQUIRE);
+    uint32_t prod = __atomic_load_n(AX_PTR(uint32_t, idx, prod_off), __ATOMIC_RELAXED);
+    uint32_t used = prod - cons;
+    if (used > size) return -1;
+    size_t space = size - used;
+    if (n > space) n = space;
+    if (n == 0) return 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* indices read before data written */
+    ax_ring_copy_in(ring, size, prod, src, n);
+    __atomic_store_n(AX_PTR(uint32_t, idx, prod_off), prod + (uint32_t)n, __ATOMIC_RELEASE);
+    return (int64_t)n;
+}
+
+static int64_t ax_bring_read(void *idx, size_t cons_off, size_t prod_off,
+                             const void *ring, uint32_t size, void *dst, size_t n)
+{
+    uint32_t prod = __atomic_load_n(AX_PTR(uint32_t, idx, prod_off), __ATOMIC_ACQUIRE);
+    uint32_t cons = __atomic_load_n(AX_PTR(uint32_t, idx, cons_off), __ATOMIC_RELAXED);
+    uint32_t used = prod - cons;
+    if (used > size) return -1;
+    if (n > used) n = used;
+    if (n == 0) return 0;
+    ax_ring_copy_out(ring, size, cons, dst, n);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* data read before space released */
+    __atomic_store_n(AX_PTR(uint32_t, idx, cons_off), cons + (uint32_t)n, __ATOMIC_RELEASE);
+    return (int64_t)n;
+}
+
+static void ax_memcpy(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
+
+static uintptr_t ax_address(const void *p) { return (uintptr_t)p; }
+
+static int ax_mmap_fixed(uintptr_t addr, size_t len, int prot, int fd, int64_t offset)
+{
+    void *p = mmap((void *)addr, len, prot, MAP_SHARED | MAP_FIXED, fd, (off_t)offset);
+    if (p == MAP_FAILED) return errno;
+    return 0;
+}
+
+static int ax_mprotect(uintptr_t addr, size_t len, int prot)
+{
+    return mprotect((void *)addr, len, prot) == 0 ? 0 : errno;
+}
+
+static int ax_ioctl(int fd, unsigned long request, void *arg)
+{
+    int r = ioctl(fd, request, arg);
+    return r < 0 ? -errno : r;
+}
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source("aioxen._native", SOURCE, extra_compile_args=["-O2"])
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

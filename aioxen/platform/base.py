@@ -1,0 +1,232 @@
+"""The platform interfaces: EVENTS (event channels), MEMORY (grant tables), XenStore.
+
+Theory of operation
+-------------------
+Protocol code (vchan, rings, xenbus devices) never imports a backend.  It receives a
+:class:`Platform` and uses three objects hanging off it:
+
+* ``platform.events`` (:class:`EventChannels`): ``listen(remote_domid)`` allocates an
+  unbound port that ``remote_domid`` may bind to; ``connect(remote_domid, remote_port)``
+  binds to a peer's unbound port.  Both return an :class:`EventChannel`.  An event carries no
+  data; ``notify()`` sends one, ``await wait()`` returns once at least one arrived since the
+  previous ``wait`` (events coalesce, none is lost).  Adapters that want a callback instead
+  of a waiting task use :meth:`EventChannel.set_handler`.
+* ``platform.grants`` (:class:`GrantTable`): ``share(remote_domid, npages)`` exports fresh
+  zeroed pages and returns their grant references; ``map(remote_domid, refs)`` maps any list
+  of a domain's refs, in any order, into one contiguous ``memoryview``.  Either side can ask
+  for an *unmap notification* (Linux's ``SET_UNMAP_NOTIFY``): when the memory goes away
+  (cleanly or because the process died) a byte is cleared and/or an event is sent.
+* ``platform.store``: a XenStore client (see :mod:`aioxen.xenstore`).
+
+Three implementations exist — ``inheap``, ``unix`` and ``xen`` — and
+:func:`aioxen.platform` picks one.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
+
+if TYPE_CHECKING:
+    from aioxen.xenstore.client import XenStoreClient
+
+PAGE_SIZE = 4096
+"""Grant and ring page size: always 4 KiB (``XEN_PAGE_SHIFT`` 12), on every platform."""
+
+DOMID_FIRST_RESERVED = 0x7FF0
+DOMID_SELF = 0x7FF0
+
+
+def check_domid(domid: int, what: str = "domid") -> int:
+    """Validate a domain id (0 .. 0x7FEF) and return it."""
+    if not isinstance(domid, int) or isinstance(domid, bool):
+        raise TypeError(f"{what} must be an int, not {type(domid).__name__}")
+    if not 0 <= domid < DOMID_FIRST_RESERVED:
+        raise ValueError(f"{what} {domid} out of range 0..{DOMID_FIRST_RESERVED - 1}")
+    return domid
+
+
+@runtime_checkable
+class EventChannel(Protocol):
+    """One end of a bound event channel."""
+
+    @property
+    def port(self) -> int:
+        """The local port number (what a peer passes to ``connect``)."""
+        ...
+
+    @property
+    def remote_domid(self) -> int: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def notify(self) -> None:
+        """Send one event to the peer.  Never blocks; a no-op once the peer is gone."""
+        ...
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Return once at least one event arrived since the previous ``wait``.
+
+        Raises ``ConnectionResetError`` when the peer end went away (closed or died),
+        ``TimeoutError`` after ``timeout`` seconds.  Cancellation leaves the channel usable.
+        """
+        ...
+
+    def set_handler(self, handler: Callable[[], None] | None) -> None:
+        """Deliver events by calling ``handler()`` on the event loop instead of waking
+        ``wait``.  ``handler`` is called once per batch of coalesced events, and once more
+        when the peer goes away (after which :attr:`peer_lost` is true).  ``None`` restores
+        ``wait`` delivery; events that arrived while a handler was set are not replayed."""
+        ...
+
+    @property
+    def peer_lost(self) -> bool:
+        """True once the platform has seen the peer end disappear."""
+        ...
+
+    def close(self) -> None:
+        """Unbind the port.  Idempotent.  A pending ``wait`` raises ``ConnectionResetError``."""
+        ...
+
+
+@runtime_checkable
+class EventChannels(Protocol):
+    """The EVENTS signature."""
+
+    async def listen(self, remote_domid: int) -> EventChannel:
+        """Allocate an unbound port that ``remote_domid`` may ``connect`` to."""
+        ...
+
+    async def connect(self, remote_domid: int, remote_port: int) -> EventChannel:
+        """Bind to ``remote_port`` of ``remote_domid``.  ``ConnectionRefusedError`` if no
+        such unbound port exists, ``PermissionError`` if it was not offered to us."""
+        ...
+
+
+@runtime_checkable
+class Share(Protocol):
+    """Pages this domain exports."""
+
+    @property
+    def refs(self) -> list[int]: ...
+
+    @property
+    def buf(self) -> memoryview:
+        """The shared pages, ``len(refs) * 4096`` bytes, always writable by the owner."""
+        ...
+
+    @property
+    def remote_domid(self) -> int: ...
+
+    def set_unmap_notify(self, offset: int | None, channel: EventChannel | None) -> None:
+        """When this share goes away (``close`` or process death), clear the byte at
+        ``offset`` (if not ``None``) and send an event on ``channel`` (if not ``None``)."""
+        ...
+
+    def close(self) -> None:
+        """Revoke the grants.  Idempotent.  Existing foreign mappings stay valid memory."""
+        ...
+
+
+@runtime_checkable
+class Mapping(Protocol):
+    """Foreign pages mapped into this process."""
+
+    @property
+    def buf(self) -> memoryview:
+        """Contiguous view of the mapped refs, in the order asked; read-only if mapped so."""
+        ...
+
+    @property
+    def writable(self) -> bool: ...
+
+    def set_unmap_notify(self, offset: int | None, channel: EventChannel | None) -> None:
+        """As :meth:`Share.set_unmap_notify`; byte clearing needs a writable mapping."""
+        ...
+
+    def close(self) -> None:
+        """Unmap.  Idempotent.  ``BufferError`` if views derived from ``buf`` are alive."""
+        ...
+
+
+@runtime_checkable
+class GrantTable(Protocol):
+    """The MEMORY signature."""
+
+    def share(self, remote_domid: int, npages: int, writable: bool = True) -> Share:
+        """Export ``npages`` fresh zeroed pages to ``remote_domid``."""
+        ...
+
+    def map(self, remote_domid: int, refs: Sequence[int], writable: bool = True) -> Mapping:
+        """Map ``refs`` granted by ``remote_domid`` contiguously.  ``FileNotFoundError``
+        for unknown/revoked refs, ``PermissionError`` for refs granted to someone else or
+        read-only refs mapped writable (messages name the domid and ref)."""
+        ...
+
+
+class Platform(abc.ABC):
+    """A domain's view of the hypervisor services: ``events``, ``grants``, ``store``.
+
+    Use as an async context manager (``async with plat:``) so that everything it opened is
+    closed on exit.  ``domid`` is this domain's own id.
+    """
+
+    name: str = "abstract"
+
+    def __init__(self, domid: int) -> None:
+        self._domid = check_domid(domid)
+
+    @property
+    def domid(self) -> int:
+        return self._domid
+
+    @property
+    @abc.abstractmethod
+    def events(self) -> EventChannels: ...
+
+    @property
+    @abc.abstractmethod
+    def grants(self) -> GrantTable: ...
+
+    @property
+    def store(self) -> XenStoreClient:
+        """The XenStore client for this domain (connects lazily on first use)."""
+        raise NotImplementedError(f"platform {self.name!r} has no XenStore client yet")
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Acquire resources that need a running loop; called by ``__aenter__``."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release everything this platform object opened.  Idempotent."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} domid={self._domid}>"
+
+
+__all__ = [
+    "DOMID_FIRST_RESERVED",
+    "PAGE_SIZE",
+    "EventChannel",
+    "EventChannels",
+    "GrantTable",
+    "Mapping",
+    "Platform",
+    "Share",
+    "check_domid",
+]
