@@ -1,0 +1,5 @@
+import sys
+
+from aioxen.cli import main
+
+sys.exit(main())
