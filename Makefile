@@ -39,7 +39,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy aioxen
 
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)
