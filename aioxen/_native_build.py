@@ -37,6 +37,10 @@ uintptr_t ax_address(const void *p);
 int      ax_mmap_fixed(uintptr_t addr, size_t len, int prot, int fd, int64_t offset);
 int      ax_mprotect(uintptr_t addr, size_t len, int prot);
 int      ax_ioctl(int fd, unsigned long request, void *arg);
+void     ax_memcpy_repeat(void *dst, const void *src, size_t n, uint64_t times);
+/* io/ring.h rings (aioxen.rings.rpc) */
+int      ax_ring_push(void *base, size_t prod_off, size_t event_off, uint32_t old, uint32_t nw);
+void     ax_store_fence(void *base, size_t off, uint32_t v);
 """
 
 SOURCE = r"""
@@ -139,6 +143,32 @@ static int ax_ioctl(int fd, unsigned long request, void *arg)
 {
     int r = ioctl(fd, request, arg);
     return r < 0 ? -errno : r;
+}
+
+/* Benchmark reference: `times` back-to-back copies of n bytes (the physical limit). */
+static void ax_memcpy_repeat(void *dst, const void *src, size_t n, uint64_t times)
+{
+    for (uint64_t i = 0; i < times; i++) {
+        memcpy(dst, src, n);
+        __asm__ __volatile__("" : : "r"(dst) : "memory");
+    }
+}
+
+/* io/ring.h push-and-check-notify in one call: publish `nw` at prod_off (release), full
+ * fence, read the peer's event index once, and report whether it lies in (old, nw]. */
+static int ax_ring_push(void *b, size_t prod_off, size_t event_off, uint32_t old, uint32_t nw)
+{
+    __atomic_store_n(AX_PTR(uint32_t, b, prod_off), nw, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint32_t ev = __atomic_load_n(AX_PTR(uint32_t, b, event_off), __ATOMIC_ACQUIRE);
+    return (uint32_t)(nw - ev) < (uint32_t)(nw - old);
+}
+
+/* Store an event index, then a full fence (the first half of a ring final check). */
+static void ax_store_fence(void *b, size_t off, uint32_t v)
+{
+    __atomic_store_n(AX_PTR(uint32_t, b, off), v, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 """
 

@@ -17,7 +17,7 @@ import mmap
 import os
 from typing import Any
 
-from aioxen import _native
+import aioxen._native as _native
 
 ffi: Any = _native.ffi
 lib: Any = _native.lib

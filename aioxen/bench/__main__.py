@@ -1,0 +1,5 @@
+import sys
+
+from aioxen.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,204 @@
+"""Benchmark harness: measurements, repetitions, ratios, progress, table, JSON and plots.
+
+Theory of operation
+-------------------
+A *suite* is a function ``run(ctx) -> list[Measurement]``.  It measures aioxen's mechanism
+and the baselines users would otherwise pick *in the same run*, interleaving them inside
+each repetition so that machine noise hits all of them alike.  Every :class:`Measurement`
+keeps all its samples; the report shows the median, min and max, and for each of our
+mechanisms the ratio to every baseline measuring the same case and metric ("× better", so
+latency ratios are inverted).  Speed is never asserted: the harness only reports.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+
+@dataclass
+class Measurement:
+    """All samples of one metric of one case on one mechanism."""
+
+    suite: str
+    case: str
+    mechanism: str
+    metric: str
+    unit: str
+    higher_is_better: bool
+    ours: bool
+    samples: list[float] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    loop: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else float("nan")
+
+    @property
+    def min(self) -> float:
+        return min(self.samples) if self.samples else float("nan")
+
+    @property
+    def max(self) -> float:
+        return max(self.samples) if self.samples else float("nan")
+
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.suite, self.case, self.metric, self.loop)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(median=self.median, min=self.min, max=self.max)
+        return data
+
+
+class Progress:
+    """A one-line progress indicator on stderr (plain lines when stderr is not a tty)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.started = time.monotonic()
+        self._last_len = 0
+
+    def __call__(self, message: str) -> None:
+        elapsed = time.monotonic() - self.started
+        line = f"[{elapsed:6.1f}s] {message}"
+        if self.tty:
+            pad = max(0, self._last_len - len(line))
+            self.stream.write("\r" + line + " " * pad)
+            self._last_len = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.tty and self._last_len:
+            self.stream.write("\n")
+            self.stream.flush()
+        self._last_len = 0
+
+
+@dataclass
+class Context:
+    """What a suite gets: effort level, event loop choice, repetitions and progress."""
+
+    quick: bool
+    loop: str  # "uvloop" or "asyncio"
+    repetitions: int
+    progress: Callable[[str], None]
+
+    def loop_factory(self) -> Callable[[], Any]:
+        import asyncio
+
+        if self.loop == "uvloop":
+            import uvloop
+
+            return uvloop.new_event_loop
+        return asyncio.new_event_loop
+
+
+def ratios(measurements: Iterable[Measurement]) -> list[dict[str, Any]]:
+    """For each of our measurements, the ratio to each baseline of the same case/metric.
+
+    The ratio reads "times better": ours/baseline for throughput, baseline/ours for latency.
+    """
+    groups: dict[tuple[str, str, str, str], list[Measurement]] = {}
+    for m in measurements:
+        groups.setdefault(m.key(), []).append(m)
+    out: list[dict[str, Any]] = []
+    for group in groups.values():
+        ours = [m for m in group if m.ours]
+        bases = [m for m in group if not m.ours]
+        for o in ours:
+            for b in bases:
+                if not (o.samples and b.samples) or o.median == 0 or b.median == 0:
+                    continue
+                ratio = o.median / b.median if o.higher_is_better else b.median / o.median
+                out.append(
+                    {
+                        "suite": o.suite,
+                        "case": o.case,
+                        "metric": o.metric,
+                        "loop": o.loop,
+                        "ours": o.mechanism,
+                        "baseline": b.mechanism,
+                        "times_better": ratio,
+                    }
+                )
+    return out
+
+
+def _fmt(value: float) -> str:
+    if value != value:  # NaN
+        return "-"
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def format_table(measurements: list[Measurement]) -> str:
+    """A plain-text table: one row per measurement, ratio rows after each group."""
+    rows: list[tuple[str, ...]] = [
+        ("suite", "case", "metric", "loop", "mechanism", "median", "min", "max", "unit")
+    ]
+    for m in measurements:
+        rows.append(
+            (
+                m.suite,
+                m.case,
+                m.metric,
+                m.loop,
+                m.mechanism + (" *" if m.ours else ""),
+                _fmt(m.median),
+                _fmt(m.min),
+                _fmt(m.max),
+                m.unit,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    text = "\n".join(lines)
+    rat = ratios(measurements)
+    if rat:
+        text += "\n\nRatios (× better than the baseline; * = aioxen)\n"
+        rrows = [("suite", "case", "metric", "loop", "aioxen", "baseline", "× better")]
+        for r in rat:
+            rrows.append(
+                (
+                    r["suite"],
+                    r["case"],
+                    r["metric"],
+                    r["loop"],
+                    r["ours"],
+                    r["baseline"],
+                    f"{r['times_better']:.2f}",
+                )
+            )
+        rw = [max(len(r[i]) for r in rrows) for i in range(len(rrows[0]))]
+        rl = ["  ".join(c.ljust(w) for c, w in zip(r, rw, strict=True)) for r in rrows]
+        rl.insert(1, "  ".join("-" * w for w in rw))
+        text += "\n".join(rl)
+    return text
+
+
+def write_json(path: str, measurements: list[Measurement], machine: dict[str, Any]) -> None:
+    doc = {
+        "machine": machine,
+        "measurements": [m.to_json() for m in measurements],
+        "ratios": ratios(measurements),
+    }
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+
+
+__all__ = ["Context", "Measurement", "Progress", "format_table", "ratios", "write_json"]

@@ -1,0 +1,290 @@
+"""The byte-stream mechanisms compared by the ``streams`` and ``protocol`` suites.
+
+Each mechanism can be opened two ways by *identical* benchmark code:
+
+* streams: ``(StreamReader, StreamWriter)`` pairs;
+* protocols: ``transport, protocol = await mech.create_connection(factory)`` on the client,
+  ``await mech.serve_protocol(factory)`` on the server.
+
+Two-process mechanisms run the server in a child process (:mod:`aioxen.bench.peer`) that
+prints ``READY <address>`` once it listens.  ``vchan-inheap`` runs both ends in one process
+on one loop (that is what the ``inheap`` platform is for).
+
+Baselines: asyncio TCP loopback, Unix stream sockets and ``os.pipe`` pairs.  Ours: vchan on
+the ``unix`` platform (two processes, one ``aioxen xenstored``) and on ``inheap``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+VCHAN_PORT = "bench"
+VCHAN_SERVER_DOMID = 0
+VCHAN_CLIENT_DOMID = 1
+RING_SIZE = 1 << 20
+
+
+@dataclass
+class Mechanism:
+    name: str
+    ours: bool
+    two_process: bool = True
+    env: dict[str, str] = field(default_factory=dict)
+
+
+MECHANISMS: dict[str, Mechanism] = {
+    "vchan/unix": Mechanism("vchan/unix", ours=True),
+    "vchan/inheap": Mechanism("vchan/inheap", ours=True, two_process=False),
+    "tcp": Mechanism("tcp", ours=False),
+    "unix-socket": Mechanism("unix-socket", ours=False),
+    "pipe": Mechanism("pipe", ours=False),
+}
+
+
+# --------------------------------------------------------------------------------------
+# process management
+
+
+class XenstoredProcess:
+    """``aioxen xenstored --root DIR`` as a child process (for the vchan/unix mechanism)."""
+
+    def __init__(self) -> None:
+        self.root = tempfile.mkdtemp(prefix="aioxen-bench-")
+        self.proc: subprocess.Popen[str] | None = None
+        self.env: dict[str, str] = {}
+
+    def start(self) -> dict[str, str]:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aioxen", "xenstored", "--root", self.root],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        env: dict[str, str] = {}
+        while len(env) < 2:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("aioxen xenstored exited before printing its exports")
+            assignment = line.split(";", 1)[0]
+            key, _, value = assignment.partition("=")
+            if key in ("XEN_ROOT", "XENSTORED_PATH"):
+                env[key] = value
+        self.env = env
+        return env
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Peer:
+    """The server half of a two-process mechanism, in a child process."""
+
+    def __init__(self, mech: str, api: str, loop: str, env: dict[str, str]) -> None:
+        self.mech, self.api, self.loop, self.env = mech, api, loop, env
+        self.proc: subprocess.Popen[str] | None = None
+        self.address = ""
+        self.pipe_fds: tuple[int, int] | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ, **self.env)
+        args = [sys.executable, "-m", "aioxen.bench.peer", self.mech, self.api, self.loop]
+        pass_fds: tuple[int, ...] = ()
+        if self.mech == "pipe":
+            c2s_r, c2s_w = os.pipe()
+            s2c_r, s2c_w = os.pipe()
+            args += [str(c2s_r), str(s2c_w)]
+            pass_fds = (c2s_r, s2c_w)
+            self.pipe_fds = (s2c_r, c2s_w)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, text=True, env=env, pass_fds=pass_fds
+        )
+        for fd in pass_fds:
+            os.close(fd)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("READY"):
+            self.stop()
+            raise RuntimeError(f"benchmark peer {self.mech}/{self.api} failed to start: {line!r}")
+        self.address = line[len("READY") :].strip()
+
+    def stop(self) -> None:
+        if self.pipe_fds is not None:
+            for fd in self.pipe_fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.pipe_fds = None
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+# --------------------------------------------------------------------------------------
+# client side
+
+
+async def _pipe_streams(read_fd: int, write_fd: int) -> StreamPair:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    rproto = asyncio.StreamReaderProtocol(reader)
+    await loop.connect_read_pipe(lambda: rproto, os.fdopen(read_fd, "rb", buffering=0))
+    wtransport, wproto = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, os.fdopen(write_fd, "wb", buffering=0)
+    )
+    writer = asyncio.StreamWriter(wtransport, wproto, reader, loop)
+    return reader, writer
+
+
+def _vchan_platform(domid: int, env: dict[str, str]) -> Any:
+    import aioxen
+
+    return aioxen.platform(
+        "unix", domid=domid, root=env["XEN_ROOT"], xenstored_path=env["XENSTORED_PATH"]
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_streams(
+    mech: str, peer: Peer | None, env: dict[str, str]
+) -> AsyncIterator[StreamPair]:
+    """Client-side streams to the peer of ``mech`` (or, for vchan/inheap, to an in-process
+    echo/sink server started here)."""
+    if mech == "tcp":
+        assert peer is not None
+        host, port = peer.address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
+    elif mech == "unix-socket":
+        assert peer is not None
+        reader, writer = await asyncio.open_unix_connection(peer.address, limit=1 << 20)
+    elif mech == "pipe":
+        assert peer is not None and peer.pipe_fds is not None
+        rfd, wfd = peer.pipe_fds
+        peer.pipe_fds = None  # ownership moves to the transports
+        reader, writer = await _pipe_streams(rfd, wfd)
+    elif mech == "vchan/unix":
+        from aioxen import vchan
+
+        plat = _vchan_platform(VCHAN_CLIENT_DOMID, env)
+        async with plat:
+            reader, writer = await vchan.open_connection(
+                VCHAN_SERVER_DOMID, VCHAN_PORT, platform=plat, limit=1 << 20
+            )
+            try:
+                yield reader, writer
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+        return
+    elif mech == "vchan/inheap":
+        from aioxen.bench import peer as peer_mod
+
+        async with peer_mod.inheap_stream_pair() as pair:
+            yield pair
+        return
+    else:
+        raise ValueError(f"unknown mechanism {mech!r}")
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def open_protocol(
+    mech: str,
+    peer: Peer | None,
+    env: dict[str, str],
+    factory: Callable[[], asyncio.BaseProtocol],
+) -> AsyncIterator[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]:
+    """Client-side ``(transport, protocol)`` connected to the peer of ``mech``."""
+    loop = asyncio.get_running_loop()
+    if mech == "tcp":
+        assert peer is not None
+        host, port = peer.address.rsplit(":", 1)
+        transport, protocol = await loop.create_connection(factory, host, int(port))
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    elif mech == "unix-socket":
+        assert peer is not None
+        transport, protocol = await loop.create_unix_connection(factory, peer.address)
+    elif mech == "pipe":
+        assert peer is not None and peer.pipe_fds is not None
+        rfd, wfd = peer.pipe_fds
+        peer.pipe_fds = None
+        protocol = factory()
+        _rt, _ = await loop.connect_read_pipe(lambda: protocol, os.fdopen(rfd, "rb", buffering=0))
+        wtransport, _ = await loop.connect_write_pipe(
+            lambda: protocol, os.fdopen(wfd, "wb", buffering=0)
+        )
+        try:
+            yield wtransport, protocol
+        finally:
+            wtransport.close()
+            _rt.close()
+        return
+    elif mech == "vchan/unix":
+        from aioxen import vchan
+
+        plat = _vchan_platform(VCHAN_CLIENT_DOMID, env)
+        async with plat:
+            transport, protocol = await vchan.create_connection(
+                factory, VCHAN_SERVER_DOMID, VCHAN_PORT, platform=plat
+            )
+            try:
+                yield transport, protocol
+            finally:
+                transport.close()
+        return
+    elif mech == "vchan/inheap":
+        from aioxen.bench import peer as peer_mod
+
+        async with peer_mod.inheap_protocol_pair(factory) as pair:
+            yield pair
+        return
+    else:
+        raise ValueError(f"unknown mechanism {mech!r}")
+    try:
+        yield transport, protocol
+    finally:
+        transport.close()
+
+
+__all__ = [
+    "MECHANISMS",
+    "RING_SIZE",
+    "Mechanism",
+    "Peer",
+    "StreamHandler",
+    "StreamPair",
+    "XenstoredProcess",
+    "open_protocol",
+    "open_streams",
+]

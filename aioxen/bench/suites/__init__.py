@@ -1,0 +1,1 @@
+"""Benchmark suites; each module exposes ``NAME`` and ``run(ctx) -> list[Measurement]``."""
