@@ -14,7 +14,9 @@ import inspect
 import sys
 from collections.abc import Sequence
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "aioxen.bench.cli",
+)
 
 
 def run_async(coro_fn: object, args: argparse.Namespace) -> int:
