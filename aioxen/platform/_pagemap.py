@@ -1,0 +1,133 @@
+"""Contiguous views of scattered file pages: the mapping half of grant memory.
+
+Theory of operation
+-------------------
+A grant mapping must present *any* list of granted pages — from several shares, in any
+order, possibly repeated — as one contiguous ``memoryview`` that is *the same memory* as the
+granter's pages (not a copy).  Both the ``inheap`` platform (pages in memfds) and the ``unix``
+platform (pages in files under ``$XEN_ROOT``) keep every page in some file at some offset, so
+one mechanism serves both:
+
+1. reserve ``n`` pages of address space with Python's own ``mmap.mmap(-1, n * 4096)``
+   (read-only reservation for read-only maps), so Python owns the region, hands out the
+   ``memoryview``, and refuses to ``close`` it while views are exported (``BufferError``);
+2. ``MAP_FIXED`` each page (adjacent pages of one file are merged into one call) from its
+   file over the reservation with ``PROT_READ`` or ``PROT_READ | PROT_WRITE``, through
+   :func:`aioxen.native.mmap_fixed`;
+3. ``close`` is Python's ``mmap.close`` — one ``munmap`` of the whole range.
+
+The object keeps the file descriptors it was given (it owns them) so that an unmap
+notification can clear a byte with ``pwrite`` *after* the region is gone: the close is then
+all-or-nothing — either the region is still mapped (``BufferError``) or every side effect ran.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Sequence
+
+from aioxen import native
+from aioxen.platform.base import PAGE_SIZE
+
+
+class ComposedPages:
+    """``len(sources)`` pages, page ``i`` being ``sources[i] = (fd, file_offset)``.
+
+    Takes ownership of every fd in ``fds`` (closed by :meth:`close`, also on failure here).
+    """
+
+    __slots__ = ("_fds", "_region", "_sources", "_view", "_writable")
+
+    def __init__(
+        self, sources: Sequence[tuple[int, int]], writable: bool, fds: Sequence[int]
+    ) -> None:
+        self._fds = list(fds)
+        self._sources = list(sources)
+        self._writable = writable
+        self._region: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        try:
+            if not self._sources:
+                raise ValueError("cannot map an empty list of pages")
+            length = len(self._sources) * PAGE_SIZE
+            access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+            region = mmap.mmap(-1, length, access=access)
+            self._region = region
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            base = native.address_of(region)
+            for first, count, fd, offset in _runs(self._sources):
+                native.mmap_fixed(base + first * PAGE_SIZE, count * PAGE_SIZE, prot, fd, offset)
+            self._view = memoryview(region)
+        except BaseException:
+            self._teardown_fds()
+            if self._region is not None:
+                self._region.close()
+                self._region = None
+            raise
+
+    @property
+    def view(self) -> memoryview:
+        if self._view is None:
+            raise ValueError("mapping is closed")
+        return self._view
+
+    @property
+    def closed(self) -> bool:
+        return self._region is None
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    def address(self) -> int:
+        """Start address of the region (for tests that inspect ``/proc/self/maps``)."""
+        return native.address_of(self.view)
+
+    def unmap(self) -> bool:
+        """Unmap the region; ``False`` if already done.  ``BufferError`` (nothing changed)
+        while views derived from :attr:`view` are alive."""
+        region = self._region
+        if region is None:
+            return False
+        view = self._view
+        if view is not None:
+            view.release()  # BufferError here if the view itself is exported (e.g. pinned)
+            self._view = None
+        try:
+            region.close()
+        except BufferError:
+            self._view = memoryview(region)
+            raise
+        self._region = None
+        return True
+
+    def clear_byte(self, offset: int) -> None:
+        """Write 0 at ``offset`` of the composed range via the backing file (works after
+        :meth:`unmap`; needs a writable mapping)."""
+        fd, file_offset = self._sources[offset // PAGE_SIZE]
+        os.pwrite(fd, b"\0", file_offset + offset % PAGE_SIZE)
+
+    def close_fds(self) -> None:
+        self._teardown_fds()
+
+    def _teardown_fds(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
+
+def _runs(sources: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """Merge adjacent pages of one file: ``[(first_index, count, fd, file_offset)]``."""
+    runs: list[tuple[int, int, int, int]] = []
+    for i, (fd, off) in enumerate(sources):
+        if runs:
+            first, count, rfd, roff = runs[-1]
+            if rfd == fd and roff + count * PAGE_SIZE == off:
+                runs[-1] = (first, count + 1, rfd, roff)
+                continue
+        runs.append((i, 1, fd, off))
+    return runs
+
+
+__all__ = ["ComposedPages"]

@@ -1,0 +1,39 @@
+"""Platform harnesses for the conformance suite, with leak detection.
+
+Every conformance test takes the ``harness`` fixture, which is parametrised over the
+registered platform harnesses (``inheap`` and ``unix``; a Xen lab registers ``xen`` with
+:func:`register_harness`).  ``AIOXEN_TEST_PLATFORMS=inheap,unix`` selects a subset.
+
+A harness creates opened platforms (``await harness.platform(domid)``) that share one
+"world" (one ``InHeapWorld``, one ``$XEN_ROOT``).  At teardown it
+
+1. records what each platform still has open (``platform.leaks()``) — the test leaked it;
+2. closes every platform (which must release everything);
+3. checks the world is empty (``harness.world_leaks()``) — the platform's ``close`` leaked;
+
+and fails the test if either list is non-empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from platform_harness import HARNESSES, Harness, harness_names
+
+
+@pytest.fixture(params=harness_names())
+async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    h = HARNESSES[request.param](tmp_path)
+    yield h
+    test_leaks = h.leaks()
+    await h.close()
+    world_leaks = h.world_leaks()
+    problems = []
+    if test_leaks:
+        problems.append("test left open:\n  " + "\n  ".join(test_leaks))
+    if world_leaks:
+        problems.append("still bound/shared/mapped after close:\n  " + "\n  ".join(world_leaks))
+    if problems:
+        pytest.fail(f"{h.name} platform leaks\n" + "\n".join(problems), pytrace=False)
