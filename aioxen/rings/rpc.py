@@ -1,0 +1,436 @@
+"""``io/ring.h`` request/response rings over shared memory (pure, sans-I/O).
+
+Theory of operation
+-------------------
+A shared ring is one or more pages: a 64-byte header and ``nr_ents`` slots, where
+``nr_ents`` is the largest power of two such that ``64 + nr_ents * slot`` fits, and
+``slot`` is ``sizeof(union { request; response; })``::
+
+    0  req_prod   written by the front: requests produced
+    4  req_event  written by the back: "notify me when req_prod passes this"
+    8  rsp_prod   written by the back: responses produced
+    12 rsp_event  written by the front: "notify me when rsp_prod passes this"
+    16 pvt[4], __pad[44]
+    64 slots; index i lives in slot i & (nr_ents - 1)
+
+All indices are free-running u32 counters compared with modular arithmetic.  Each side
+keeps private counters (front: ``req_prod_pvt``, ``rsp_cons``; back: ``rsp_prod_pvt``,
+``req_cons``) and publishes its producer index with a release store after writing the
+slots (``push``).  Pushing reports whether the peer asked to be notified: the peer's event
+index lies in ``(old, new]``, computed as ``(new - event) < (new - old)`` in u32.  A side
+about to sleep runs the *final check*: set its event index to ``cons + 1``, fence, and look
+again, so that no entry published in between goes unnoticed.
+
+Only the front end initialises the header (``SHARED_RING_INIT``); the back end attaches
+to whatever the front set up and never writes ``req_prod``/``rsp_event``/padding.
+
+The peer is hostile.  Every shared index is read once with an acquire load and validated
+before it is used: the back end rejects a ``req_prod`` that claims more requests than fit
+(``RING_REQUEST_PROD_OVERFLOW``, including an index that moved backwards); the front end
+rejects a ``rsp_prod`` that claims more responses than it has requests outstanding; both
+sides notice when the peer overwrote the producer index they own.  Slots are copied out of
+shared memory once and decoded from the private copy.  A violation raises
+:class:`~aioxen.errors.ProtocolError` with ``field`` set, and the ring object stays broken
+(every later call raises the same error) so no caller can continue on corrupt state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Generic, TypeVar
+
+from aioxen.errors import ProtocolError
+from aioxen.native import Buffer, SharedBuffer, lib
+from aioxen.rings.formats import EntryFormat, slot_size
+
+Req = TypeVar("Req")
+Rsp = TypeVar("Rsp")
+
+HEADER_SIZE = 64
+REQ_PROD = 0
+REQ_EVENT = 4
+RSP_PROD = 8
+RSP_EVENT = 12
+PVT = 16
+PAGE_SIZE = 4096
+MAX_RING_PAGE_ORDER = 9
+"""Largest order accepted (512 pages); Linux backends allow at most 4 (16 pages)."""
+U32 = 0xFFFFFFFF
+
+
+class RingFull(Exception):
+    """The front end has no free slot (``RING_FULL``), or the back end tried to respond
+    without a consumed request to answer.  A local usage error, not a peer error."""
+
+
+def ring_entries(nbytes: int, slot: int) -> int:
+    """``__RING_SIZE``: the largest power of two ``n`` with ``64 + n * slot <= nbytes``."""
+    if slot <= 0:
+        raise ValueError("slot size must be positive")
+    fit = (nbytes - HEADER_SIZE) // slot
+    if fit < 1:
+        raise ValueError(f"a {nbytes}-byte ring cannot hold one {slot}-byte slot")
+    return 1 << (fit.bit_length() - 1)
+
+
+def ring_pages(order: int) -> int:
+    """Number of pages of a ring with ``ring-page-order`` ``order``."""
+    if not 0 <= order <= MAX_RING_PAGE_ORDER:
+        raise ValueError(f"ring-page-order {order} out of range 0..{MAX_RING_PAGE_ORDER}")
+    return 1 << order
+
+
+def init_shared_ring(buf: Buffer, start: int = 0) -> None:
+    """``SHARED_RING_INIT`` (front end only): producers at ``start``, events at
+    ``start + 1``, ``pvt`` and padding zeroed.  ``start`` other than 0 exists for tests
+    that exercise index wrap-around."""
+    view = memoryview(buf).cast("B")
+    try:
+        view[PVT:HEADER_SIZE] = bytes(HEADER_SIZE - PVT)
+        sb = SharedBuffer(view)
+        try:
+            sb.store_u32(REQ_EVENT, start + 1)
+            sb.store_u32(RSP_EVENT, start + 1)
+            sb.store_u32(RSP_PROD, start)
+            sb.store_u32(REQ_PROD, start)
+        finally:
+            sb.release()
+    finally:
+        view.release()
+
+
+class _Ring(Generic[Req, Rsp]):
+    __slots__ = (
+        "_error",
+        "_mask",
+        "_name",
+        "_req_fmt",
+        "_rsp_fmt",
+        "_sb",
+        "_slot",
+        "_view",
+        "nr_ents",
+    )
+
+    def __init__(
+        self,
+        buf: Buffer,
+        req_fmt: EntryFormat[Req],
+        rsp_fmt: EntryFormat[Rsp],
+        name: str,
+    ) -> None:
+        view = memoryview(buf).cast("B")
+        if view.readonly:
+            view.release()
+            raise ValueError(f"ring {name}: shared memory must be writable")
+        self._view = view
+        self._req_fmt = req_fmt
+        self._rsp_fmt = rsp_fmt
+        self._name = name
+        self._slot = slot_size(req_fmt, rsp_fmt)
+        self.nr_ents = ring_entries(len(view), self._slot)
+        self._mask = self.nr_ents - 1
+        self._sb = SharedBuffer(view)
+        self._error: ProtocolError | None = None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def slot_size(self) -> int:
+        return self._slot
+
+    @property
+    def request_format(self) -> EntryFormat[Req]:
+        return self._req_fmt
+
+    @property
+    def response_format(self) -> EntryFormat[Rsp]:
+        return self._rsp_fmt
+
+    @property
+    def error(self) -> ProtocolError | None:
+        """The protocol violation that broke this ring, if any."""
+        return self._error
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._view is None:
+            raise ValueError(f"ring {self._name} is closed")
+
+    def _fail(self, message: str, field: str) -> ProtocolError:
+        self._error = ProtocolError(f"ring {self._name}: {message}", field=field)
+        return self._error
+
+    def _slot_offset(self, idx: int) -> int:
+        return HEADER_SIZE + (idx & self._mask) * self._slot
+
+    def _read_slots(self, fmt: EntryFormat[Any], start: int, n: int) -> list[Any]:
+        view, slot, mask, size = self._view, self._slot, self._mask, fmt.size
+        out = []
+        for i in range(n):
+            off = HEADER_SIZE + ((start + i) & mask) * slot
+            out.append(fmt.unpack_from(bytes(view[off : off + size])))
+        return out
+
+    def _write_slot(self, fmt: EntryFormat[Any], idx: int, value: Any) -> None:
+        fmt.pack_into(self._view, self._slot_offset(idx), value)
+
+    def _push(self, prod_off: int, event_off: int, old: int, new: int, field: str) -> bool:
+        seen = self._sb.load_u32(prod_off)
+        if seen != old:
+            raise self._fail(
+                f"{field} was overwritten by the peer (found {seen}, we published {old})", field
+            )
+        return bool(lib.ax_ring_push(self._sb.pointer, prod_off, event_off, old, new))
+
+    def close(self) -> None:
+        """Drop the pin on the shared memory (idempotent)."""
+        if self._view is not None:
+            self._sb.release()
+            self._view.release()
+            self._view = None  # type: ignore[assignment]
+
+
+class FrontRing(_Ring[Req, Rsp]):
+    """The front end: produces requests, consumes responses.
+
+    ``init=True`` (the default) initialises the shared header (``XEN_FRONT_RING_INIT``);
+    ``init=False`` attaches to an already initialised ring at index ``start``
+    (``FRONT_RING_ATTACH``).
+    """
+
+    __slots__ = ("_req_prod_pvt", "_req_pushed", "_rsp_cons")
+
+    def __init__(
+        self,
+        buf: Buffer,
+        req_fmt: EntryFormat[Req],
+        rsp_fmt: EntryFormat[Rsp],
+        *,
+        init: bool = True,
+        start: int = 0,
+        name: str = "front",
+    ) -> None:
+        super().__init__(buf, req_fmt, rsp_fmt, name)
+        start &= U32
+        if init:
+            init_shared_ring(self._view, start)
+        self._req_prod_pvt = start
+        self._req_pushed = start
+        self._rsp_cons = start
+
+    @property
+    def req_prod_pvt(self) -> int:
+        return self._req_prod_pvt
+
+    @property
+    def rsp_cons(self) -> int:
+        return self._rsp_cons
+
+    @property
+    def free_requests(self) -> int:
+        """``RING_FREE_REQUESTS``: slots the front may still fill."""
+        return self.nr_ents - ((self._req_prod_pvt - self._rsp_cons) & U32)
+
+    @property
+    def full(self) -> bool:
+        return self.free_requests == 0
+
+    @property
+    def in_flight(self) -> int:
+        """Requests produced (pushed or not) whose responses were not yet consumed."""
+        return (self._req_prod_pvt - self._rsp_cons) & U32
+
+    @property
+    def unpushed(self) -> int:
+        return (self._req_prod_pvt - self._req_pushed) & U32
+
+    def put_request(self, value: Req) -> int:
+        """Write ``value`` into the next free slot (not yet visible to the back end) and
+        return its ring index.  :class:`RingFull` if no slot is free."""
+        self._check()
+        if self.free_requests == 0:
+            raise RingFull(f"ring {self._name}: all {self.nr_ents} slots in use")
+        idx = self._req_prod_pvt
+        self._write_slot(self._req_fmt, idx, value)
+        self._req_prod_pvt = (idx + 1) & U32
+        return idx
+
+    def put_requests(self, values: Iterable[Req]) -> int:
+        """Put as many of ``values`` as fit; return how many were put."""
+        n = 0
+        for v in values:
+            if self.free_requests == 0:
+                break
+            self.put_request(v)
+            n += 1
+        return n
+
+    def push_requests(self) -> bool:
+        """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY``: publish the put requests; return
+        whether the back end must be notified."""
+        self._check()
+        old, new = self._req_pushed, self._req_prod_pvt
+        notify = self._push(REQ_PROD, REQ_EVENT, old, new, "req_prod")
+        self._req_pushed = new
+        return notify
+
+    def _rsp_available(self) -> int:
+        prod = self._sb.load_u32(RSP_PROD)
+        avail = (prod - self._rsp_cons) & U32
+        if avail > (self._req_pushed - self._rsp_cons) & U32:
+            raise self._fail(
+                f"rsp_prod {prod} claims {avail} responses but only "
+                f"{(self._req_pushed - self._rsp_cons) & U32} requests are outstanding "
+                f"(rsp_cons {self._rsp_cons})",
+                "rsp_prod",
+            )
+        return avail
+
+    def unconsumed_responses(self) -> int:
+        """``RING_HAS_UNCONSUMED_RESPONSES`` (validated)."""
+        self._check()
+        return self._rsp_available()
+
+    def take_responses(self, limit: int | None = None) -> list[Rsp]:
+        """Consume up to ``limit`` (default: all) published responses, in order."""
+        self._check()
+        n = self._rsp_available()
+        if limit is not None:
+            n = min(n, limit)
+        if n == 0:
+            return []
+        out = self._read_slots(self._rsp_fmt, self._rsp_cons, n)
+        self._rsp_cons = (self._rsp_cons + n) & U32
+        return out
+
+    def final_check_for_responses(self, ahead: int = 1) -> bool:
+        """``RING_FINAL_CHECK_FOR_RESPONSES``: true if responses are waiting; otherwise ask
+        to be notified when the ``ahead``-th next response is published, and look again."""
+        self._check()
+        if self._rsp_available():
+            return True
+        lib.ax_store_fence(self._sb.pointer, RSP_EVENT, (self._rsp_cons + ahead) & U32)
+        return self._rsp_available() > 0
+
+
+class BackRing(_Ring[Req, Rsp]):
+    """The back end: consumes requests, produces responses.  Never initialises the header.
+
+    ``start=None`` attaches at the shared ``rsp_prod`` (read once); pass ``start`` to
+    attach at a known index (``BACK_RING_ATTACH``).
+    """
+
+    __slots__ = ("_req_cons", "_rsp_prod_pvt", "_rsp_pushed")
+
+    def __init__(
+        self,
+        buf: Buffer,
+        req_fmt: EntryFormat[Req],
+        rsp_fmt: EntryFormat[Rsp],
+        *,
+        start: int | None = None,
+        name: str = "back",
+    ) -> None:
+        super().__init__(buf, req_fmt, rsp_fmt, name)
+        if start is None:
+            start = self._sb.load_u32(RSP_PROD)
+        start &= U32
+        self._req_cons = start
+        self._rsp_prod_pvt = start
+        self._rsp_pushed = start
+
+    @property
+    def req_cons(self) -> int:
+        return self._req_cons
+
+    @property
+    def rsp_prod_pvt(self) -> int:
+        return self._rsp_prod_pvt
+
+    @property
+    def pending_responses(self) -> int:
+        """Requests consumed but not yet answered."""
+        return (self._req_cons - self._rsp_prod_pvt) & U32
+
+    @property
+    def unpushed(self) -> int:
+        return (self._rsp_prod_pvt - self._rsp_pushed) & U32
+
+    def _req_available(self) -> int:
+        prod = self._sb.load_u32(REQ_PROD)
+        avail = (prod - self._req_cons) & U32
+        room = self.nr_ents - ((self._req_cons - self._rsp_prod_pvt) & U32)
+        if avail > room:
+            raise self._fail(
+                f"req_prod {prod} claims {avail} new requests but only {room} slots can hold "
+                f"them (req_cons {self._req_cons}, rsp_prod {self._rsp_prod_pvt}, "
+                f"{self.nr_ents} slots)",
+                "req_prod",
+            )
+        return avail
+
+    def unconsumed_requests(self) -> int:
+        """``RING_HAS_UNCONSUMED_REQUESTS`` (validated)."""
+        self._check()
+        return self._req_available()
+
+    def take_requests(self, limit: int | None = None) -> list[Req]:
+        """Consume up to ``limit`` (default: all) published requests, in order."""
+        self._check()
+        n = self._req_available()
+        if limit is not None:
+            n = min(n, limit)
+        if n == 0:
+            return []
+        out = self._read_slots(self._req_fmt, self._req_cons, n)
+        self._req_cons = (self._req_cons + n) & U32
+        return out
+
+    def put_response(self, value: Rsp) -> int:
+        """Write a response into the next response slot; return its ring index."""
+        self._check()
+        if self.pending_responses == 0:
+            raise RingFull(f"ring {self._name}: no consumed request left to respond to")
+        idx = self._rsp_prod_pvt
+        self._write_slot(self._rsp_fmt, idx, value)
+        self._rsp_prod_pvt = (idx + 1) & U32
+        return idx
+
+    def put_responses(self, values: Iterable[Rsp]) -> int:
+        n = 0
+        for v in values:
+            self.put_response(v)
+            n += 1
+        return n
+
+    def push_responses(self) -> bool:
+        """``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY``."""
+        self._check()
+        old, new = self._rsp_pushed, self._rsp_prod_pvt
+        notify = self._push(RSP_PROD, RSP_EVENT, old, new, "rsp_prod")
+        self._rsp_pushed = new
+        return notify
+
+    def final_check_for_requests(self, ahead: int = 1) -> bool:
+        """``RING_FINAL_CHECK_FOR_REQUESTS``."""
+        self._check()
+        if self._req_available():
+            return True
+        lib.ax_store_fence(self._sb.pointer, REQ_EVENT, (self._req_cons + ahead) & U32)
+        return self._req_available() > 0
+
+
+__all__ = [
+    "HEADER_SIZE",
+    "MAX_RING_PAGE_ORDER",
+    "BackRing",
+    "FrontRing",
+    "RingFull",
+    "init_shared_ring",
+    "ring_entries",
+    "ring_pages",
+]
