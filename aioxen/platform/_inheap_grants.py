@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from aioxen.platform._pagemap import ComposedPages
+from aioxen.platform._pagemap import MAX_REF, ComposedPages, check_refs, check_unmap_notify
 from aioxen.platform.base import PAGE_SIZE, EventChannel, check_domid
 
 if TYPE_CHECKING:
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 
 FIRST_REF = 8
 """Xen reserves grant refs 0..7 (console, xenstore, ...)."""
-
-MAX_REF = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -68,15 +66,6 @@ class _RefAllocator:
     def give_back(self, refs: Sequence[int]) -> None:
         for r in refs:
             heapq.heappush(self._free, r)
-
-
-def check_unmap_notify(offset: int | None, size: int, writable: bool, what: str) -> None:
-    if offset is None:
-        return
-    if not isinstance(offset, int) or not 0 <= offset < size:
-        raise ValueError(f"unmap-notify offset {offset!r} outside {what} of {size} bytes")
-    if not writable:
-        raise ValueError(f"unmap-notify byte clearing needs a writable {what}")
 
 
 class InHeapShare:
@@ -225,16 +214,6 @@ class InHeapMapping:
         state = "closed" if self.closed else "open"
         mode = "rw" if self.writable else "ro"
         return f"<InHeapMapping of domain {self._remote_domid} refs={self._refs} {mode} {state}>"
-
-
-def check_refs(refs: Sequence[int], remote_domid: int) -> list[int]:
-    out = list(refs)
-    if not out:
-        raise ValueError(f"no grant refs given to map from domain {remote_domid}")
-    for ref in out:
-        if not isinstance(ref, int) or isinstance(ref, bool) or not 0 <= ref <= MAX_REF:
-            raise ValueError(f"invalid grant ref {ref!r} of domain {remote_domid}")
-    return out
 
 
 class InHeapGrantTable:

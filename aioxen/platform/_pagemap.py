@@ -19,6 +19,9 @@ one mechanism serves both:
 The object keeps the file descriptors it was given (it owns them) so that an unmap
 notification can clear a byte with ``pwrite`` *after* the region is gone: the close is then
 all-or-nothing — either the region is still mapped (``BufferError``) or every side effect ran.
+
+Argument checks shared by the grant backends (:func:`check_refs`,
+:func:`check_unmap_notify`) live here too.
 """
 
 from __future__ import annotations
@@ -29,6 +32,30 @@ from collections.abc import Sequence
 
 from aioxen import native
 from aioxen.platform.base import PAGE_SIZE
+
+MAX_REF = 2**32 - 1
+"""Grant refs are u32 on the wire."""
+
+
+def check_refs(refs: Sequence[int], remote_domid: int) -> list[int]:
+    """Validate a list of grant refs to map (non-empty, u32 ints)."""
+    out = list(refs)
+    if not out:
+        raise ValueError(f"no grant refs given to map from domain {remote_domid}")
+    for ref in out:
+        if not isinstance(ref, int) or isinstance(ref, bool) or not 0 <= ref <= MAX_REF:
+            raise ValueError(f"invalid grant ref {ref!r} of domain {remote_domid}")
+    return out
+
+
+def check_unmap_notify(offset: int | None, size: int, writable: bool, what: str) -> None:
+    """Validate an unmap-notify byte offset for a share/mapping of ``size`` bytes."""
+    if offset is None:
+        return
+    if not isinstance(offset, int) or not 0 <= offset < size:
+        raise ValueError(f"unmap-notify offset {offset!r} outside {what} of {size} bytes")
+    if not writable:
+        raise ValueError(f"unmap-notify byte clearing needs a writable {what}")
 
 
 class ComposedPages:
@@ -130,4 +157,4 @@ def _runs(sources: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]
     return runs
 
 
-__all__ = ["ComposedPages"]
+__all__ = ["MAX_REF", "ComposedPages", "check_refs", "check_unmap_notify"]

@@ -98,6 +98,7 @@ class UnixHarness(_Base):
 
 HARNESSES: dict[str, Callable[[Path], Harness]] = {
     "inheap": InHeapHarness,
+    "unix": UnixHarness,
 }
 
 

@@ -1,0 +1,377 @@
+"""Unix event channels: one Unix-domain stream socket per bound port, one byte per event.
+
+Theory of operation
+-------------------
+Files, under ``$XEN_ROOT/evtchn/<domid>/`` (directories 0700, files 0600):
+
+* ``next-port`` — the domain's port counter (decimal text).  Every port a domain uses,
+  listening or connecting, is taken from it under an exclusive ``flock``, so ports are unique
+  within a domain even when several processes play that domid.  Ports start at 1 and are
+  never reused while the root exists, so a stale socket can never be mistaken for a new one.
+* ``<port>.<offered-domid>`` — the listening socket of an *unbound* port ``<port>`` that
+  domain ``<offered-domid>`` may connect to.  It exists from ``listen`` until a peer is
+  accepted (or the channel closes); then it is unlinked, so a port accepts exactly one peer.
+
+``listen(remote_domid)`` allocates a port, binds and ``listen``\\ s (backlog 8) right away and
+watches the socket with ``loop.add_reader``: a peer can connect before the listener's loop
+ever runs, the kernel queues it.  ``connect(remote_domid, port)`` connects to
+``<port>.<own domid>``; if only ``<port>.<other>`` exists the port was offered to someone
+else (``PermissionError``); if nothing (or a stale socket from a dead process) answers,
+``ConnectionRefusedError``.  The connector then sends a 12-byte hello ``"AXEV", u16 version,
+u16 domid, u32 own port`` (little endian).  The listener accepts one connection, checks the
+hello (magic, version, announced domid == offered domid — a mismatch is dropped and the port
+keeps listening), then closes and unlinks its listening socket.
+
+After that every notification is one byte (value irrelevant) sent with ``MSG_DONTWAIT``: if
+the socket buffer is full the peer has plenty of unread notifications already, so dropping the
+byte only coalesces.  The receiving fd is an asyncio reader; each readiness callback does one
+``recv`` of everything available and reports one batch to
+:class:`~aioxen.platform._channel.ChannelCore`.  EOF — the peer closed, or its process died
+(SIGKILL closes its sockets too) — reports the peer gone, which wakes waiters with
+``ConnectionResetError`` and calls the handler with ``peer_lost`` true.  A listener that
+``notify``\\ s before its peer is accepted remembers it and sends one byte on acceptance.
+
+Unix socket paths are limited to ~108 bytes; longer ones are reached through
+``/proc/self/fd/<dirfd>/<name>`` (Linux).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import fcntl
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from aioxen.platform._channel import ChannelCore
+from aioxen.platform.base import check_domid
+
+if TYPE_CHECKING:
+    from aioxen.platform.unix import UnixPlatform
+
+HELLO = struct.Struct("<4sHHI")
+HELLO_MAGIC = b"AXEV"
+HELLO_VERSION = 1
+PORT_COUNTER = "next-port"
+LISTEN_BACKLOG = 8
+RECV_SIZE = 65536
+_SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
+_MAX_SUN_PATH = 100
+
+
+class _State(enum.Enum):
+    LISTENING = "listening"
+    HELLO = "awaiting-hello"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+@contextlib.contextmanager
+def socket_address(path: str) -> Iterator[str]:
+    """A ``sun_path`` naming ``path``: itself if short enough, else a ``/proc/self/fd`` alias
+    through an open directory fd (valid inside the ``with``)."""
+    if len(os.fsencode(path)) <= _MAX_SUN_PATH:
+        yield path
+        return
+    dirname, name = os.path.split(path)
+    dfd = os.open(dirname, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{dfd}/{name}"
+    finally:
+        os.close(dfd)
+
+
+def allocate_port(domain_dir: str) -> int:
+    """Take the next port number of the domain whose evtchn directory is ``domain_dir``."""
+    fd = os.open(
+        os.path.join(domain_dir, PORT_COUNTER), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        text = os.pread(fd, 64, 0).strip()
+        port = int(text) if text else 1
+        os.pwrite(fd, f"{port + 1:<20d}\n".encode(), 0)
+        return port
+    finally:
+        os.close(fd)  # drops the lock
+
+
+def listening_offers(domain_dir: str, port: int) -> list[int]:
+    """The domids that unbound port ``port`` in ``domain_dir`` is currently offered to."""
+    prefix = f"{port}."
+    out = []
+    try:
+        names = os.listdir(domain_dir)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            out.append(int(name[len(prefix) :]))
+    return out
+
+
+class UnixEventChannel(ChannelCore):
+    """One end of a Unix-socket event channel."""
+
+    def __init__(
+        self,
+        owner: UnixEventChannels,
+        loop: asyncio.AbstractEventLoop,
+        port: int,
+        remote_domid: int,
+        *,
+        listener: socket.socket | None = None,
+        listen_path: str | None = None,
+        conn: socket.socket | None = None,
+        remote_port: int | None = None,
+    ) -> None:
+        super().__init__(loop, port, remote_domid, owner.domid)
+        self._owner: UnixEventChannels | None = owner
+        self._lsock = listener
+        self._listen_path = listen_path
+        self._conn = conn
+        self._remote_port = remote_port
+        self._hello = b""
+        self._deferred_notify = False
+        if listener is not None:
+            self._state = _State.LISTENING
+            loop.add_reader(listener.fileno(), self._on_acceptable)
+        else:
+            assert conn is not None
+            self._state = _State.CONNECTED
+            loop.add_reader(conn.fileno(), self._on_readable)
+
+    @property
+    def remote_port(self) -> int | None:
+        """The peer's port, once known (connector: always; listener: after the hello)."""
+        return self._remote_port
+
+    @property
+    def state(self) -> str:
+        return self._state.value
+
+    @property
+    def listen_path(self) -> str | None:
+        """The listening socket's path while the port is unbound."""
+        return self._listen_path if self._state is _State.LISTENING else None
+
+    # -- sending -------------------------------------------------------------------------
+    def notify(self) -> None:
+        conn = self._conn
+        if self._state is _State.CONNECTED:
+            if conn is None:
+                return  # peer gone
+            try:
+                conn.send(b"\x01", _SEND_FLAGS)
+            except BlockingIOError:
+                pass  # the peer has unread notifications queued: this one coalesces
+            except OSError:
+                pass  # the peer is gone; the EOF on our reader reports it
+        elif self._state is not _State.CLOSED:
+            self._deferred_notify = True
+
+    # -- listener ------------------------------------------------------------------------
+    def _on_acceptable(self) -> None:
+        lsock = self._lsock
+        if self._state is not _State.LISTENING or lsock is None:
+            return
+        try:
+            conn, _ = lsock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._loop.call_exception_handler(
+                {"message": f"accept failed on {self._describe()}", "exception": exc}
+            )
+            return
+        conn.setblocking(False)
+        self._loop.remove_reader(lsock.fileno())
+        self._conn = conn
+        self._hello = b""
+        self._state = _State.HELLO
+        self._loop.add_reader(conn.fileno(), self._on_readable)
+
+    def _reject(self) -> None:
+        """Drop a connection whose hello was wrong; keep listening."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._loop.remove_reader(conn.fileno())
+            conn.close()
+        self._state = _State.LISTENING
+        assert self._lsock is not None
+        self._loop.add_reader(self._lsock.fileno(), self._on_acceptable)
+
+    def _on_hello(self, data: bytes) -> None:
+        self._hello += data
+        if len(self._hello) < HELLO.size:
+            return
+        magic, version, domid, port = HELLO.unpack_from(self._hello)
+        rest = self._hello[HELLO.size :]
+        self._hello = b""
+        if magic != HELLO_MAGIC or version != HELLO_VERSION or domid != self._remote_domid:
+            self._reject()
+            return
+        lsock, self._lsock = self._lsock, None
+        if lsock is not None:
+            lsock.close()
+        if self._listen_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._listen_path)
+        self._remote_port = port
+        self._state = _State.CONNECTED
+        if self._deferred_notify:
+            self._deferred_notify = False
+            self.notify()
+        if rest:
+            self._events_arrived()
+
+    # -- receiving -----------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            data = conn.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""  # ECONNRESET and friends: the peer is gone
+        if self._state is _State.HELLO:
+            if not data:
+                self._reject()
+            else:
+                self._on_hello(data)
+            return
+        if data:
+            self._events_arrived()
+            return
+        self._loop.remove_reader(conn.fileno())
+        conn.close()
+        self._conn = None
+        self._peer_gone()
+
+    # -- closing -------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._state is _State.CLOSED:
+            return
+        was_listening = self._state in (_State.LISTENING, _State.HELLO)
+        self._state = _State.CLOSED
+        for sock in (self._conn, self._lsock):
+            if sock is not None:
+                with contextlib.suppress(OSError, RuntimeError):
+                    self._loop.remove_reader(sock.fileno())
+                sock.close()
+        self._conn = self._lsock = None
+        if was_listening and self._listen_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._listen_path)
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner._live.discard(self)
+        self._mark_closed()
+
+
+class UnixEventChannels:
+    """The EVENTS implementation of one :class:`UnixPlatform`."""
+
+    def __init__(self, platform: UnixPlatform) -> None:
+        self._platform = platform
+        self._live: set[UnixEventChannel] = set()
+
+    @property
+    def domid(self) -> int:
+        return self._platform.domid
+
+    def domain_dir(self, domid: int) -> str:
+        return os.path.join(self._platform.root, "evtchn", str(domid))
+
+    def _own_dir(self) -> str:
+        d = self.domain_dir(self.domid)
+        self._platform._ensure_dir(d)
+        return d
+
+    async def listen(self, remote_domid: int) -> UnixEventChannel:
+        check_domid(remote_domid, "remote_domid")
+        loop = asyncio.get_running_loop()
+        d = self._own_dir()
+        for _ in range(64):
+            port = allocate_port(d)
+            path = os.path.join(d, f"{port}.{remote_domid}")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                with socket_address(path) as addr:
+                    sock.bind(addr)
+                os.chmod(path, 0o600)
+                sock.listen(LISTEN_BACKLOG)
+            except OSError as exc:
+                sock.close()
+                if exc.errno == errno.EADDRINUSE:
+                    continue  # the counter was reset under a live root: take the next one
+                raise
+            ch = UnixEventChannel(self, loop, port, remote_domid, listener=sock, listen_path=path)
+            self._live.add(ch)
+            return ch
+        raise OSError(errno.EADDRINUSE, f"no free event channel port in {d}")
+
+    async def connect(self, remote_domid: int, remote_port: int) -> UnixEventChannel:
+        check_domid(remote_domid, "remote_domid")
+        if not isinstance(remote_port, int) or isinstance(remote_port, bool) or remote_port < 0:
+            raise ValueError(f"invalid event channel port {remote_port!r}")
+        loop = asyncio.get_running_loop()
+        rdir = self.domain_dir(remote_domid)
+        path = os.path.join(rdir, f"{remote_port}.{self.domid}")
+        where = f"event channel port {remote_port} of domain {remote_domid}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            try:
+                with socket_address(path) as addr:
+                    sock.connect(addr)
+            except FileNotFoundError:
+                offers = listening_offers(rdir, remote_port)
+                if offers:
+                    raise PermissionError(
+                        f"{where} is offered to domain {offers[0]}, not to domain {self.domid}"
+                    ) from None
+                raise ConnectionRefusedError(
+                    f"no unbound {where} ({path} does not exist)"
+                ) from None
+            except ConnectionRefusedError:
+                raise ConnectionRefusedError(
+                    f"nobody listens on {where} (stale socket {path})"
+                ) from None
+            except BlockingIOError:
+                raise ConnectionRefusedError(f"{where} is busy accepting another peer") from None
+            port = allocate_port(self._own_dir())
+            hello = HELLO.pack(HELLO_MAGIC, HELLO_VERSION, self.domid, port)
+            if sock.send(hello, _SEND_FLAGS) != len(hello):
+                raise ConnectionResetError(f"could not send hello to {where}")
+        except BaseException:
+            sock.close()
+            raise
+        ch = UnixEventChannel(self, loop, port, remote_domid, conn=sock, remote_port=remote_port)
+        self._live.add(ch)
+        return ch
+
+    def live(self) -> list[UnixEventChannel]:
+        return sorted(self._live, key=lambda c: c.port)
+
+    def close_all(self) -> None:
+        for ch in self.live():
+            ch.close()
+
+
+__all__ = [
+    "HELLO",
+    "UnixEventChannel",
+    "UnixEventChannels",
+    "allocate_port",
+    "listening_offers",
+    "socket_address",
+]

@@ -1,0 +1,160 @@
+"""The ``unix`` platform: domains are ordinary processes on one machine, no Xen needed.
+
+Theory of operation
+-------------------
+Every process that plays a domain names the same root directory (``root=`` or
+``$XEN_ROOT``) and says which domid it plays (``domid=``, ``$AIOXEN_DOMID``).  The root
+(mode 0700, created if missing; every file in it 0600) holds::
+
+    $XEN_ROOT/
+      evtchn/<domid>/next-port              port counter (flock)
+      evtchn/<domid>/<port>.<peer-domid>    listening socket of an unbound port
+      grants/<domid>/table                  grant table: header + 16-byte entry per ref (flock)
+      grants/<domid>/share-<id>             backing pages of one share
+      xenstored/socket                      the xenstored socket (default XENSTORED_PATH)
+
+* Event channels (:mod:`aioxen.platform._unix_events`): one Unix stream socket per bound
+  port; one byte per notification; EOF = the peer closed or died.
+* Grants (:mod:`aioxen.platform._unix_grants`): page files, ``mmap``; maps compose any refs
+  contiguously with ``MAP_FIXED`` and enforce grantee and read-only.
+* XenStore: ``xenstored_path`` is where ``aioxen xenstored`` listens; the client lives in
+  :mod:`aioxen.xenstore`.
+
+Nothing needs root privileges; all processes must run as the same user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+
+from aioxen.errors import PlatformError
+from aioxen.platform._unix_events import UnixEventChannel, UnixEventChannels
+from aioxen.platform._unix_grants import (
+    TABLE_NAME,
+    UnixGrantTable,
+    UnixMapping,
+    UnixShare,
+    read_entries,
+)
+from aioxen.platform.base import Platform
+
+
+def resolve_root(root: str | os.PathLike[str] | None) -> str:
+    """``root`` or ``$XEN_ROOT`` as an absolute path; ``PlatformError`` if neither is set."""
+    if root is None:
+        root = os.environ.get("XEN_ROOT") or None
+    if root is None:
+        raise PlatformError(
+            "the unix platform needs a root directory: pass root=... or set $XEN_ROOT "
+            "(e.g. start `aioxen xenstored --root DIR` and eval the lines it prints)"
+        )
+    return os.path.abspath(os.fspath(root))
+
+
+def ensure_private_dir(path: str) -> None:
+    """Create ``path`` (and parents) with mode 0700 if missing; error if not a directory."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        with contextlib.suppress(FileExistsError):
+            os.makedirs(path, mode=0o700)
+            os.chmod(path, 0o700)
+        st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PlatformError(f"{path} exists but is not a directory")
+
+
+class UnixPlatform(Platform):
+    """One domain played by this process under ``root``."""
+
+    name = "unix"
+
+    def __init__(
+        self,
+        domid: int,
+        root: str | os.PathLike[str] | None = None,
+        xenstored_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(domid)
+        self.root = resolve_root(root)
+        ensure_private_dir(self.root)
+        if xenstored_path is None:
+            xenstored_path = os.environ.get("XENSTORED_PATH") or os.path.join(
+                self.root, "xenstored", "socket"
+            )
+        self.xenstored_path = os.fspath(xenstored_path)
+        self._events = UnixEventChannels(self)
+        self._grants = UnixGrantTable(self)
+
+    def _ensure_dir(self, path: str) -> None:
+        ensure_private_dir(path)
+
+    @property
+    def events(self) -> UnixEventChannels:
+        return self._events
+
+    @property
+    def grants(self) -> UnixGrantTable:
+        return self._grants
+
+    def leaks(self) -> list[str]:
+        """What this platform object opened and has not closed yet."""
+        out = [repr(ch) for ch in self._events.live()]
+        out += sorted(repr(o) for o in self._grants.live())
+        return out
+
+    def assert_cleaned_up(self) -> None:
+        """Raise ``AssertionError`` listing channels/shares/mappings this object leaked."""
+        leaks = self.leaks()
+        if leaks:
+            raise AssertionError(f"{self!r} not cleaned up:\n  " + "\n  ".join(leaks))
+
+    async def close(self) -> None:
+        """Close every mapping, share and channel opened through this object (in that
+        order, so unmap notifications still reach their channels).  Idempotent."""
+        self._grants.close_all()
+        self._events.close_all()
+
+    def __repr__(self) -> str:
+        return f"<UnixPlatform domid={self.domid} root={self.root}>"
+
+
+def root_leaks(root: str) -> list[str]:
+    """Everything still bound or shared under ``root`` by any process: listening sockets,
+    in-use grant entries and share backing files (for tests' leak checks)."""
+    out: list[str] = []
+    evtchn = os.path.join(root, "evtchn")
+    for dom in sorted(os.listdir(evtchn)) if os.path.isdir(evtchn) else []:
+        for name in sorted(os.listdir(os.path.join(evtchn, dom))):
+            if name != "next-port":
+                out.append(f"domain {dom}: unbound event channel socket {name}")
+    grants = os.path.join(root, "grants")
+    for dom in sorted(os.listdir(grants)) if os.path.isdir(grants) else []:
+        d = os.path.join(grants, dom)
+        for name in sorted(os.listdir(d)):
+            if name == TABLE_NAME:
+                for ref, (flags, grantee, sid, page, pid) in read_entries(
+                    os.path.join(d, name)
+                ).items():
+                    out.append(
+                        f"domain {dom}: grant ref {ref} in use (flags {flags}, grantee "
+                        f"{grantee}, share {sid} page {page}, pid {pid})"
+                    )
+            else:
+                out.append(f"domain {dom}: share backing file {name}")
+    return out
+
+
+__all__ = [
+    "UnixEventChannel",
+    "UnixEventChannels",
+    "UnixGrantTable",
+    "UnixMapping",
+    "UnixPlatform",
+    "UnixShare",
+    "ensure_private_dir",
+    "resolve_root",
+    "root_leaks",
+]
