@@ -1,0 +1,504 @@
+"""``VchanTransport``: an :class:`asyncio.Transport` over a connected vchan.
+
+Theory of operation
+-------------------
+The transport owns one :class:`~aioxen.vchan.endpoint.Connection` (the wire core, its
+event channel and its grants).  Everything is driven by one callback, :meth:`_service`,
+installed with ``EventChannel.set_handler``: it runs on every batch of events and after
+``resume_reading``.  Each run
+
+1. moves buffered outgoing bytes into the write ring;
+2. delivers *everything* readable (one copy per contiguous span, not per chunk); when the
+   ring is empty it asks the peer for a write notification and re-checks, so the peer
+   only signals when we are really idle (notification suppression);
+3. checks the peer's live byte and the channel's ``peer_lost``.
+
+Writes go straight into the ring when nothing is queued; only the remainder is buffered
+(with asyncio's high/low water marks driving ``pause_writing``/``resume_writing``), and a
+read notification is requested so the next consumption by the peer wakes us.
+
+Delivery.  A :class:`asyncio.BufferedProtocol` gets bytes copied once from the ring into
+the buffer it returns from ``get_buffer``.  The stdlib ``StreamReaderProtocol`` (which
+copies synchronously in ``data_received``) gets a ``memoryview`` of the ring itself, so
+the only copy is into the ``StreamReader`` buffer; any other protocol gets ``bytes``.
+
+End of stream.  ``write_eof()`` sets the EOF bit (:data:`~aioxen.vchan.wire.NOTIFY_EOF`)
+once the buffered bytes are in the ring.  ``close()`` flushes, sets the EOF bit and our
+live byte to 0, signals, then unmaps.  On the reading side, seeing the EOF bit (or the
+peer's live byte at 0, or the channel's peer lost) is followed by draining up to the
+``prod`` index read *afterwards*, so nothing written before the close is lost; then
+``eof_received()``.  When the peer is gone for good, everything left in the ring is
+delivered (even while reading is paused: at most one ring, 1 MiB) and
+``connection_lost(None)`` follows; undeliverable queued writes make a later
+``StreamWriter.drain()`` raise ``ConnectionResetError``.  A corrupt control page is a
+:class:`~aioxen.ProtocolError`: the connection is torn down and the error is passed to
+``connection_lost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+from typing import Any
+
+from aioxen.errors import ProtocolError
+from aioxen.native import ffi
+from aioxen.vchan import wire
+from aioxen.vchan.endpoint import Connection
+
+logger = logging.getLogger("aioxen.vchan")
+
+DEFAULT_HIGH_WATER = 64 * 1024
+_LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
+
+
+class VchanTransport(asyncio.Transport):
+    """A bidirectional byte-stream transport over one vchan.
+
+    Extra info: ``peer_domid``, ``port``, ``platform``, ``role`` (``"server"`` or
+    ``"client"``), ``read_size``/``write_size`` (ring sizes in bytes), ``peername``
+    (``(peer_domid, port)``) and ``sockname`` (``(own domid, port)``).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        conn: Connection,
+        protocol: asyncio.BaseProtocol,
+        waiter: asyncio.Future[None] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        info: dict[str, Any] = {
+            "peer_domid": conn.peer_domid,
+            "port": conn.port,
+            "platform": conn.platform,
+            "role": conn.role,
+            "read_size": conn.core.read_size,
+            "write_size": conn.core.write_size,
+            "peername": (conn.peer_domid, conn.port),
+            "sockname": (conn.platform.domid, conn.port),
+        }
+        if extra:
+            info.update(extra)
+        super().__init__(info)
+        self._loop = loop
+        self._conn = conn
+        self._core = conn.core
+        self._channel = conn.channel
+        self._protocol: asyncio.BaseProtocol = protocol
+        self._buffered = False
+        self._trusted = False
+        self._set_protocol_kind(protocol)
+        self._wbuf = bytearray()
+        self._high = DEFAULT_HIGH_WATER
+        self._low = DEFAULT_HIGH_WATER // 4
+        self._protocol_paused = False  # we called pause_writing()
+        self._reading_paused = False
+        self._closing = False  # close() called (or tearing down)
+        self._eof_requested = False  # write_eof() called
+        self._eof_sent = False
+        self._peer_eof = False  # eof_received() delivered
+        self._started = False
+        self._conn_lost = 0  # >0 once connection_lost is scheduled
+        self._service_scheduled = False
+        self._in_service = False
+        loop.call_soon(self._start, waiter)
+
+    # -- setup -----------------------------------------------------------------------------
+    def _set_protocol_kind(self, protocol: asyncio.BaseProtocol) -> None:
+        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        # The stdlib stream protocol copies synchronously in data_received: give it a view.
+        self._trusted = type(protocol) is asyncio.StreamReaderProtocol
+
+    def _start(self, waiter: asyncio.Future[None] | None) -> None:
+        try:
+            self._protocol.connection_made(self)
+        except BaseException as exc:
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+            self._force_close(None)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._started = True
+        if self._conn_lost:
+            return
+        self._channel.set_handler(self._on_event)
+        self._service()  # anything that arrived before the handler was installed
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn_lost else "closing" if self._closing else "open"
+        return (
+            f"<{type(self).__name__} {self._conn.describe()} {state} "
+            f"rbuf={self._core.read_size} wbuf={len(self._wbuf)}>"
+        )
+
+    # -- the event handler -----------------------------------------------------------------
+    def _on_event(self) -> None:
+        self._service()
+
+    def _scheduled_service(self) -> None:
+        self._service_scheduled = False
+        self._service()
+
+    def _schedule_service(self) -> None:
+        if not self._service_scheduled and not self._conn_lost:
+            self._service_scheduled = True
+            self._loop.call_soon(self._scheduled_service)
+
+    def _service(self) -> None:
+        if self._conn_lost or not self._started or self._in_service:
+            return
+        self._in_service = True
+        try:
+            core = self._core
+            if self._wbuf:
+                self._flush()
+            if not self._reading_paused and not self._peer_eof and not self._closing:
+                self._pump(False)
+            if not self._conn_lost and (self._channel.peer_lost or core.peer_live() == 0):
+                self._peer_gone()
+            elif core.notify_pending:
+                core.notify_pending = False
+                self._channel.notify()
+        except ProtocolError as exc:
+            self._fatal_error(exc)
+        except Exception as exc:
+            self._fatal_error(exc, "Fatal error on vchan transport")
+        finally:
+            self._in_service = False
+
+    # -- reading ---------------------------------------------------------------------------
+    def _pump(self, force: bool) -> None:
+        """Deliver readable bytes until the ring is empty (then arm the write notification)
+        or reading is paused.  ``force``: the peer is gone, deliver everything, no arming."""
+        core = self._core
+        while not self._conn_lost:
+            eof = core.peer_eof()  # before prod: if set and the ring is then empty, done
+            if self._buffered:
+                n = core.readable()
+                if n:
+                    self._deliver_buffered(n, force)
+            else:
+                off, n = core.read_span()
+                if n:
+                    self._deliver(off, n)
+            if n == 0:
+                if eof:
+                    self._deliver_eof()
+                    return
+                if force or core.request_readable() == 0:
+                    return
+                continue
+            if not force and (self._closing or self._reading_paused):
+                return
+
+    def _deliver(self, off: int, n: int) -> None:
+        core = self._core
+        view = core.read_view
+        assert view is not None
+        chunk = view[off : off + n]
+        protocol: Any = self._protocol
+        if self._trusted:
+            try:
+                protocol.data_received(chunk)
+            finally:
+                chunk.release()
+            core.consume(n)
+        else:
+            data = bytes(chunk)
+            chunk.release()
+            core.consume(n)
+            protocol.data_received(data)
+
+    def _deliver_buffered(self, n: int, force: bool) -> None:
+        core = self._core
+        protocol: Any = self._protocol
+        while n > 0 and not self._conn_lost:
+            buf = protocol.get_buffer(n)
+            with ffi.from_buffer(buf, require_writable=True) as p:
+                size = len(p)
+                if not size:
+                    raise RuntimeError("get_buffer() returned an empty buffer")
+                got = core.recv_into(p, min(size, n))
+            if not got:
+                return
+            protocol.buffer_updated(got)
+            n -= got
+            if not force and (self._closing or self._reading_paused):
+                return
+
+    def _deliver_eof(self) -> None:
+        self._peer_eof = True
+        logger.debug("%r received EOF", self)
+        keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+        if not keep_open and not self._closing:
+            self.close()
+
+    def _peer_gone(self) -> None:
+        """The peer closed or died: deliver what it wrote, EOF, then lose the connection."""
+        logger.debug("%r: peer gone", self)
+        if not self._peer_eof and not self._closing:
+            self._pump(True)
+            if not self._peer_eof and not self._conn_lost:
+                self._peer_eof = True
+                self._protocol.eof_received()  # type: ignore[attr-defined]
+        self._closing = True
+        self._wbuf.clear()
+        self._teardown(None, set_live=True)
+
+    # -- reading flow control ----------------------------------------------------------------
+    def is_reading(self) -> bool:
+        return not self._reading_paused and not self._closing and not self._conn_lost
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self._schedule_service()
+
+    # -- writing ---------------------------------------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> None:  # type: ignore[override]
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(
+                f"data argument must be a bytes-like object, not {type(data).__name__!r}"
+            )
+        if self._eof_requested:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if self._conn_lost:
+            if self._conn_lost >= _LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+                logger.warning("vchan write() after the connection was lost")
+            self._conn_lost += 1
+            return
+        if isinstance(data, memoryview):
+            n = data.nbytes
+        else:
+            n = len(data)
+        if not n:
+            return
+        if not self._wbuf:
+            core = self._core
+            try:
+                if isinstance(data, bytes):
+                    put = core.send(data, n)
+                else:
+                    with ffi.from_buffer(data) as p:
+                        put = core.send(p, n)
+            except ProtocolError as exc:
+                self._fatal_error(exc)
+                return
+            if core.notify_pending:
+                core.notify_pending = False
+                self._channel.notify()
+            if put == n:
+                return
+            if put:
+                data = memoryview(data).cast("B")[put:]
+        self._wbuf += data
+        self._flush()
+        self._maybe_pause_protocol()
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def _flush(self) -> None:
+        """Move queued bytes into the ring; when it is full, arm a read notification."""
+        core = self._core
+        wbuf = self._wbuf
+        try:
+            while wbuf:
+                with ffi.from_buffer(wbuf) as p:
+                    put = core.send(p, len(wbuf))
+                if put:
+                    del wbuf[:put]
+                elif core.request_writable() == 0:
+                    break
+        except ProtocolError as exc:
+            self._fatal_error(exc)
+            return
+        if core.notify_pending:
+            core.notify_pending = False
+            self._channel.notify()
+        self._maybe_resume_protocol()
+        if not wbuf:
+            if self._closing and not self._conn_lost:
+                self._teardown(None, set_live=True)
+            elif self._eof_requested and not self._eof_sent:
+                self._send_eof()
+
+    def _send_eof(self) -> None:
+        self._eof_sent = True
+        self._core.shutdown_write()
+        self._core.notify_pending = False
+        self._channel.notify()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        """Shut down the write direction: the peer reads everything written so far, then
+        EOF.  (Wire: the :data:`~aioxen.vchan.wire.NOTIFY_EOF` bit; a libxenvchan peer
+        does not see it and only notices the final close.)"""
+        if self._eof_requested or self._closing or self._conn_lost:
+            return
+        self._eof_requested = True
+        if not self._wbuf:
+            self._send_eof()
+
+    # -- write flow control ------------------------------------------------------------------
+    def get_write_buffer_size(self) -> int:
+        """Bytes queued in the transport (not yet in the ring)."""
+        return len(self._wbuf)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low, self._high)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = DEFAULT_HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
+        self._maybe_pause_protocol()
+
+    def _maybe_pause_protocol(self) -> None:
+        if len(self._wbuf) <= self._high or self._protocol_paused:
+            return
+        self._protocol_paused = True
+        try:
+            self._protocol.pause_writing()
+        except Exception as exc:
+            self._loop.call_exception_handler(
+                {
+                    "message": "protocol.pause_writing() failed",
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
+
+    def _maybe_resume_protocol(self) -> None:
+        if self._protocol_paused and len(self._wbuf) <= self._low:
+            self._protocol_paused = False
+            try:
+                self._protocol.resume_writing()
+            except Exception as exc:
+                self._loop.call_exception_handler(
+                    {
+                        "message": "protocol.resume_writing() failed",
+                        "exception": exc,
+                        "transport": self,
+                        "protocol": self._protocol,
+                    }
+                )
+
+    # -- closing ---------------------------------------------------------------------------
+    def is_closing(self) -> bool:
+        return self._closing or bool(self._conn_lost)
+
+    def close(self) -> None:
+        """Flush queued bytes into the ring, then end the stream and close the vchan.
+
+        No more data is received.  ``connection_lost(None)`` follows once everything
+        queued is in the ring (the peer can still read it after we unmap).
+        """
+        if self._closing or self._conn_lost:
+            return
+        self._closing = True
+        if not self._wbuf:
+            self._teardown(None, set_live=True)
+
+    def abort(self) -> None:
+        """Close at once, discarding queued bytes (no EOF bit: the peer just sees the close)."""
+        self._force_close(None)
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        if self._conn_lost:
+            return
+        self._closing = True
+        self._wbuf.clear()
+        self._teardown(exc, set_live=True, eof=False)
+
+    def _fatal_error(self, exc: BaseException, message: str | None = None) -> None:
+        if isinstance(exc, (ProtocolError, OSError)):
+            logger.debug("%r: %s", self, exc, exc_info=True)
+        else:
+            self._loop.call_exception_handler(
+                {
+                    "message": message or "Fatal error on vchan transport",
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
+        self._force_close(exc)
+
+    def _teardown(self, exc: BaseException | None, *, set_live: bool, eof: bool = True) -> None:
+        """Mark the end on the wire, then schedule ``connection_lost`` and the release."""
+        if self._conn_lost:
+            return
+        self._conn_lost = 1
+        self._closing = True
+        conn = self._conn
+        if not conn.released:
+            try:
+                core = self._core
+                if eof and not self._eof_sent:
+                    self._eof_sent = True
+                    core.shutdown_write()
+                if set_live:
+                    core.set_live(wire.LIVE_CLOSED)
+                core.notify_pending = False
+                self._channel.notify()
+                self._channel.set_handler(None)
+            except Exception:  # memory already unusable: nothing more to tell the peer
+                logger.debug("%r: could not mark the close on the wire", self, exc_info=True)
+        if self._protocol_paused:
+            self._protocol_paused = False
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            if self._started:
+                self._protocol.connection_lost(exc)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        try:
+            self._conn.release()
+        except Exception as exc:
+            self._loop.call_exception_handler(
+                {
+                    "message": f"error releasing {self._conn.describe()}",
+                    "exception": exc,
+                    "transport": self,
+                }
+            )
+
+    def __del__(self) -> None:
+        if not getattr(self, "_conn_lost", 1) and not self._conn.released:
+            warnings.warn(f"unclosed transport {self!r}", ResourceWarning, stacklevel=1)
+
+    # -- protocol ----------------------------------------------------------------------------
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+        self._set_protocol_kind(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    @property
+    def connection(self) -> Connection:
+        """The underlying :class:`~aioxen.vchan.endpoint.Connection` (advanced use)."""
+        return self._conn
+
+
+__all__ = ["DEFAULT_HIGH_WATER", "VchanTransport"]

@@ -1,0 +1,529 @@
+"""The vchan wire format: control page, ring placement and the two byte rings.
+
+Theory of operation
+-------------------
+A vchan (libxenvchan's format, ``xen/include/public/io/libxenvchan.h``) is one shared
+*control page* plus two byte rings.  The page starts with a 24-byte header:
+
+====== ==== ============== ======================================================
+offset size field          meaning
+====== ==== ============== ======================================================
+0      4    ``left.cons``  LEFT ring (client -> server) consumer index
+4      4    ``left.prod``  LEFT ring producer index
+8      4    ``right.cons`` RIGHT ring (server -> client) consumer index
+12     4    ``right.prod`` RIGHT ring producer index
+16     2    ``left_order`` log2 of the LEFT ring size
+18     2    ``right_order`` log2 of the RIGHT ring size
+20     1    ``cli_live``   0 closed, 1 connected, 2 not yet connected
+21     1    ``srv_live``   0 closed, 1 alive
+22     1    ``cli_notify`` bits the *client* acts on (test-and-clear, then signal)
+23     1    ``srv_notify`` bits the *server* acts on
+24     4n   ``grants[]``   grant refs of out-of-page ring pages, LEFT first
+====== ==== ============== ======================================================
+
+A ring of order 10 lives in the control page at offset 1024, order 11 at offset 2048,
+order 12..20 in ``2**(order-12)`` separately granted pages.  The *server* shares every
+page and picks the orders (:func:`select_orders`, exactly libxenvchan's rule); the
+*client* maps them and validates what it finds (:func:`read_client_layout`).
+
+Indices are free-running ``u32``; the byte offset is ``idx & (size - 1)``,
+``used = prod - cons`` and ``space = size - used`` in u32 arithmetic.  A peer that makes
+``used`` exceed ``size`` has corrupted the ring: :class:`~aioxen.ProtocolError`.
+
+Notification (suppression) protocol.  Each side owns one notify byte.  To be woken, a side
+atomically ORs ``NOTIFY_WRITE`` ("tell me when you write") or ``NOTIFY_READ`` ("tell me
+when you consume") into the *peer's* byte, then re-checks the ring (the RMW is a full
+fence, closing the race with the peer's update).  After producing or consuming, a side
+atomically test-and-clears the matching bit in *its own* byte and signals the event
+channel only if the bit was set.  :class:`VchanCore` never signals itself: it sets
+:attr:`VchanCore.notify_pending` and the caller sends one event.
+
+End of stream.  The wire has no EOF.  aioxen adds one bit, :data:`NOTIFY_EOF` (0x80): the
+writer ORs it into the *reader's* own notify byte after its final ``prod`` update and then
+signals.  libxenvchan only ever ORs or clears bits 0x1/0x2 of these bytes (the client's one
+plain store of ``srv_notify = WRITE`` happens at connect, before any data), so the bit
+survives and a libxenvchan reader simply ignores it.  Our reader loads its notify byte
+*before* ``prod``; when it saw the bit and the ring is empty, every byte the writer wrote
+has been consumed.  A peer's live byte dropping to 0 is handled the same way: load live,
+then drain up to the ``prod`` read afterwards.
+
+Nothing here does I/O or touches asyncio: atomics and copies go through the native helper
+(:mod:`aioxen.native`) on pinned ``memoryview``\\ s.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aioxen.errors import ProtocolError
+from aioxen.native import Buffer, SharedBuffer, ffi, lib
+from aioxen.platform.base import PAGE_SIZE
+
+# -- layout -------------------------------------------------------------------------------
+LEFT_CONS: Final = 0
+LEFT_PROD: Final = 4
+RIGHT_CONS: Final = 8
+RIGHT_PROD: Final = 12
+LEFT_ORDER: Final = 16
+RIGHT_ORDER: Final = 18
+CLI_LIVE: Final = 20
+SRV_LIVE: Final = 21
+CLI_NOTIFY: Final = 22
+SRV_NOTIFY: Final = 23
+GRANTS: Final = 24
+HEADER_SIZE: Final = 24
+
+NOTIFY_WRITE: Final = 0x1
+NOTIFY_READ: Final = 0x2
+NOTIFY_EOF: Final = 0x80
+"""aioxen's end-of-stream bit (see the module docstring); ignored by libxenvchan."""
+
+LIVE_CLOSED: Final = 0
+LIVE_CONNECTED: Final = 1
+LIVE_WAITING: Final = 2
+
+MIN_ORDER: Final = 10
+MAX_ORDER: Final = 20
+PAGE_SHIFT: Final = 12
+MAX_RING_SIZE: Final = 1 << MAX_ORDER
+SMALL_RING_SIZE: Final = 1024  # order 10, in the control page at offset 1024
+LARGE_RING_SIZE: Final = 2048  # order 11, in the control page at offset 2048
+
+_U32: Final = 0xFFFFFFFF
+
+
+def _min_order(size: int) -> int:
+    """libxenvchan's ``min_order``: the smallest order >= 12 whose ring holds ``size``."""
+    order = PAGE_SHIFT
+    while size > (1 << order):
+        order += 1
+    return order
+
+
+def select_orders(left_min: int, right_min: int) -> tuple[int, int]:
+    """The ring orders a libxenvchan server picks for minimum sizes ``left_min`` (client ->
+    server, the server's *read* ring) and ``right_min`` (server -> client).
+
+    Small rings go into the control page (order 10 at 1024, order 11 at 2048) when that
+    saves pages, exactly as ``libxenvchan_server_init`` does.  ``ValueError`` for sizes
+    above 1 MiB or below 0.
+    """
+    for name, value in (("left", left_min), ("right", right_min)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} ring size must be an int")
+        if value < 0 or value > MAX_RING_SIZE:
+            raise ValueError(f"{name} ring size {value} out of range 0..{MAX_RING_SIZE}")
+    if left_min <= SMALL_RING_SIZE and right_min <= LARGE_RING_SIZE:
+        return 10, 11
+    if left_min <= LARGE_RING_SIZE and right_min <= SMALL_RING_SIZE:
+        return 11, 10
+    if left_min <= LARGE_RING_SIZE:
+        return 11, _min_order(right_min)
+    if right_min <= LARGE_RING_SIZE:
+        return _min_order(left_min), 11
+    return _min_order(left_min), _min_order(right_min)
+
+
+def ring_pages(order: int) -> int:
+    """Separately granted pages a ring of ``order`` needs (0 for in-page rings)."""
+    return 1 << (order - PAGE_SHIFT) if order >= PAGE_SHIFT else 0
+
+
+def in_page_offset(order: int) -> int | None:
+    """Byte offset of an in-page ring inside the control page, ``None`` if external."""
+    if order == 10:
+        return 1024
+    if order == 11:
+        return 2048
+    return None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Ring orders and grant refs, as found in (or written to) a control page."""
+
+    left_order: int
+    right_order: int
+    left_grants: tuple[int, ...]
+    right_grants: tuple[int, ...]
+
+    @property
+    def left_size(self) -> int:
+        return 1 << self.left_order
+
+    @property
+    def right_size(self) -> int:
+        return 1 << self.right_order
+
+
+def check_orders(left_order: int, right_order: int) -> None:
+    """Validate a pair of ring orders as a libxenvchan client does; ``ProtocolError``."""
+    for name, order in (("left_order", left_order), ("right_order", right_order)):
+        if not MIN_ORDER <= order <= MAX_ORDER:
+            raise ProtocolError(
+                f"vchan control page: {name} {order} out of range {MIN_ORDER}..{MAX_ORDER}",
+                field=name,
+            )
+    if left_order == right_order and left_order < PAGE_SHIFT:
+        raise ProtocolError(
+            f"vchan control page: both rings claim the in-page slot of order {left_order}",
+            field="left_order",
+        )
+
+
+def init_server_page(
+    page: Buffer,
+    left_order: int,
+    right_order: int,
+    left_grants: list[int],
+    right_grants: list[int],
+    *,
+    initial_index: int = 0,
+) -> None:
+    """Write a fresh control page as a server does before advertising it.
+
+    The page is zeroed, the orders and grant refs written, ``cli_live = 2`` (waiting),
+    ``srv_live = 1`` and ``cli_notify = NOTIFY_WRITE`` (the server wants to hear about the
+    client's first write).  ``initial_index`` (default 0) seeds all four indices; any value
+    is wire-legal and tests use values near ``2**32`` to exercise wrap-around.
+    """
+    check_orders(left_order, right_order)
+    if len(left_grants) != ring_pages(left_order) or len(right_grants) != ring_pages(
+        right_order
+    ):
+        raise ValueError("grant list lengths do not match the ring orders")
+    view = memoryview(page).cast("B")
+    if len(view) < PAGE_SIZE:
+        raise ValueError(f"control page must be {PAGE_SIZE} bytes, got {len(view)}")
+    view[:PAGE_SIZE] = bytes(PAGE_SIZE)
+    idx = initial_index & _U32
+    struct.pack_into("<IIIIHH", view, 0, idx, idx, idx, idx, left_order, right_order)
+    grants = list(left_grants) + list(right_grants)
+    struct.pack_into(f"<{len(grants)}I", view, GRANTS, *grants)
+    sb = SharedBuffer(view)
+    try:
+        sb.store_u8(SRV_NOTIFY, 0)
+        sb.store_u8(CLI_NOTIFY, NOTIFY_WRITE)
+        sb.store_u8(SRV_LIVE, 1)
+        sb.store_u8(CLI_LIVE, LIVE_WAITING)  # release: everything above is visible first
+    finally:
+        sb.release()
+        view.release()
+
+
+def read_client_layout(page: Buffer) -> Layout:
+    """Read and validate the orders and grant refs a client finds in a mapped page.
+
+    Each field is read exactly once.  ``ProtocolError`` names the bad field.
+    """
+    view = memoryview(page).cast("B")
+    try:
+        if len(view) < PAGE_SIZE:
+            raise ValueError(f"control page must be {PAGE_SIZE} bytes, got {len(view)}")
+        left_order, right_order = struct.unpack_from("<HH", view, LEFT_ORDER)
+        check_orders(left_order, right_order)
+        nl, nr = ring_pages(left_order), ring_pages(right_order)
+        # At most 2 * 256 refs: 24 + 2048 bytes, always inside the page.
+        grants = struct.unpack_from(f"<{nl + nr}I", view, GRANTS)
+    finally:
+        view.release()
+    return Layout(left_order, right_order, tuple(grants[:nl]), tuple(grants[nl:]))
+
+
+# -- the connected endpoint ------------------------------------------------------------------
+
+
+class VchanCore:
+    """One endpoint's view of a connected vchan: its read ring and its write ring.
+
+    Built over the control page and the two ring buffers (``memoryview``\\ s the caller
+    mapped or shared; in-page rings are slices of the control page).  It pins them with
+    :class:`~aioxen.native.SharedBuffer`; call :meth:`release` before unmapping.
+
+    Methods that produce or consume may require an event to be sent to the peer: they set
+    :attr:`notify_pending`, which the caller clears after one ``EventChannel.notify()``.
+    """
+
+    __slots__ = (
+        "_ctrl",
+        "_ctrl_sb",
+        "_own_live",
+        "_own_notify",
+        "_peer_live",
+        "_peer_notify",
+        "_rcons",
+        "_read_name",
+        "_rmask",
+        "_rprod",
+        "_rring",
+        "_rring_sb",
+        "_rsize",
+        "_span_cons",
+        "_wcons",
+        "_wprod",
+        "_wring_sb",
+        "_write_name",
+        "_wsize",
+        "is_server",
+        "notify_pending",
+        "read_view",
+    )
+
+    def __init__(
+        self,
+        ctrl: memoryview,
+        read_ring: memoryview,
+        write_ring: memoryview,
+        *,
+        is_server: bool,
+    ) -> None:
+        rsize, wsize = len(read_ring), len(write_ring)
+        for size in (rsize, wsize):
+            if size < SMALL_RING_SIZE or size > MAX_RING_SIZE or size & (size - 1):
+                raise ValueError(f"ring size {size} is not a power of two in 1 KiB..1 MiB")
+        self.is_server = is_server
+        self.notify_pending = False
+        if is_server:
+            self._rcons, self._rprod, self._wcons, self._wprod = (
+                LEFT_CONS,
+                LEFT_PROD,
+                RIGHT_CONS,
+                RIGHT_PROD,
+            )
+            self._own_live, self._peer_live = SRV_LIVE, CLI_LIVE
+            self._own_notify, self._peer_notify = SRV_NOTIFY, CLI_NOTIFY
+            self._read_name, self._write_name = "left", "right"
+        else:
+            self._rcons, self._rprod, self._wcons, self._wprod = (
+                RIGHT_CONS,
+                RIGHT_PROD,
+                LEFT_CONS,
+                LEFT_PROD,
+            )
+            self._own_live, self._peer_live = CLI_LIVE, SRV_LIVE
+            self._own_notify, self._peer_notify = CLI_NOTIFY, SRV_NOTIFY
+            self._read_name, self._write_name = "right", "left"
+        self._ctrl_sb = SharedBuffer(ctrl)
+        self._ctrl: Any = self._ctrl_sb.pointer
+        self._rring_sb = SharedBuffer(read_ring)
+        self._wring_sb = SharedBuffer(write_ring)
+        self._rring: Any = self._rring_sb.pointer
+        self._rsize = rsize
+        self._rmask = rsize - 1
+        self._span_cons = 0
+        self._wsize = wsize
+        self.read_view: memoryview | None = read_ring
+        """The read ring as a ``memoryview`` (for single-copy delivery by the adapter)."""
+
+    # -- sizes -----------------------------------------------------------------------------
+    @property
+    def read_size(self) -> int:
+        return self._rsize
+
+    @property
+    def write_size(self) -> int:
+        return self._wsize
+
+    # -- errors ----------------------------------------------------------------------------
+    def _corrupt(self, reading: bool) -> ProtocolError:
+        if reading:
+            name, cons_off, prod_off, size = self._read_name, self._rcons, self._rprod, self._rsize
+        else:
+            name, cons_off, prod_off, size = (
+                self._write_name,
+                self._wcons,
+                self._wprod,
+                self._wsize,
+            )
+        # Values re-read for the message only; the decision was made on a single read.
+        prod = lib.ax_load_u32(self._ctrl, prod_off)
+        cons = lib.ax_load_u32(self._ctrl, cons_off)
+        return ProtocolError(
+            f"vchan {name} ring corrupt: {name}.prod - {name}.cons = "
+            f"{(prod - cons) & _U32} exceeds ring size {size} "
+            f"(prod {prod:#x}, cons {cons:#x})",
+            field=f"{name}.prod",
+        )
+
+    # -- reading ---------------------------------------------------------------------------
+    def readable(self) -> int:
+        """Bytes waiting in the read ring (validated)."""
+        n: int = lib.ax_bring_used(self._ctrl, self._rcons, self._rprod, self._rsize)
+        if n < 0:
+            raise self._corrupt(True)
+        return n
+
+    def request_readable(self) -> int:
+        """Ask the peer to signal its next write, then re-check: returns :meth:`readable`."""
+        lib.ax_fetch_or_u8(self._ctrl, self._peer_notify, NOTIFY_WRITE)
+        return self.readable()
+
+    def read_span(self) -> tuple[int, int]:
+        """``(offset, count)`` of the contiguous readable bytes in the read ring.
+
+        ``prod`` and ``cons`` are each loaded once (acquire) and validated; the span stops
+        at the end of the ring (the rest follows at offset 0).  Use with :meth:`consume`.
+        """
+        prod: int = lib.ax_load_u32(self._ctrl, self._rprod)
+        cons: int = lib.ax_load_u32(self._ctrl, self._rcons)
+        used = (prod - cons) & _U32
+        if used > self._rsize:
+            raise self._corrupt(True)
+        self._span_cons = cons
+        off = cons & self._rmask
+        return off, min(used, self._rsize - off)
+
+    def consume(self, n: int) -> None:
+        """Release ``n`` bytes read through :meth:`read_span` (``cons += n``, release
+        store) and arrange a READ notification if the peer asked for one.
+
+        The new index is computed from the ``cons`` that :meth:`read_span` validated, not
+        from a second read of shared memory."""
+        self._span_cons = cons = (self._span_cons + n) & _U32
+        lib.ax_store_u32(self._ctrl, self._rcons, cons)
+        if lib.ax_fetch_and_u8(self._ctrl, self._own_notify, 0xFF ^ NOTIFY_READ) & NOTIFY_READ:
+            self.notify_pending = True
+
+    def recv_into(self, dst: Any, n: int) -> int:
+        """Copy up to ``n`` bytes into ``dst`` (a cffi pointer or ``bytes``-like accepted by
+        cffi) and release them; returns the count."""
+        got: int = lib.ax_bring_read(
+            self._ctrl, self._rcons, self._rprod, self._rring, self._rsize, dst, n
+        )
+        if got <= 0:
+            if got < 0:
+                raise self._corrupt(True)
+            return 0
+        if lib.ax_fetch_and_u8(self._ctrl, self._own_notify, 0xFF ^ NOTIFY_READ) & NOTIFY_READ:
+            self.notify_pending = True
+        return got
+
+    def peek(self, n: int) -> bytes | None:
+        """The next ``n`` bytes without consuming them, or ``None`` if fewer are there."""
+        prod: int = lib.ax_load_u32(self._ctrl, self._rprod)
+        cons: int = lib.ax_load_u32(self._ctrl, self._rcons)
+        used = (prod - cons) & _U32
+        if used > self._rsize:
+            raise self._corrupt(True)
+        if used < n:
+            return None
+        out = bytearray(n)
+        with ffi.from_buffer(out) as p:
+            lib.ax_ring_copy_out(self._rring, self._rsize, cons, p, n)
+        return bytes(out)
+
+    def peer_eof(self) -> bool:
+        """True once the peer set :data:`NOTIFY_EOF` in our notify byte (writer shut down).
+
+        Load this *before* :meth:`readable`: when it was true and the ring is then empty,
+        the stream is complete.
+        """
+        return bool(lib.ax_load_u8(self._ctrl, self._own_notify) & NOTIFY_EOF)
+
+    # -- writing ---------------------------------------------------------------------------
+    def writable(self) -> int:
+        """Free bytes in the write ring (validated)."""
+        n: int = lib.ax_bring_used(self._ctrl, self._wcons, self._wprod, self._wsize)
+        if n < 0:
+            raise self._corrupt(False)
+        return self._wsize - n
+
+    def request_writable(self) -> int:
+        """Ask the peer to signal when it consumes, then re-check: returns :meth:`writable`."""
+        lib.ax_fetch_or_u8(self._ctrl, self._peer_notify, NOTIFY_READ)
+        return self.writable()
+
+    def send(self, src: Any, n: int) -> int:
+        """Copy up to ``n`` bytes from ``src`` (``bytes`` or a cffi pointer) into the write
+        ring and publish them; returns the count (0 when the ring is full)."""
+        put: int = lib.ax_bring_write(
+            self._ctrl, self._wcons, self._wprod, self._wring_sb.pointer, self._wsize, src, n
+        )
+        if put <= 0:
+            if put < 0:
+                raise self._corrupt(False)
+            return 0
+        if lib.ax_fetch_and_u8(self._ctrl, self._own_notify, 0xFF ^ NOTIFY_WRITE) & NOTIFY_WRITE:
+            self.notify_pending = True
+        return put
+
+    def write_pending(self) -> int:
+        """Bytes we wrote that the peer has not consumed yet (validated)."""
+        return self._wsize - self.writable()
+
+    def shutdown_write(self) -> None:
+        """Mark our write direction finished: OR :data:`NOTIFY_EOF` into the peer's notify
+        byte (after every ``prod`` update) and always signal."""
+        lib.ax_fetch_or_u8(self._ctrl, self._peer_notify, NOTIFY_EOF)
+        self.notify_pending = True
+
+    # -- liveness --------------------------------------------------------------------------
+    def peer_live(self) -> int:
+        """The peer's live byte, validated: 0 (closed) or 1 (connected).  (A client's 2,
+        "not yet connected", is only legal during setup, which does not use this.)"""
+        value: int = lib.ax_load_u8(self._ctrl, self._peer_live)
+        if value > 1:
+            name = "cli_live" if self.is_server else "srv_live"
+            raise ProtocolError(
+                f"vchan control page: {name} has invalid value {value} (expected 0 or 1)",
+                field=name,
+            )
+        return value
+
+    def set_live(self, value: int) -> None:
+        """Store our own live byte (release)."""
+        lib.ax_store_u8(self._ctrl, self._own_live, value)
+
+    # -- teardown --------------------------------------------------------------------------
+    def release(self) -> None:
+        """Drop the pins on the shared memory (idempotent); the core is dead afterwards."""
+        self.read_view = None
+        for sb in (self._rring_sb, self._wring_sb, self._ctrl_sb):
+            sb.release()
+        self._ctrl = ffi.NULL
+        self._rring = ffi.NULL
+
+
+def live_byte(page: Buffer, offset: int) -> int:
+    """Atomically load one live/notify byte of a control page (used during setup)."""
+    sb = SharedBuffer(page)
+    try:
+        return sb.load_u8(offset)
+    finally:
+        sb.release()
+
+
+__all__ = [
+    "CLI_LIVE",
+    "CLI_NOTIFY",
+    "GRANTS",
+    "HEADER_SIZE",
+    "LEFT_CONS",
+    "LEFT_ORDER",
+    "LEFT_PROD",
+    "LIVE_CLOSED",
+    "LIVE_CONNECTED",
+    "LIVE_WAITING",
+    "MAX_ORDER",
+    "MAX_RING_SIZE",
+    "MIN_ORDER",
+    "NOTIFY_EOF",
+    "NOTIFY_READ",
+    "NOTIFY_WRITE",
+    "RIGHT_CONS",
+    "RIGHT_ORDER",
+    "RIGHT_PROD",
+    "SRV_LIVE",
+    "SRV_NOTIFY",
+    "Layout",
+    "VchanCore",
+    "check_orders",
+    "in_page_offset",
+    "init_server_page",
+    "live_byte",
+    "read_client_layout",
+    "ring_pages",
+    "select_orders",
+]
