@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "aioxen.bench.cli",
+    "aioxen.xenstore.cli",
 )
 
 

@@ -1,0 +1,292 @@
+"""Byte transports for the XenStore client: Unix socket, ``/dev/xen/xenbus``, in-process.
+
+Theory of operation
+-------------------
+A transport moves whole :class:`~aioxen.xenstore.wire.Message` objects.  The client opens
+it with two callbacks -- ``on_message(msg)`` for every reply or watch event, and
+``on_lost(exc)`` once when the connection ends -- and then calls ``send(msg)``.
+
+* :class:`SocketTransport` -- xenstored's Unix stream socket, through the stdlib streams
+  (``asyncio.open_unix_connection``).  Replies are matched to requests by ``req_id``, so
+  any number of requests may be in flight.
+* :class:`XenbusTransport` -- the Linux ``/dev/xen/xenbus`` character device.  Each
+  ``write`` must carry whole messages of at most 4096 bytes including the header.  The
+  kernel answers WATCH/UNWATCH itself and its WATCH_EVENT headers carry garbage
+  ``req_id``/``tx_id`` (reference §3.4); older kernels do not echo ``req_id`` faithfully
+  either.  This transport therefore allows one request in flight (:attr:`max_in_flight`)
+  and stamps the in-flight ``req_id`` onto whatever non-event message comes back.
+* :class:`InProcessTransport` -- no bytes at all: messages go straight to an
+  :class:`~aioxen.xenstore.engine.Engine` connection, and its output is delivered on the
+  event loop with ``call_soon`` (never re-entrantly), so ``inheap`` behaves like a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from aioxen.errors import ProtocolError
+from aioxen.xenstore.wire import HEADER_SIZE, XENSTORE_PAYLOAD_MAX, Decoder, Message, XsType
+
+if TYPE_CHECKING:
+    from aioxen.xenstore.engine import Engine, EngineConnection
+
+log = logging.getLogger(__name__)
+
+OnMessage = Callable[[Message], None]
+OnLost = Callable[[BaseException | None], None]
+
+DEFAULT_SOCKET = "/var/run/xenstored/socket"
+DEFAULT_XENBUS = "/dev/xen/xenbus"
+
+
+def default_socket_path() -> str:
+    """``$XENSTORED_PATH``, else ``$XENSTORED_RUNDIR/socket``, else the Xen default."""
+    path = os.environ.get("XENSTORED_PATH")
+    if path:
+        return path
+    rundir = os.environ.get("XENSTORED_RUNDIR")
+    if rundir:
+        return os.path.join(rundir, "socket")
+    return DEFAULT_SOCKET
+
+
+class Transport(Protocol):
+    max_in_flight: int | None
+    description: str
+
+    async def open(self, on_message: OnMessage, on_lost: OnLost) -> None: ...
+
+    def send(self, msg: Message) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class SocketTransport:
+    """xenstored's Unix stream socket."""
+
+    max_in_flight: int | None = None
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.description = f"xenstored socket {path}"
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def open(self, on_message: OnMessage, on_lost: OnLost) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(self.path, limit=1 << 20)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                errno.ENOENT, "no xenstored socket (is xenstored running?)", self.path
+            ) from None
+        except ConnectionRefusedError:
+            raise ConnectionRefusedError(
+                errno.ECONNREFUSED, "xenstored refused the connection", self.path
+            ) from None
+        self._reader, self._writer = reader, writer
+        self._task = asyncio.get_running_loop().create_task(
+            self._read_loop(reader, on_message, on_lost), name=f"xenstore reader {self.path}"
+        )
+
+    async def _read_loop(
+        self, reader: asyncio.StreamReader, on_message: OnMessage, on_lost: OnLost
+    ) -> None:
+        decoder = Decoder()
+        exc: BaseException | None = None
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    if decoder.pending:
+                        exc = ProtocolError(
+                            f"{self.description}: connection closed inside a message "
+                            f"({decoder.pending} bytes pending)",
+                            field="len",
+                        )
+                    break
+                decoder.feed(data)
+                for msg in decoder.messages():
+                    on_message(msg)
+        except asyncio.CancelledError:
+            exc = None
+            raise
+        except ProtocolError as e:
+            exc = ProtocolError(f"{self.description}: {e}", field=e.field)
+        except OSError as e:
+            exc = e
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+            on_lost(exc)
+
+    def send(self, msg: Message) -> None:
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            raise ConnectionResetError(
+                errno.ECONNRESET, "xenstored connection is closed", self.path
+            )
+        writer.write(msg.encode())
+
+    async def drain(self) -> None:
+        if self._writer is not None:
+            await self._writer.drain()
+
+    async def close(self) -> None:
+        writer, task = self._writer, self._task
+        self._writer = None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class XenbusTransport:
+    """The ``/dev/xen/xenbus`` device (see the module docstring for its quirks)."""
+
+    max_in_flight: int | None = 1
+
+    def __init__(self, device: str = DEFAULT_XENBUS) -> None:
+        self.device = device
+        self.description = f"xenbus device {device}"
+        self._fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._decoder = Decoder()
+        self._in_flight: int | None = None
+        self._on_message: OnMessage | None = None
+        self._on_lost: OnLost | None = None
+
+    async def open(self, on_message: OnMessage, on_lost: OnLost) -> None:
+        self._fd = os.open(self.device, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._loop = asyncio.get_running_loop()
+        self._on_message, self._on_lost = on_message, on_lost
+        self._loop.add_reader(self._fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            while True:
+                try:
+                    data = os.read(self._fd, 65536)
+                except BlockingIOError:
+                    return
+                if not data:
+                    self._lost(ConnectionResetError(f"{self.description}: EOF"))
+                    return
+                self._decoder.feed(data)
+                for msg in self._decoder.messages():
+                    if msg.type != XsType.WATCH_EVENT and self._in_flight is not None:
+                        msg.req_id = self._in_flight
+                        self._in_flight = None
+                    assert self._on_message is not None
+                    self._on_message(msg)
+        except ProtocolError as e:
+            self._lost(ProtocolError(f"{self.description}: {e}", field=e.field))
+        except OSError as e:
+            self._lost(e)
+
+    def _lost(self, exc: BaseException | None) -> None:
+        if self._fd >= 0:
+            assert self._loop is not None
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            if self._on_lost is not None:
+                self._on_lost(exc)
+
+    def send(self, msg: Message) -> None:
+        if self._fd < 0:
+            raise ConnectionResetError(errno.ECONNRESET, "xenbus device is closed", self.device)
+        data = msg.encode()
+        if len(data) > XENSTORE_PAYLOAD_MAX:
+            raise ValueError(
+                f"{self.description}: message of {len(data)} bytes exceeds the device's "
+                f"{XENSTORE_PAYLOAD_MAX}-byte limit "
+                f"(payload <= {XENSTORE_PAYLOAD_MAX - HEADER_SIZE})"
+            )
+        # The kernel's synthesised WATCH/UNWATCH "OK" comes back like any other reply.
+        self._in_flight = msg.req_id
+        written = os.write(self._fd, data)
+        if written != len(data):
+            raise OSError(errno.EIO, f"{self.description}: short write {written}/{len(data)}")
+
+    async def drain(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        if self._fd >= 0:
+            assert self._loop is not None
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+
+class InProcessTransport:
+    """Talks to an in-process :class:`~aioxen.xenstore.engine.Engine`."""
+
+    max_in_flight: int | None = None
+
+    def __init__(self, engine: Engine, domid: int) -> None:
+        self.engine = engine
+        self.domid = domid
+        self.description = f"in-process xenstore (domid {domid})"
+        self._conn: EngineConnection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_message: OnMessage | None = None
+        self._on_lost: OnLost | None = None
+
+    async def open(self, on_message: OnMessage, on_lost: OnLost) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._on_message, self._on_lost = on_message, on_lost
+        conn = self.engine.connect(self.domid, self._output)
+        conn.on_kill = self._killed
+        self._conn = conn
+
+    def _output(self, msg: Message) -> None:
+        assert self._loop is not None and self._on_message is not None
+        self._loop.call_soon(self._on_message, msg)
+
+    def _killed(self) -> None:
+        self._conn = None
+        if self._loop is not None and self._on_lost is not None:
+            self._loop.call_soon(
+                self._on_lost, ConnectionResetError(f"{self.description}: domain released")
+            )
+
+    def send(self, msg: Message) -> None:
+        conn = self._conn
+        if conn is None:
+            raise ConnectionResetError(errno.ECONNRESET, f"{self.description} is closed")
+        if len(msg.payload) > XENSTORE_PAYLOAD_MAX:
+            raise ProtocolError(f"payload of {len(msg.payload)} bytes too long", field="len")
+        conn.handle(msg)
+
+    async def drain(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "DEFAULT_XENBUS",
+    "InProcessTransport",
+    "SocketTransport",
+    "Transport",
+    "XenbusTransport",
+    "default_socket_path",
+]
