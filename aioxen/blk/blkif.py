@@ -1,0 +1,420 @@
+"""The blkif wire codec: request validation, indirect segment pages, xenstore vocabulary.
+
+Theory of operation
+-------------------
+A blkif ring slot holds one of three request layouts, chosen by ``operation``:
+
+* ``struct blkif_request`` (READ, WRITE, WRITE_BARRIER, FLUSH_DISKCACHE): up to 11
+  *segments* inline.  A segment names one granted 4 KiB page and an inclusive range of
+  512-byte sectors inside it (``first_sect..last_sect``, 0..7).
+* ``struct blkif_request_discard`` (DISCARD): a sector range, plus a ``secure`` flag.
+* ``struct blkif_request_indirect`` (INDIRECT): up to 8 grant refs of *indirect pages*,
+  each holding up to 512 eight-byte segment descriptors, and the real operation
+  (READ or WRITE) in ``indirect_op``.
+
+Sector numbers on the wire are always 512-byte units, whatever the disk's ``sector-size``;
+I/O must still be aligned to ``sector-size``.  Two ABIs exist: ``x86_64-abi`` (also the
+layout of ``arm-abi``; ``u64`` aligned to 8) and ``x86_32-abi`` (``u64`` aligned to 4, so
+``id`` sits at offset 4 and a request is 108 bytes).  The frontend names its ABI in its
+``protocol`` key; :func:`abi_for_protocol` maps that to a slot layout.
+
+The slot layouts themselves live in :mod:`aioxen.rings.formats` (shared with the ring
+core); this module adds what a block device needs on top of them:
+
+* :func:`check_request` turns a decoded slot into a validated :class:`BlkIO` (what the
+  backend executes) or raises :class:`BadRequest` carrying the response status and a
+  human-readable reason.  Nothing from the slot is trusted: segment counts, sector ranges,
+  sector alignment, indirect page counts and feature use are all checked against
+  :class:`Limits`.
+* :func:`unpack_indirect_segments` / :func:`pack_indirect_segments` for indirect pages
+  (decoded from a private copy, so the frontend cannot change them under us).
+* :func:`segment_layout`: the (first_sect, last_sect) of each page of a contiguous
+  transfer, used by the frontend to build requests.
+
+Everything here is pure: no asyncio, no syscalls, no platform imports.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aioxen.errors import ProtocolError
+from aioxen.rings.formats import (
+    ABI_X86_32,
+    ABI_X86_64,
+    BLKIF_DISCARD_SECURE,
+    BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_INDIRECT,
+    BLKIF_OP_READ,
+    BLKIF_OP_RESERVED_1,
+    BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER,
+    BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY,
+    BlkifAnyRequest,
+    BlkifRequest,
+    BlkifRequestDiscard,
+    BlkifRequestFormat,
+    BlkifRequestIndirect,
+    BlkifResponse,
+    BlkifSegment,
+    StructFormat,
+    blkif_request_format,
+    blkif_response_format,
+)
+
+PAGE_SIZE = 4096
+SECTOR_SHIFT = 9
+SECTOR_SIZE = 512
+"""Wire sector unit: ``sector_number``, ``first_sect``/``last_sect`` and ``sectors``."""
+SECTORS_PER_PAGE = PAGE_SIZE // SECTOR_SIZE
+SEGMENT_SIZE = 8
+SEGMENTS_PER_INDIRECT_PAGE = PAGE_SIZE // SEGMENT_SIZE  # 512
+MAX_INDIRECT_SEGMENTS = SEGMENTS_PER_INDIRECT_PAGE * BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST
+U64 = (1 << 64) - 1
+
+VDISK_CDROM = 0x1
+VDISK_REMOVABLE = 0x2
+VDISK_READONLY = 0x4
+
+ABI_ARM = "arm-abi"
+ABI_NATIVE = "native"  # what some old frontends wrote; treated as this host's (64-bit) ABI
+
+OP_NAMES = {
+    BLKIF_OP_READ: "read",
+    BLKIF_OP_WRITE: "write",
+    BLKIF_OP_WRITE_BARRIER: "write-barrier",
+    BLKIF_OP_FLUSH_DISKCACHE: "flush-diskcache",
+    BLKIF_OP_RESERVED_1: "reserved-1",
+    BLKIF_OP_DISCARD: "discard",
+    BLKIF_OP_INDIRECT: "indirect",
+}
+
+# xenstore keys (io/blkif.h "XenBus node" documentation)
+KEY_SECTORS = "sectors"
+KEY_SECTOR_SIZE = "sector-size"
+KEY_PHYSICAL_SECTOR_SIZE = "physical-sector-size"
+KEY_INFO = "info"
+KEY_MODE = "mode"
+KEY_FEATURE_FLUSH = "feature-flush-cache"
+KEY_FEATURE_BARRIER = "feature-barrier"
+KEY_FEATURE_DISCARD = "feature-discard"
+KEY_DISCARD_GRANULARITY = "discard-granularity"
+KEY_DISCARD_ALIGNMENT = "discard-alignment"
+KEY_DISCARD_SECURE = "discard-secure"
+KEY_FEATURE_PERSISTENT = "feature-persistent"
+KEY_MAX_INDIRECT = "feature-max-indirect-segments"
+KEY_MAX_RING_PAGE_ORDER = "max-ring-page-order"
+KEY_MAX_QUEUES = "multi-queue-max-queues"
+KEY_NUM_QUEUES = "multi-queue-num-queues"
+KEY_RING_REF = "ring-ref"
+KEY_RING_PAGE_ORDER = "ring-page-order"
+KEY_EVENT_CHANNEL = "event-channel"
+KEY_PROTOCOL = "protocol"
+KEY_VIRTUAL_DEVICE = "virtual-device"
+KEY_DEVICE_TYPE = "device-type"
+
+
+def abi_for_protocol(protocol: str | None) -> str:
+    """Map a frontend's ``protocol`` key (absent: ``None``) to a slot layout name.
+
+    ``x86_64-abi``, ``arm-abi``, ``native`` and an absent key use the 64-bit layout;
+    ``x86_32-abi`` the 32-bit one.  Anything else is a :class:`ProtocolError`.
+    """
+    if protocol is None or protocol in (ABI_X86_64, ABI_ARM, ABI_NATIVE, ""):
+        return ABI_X86_64
+    if protocol == ABI_X86_32:
+        return ABI_X86_32
+    raise ProtocolError(f"unknown blkif protocol {protocol!r}", field=KEY_PROTOCOL)
+
+
+def request_format(abi: str) -> BlkifRequestFormat:
+    return blkif_request_format(abi)
+
+
+def response_format(abi: str) -> StructFormat[BlkifResponse]:
+    return blkif_response_format(abi)
+
+
+# --------------------------------------------------------------------------- segments
+
+_SEG = struct.Struct("<IBB2x")
+
+
+def unpack_indirect_segments(
+    page_data: bytes | bytearray | memoryview, count: int
+) -> list[BlkifSegment]:
+    """Decode ``count`` segment descriptors from the (concatenated) indirect pages.
+
+    The caller passes a private copy (``bytes``) of the indirect pages: a hostile frontend
+    may rewrite shared pages at any time, so they are read exactly once.
+    """
+    if count < 0 or count * SEGMENT_SIZE > len(page_data):
+        raise ValueError(f"{count} segments do not fit in {len(page_data)} bytes")
+    return [BlkifSegment(*t) for t in _SEG.iter_unpack(page_data[: count * SEGMENT_SIZE])]
+
+
+def pack_indirect_segments(buf: memoryview | bytearray, segs: Sequence[BlkifSegment]) -> None:
+    """Write segment descriptors at the start of ``buf`` (one or more indirect pages)."""
+    if len(segs) * SEGMENT_SIZE > len(buf):
+        raise ValueError(f"{len(segs)} segments do not fit in {len(buf)} bytes")
+    at = 0
+    for s in segs:
+        _SEG.pack_into(buf, at, s.gref, s.first_sect, s.last_sect)
+        at += SEGMENT_SIZE
+
+
+def indirect_pages_for(nr_segments: int) -> int:
+    """Number of indirect pages that hold ``nr_segments`` descriptors."""
+    return (nr_segments + SEGMENTS_PER_INDIRECT_PAGE - 1) // SEGMENTS_PER_INDIRECT_PAGE
+
+
+def segment_layout(nbytes: int) -> list[tuple[int, int]]:
+    """``(first_sect, last_sect)`` for each page of an ``nbytes`` transfer that starts at
+    offset 0 of its first page and fills pages in order (``nbytes`` a multiple of 512)."""
+    if nbytes <= 0 or nbytes % SECTOR_SIZE:
+        raise ValueError(f"transfer of {nbytes} bytes is not a positive multiple of 512")
+    full, rest = divmod(nbytes, PAGE_SIZE)
+    out = [(0, SECTORS_PER_PAGE - 1)] * full
+    if rest:
+        out.append((0, rest // SECTOR_SIZE - 1))
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class BadRequest(Exception):
+    """A request the backend must refuse: answer ``status`` and keep serving."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What the backend advertised; requests are checked against it."""
+
+    sectors: int
+    """Capacity in 512-byte units (the ``sectors`` key)."""
+    sector_size: int = SECTOR_SIZE
+    readonly: bool = False
+    flush: bool = True
+    barrier: bool = True
+    discard: bool = True
+    discard_secure: bool = True
+    max_indirect_segments: int = 0
+    """0: indirect requests not offered (``feature-max-indirect-segments`` absent)."""
+
+
+@dataclass(slots=True)
+class BlkIO:
+    """A validated request, ready to run.
+
+    ``kind`` is the effective operation (the ``indirect_op`` of an indirect request);
+    ``rsp_operation`` is what the response echoes.  For an indirect request ``segments``
+    is empty until :func:`check_indirect_segments` has decoded the indirect pages named by
+    ``indirect_grefs``.
+    """
+
+    id: int
+    kind: int
+    rsp_operation: int
+    sector: int
+    nr_sectors: int = 0
+    segments: Sequence[BlkifSegment] = ()
+    indirect_grefs: tuple[int, ...] = ()
+    nr_indirect_segments: int = 0
+    secure: bool = False
+
+    @property
+    def writes(self) -> bool:
+        """True if running this request changes the disk."""
+        return self.kind in (BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_DISCARD) or (
+            self.kind == BLKIF_OP_FLUSH_DISKCACHE and bool(self.segments)
+        )
+
+
+def response_operation(req: BlkifAnyRequest) -> int:
+    """The ``operation`` a response to ``req`` echoes (Linux echoes ``indirect_op``)."""
+    if isinstance(req, BlkifRequestIndirect) and req.indirect_op in (BLKIF_OP_READ, BLKIF_OP_WRITE):
+        return req.indirect_op
+    return req.operation
+
+
+def _check_segments(segs: Sequence[BlkifSegment], limits: Limits) -> int:
+    """Validate segments; return the total number of 512-byte sectors they carry."""
+    step = limits.sector_size // SECTOR_SIZE
+    total = 0
+    for i, s in enumerate(segs):
+        first, last = s.first_sect, s.last_sect
+        if last >= SECTORS_PER_PAGE or first > last:
+            raise BadRequest(
+                BLKIF_RSP_ERROR,
+                f"segment {i} (gref {s.gref}) covers sectors {first}..{last}, "
+                f"outside 0..{SECTORS_PER_PAGE - 1} of its page or reversed",
+            )
+        if first % step or (last + 1) % step:
+            raise BadRequest(
+                BLKIF_RSP_ERROR,
+                f"segment {i} (gref {s.gref}) sectors {first}..{last} are not aligned to "
+                f"the {limits.sector_size}-byte sector size",
+            )
+        total += last - first + 1
+    return total
+
+
+def _check_range(sector: int, nr_sectors: int, limits: Limits, what: str) -> None:
+    step = limits.sector_size // SECTOR_SIZE
+    if sector % step:
+        raise BadRequest(
+            BLKIF_RSP_ERROR,
+            f"{what} at sector {sector} is not aligned to the {limits.sector_size}-byte "
+            f"sector size",
+        )
+    if sector > limits.sectors or nr_sectors > limits.sectors - sector:
+        raise BadRequest(
+            BLKIF_RSP_ERROR,
+            f"{what} of {nr_sectors} sectors at sector {sector} runs past the end of the "
+            f"disk ({limits.sectors} sectors)",
+        )
+
+
+def check_request(req: BlkifAnyRequest, limits: Limits) -> BlkIO:
+    """Validate a decoded request slot against ``limits``.
+
+    Returns a :class:`BlkIO`; raises :class:`BadRequest` (``BLKIF_RSP_ERROR`` for malformed
+    or forbidden requests, ``BLKIF_RSP_EOPNOTSUPP`` for operations not offered).  For an
+    indirect request, the segment list is checked later by :func:`check_indirect_segments`.
+    """
+    op = req.operation
+    rsp_op = response_operation(req)
+    name = OP_NAMES.get(op, f"operation {op}")
+    if isinstance(req, BlkifRequestDiscard):
+        if not limits.discard:
+            raise BadRequest(BLKIF_RSP_EOPNOTSUPP, "discard not offered (feature-discard=0)")
+        if limits.readonly:
+            raise BadRequest(BLKIF_RSP_ERROR, "discard on a read-only disk")
+        secure = bool(req.flag & BLKIF_DISCARD_SECURE)
+        _check_range(req.sector_number, req.nr_sectors, limits, name)
+        step = limits.sector_size // SECTOR_SIZE
+        if req.nr_sectors % step:
+            raise BadRequest(
+                BLKIF_RSP_ERROR,
+                f"discard of {req.nr_sectors} sectors is not a multiple of the "
+                f"{limits.sector_size}-byte sector size",
+            )
+        return BlkIO(
+            req.id, op, rsp_op, req.sector_number, req.nr_sectors,
+            secure=secure and limits.discard_secure,
+        )  # fmt: skip
+    if isinstance(req, BlkifRequestIndirect):
+        if limits.max_indirect_segments <= 0:
+            raise BadRequest(
+                BLKIF_RSP_EOPNOTSUPP, "indirect request, but indirect segments not offered"
+            )
+        iop = req.indirect_op
+        if iop not in (BLKIF_OP_READ, BLKIF_OP_WRITE):
+            raise BadRequest(
+                BLKIF_RSP_ERROR,
+                f"indirect request carries {OP_NAMES.get(iop, f'operation {iop}')}; "
+                f"only read and write may be indirect",
+            )
+        n = req.nr_segments
+        if n == 0 or n > limits.max_indirect_segments:
+            raise BadRequest(
+                BLKIF_RSP_ERROR,
+                f"indirect request with {n} segments (allowed 1..{limits.max_indirect_segments})",
+            )
+        if iop == BLKIF_OP_WRITE and limits.readonly:
+            raise BadRequest(BLKIF_RSP_ERROR, "write to a read-only disk")
+        pages = indirect_pages_for(n)
+        _check_range(req.sector_number, 0, limits, "indirect " + OP_NAMES[iop])
+        return BlkIO(
+            req.id, iop, rsp_op, req.sector_number,
+            indirect_grefs=tuple(req.indirect_grefs[:pages]), nr_indirect_segments=n,
+        )  # fmt: skip
+    assert isinstance(req, BlkifRequest)
+    if op not in (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE):
+        raise BadRequest(BLKIF_RSP_EOPNOTSUPP, f"unknown or unsupported {name}")
+    if op == BLKIF_OP_FLUSH_DISKCACHE and not limits.flush:
+        raise BadRequest(BLKIF_RSP_EOPNOTSUPP, "flush not offered (feature-flush-cache=0)")
+    if op == BLKIF_OP_WRITE_BARRIER and not limits.barrier:
+        raise BadRequest(BLKIF_RSP_EOPNOTSUPP, "barrier not offered (feature-barrier=0)")
+    if req.nr_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST:
+        raise BadRequest(
+            BLKIF_RSP_ERROR,
+            f"{name} with {req.nr_segments} segments (at most "
+            f"{BLKIF_MAX_SEGMENTS_PER_REQUEST} in a direct request)",
+        )
+    if req.nr_segments == 0 and op in (BLKIF_OP_READ, BLKIF_OP_WRITE):
+        raise BadRequest(BLKIF_RSP_ERROR, f"{name} with no segments")
+    segs = req.seg[: req.nr_segments]
+    if segs and op != BLKIF_OP_READ and limits.readonly:
+        raise BadRequest(BLKIF_RSP_ERROR, f"{name} to a read-only disk")
+    total = _check_segments(segs, limits)
+    _check_range(req.sector_number, total, limits, name)
+    return BlkIO(req.id, op, rsp_op, req.sector_number, total, segs)
+
+
+def check_indirect_segments(io: BlkIO, segs: Sequence[BlkifSegment], limits: Limits) -> None:
+    """Validate the segments decoded from ``io``'s indirect pages and attach them."""
+    total = _check_segments(segs, limits)
+    _check_range(io.sector, total, limits, "indirect " + OP_NAMES.get(io.kind, "request"))
+    io.segments = segs
+    io.nr_sectors = total
+
+
+__all__ = [
+    "ABI_ARM",
+    "ABI_X86_32",
+    "ABI_X86_64",
+    "BLKIF_DISCARD_SECURE",
+    "BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST",
+    "BLKIF_MAX_SEGMENTS_PER_REQUEST",
+    "BLKIF_OP_DISCARD",
+    "BLKIF_OP_FLUSH_DISKCACHE",
+    "BLKIF_OP_INDIRECT",
+    "BLKIF_OP_READ",
+    "BLKIF_OP_RESERVED_1",
+    "BLKIF_OP_WRITE",
+    "BLKIF_OP_WRITE_BARRIER",
+    "BLKIF_RSP_EOPNOTSUPP",
+    "BLKIF_RSP_ERROR",
+    "BLKIF_RSP_OKAY",
+    "MAX_INDIRECT_SEGMENTS",
+    "PAGE_SIZE",
+    "SECTORS_PER_PAGE",
+    "SECTOR_SIZE",
+    "SEGMENTS_PER_INDIRECT_PAGE",
+    "VDISK_CDROM",
+    "VDISK_READONLY",
+    "VDISK_REMOVABLE",
+    "BadRequest",
+    "BlkIO",
+    "BlkifAnyRequest",
+    "BlkifRequest",
+    "BlkifRequestDiscard",
+    "BlkifRequestIndirect",
+    "BlkifResponse",
+    "BlkifSegment",
+    "Limits",
+    "abi_for_protocol",
+    "check_indirect_segments",
+    "check_request",
+    "indirect_pages_for",
+    "pack_indirect_segments",
+    "request_format",
+    "response_format",
+    "response_operation",
+    "segment_layout",
+    "unpack_indirect_segments",
+]
