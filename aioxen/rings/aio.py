@@ -1,0 +1,602 @@
+"""asyncio adapters for ``io/ring.h`` rings: :class:`AsyncFrontRing`, :class:`AsyncBackRing`.
+
+Theory of operation
+-------------------
+Both adapters pair a pure ring (:mod:`aioxen.rings.rpc`) with an event channel from the
+platform and receive events through :meth:`EventChannel.set_handler`, so no task sits in a
+``wait()`` loop.
+
+**Front.** The front owns the request ``id`` space: ids ``0 .. nr_ents - 1`` are handed out
+from a free list and written into each request (:meth:`EntryFormat.with_id`), so a slot and
+an id are always taken together and a full ring simply means "no free id".  Callers wait in
+FIFO order for a free id (back-pressure).  Requests put during one event-loop iteration are
+published with one push and at most one notify (the push is scheduled with
+``call_soon``).  On an event the front takes every published response, matches it to its
+outstanding id (an unknown or already answered id is a :class:`ProtocolError` on field
+``id``), resolves the caller's future, frees the id and runs the final check before going
+back to sleep.  A caller cancelled after its request was published keeps its id reserved
+until the response arrives, which is then dropped: ids are never reused while the back end
+may still answer them.
+
+**Back.** The back takes requests in batches (``async for batch in back.batches()``, or
+``async for req in back``, or :meth:`AsyncBackRing.serve` with a handler).  Responses
+given to :meth:`respond` are written into the ring at once and published together at the
+end of the loop iteration: one push, at most one notify, per batch.  With
+``check_ids=True`` the back also rejects a front that reuses an id still being served.
+
+**Shutdown.** :meth:`close` (or the peer's event channel going away, or a protocol
+violation) shuts the adapter down: every pending request, free-slot waiter and iterator is
+failed with a clear error (``ConnectionResetError`` naming the ring and domain, or the
+:class:`ProtocolError` itself), the event handler is removed, and later calls raise the same
+error.  Resources the adapter created itself (:meth:`AsyncFrontRing.create`,
+:meth:`AsyncBackRing.attach`) are released: ring pin, grant share/mapping, event channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Generic, Self, TypeVar
+
+from aioxen.errors import ProtocolError
+from aioxen.platform.base import EventChannel, Mapping, Platform, Share
+from aioxen.rings.formats import EntryFormat
+from aioxen.rings.rpc import BackRing, FrontRing, ring_pages
+
+Req = TypeVar("Req")
+Rsp = TypeVar("Rsp")
+
+
+class RingShutdown(ConnectionResetError):
+    """The ring was shut down (locally, or because its peer went away) while this
+    operation was pending."""
+
+
+def _release(resources: list[Any]) -> None:
+    """Close ``resources`` in order, ignoring ones already closed."""
+    errors: list[BaseException] = []
+    for r in resources:
+        try:
+            r.close()
+        except Exception as exc:  # keep releasing the rest
+            errors.append(exc)
+    resources.clear()
+    if errors:
+        raise errors[0]
+
+
+class _Adapter:
+    """State shared by both adapters: channel, shutdown, owned resources."""
+
+    def __init__(self, channel: EventChannel, name: str) -> None:
+        self._channel = channel
+        self._name = name
+        self._loop = asyncio.get_running_loop()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._owned: list[Any] = []  # closed after the ring, in order
+        self._flush_scheduled = False
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def channel(self) -> EventChannel:
+        return self._channel
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the adapter shut down (``None`` for a plain local close or while open)."""
+        return self._error
+
+    def _shutdown_error(self) -> BaseException:
+        if self._error is not None:
+            return self._error
+        return RingShutdown(f"ring {self._name} is shut down")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._shutdown_error()
+
+    def _peer_gone_error(self) -> RingShutdown:
+        return RingShutdown(
+            f"ring {self._name}: peer domain {self._channel.remote_domid} went away "
+            f"(event channel port {self._channel.port})"
+        )
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._run_flush)
+
+    def _run_flush(self) -> None:
+        self._flush_scheduled = False
+        if self._closed:
+            return
+        try:
+            self._flush()
+        except ProtocolError as exc:
+            self._shutdown(exc)
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def _shutdown(self, exc: BaseException | None) -> None:
+        raise NotImplementedError
+
+
+class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
+    """Submit requests, await their responses.
+
+    Build one over an existing ring and channel, or let :meth:`create` share the pages and
+    allocate the channel.  Usable as an async context manager (closes on exit).
+    """
+
+    def __init__(
+        self,
+        ring: FrontRing[Req, Rsp],
+        channel: EventChannel,
+        *,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(channel, name or ring.name)
+        self._ring = ring
+        self._req_fmt = ring.request_format
+        self._rsp_fmt = ring.response_format
+        nids = ring.nr_ents
+        if 0 < ring.request_format.id_bits < 64:
+            nids = min(nids, 1 << ring.request_format.id_bits)
+        self._free_ids: deque[int] = deque(range(nids))
+        self._pending: dict[int, asyncio.Future[Rsp]] = {}
+        self._slot_waiters: deque[asyncio.Future[int]] = deque()
+        self.refs: list[int] = []
+        self.port: int = channel.port
+        channel.set_handler(self._on_event)
+
+    @classmethod
+    async def create(
+        cls,
+        platform: Platform,
+        remote_domid: int,
+        req_fmt: EntryFormat[Req],
+        rsp_fmt: EntryFormat[Rsp],
+        *,
+        order: int = 0,
+        start: int = 0,
+        name: str | None = None,
+    ) -> AsyncFrontRing[Req, Rsp]:
+        """Share ``2**order`` zeroed pages with ``remote_domid``, initialise the ring in
+        them and listen on a new event channel.  Advertise :attr:`refs` and :attr:`port`
+        to the back end (e.g. as ``ring-ref``/``event-channel`` in XenStore)."""
+        label = name or f"front(to {remote_domid})"
+        share: Share = platform.grants.share(remote_domid, ring_pages(order))
+        ring: FrontRing[Req, Rsp] | None = None
+        try:
+            ring = FrontRing(share.buf, req_fmt, rsp_fmt, start=start, name=label)
+            channel = await platform.events.listen(remote_domid)
+        except BaseException:
+            if ring is not None:
+                ring.close()
+            share.close()
+            raise
+        self = cls(ring, channel, name=label)
+        self._owned = [share, channel]
+        self.refs = share.refs
+        return self
+
+    @property
+    def ring(self) -> FrontRing[Req, Rsp]:
+        return self._ring
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted whose responses have not arrived yet."""
+        return len(self._pending)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_ids)
+
+    # -- submitting ------------------------------------------------------------------
+    async def _acquire_id(self) -> int:
+        self._check_open()
+        if self._free_ids and not self._slot_waiters:
+            return self._free_ids.popleft()
+        fut: asyncio.Future[int] = self._loop.create_future()
+        self._slot_waiters.append(fut)
+        try:
+            return await fut
+        except BaseException:
+            if fut in self._slot_waiters:
+                self._slot_waiters.remove(fut)
+            elif fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._free_ids.appendleft(fut.result())  # handed an id: give it back
+                self._wake_slot_waiters()
+            raise
+
+    def _wake_slot_waiters(self) -> None:
+        """Hand free ids to slot waiters, first come first served."""
+        while self._free_ids and self._slot_waiters:
+            fut = self._slot_waiters.popleft()
+            if not fut.done():
+                fut.set_result(self._free_ids.popleft())
+
+    def _put(self, ident: int, req: Req) -> asyncio.Future[Rsp]:
+        req = self._req_fmt.with_id(req, ident)
+        self._ring.put_request(req)
+        fut: asyncio.Future[Rsp] = self._loop.create_future()
+        self._pending[ident] = fut
+        self._schedule_flush()
+        return fut
+
+    async def submit(self, req: Req) -> asyncio.Future[Rsp]:
+        """Wait for a free slot, queue ``req`` (its ``id`` is replaced by a fresh one) and
+        return a future for the response.  The request is published with the other
+        requests of this loop iteration."""
+        ident = await self._acquire_id()
+        try:
+            return self._put(ident, req)
+        except BaseException:
+            self._free_ids.appendleft(ident)
+            raise
+
+    async def request(self, req: Req, *, timeout: float | None = None) -> Rsp:
+        """Submit ``req`` and wait for its response.  Cancellation (or ``timeout``) while
+        waiting for a slot submits nothing; after submission the slot stays reserved until
+        the back end answers, and the answer is dropped."""
+        async with asyncio.timeout(timeout):
+            fut = await self.submit(req)
+            return await fut
+
+    async def request_many(self, reqs: Iterable[Req], *, timeout: float | None = None) -> list[Rsp]:
+        """Submit all of ``reqs`` (as many per push as there are free slots) and return
+        their responses in order."""
+        async with asyncio.timeout(timeout):
+            futs = [await self.submit(r) for r in reqs]
+            return [await f for f in futs]
+
+    def _flush(self) -> None:
+        if self._ring.push_requests():
+            self._channel.notify()
+
+    def flush(self) -> None:
+        """Publish queued requests now instead of at the end of the loop iteration."""
+        self._check_open()
+        self._run_flush()
+
+    # -- receiving -------------------------------------------------------------------
+    def _on_event(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._poll()
+        except ProtocolError as exc:
+            self._shutdown(exc)
+            return
+        if self._channel.peer_lost:
+            self._shutdown(self._peer_gone_error())
+
+    def _poll(self) -> None:
+        ring, fmt, pending, freed = self._ring, self._rsp_fmt, self._pending, False
+        while True:
+            for rsp in ring.take_responses():
+                ident = fmt.get_id(rsp)
+                fut = pending.pop(ident, None)
+                if fut is None:
+                    raise ProtocolError(
+                        f"ring {self._name}: response with id {ident}, which is not an "
+                        f"outstanding request (unknown or already answered)",
+                        field="id",
+                    )
+                self._free_ids.append(ident)
+                freed = True
+                if not fut.done():
+                    fut.set_result(rsp)
+            if not ring.final_check_for_responses():
+                break
+        if freed and self._slot_waiters:
+            self._wake_slot_waiters()
+
+    # -- shutdown --------------------------------------------------------------------
+    def _shutdown(self, exc: BaseException | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if exc is not None:
+            self._error = exc
+        err = self._shutdown_error()
+        self._channel.set_handler(None)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(_copy_error(err))
+                fut.exception()  # the caller may have given up; don't warn about it
+        self._pending.clear()
+        for w in self._slot_waiters:
+            if not w.done():
+                w.set_exception(_copy_error(err))
+        self._slot_waiters.clear()
+
+    def close(self) -> None:
+        """Shut down (failing pending requests with :class:`RingShutdown`) and release
+        the ring and whatever :meth:`create` allocated.  Idempotent."""
+        self._shutdown(None)
+        self._ring.close()
+        _release(self._owned)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"in_flight={len(self._pending)}"
+        return f"<AsyncFrontRing {self._name} {state}>"
+
+
+def _copy_error(err: BaseException) -> BaseException:
+    """A fresh exception per waiter (tracebacks must not be shared between tasks)."""
+    if isinstance(err, ProtocolError):
+        new: BaseException = ProtocolError(str(err), field=err.field)
+    else:
+        try:
+            new = type(err)(*err.args)
+        except Exception:
+            return err
+    new.__cause__ = err
+    return new
+
+
+Handler = Callable[[Req], "Awaitable[Rsp] | Rsp"]
+
+
+class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
+    """Serve requests: iterate over them and :meth:`respond`, or :meth:`serve` a handler."""
+
+    def __init__(
+        self,
+        ring: BackRing[Req, Rsp],
+        channel: EventChannel,
+        *,
+        name: str | None = None,
+        check_ids: bool = True,
+    ) -> None:
+        super().__init__(channel, name or ring.name)
+        self._ring = ring
+        self._req_fmt = ring.request_format
+        self._rsp_fmt = ring.response_format
+        self._check_ids = check_ids and ring.request_format.id_bits > 0
+        self._serving: set[int] = set()
+        self._event = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._buffer: deque[Req] = deque()
+        channel.set_handler(self._on_event)
+
+    @classmethod
+    async def attach(
+        cls,
+        platform: Platform,
+        remote_domid: int,
+        refs: Sequence[int],
+        port: int,
+        req_fmt: EntryFormat[Req],
+        rsp_fmt: EntryFormat[Rsp],
+        *,
+        name: str | None = None,
+        check_ids: bool = True,
+    ) -> AsyncBackRing[Req, Rsp]:
+        """Map the front end's ring pages ``refs`` and bind to its event channel ``port``."""
+        label = name or f"back(to {remote_domid})"
+        mapping: Mapping = platform.grants.map(remote_domid, refs)
+        ring: BackRing[Req, Rsp] | None = None
+        try:
+            ring = BackRing(mapping.buf, req_fmt, rsp_fmt, name=label)
+            channel = await platform.events.connect(remote_domid, port)
+        except BaseException:
+            if ring is not None:
+                ring.close()
+            mapping.close()
+            raise
+        self = cls(ring, channel, name=label, check_ids=check_ids)
+        self._owned = [mapping, channel]
+        return self
+
+    @property
+    def ring(self) -> BackRing[Req, Rsp]:
+        return self._ring
+
+    @property
+    def serving(self) -> int:
+        """Requests taken whose responses were not yet given."""
+        return self._ring.pending_responses
+
+    # -- events ----------------------------------------------------------------------
+    def _on_event(self) -> None:
+        if self._closed:
+            return
+        self._event = True
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _wait_event(self) -> None:
+        while not self._event:
+            if self._channel.peer_lost:
+                self._shutdown(self._peer_gone_error())
+            self._check_open()
+            w = self._waiter = self._loop.create_future()
+            try:
+                await w
+            finally:
+                self._waiter = None
+        self._event = False
+
+    # -- taking requests -------------------------------------------------------------
+    def _take(self) -> list[Req]:
+        try:
+            reqs = self._ring.take_requests()
+            if self._check_ids:
+                for r in reqs:
+                    ident = self._req_fmt.get_id(r)
+                    if ident in self._serving:
+                        raise ProtocolError(
+                            f"ring {self._name}: request id {ident} reused while still "
+                            f"being served",
+                            field="id",
+                        )
+                    self._serving.add(ident)
+            return reqs
+        except ProtocolError as exc:
+            self._shutdown(exc)
+            raise
+
+    async def next_batch(self) -> list[Req]:
+        """Wait for and take every published request (at least one)."""
+        while True:
+            self._check_open()
+            reqs = self._take()
+            if reqs:
+                return reqs
+            try:
+                more = self._ring.final_check_for_requests()
+            except ProtocolError as exc:
+                self._shutdown(exc)
+                raise
+            if not more:
+                await self._wait_event()
+
+    async def batches(self) -> AsyncIterator[list[Req]]:
+        """Yield batches of requests until :meth:`close`; raises when the peer goes away
+        (``ConnectionResetError``) or misbehaves (:class:`ProtocolError`)."""
+        while True:
+            try:
+                batch = await self.next_batch()
+            except RingShutdown:
+                if self._error is None:
+                    return  # local close: orderly end of iteration
+                raise
+            yield batch
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Req:
+        if not self._buffer:
+            try:
+                self._buffer.extend(await self.next_batch())
+            except RingShutdown:
+                if self._error is None:
+                    raise StopAsyncIteration from None
+                raise
+        return self._buffer.popleft()
+
+    # -- responding ------------------------------------------------------------------
+    def respond(self, rsp: Rsp) -> None:
+        """Queue a response; responses of one loop iteration are pushed together."""
+        self._check_open()
+        if self._check_ids:
+            ident = self._rsp_fmt.get_id(rsp)
+            if ident not in self._serving:
+                raise ValueError(f"ring {self._name}: no request with id {ident} is being served")
+            self._serving.discard(ident)
+        self._ring.put_response(rsp)
+        self._schedule_flush()
+
+    def respond_many(self, rsps: Iterable[Rsp]) -> None:
+        for r in rsps:
+            self.respond(r)
+
+    def _flush(self) -> None:
+        if self._ring.push_responses():
+            self._channel.notify()
+
+    def flush(self) -> None:
+        """Publish queued responses now."""
+        self._check_open()
+        self._run_flush()
+
+    async def serve(self, handler: Handler[Req, Rsp]) -> None:
+        """Answer every request with ``handler(req)`` (a function or a coroutine function;
+        coroutines run concurrently).  Returns after :meth:`close`; raises
+        ``ConnectionResetError`` when the peer goes away and :class:`ProtocolError` when
+        it misbehaves.  Handler exceptions propagate and shut the ring down."""
+        tasks: set[asyncio.Task[None]] = set()
+        failure: list[BaseException] = []
+
+        async def run(req: Req, aw: Awaitable[Rsp]) -> None:
+            try:
+                rsp = await aw
+            except BaseException as exc:
+                if not isinstance(exc, asyncio.CancelledError):
+                    failure.append(exc)
+                    self._shutdown(RingShutdown(f"ring {self._name}: handler failed: {exc!r}"))
+                raise
+            if not self._closed:
+                self.respond(rsp)
+
+        try:
+            async for batch in self.batches():
+                for req in batch:
+                    result = handler(req)
+                    if inspect.isawaitable(result):
+                        t = asyncio.ensure_future(run(req, result))
+                        tasks.add(t)
+                        t.add_done_callback(tasks.discard)
+                    else:
+                        self.respond(result)
+                if failure:
+                    raise failure[0]
+        except RingShutdown:
+            if failure:
+                raise failure[0] from None
+            raise
+        finally:
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        if failure:
+            raise failure[0]
+
+    # -- shutdown --------------------------------------------------------------------
+    def _shutdown(self, exc: BaseException | None) -> None:
+        if self._closed:
+            return
+        if self._ring.unpushed and exc is None:
+            with contextlib.suppress(ProtocolError):
+                self._flush()  # a local close still publishes what was answered
+        self._closed = True
+        if exc is not None:
+            self._error = exc
+        self._channel.set_handler(None)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def close(self) -> None:
+        """Publish answered responses, stop iteration, release the ring and whatever
+        :meth:`attach` allocated.  Idempotent."""
+        self._shutdown(None)
+        self._ring.close()
+        _release(self._owned)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"serving={self.serving}"
+        return f"<AsyncBackRing {self._name} {state}>"
+
+
+__all__ = ["AsyncBackRing", "AsyncFrontRing", "RingShutdown"]
