@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 
 from aioxen.errors import PlatformError
 from aioxen.platform._unix_events import UnixEventChannel, UnixEventChannels
@@ -54,15 +53,20 @@ def resolve_root(root: str | os.PathLike[str] | None) -> str:
 
 
 def ensure_private_dir(path: str) -> None:
-    """Create ``path`` (and parents) with mode 0700 if missing; error if not a directory."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
+    """Create ``path`` and any missing parents with mode 0700; error if not a directory."""
+    missing: list[str] = []
+    p = path
+    while not os.path.lexists(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    for d in reversed(missing):
         with contextlib.suppress(FileExistsError):
-            os.makedirs(path, mode=0o700)
-            os.chmod(path, 0o700)
-        st = os.stat(path)
-    if not stat.S_ISDIR(st.st_mode):
+            os.mkdir(d, 0o700)
+            os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
+    if not os.path.isdir(path):
         raise PlatformError(f"{path} exists but is not a directory")
 
 

@@ -16,10 +16,11 @@ and fails the test if either list is non-empty.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from peer_process import PeerProcess
 from platform_harness import HARNESSES, Harness, harness_names
 
 
@@ -37,3 +38,19 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         problems.append("still bound/shared/mapped after close:\n  " + "\n  ".join(world_leaks))
     if problems:
         pytest.fail(f"{h.name} platform leaks\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[PeerProcess]]]:
+    """``await spawn(domid)`` starts ``peer.py`` as ``domid`` under ``tmp_path/"xenroot"``;
+    every peer is killed and reaped at teardown."""
+    peers: list[PeerProcess] = []
+
+    async def start(domid: int, loop: str = "uvloop") -> PeerProcess:
+        p = await PeerProcess.start(tmp_path / "xenroot", domid, loop)
+        peers.append(p)
+        return p
+
+    yield start
+    for p in peers:
+        await p.reap()
