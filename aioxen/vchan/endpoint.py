@@ -345,8 +345,7 @@ async def attach_client(
             raise ProtocolError(f"{where}: {exc}", field=exc.field) from None
         if read_size is not None and layout.right_size < read_size:
             raise ConnectionRefusedError(
-                f"{where}: server offers a {layout.right_size}-byte read ring, "
-                f"{read_size} required"
+                f"{where}: server offers a {layout.right_size}-byte read ring, {read_size} required"
             )
         if write_size is not None and layout.left_size < write_size:
             raise ConnectionRefusedError(

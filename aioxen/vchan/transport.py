@@ -263,7 +263,7 @@ class VchanTransport(asyncio.Transport):
             self._schedule_service()
 
     # -- writing ---------------------------------------------------------------------------
-    def write(self, data: bytes | bytearray | memoryview) -> None:  # type: ignore[override]
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(
                 f"data argument must be a bytes-like object, not {type(data).__name__!r}"
@@ -275,10 +275,7 @@ class VchanTransport(asyncio.Transport):
                 logger.warning("vchan write() after the connection was lost")
             self._conn_lost += 1
             return
-        if isinstance(data, memoryview):
-            n = data.nbytes
-        else:
-            n = len(data)
+        n = data.nbytes if isinstance(data, memoryview) else len(data)
         if not n:
             return
         if not self._wbuf:
@@ -419,14 +416,14 @@ class VchanTransport(asyncio.Transport):
         """Close at once, discarding queued bytes (no EOF bit: the peer just sees the close)."""
         self._force_close(None)
 
-    def _force_close(self, exc: BaseException | None) -> None:
+    def _force_close(self, exc: Exception | None) -> None:
         if self._conn_lost:
             return
         self._closing = True
         self._wbuf.clear()
         self._teardown(exc, set_live=True, eof=False)
 
-    def _fatal_error(self, exc: BaseException, message: str | None = None) -> None:
+    def _fatal_error(self, exc: Exception, message: str | None = None) -> None:
         if isinstance(exc, (ProtocolError, OSError)):
             logger.debug("%r: %s", self, exc, exc_info=True)
         else:
@@ -440,7 +437,7 @@ class VchanTransport(asyncio.Transport):
             )
         self._force_close(exc)
 
-    def _teardown(self, exc: BaseException | None, *, set_live: bool, eof: bool = True) -> None:
+    def _teardown(self, exc: Exception | None, *, set_live: bool, eof: bool = True) -> None:
         """Mark the end on the wire, then schedule ``connection_lost`` and the release."""
         if self._conn_lost:
             return
@@ -464,7 +461,7 @@ class VchanTransport(asyncio.Transport):
             self._protocol_paused = False
         self._loop.call_soon(self._call_connection_lost, exc)
 
-    def _call_connection_lost(self, exc: BaseException | None) -> None:
+    def _call_connection_lost(self, exc: Exception | None) -> None:
         try:
             if self._started:
                 self._protocol.connection_lost(exc)

@@ -190,9 +190,7 @@ def init_server_page(
     is wire-legal and tests use values near ``2**32`` to exercise wrap-around.
     """
     check_orders(left_order, right_order)
-    if len(left_grants) != ring_pages(left_order) or len(right_grants) != ring_pages(
-        right_order
-    ):
+    if len(left_grants) != ring_pages(left_order) or len(right_grants) != ring_pages(right_order):
         raise ValueError("grant list lengths do not match the ring orders")
     view = memoryview(page).cast("B")
     if len(view) < PAGE_SIZE:

@@ -1,0 +1,86 @@
+"""The client side of the handshake: find the advertisement, attach, retry if stale.
+
+Theory of operation
+-------------------
+:func:`connect_client` holds a (shared) watch on ``<path>/event-channel`` and loops: read
+the advertisement; if there is one, :func:`~aioxen.vchan.endpoint.attach_client`; if it
+was stale (endpoint already taken by a concurrent client, or gone), wait for the next
+change of the key -- the server re-advertises after every connect -- or, as a safety net,
+:data:`RETRY_INTERVAL` seconds.  The whole wait is bounded by ``timeout``; cancellation
+at any point releases whatever the current attempt acquired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aioxen.platform.base import Platform, check_domid
+from aioxen.vchan import advertise
+from aioxen.vchan.endpoint import (
+    Connection,
+    StaleAdvertisement,
+    attach_client,
+    check_port,
+    check_size,
+    vchan_path,
+)
+
+DEFAULT_CONNECT_TIMEOUT = 30.0
+"""Seconds a client waits for a server to advertise (``timeout=`` overrides, ``None`` =
+wait until cancelled)."""
+
+RETRY_INTERVAL = 0.5
+
+
+async def connect_client(
+    platform: Platform,
+    domid: int,
+    port: str,
+    *,
+    read_size: int | None = None,
+    write_size: int | None = None,
+    timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+) -> Connection:
+    """Connect to the vchan ``port`` served by domain ``domid``; see the module docstring.
+
+    ``TimeoutError`` names the XenStore path (and the last stale endpoint seen).
+    """
+    check_domid(domid)
+    check_port(port)
+    if read_size is not None:
+        check_size(read_size, "read_size")
+    if write_size is not None:
+        check_size(write_size, "write_size")
+    path = vchan_path(domid, platform.domid, port)
+    last: BaseException | None = None
+    deadline = asyncio.timeout(timeout)
+    try:
+        key = f"{path}/{advertise.EVENT_CHANNEL}"
+        async with deadline, advertise.watch_key(platform, key) as sw:
+            while True:
+                seen = sw.generation
+                ad = await advertise.read(platform, path)
+                if ad is not None:
+                    try:
+                        return await attach_client(
+                            platform,
+                            domid,
+                            port,
+                            ad[0],
+                            ad[1],
+                            read_size=read_size,
+                            write_size=write_size,
+                        )
+                    except StaleAdvertisement as exc:
+                        last = exc
+                await sw.wait_change(seen, RETRY_INTERVAL)
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        detail = f"; last attempt: {last}" if last is not None else ""
+        raise TimeoutError(
+            f"no vchan server for domid {domid} port {port!r} at {path} within {timeout} s" + detail
+        ) from None
+
+
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "connect_client"]

@@ -1,0 +1,111 @@
+"""Protocol-level API: ``create_connection`` and ``create_server`` over vchan.
+
+Theory of operation
+-------------------
+The same shape as :meth:`asyncio.loop.create_connection` / ``create_server``, with a vchan
+(:class:`~aioxen.vchan.transport.VchanTransport`) in place of a socket.  The client side
+(:func:`create_connection`) waits for the server's advertisement, maps its pages and goes
+live; the server side (:func:`create_server`) shares pages and re-advertises after each
+client (:class:`~aioxen.vchan.server.VchanServer`).  ``connection_made`` is scheduled
+with ``call_soon`` like every asyncio transport, and ``create_connection`` returns after it
+ran.  ``platform=None`` means ``await aioxen.platform.resolve(None)`` (the loop's default
+platform).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+from aioxen.platform import resolve
+from aioxen.platform.base import Platform
+from aioxen.vchan.client import DEFAULT_CONNECT_TIMEOUT, connect_client
+from aioxen.vchan.endpoint import DEFAULT_SIZE
+from aioxen.vchan.server import VchanServer
+from aioxen.vchan.transport import VchanTransport
+
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
+
+
+async def create_connection(
+    protocol_factory: Callable[[], _P],
+    domid: int,
+    port: str,
+    *,
+    platform: Platform | None = None,
+    read_size: int | None = None,
+    write_size: int | None = None,
+    timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+) -> tuple[VchanTransport, _P]:
+    """Connect to vchan ``port`` served by domain ``domid``; return ``(transport, protocol)``.
+
+    The *server* chose the ring sizes; ``read_size``/``write_size`` here are minimums
+    (``ConnectionRefusedError`` if the server offers less).  ``timeout`` bounds the wait
+    for the server to advertise (``TimeoutError``; ``None`` = until cancelled).
+    ``protocol_factory`` may build an :class:`asyncio.BufferedProtocol`, which then gets
+    bytes copied once from the ring into its buffer.
+    """
+    plat = await resolve(platform)
+    conn = await connect_client(
+        plat, domid, port, read_size=read_size, write_size=write_size, timeout=timeout
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        protocol = protocol_factory()
+    except BaseException:
+        conn.core.set_live(0)
+        conn.channel.notify()
+        conn.release()
+        raise
+    waiter: asyncio.Future[None] = loop.create_future()
+    transport = VchanTransport(loop, conn, protocol, waiter)
+    try:
+        await waiter
+    except BaseException:
+        transport.abort()
+        raise
+    return transport, protocol
+
+
+async def create_server(
+    protocol_factory: Callable[[], asyncio.BaseProtocol],
+    domid: int,
+    port: str,
+    *,
+    platform: Platform | None = None,
+    read_size: int = DEFAULT_SIZE,
+    write_size: int = DEFAULT_SIZE,
+    start_serving: bool = True,
+    initial_index: int = 0,
+) -> VchanServer:
+    """Serve vchan ``port`` to clients of domain ``domid``; one protocol per connection.
+
+    ``read_size`` (client -> server) and ``write_size`` (server -> client) are the minimum
+    ring sizes the server offers (1..1 MiB, default 64 KiB; rounded up as libxenvchan does:
+    in-page rings of 1/2 KiB for small sizes, else a power of two of at least 4 KiB).
+    With ``start_serving`` (default) this returns once the first endpoint is advertised.
+    ``initial_index`` seeds the ring indices of every connection (any u32 is wire-legal;
+    tests use values near 2**32).
+    """
+    plat = await resolve(platform)
+    server = VchanServer(
+        plat,
+        domid,
+        port,
+        protocol_factory,
+        read_size=read_size,
+        write_size=write_size,
+        initial_index=initial_index,
+    )
+    if start_serving:
+        try:
+            await server.start_serving()
+        except BaseException:
+            server.close()
+            await server.wait_closed()
+            raise
+    return server
+
+
+__all__ = ["create_connection", "create_server"]

@@ -1,0 +1,316 @@
+"""``VchanServer``: accept any number of clients on one vchan port.
+
+Theory of operation
+-------------------
+A libxenvchan endpoint serves exactly one client.  To serve successive *and* concurrent
+clients, the server keeps one waiting endpoint advertised at all times: an accept task
+creates a :class:`~aioxen.vchan.endpoint.PendingServer`, publishes it
+(:func:`~aioxen.vchan.advertise.publish`), waits for a client to go live, hands the
+:class:`~aioxen.vchan.endpoint.Connection` to a new
+:class:`~aioxen.vchan.transport.VchanTransport` and immediately re-advertises a fresh
+endpoint (new pages, new port) under the same XenStore keys.  Clients that raced for the
+taken endpoint fail to bind its port and retry on the watch event the re-advertisement
+fires.  A client that binds and leaves without connecting just causes a re-advertisement.
+
+``close()`` stops accepting: the waiting endpoint is unshared and unbound and the XenStore
+directory removed; established connections stay open (asyncio 3.11 semantics) --
+:meth:`VchanServer.close_clients` / :meth:`VchanServer.abort_clients` end them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from aioxen.errors import ProtocolError
+from aioxen.platform.base import Platform, check_domid
+from aioxen.vchan import advertise
+from aioxen.vchan.endpoint import (
+    DEFAULT_SIZE,
+    Connection,
+    PendingServer,
+    check_port,
+    check_size,
+    vchan_path,
+)
+from aioxen.vchan.transport import VchanTransport
+
+logger = logging.getLogger("aioxen.vchan")
+
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+
+
+class VchanServer(asyncio.AbstractServer):
+    """A vchan listener, used like :class:`asyncio.Server`::
+
+    async with server:
+        await server.serve_forever()
+    """
+
+    def __init__(
+        self,
+        platform: Platform,
+        domid: int,
+        port: str,
+        protocol_factory: ProtocolFactory,
+        *,
+        read_size: int = DEFAULT_SIZE,
+        write_size: int = DEFAULT_SIZE,
+        initial_index: int = 0,
+    ) -> None:
+        check_domid(domid)
+        check_port(port)
+        check_size(read_size, "read_size")
+        check_size(write_size, "write_size")
+        self._loop = asyncio.get_running_loop()
+        self._platform = platform
+        self._domid = domid
+        self._port = port
+        self._factory = protocol_factory
+        self._read_size = read_size
+        self._write_size = write_size
+        self._initial_index = initial_index
+        self.path = vchan_path(platform.domid, domid, port)
+        """The XenStore directory of the advertisement."""
+        self._pending: PendingServer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._published = False
+        self._cleanup: asyncio.Task[None] | None = None
+        self._serve_forever_fut: asyncio.Future[None] | None = None
+        self._transports: weakref.WeakSet[VchanTransport] = weakref.WeakSet()
+        self.accepted = 0
+        """Number of clients accepted so far."""
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "serving" if self.is_serving() else "idle"
+        return (
+            f"<VchanServer domid {self._platform.domid} port {self._port!r} "
+            f"for client domid {self._domid} {state}>"
+        )
+
+    # -- AbstractServer --------------------------------------------------------------------
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._task is not None and not self._task.done() and not self._closed
+
+    @property
+    def platform(self) -> Platform:
+        return self._platform
+
+    @property
+    def port(self) -> str:
+        return self._port
+
+    @property
+    def peer_domid(self) -> int:
+        return self._domid
+
+    async def start_serving(self) -> None:
+        """Publish the first endpoint (returns once it is in XenStore) and start accepting."""
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        if self._task is not None:
+            return
+        self._pending = await self._advertise()
+        if self._closed:  # closed while we were publishing
+            self._pending.close()
+            self._pending = None
+            return
+        self._task = self._loop.create_task(self._accept_loop())
+
+    async def _advertise(self) -> PendingServer:
+        pending = await PendingServer.create(
+            self._platform,
+            self._domid,
+            self._port,
+            read_size=self._read_size,
+            write_size=self._write_size,
+            initial_index=self._initial_index,
+        )
+        try:
+            self._published = True
+            await advertise.publish(
+                self._platform, self.path, self._domid, pending.ring_ref, pending.event_channel
+            )
+        except BaseException:
+            pending.close()
+            raise
+        return pending
+
+    async def _accept_loop(self) -> None:
+        try:
+            while True:
+                pending = self._pending
+                assert pending is not None
+                try:
+                    conn = await pending.wait_connected()
+                except (ConnectionError, ProtocolError) as exc:
+                    logger.debug("%r: discarding endpoint: %s", self, exc)
+                    self._pending = None
+                    pending.close()
+                    self._pending = await self._advertise()
+                    continue
+                self._pending = None
+                self.accepted += 1
+                self._start_connection(conn)
+                self._pending = await self._advertise()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            logger.error("%r stopped accepting: %r", self, exc)
+            raise
+        finally:
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                pending.close()
+            await self._withdraw()
+
+    async def _withdraw(self) -> None:
+        if self._published:
+            self._published = False
+            try:
+                await advertise.withdraw(self._platform, self.path)
+            except Exception as exc:
+                logger.warning("%r: could not remove %s: %r", self, self.path, exc)
+
+    def _start_connection(self, conn: Connection) -> None:
+        try:
+            protocol = self._factory()
+        except BaseException:
+            conn.core.set_live(0)
+            conn.channel.notify()
+            conn.release()
+            raise
+        transport = VchanTransport(self._loop, conn, protocol)
+        self._transports.add(transport)
+
+    # -- closing ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop accepting: withdraw the advertisement, release the waiting endpoint.
+        Established connections are not affected."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+        else:
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                pending.close()
+            self._cleanup = self._loop.create_task(self._withdraw())
+        fut = self._serve_forever_fut
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait until the advertisement is withdrawn and the waiting endpoint released."""
+        for task in (self._task, self._cleanup):
+            if task is not None:
+                try:
+                    await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    if not task.cancelled():
+                        raise
+                except Exception:
+                    pass
+
+    def close_clients(self) -> None:
+        """``close()`` every established connection (flushes, then EOF)."""
+        for t in list(self._transports):
+            t.close()
+
+    def abort_clients(self) -> None:
+        """``abort()`` every established connection."""
+        for t in list(self._transports):
+            t.abort()
+
+    async def serve_forever(self) -> None:
+        """Accept until cancelled (which closes the server) or until accepting fails
+        (the error is raised here)."""
+        if self._serve_forever_fut is not None:
+            raise RuntimeError(f"server {self!r} is already being awaited on serve_forever()")
+        if self._closed:
+            raise RuntimeError(f"server {self!r} is closed")
+        await self.start_serving()
+        task = self._task
+        assert task is not None
+        self._serve_forever_fut = self._loop.create_future()
+        try:
+            waiter: Any = asyncio.wait(
+                [task, self._serve_forever_fut], return_when=asyncio.FIRST_COMPLETED
+            )
+            await waiter
+            if task.done() and not task.cancelled():
+                task.result()  # re-raise what stopped the accept loop
+        except asyncio.CancelledError:
+            try:
+                self.close()
+                await self.wait_closed()
+            finally:
+                raise
+        finally:
+            self._serve_forever_fut = None
+
+
+async def accept_one(
+    platform: Platform,
+    domid: int,
+    port: str,
+    *,
+    read_size: int = DEFAULT_SIZE,
+    write_size: int = DEFAULT_SIZE,
+    timeout: float | None = None,
+    initial_index: int = 0,
+) -> Connection:
+    """Serve exactly one client (libxenvchan's model): advertise an endpoint, wait up to
+    ``timeout`` for a client to go live, withdraw the advertisement, return the
+    :class:`~aioxen.vchan.endpoint.Connection`.  A client that binds and leaves without
+    connecting gets a fresh endpoint advertised.  Cancellation or timeout releases
+    everything and removes the XenStore entries."""
+    check_domid(domid)
+    check_port(port)
+    check_size(read_size, "read_size")
+    check_size(write_size, "write_size")
+    path = vchan_path(platform.domid, domid, port)
+
+    async def fresh() -> PendingServer:
+        p = await PendingServer.create(
+            platform,
+            domid,
+            port,
+            read_size=read_size,
+            write_size=write_size,
+            initial_index=initial_index,
+        )
+        try:
+            await advertise.publish(platform, path, domid, p.ring_ref, p.event_channel)
+        except BaseException:
+            p.close()
+            raise
+        return p
+
+    pending: PendingServer | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            pending = await fresh()
+            while True:
+                try:
+                    return await pending.wait_connected()
+                except (ConnectionAbortedError, ProtocolError) as exc:
+                    logger.debug("vchan %s: discarding endpoint: %s", path, exc)
+                    pending.close()
+                    pending = None
+                    pending = await fresh()
+    finally:
+        if pending is not None:
+            pending.close()  # no-op once connected
+        await asyncio.shield(advertise.withdraw(platform, path))
+
+
+__all__ = ["VchanServer", "accept_one"]
