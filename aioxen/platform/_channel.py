@@ -152,29 +152,38 @@ class ChannelCore:
 
     # -- public API ----------------------------------------------------------------------
     async def wait(self, timeout: float | None = None) -> None:
-        async with asyncio.timeout(timeout):
-            while True:
-                if self._handler is not None:
-                    raise RuntimeError(f"{self._describe()} delivers events to a handler")
-                if self._pending:
-                    self._pending = False
+        if self._pending and self._handler is None:  # fast path: no timer, no future
+            self._pending = False
+            return
+        if timeout is None:
+            await self._wait()
+        else:
+            async with asyncio.timeout(timeout):
+                await self._wait()
+
+    async def _wait(self) -> None:
+        while True:
+            if self._handler is not None:
+                raise RuntimeError(f"{self._describe()} delivers events to a handler")
+            if self._pending:
+                self._pending = False
+                return
+            if self._closed:
+                raise ConnectionResetError(f"{self._describe()} is closed")
+            if self._peer_lost:
+                raise ConnectionResetError(f"peer of {self._describe()} went away")
+            fut: asyncio.Future[bool] = self._loop.create_future()
+            self._waiters.append(fut)
+            try:
+                if await fut:
                     return
-                if self._closed:
-                    raise ConnectionResetError(f"{self._describe()} is closed")
-                if self._peer_lost:
-                    raise ConnectionResetError(f"peer of {self._describe()} went away")
-                fut: asyncio.Future[bool] = self._loop.create_future()
-                self._waiters.append(fut)
-                try:
-                    if await fut:
-                        return
-                except asyncio.CancelledError:
-                    if fut.done() and not fut.cancelled() and fut.result():
-                        self._pending = True  # cancelled after being handed an event: keep it
-                    raise
-                finally:
-                    if fut in self._waiters:
-                        self._waiters.remove(fut)
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled() and fut.result():
+                    self._pending = True  # cancelled after being handed an event: keep it
+                raise
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
 
     def set_handler(self, handler: Callable[[], None] | None) -> None:
         self._handler = handler

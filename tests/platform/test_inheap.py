@@ -101,3 +101,21 @@ def test_leaked_channel_of_closed_loop_does_not_break_notify() -> None:
     la.close()  # type: ignore[attr-defined]
     cb.close()  # type: ignore[attr-defined]
     w.assert_cleaned_up()
+
+
+async def test_event_handed_to_a_cancelled_waiter_is_kept() -> None:
+    w = InHeapWorld()
+    a, b = InHeapPlatform(1, w), InHeapPlatform(2, w)
+    la = await a.events.listen(2)
+    cb = await b.events.connect(1, la.port)
+    waiter = asyncio.create_task(la.wait())
+    await asyncio.sleep(0)  # the waiter is parked on its future
+    cb.notify()  # schedules the delivery ...
+    await asyncio.sleep(0)  # ... which runs now and hands the event to the waiter
+    waiter.cancel()  # ... but the waiter is cancelled before it resumes
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await la.wait(timeout=0)  # the event was put back, not lost
+    await a.close()
+    await b.close()
+    w.assert_cleaned_up()
