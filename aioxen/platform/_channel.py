@@ -158,8 +158,13 @@ class ChannelCore:
         if timeout is None:
             await self._wait()
         else:
-            async with asyncio.timeout(timeout):
-                await self._wait()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wait()
+            except TimeoutError as exc:
+                if exc.args:
+                    raise
+                raise TimeoutError(f"no event on {self._describe()} within {timeout} s") from None
 
     async def _wait(self) -> None:
         while True:
