@@ -706,4 +706,11 @@ class XenStoreClient(_Ops):
         return payload[:-1] if payload.endswith(NUL) else payload
 
 
-__all__ = ["DEFAULT_TIMEOUT", "Perm", "Transaction", "Watch", "XenStoreClient"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "Perm",
+    "Transaction",
+    "Watch",
+    "XenStoreClient",
+    "default_socket_path",
+]

@@ -57,6 +57,8 @@ def canonicalize(raw: bytes | str, domid: int) -> tuple[str, bool]:
     text = _decode(raw)
     if not text:
         raise ProtocolError("empty path", field="path")
+    if text.startswith("@"):
+        raise ProtocolError(f"special path {text!r} is only valid for watches", field="path")
     relative = not text.startswith("/")
     if relative:
         if len(text) > XENSTORE_REL_PATH_MAX:

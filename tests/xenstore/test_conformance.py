@@ -50,7 +50,7 @@ class Store:
 
 
 def _wired(plat_cls: type[Platform]) -> bool:
-    return plat_cls.store is not Platform.store  # type: ignore[comparison-overlap]
+    return plat_cls.store is not Platform.store
 
 
 @pytest.fixture(params=["inheap", "unix"])
