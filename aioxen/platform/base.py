@@ -175,6 +175,7 @@ class Platform(abc.ABC):
     """
 
     name: str = "abstract"
+    _store: XenStoreClient | None = None
 
     def __init__(self, domid: int) -> None:
         self._domid = check_domid(domid)
@@ -193,8 +194,20 @@ class Platform(abc.ABC):
 
     @property
     def store(self) -> XenStoreClient:
-        """The XenStore client for this domain (connects lazily on first use)."""
-        raise NotImplementedError(f"platform {self.name!r} has no XenStore client yet")
+        """The XenStore client for this domain (created on first use; connects lazily)."""
+        if self._store is None:
+            self._store = self._create_store()
+        return self._store
+
+    def _create_store(self) -> XenStoreClient:
+        """Build this platform's XenStore client; each platform overrides it."""
+        raise NotImplementedError(f"platform {self.name!r} has no XenStore client")
+
+    async def _close_store(self) -> None:
+        """Close the XenStore client if one was created (platforms call this in close)."""
+        store, self._store = self._store, None
+        if store is not None:
+            await store.close()
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Acquire resources that need a running loop; called by ``__aenter__``."""

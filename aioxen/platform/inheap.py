@@ -21,6 +21,7 @@ protocol tests run on first.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from aioxen.platform._inheap_events import InHeapEventChannel, InHeapEventChannels
 from aioxen.platform._inheap_grants import (
@@ -31,6 +32,9 @@ from aioxen.platform._inheap_grants import (
     _RefAllocator,
 )
 from aioxen.platform.base import Platform
+
+if TYPE_CHECKING:
+    from aioxen.xenstore.client import XenStoreClient
 
 
 class InHeapWorld:
@@ -124,11 +128,19 @@ class InHeapPlatform(Platform):
         if leaks:
             raise AssertionError(f"{self!r} not cleaned up:\n  " + "\n  ".join(leaks))
 
+    def _create_store(self) -> XenStoreClient:
+        from aioxen.xenstore.client import XenStoreClient
+        from aioxen.xenstore.engine import get_or_create_engine
+
+        return XenStoreClient.in_process(get_or_create_engine(self.world), self.domid)
+
     async def close(self) -> None:
         """Close every mapping, share and channel opened through this object (in that
-        order, so unmap notifications still reach their channels).  Idempotent."""
+        order, so unmap notifications still reach their channels), then the XenStore
+        connection.  Idempotent."""
         self._grants.close_all()
         self._events.close_all()
+        await self._close_store()
         self._closed = True
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import TYPE_CHECKING
 
 from aioxen.errors import PlatformError
 from aioxen.platform._unix_events import UnixEventChannel, UnixEventChannels
@@ -38,6 +39,9 @@ from aioxen.platform._unix_grants import (
     read_entries,
 )
 from aioxen.platform.base import Platform
+
+if TYPE_CHECKING:
+    from aioxen.xenstore.client import XenStoreClient
 
 
 def resolve_root(root: str | os.PathLike[str] | None) -> str:
@@ -115,11 +119,18 @@ class UnixPlatform(Platform):
         if leaks:
             raise AssertionError(f"{self!r} not cleaned up:\n  " + "\n  ".join(leaks))
 
+    def _create_store(self) -> XenStoreClient:
+        from aioxen.xenstore.client import XenStoreClient
+
+        return XenStoreClient.for_unix_socket(self.xenstored_path, self.domid)
+
     async def close(self) -> None:
         """Close every mapping, share and channel opened through this object (in that
-        order, so unmap notifications still reach their channels).  Idempotent."""
+        order, so unmap notifications still reach their channels), then the XenStore
+        connection.  Idempotent."""
         self._grants.close_all()
         self._events.close_all()
+        await self._close_store()
 
     def __repr__(self) -> str:
         return f"<UnixPlatform domid={self.domid} root={self.root}>"

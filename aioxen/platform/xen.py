@@ -30,11 +30,16 @@ Opening needs ``/dev/xen/evtchn``; without it :meth:`XenPlatform.open` raises
 from __future__ import annotations
 
 import asyncio
+import os
+from typing import TYPE_CHECKING
 
 from aioxen.errors import PlatformError
 from aioxen.platform._xen_events import XenEventChannel, XenEventChannels
 from aioxen.platform._xen_grants import XenGrantTable, XenMapping, XenShare
 from aioxen.platform.base import Platform, check_domid
+
+if TYPE_CHECKING:
+    from aioxen.xenstore.client import XenStoreClient
 
 DEFAULT_DEVICE_DIR = "/dev/xen"
 CAPABILITIES_PATH = "/proc/xen/capabilities"
@@ -125,6 +130,18 @@ class XenPlatform(Platform):
         self._closed = True
         self._events.close()
         self._grants.close()
+        await self._close_store()
+
+    def _create_store(self) -> XenStoreClient:
+        """Xen's own rule (libxenstore): the xenstored socket if it exists (dom0 running
+        xenstored), else the kernel's ``/dev/xen/xenbus``."""
+        from aioxen.xenstore.client import XenStoreClient
+        from aioxen.xenstore.transport import default_socket_path
+
+        sock = default_socket_path()
+        if os.path.exists(sock):
+            return XenStoreClient.for_unix_socket(sock, 0)
+        return XenStoreClient.for_xenbus(os.path.join(self._device_dir, "xenbus"))
 
     def __repr__(self) -> str:
         domid = self._domid if self._domid_known else "?"

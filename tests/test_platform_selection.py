@@ -1,0 +1,103 @@
+"""``aioxen.platform()`` selection, ``default_platform`` and ``Platform.store`` wiring."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import aioxen
+from aioxen.platform import choose_platform_name, default_platform
+from aioxen.platform.inheap import InHeapWorld
+from aioxen.platform.unix import UnixPlatform
+from support.xenstored import XenstoredProcess
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for var in ("AIOXEN_PLATFORM", "AIOXEN_DOMID", "XEN_ROOT", "XENSTORED_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture(scope="module")
+def xenstored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XenstoredProcess]:
+    server = XenstoredProcess(tmp_path_factory.mktemp("sel") / "root")
+    yield server
+    assert server.stop() == 0
+
+
+def test_no_platform_is_a_clear_error(clean_env: pytest.MonkeyPatch) -> None:
+    with pytest.raises(aioxen.PlatformError, match="XEN_ROOT"):
+        choose_platform_name()
+
+
+def test_unknown_platform_name_is_rejected(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("AIOXEN_PLATFORM", "kvm")
+    with pytest.raises(aioxen.PlatformError, match="kvm"):
+        choose_platform_name()
+    with pytest.raises(aioxen.PlatformError, match="kvm"):
+        aioxen.platform("kvm")
+
+
+def test_xen_root_selects_unix_with_domid_from_env(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    clean_env.setenv("XEN_ROOT", str(tmp_path / "root"))
+    clean_env.setenv("AIOXEN_DOMID", "7")
+    plat = aioxen.platform()
+    assert isinstance(plat, UnixPlatform)
+    assert plat.domid == 7
+    assert plat.root == str(tmp_path / "root")
+
+
+def test_environment_platform_wins(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("XEN_ROOT", str(tmp_path))
+    clean_env.setenv("AIOXEN_PLATFORM", "inheap")
+    assert aioxen.platform().name == "inheap"
+
+
+async def test_default_platform_is_one_per_loop(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("AIOXEN_PLATFORM", "inheap")
+    first = await default_platform()
+    assert await default_platform() is first
+    other_loop_platform = await asyncio.to_thread(asyncio.run, default_platform())
+    assert other_loop_platform is not first
+
+
+async def test_inheap_store_is_shared_by_the_world_and_enforces_permissions() -> None:
+    world = InHeapWorld()
+    async with (
+        aioxen.platform("inheap", domid=0, world=world) as dom0,
+        aioxen.platform("inheap", domid=2, world=world) as dom2,
+        aioxen.platform("inheap", domid=3, world=world) as dom3,
+    ):
+        await dom2.store.write("data/secret", b"two")
+        assert await dom2.store.read("/local/domain/2/data/secret") == b"two"
+        assert await dom0.store.read("/local/domain/2/data/secret") == b"two"
+        with pytest.raises(PermissionError, match="/local/domain/2/data/secret"):
+            await dom3.store.read("/local/domain/2/data/secret")
+        assert await dom3.store.read("domid") == b"3"
+
+
+async def test_unix_store_identifies_as_the_platform_domid(
+    xenstored: XenstoredProcess, tmp_path: Path
+) -> None:
+    root, sock = str(xenstored.root), xenstored.socket
+    async with (
+        aioxen.platform("unix", domid=0, root=root, xenstored_path=sock) as dom0,
+        aioxen.platform("unix", domid=4, root=root, xenstored_path=sock) as dom4,
+        aioxen.platform("unix", domid=5, root=root, xenstored_path=sock) as dom5,
+    ):
+        await dom4.store.write("data/x", "four")
+        assert await dom0.store.read("/local/domain/4/data/x") == b"four"
+        with pytest.raises(PermissionError):
+            await dom5.store.read("/local/domain/4/data/x")
+        assert await dom5.store.read("domid") == b"5"
+        await dom4.store.rm("data/x")
+    # closing the platforms closed their connections: a fresh platform still works
+    async with aioxen.platform("unix", domid=4, root=root, xenstored_path=sock) as again:
+        with pytest.raises(FileNotFoundError):
+            await again.store.read("data/x")
