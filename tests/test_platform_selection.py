@@ -7,12 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.xenstored import XenstoredProcess
 
 import aioxen
 from aioxen.platform import choose_platform_name, default_platform
 from aioxen.platform.inheap import InHeapWorld
 from aioxen.platform.unix import UnixPlatform
-from support.xenstored import XenstoredProcess
 
 
 @pytest.fixture
