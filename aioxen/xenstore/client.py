@@ -76,6 +76,16 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 30.0
 _UNSET: float = float("nan")
 _token_counter = itertools.count(1)
+_DRAIN_ABOVE = 1 << 16
+
+
+class _Expired(Exception):
+    """A request's timer fired (turned into ``TimeoutError`` naming the request)."""
+
+
+def _expire(fut: asyncio.Future[Message]) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
 
 
 def _path_bytes(path: str | bytes) -> bytes:
@@ -552,19 +562,29 @@ class XenStoreClient(_Ops):
     ) -> bytes:
         if timeout is not None and timeout != timeout:  # _UNSET is NaN
             timeout = self.timeout
-        try:
-            async with asyncio.timeout(timeout):
-                transport = await self._ensure_open(timeout)
-                if self._limit is not None:
-                    async with self._limit:
-                        reply = await self._roundtrip(transport, typ, payload, tx_id)
-                else:
-                    reply = await self._roundtrip(transport, typ, payload, tx_id)
-        except TimeoutError:
-            what = f" {path!r}" if path is not None else ""
-            raise TimeoutError(
-                f"XenStore {op}{what} on {self.where}: no reply within {timeout} s"
-            ) from None
+        transport = self._transport
+        if transport is None or self._limit is not None:
+            reply = await self._request_slow(typ, payload, tx_id, op, path, timeout)
+        else:
+            # Fast path (connected socket or in-process): one future, one timer.
+            loop = asyncio.get_running_loop()
+            req_id = self._new_req_id()
+            fut: asyncio.Future[Message] = loop.create_future()
+            self._pending[req_id] = fut
+            timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
+            try:
+                transport.send(Message(typ, req_id, tx_id, payload))
+                if transport.backlog() > _DRAIN_ABOVE:
+                    async with asyncio.timeout(timeout):
+                        await transport.drain()
+                reply = await fut
+            except (_Expired, TimeoutError):
+                raise self._timeout_error(op, path, timeout) from None
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                if self._pending.get(req_id) is fut:
+                    del self._pending[req_id]
         if reply.type == XsType.ERROR:
             name, errnum = parse_error(reply.payload)
             raise error_for(errnum, name, op=op, path=path)
@@ -575,6 +595,30 @@ class XenStoreClient(_Ops):
             )
         return reply.payload
 
+    def _timeout_error(self, op: str, path: str | None, timeout: float | None) -> TimeoutError:
+        what = f" {path!r}" if path is not None else ""
+        return TimeoutError(f"XenStore {op}{what} on {self.where}: no reply within {timeout} s")
+
+    async def _request_slow(
+        self,
+        typ: XsType,
+        payload: bytes,
+        tx_id: int,
+        op: str,
+        path: str | None,
+        timeout: float | None,
+    ) -> Message:
+        """Connect first if needed, and respect the transport's in-flight limit."""
+        try:
+            async with asyncio.timeout(timeout):
+                transport = await self._ensure_open(timeout)
+                if self._limit is not None:
+                    async with self._limit:
+                        return await self._roundtrip(transport, typ, payload, tx_id)
+                return await self._roundtrip(transport, typ, payload, tx_id)
+        except TimeoutError:
+            raise self._timeout_error(op, path, timeout) from None
+
     async def _roundtrip(
         self, transport: Transport, typ: XsType, payload: bytes, tx_id: int
     ) -> Message:
@@ -583,7 +627,8 @@ class XenStoreClient(_Ops):
         self._pending[req_id] = fut
         try:
             transport.send(Message(typ, req_id, tx_id, payload))
-            await transport.drain()
+            if transport.backlog() > _DRAIN_ABOVE:
+                await transport.drain()
             return await fut
         finally:
             if self._pending.get(req_id) is fut:

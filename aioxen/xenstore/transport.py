@@ -64,6 +64,10 @@ class Transport(Protocol):
 
     def send(self, msg: Message) -> None: ...
 
+    def backlog(self) -> int:
+        """Bytes written but not yet handed to the kernel."""
+        ...
+
     async def drain(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -135,6 +139,10 @@ class SocketTransport:
                 errno.ECONNRESET, "xenstored connection is closed", self.path
             )
         writer.write(msg.encode())
+
+    def backlog(self) -> int:
+        writer = self._writer
+        return writer.transport.get_write_buffer_size() if writer is not None else 0
 
     async def drain(self) -> None:
         if self._writer is not None:
@@ -221,6 +229,9 @@ class XenbusTransport:
         if written != len(data):
             raise OSError(errno.EIO, f"{self.description}: short write {written}/{len(data)}")
 
+    def backlog(self) -> int:
+        return 0
+
     async def drain(self) -> None:
         return None
 
@@ -271,6 +282,9 @@ class InProcessTransport:
         if len(msg.payload) > XENSTORE_PAYLOAD_MAX:
             raise ProtocolError(f"payload of {len(msg.payload)} bytes too long", field="len")
         conn.handle(msg)
+
+    def backlog(self) -> int:
+        return 0
 
     async def drain(self) -> None:
         return None

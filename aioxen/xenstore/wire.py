@@ -175,11 +175,16 @@ class Message:
                 f"XENSTORE_PAYLOAD_MAX ({XENSTORE_PAYLOAD_MAX})",
                 field="len",
             )
-        for name in ("type", "req_id", "tx_id"):
-            value = getattr(self, name)
-            if not 0 <= value <= U32_MAX:
-                raise ProtocolError(f"XenStore {name} {value} is not a u32", field=name)
-        return HEADER.pack(self.type, self.req_id, self.tx_id, len(self.payload)) + self.payload
+        try:
+            return HEADER.pack(self.type, self.req_id, self.tx_id, len(self.payload)) + self.payload
+        except struct.error:
+            for name in ("type", "req_id", "tx_id"):
+                value = getattr(self, name)
+                if not 0 <= value <= U32_MAX:
+                    raise ProtocolError(
+                        f"XenStore {name} {value} is not a u32", field=name
+                    ) from None
+            raise
 
     @property
     def type_name(self) -> str:
