@@ -419,10 +419,17 @@ class XenStoreClient(_Ops):
 
     @classmethod
     def for_xenbus(
-        cls, device: str = DEFAULT_XENBUS, *, timeout: float | None = DEFAULT_TIMEOUT
+        cls,
+        device: str = DEFAULT_XENBUS,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        opener: Callable[[str], int] | None = None,
     ) -> XenStoreClient:
-        """A client of the Linux ``/dev/xen/xenbus`` device (inside a Xen guest)."""
-        return cls(lambda: XenbusTransport(device), timeout=timeout, where=device)
+        """A client of the Linux ``/dev/xen/xenbus`` device (inside a Xen guest).
+
+        ``opener(device) -> fd`` replaces ``os.open`` (tests give it a socket standing in
+        for the kernel)."""
+        return cls(lambda: XenbusTransport(device, opener), timeout=timeout, where=device)
 
     @classmethod
     def in_process(

@@ -161,14 +161,21 @@ class SocketTransport:
                 await task
 
 
+def _open_device(path: str) -> int:
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
 class XenbusTransport:
     """The ``/dev/xen/xenbus`` device (see the module docstring for its quirks)."""
 
     max_in_flight: int | None = 1
 
-    def __init__(self, device: str = DEFAULT_XENBUS) -> None:
+    def __init__(
+        self, device: str = DEFAULT_XENBUS, opener: Callable[[str], int] | None = None
+    ) -> None:
         self.device = device
         self.description = f"xenbus device {device}"
+        self._opener = opener or _open_device
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._decoder = Decoder()
@@ -177,7 +184,8 @@ class XenbusTransport:
         self._on_lost: OnLost | None = None
 
     async def open(self, on_message: OnMessage, on_lost: OnLost) -> None:
-        self._fd = os.open(self.device, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._fd = self._opener(self.device)
+        os.set_blocking(self._fd, False)
         self._loop = asyncio.get_running_loop()
         self._on_message, self._on_lost = on_message, on_lost
         self._loop.add_reader(self._fd, self._readable)

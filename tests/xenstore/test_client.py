@@ -178,3 +178,56 @@ async def test_closed_client_refuses_requests(tmp_path: Path) -> None:
     await xs.close()
     with pytest.raises(ConnectionResetError, match="closed"):
         await xs.read("/a")
+
+
+async def test_xenbus_quirks_garbage_ids_and_one_request_in_flight() -> None:
+    """A stand-in for Linux's xenbus device on a socket: it answers WATCH itself, stamps
+    garbage req_id/tx_id on watch events and (like old kernels) on replies too.  The
+    client must still match replies and never have two requests outstanding."""
+    import socket
+    import threading
+
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    problems: list[str] = []
+
+    def fake_kernel() -> None:
+        dec = Decoder()
+        answered = 0
+        while True:
+            data = kernel.recv(65536)
+            if not data:
+                return
+            dec.feed(data)
+            msgs = dec.messages()
+            if len(msgs) > 1:
+                problems.append(f"{len(msgs)} requests in flight")
+            for m in msgs:
+                garbage = 0xBAD0000 + answered
+                answered += 1
+                if m.type == XsType.WATCH:
+                    kernel.sendall(Message(XsType.WATCH, garbage, 0, b"OK\x00").encode())
+                    kernel.sendall(Message(XsType.WATCH_EVENT, garbage, 77, m.payload).encode())
+                elif m.type == XsType.UNWATCH:
+                    kernel.sendall(Message(XsType.UNWATCH, garbage, 0, b"OK\x00").encode())
+                elif m.type == XsType.READ:
+                    kernel.sendall(
+                        Message(XsType.READ, garbage, 5, b"v:" + m.payload.rstrip(b"\x00")).encode()
+                    )
+                    kernel.sendall(
+                        Message(
+                            XsType.WATCH_EVENT, 0xFFFFFFFF, 0xFFFFFFFF, b"/w/x\x00tok\x00"
+                        ).encode()
+                    )
+
+    thread = threading.Thread(target=fake_kernel, daemon=True)
+    thread.start()
+    xs = XenStoreClient.for_xenbus("/dev/xen/xenbus", timeout=5, opener=lambda _: ours.detach())
+    async with xs.watch("/w", token="tok") as w:
+        assert await w.next(timeout=5) == "/w"
+        got = await asyncio.gather(*(xs.read(f"/k{i}") for i in range(20)))
+        assert list(got) == [f"v:/k{i}".encode() for i in range(20)]
+        assert await w.next(timeout=5) == "/w/x"
+    await xs.close()
+    kernel.close()
+    thread.join(5)
+    assert problems == []
