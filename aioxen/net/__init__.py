@@ -1,0 +1,25 @@
+"""Network devices: the netif codec, netfront (an asyncio DatagramTransport) and netback.
+
+* :func:`create_frontend` — connect a vif and get ``(transport, protocol)``;
+* :class:`~aioxen.net.back.Netback` — serve vifs, with frames going to a TAP
+  (:mod:`aioxen.net.tap`), a learning switch (:mod:`aioxen.net.switch`) or a callback;
+* :mod:`aioxen.net.netif` — the ``io/netif.h`` wire format.
+"""
+
+from __future__ import annotations
+
+from aioxen.net.back import Netback, Vif, create_vif_device, serve_vif
+from aioxen.net.front import NetfrontTransport, NetStats, create_frontend
+from aioxen.net.netif import PLAIN, FrameInfo
+
+__all__ = [
+    "PLAIN",
+    "FrameInfo",
+    "NetStats",
+    "Netback",
+    "NetfrontTransport",
+    "Vif",
+    "create_frontend",
+    "create_vif_device",
+    "serve_vif",
+]

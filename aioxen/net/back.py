@@ -1,0 +1,935 @@
+"""netback: serve netfront vifs and switch their frames to a TAP, a switch or a callback.
+
+Theory of operation
+-------------------
+**One vif** (:class:`Vif`) is a frontend's TX ring, RX ring, event channel and the
+frontend's buffer pages, reached through a :class:`GrantCache`:
+
+* *TX (frontend → backend).*  On an event, every published TX slot is copied out of the
+  ring in one run and framed into packets (:func:`aioxen.net.netif.parse_tx`; single-slot
+  packets take an inline fast path).  The payload of a valid packet is copied out of the
+  frontend's (read-only mapped) pages into ``bytes`` and given to ``deliver(frame, info)``;
+  only then is the packet answered.  Every malformed packet — size 0 or above 64 KiB,
+  offset + size past its page, a bad grant ref, a ``more_data`` chain longer than
+  ``XEN_NETIF_NR_SLOTS_MIN``, an unknown or unnegotiated extra-info — is answered
+  ``NETIF_RSP_ERROR`` slot by slot (``NULL`` for extra slots), counted in
+  ``stats.tx_errors`` and dropped; the vif keeps going.  A ring whose indices are corrupt
+  (``req_prod`` claiming more than fits) cannot be answered at all: that is a
+  ``ProtocolError`` and the vif disconnects.
+* *RX (backend → frontend), rx-copy mode.*  :meth:`Vif.send` takes posted RX requests in
+  ring order, copies the frame into the frontend's pages (a ``memcpy`` into the writable
+  mapping; grant copy on Xen would do the same job) and writes the responses in the
+  **same slots** as the requests they answer — guaranteed because requests are consumed
+  and answered strictly in order, one response per request, the GSO extra-info record
+  included.  Offloads the frontend did not negotiate are resolved in software first.
+  Without posted buffers, frames wait in a bounded queue (``rx_pause``/``rx_resume``
+  callbacks let a TAP stop reading); beyond it they are dropped and counted.
+* *Notify batching.*  Responses produced during one loop iteration are published with one
+  push and at most one event (the ring's ``rsp_event`` rule); the backend asks for TX
+  events only when it has drained the ring (final check), and for RX events only when it
+  ran out of buffers.
+
+**Grants.**  A frontend that advertises ``feature-persistent`` (aioxen's netfront does)
+keeps its buffers granted for the whole connection, so each page is mapped once and kept
+(bounded LRU).  Other frontends (Linux) get their pages mapped for one batch and unmapped
+after it, so no grant stays in use once its request is answered.
+
+**Handshake** (:func:`serve_vif`, one device, xenbus states): write features and InitWait;
+wait for the frontend to be Initialised/Connected; read ring refs, event channel and
+features (``request-rx-copy`` is required); map the rings, bind the channel, Connected.
+When the frontend closes, dies (event channel lost) or breaks the protocol: disconnect,
+go Closed, wait for the frontend to reset (Initialising/Closed), and start over.
+:class:`Netback` serves many vifs: the toolstack role (:func:`create_vif_device`, what
+``xl`` does on Xen) plus one :func:`serve_vif` task per device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aioxen.errors import ProtocolError
+from aioxen.net import keys
+from aioxen.net._ring import RawBackRing
+from aioxen.net.front import RX_REQ_FMT, RX_RSP_FMT, TX_REQ_FMT, TX_RSP_FMT, NetStats
+from aioxen.net.keys import BackendFeatures, FrontendFeatures
+from aioxen.net.netif import (
+    NETIF_RSP_ERROR,
+    NETIF_RSP_NULL,
+    NETIF_RSP_OKAY,
+    NETRXF_EXTRA_INFO,
+    NETRXF_MORE_DATA,
+    NETTXF_EXTRA_INFO,
+    NETTXF_MORE_DATA,
+    PAGE_SIZE,
+    PLAIN,
+    RX_REQ,
+    RX_RSP,
+    RX_SLOT_SIZE,
+    TX_REQ,
+    TX_SLOT_SIZE,
+    XEN_NETIF_GSO_TYPE_NONE,
+    XEN_NETIF_GSO_TYPE_TCPV4,
+    XEN_NETIF_GSO_TYPE_TCPV6,
+    XEN_NETIF_MAX_TX_SIZE,
+    FrameInfo,
+    GsoExtra,
+    encode_extra,
+    info_from_tx_flags,
+    parse_tx,
+)
+from aioxen.net.offload import locate_l4, resolve_offloads
+from aioxen.platform.base import EventChannel, GrantTable, Mapping, Platform
+
+log = logging.getLogger(__name__)
+
+_TX_RSP_SLOT = struct.Struct("<Hh8x")
+_SLOW_TX = NETTXF_MORE_DATA | NETTXF_EXTRA_INFO
+_TX_INFO = [info_from_tx_flags(f) for f in range(4)]
+_GRANT_ERRORS = (FileNotFoundError, PermissionError, ValueError, OSError)
+
+Deliver = Callable[[bytes, FrameInfo], None]
+
+
+class GrantCache:
+    """The frontend's buffer pages, by grant ref, as 4096-byte memoryviews.
+
+    ``persistent``: keep each mapping (LRU-bounded by ``limit``); otherwise mappings made
+    during a batch are unmapped by :meth:`end_batch`.  Mapping errors propagate
+    (``FileNotFoundError``/``PermissionError`` naming the ref).
+    """
+
+    def __init__(
+        self,
+        grants: GrantTable,
+        domid: int,
+        *,
+        writable: bool,
+        persistent: bool,
+        limit: int = 1024,
+    ) -> None:
+        self._grants = grants
+        self._domid = domid
+        self._writable = writable
+        self._persistent = persistent
+        self._limit = limit
+        self._views: OrderedDict[int, memoryview] = OrderedDict()
+        self._maps: dict[int, Mapping] = {}
+        self.maps_made = 0
+
+    def view(self, gref: int) -> memoryview:
+        v = self._views.get(gref)
+        if v is not None:
+            return v
+        m = self._grants.map(self._domid, [gref], writable=self._writable)
+        self.maps_made += 1
+        if self._persistent and len(self._views) >= self._limit:
+            old, oldv = self._views.popitem(last=False)
+            oldv.release()
+            self._maps.pop(old).close()
+        v = m.buf
+        self._views[gref] = v
+        self._maps[gref] = m
+        return v
+
+    def end_batch(self) -> None:
+        if not self._persistent and self._views:
+            self.clear()
+
+    def clear(self) -> None:
+        views, maps = self._views, self._maps
+        self._views, self._maps = OrderedDict(), {}
+        for v in views.values():
+            v.release()
+        for m in maps.values():
+            with contextlib.suppress(Exception):
+                m.close()
+
+    def close(self) -> None:
+        self.clear()
+
+
+class Vif:
+    """One connected vif (data path only; see :func:`serve_vif` for the handshake).
+
+    ``deliver(frame, info)`` receives frames the frontend sent.  :meth:`send` gives the
+    frontend a frame.  A Vif is also a switch port (``name``, ``accept_csum``,
+    ``accept_gso``, ``send``).
+    """
+
+    def __init__(
+        self,
+        platform: Platform,
+        frontend_domid: int,
+        devid: int,
+        *,
+        tx_ring: RawBackRing,
+        rx_ring: RawBackRing,
+        channel: EventChannel,
+        features: FrontendFeatures,
+        backend_features: BackendFeatures,
+        deliver: Deliver,
+        on_lost: Callable[[BaseException], None] | None = None,
+        rx_queue_frames: int = 1024,
+        owned: list[Any] | None = None,
+        name: str | None = None,
+    ) -> None:
+        self._plat = platform
+        self.frontend_domid = frontend_domid
+        self.devid = devid
+        self._name = name or f"vif{frontend_domid}.{devid}"
+        self._tx = tx_ring
+        self._rx = rx_ring
+        self._channel = channel
+        self.features = features
+        self.backend_features = backend_features
+        self._deliver = deliver
+        self._on_lost = on_lost
+        self._owned = owned or []
+        self._loop = asyncio.get_running_loop()
+        self.stats = NetStats()
+        self._dead = False
+        self.error: BaseException | None = None
+        persistent = features.persistent
+        self._tx_pages = GrantCache(
+            platform.grants, frontend_domid, writable=False, persistent=persistent
+        )
+        self._rx_pages = GrantCache(
+            platform.grants, frontend_domid, writable=True, persistent=persistent
+        )
+        # TX
+        self._tx_carry: tuple[bytes, int] | None = None
+        self._tx_rsps: list[bytes] = []
+        self._allow_extra = backend_features.gso_tcpv4 or backend_features.gso_tcpv6
+        self._tx_gso = {
+            t
+            for t, on in (
+                (XEN_NETIF_GSO_TYPE_TCPV4, backend_features.gso_tcpv4),
+                (XEN_NETIF_GSO_TYPE_TCPV6, backend_features.gso_tcpv6),
+            )
+            if on
+        }
+        # RX
+        self._rx_reqs: deque[tuple[int, int]] = deque()  # (id, gref) taken, unanswered
+        self._rx_rsps: list[bytes] = []
+        self._rx_queue: deque[tuple[bytes | bytearray | memoryview, FrameInfo]] = deque()
+        self._rx_queue_max = rx_queue_frames
+        self._rx_paused = False
+        self.rx_pause: Callable[[], None] | None = None
+        self.rx_resume: Callable[[], None] | None = None
+        self._flush_scheduled = False
+        self._max_rx = XEN_NETIF_MAX_TX_SIZE if features.sg else PAGE_SIZE
+
+    # -- port protocol -------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def accept_csum(self) -> bool:
+        return True  # send() resolves what the frontend did not negotiate
+
+    @property
+    def accept_gso(self) -> bool:
+        return True
+
+    @property
+    def dead(self) -> bool:
+        return self._dead
+
+    def set_deliver(self, deliver: Deliver) -> None:
+        """Where frames from the frontend go from now on."""
+        self._deliver = deliver
+
+    def start(self) -> None:
+        self._channel.set_handler(self._on_event)
+        self._loop.call_soon(self._on_event)
+
+    # -- events ------------------------------------------------------------------------------
+    def _on_event(self) -> None:
+        if self._dead:
+            return
+        self.stats.events += 1
+        try:
+            self._poll_tx()
+            if self._rx_queue:
+                self._drain_rx_queue()
+            self._flush()
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        if self._channel.peer_lost:
+            self._fail(
+                ConnectionResetError(
+                    f"{self._name}: frontend domain {self.frontend_domid} went away "
+                    f"(event channel port {self._channel.port})"
+                )
+            )
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        self.error = exc
+        self._channel.set_handler(None)
+        if self._on_lost is not None:
+            self._on_lost(exc)
+
+    # -- TX: frontend -> backend ------------------------------------------------------------
+    def _poll_tx(self) -> None:
+        tx = self._tx
+        while True:
+            data, n, _ = tx.take_raw()
+            if n or self._tx_carry is not None:
+                self._handle_tx(data, n)
+            if not tx.final_check_for_requests():
+                break
+        self._tx_pages.end_batch()
+
+    def _handle_tx(self, data: bytes, n: int) -> None:
+        carry = self._tx_carry
+        if carry is not None:
+            self._tx_carry = None
+            data, n = carry[0] + data, carry[1] + n
+        rsps = self._tx_rsps
+        pages = self._tx_pages
+        deliver = self._deliver
+        stats = self.stats
+        pack = _TX_RSP_SLOT.pack
+        unpack = TX_REQ.unpack_from
+        i = 0
+        while i < n:
+            gref, off, flags, ident, size = unpack(data, i * TX_SLOT_SIZE)
+            if not flags & _SLOW_TX:
+                i += 1
+                if size == 0 or off + size > PAGE_SIZE:
+                    stats.tx_errors += 1
+                    rsps.append(pack(ident, NETIF_RSP_ERROR))
+                    continue
+                try:
+                    page = pages.view(gref)
+                except _GRANT_ERRORS as exc:
+                    stats.tx_errors += 1
+                    log.debug("%s: TX gref %d: %s", self._name, gref, exc)
+                    rsps.append(pack(ident, NETIF_RSP_ERROR))
+                    continue
+                frame = bytes(page[off : off + size])
+                rsps.append(pack(ident, NETIF_RSP_OKAY))
+                stats.tx_frames += 1
+                stats.tx_bytes += size
+                try:
+                    deliver(frame, _TX_INFO[flags & 3])
+                except Exception as exc:
+                    self._callback_error(exc)
+                continue
+            pkt, used = parse_tx(data[i * TX_SLOT_SIZE :], n - i, allow_extra=self._allow_extra)
+            if pkt is None:
+                self._tx_carry = (data[i * TX_SLOT_SIZE :], n - i)
+                break
+            i += used
+            status = NETIF_RSP_OKAY
+            frame_out: bytes | None = None
+            if pkt.error is None:
+                gso = pkt.gso
+                if gso is not None and gso.gso_type not in self._tx_gso:
+                    pkt = pkt._replace(error=f"GSO type {gso.gso_type} not offered")
+            if pkt.error is None:
+                try:
+                    frame_out = b"".join(
+                        pages.view(f.gref)[f.offset : f.offset + f.size] for f in pkt.frags
+                    )
+                except _GRANT_ERRORS as exc:
+                    pkt = pkt._replace(error=f"grant: {exc}")
+            if pkt.error is not None:
+                stats.tx_errors += 1
+                log.debug("%s: dropping TX packet: %s", self._name, pkt.error)
+                status = NETIF_RSP_ERROR
+            for ident2, st in pkt.responses:
+                rsps.append(pack(ident2, NETIF_RSP_NULL if st == NETIF_RSP_NULL else status))
+            if frame_out is not None:
+                stats.tx_frames += 1
+                stats.tx_bytes += len(frame_out)
+                try:
+                    deliver(frame_out, pkt.info)
+                except Exception as exc:
+                    self._callback_error(exc)
+
+    def _callback_error(self, exc: BaseException) -> None:
+        self._loop.call_exception_handler(
+            {"message": f"{self._name}: exception delivering a frame", "exception": exc}
+        )
+
+    # -- RX: backend -> frontend ------------------------------------------------------------
+    @property
+    def rx_queued(self) -> int:
+        return len(self._rx_queue)
+
+    def send(self, frame: bytes | bytearray | memoryview, info: FrameInfo = PLAIN) -> bool:
+        """Give the frontend one frame.  ``False`` if it was dropped (no room, too big,
+        or offloads that cannot be resolved); queued frames count as sent."""
+        if self._dead:
+            self.stats.rx_dropped += 1
+            return False
+        if info is not PLAIN and not self._acceptable(info, frame):
+            ok = True
+            for part, pinfo in resolve_offloads(frame, info, accept_csum=False, accept_gso=False):
+                ok = self.send(part, pinfo) and ok
+            return ok
+        n = len(frame)
+        if n == 0 or n > self._max_rx:
+            self.stats.rx_dropped += 1
+            return False
+        if self._rx_queue or not self._rx_put(frame, info):
+            if len(self._rx_queue) >= self._rx_queue_max:
+                self.stats.rx_dropped += 1
+                return False
+            self._rx_queue.append((bytes(frame), info))
+            if not self._rx_paused and len(self._rx_queue) >= self._rx_queue_max // 2:
+                self._rx_paused = True
+                if self.rx_pause is not None:
+                    self.rx_pause()
+            self._want_rx_requests()
+            return True
+        self._schedule_flush()
+        return True
+
+    def _acceptable(self, info: FrameInfo, frame: bytes | bytearray | memoryview) -> bool:
+        f = self.features
+        if info.gso_type == XEN_NETIF_GSO_TYPE_TCPV4:
+            return f.sg and f.gso_tcpv4 and f.csum_offload
+        if info.gso_type == XEN_NETIF_GSO_TYPE_TCPV6:
+            return f.sg and f.gso_tcpv6 and f.ipv6_csum_offload
+        if info.csum_blank:
+            loc = locate_l4(frame)
+            if loc is None:
+                return False
+            return f.csum_offload if loc.version == 4 else f.ipv6_csum_offload
+        return True
+
+    def _take_rx_requests(self, need: int) -> bool:
+        reqs = self._rx_reqs
+        if len(reqs) >= need:
+            return True
+        data, n, _ = self._rx.take_raw()
+        if n:
+            reqs.extend(RX_REQ.iter_unpack(data))
+        return len(reqs) >= need
+
+    def _rx_put(self, frame: bytes | bytearray | memoryview, info: FrameInfo) -> bool:
+        n = len(frame)
+        gso = info.gso_type != XEN_NETIF_GSO_TYPE_NONE
+        if n <= PAGE_SIZE and not gso:
+            if not self._rx_reqs and not self._take_rx_requests(1):
+                return False
+            ident, gref = self._rx_reqs.popleft()
+            flags = 0 if info is PLAIN else info.rx_flags()
+            try:
+                page = self._rx_pages.view(gref)
+                page[0:n] = frame
+            except _GRANT_ERRORS as exc:
+                log.debug("%s: RX gref %d: %s", self._name, gref, exc)
+                self.stats.rx_errors += 1
+                self._rx_rsps.append(RX_RSP.pack(ident, 0, flags, NETIF_RSP_ERROR))
+                return True
+            self._rx_rsps.append(RX_RSP.pack(ident, 0, flags, n))
+            self.stats.rx_frames += 1
+            self.stats.rx_bytes += n
+            return True
+        pages = -(-n // PAGE_SIZE)
+        need = pages + (1 if gso else 0)
+        if not self._take_rx_requests(need):
+            return False
+        reqs = self._rx_reqs
+        taken = [reqs.popleft() for _ in range(need)]
+        view = memoryview(frame)
+        out: list[bytes] = []
+        status_error = False
+        data_reqs = [taken[0], *taken[2:]] if gso else taken
+        try:
+            for k, (_, gref) in enumerate(data_reqs):
+                chunk = view[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
+                self._rx_pages.view(gref)[0 : len(chunk)] = chunk
+        except _GRANT_ERRORS as exc:
+            log.debug("%s: RX grant: %s", self._name, exc)
+            status_error = True
+        base = info.rx_flags()
+        for k, (ident, _) in enumerate(data_reqs):
+            length = min(PAGE_SIZE, n - k * PAGE_SIZE)
+            flags = base if k == 0 else 0
+            if k + 1 < pages:
+                flags |= NETRXF_MORE_DATA
+            if k == 0 and gso:
+                flags |= NETRXF_EXTRA_INFO
+            out.append(RX_RSP.pack(ident, 0, flags, NETIF_RSP_ERROR if status_error else length))
+            if k == 0 and gso:
+                out.append(
+                    encode_extra(GsoExtra(info.gso_size, info.gso_type), slot_size=RX_SLOT_SIZE)
+                )
+        self._rx_rsps.extend(out)
+        if status_error:
+            self.stats.rx_errors += 1
+        else:
+            self.stats.rx_frames += 1
+            self.stats.rx_bytes += n
+        return True
+
+    def _want_rx_requests(self) -> None:
+        """Out of RX buffers: ask the frontend to notify when it posts more."""
+        try:
+            if self._rx.final_check_for_requests():
+                self._loop.call_soon(self._on_event)
+        except ProtocolError as exc:
+            self._fail(exc)
+
+    def _drain_rx_queue(self) -> None:
+        queue = self._rx_queue
+        while queue:
+            frame, info = queue[0]
+            if not self._rx_put(frame, info):
+                self._want_rx_requests()
+                break
+            queue.popleft()
+        if self._rx_paused and len(queue) <= self._rx_queue_max // 4:
+            self._rx_paused = False
+            if self.rx_resume is not None:
+                self.rx_resume()
+
+    # -- publishing ------------------------------------------------------------------------
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        if self._dead:
+            return
+        try:
+            self._flush()
+        except ProtocolError as exc:
+            self._fail(exc)
+
+    def _flush(self) -> None:
+        notify = False
+        if self._tx_rsps:
+            rsps = self._tx_rsps
+            self._tx_rsps = []
+            self._tx.put_raw(b"".join(rsps), len(rsps))
+            notify = self._tx.push_responses()
+        if self._rx_rsps:
+            rsps = self._rx_rsps
+            self._rx_rsps = []
+            self._rx.put_raw(b"".join(rsps), len(rsps))
+            if self._rx.push_responses():
+                notify = True
+            self._rx_pages.end_batch()
+        if notify:
+            self.stats.notifies += 1
+            self._channel.notify()
+
+    def flush(self) -> None:
+        """Publish pending responses now (normally done once per loop iteration)."""
+        if not self._dead:
+            try:
+                self._flush()
+            except ProtocolError as exc:
+                self._fail(exc)
+
+    def close(self) -> None:
+        """Publish what was answered, then release mappings, rings and channel."""
+        if not self._dead:
+            with contextlib.suppress(Exception):
+                self._flush()
+        self._dead = True
+        self._channel.set_handler(None)
+        self._tx_pages.close()
+        self._rx_pages.close()
+        self._rx_queue.clear()
+        for obj in (self._tx, self._rx, *self._owned):
+            with contextlib.suppress(Exception):
+                obj.close()
+        self._owned = []
+
+    def __repr__(self) -> str:
+        return f"<Vif {self._name} {'dead' if self._dead else 'connected'}>"
+
+
+async def attach_vif(
+    platform: Platform,
+    frontend_domid: int,
+    devid: int,
+    *,
+    tx_ring_ref: int,
+    rx_ring_ref: int,
+    event_channel: int,
+    features: FrontendFeatures,
+    backend_features: BackendFeatures,
+    deliver: Deliver,
+    on_lost: Callable[[BaseException], None] | None = None,
+    start_index: int | None = None,
+) -> Vif:
+    """Map a frontend's rings, bind its event channel and return the (not yet started)
+    :class:`Vif`.  Errors name the domain and the ref or port."""
+    grants = platform.grants
+    owned: list[Any] = []
+    try:
+        tx_map = grants.map(frontend_domid, [tx_ring_ref])
+        owned.append(tx_map)
+        rx_map = grants.map(frontend_domid, [rx_ring_ref])
+        owned.append(rx_map)
+        name = f"vif{frontend_domid}.{devid}"
+        tx = RawBackRing(tx_map.buf, TX_REQ_FMT, TX_RSP_FMT, start=start_index, name=f"{name}/tx")
+        owned.insert(0, tx)
+        rx = RawBackRing(rx_map.buf, RX_REQ_FMT, RX_RSP_FMT, start=start_index, name=f"{name}/rx")
+        owned.insert(0, rx)
+        channel = await platform.events.connect(frontend_domid, event_channel)
+        owned.append(channel)
+    except BaseException:
+        for obj in owned:
+            with contextlib.suppress(Exception):
+                obj.close()
+        raise
+    owned = owned[2:]  # the rings are closed by the Vif itself
+    return Vif(
+        platform,
+        frontend_domid,
+        devid,
+        tx_ring=tx,
+        rx_ring=rx,
+        channel=channel,
+        features=features,
+        backend_features=backend_features,
+        deliver=deliver,
+        on_lost=on_lost,
+        owned=owned,
+    )
+
+
+# --------------------------------------------------------------------------- handshake
+
+
+async def _read_opt(store: Any, path: str) -> bytes | None:
+    try:
+        value: bytes = await store.read(path)
+        return value
+    except FileNotFoundError:
+        return None
+
+
+async def _wait_state(
+    store: Any, path: str, accept: Callable[[int | None], bool], timeout: float | None = None
+) -> int | None:
+    """Watch ``path`` until ``accept(state)`` (``None`` = absent); return the state."""
+    async with asyncio.timeout(timeout), store.watch(path) as w:
+        while True:
+            raw = await _read_opt(store, path)
+            st = None if raw is None else keys.parse_state(raw)
+            if accept(st):
+                return st
+            await w.next()
+
+
+async def create_vif_device(
+    platform: Platform,
+    frontend_domid: int,
+    devid: int = 0,
+    *,
+    mac: bytes | None = None,
+    mtu: int = keys.DEFAULT_MTU,
+) -> None:
+    """The toolstack's part (``xl network-attach``): create the frontend and backend
+    directories of vif ``devid`` with Xen's ownership rules (each end owns its directory,
+    the other end may read it).  This domain is the backend.  Existing directories are
+    reset to state Initialising, keeping their MAC unless ``mac`` is given."""
+    store = platform.store
+    be = platform.domid
+    fdir = keys.frontend_dir(frontend_domid, devid)
+    bdir = keys.backend_dir(be, frontend_domid, devid)
+    if mac is None:
+        old = await _read_opt(store, f"{fdir}/mac")
+        mac = keys.parse_mac_value(old) if old else _default_mac(frontend_domid, devid)
+    mac_s = keys.mac_text(mac)
+
+    async def body(tx: Any) -> None:
+        for d, owner, peer in ((fdir, frontend_domid, be), (bdir, be, frontend_domid)):
+            await tx.mkdir(d)
+            await tx.set_perms(d, [f"n{owner}", f"r{peer}"])
+        entries_f = {
+            "backend": bdir,
+            "backend-id": str(be),
+            "mac": mac_s,
+            "mtu": str(mtu),
+            "handle": str(devid),
+            "state": str(keys.XENBUS_INITIALISING),
+        }
+        entries_b = {
+            "frontend": fdir,
+            "frontend-id": str(frontend_domid),
+            "online": "1",
+            "mac": mac_s,
+            "mtu": str(mtu),
+            "handle": str(devid),
+            "state": str(keys.XENBUS_INITIALISING),
+        }
+        for k, v in entries_f.items():
+            await tx.write(f"{fdir}/{k}", v)
+            await tx.set_perms(f"{fdir}/{k}", [f"n{frontend_domid}", f"r{be}"])
+        for k, v in entries_b.items():
+            await tx.write(f"{bdir}/{k}", v)
+            await tx.set_perms(f"{bdir}/{k}", [f"n{be}", f"r{frontend_domid}"])
+
+    await store.transact(body)
+
+
+async def destroy_vif_device(platform: Platform, frontend_domid: int, devid: int = 0) -> None:
+    """Remove both directories of a vif (``xl network-detach`` after the ends closed)."""
+    store = platform.store
+    for path in (
+        keys.backend_dir(platform.domid, frontend_domid, devid),
+        keys.frontend_dir(frontend_domid, devid),
+    ):
+        with contextlib.suppress(FileNotFoundError):
+            await store.rm(path)
+
+
+def _default_mac(frontend_domid: int, devid: int) -> bytes:
+    """Xen's OUI 00:16:3e with the domain and device in the low bytes."""
+    return bytes([0x00, 0x16, 0x3E, (frontend_domid >> 8) & 0x7F, frontend_domid & 0xFF, devid])
+
+
+VifHandler = Callable[[Vif], Awaitable[None] | None]
+
+
+async def serve_vif(
+    platform: Platform,
+    frontend_domid: int,
+    devid: int,
+    *,
+    on_connect: Callable[[Vif], Deliver],
+    on_disconnect: Callable[[Vif], None] | None = None,
+    features: BackendFeatures | None = None,
+    once: bool = False,
+) -> None:
+    """Serve vif ``devid`` of ``frontend_domid`` until its backend directory disappears
+    (or, with ``once``, until the first connection ends).
+
+    ``on_connect(vif)`` is called for every connection and returns the function that
+    receives the frontend's frames; ``on_disconnect(vif)`` when it ends.
+    """
+    store = platform.store
+    feats = features or BackendFeatures(rx_copy=True, sg=True, gso_tcpv4=True, gso_tcpv6=True)
+    bdir = keys.backend_dir(platform.domid, frontend_domid, devid)
+    fdir_raw = await store.read(f"{bdir}/frontend")
+    fdir = fdir_raw.decode().rstrip("\0")
+    while True:
+
+        async def advertise(tx: Any) -> None:
+            for k, v in feats.entries().items():
+                await tx.write(f"{bdir}/{k}", v)
+            await tx.write(f"{bdir}/state", str(keys.XENBUS_INIT_WAIT))
+
+        await store.transact(advertise)
+        state = await _wait_state(
+            store,
+            f"{fdir}/state",
+            lambda s: s in (keys.XENBUS_INITIALISED, keys.XENBUS_CONNECTED),
+        )
+        log.debug("vif %d/%d: frontend state %s", frontend_domid, devid, state)
+        lost: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        vif: Vif | None = None
+        try:
+            vif = await _connect_vif(platform, fdir, frontend_domid, devid, feats, lost)
+        except (ProtocolError, OSError, ConnectionRefusedError) as exc:
+            log.warning("vif %d/%d: cannot connect: %s", frontend_domid, devid, exc)
+            await store.write(f"{bdir}/state", str(keys.XENBUS_CLOSED))
+        else:
+            try:
+                vif.set_deliver(on_connect(vif))
+                vif.start()
+                await store.write(f"{bdir}/state", str(keys.XENBUS_CONNECTED))
+                watcher = asyncio.ensure_future(
+                    _wait_state(
+                        store,
+                        f"{fdir}/state",
+                        lambda s: s not in (keys.XENBUS_INITIALISED, keys.XENBUS_CONNECTED),
+                    )
+                )
+                try:
+                    waits: list[asyncio.Future[Any]] = [watcher, lost]
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    watcher.cancel()
+                    with contextlib.suppress(BaseException):
+                        await watcher
+            finally:
+                if on_disconnect is not None:
+                    try:
+                        on_disconnect(vif)
+                    except Exception:
+                        log.exception("vif %d/%d: on_disconnect failed", frontend_domid, devid)
+                vif.close()
+            with contextlib.suppress(FileNotFoundError):
+                await store.write(f"{bdir}/state", str(keys.XENBUS_CLOSED))
+        if once:
+            return
+        # wait for the frontend to reset (Closed, Initialising, or gone) before InitWait
+        await _wait_state(
+            store,
+            f"{fdir}/state",
+            lambda s: (
+                s in (None, keys.XENBUS_UNKNOWN, keys.XENBUS_INITIALISING, keys.XENBUS_CLOSED)
+            ),
+        )
+        if not await store.exists(bdir):
+            return
+
+
+async def _connect_vif(
+    platform: Platform,
+    fdir: str,
+    frontend_domid: int,
+    devid: int,
+    feats: BackendFeatures,
+    lost: asyncio.Future[BaseException],
+) -> Vif:
+    store = platform.store
+    vals = {k: await _read_opt(store, f"{fdir}/{k}") for k in FrontendFeatures.KEYS}
+    ffeat = FrontendFeatures.parse(vals)
+    if not ffeat.rx_copy:
+        raise ConnectionRefusedError(f"{fdir}: frontend did not request rx-copy")
+    if await _read_opt(store, f"{fdir}/event-channel-tx") is not None:
+        raise ProtocolError(
+            f"{fdir}: split event channels were not offered", field="event-channel-tx"
+        )
+    refs = {}
+    for k in ("tx-ring-ref", "rx-ring-ref", "event-channel"):
+        raw = await _read_opt(store, f"{fdir}/{k}")
+        if raw is None:
+            raise ProtocolError(f"{fdir}/{k} is missing", field=k)
+        refs[k] = keys.parse_int(raw, f"{fdir}/{k}", 1, 2**32 - 1)
+
+    def on_lost(exc: BaseException) -> None:
+        if not lost.done():
+            lost.set_result(exc)
+
+    return await attach_vif(
+        platform,
+        frontend_domid,
+        devid,
+        tx_ring_ref=refs["tx-ring-ref"],
+        rx_ring_ref=refs["rx-ring-ref"],
+        event_channel=refs["event-channel"],
+        features=ffeat,
+        backend_features=feats,
+        deliver=_drop,
+        on_lost=on_lost,
+    )
+
+
+def _drop(frame: bytes, info: FrameInfo) -> None:
+    return None
+
+
+class Netback:
+    """Serve several vifs of this (backend) domain.
+
+    ``connect(vif) -> deliver`` decides where each vif's frames go (a TAP, a switch, a
+    callback); ``disconnect(vif)`` undoes it.  :meth:`add` creates the device (toolstack
+    role) unless ``create=False`` and starts serving it.
+    """
+
+    def __init__(
+        self,
+        platform: Platform,
+        *,
+        connect: Callable[[Vif], Deliver],
+        disconnect: Callable[[Vif], None] | None = None,
+        features: BackendFeatures | None = None,
+    ) -> None:
+        self.platform = platform
+        self._connect = connect
+        self._disconnect = disconnect
+        self._features = features
+        self._tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self.vifs: dict[tuple[int, int], Vif] = {}
+
+    async def add(
+        self,
+        frontend_domid: int,
+        devid: int = 0,
+        *,
+        create: bool = True,
+        mac: bytes | None = None,
+        mtu: int = keys.DEFAULT_MTU,
+    ) -> None:
+        key = (frontend_domid, devid)
+        if key in self._tasks:
+            raise ValueError(f"vif {frontend_domid}/{devid} is already served")
+        if create:
+            await create_vif_device(self.platform, frontend_domid, devid, mac=mac, mtu=mtu)
+
+        def on_connect(vif: Vif) -> Deliver:
+            self.vifs[key] = vif
+            return self._connect(vif)
+
+        def on_disconnect(vif: Vif) -> None:
+            self.vifs.pop(key, None)
+            if self._disconnect is not None:
+                self._disconnect(vif)
+
+        task = asyncio.ensure_future(
+            serve_vif(
+                self.platform,
+                frontend_domid,
+                devid,
+                on_connect=on_connect,
+                on_disconnect=on_disconnect,
+                features=self._features,
+            )
+        )
+        self._tasks[key] = task
+        task.add_done_callback(lambda t: self._done(key, t))
+
+    def _done(self, key: tuple[int, int], task: asyncio.Task[None]) -> None:
+        self._tasks.pop(key, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("vif %d/%d stopped: %r", key[0], key[1], task.exception())
+
+    async def wait(self) -> None:
+        """Wait until every served vif has stopped (or raise the first failure)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks.values()))
+
+    async def close(self, *, remove: bool = False) -> None:
+        """Stop serving: disconnect every vif, set backends Closed (and remove the devices
+        with ``remove``)."""
+        tasks = list(self._tasks.items())
+        for _, t in tasks:
+            t.cancel()
+        for _, t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        store = self.platform.store
+        for (fe, devid), _ in tasks:
+            bdir = keys.backend_dir(self.platform.domid, fe, devid)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(store.write(f"{bdir}/state", str(keys.XENBUS_CLOSED)), 2)
+            if remove:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(destroy_vif_device(self.platform, fe, devid), 2)
+
+
+__all__ = [
+    "GrantCache",
+    "Netback",
+    "Vif",
+    "attach_vif",
+    "create_vif_device",
+    "destroy_vif_device",
+    "serve_vif",
+]

@@ -1,0 +1,935 @@
+"""netfront: a Xen virtual NIC as an ``asyncio.DatagramTransport`` of Ethernet frames.
+
+Theory of operation
+-------------------
+**Memory.**  A queue shares four things with the backend: the TX ring page, the RX ring
+page, a TX pool of 256 pages granted *read-only* and an RX pool of 256 pages granted
+writable.  Buffer ``i`` of a pool is page ``i``: a TX request with ``id = i`` points at
+page ``i`` of the TX pool, an RX request with ``id = i`` posts page ``i`` of the RX pool.
+The pools are granted once for the life of the connection (advertised as
+``feature-persistent``), so a backend may keep them mapped.
+
+**Sending** (``transport.sendto(frame, info)``).  A frame is copied into as many free TX
+pages as it needs (one for anything up to 4096 bytes; up to 17 for a 64 KiB frame with
+``feature-sg``), described by a chain of TX requests (plus a GSO extra slot for a TCP
+super-frame), and put in the ring.  Requests put during one loop iteration are published
+with one push and at most one notification (the ring's ``req_event`` rule).  TX responses
+are reaped lazily: when pages run out, and on events.  When the ring is full, frames wait
+in a FIFO queue whose size drives ``pause_writing``/``resume_writing`` (asyncio's
+high/low water marks); they enter the ring in order as responses free pages.
+
+**Receiving.**  All free RX pages are posted.  The backend copies a frame into posted
+pages and answers in the *same ring slots* (netif's rule), so the frontend finds the page
+of a response from the slot's ring index, never trusting the response ``id``.  Each frame
+is copied out of the pages into ``bytes``, handed to ``protocol.datagram_received(frame,
+info)`` with its :class:`~aioxen.net.netif.FrameInfo` as the "address", and the pages are
+re-posted in one batch.  ``pause_reading`` stops consuming responses, so the backend runs
+out of buffers and holds or drops frames, as a NIC would.
+
+**Hostile backend.**  Ring indices are validated by the ring core; a TX response for an id
+that is not in flight, or an event channel that loses its peer, ends the transport
+(``connection_lost`` with ``ProtocolError`` / ``ConnectionResetError``).  Bad RX responses
+(negative status, a fragment crossing its page, an unknown extra) drop that frame and are
+counted; the transport keeps going.
+
+**XenStore handshake** (:func:`create_frontend`): read ``backend``/``backend-id``/``mac``/
+``mtu`` from the frontend directory the toolstack created, wait for the backend to reach
+InitWait, read its features, set up the queue, write ring refs, event channel and features
+in one transaction with ``state=Connected``, and wait for the backend to connect.  Closing
+goes Closing → (backend Closing/Closed) → Closed, then releases grants and the channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from aioxen.errors import ProtocolError
+from aioxen.net import keys
+from aioxen.net._ring import RawFrontRing
+from aioxen.net.keys import BackendFeatures, FrontendFeatures
+from aioxen.net.netif import (
+    NETIF_RSP_NULL,
+    NETIF_RSP_OKAY,
+    NETRXF_EXTRA_INFO,
+    NETRXF_MORE_DATA,
+    NETTXF_EXTRA_INFO,
+    NETTXF_MORE_DATA,
+    PAGE_SIZE,
+    PLAIN,
+    RX_REQ,
+    RX_RSP,
+    RX_SLOT_SIZE,
+    TX_REQ,
+    TX_SLOT_SIZE,
+    XEN_NETIF_GSO_TYPE_NONE,
+    XEN_NETIF_GSO_TYPE_TCPV4,
+    XEN_NETIF_GSO_TYPE_TCPV6,
+    XEN_NETIF_MAX_TX_SIZE,
+    FrameInfo,
+    GsoExtra,
+    encode_extra,
+    info_from_rx_flags,
+    parse_rx,
+)
+from aioxen.platform.base import EventChannel, Platform, Share
+from aioxen.rings.formats import RawFormat
+
+log = logging.getLogger(__name__)
+
+POOL_PAGES = 256
+TX_REQ_FMT = RawFormat(TX_SLOT_SIZE, name="netif_tx_request")
+TX_RSP_FMT = RawFormat(4, name="netif_tx_response", align=2)
+RX_REQ_FMT = RawFormat(RX_SLOT_SIZE, name="netif_rx_request")
+RX_RSP_FMT = RawFormat(RX_SLOT_SIZE, name="netif_rx_response", align=2)
+_TX_RSP_SLOT = struct.Struct("<Hh8x")
+_SLOW_TX = NETTXF_MORE_DATA | NETTXF_EXTRA_INFO
+_SLOW_RX = NETRXF_MORE_DATA | NETRXF_EXTRA_INFO
+_RX_INFO = [info_from_rx_flags(f) for f in range(4)]
+
+
+@dataclass
+class NetStats:
+    """Counters of one vif end (both netfront and netback keep them)."""
+
+    tx_frames: int = 0
+    tx_bytes: int = 0
+    tx_errors: int = 0
+    tx_dropped: int = 0
+    rx_frames: int = 0
+    rx_bytes: int = 0
+    rx_errors: int = 0
+    rx_dropped: int = 0
+    notifies: int = 0
+    events: int = 0
+
+
+class FrontQueue:
+    """One netfront queue: rings, pools, event channel and the data path (no XenStore).
+
+    ``deliver(frame, info)`` receives frames; ``tx_space()`` is called when TX pages were
+    freed; ``fail(exc)`` when the queue died (protocol violation, backend gone).
+    """
+
+    def __init__(
+        self,
+        platform: Platform,
+        backend_domid: int,
+        *,
+        deliver: Callable[[bytes, FrameInfo], None],
+        tx_space: Callable[[], None],
+        fail: Callable[[BaseException], None],
+        sg: bool = True,
+        gso_types: frozenset[int] = frozenset(),
+        name: str = "netfront",
+        start_index: int = 0,
+    ) -> None:
+        self._plat = platform
+        self._be = backend_domid
+        self._deliver = deliver
+        self._tx_space = tx_space
+        self._fail_cb = fail
+        self._sg = sg
+        self._gso_types = gso_types
+        self.name = name
+        self._start = start_index
+        self._loop = asyncio.get_running_loop()
+        self._owned: list[Any] = []
+        self._tx: RawFrontRing | None = None
+        self._rx: RawFrontRing | None = None
+        self._channel: EventChannel | None = None
+        self.stats = NetStats()
+        self._reading = True
+        self._dead = False
+        self._flush_scheduled = False
+        # TX state
+        self._tx_free: list[int] = list(range(POOL_PAGES - 1, -1, -1))
+        self._tx_busy = bytearray(POOL_PAGES)
+        self._tx_pending: list[bytes] = []
+        self._tx_pending_slots = 0
+        self._want_tx_space = False
+        # RX state
+        self._rx_free: list[int] = list(range(POOL_PAGES - 1, -1, -1))
+        self._rx_slot_id: list[int] = []
+        self._rx_carry: tuple[bytes, int, int] | None = None
+
+    # -- setup ---------------------------------------------------------------------------
+    async def setup(self) -> None:
+        """Share the ring pages and pools and allocate the event channel."""
+        grants = self._plat.grants
+        try:
+            tx_ring = self._own(grants.share(self._be, 1))
+            rx_ring = self._own(grants.share(self._be, 1))
+            self._tx_pool = self._own(grants.share(self._be, POOL_PAGES, writable=False))
+            self._rx_pool = self._own(grants.share(self._be, POOL_PAGES, writable=True))
+            self._tx = RawFrontRing(
+                tx_ring.buf, TX_REQ_FMT, TX_RSP_FMT, start=self._start, name=f"{self.name}/tx"
+            )
+            self._rx = RawFrontRing(
+                rx_ring.buf, RX_REQ_FMT, RX_RSP_FMT, start=self._start, name=f"{self.name}/rx"
+            )
+            self._owned.insert(0, self._tx)
+            self._owned.insert(0, self._rx)
+            self._channel = self._own(await self._plat.events.listen(self._be))
+        except BaseException:
+            self.close()
+            raise
+        self._tx_ring_share: Share = tx_ring
+        self._rx_ring_share: Share = rx_ring
+        self._txbuf = self._tx_pool.buf
+        self._rxbuf = self._rx_pool.buf
+        self._tx_refs = list(self._tx_pool.refs)
+        self._rx_refs = list(self._rx_pool.refs)
+        self._rx_slot_id = [0] * self._rx.nr_ents
+        self._rx_mask = self._rx.nr_ents - 1
+
+    def _own(self, obj: Any) -> Any:
+        self._owned.append(obj)
+        return obj
+
+    @property
+    def tx_ring_ref(self) -> int:
+        return self._tx_ring_share.refs[0]
+
+    @property
+    def rx_ring_ref(self) -> int:
+        return self._rx_ring_share.refs[0]
+
+    @property
+    def event_channel(self) -> int:
+        assert self._channel is not None
+        return self._channel.port
+
+    def start(self) -> None:
+        """Post every RX buffer and start taking events."""
+        assert self._channel is not None
+        self._post_rx()
+        self._flush()
+        self._channel.set_handler(self._on_event)
+
+    # -- TX --------------------------------------------------------------------------------
+    @property
+    def tx_free_pages(self) -> int:
+        return len(self._tx_free)
+
+    def try_send(self, frame: bytes | bytearray | memoryview, info: FrameInfo) -> bool:
+        """Put ``frame`` in the TX ring if pages and slots are free; ``False`` otherwise
+        (the caller queues it).  Sizes were validated by the caller."""
+        n = len(frame)
+        tx = self._tx
+        assert tx is not None
+        if n <= PAGE_SIZE and info.gso_type == XEN_NETIF_GSO_TYPE_NONE:
+            free = self._tx_free
+            if not free or tx.free_requests - self._tx_pending_slots < 1:
+                self._reap_tx()
+                if not free or tx.free_requests - self._tx_pending_slots < 1:
+                    return False
+            ident = free.pop()
+            self._tx_busy[ident] = 1
+            off = ident << 12
+            self._txbuf[off : off + n] = frame
+            flags = 0 if info is PLAIN else info.tx_flags()
+            self._tx_pending.append(TX_REQ.pack(self._tx_refs[ident], 0, flags, ident, n))
+            self._tx_pending_slots += 1
+        elif not self._send_multi(frame, info):
+            return False
+        stats = self.stats
+        stats.tx_frames += 1
+        stats.tx_bytes += n
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._scheduled_flush)
+        return True
+
+    def _send_multi(self, frame: bytes | bytearray | memoryview, info: FrameInfo) -> bool:
+        n = len(frame)
+        pages = -(-n // PAGE_SIZE)
+        gso = info.gso_type != XEN_NETIF_GSO_TYPE_NONE
+        slots = pages + (1 if gso else 0)
+        tx = self._tx
+        assert tx is not None
+        if len(self._tx_free) < pages or tx.free_requests - self._tx_pending_slots < slots:
+            self._reap_tx()
+            if len(self._tx_free) < pages or tx.free_requests - self._tx_pending_slots < slots:
+                return False
+        view = memoryview(frame)
+        base_flags = info.tx_flags()
+        for k in range(pages):
+            ident = self._tx_free.pop()
+            self._tx_busy[ident] = 1
+            chunk = view[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
+            off = ident << 12
+            self._txbuf[off : off + len(chunk)] = chunk
+            flags = base_flags if k == 0 else 0
+            if k + 1 < pages:
+                flags |= NETTXF_MORE_DATA
+            if k == 0 and gso:
+                flags |= NETTXF_EXTRA_INFO
+            size = n if k == 0 else len(chunk)
+            self._tx_pending.append(TX_REQ.pack(self._tx_refs[ident], 0, flags, ident, size))
+            if k == 0 and gso:
+                extra = GsoExtra(info.gso_size, info.gso_type)
+                self._tx_pending.append(encode_extra(extra, slot_size=TX_SLOT_SIZE))
+        self._tx_pending_slots += slots
+        return True
+
+    def _reap_tx(self) -> int:
+        """Consume TX responses, freeing their pages; returns how many were consumed."""
+        tx = self._tx
+        if tx is None or self._dead:
+            return 0
+        data, n, _ = tx.take_raw()
+        if not n:
+            return 0
+        busy, free = self._tx_busy, self._tx_free
+        errors = 0
+        for ident, status in _iter_tx_rsp(data):
+            if status == NETIF_RSP_NULL:
+                continue
+            if ident >= POOL_PAGES or not busy[ident]:
+                raise ProtocolError(
+                    f"{self.name}: TX response for id {ident}, which is not in flight "
+                    f"(backend domain {self._be})",
+                    field="tx_response.id",
+                )
+            busy[ident] = 0
+            free.append(ident)
+            if status != NETIF_RSP_OKAY:
+                errors += 1
+        if errors:
+            self.stats.tx_errors += errors
+        return n
+
+    def want_tx_space(self) -> None:
+        """Ask for one ``tx_space()`` call once TX responses have freed pages."""
+        tx = self._tx
+        if self._want_tx_space or tx is None or self._dead:
+            return
+        self._want_tx_space = True
+        try:
+            if tx.final_check_for_responses():
+                self._loop.call_soon(self._on_event)
+        except ProtocolError as exc:
+            self._fail(exc)
+
+    def _check_tx_space(self) -> None:
+        tx = self._tx
+        assert tx is not None
+        while True:
+            if self._reap_tx():
+                self._want_tx_space = False
+                self._tx_space()  # may call want_tx_space() again: it only re-arms
+                return
+            if not tx.final_check_for_responses():
+                return
+
+    # -- RX --------------------------------------------------------------------------------
+    def _post_rx(self) -> None:
+        rx = self._rx
+        assert rx is not None
+        free = self._rx_free
+        k = min(len(free), rx.free_requests)
+        if k <= 0:
+            return
+        start = rx.req_prod_pvt
+        mask, slot_id, refs = self._rx_mask, self._rx_slot_id, self._rx_refs
+        parts = []
+        for j in range(k):
+            ident = free.pop()
+            slot_id[(start + j) & mask] = ident
+            parts.append(RX_REQ.pack(ident, refs[ident]))
+        rx.put_raw(b"".join(parts), k)
+
+    def pause_reading(self) -> None:
+        self._reading = False
+
+    def resume_reading(self) -> None:
+        if not self._reading:
+            self._reading = True
+            if not self._dead:
+                self._loop.call_soon(self._on_event)
+
+    def _poll_rx(self) -> None:
+        rx = self._rx
+        assert rx is not None
+        while self._reading and not self._dead:
+            self._poll_rx_once()
+            self._post_rx()
+            if self._rx_carry is not None and not self._reading:
+                break
+            if not rx.final_check_for_responses():
+                break
+
+    def _poll_rx_once(self) -> None:
+        rx = self._rx
+        assert rx is not None
+        data, n, first = rx.take_raw()
+        carry = self._rx_carry
+        if carry is not None:
+            self._rx_carry = None
+            cdata, cn, cfirst = carry
+            data, n, first = cdata + data, cn + n, cfirst
+        if not n:
+            return
+        rxbuf, slot_id, mask, free = self._rxbuf, self._rx_slot_id, self._rx_mask, self._rx_free
+        deliver = self._deliver
+        stats = self.stats
+        i = 0
+        unpack = RX_RSP.unpack_from
+        while i < n:
+            if not self._reading or self._dead:
+                self._rx_carry = (data[i * RX_SLOT_SIZE :], n - i, first + i)
+                return
+            _, off, flags, status = unpack(data, i * RX_SLOT_SIZE)
+            if not flags & _SLOW_RX:
+                ident = slot_id[(first + i) & mask]
+                i += 1
+                free.append(ident)
+                if status > 0 and off + status <= PAGE_SIZE:
+                    o = (ident << 12) + off
+                    frame = bytes(rxbuf[o : o + status])
+                    stats.rx_frames += 1
+                    stats.rx_bytes += status
+                    try:
+                        deliver(frame, _RX_INFO[flags & 3])
+                    except Exception as exc:
+                        self._callback_error(exc)
+                else:
+                    stats.rx_errors += 1
+                continue
+            desc, used = parse_rx(data[i * RX_SLOT_SIZE :], n - i)
+            if desc is None:
+                self._rx_carry = (data[i * RX_SLOT_SIZE :], n - i, first + i)
+                return
+            ids = [slot_id[(first + i + j) & mask] for j in range(used)]
+            i += used
+            free.extend(ids)
+            if desc.error is not None:
+                stats.rx_errors += 1
+                log.debug("%s: dropping RX frame: %s", self.name, desc.error)
+                continue
+            frame = b"".join(
+                rxbuf[(ids[k] << 12) + o : (ids[k] << 12) + o + ln] for k, o, ln in desc.frags
+            )
+            stats.rx_frames += 1
+            stats.rx_bytes += len(frame)
+            try:
+                deliver(frame, desc.info)
+            except Exception as exc:
+                self._callback_error(exc)
+
+    def _callback_error(self, exc: BaseException) -> None:
+        self._loop.call_exception_handler(
+            {"message": f"{self.name}: exception in protocol callback", "exception": exc}
+        )
+
+    # -- events and flushing ----------------------------------------------------------------
+    def _on_event(self) -> None:
+        if self._dead:
+            return
+        self.stats.events += 1
+        try:
+            if self._want_tx_space:
+                self._check_tx_space()
+            self._poll_rx()
+            self._flush()
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        channel = self._channel
+        if channel is not None and channel.peer_lost:
+            self._fail(
+                ConnectionResetError(
+                    f"{self.name}: backend domain {self._be} went away "
+                    f"(event channel port {channel.port})"
+                )
+            )
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        if self._dead:
+            return
+        try:
+            self._flush()
+        except ProtocolError as exc:
+            self._fail(exc)
+
+    def _flush(self) -> None:
+        """Publish queued TX requests and re-posted RX buffers; notify if asked to."""
+        tx, rx, channel = self._tx, self._rx, self._channel
+        assert tx is not None and rx is not None and channel is not None
+        if self._tx_pending:
+            tx.put_raw(b"".join(self._tx_pending), self._tx_pending_slots)
+            self._tx_pending.clear()
+            self._tx_pending_slots = 0
+        notify = tx.push_requests() if tx.unpushed else False
+        if rx.unpushed and rx.push_requests():
+            notify = True
+        if notify:
+            self.stats.notifies += 1
+            channel.notify()
+
+    def flush(self) -> None:
+        if not self._dead:
+            try:
+                self._flush()
+            except ProtocolError as exc:
+                self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        if self._channel is not None:
+            self._channel.set_handler(None)
+        self._fail_cb(exc)
+
+    @property
+    def dead(self) -> bool:
+        return self._dead
+
+    def close(self) -> None:
+        """Stop and release rings, pools and the channel (idempotent)."""
+        self._dead = True
+        if self._channel is not None and not self._channel.closed:
+            self._channel.set_handler(None)
+        for attr in ("_txbuf", "_rxbuf"):
+            view = getattr(self, attr, None)
+            if view is not None:
+                setattr(self, attr, None)
+        owned, self._owned = self._owned, []
+        for obj in owned:
+            with contextlib.suppress(Exception):
+                obj.close()
+
+
+def _iter_tx_rsp(data: bytes) -> Iterator[tuple[int, int]]:
+    return _TX_RSP_SLOT.iter_unpack(data)
+
+
+class NetfrontTransport(asyncio.DatagramTransport):
+    """The DatagramTransport of one vif: ``sendto(frame, info=None)``.
+
+    ``get_extra_info`` keys: ``mac`` (bytes), ``mtu``, ``devid``, ``backend_domid``,
+    ``backend_features`` (:class:`BackendFeatures`), ``frontend_features``, ``platform``,
+    ``stats`` (:class:`NetStats`).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        protocol: asyncio.DatagramProtocol,
+        *,
+        extra: dict[str, Any],
+        max_frame: int,
+    ) -> None:
+        super().__init__(extra)
+        self._extras = extra
+        self._loop = loop
+        self._protocol = protocol
+        self._queue_obj: FrontQueue | None = None
+        self._pending: deque[tuple[bytes, FrameInfo]] = deque()
+        self._buffer_size = 0
+        self._high = 64 * 1024
+        self._low = 16 * 1024
+        self._protocol_paused = False
+        self._closing = False
+        self._lost = False
+        self._max_frame = max_frame
+        self._closed_fut: asyncio.Future[None] = loop.create_future()
+        self._teardown: Callable[[Exception | None], Any] | None = None
+        self._teardown_task: asyncio.Task[None] | None = None
+        self.dropped_after_close = 0
+
+    def _attach(self, queue: FrontQueue, teardown: Callable[[Exception | None], Any]) -> None:
+        self._queue_obj = queue
+        self._teardown = teardown
+        self._extras["stats"] = queue.stats
+
+    # -- DatagramTransport -----------------------------------------------------------------
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._extras.get(name, default)
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        """Send one Ethernet frame.  ``addr`` is ``None`` or a :class:`FrameInfo` (offload
+        metadata).  ``ValueError`` for an empty frame or one larger than the vif allows."""
+        if addr is None:
+            info = PLAIN
+        elif isinstance(addr, FrameInfo):
+            info = addr
+        else:
+            raise TypeError(f"netfront: addr must be None or FrameInfo, not {type(addr).__name__}")
+        n = len(data)
+        if n == 0 or n > self._max_frame:
+            raise ValueError(f"netfront: frame of {n} bytes (allowed 1..{self._max_frame})")
+        if info.gso_type not in (XEN_NETIF_GSO_TYPE_NONE, *self._gso_allowed()):
+            raise ValueError(f"netfront: backend did not offer GSO type {info.gso_type}")
+        if self._closing or self._lost:
+            self.dropped_after_close += 1
+            return
+        q = self._queue_obj
+        assert q is not None
+        if not self._pending and q.try_send(data, info):
+            return
+        self._pending.append((bytes(data), info))
+        self._buffer_size += n
+        if len(self._pending) == 1:
+            q.flush()
+            q.want_tx_space()
+        self._maybe_pause_protocol()
+
+    def _gso_allowed(self) -> tuple[int, ...]:
+        feats: BackendFeatures | None = self._extras.get("backend_features")
+        if feats is None:
+            return ()
+        out = []
+        if feats.gso_tcpv4:
+            out.append(XEN_NETIF_GSO_TYPE_TCPV4)
+        if feats.gso_tcpv6:
+            out.append(XEN_NETIF_GSO_TYPE_TCPV6)
+        return tuple(out)
+
+    def _tx_space(self) -> None:
+        q = self._queue_obj
+        if q is None:
+            return
+        pending = self._pending
+        while pending:
+            frame, info = pending[0]
+            if not q.try_send(frame, info):
+                q.want_tx_space()
+                break
+            pending.popleft()
+            self._buffer_size -= len(frame)
+        self._maybe_resume_protocol()
+        if self._closing and not pending:
+            self._start_teardown(None)
+
+    def get_write_buffer_size(self) -> int:
+        return self._buffer_size
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low, self._high)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = 64 * 1024 if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
+        self._maybe_pause_protocol()
+
+    def _maybe_pause_protocol(self) -> None:
+        if self._buffer_size <= self._high or self._protocol_paused:
+            return
+        self._protocol_paused = True
+        try:
+            self._protocol.pause_writing()
+        except Exception as exc:
+            self._loop.call_exception_handler(
+                {"message": "protocol.pause_writing() failed", "exception": exc, "transport": self}
+            )
+
+    def _maybe_resume_protocol(self) -> None:
+        if self._protocol_paused and self._buffer_size <= self._low:
+            self._protocol_paused = False
+            try:
+                self._protocol.resume_writing()
+            except Exception as exc:
+                self._loop.call_exception_handler(
+                    {
+                        "message": "protocol.resume_writing() failed",
+                        "exception": exc,
+                        "transport": self,
+                    }
+                )
+
+    def pause_reading(self) -> None:
+        if self._queue_obj is not None:
+            self._queue_obj.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._queue_obj is not None:
+            self._queue_obj.resume_reading()
+
+    def is_reading(self) -> bool:
+        q = self._queue_obj
+        return q is not None and q._reading and not self._closing
+
+    def is_closing(self) -> bool:
+        return self._closing or self._lost
+
+    def close(self) -> None:
+        """Stop accepting frames, send the queued ones, then disconnect (xenbus Closing →
+        Closed) and call ``connection_lost(None)``."""
+        if self._closing or self._lost:
+            return
+        self._closing = True
+        if self._queue_obj is not None:
+            self._queue_obj.pause_reading()
+        if not self._pending:
+            self._start_teardown(None)
+
+    def abort(self) -> None:
+        """Drop queued frames and disconnect at once."""
+        if self._lost:
+            return
+        self._closing = True
+        self._pending.clear()
+        self._buffer_size = 0
+        self._start_teardown(None)
+
+    async def wait_closed(self) -> None:
+        """Wait until the transport is fully torn down."""
+        await asyncio.shield(self._closed_fut)
+
+    def _connection_failed(self, exc: BaseException) -> None:
+        if not isinstance(exc, Exception):
+            exc = ConnectionResetError(repr(exc))
+        """The queue died or the backend left: tear down and report ``exc``."""
+        self._pending.clear()
+        self._buffer_size = 0
+        self._start_teardown(exc)
+
+    def _start_teardown(self, exc: Exception | None) -> None:
+        if self._teardown_task is not None:
+            return
+        self._closing = True
+        self._teardown_task = self._loop.create_task(self._run_teardown(exc))
+
+    async def _run_teardown(self, exc: Exception | None) -> None:
+        try:
+            if self._teardown is not None:
+                await self._teardown(exc)
+        except Exception as err:  # teardown problems must not hide the original cause
+            log.debug("netfront teardown: %r", err)
+        finally:
+            self._lost = True
+            try:
+                self._protocol.connection_lost(exc)
+            finally:
+                if not self._closed_fut.done():
+                    self._closed_fut.set_result(None)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._lost else "closing" if self._closing else "open"
+        return (
+            f"<NetfrontTransport devid={self._extras.get('devid')} "
+            f"backend={self._extras.get('backend_domid')} {state}>"
+        )
+
+
+# --------------------------------------------------------------------------- handshake
+
+
+async def _wait_for(
+    store: Any, path: str, predicate: Callable[[bytes | None], bool], timeout: float
+) -> bytes | None:
+    """Watch ``path`` until ``predicate(value)`` holds (``None`` = absent); return it."""
+    async with asyncio.timeout(timeout):
+        async with store.watch(path) as w:
+            while True:
+                value = await _read_opt(store, path)
+                if predicate(value):
+                    return value
+                await w.next()
+
+
+async def _read_opt(store: Any, path: str) -> bytes | None:
+    try:
+        value: bytes = await store.read(path)
+        return value
+    except FileNotFoundError:
+        return None
+
+
+async def create_frontend(
+    protocol_factory: Callable[[], asyncio.DatagramProtocol],
+    backend_domid: int | None = None,
+    devid: int = 0,
+    *,
+    platform: Platform | None = None,
+    offload: bool = False,
+    sg: bool = True,
+    timeout: float = 10.0,
+) -> tuple[NetfrontTransport, asyncio.DatagramProtocol]:
+    """Connect vif ``devid`` of this domain to its backend and return ``(transport,
+    protocol)``.
+
+    The toolstack (``xl``, or ``aioxen netback`` on ``unix``) must have created the
+    frontend directory; ``backend_domid``, if given, must match its ``backend-id``.
+    ``offload=True`` accepts partial checksums and GSO super-frames on receive (for
+    protocols that pass frames on to a kernel, like a TAP); with the default ``False``
+    every received frame has complete checksums and is at most MTU-sized.  ``sg`` allows
+    frames larger than a page (needed for GSO and for MTUs above 4082).
+    """
+    from aioxen.platform import resolve
+
+    plat = await resolve(platform)
+    store = plat.store
+    loop = asyncio.get_running_loop()
+    fe = plat.domid
+    fdir = keys.frontend_dir(fe, devid)
+    async with asyncio.timeout(timeout):
+        raw_be = await _wait_for(store, f"{fdir}/backend-id", lambda v: v is not None, timeout)
+        assert raw_be is not None
+        be_id = keys.parse_int(raw_be, f"{fdir}/backend-id", 0, 0x7FEF)
+        if backend_domid is not None and be_id != backend_domid:
+            raise ValueError(
+                f"vif {devid} of domain {fe} is served by domain {be_id}, not {backend_domid}"
+            )
+        bdir = (await store.read(f"{fdir}/backend")).decode().rstrip("\0")
+        mac = keys.parse_mac_value(await store.read(f"{fdir}/mac"), f"{fdir}/mac")
+        raw_mtu = await _read_opt(store, f"{fdir}/mtu")
+        mtu = keys.parse_int(raw_mtu, f"{fdir}/mtu", 68, 65535) if raw_mtu else keys.DEFAULT_MTU
+        # Initialising makes a backend still attached to an earlier instance of this
+        # vif let go; it then (re)advertises in InitWait.
+        await _set_state(store, fdir, keys.XENBUS_INITIALISING)
+        await _wait_for(
+            store,
+            f"{bdir}/state",
+            lambda v: keys.parse_state(v) == keys.XENBUS_INIT_WAIT,
+            timeout,
+        )
+        values = {k: await _read_opt(store, f"{bdir}/{k}") for k in BackendFeatures.KEYS}
+        bfeat = BackendFeatures.parse(values)
+    if not bfeat.rx_copy:
+        raise ConnectionRefusedError(f"backend {bdir} does not offer feature-rx-copy")
+    use_sg = sg and bfeat.sg
+    ffeat = FrontendFeatures(
+        rx_copy=True,
+        rx_notify=True,
+        sg=use_sg,
+        gso_tcpv4=offload and use_sg,
+        gso_tcpv6=offload and use_sg,
+        csum_offload=offload,
+        ipv6_csum_offload=offload,
+        persistent=True,
+    )
+    max_frame = XEN_NETIF_MAX_TX_SIZE if use_sg else PAGE_SIZE
+    transport = NetfrontTransport(
+        loop,
+        asyncio.DatagramProtocol(),  # replaced below, once the queue exists
+        extra={
+            "mac": mac,
+            "mtu": mtu,
+            "devid": devid,
+            "backend_domid": be_id,
+            "backend_path": bdir,
+            "frontend_path": fdir,
+            "backend_features": bfeat,
+            "frontend_features": ffeat,
+            "platform": plat,
+        },
+        max_frame=max_frame,
+    )
+    protocol_box: list[asyncio.DatagramProtocol] = []
+
+    def deliver(frame: bytes, info: FrameInfo) -> None:
+        protocol_box[0].datagram_received(frame, info)
+
+    gso_types = frozenset(
+        t
+        for t, on in (
+            (XEN_NETIF_GSO_TYPE_TCPV4, bfeat.gso_tcpv4),
+            (XEN_NETIF_GSO_TYPE_TCPV6, bfeat.gso_tcpv6),
+        )
+        if on and use_sg
+    )
+    queue = FrontQueue(
+        plat,
+        be_id,
+        deliver=deliver,
+        tx_space=transport._tx_space,
+        fail=transport._connection_failed,
+        sg=use_sg,
+        gso_types=gso_types,
+        name=f"netfront(vif {fe}/{devid})",
+    )
+    watcher: list[asyncio.Task[None]] = []
+    try:
+        await queue.setup()
+        entries = {
+            "tx-ring-ref": str(queue.tx_ring_ref),
+            "rx-ring-ref": str(queue.rx_ring_ref),
+            "event-channel": str(queue.event_channel),
+            **ffeat.entries(),
+        }
+
+        async def publish(tx: Any) -> None:
+            for k, v in entries.items():
+                await tx.write(f"{fdir}/{k}", v)
+            await tx.write(f"{fdir}/state", str(keys.XENBUS_CONNECTED))
+
+        await store.transact(publish)
+        await _wait_for(
+            store,
+            f"{bdir}/state",
+            lambda v: keys.parse_state(v) >= keys.XENBUS_CONNECTED,
+            timeout,
+        )
+        state = keys.parse_state(await _read_opt(store, f"{bdir}/state"))
+        if state != keys.XENBUS_CONNECTED:
+            raise ConnectionResetError(f"backend {bdir} went to state {state} while connecting")
+    except BaseException:
+        queue.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(_set_state(store, fdir, keys.XENBUS_CLOSED), 2.0)
+        raise
+
+    async def watch_backend() -> None:
+        try:
+            async with store.watch(f"{bdir}/state") as w:
+                while True:
+                    await w.next()
+                    st = keys.parse_state(await _read_opt(store, f"{bdir}/state"))
+                    if st in (keys.XENBUS_CLOSING, keys.XENBUS_CLOSED, keys.XENBUS_UNKNOWN):
+                        transport._connection_failed(
+                            ConnectionResetError(
+                                f"backend {bdir} of vif {fe}/{devid} went to state {st}"
+                            )
+                        )
+                        return
+        except (ConnectionError, asyncio.CancelledError):
+            return
+
+    async def teardown(exc: Exception | None) -> None:
+        for t in watcher:
+            t.cancel()
+        queue.flush()
+        try:
+            await asyncio.wait_for(_set_state(store, fdir, keys.XENBUS_CLOSING), 2.0)
+            with contextlib.suppress(TimeoutError):
+                await _wait_for(store, f"{bdir}/state", _closing_or_gone, 2.0)
+        finally:
+            queue.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(_set_state(store, fdir, keys.XENBUS_CLOSED), 2.0)
+
+    transport._attach(queue, teardown)
+    protocol = protocol_factory()
+    protocol_box.append(protocol)
+    transport._protocol = protocol
+    protocol.connection_made(transport)
+    queue.start()
+    watcher.append(loop.create_task(watch_backend()))
+    return transport, protocol
+
+
+def _closing_or_gone(value: bytes | None) -> bool:
+    return keys.parse_state(value) in (keys.XENBUS_CLOSING, keys.XENBUS_CLOSED, keys.XENBUS_UNKNOWN)
+
+
+async def _set_state(store: Any, directory: str, state: int) -> None:
+    await store.write(f"{directory}/state", str(state))
+
+
+__all__ = ["FrontQueue", "NetStats", "NetfrontTransport", "create_frontend"]
