@@ -93,7 +93,7 @@ _SLOW_TX = NETTXF_MORE_DATA | NETTXF_EXTRA_INFO
 _TX_INFO = [info_from_tx_flags(f) for f in range(4)]
 _GRANT_ERRORS = (FileNotFoundError, PermissionError, ValueError, OSError)
 
-Deliver = Callable[[bytes, FrameInfo], None]
+Deliver = Callable[[bytes, FrameInfo], object]
 
 
 class GrantCache:

@@ -208,6 +208,52 @@ def segment_tcp(frame: bytes | bytearray | memoryview, gso_size: int) -> list[by
     return out
 
 
+def split_gso(
+    frame: bytes | bytearray | memoryview, info: FrameInfo, limit: int
+) -> list[tuple[bytearray, FrameInfo]]:
+    """Cut a TCP super-frame longer than ``limit`` bytes into super-frames of at most
+    ``limit`` bytes (whole segments each), still GSO with partial checksums: each gets
+    its own IP length/id and TCP sequence number, and the checksum field holds the
+    pseudo-header sum for its length.  ``ValueError`` if it is not TCP or cannot fit."""
+    loc = locate_l4(frame)
+    if loc is None or loc.proto != IPPROTO_TCP or info.gso_size <= 0:
+        raise ValueError("not a TCP GSO frame")
+    hdr_end = tcp_header_end(frame, loc)
+    per = (limit - hdr_end) // info.gso_size * info.gso_size
+    if per <= 0:
+        raise ValueError(f"headers of {hdr_end} bytes leave no room in {limit} bytes")
+    header = bytes(frame[:hdr_end])
+    payload = memoryview(bytes(frame[hdr_end:]))
+    (seq,) = _U32.unpack_from(header, loc.l4 + 4)
+    tcp_flags = header[loc.l4 + 13]
+    (ip_id,) = _U16.unpack_from(header, loc.l3 + 4) if loc.version == 4 else (0,)
+    nchunks = max(1, -(-len(payload) // per))
+    out: list[tuple[bytearray, FrameInfo]] = []
+    for k in range(nchunks):
+        chunk = payload[k * per : (k + 1) * per]
+        seg = bytearray(header)
+        seg += chunk
+        flags = tcp_flags
+        if k + 1 < nchunks:
+            flags &= ~0x09
+        if k > 0:
+            flags &= ~0x80
+        seg[loc.l4 + 13] = flags
+        _U32.pack_into(seg, loc.l4 + 4, (seq + k * per) & 0xFFFFFFFF)
+        if loc.version == 4:
+            _U16.pack_into(seg, loc.l3 + 2, len(seg) - loc.l3)
+            _U16.pack_into(seg, loc.l3 + 4, (ip_id + k * (per // info.gso_size)) & 0xFFFF)
+            _U16.pack_into(seg, loc.l3 + 10, 0)
+            ihl = (seg[loc.l3] & 0x0F) * 4
+            _U16.pack_into(seg, loc.l3 + 10, inet_checksum(seg[loc.l3 : loc.l3 + ihl]))
+        else:
+            _U16.pack_into(seg, loc.l3 + 4, len(seg) - loc.l3 - 40)
+        l4_len = len(seg) - loc.l4
+        _U16.pack_into(seg, loc.l4 + loc.csum_offset, _pseudo_sum(seg, loc, l4_len))
+        out.append((seg, info._replace(csum_blank=True)))
+    return out
+
+
 def resolve_offloads(
     frame: bytes | bytearray | memoryview,
     info: FrameInfo,
@@ -247,5 +293,6 @@ __all__ = [
     "locate_l4",
     "resolve_offloads",
     "segment_tcp",
+    "split_gso",
     "tcp_header_end",
 ]

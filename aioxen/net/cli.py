@@ -1,0 +1,191 @@
+"""``aioxen netback`` and ``aioxen netfront``: vifs on the command line.
+
+``aioxen netback --frontend DOMID [--frontend DOMID ...] (--tap NAME | --switch [--tap NAME])``
+creates the vif devices (the toolstack's job on ``unix``; skip with ``--no-create`` under
+a real toolstack) and serves them: with ``--tap`` the single vif is cross-connected to the
+TAP interface, with ``--switch`` all vifs (and the TAP, as an uplink) share a learning
+switch.  ``aioxen netfront --backend DOMID --tap NAME`` connects this domain's vif and
+cross-connects it with a TAP, so the kernel's own stack is the guest.  Both print one
+``READY`` line when serving/connected and run until interrupted (SIGINT/SIGTERM), then
+disconnect cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from typing import Any
+
+from aioxen.net import keys
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop_event() -> asyncio.Event:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in _STOP_SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _mac(text: str) -> bytes:
+    try:
+        return keys.parse_mac_value(text.encode())
+    except Exception:
+        raise argparse.ArgumentTypeError(f"invalid MAC address {text!r}") from None
+
+
+async def run_netback(args: argparse.Namespace) -> int:
+    import aioxen
+    from aioxen.net.back import Netback, Vif
+    from aioxen.net.bridge import attach_tap_to_vif
+    from aioxen.net.switch import FunctionPort, LearningSwitch
+    from aioxen.net.tap import TapDevice, TapPort
+
+    frontends: list[int] = args.frontend
+    if not args.switch and args.tap is None:
+        print("netback: give --tap NAME or --switch", file=sys.stderr)
+        return 2
+    if not args.switch and len(frontends) != 1:
+        print("netback: several frontends need --switch", file=sys.stderr)
+        return 2
+    stop = _stop_event()
+    plat = aioxen.platform()
+    async with plat:
+        switch = LearningSwitch() if args.switch else None
+        tap = TapDevice(args.tap) if args.tap else None
+        ports: dict[int, TapPort] = {}
+        if switch is not None and tap is not None:
+            tap.set_offload(csum=True, tso4=True, tso6=True)
+            uplink = FunctionPort(tap.name, tap.write_frame, accept_csum=True, accept_gso=True)
+            switch.add_port(uplink)
+            up = TapPort(tap, lambda f, i: switch.input(uplink, f, i))
+            up.resume_reading()
+
+        def connect(vif: Vif) -> Any:
+            if switch is None:
+                assert tap is not None
+                ports[id(vif)] = attach_tap_to_vif(vif, tap)
+                return tap.write_frame
+            switch.add_port(vif)
+            return lambda frame, info: switch.input(vif, frame, info)
+
+        def disconnect(vif: Vif) -> None:
+            port = ports.pop(id(vif), None)
+            if port is not None:
+                port.pause_reading()
+            if switch is not None:
+                switch.remove_port(vif)
+
+        netback = Netback(plat, connect=connect, disconnect=disconnect)
+        for fe in frontends:
+            await netback.add(fe, args.devid, create=not args.no_create, mac=args.mac, mtu=args.mtu)
+        print(
+            f"READY netback domain {plat.domid} serving "
+            + ", ".join(f"vif {fe}/{args.devid}" for fe in frontends),
+            flush=True,
+        )
+        waiter = asyncio.ensure_future(netback.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        waiter.cancel()
+        await netback.close(remove=not args.no_create)
+        if tap is not None:
+            tap.close()
+    return 0
+
+
+async def run_netfront(args: argparse.Namespace) -> int:
+    import aioxen
+    from aioxen.net.bridge import TapFrontend
+    from aioxen.net.front import create_frontend
+    from aioxen.net.tap import TapDevice, format_mac
+
+    stop = _stop_event()
+    plat = aioxen.platform()
+    async with plat:
+        tap = TapDevice(args.tap)
+        try:
+            transport, protocol = await create_frontend(
+                lambda: TapFrontend(tap, configure_link=not args.keep_link),
+                args.backend,
+                args.devid,
+                platform=plat,
+                offload=not args.no_offload,
+                timeout=args.timeout,
+            )
+            assert isinstance(protocol, TapFrontend)
+            print(
+                f"READY netfront vif {plat.domid}/{args.devid} on {tap.name} "
+                f"mac {format_mac(transport.get_extra_info('mac'))} "
+                f"mtu {transport.get_extra_info('mtu')}",
+                flush=True,
+            )
+            stopper = asyncio.ensure_future(stop.wait())
+            waits: list[asyncio.Future[Any]] = [stopper, protocol.closed]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if protocol.closed.done():
+                exc = protocol.closed.result()
+                if exc is not None:
+                    print(f"netfront: disconnected: {exc}", file=sys.stderr)
+                    return 1
+                return 0
+            transport.close()
+            await transport.wait_closed()
+        finally:
+            tap.close()
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "netback",
+        help="serve netfront vifs: to a TAP device, a learning switch, or both",
+        description=run_netback.__doc__ or __doc__,
+    )
+    p.add_argument(
+        "--frontend",
+        type=int,
+        action="append",
+        required=True,
+        metavar="DOMID",
+        help="frontend domain to serve (repeat for several)",
+    )
+    p.add_argument("--devid", type=int, default=0, help="vif device id (default 0)")
+    p.add_argument("--tap", metavar="NAME", help="TAP interface (created if missing)")
+    p.add_argument("--switch", action="store_true", help="switch between all vifs (+ --tap)")
+    p.add_argument("--mac", type=_mac, default=None, help="frontend MAC (default 00:16:3e:..)")
+    p.add_argument("--mtu", type=int, default=keys.DEFAULT_MTU, help="vif MTU (default 1500)")
+    p.add_argument(
+        "--no-create",
+        action="store_true",
+        help="serve devices a toolstack created instead of creating them",
+    )
+    p.set_defaults(func=run_netback)
+
+    f = subparsers.add_parser(
+        "netfront",
+        help="connect this domain's vif and cross-connect it with a TAP device",
+        description=__doc__,
+    )
+    f.add_argument("--backend", type=int, default=None, metavar="DOMID", help="backend domain")
+    f.add_argument("--devid", type=int, default=0, help="vif device id (default 0)")
+    f.add_argument("--tap", metavar="NAME", required=True, help="TAP interface")
+    f.add_argument(
+        "--no-offload", action="store_true", help="refuse partial checksums and GSO on receive"
+    )
+    f.add_argument(
+        "--keep-link", action="store_true", help="do not copy the vif's MAC/MTU to the TAP"
+    )
+    f.add_argument("--timeout", type=float, default=30.0, help="connect timeout (s)")
+    f.set_defaults(func=run_netfront)
+
+
+__all__ = ["register", "run_netback", "run_netfront"]
