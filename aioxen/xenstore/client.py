@@ -533,6 +533,7 @@ class XenStoreClient(_Ops):
         for watch in list(self._watches.values()):
             watch._closed = True
             watch._wakeup.set()
+        self._watches.clear()  # closed by us: their iteration ends, it does not fail
         transport, self._transport = self._transport, None
         if transport is not None:
             await transport.close()

@@ -1,8 +1,8 @@
 """XenStore conformance: the same client API and server semantics on ``inheap`` (in-process
 engine) and ``unix`` (a real ``aioxen xenstored`` process over its socket).
 
-Clients come from ``Platform.store`` when the platform provides it, else from the
-constructors the platforms call (``XenStoreClient.in_process`` / ``for_unix_socket``).
+Clients come from ``Platform.store`` (the platforms build them with
+``XenStoreClient.in_process`` on an ``InHeapWorld``'s engine and ``for_unix_socket``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from aioxen.xenstore import (
     XenStoreError,
     XenStorePermissionError,
 )
-from aioxen.xenstore.engine import get_or_create_engine
 
 _ids = itertools.count(1)
 
@@ -49,39 +48,33 @@ class Store:
         return self.domid_base + n
 
 
-def _wired(plat_cls: type[Platform]) -> bool:
-    return plat_cls.store is not Platform.store
-
-
 @pytest.fixture(params=["inheap", "unix"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     n = next(_ids)
     platforms: list[Platform] = []
+    make_platform: Callable[[int], Platform]
     if request.param == "inheap":
         from aioxen.platform.inheap import InHeapPlatform, InHeapWorld
 
         world = InHeapWorld()
 
-        def make(domid: int) -> XenStoreClient:
-            if _wired(InHeapPlatform):
-                plat = InHeapPlatform(domid=domid, world=world)
-                platforms.append(plat)
-                return plat.store
-            return XenStoreClient.in_process(get_or_create_engine(world), domid, timeout=10)
+        def make_platform(domid: int) -> Platform:
+            return InHeapPlatform(domid=domid, world=world)
 
     else:
         from aioxen.platform.unix import UnixPlatform
 
         server: Xenstored = request.getfixturevalue("xenstored")
 
-        def make(domid: int) -> XenStoreClient:
-            if _wired(UnixPlatform):
-                plat = UnixPlatform(
-                    domid=domid, root=str(server.root), xenstored_path=server.socket
-                )
-                platforms.append(plat)
-                return plat.store
-            return XenStoreClient.for_unix_socket(server.socket, domid, timeout=10)
+        def make_platform(domid: int) -> Platform:
+            return UnixPlatform(domid=domid, root=str(server.root), xenstored_path=server.socket)
+
+    def make(domid: int) -> XenStoreClient:
+        plat = make_platform(domid)
+        platforms.append(plat)
+        xs = plat.store
+        xs.timeout = 10
+        return xs
 
     s = Store(request.param, make, f"/test/c{n}", 100 + 10 * n, platforms=platforms)
     yield s
@@ -402,3 +395,20 @@ async def test_transaction_in_a_domain(store: Store) -> None:
         Perm(d, "n"),
         Perm(0, "r"),
     ]
+
+
+async def test_closing_the_client_ends_watch_iteration(store: Store) -> None:
+    xs = store.client()
+    w = await xs.watch(store.base).start()
+    assert await w.next(timeout=5) == store.base
+
+    async def consume() -> list[str]:
+        return [p async for p in w]
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.01)
+    await xs.close()
+    assert await asyncio.wait_for(task, 5) == []
+    await w.close()
+    with pytest.raises(ConnectionResetError, match="closed"):
+        await xs.read(store.base)
