@@ -41,6 +41,10 @@ void     ax_memcpy_repeat(void *dst, const void *src, size_t n, uint64_t times);
 /* io/ring.h rings (aioxen.rings.rpc) */
 int      ax_ring_push(void *base, size_t prod_off, size_t event_off, uint32_t old, uint32_t nw);
 void     ax_store_fence(void *base, size_t off, uint32_t v);
+int      ax_ring_push_checked(void *base, size_t prod_off, size_t event_off, uint32_t old,
+                              uint32_t nw);
+uint32_t ax_ring_final_check(void *base, size_t prod_off, size_t event_off, uint32_t cons,
+                             uint32_t ahead);
 """
 
 SOURCE = r"""
@@ -169,6 +173,28 @@ static void ax_store_fence(void *b, size_t off, uint32_t v)
 {
     __atomic_store_n(AX_PTR(uint32_t, b, off), v, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+/* ax_ring_push, but first check that our own producer index still holds `old` (the peer
+ * must never write it): -1 if it was overwritten, else the notify decision. */
+static int ax_ring_push_checked(void *b, size_t prod_off, size_t event_off, uint32_t old,
+                                uint32_t nw)
+{
+    if (__atomic_load_n(AX_PTR(uint32_t, b, prod_off), __ATOMIC_RELAXED) != old) return -1;
+    return ax_ring_push(b, prod_off, event_off, old, nw);
+}
+
+/* RING_FINAL_CHECK_FOR_*: read the peer's producer once; if it equals `cons` (nothing
+ * new), ask for an event at cons + ahead, fence, and read it again.  Returns the producer
+ * index last read; the caller validates it. */
+static uint32_t ax_ring_final_check(void *b, size_t prod_off, size_t event_off, uint32_t cons,
+                                    uint32_t ahead)
+{
+    uint32_t prod = __atomic_load_n(AX_PTR(uint32_t, b, prod_off), __ATOMIC_ACQUIRE);
+    if (prod != cons) return prod;
+    __atomic_store_n(AX_PTR(uint32_t, b, event_off), cons + ahead, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return __atomic_load_n(AX_PTR(uint32_t, b, prod_off), __ATOMIC_ACQUIRE);
 }
 """
 

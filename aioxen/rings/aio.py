@@ -37,13 +37,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Generic, Self, TypeVar
 
 from aioxen.errors import ProtocolError
 from aioxen.platform.base import EventChannel, Mapping, Platform, Share
-from aioxen.rings.formats import EntryFormat
+from aioxen.rings.formats import EntryFormat, batch_codec
 from aioxen.rings.rpc import BackRing, FrontRing, ring_pages
 
 Req = TypeVar("Req")
@@ -115,7 +116,11 @@ class _Adapter:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._run_flush)
+            self._loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        if self._flush_scheduled:  # not already done by an explicit flush
+            self._run_flush()
 
     def _run_flush(self) -> None:
         self._flush_scheduled = False
@@ -131,6 +136,22 @@ class _Adapter:
 
     def _shutdown(self, exc: BaseException | None) -> None:
         raise NotImplementedError
+
+
+class _Batch:
+    """The responses one ``submit``/``request_many`` call is waiting for."""
+
+    __slots__ = ("future", "remaining", "results", "single")
+
+    def __init__(self, future: asyncio.Future[Any], n: int, single: bool = False) -> None:
+        self.future = future
+        self.remaining = n
+        self.results: list[Any] = [None] * n
+        self.single = single
+
+    def finish(self) -> None:
+        if not self.future.done():  # a cancelled caller's answers are dropped
+            self.future.set_result(self.results[0] if self.single else self.results)
 
 
 class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
@@ -155,8 +176,10 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
         if 0 < ring.request_format.id_bits < 64:
             nids = min(nids, 1 << ring.request_format.id_bits)
         self._free_ids: deque[int] = deque(range(nids))
-        self._pending: dict[int, asyncio.Future[Rsp]] = {}
+        self._pending: dict[int, tuple[_Batch, int]] = {}
         self._slot_waiters: deque[asyncio.Future[int]] = deque()
+        self._req_codec = batch_codec(ring.request_format, ring.slot_size)
+        self._rsp_codec = batch_codec(ring.response_format, ring.slot_size)
         self.refs: list[int] = []
         self.port: int = channel.port
         channel.set_handler(self._on_event)
@@ -206,21 +229,30 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
         return len(self._free_ids)
 
     # -- submitting ------------------------------------------------------------------
-    async def _acquire_id(self) -> int:
+    async def _acquire_ids(self, most: int) -> list[int]:
+        """Between 1 and ``most`` free ids; waits (FIFO with other callers) for the first."""
         self._check_open()
-        if self._free_ids and not self._slot_waiters:
-            return self._free_ids.popleft()
-        fut: asyncio.Future[int] = self._loop.create_future()
-        self._slot_waiters.append(fut)
-        try:
-            return await fut
-        except BaseException:
-            if fut in self._slot_waiters:
-                self._slot_waiters.remove(fut)
-            elif fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._free_ids.appendleft(fut.result())  # handed an id: give it back
-                self._wake_slot_waiters()
-            raise
+        free = self._free_ids
+        if not free or self._slot_waiters:
+            fut: asyncio.Future[int] = self._loop.create_future()
+            self._slot_waiters.append(fut)
+            try:
+                ids = [await fut]
+            except BaseException:
+                if fut in self._slot_waiters:
+                    self._slot_waiters.remove(fut)
+                elif fut.done() and not fut.cancelled() and fut.exception() is None:
+                    free.appendleft(fut.result())  # handed an id: give it back
+                    self._wake_slot_waiters()
+                raise
+            if self._slot_waiters:
+                return ids
+            most -= 1
+        else:
+            ids = []
+        n = min(most, len(free))
+        ids += [free.popleft() for _ in range(n)]
+        return ids
 
     def _wake_slot_waiters(self) -> None:
         """Hand free ids to slot waiters, first come first served."""
@@ -229,24 +261,25 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
             if not fut.done():
                 fut.set_result(self._free_ids.popleft())
 
-    def _put(self, ident: int, req: Req) -> asyncio.Future[Rsp]:
-        req = self._req_fmt.with_id(req, ident)
-        self._ring.put_request(req)
-        fut: asyncio.Future[Rsp] = self._loop.create_future()
-        self._pending[ident] = fut
-        self._schedule_flush()
-        return fut
+    def _put(self, batch: _Batch, base: int, reqs: Sequence[Req], ids: list[int]) -> None:
+        """Write ``reqs`` (positions ``base..`` of ``batch``) with ``ids`` into the ring."""
+        try:
+            self._ring.put_encoded(self._req_codec.pack_with_ids(reqs, ids))
+        except BaseException:
+            self._free_ids.extendleft(reversed(ids))
+            raise
+        entries = [(batch, k) for k in range(base, base + len(ids))]
+        self._pending.update(zip(ids, entries))  # noqa: B905
 
     async def submit(self, req: Req) -> asyncio.Future[Rsp]:
         """Wait for a free slot, queue ``req`` (its ``id`` is replaced by a fresh one) and
         return a future for the response.  The request is published with the other
         requests of this loop iteration."""
-        ident = await self._acquire_id()
-        try:
-            return self._put(ident, req)
-        except BaseException:
-            self._free_ids.appendleft(ident)
-            raise
+        ids = await self._acquire_ids(1)
+        batch = _Batch(self._loop.create_future(), 1, single=True)
+        self._put(batch, 0, (req,), ids)
+        self._schedule_flush()
+        return batch.future
 
     async def request(self, req: Req, *, timeout: float | None = None) -> Rsp:
         """Submit ``req`` and wait for its response.  Cancellation (or ``timeout``) while
@@ -257,11 +290,28 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
             return await fut
 
     async def request_many(self, reqs: Iterable[Req], *, timeout: float | None = None) -> list[Rsp]:
-        """Submit all of ``reqs`` (as many per push as there are free slots) and return
-        their responses in order."""
+        """Submit all of ``reqs`` and return their responses in order.  As many requests
+        as there are free slots go out in one push (one notify at most); the rest follow
+        as slots free up."""
+        batch_reqs = reqs if isinstance(reqs, Sequence) else list(reqs)
+        if not batch_reqs:
+            return []
+        if timeout is None:
+            return await self._request_many(batch_reqs)
         async with asyncio.timeout(timeout):
-            futs = [await self.submit(r) for r in reqs]
-            return [await f for f in futs]
+            return await self._request_many(batch_reqs)
+
+    async def _request_many(self, reqs: Sequence[Req]) -> list[Rsp]:
+        n = len(reqs)
+        batch = _Batch(self._loop.create_future(), n)
+        done = 0
+        while done < n:
+            ids = await self._acquire_ids(n - done)
+            self._put(batch, done, reqs[done : done + len(ids)], ids)
+            done += len(ids)
+            self._run_flush()
+        results: list[Rsp] = await batch.future
+        return results
 
     def _flush(self) -> None:
         if self._ring.push_requests():
@@ -285,21 +335,30 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
             self._shutdown(self._peer_gone_error())
 
     def _poll(self) -> None:
-        ring, fmt, pending, freed = self._ring, self._rsp_fmt, self._pending, False
+        ring, pending, free, ids_of = self._ring, self._pending, self._free_ids, self._rsp_codec.ids
+        freed = False
         while True:
-            for rsp in ring.take_responses():
-                ident = fmt.get_id(rsp)
-                fut = pending.pop(ident, None)
-                if fut is None:
+            rsps = ring.take_responses()
+            if rsps:
+                ids = ids_of(rsps)
+                entries = list(map(pending.pop, ids, itertools.repeat(None)))
+                bad = entries.index(None) if None in entries else -1
+                if bad >= 0:  # deliver what came before the first bad id, then fail
+                    bad_id = ids[bad]
+                    del entries[bad:], rsps[bad:], ids[bad:]
+                free.extend(ids)
+                for (batch, k), rsp in zip(entries, rsps):  # type: ignore[misc]  # noqa: B905
+                    batch.results[k] = rsp
+                    batch.remaining -= 1
+                    if not batch.remaining:
+                        batch.finish()
+                if bad >= 0:
                     raise ProtocolError(
-                        f"ring {self._name}: response with id {ident}, which is not an "
+                        f"ring {self._name}: response with id {bad_id}, which is not an "
                         f"outstanding request (unknown or already answered)",
                         field="id",
                     )
-                self._free_ids.append(ident)
                 freed = True
-                if not fut.done():
-                    fut.set_result(rsp)
             if not ring.final_check_for_responses():
                 break
         if freed and self._slot_waiters:
@@ -314,7 +373,8 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
             self._error = exc
         err = self._shutdown_error()
         self._channel.set_handler(None)
-        for fut in self._pending.values():
+        for batch, _ in self._pending.values():
+            fut = batch.future
             if not fut.done():
                 fut.set_exception(_copy_error(err))
                 fut.exception()  # the caller may have given up; don't warn about it
@@ -358,6 +418,15 @@ def _copy_error(err: BaseException) -> BaseException:
 Handler = Callable[[Req], "Awaitable[Rsp] | Rsp"]
 
 
+def _first_reused(ids: list[int], serving: set[int]) -> int:
+    seen: set[int] = set()
+    for i in ids:
+        if i in serving or i in seen:
+            return i
+        seen.add(i)
+    raise AssertionError("no reused id")
+
+
 class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
     """Serve requests: iterate over them and :meth:`respond`, or :meth:`serve` a handler."""
 
@@ -378,6 +447,8 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
         self._event = False
         self._waiter: asyncio.Future[None] | None = None
         self._buffer: deque[Req] = deque()
+        self._req_codec = batch_codec(ring.request_format, ring.slot_size)
+        self._rsp_codec = batch_codec(ring.response_format, ring.slot_size)
         channel.set_handler(self._on_event)
 
     @classmethod
@@ -443,16 +514,17 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
     def _take(self) -> list[Req]:
         try:
             reqs = self._ring.take_requests()
-            if self._check_ids:
-                for r in reqs:
-                    ident = self._req_fmt.get_id(r)
-                    if ident in self._serving:
-                        raise ProtocolError(
-                            f"ring {self._name}: request id {ident} reused while still "
-                            f"being served",
-                            field="id",
-                        )
-                    self._serving.add(ident)
+            if self._check_ids and reqs:
+                ids = self._req_codec.ids(reqs)
+                serving = self._serving
+                fresh = set(ids)
+                if len(fresh) != len(ids) or not serving.isdisjoint(fresh):
+                    dup = _first_reused(ids, serving)
+                    raise ProtocolError(
+                        f"ring {self._name}: request id {dup} reused while still being served",
+                        field="id",
+                    )
+                serving |= fresh
             return reqs
         except ProtocolError as exc:
             self._shutdown(exc)
@@ -501,18 +573,28 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
     # -- responding ------------------------------------------------------------------
     def respond(self, rsp: Rsp) -> None:
         """Queue a response; responses of one loop iteration are pushed together."""
-        self._check_open()
-        if self._check_ids:
-            ident = self._rsp_fmt.get_id(rsp)
-            if ident not in self._serving:
-                raise ValueError(f"ring {self._name}: no request with id {ident} is being served")
-            self._serving.discard(ident)
-        self._ring.put_response(rsp)
-        self._schedule_flush()
+        self.respond_many((rsp,))
 
     def respond_many(self, rsps: Iterable[Rsp]) -> None:
-        for r in rsps:
-            self.respond(r)
+        """Queue several responses (one encode and copy into the ring)."""
+        self._check_open()
+        batch = rsps if isinstance(rsps, Sequence) else list(rsps)
+        if batch:
+            self._put_responses(batch)
+            self._schedule_flush()
+
+    def _put_responses(self, batch: Sequence[Rsp]) -> None:
+        if self._check_ids:
+            ids = set(self._rsp_codec.ids(batch))
+            if len(ids) != len(batch) or not ids <= self._serving:
+                raise ValueError(
+                    f"ring {self._name}: responses must answer distinct requests being "
+                    f"served; ids {sorted(ids - self._serving)} are not being served"
+                )
+            self._ring.put_responses(batch)
+            self._serving -= ids
+        else:
+            self._ring.put_responses(batch)
 
     def _flush(self) -> None:
         if self._ring.push_responses():
@@ -524,36 +606,97 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
         self._run_flush()
 
     async def serve(self, handler: Handler[Req, Rsp]) -> None:
-        """Answer every request with ``handler(req)`` (a function or a coroutine function;
-        coroutines run concurrently).  Returns after :meth:`close`; raises
-        ``ConnectionResetError`` when the peer goes away and :class:`ProtocolError` when
-        it misbehaves.  Handler exceptions propagate and shut the ring down."""
+        """Answer every request with ``handler(req)``.
+
+        A plain function runs right in the event-channel callback: each batch is taken,
+        answered and pushed (one push, at most one notify) before the loop moves on.  A
+        coroutine function's calls run concurrently as tasks and their answers are pushed
+        together at the end of each loop iteration.  Returns after :meth:`close`; raises
+        ``ConnectionResetError`` when the peer goes away, :class:`ProtocolError` when it
+        misbehaves, and the handler's own exception (after shutting the ring down).
+        Cancelling ``serve`` stops serving and leaves the ring open.
+        """
+        if inspect.iscoroutinefunction(handler):
+            await self._serve_tasks(handler)
+        else:
+            await self._serve_callback(handler)  # type: ignore[arg-type]
+
+    async def _serve_callback(self, handler: Callable[[Req], Rsp]) -> None:
+        self._check_open()
+        done: asyncio.Future[None] = self._loop.create_future()
+        failure: list[BaseException] = []
+
+        def on_event() -> None:
+            if self._closed:
+                return
+            try:
+                final_check = self._ring.final_check_for_requests
+                while True:
+                    reqs = self._buffer_and_take()
+                    if reqs:
+                        results = list(map(handler, reqs))
+                        if inspect.isawaitable(results[0]):
+                            raise TypeError(
+                                "serve(): handler returned an awaitable; make it an async def"
+                            )
+                        self._put_responses(results)
+                        self._run_flush()
+                    if not final_check():
+                        break
+            except ProtocolError as exc:
+                self._shutdown(exc)
+            except Exception as exc:
+                failure.append(exc)
+                self._shutdown(RingShutdown(f"ring {self._name}: handler failed: {exc!r}"))
+            else:
+                if self._channel.peer_lost:
+                    self._shutdown(self._peer_gone_error())
+            if self._closed and not done.done():
+                done.set_result(None)
+
+        self._waiter = done  # _shutdown resolves it
+        self._channel.set_handler(on_event)
+        try:
+            on_event()  # requests published before we started listening
+            await done
+        finally:
+            self._waiter = None
+            if not self._closed:
+                self._channel.set_handler(self._on_event)
+        if failure:
+            raise failure[0]
+        if self._error is not None:
+            raise self._error
+
+    def _buffer_and_take(self) -> list[Req]:
+        if self._buffer:  # requests an iterator took but did not hand out yet
+            reqs = list(self._buffer)
+            self._buffer.clear()
+            return reqs
+        return self._take()
+
+    async def _serve_tasks(self, handler: Callable[[Req], Awaitable[Rsp]]) -> None:
         tasks: set[asyncio.Task[None]] = set()
         failure: list[BaseException] = []
 
-        async def run(req: Req, aw: Awaitable[Rsp]) -> None:
+        async def run(aw: Awaitable[Rsp]) -> None:
             try:
                 rsp = await aw
-            except BaseException as exc:
-                if not isinstance(exc, asyncio.CancelledError):
-                    failure.append(exc)
-                    self._shutdown(RingShutdown(f"ring {self._name}: handler failed: {exc!r}"))
+            except asyncio.CancelledError:
                 raise
+            except BaseException as exc:
+                failure.append(exc)
+                self._shutdown(RingShutdown(f"ring {self._name}: handler failed: {exc!r}"))
+                return
             if not self._closed:
                 self.respond(rsp)
 
         try:
             async for batch in self.batches():
                 for req in batch:
-                    result = handler(req)
-                    if inspect.isawaitable(result):
-                        t = asyncio.ensure_future(run(req, result))
-                        tasks.add(t)
-                        t.add_done_callback(tasks.discard)
-                    else:
-                        self.respond(result)
-                if failure:
-                    raise failure[0]
+                    t = asyncio.ensure_future(run(handler(req)))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
         except RingShutdown:
             if failure:
                 raise failure[0] from None

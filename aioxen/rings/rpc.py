@@ -36,12 +36,12 @@ shared memory once and decoded from the private copy.  A violation raises
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 from aioxen.errors import ProtocolError
 from aioxen.native import Buffer, SharedBuffer, lib
-from aioxen.rings.formats import EntryFormat, slot_size
+from aioxen.rings.formats import BatchCodec, EntryFormat, batch_codec, slot_size
 
 Req = TypeVar("Req")
 Rsp = TypeVar("Rsp")
@@ -56,6 +56,10 @@ PAGE_SIZE = 4096
 MAX_RING_PAGE_ORDER = 9
 """Largest order accepted (512 pages); Linux backends allow at most 4 (16 pages)."""
 U32 = 0xFFFFFFFF
+# Header offsets are constants inside the (>= 64 byte) buffer: no bounds checks needed.
+_load_u32 = lib.ax_load_u32
+_push_checked = lib.ax_ring_push_checked
+_final_check = lib.ax_ring_final_check
 
 
 class RingFull(Exception):
@@ -104,7 +108,11 @@ class _Ring(Generic[Req, Rsp]):
         "_error",
         "_mask",
         "_name",
+        "_ok",
+        "_ptr",
+        "_req_codec",
         "_req_fmt",
+        "_rsp_codec",
         "_rsp_fmt",
         "_sb",
         "_slot",
@@ -119,6 +127,8 @@ class _Ring(Generic[Req, Rsp]):
         rsp_fmt: EntryFormat[Rsp],
         name: str,
     ) -> None:
+        self._slot = slot_size(req_fmt, rsp_fmt)
+        self.nr_ents = ring_entries(memoryview(buf).nbytes, self._slot)
         view = memoryview(buf).cast("B")
         if view.readonly:
             view.release()
@@ -126,12 +136,14 @@ class _Ring(Generic[Req, Rsp]):
         self._view = view
         self._req_fmt = req_fmt
         self._rsp_fmt = rsp_fmt
+        self._req_codec = batch_codec(req_fmt, self._slot)
+        self._rsp_codec = batch_codec(rsp_fmt, self._slot)
         self._name = name
-        self._slot = slot_size(req_fmt, rsp_fmt)
-        self.nr_ents = ring_entries(len(view), self._slot)
         self._mask = self.nr_ents - 1
         self._sb = SharedBuffer(view)
+        self._ptr: Any = self._sb.pointer
         self._error: ProtocolError | None = None
+        self._ok = True  # neither broken nor closed: the hot paths test only this
 
     @property
     def name(self) -> str:
@@ -162,33 +174,52 @@ class _Ring(Generic[Req, Rsp]):
 
     def _fail(self, message: str, field: str) -> ProtocolError:
         self._error = ProtocolError(f"ring {self._name}: {message}", field=field)
+        self._ok = False
         return self._error
 
-    def _slot_offset(self, idx: int) -> int:
-        return HEADER_SIZE + (idx & self._mask) * self._slot
+    def _read_slots(self, codec: BatchCodec[Any], start: int, n: int) -> list[Any]:
+        """Copy ``n`` slots from ring index ``start`` out of shared memory (once), decode."""
+        slot, view = self._slot, self._view
+        first = start & self._mask
+        a = HEADER_SIZE + first * slot
+        if first + n <= self.nr_ents:
+            data = bytes(view[a : a + n * slot])
+        else:
+            wrapped = first + n - self.nr_ents
+            data = bytes(view[a : HEADER_SIZE + self.nr_ents * slot]) + bytes(
+                view[HEADER_SIZE : HEADER_SIZE + wrapped * slot]
+            )
+        return codec.unpack(data)
 
-    def _read_slots(self, fmt: EntryFormat[Any], start: int, n: int) -> list[Any]:
-        view, slot, mask, size = self._view, self._slot, self._mask, fmt.size
-        out = []
-        for i in range(n):
-            off = HEADER_SIZE + ((start + i) & mask) * slot
-            out.append(fmt.unpack_from(bytes(view[off : off + size])))
-        return out
+    def _write_slots(self, codec: BatchCodec[Any], start: int, values: Sequence[Any]) -> None:
+        """Encode ``values`` into consecutive slots from ring index ``start``."""
+        self._write_encoded(start, codec.pack(values))
 
-    def _write_slot(self, fmt: EntryFormat[Any], idx: int, value: Any) -> None:
-        fmt.pack_into(self._view, self._slot_offset(idx), value)
+    def _write_encoded(self, start: int, data: bytes) -> None:
+        """Copy whole encoded slots into the ring from index ``start`` (wrapping)."""
+        slot, view = self._slot, self._view
+        first = start & self._mask
+        a = HEADER_SIZE + first * slot
+        room = (self.nr_ents - first) * slot
+        if len(data) <= room:
+            view[a : a + len(data)] = data
+        else:
+            view[a : a + room] = data[:room]
+            view[HEADER_SIZE : HEADER_SIZE + len(data) - room] = data[room:]
 
     def _push(self, prod_off: int, event_off: int, old: int, new: int, field: str) -> bool:
-        seen = self._sb.load_u32(prod_off)
-        if seen != old:
+        notify = _push_checked(self._ptr, prod_off, event_off, old, new)
+        if notify < 0:
+            seen = _load_u32(self._ptr, prod_off)
             raise self._fail(
                 f"{field} was overwritten by the peer (found {seen}, we published {old})", field
             )
-        return bool(lib.ax_ring_push(self._sb.pointer, prod_off, event_off, old, new))
+        return bool(notify > 0)
 
     def close(self) -> None:
         """Drop the pin on the shared memory (idempotent)."""
         if self._view is not None:
+            self._ok = False
             self._sb.release()
             self._view.release()
             self._view = None  # type: ignore[assignment]
@@ -255,31 +286,59 @@ class FrontRing(_Ring[Req, Rsp]):
         if self.free_requests == 0:
             raise RingFull(f"ring {self._name}: all {self.nr_ents} slots in use")
         idx = self._req_prod_pvt
-        self._write_slot(self._req_fmt, idx, value)
+        self._write_slots(self._req_codec, idx, (value,))
         self._req_prod_pvt = (idx + 1) & U32
         return idx
 
     def put_requests(self, values: Iterable[Req]) -> int:
-        """Put as many of ``values`` as fit; return how many were put."""
-        n = 0
-        for v in values:
-            if self.free_requests == 0:
-                break
-            self.put_request(v)
-            n += 1
-        return n
+        """Put as many of ``values`` as fit (one encode and copy for the batch); return
+        how many were put."""
+        if not self._ok:
+            self._check()
+        free = self.nr_ents - ((self._req_prod_pvt - self._rsp_cons) & U32)
+        batch = values if isinstance(values, Sequence) else list(values)
+        if len(batch) > free:
+            batch = batch[:free]
+        if batch:
+            self._write_slots(self._req_codec, self._req_prod_pvt, batch)
+            self._req_prod_pvt = (self._req_prod_pvt + len(batch)) & U32
+        return len(batch)
+
+    def put_encoded(self, data: bytes) -> int:
+        """Put requests already encoded into whole slots (e.g. by
+        :meth:`BatchCodec.pack_with_ids`); :class:`RingFull` (nothing written) if they do
+        not all fit.  Returns the ring index of the first."""
+        if not self._ok:
+            self._check()
+        n, rest = divmod(len(data), self._slot)
+        if rest:
+            raise ValueError(f"ring {self._name}: {len(data)} bytes is not whole slots")
+        if n > self.nr_ents - ((self._req_prod_pvt - self._rsp_cons) & U32):
+            raise RingFull(f"ring {self._name}: {n} requests, {self.free_requests} free slots")
+        start = self._req_prod_pvt
+        self._write_encoded(start, data)
+        self._req_prod_pvt = (start + n) & U32
+        return start
+
+    @property
+    def request_codec(self) -> BatchCodec[Req]:
+        return self._req_codec
 
     def push_requests(self) -> bool:
         """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY``: publish the put requests; return
         whether the back end must be notified."""
-        self._check()
+        if not self._ok:
+            self._check()
         old, new = self._req_pushed, self._req_prod_pvt
         notify = self._push(REQ_PROD, REQ_EVENT, old, new, "req_prod")
         self._req_pushed = new
         return notify
 
-    def _rsp_available(self) -> int:
-        prod = self._sb.load_u32(RSP_PROD)
+    def _rsp_available(self, prod: int | None = None) -> int:
+        """Validated number of unconsumed responses (``prod``: an already loaded
+        ``rsp_prod``; by default it is loaded now)."""
+        if prod is None:
+            prod = int(_load_u32(self._ptr, RSP_PROD))
         avail = (prod - self._rsp_cons) & U32
         if avail > (self._req_pushed - self._rsp_cons) & U32:
             raise self._fail(
@@ -297,24 +356,25 @@ class FrontRing(_Ring[Req, Rsp]):
 
     def take_responses(self, limit: int | None = None) -> list[Rsp]:
         """Consume up to ``limit`` (default: all) published responses, in order."""
-        self._check()
+        if not self._ok:
+            self._check()
         n = self._rsp_available()
         if limit is not None:
             n = min(n, limit)
         if n == 0:
             return []
-        out = self._read_slots(self._rsp_fmt, self._rsp_cons, n)
+        out = self._read_slots(self._rsp_codec, self._rsp_cons, n)
         self._rsp_cons = (self._rsp_cons + n) & U32
         return out
 
     def final_check_for_responses(self, ahead: int = 1) -> bool:
         """``RING_FINAL_CHECK_FOR_RESPONSES``: true if responses are waiting; otherwise ask
         to be notified when the ``ahead``-th next response is published, and look again."""
-        self._check()
-        if self._rsp_available():
-            return True
-        lib.ax_store_fence(self._sb.pointer, RSP_EVENT, (self._rsp_cons + ahead) & U32)
-        return self._rsp_available() > 0
+        if not self._ok:
+            self._check()
+        cons = self._rsp_cons
+        prod = int(_final_check(self._ptr, RSP_PROD, RSP_EVENT, cons, ahead))
+        return self._rsp_available(prod) > 0
 
 
 class BackRing(_Ring[Req, Rsp]):
@@ -337,7 +397,7 @@ class BackRing(_Ring[Req, Rsp]):
     ) -> None:
         super().__init__(buf, req_fmt, rsp_fmt, name)
         if start is None:
-            start = self._sb.load_u32(RSP_PROD)
+            start = _load_u32(self._ptr, RSP_PROD)
         start &= U32
         self._req_cons = start
         self._rsp_prod_pvt = start
@@ -360,8 +420,11 @@ class BackRing(_Ring[Req, Rsp]):
     def unpushed(self) -> int:
         return (self._rsp_prod_pvt - self._rsp_pushed) & U32
 
-    def _req_available(self) -> int:
-        prod = self._sb.load_u32(REQ_PROD)
+    def _req_available(self, prod: int | None = None) -> int:
+        """Validated number of unconsumed requests (``prod``: an already loaded
+        ``req_prod``; by default it is loaded now)."""
+        if prod is None:
+            prod = int(_load_u32(self._ptr, REQ_PROD))
         avail = (prod - self._req_cons) & U32
         room = self.nr_ents - ((self._req_cons - self._rsp_prod_pvt) & U32)
         if avail > room:
@@ -380,13 +443,14 @@ class BackRing(_Ring[Req, Rsp]):
 
     def take_requests(self, limit: int | None = None) -> list[Req]:
         """Consume up to ``limit`` (default: all) published requests, in order."""
-        self._check()
+        if not self._ok:
+            self._check()
         n = self._req_available()
         if limit is not None:
             n = min(n, limit)
         if n == 0:
             return []
-        out = self._read_slots(self._req_fmt, self._req_cons, n)
+        out = self._read_slots(self._req_codec, self._req_cons, n)
         self._req_cons = (self._req_cons + n) & U32
         return out
 
@@ -396,20 +460,30 @@ class BackRing(_Ring[Req, Rsp]):
         if self.pending_responses == 0:
             raise RingFull(f"ring {self._name}: no consumed request left to respond to")
         idx = self._rsp_prod_pvt
-        self._write_slot(self._rsp_fmt, idx, value)
+        self._write_slots(self._rsp_codec, idx, (value,))
         self._rsp_prod_pvt = (idx + 1) & U32
         return idx
 
     def put_responses(self, values: Iterable[Rsp]) -> int:
-        n = 0
-        for v in values:
-            self.put_response(v)
-            n += 1
-        return n
+        """Write a batch of responses (one encode and copy); :class:`RingFull` (and
+        nothing written) if there are fewer consumed requests than responses."""
+        if not self._ok:
+            self._check()
+        batch = values if isinstance(values, Sequence) else list(values)
+        if len(batch) > (self._req_cons - self._rsp_prod_pvt) & U32:
+            raise RingFull(
+                f"ring {self._name}: {len(batch)} responses for "
+                f"{self.pending_responses} consumed requests"
+            )
+        if batch:
+            self._write_slots(self._rsp_codec, self._rsp_prod_pvt, batch)
+            self._rsp_prod_pvt = (self._rsp_prod_pvt + len(batch)) & U32
+        return len(batch)
 
     def push_responses(self) -> bool:
         """``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY``."""
-        self._check()
+        if not self._ok:
+            self._check()
         old, new = self._rsp_pushed, self._rsp_prod_pvt
         notify = self._push(RSP_PROD, RSP_EVENT, old, new, "rsp_prod")
         self._rsp_pushed = new
@@ -417,11 +491,11 @@ class BackRing(_Ring[Req, Rsp]):
 
     def final_check_for_requests(self, ahead: int = 1) -> bool:
         """``RING_FINAL_CHECK_FOR_REQUESTS``."""
-        self._check()
-        if self._req_available():
-            return True
-        lib.ax_store_fence(self._sb.pointer, REQ_EVENT, (self._req_cons + ahead) & U32)
-        return self._req_available() > 0
+        if not self._ok:
+            self._check()
+        cons = self._req_cons
+        prod = int(_final_check(self._ptr, REQ_PROD, REQ_EVENT, cons, ahead))
+        return self._req_available(prod) > 0
 
 
 __all__ = [

@@ -1,0 +1,289 @@
+"""``rings``: request/response round trips through an async ring pair across two processes.
+
+aioxen's :class:`~aioxen.rings.aio.AsyncFrontRing` (this process, domain 1) talks to an
+:class:`~aioxen.rings.aio.AsyncBackRing` echo server in a child process (domain 0) on the
+``unix`` platform: one shared page (netif TX request/response formats), one event channel.
+The baseline is the same exchange over a Unix ``SOCK_SEQPACKET`` socket pair: one message
+per request and per response, the server reading every waiting message before answering,
+both ends driven by the same event loop type (``loop.add_reader`` and non-blocking
+``send``/``recv``, the cheapest asyncio path).
+
+A *round trip* is one request answered; the client sends ``batch`` requests, waits for all
+their responses, and repeats for a fixed time.  Mechanisms are interleaved inside each
+repetition so machine noise hits both alike.
+
+``run(quick)`` returns one dict per (mechanism, batch) with all samples and the median;
+``python benchmarks/rings_suite.py [--quick]`` prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+BATCHES = (1, 8, 32)
+FRONT_DOMID, BACK_DOMID = 1, 0
+REQ = struct.Struct("<IHHHH")  # netif_tx_request
+RSP = struct.Struct("<Hh")  # netif_tx_response
+
+
+def _loop_factory(name: str) -> Any:
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+async def _serve_ring(root: str, refs: list[int], port: int) -> None:
+    import aioxen
+    from aioxen.rings import formats as F
+    from aioxen.rings.aio import AsyncBackRing
+
+    async with aioxen.platform("unix", root=root, domid=BACK_DOMID) as plat:
+        back = await AsyncBackRing.attach(
+            plat, FRONT_DOMID, refs, port, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE
+        )
+        print("READY", flush=True)
+
+        def echo(req: F.NetifTxRequest) -> F.NetifTxResponse:
+            return F.NetifTxResponse(req.id, req.size)
+
+        try:
+            await back.serve(echo)
+        except ConnectionResetError:
+            pass  # the client finished
+        finally:
+            back.close()
+
+
+async def _serve_seqpacket(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def readable() -> None:
+        while True:
+            try:
+                msg = sock.recv(64)
+            except BlockingIOError:
+                return
+            if not msg:
+                loop.remove_reader(sock.fileno())
+                if not done.done():
+                    done.set_result(None)
+                return
+            _gref, _off, _flags, ident, size = REQ.unpack(msg)
+            sock.send(RSP.pack(ident, size))
+
+    loop.add_reader(sock.fileno(), readable)
+    print("READY", flush=True)
+    await done
+    sock.close()
+
+
+# ----------------------------------------------------------------------------- clients
+
+
+class _SeqpacketClient:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.want = 0
+        self.got: list[int] = []
+        self.waiter: asyncio.Future[None] | None = None
+        self.loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                msg = self.sock.recv(64)
+            except BlockingIOError:
+                break
+            if not msg:
+                raise ConnectionResetError("seqpacket server went away")
+            self.got.append(RSP.unpack(msg)[1])
+        if len(self.got) >= self.want and self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def exchange(self, sizes: list[int]) -> list[int]:
+        self.got = []
+        self.want = len(sizes)
+        for i, s in enumerate(sizes):
+            self.sock.send(REQ.pack(i, 0, 0, i, s))
+        if len(self.got) < self.want:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        return self.got
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+async def _time_batches(exchange: Any, batch: int, seconds: float) -> float:
+    """Round trips per second of ``exchange(sizes)`` with ``batch`` requests per call."""
+    sizes = list(range(batch))
+    await exchange(sizes)  # warm up
+    n = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        got = await exchange(sizes)
+        if sorted(got) != sizes:
+            raise AssertionError(f"wrong responses: {got[:5]}...")
+        n += batch
+        now = time.perf_counter()
+        if now >= deadline:
+            return n / (now - t0)
+
+
+def _spawn(args: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        pass_fds=pass_fds,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "READY":
+        proc.kill()
+        raise RuntimeError(f"benchmark server failed to start: {line!r}")
+    return proc
+
+
+async def _measure(quick: bool, loop_name: str) -> list[dict[str, Any]]:
+    import aioxen
+    from aioxen.rings import formats as F
+    from aioxen.rings.aio import AsyncFrontRing
+
+    seconds = 0.25 if quick else 1.0
+    reps = 2 if quick else 5
+    root = tempfile.mkdtemp(prefix="aioxen-rings-bench-")
+    samples: dict[tuple[str, int], list[float]] = {}
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        async with aioxen.platform("unix", root=root, domid=FRONT_DOMID) as plat:
+            front = await AsyncFrontRing.create(
+                plat, BACK_DOMID, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE
+            )
+            refs = ",".join(map(str, front.refs))
+            procs.append(_spawn(["serve-ring", root, refs, str(front.port), loop_name]))
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            procs.append(_spawn(["serve-seqpacket", str(b.fileno()), loop_name], (b.fileno(),)))
+            b.close()
+            a.setblocking(False)
+            client = _SeqpacketClient(a)
+
+            async def ring_exchange(sizes: list[int]) -> list[int]:
+                rsps = await front.request_many(F.NetifTxRequest(0, 0, 0, 0, s) for s in sizes)
+                return [r.status for r in rsps]
+
+            mechanisms = [("ring/unix", ring_exchange), ("seqpacket", client.exchange)]
+            for _ in range(reps):
+                for batch in BATCHES:
+                    for name, fn in mechanisms:
+                        rate = await _time_batches(fn, batch, seconds)
+                        samples.setdefault((name, batch), []).append(rate)
+            front.close()
+            client.close()
+    finally:
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
+        shutil.rmtree(root, ignore_errors=True)
+    out = []
+    for (name, batch), values in samples.items():
+        out.append(
+            {
+                "suite": "rings",
+                "case": f"batch={batch}",
+                "mechanism": name,
+                "metric": "round trips",
+                "unit": "req/s",
+                "higher_is_better": True,
+                "ours": name == "ring/unix",
+                "loop": loop_name,
+                "params": {"batch": batch, "seconds": seconds},
+                "samples": values,
+                "median": statistics.median(values),
+            }
+        )
+    return out
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    """Measure both mechanisms at batch sizes 1, 8 and 32 (uvloop; also asyncio unless
+    ``quick``).  Returns one dict per mechanism/batch/loop."""
+    loops = ["uvloop"] if quick else ["uvloop", "asyncio"]
+    results: list[dict[str, Any]] = []
+    for name in loops:
+        with asyncio.Runner(loop_factory=_loop_factory(name)) as runner:
+            results += runner.run(_measure(quick, name))
+    return results
+
+
+def format_results(results: list[dict[str, Any]]) -> str:
+    lines = [f"{'loop':8} {'batch':>5} {'mechanism':10} {'median req/s':>13} {'ratio':>6}"]
+    base = {
+        (r["loop"], r["params"]["batch"]): r["median"]
+        for r in results
+        if r["mechanism"] == "seqpacket"
+    }
+    for r in sorted(results, key=lambda r: (r["loop"], r["params"]["batch"], not r["ours"])):
+        ratio = r["median"] / base[(r["loop"], r["params"]["batch"])]
+        lines.append(
+            f"{r['loop']:8} {r['params']['batch']:>5} {r['mechanism']:10} "
+            f"{r['median']:>13,.0f} {ratio:>6.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd")
+    sub.add_parser("run").add_argument("--quick", action="store_true")
+    ring = sub.add_parser("serve-ring")
+    ring.add_argument("root")
+    ring.add_argument("refs")
+    ring.add_argument("port", type=int)
+    ring.add_argument("loop")
+    seq = sub.add_parser("serve-seqpacket")
+    seq.add_argument("fd", type=int)
+    seq.add_argument("loop")
+    args = parser.parse_args(argv)
+    if args.cmd == "serve-ring":
+        refs = [int(r) for r in args.refs.split(",")]
+        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+            runner.run(_serve_ring(args.root, refs, args.port))
+        return 0
+    if args.cmd == "serve-seqpacket":
+        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+            runner.run(_serve_seqpacket(args.fd))
+        return 0
+    print(format_results(run(quick=getattr(args, "quick", False))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
