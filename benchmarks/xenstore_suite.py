@@ -40,7 +40,7 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     if name == "uvloop":
         import uvloop
 
-        return uvloop.new_event_loop  # type: ignore[no-any-return]
+        return uvloop.new_event_loop  # type: ignore[no-any-return,unused-ignore]
     return asyncio.new_event_loop
 
 
