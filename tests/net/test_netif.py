@@ -303,7 +303,7 @@ def test_unknown_extra_type_consumes_its_chain() -> None:
         (0, NETIF_RSP_NULL),
         (6, NETIF_RSP_ERROR),
     )
-    nxt, used2 = parse_tx(raw[used * 12 :], 1)
+    nxt, _used2 = parse_tx(raw[used * 12 :], 1)
     assert nxt is not None and nxt.error is None and nxt.responses == ((7, NETIF_RSP_OKAY),)
 
 
@@ -401,4 +401,4 @@ def test_parse_rx_total_on_garbage(raw: bytes, count: int) -> None:
         return
     assert 1 <= used <= count and frame.nslots == used
     if frame.error is None:
-        assert all(0 < ln and o + ln <= 4096 for _, o, ln in frame.frags)
+        assert all(ln > 0 and o + ln <= 4096 for _, o, ln in frame.frags)
