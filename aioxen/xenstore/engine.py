@@ -848,6 +848,8 @@ class Engine:
         For ``domid != 0`` this is what an identify does: the domain's home is created
         and the domain counts as introduced.
         """
+        if not 0 <= domid < 0x7FF0:
+            raise ValueError(f"domid {domid} out of range 0..{0x7FF0 - 1}")
         conn = EngineConnection(self, 0, send)
         self._conns.add(conn)
         if domid != 0:

@@ -219,3 +219,8 @@ class TreeModel(RuleBasedStateMachine):
 
 TestTreeModel = TreeModel.TestCase
 TestTreeModel.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+def test_connect_rejects_reserved_domids(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="32752"):
+        engine.connect(0x7FF0, lambda m: None)
