@@ -79,6 +79,8 @@ from aioxen.rings.aio import AsyncFrontRing
 log = logging.getLogger("aioxen.blk.front")
 
 MERGEABLE = frozenset({BLKIF_OP_READ, BLKIF_OP_WRITE})
+STRIPE_SHIFT = 11
+"""Multi-queue striping: wire sectors ``>> 11`` (1 MiB) pick the queue."""
 
 
 class BlkError(OSError):
@@ -238,7 +240,6 @@ class BlkFront:
         self.stats = FrontStats()
         self._closed = False
         self._queues: list[_Queue] = []
-        self._rr = 0
         self._share: Share | None = None
         self._data: memoryview | None = None
         self._grefs: list[int] = []
@@ -437,7 +438,7 @@ class BlkFront:
         op = _Op(kind, sector, nbytes, pages, view if kind == BLKIF_OP_READ else None, fut)
         op.nsectors = nsectors
         op.secure = secure
-        q = self._pick_queue()
+        q = self._pick_queue(sector)
         if q.inflight < q.capacity and not q.backlog:
             await self._send(q, [op])
         else:
@@ -449,16 +450,13 @@ class BlkFront:
             op.cancelled = True  # pages stay reserved until the response (or until drained)
             raise
 
-    def _pick_queue(self) -> _Queue:
+    def _pick_queue(self, sector: int) -> _Queue:
+        """Queues serve 1 MiB stripes of the disk in turn: sequential I/O stays on one
+        queue (where it can merge), random I/O spreads over all of them."""
         qs = self._queues
         if len(qs) == 1:
             return qs[0]
-        self._rr = (self._rr + 1) % len(qs)
-        best = qs[self._rr]
-        for q in qs:
-            if q.inflight + len(q.backlog) < best.inflight + len(best.backlog):
-                best = q
-        return best
+        return qs[(sector >> STRIPE_SHIFT) % len(qs)]
 
     def _wake_drainer(self, q: _Queue) -> None:
         if q.drainer is None or q.drainer.done():
