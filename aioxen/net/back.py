@@ -202,6 +202,8 @@ class Vif:
         self._rx_pages = GrantCache(
             platform.grants, frontend_domid, writable=True, persistent=persistent
         )
+        self.multicast: set[bytes] = set()
+        """Multicast addresses the frontend subscribed to (MCAST_ADD/DEL extra-info)."""
         # TX
         self._tx_carry: tuple[bytes, int] | None = None
         self._tx_rsps: list[bytes] = []
@@ -338,6 +340,13 @@ class Vif:
                 gso = pkt.gso
                 if gso is not None and gso.gso_type not in self._tx_gso:
                     pkt = pkt._replace(error=f"GSO type {gso.gso_type} not offered")
+            mcast = pkt.multicast if pkt.error is None else None
+            if mcast is not None:
+                # multicast control (XEN_NETIF_EXTRA_TYPE_MCAST_ADD/DEL): no frame
+                (self.multicast.add if mcast.add else self.multicast.discard)(mcast.addr)
+                for ident2, st in pkt.responses:
+                    rsps.append(pack(ident2, st))
+                continue
             if pkt.error is None:
                 try:
                     frame_out = b"".join(

@@ -283,6 +283,14 @@ class TxPacket(NamedTuple):
     def info(self) -> FrameInfo:
         return info_from_tx_flags(self.flags, self.gso)
 
+    @property
+    def multicast(self) -> McastExtra | None:
+        """A multicast-control request: such a packet is answered, never delivered."""
+        for e in self.extras:
+            if isinstance(e, McastExtra):
+                return e
+        return None
+
     def with_status(self, status: int) -> tuple[tuple[int, int], ...]:
         """The responses with every request slot's status set to ``status``."""
         return tuple((i, s if s == NETIF_RSP_NULL else status) for i, s in self.responses)
@@ -338,8 +346,8 @@ def parse_tx(
             except ProtocolError as exc:
                 why = str(exc)
                 continue
-            if any(type(e) is type(extra) for e in extras):
-                why = f"duplicate {type(extra).__name__} extra-info"
+            # as in Linux netback, a later extra of the same type replaces an earlier one
+            extras = [e for e in extras if not _same_kind(e, extra)]
             extras.append(extra)
     prev = flags
     while framed and prev & NETTXF_MORE_DATA:
@@ -362,6 +370,12 @@ def parse_tx(
     sizes = [total - sum(s[4] for s in datas[1:])] + [s[4] for s in datas[1:]]
     frags = tuple(TxFrag(s[0], s[1], n) for s, n in zip(datas, sizes, strict=True))
     return TxPacket(frags, total, flags & 3, tuple(extras), responses), i
+
+
+def _same_kind(a: Extra, b: Extra) -> bool:
+    if isinstance(a, McastExtra) and isinstance(b, McastExtra):
+        return a.add == b.add
+    return type(a) is type(b)
 
 
 def _check_tx(
