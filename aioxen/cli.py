@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "aioxen.bench.cli",
     "aioxen.xenstore.cli",
     "aioxen.net.cli",
+    "aioxen.blk.cli",
 )
 
 

@@ -260,6 +260,12 @@ class BlkFront:
         """Share the data pool and create the rings (not yet advertised)."""
         self = cls(platform, backend_domid, backend, config, handle=handle, name=name)
         await self.open(ring_start=ring_start)
+        if backend.sectors:
+            try:
+                self.configure(backend)
+            except BaseException:
+                await self.close()
+                raise
         return self
 
     async def open(self, *, ring_start: int = 0) -> None:
@@ -280,20 +286,35 @@ class BlkFront:
                     )
                 )  # fmt: skip
                 cap = ring.ring.nr_ents
-                ind_pages = indirect_pages_for(neg.max_segments) if neg.indirect else 0
-                ind_share = None
-                if ind_pages:
-                    try:
-                        ind_share = platform.grants.share(domid, cap * ind_pages)
-                    except BaseException:
-                        ring.close()
-                        raise
-                self._queues.append(
-                    _Queue(q, ring, cap, ind_share, ind_pages, list(range(cap - 1, -1, -1)))
-                )
+                self._queues.append(_Queue(q, ring, cap, None, 0, list(range(cap - 1, -1, -1))))
         except BaseException:
             self._release()
             raise
+
+    def configure(self, backend: BackendInfo) -> None:
+        """Adopt the backend's device properties and data-path features (read once it is
+        ``Connected``): size, sector sizes, flush/discard, indirect segments, persistence.
+        Allocates the indirect descriptor pages if indirect requests will be used."""
+        if self._share is None:
+            raise RuntimeError(f"{self.name}: configure() before open()")
+        if backend.sector_size not in (512, 1024, 2048, 4096):
+            raise ValueError(f"{self.name}: backend sector-size {backend.sector_size}")
+        old = self.negotiated
+        neg = negotiate(backend, self.config)
+        neg.ring_page_order, neg.queues, neg.abi = old.ring_page_order, old.queues, old.abi
+        neg.max_segments = min(neg.max_segments, self.pool.npages)
+        self.backend = backend
+        self.negotiated = neg
+        ind_pages = indirect_pages_for(neg.max_segments) if neg.indirect else 0
+        for q in self._queues:
+            if q.ind_share is not None and q.ind_pages >= ind_pages:
+                continue
+            if q.ind_share is not None:
+                q.ind_share.close()
+                q.ind_share = None
+            q.ind_pages = ind_pages
+            if ind_pages:
+                q.ind_share = self.platform.grants.share(self.backend_domid, q.capacity * ind_pages)
 
     # ------------------------------------------------------------------ properties
 
