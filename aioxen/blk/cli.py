@@ -120,7 +120,8 @@ async def run_blkfront_nbd(args: argparse.Namespace) -> int:
             )  # fmt: skip
             exports[name] = dev
         server = await start_server(exports, args.listen)
-        sock = server.sockets[0].getsockname() if server.sockets else args.listen
+        sockets = getattr(server, "sockets", None)
+        sock = sockets[0].getsockname() if sockets else args.listen
         where = f"{sock[0]}:{sock[1]}" if isinstance(sock, tuple) else str(sock)
         print(
             f"READY blkfront nbd listening on {where} exporting "
