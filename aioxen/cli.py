@@ -19,6 +19,8 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "aioxen.xenstore.cli",
     "aioxen.net.cli",
     "aioxen.blk.cli",
+    "aioxen.xenbus.cli",
+    "aioxen.devices.console_cli",
 )
 
 

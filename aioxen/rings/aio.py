@@ -80,6 +80,21 @@ class _Adapter:
         self._closed = False
         self._owned: list[Any] = []  # closed after the ring, in order
         self._flush_scheduled = False
+        self._shutdown_callbacks: list[Callable[[BaseException | None], None]] = []
+
+    def add_shutdown_callback(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call ``callback(error)`` (soon, on the loop) once the adapter shuts down:
+        ``error`` is ``None`` for a local :meth:`close`, else why (peer gone, protocol
+        violation).  Devices use it to tell their xenbus runner the peer was lost."""
+        if self._closed:
+            self._loop.call_soon(callback, self._error)
+        else:
+            self._shutdown_callbacks.append(callback)
+
+    def _run_shutdown_callbacks(self) -> None:
+        callbacks, self._shutdown_callbacks = self._shutdown_callbacks, []
+        for cb in callbacks:
+            self._loop.call_soon(cb, self._error)
 
     @property
     def name(self) -> str:
@@ -383,6 +398,7 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
             if not w.done():
                 w.set_exception(_copy_error(err))
         self._slot_waiters.clear()
+        self._run_shutdown_callbacks()
 
     def close(self) -> None:
         """Shut down (failing pending requests with :class:`RingShutdown`) and release
@@ -723,6 +739,7 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
+        self._run_shutdown_callbacks()
 
     def close(self) -> None:
         """Publish answered responses, stop iteration, release the ring and whatever

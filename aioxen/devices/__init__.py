@@ -1,0 +1,1 @@
+"""Split devices built on the xenbus framework (:mod:`aioxen.devices.console`, ...)."""

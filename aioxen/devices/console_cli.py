@@ -1,0 +1,172 @@
+"""``aioxen console DOMID``: attach the terminal (or pipes) to a PV console.
+
+By default this process is the console's back end (what ``xl console`` does through
+xenconsoled): it waits for the guest ``DOMID`` to connect its ``console/N`` and copies
+stdin to the guest and the guest's output to stdout.  ``--frontend`` plays the guest
+instead (``DOMID`` is then the back end domain).  On a terminal, input is raw and
+``Ctrl-]`` detaches.  SIGINT/SIGTERM close the device end in an orderly way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import stat
+import sys
+import termios
+import tty
+from typing import Any
+
+from aioxen.devices.console import DEFAULT_DEVID, ConsoleBackend, ConsoleFrontend
+
+ESCAPE = 0x1D  # Ctrl-]
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "console",
+        help="attach to a domain's PV console (back end), or act as the guest (--frontend)",
+        description=__doc__.split("\n\n")[1].replace("\n", " ") if __doc__ else None,
+    )
+    p.add_argument("domid", type=int, help="the guest (default) or, with --frontend, the back end")
+    p.add_argument("--devid", type=int, default=DEFAULT_DEVID,
+                   help=f"console device number (default {DEFAULT_DEVID})")  # fmt: skip
+    p.add_argument("--frontend", action="store_true", help="be the guest side")
+    p.add_argument("--create", action="store_true",
+                   help="create the device first if missing (toolstack rights needed)")  # fmt: skip
+    p.add_argument("--follow", action="store_true",
+                   help="back end: wait for the guest to reconnect after it leaves")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for the other end (default: forever)")  # fmt: skip
+    p.set_defaults(func=_run)
+
+
+async def _stdin() -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    mode = os.fstat(0).st_mode
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode):
+        proto = asyncio.StreamReaderProtocol(reader)
+        await loop.connect_read_pipe(lambda: proto, os.fdopen(os.dup(0), "rb", buffering=0))
+    else:  # a regular file: read it in a thread
+
+        def pump() -> None:
+            with os.fdopen(os.dup(0), "rb", buffering=0) as f:
+                while chunk := f.read(65536):
+                    loop.call_soon_threadsafe(reader.feed_data, chunk)
+            loop.call_soon_threadsafe(reader.feed_eof)
+
+        loop.run_in_executor(None, pump)
+    return reader
+
+
+async def _copy_in(src: asyncio.StreamReader, dst: asyncio.StreamWriter, raw: bool) -> None:
+    while True:
+        data = await src.read(4096)
+        if not data:
+            return
+        if raw and ESCAPE in data:
+            data = data[: data.index(ESCAPE)]
+            if data:
+                dst.write(data)
+                await dst.drain()
+            raise _Detach
+        dst.write(data)
+        await dst.drain()
+
+
+async def _copy_out(src: asyncio.StreamReader) -> None:
+    out = sys.stdout.buffer
+    while True:
+        data = await src.read(65536)
+        if not data:
+            return
+        out.write(data)
+        out.flush()
+
+
+class _Detach(Exception):
+    pass
+
+
+async def _session(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    stdin: asyncio.StreamReader,
+    raw: bool,
+) -> bool:
+    """Copy both ways until the console ends (True) or the user detaches (False)."""
+    out = asyncio.ensure_future(_copy_out(reader))
+    inp = asyncio.ensure_future(_copy_in(stdin, writer, raw))
+    try:
+        while True:
+            done, _ = await asyncio.wait({out, inp}, return_when=asyncio.FIRST_COMPLETED)
+            if out in done:
+                out.result()
+                return True
+            if inp in done:
+                if isinstance(inp.exception(), _Detach):
+                    return False
+                inp.result()  # stdin EOF: keep showing output until the console ends
+                await out
+                return True
+    finally:
+        for t in (out, inp):
+            t.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(out, inp, return_exceptions=True)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    raw = sys.stdin.isatty()
+    saved = termios.tcgetattr(0) if raw else None
+    endpoint: ConsoleBackend | ConsoleFrontend | None = None
+    try:
+        if raw:
+            tty.setraw(0)
+        stdin = await _stdin()
+
+        async def body() -> int:
+            nonlocal endpoint
+            if args.frontend:
+                fe = endpoint = await ConsoleFrontend.open(
+                    args.domid, args.devid, timeout=args.timeout
+                )
+                print(f"aioxen console: connected to domain {args.domid}", file=sys.stderr)
+                await _session(fe.reader, fe.writer, stdin, raw)
+                return 0
+            be = endpoint = await ConsoleBackend.start(args.domid, args.devid, create=args.create)
+            print(f"aioxen console: waiting for domain {args.domid} console/{args.devid}",
+                  file=sys.stderr)  # fmt: skip
+            while True:
+                reader, writer = await be.accept(timeout=args.timeout)
+                print(f"aioxen console: domain {args.domid} connected", file=sys.stderr)
+                if not await _session(reader, writer, stdin, raw) or not args.follow:
+                    return 0
+                print(f"aioxen console: domain {args.domid} disconnected", file=sys.stderr)
+
+        work = asyncio.ensure_future(body())
+        stopper = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if work in done:
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(BaseException):
+            await work
+        return 0
+    except (ConnectionError, FileNotFoundError, PermissionError, TimeoutError) as exc:
+        print(f"aioxen console: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if endpoint is not None:
+            await endpoint.close(timeout=5)
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)

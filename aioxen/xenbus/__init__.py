@@ -1,0 +1,38 @@
+"""xenbus: the device state machine, front/back end drivers and the toolstack step.
+
+* :mod:`aioxen.xenbus.state` — ``XenbusState`` and the pure transition rules.
+* :mod:`aioxen.xenbus.driver` — :class:`DeviceRunner`, :class:`BackendDriver`,
+  :class:`FrontendDriver`, feature helpers.
+* :mod:`aioxen.xenbus.toolstack` — create / remove / list devices as ``xl`` does.
+"""
+
+from __future__ import annotations
+
+from aioxen.xenbus.driver import (
+    BackendDriver,
+    DeviceRunner,
+    FrontendDriver,
+    XenbusDevice,
+    backend_device,
+    feature,
+    frontend_device,
+    negotiate,
+)
+from aioxen.xenbus.state import XenbusState
+from aioxen.xenbus.toolstack import DeviceInfo, add_device, list_devices, remove_device
+
+__all__ = [
+    "BackendDriver",
+    "DeviceInfo",
+    "DeviceRunner",
+    "FrontendDriver",
+    "XenbusDevice",
+    "XenbusState",
+    "add_device",
+    "backend_device",
+    "feature",
+    "frontend_device",
+    "list_devices",
+    "negotiate",
+    "remove_device",
+]

@@ -1,0 +1,554 @@
+"""xenbus front and back end drivers: the XenStore side of a split device.
+
+Theory of operation
+-------------------
+A device (type ``T``, number ``N``) between front end domain ``F`` and back end domain
+``B`` lives in two XenStore directories written by the toolstack
+(:mod:`aioxen.xenbus.toolstack`)::
+
+    /local/domain/F/device/T/N          backend, backend-id, state, + the front's keys
+    /local/domain/B/backend/T/F/N       frontend, frontend-id, online, state, + the back's
+
+A :class:`DeviceRunner` drives one end.  It watches the peer's ``state`` key and its own
+directory, and on every wake-up re-reads both (level-triggered: a burst of changes is one
+step) and asks the pure state machine (:mod:`aioxen.xenbus.state`) what to do.  The device
+specific work is a :class:`BackendDriver` or :class:`FrontendDriver` subclass:
+
+* back end: :meth:`~BackendDriver.advertise` returns the feature keys written together
+  with ``InitWait``; :meth:`~BackendDriver.connect` reads the front's ring references and
+  maps them before ``Connected`` is published; :meth:`~BackendDriver.disconnect` unmaps.
+* front end: :meth:`~FrontendDriver.connect` creates the rings and returns the keys to
+  publish (written in one transaction with ``Initialised``);
+  :meth:`~FrontendDriver.connected` runs when the back end reached ``Connected``.
+
+A driver whose data path sees the peer die (the event channel reports it) calls
+:meth:`XenbusDevice.peer_lost`: the runner disconnects and publishes ``Closed``, then waits
+for the peer to come back (a restarted front end writes ``Initialising``, a restarted back
+end ``InitWait``) and connects again.  :meth:`DeviceRunner.close` is the orderly teardown:
+``Closing``, wait (bounded) for the peer to acknowledge, disconnect, ``Closed``.  The
+runner also stops when its own directory is removed, and a back end closes when the
+toolstack writes ``online=0``.  Cancelling :meth:`DeviceRunner.run` disconnects and
+publishes ``Closed`` (best effort) before re-raising.
+
+Feature negotiation: :func:`feature` reads a ``feature-*`` style flag (on iff ``"1"``);
+:func:`read_int` reads a bounded integer; :func:`negotiate` combines what both ends offer.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from aioxen.errors import ProtocolError
+from aioxen.platform.base import Platform, check_domid
+from aioxen.xenbus.state import (
+    Action,
+    Step,
+    XenbusState,
+    backend_step,
+    close_done,
+    frontend_step,
+    parse_state,
+)
+
+if TYPE_CHECKING:
+    from aioxen.xenstore.client import XenStoreClient
+
+log = logging.getLogger(__name__)
+
+S = XenbusState
+_FRESH = object()  # marker: the peer's state is not left over from a lost session
+
+
+def frontend_dir(frontend_domid: int, type_: str, devid: int) -> str:
+    return f"/local/domain/{frontend_domid}/device/{type_}/{devid}"
+
+
+def backend_dir(backend_domid: int, type_: str, frontend_domid: int, devid: int) -> str:
+    return f"/local/domain/{backend_domid}/backend/{type_}/{frontend_domid}/{devid}"
+
+
+async def read_opt(store: Any, path: str) -> bytes | None:
+    """The value at ``path`` (via a client or a transaction), or ``None`` if missing."""
+    try:
+        value: bytes = await store.read(path)
+        return value
+    except FileNotFoundError:
+        return None
+
+
+def feature(value: bytes | None, default: bool = False) -> bool:
+    """A ``feature-*`` flag: on iff the value is ``"1"``; missing means ``default``."""
+    if value is None:
+        return default
+    return value.strip().rstrip(b"\0") == b"1"
+
+
+def read_int(value: bytes | None, path: str, default: int, lo: int = 0, hi: int = 2**32 - 1) -> int:
+    """A decimal value in ``lo..hi`` (``default`` if missing); ``ProtocolError`` naming
+    ``path`` otherwise."""
+    if value is None:
+        return default
+    text = value.strip().rstrip(b"\0")
+    if not text.isdigit() or len(text) > 20:
+        raise ProtocolError(f"{path}: {value[:32]!r} is not a decimal number", field=path)
+    n = int(text)
+    if not lo <= n <= hi:
+        raise ProtocolError(f"{path}: {n} out of range {lo}..{hi}", field=path)
+    return n
+
+
+def negotiate(ours: Mapping[str, bool], theirs: Mapping[str, bool]) -> dict[str, bool]:
+    """A feature is used iff both ends offer it."""
+    return {name: on and theirs.get(name, False) for name, on in ours.items()}
+
+
+class XenbusDevice:
+    """One end of one device, as the driver sees it."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        role: str,
+        type_: str,
+        devid: int,
+        own_dir: str,
+        peer_dir: str,
+        peer_domid: int,
+    ) -> None:
+        self.platform = platform
+        self.role = role
+        self.type = type_
+        self.devid = devid
+        self.own_dir = own_dir
+        self.peer_dir = peer_dir
+        self.peer_domid = peer_domid
+        self.state = S.UNKNOWN
+        self.connected = False
+        self._lost: BaseException | None = None
+        self._wakeup: asyncio.Event | None = None
+
+    @property
+    def store(self) -> XenStoreClient:
+        return self.platform.store
+
+    def __repr__(self) -> str:
+        return (
+            f"<XenbusDevice {self.role} {self.type}/{self.devid} of domain "
+            f"{self.platform.domid} (peer domain {self.peer_domid}) {self.state}>"
+        )
+
+    async def read(self, key: str) -> bytes | None:
+        """A key of our own directory (``None`` if missing)."""
+        return await read_opt(self.store, f"{self.own_dir}/{key}")
+
+    async def read_peer(self, key: str) -> bytes | None:
+        """A key of the peer's directory (``None`` if missing)."""
+        return await read_opt(self.store, f"{self.peer_dir}/{key}")
+
+    async def peer_feature(self, name: str, default: bool = False) -> bool:
+        return feature(await self.read_peer(name), default)
+
+    async def peer_int(self, name: str, default: int, lo: int = 0, hi: int = 2**32 - 1) -> int:
+        return read_int(await self.read_peer(name), f"{self.peer_dir}/{name}", default, lo, hi)
+
+    async def write(
+        self, keys: Mapping[str, str | bytes], state: XenbusState | None = None
+    ) -> None:
+        """Write ``keys`` into our directory, and ``state`` last, in one transaction."""
+        items = dict(keys)
+
+        async def body(tx: Any) -> None:
+            for k, v in items.items():
+                await tx.write(f"{self.own_dir}/{k}", v)
+            if state is not None:
+                await tx.write(f"{self.own_dir}/state", state.wire)
+
+        await self.store.transact(body)
+        if state is not None:
+            self.state = state
+
+    async def remove(self, *keys: str) -> None:
+        for k in keys:
+            with contextlib.suppress(FileNotFoundError):
+                await self.store.rm(f"{self.own_dir}/{k}")
+
+    async def set_state(self, state: XenbusState) -> None:
+        await self.store.write(f"{self.own_dir}/state", state.wire)
+        self.state = state
+
+    async def peer_state(self) -> XenbusState | None:
+        return parse_state(await self.read_peer("state"), f"{self.peer_dir}/state")
+
+    def peer_lost(self, exc: BaseException | None = None) -> None:
+        """Tell the runner the data path saw the peer die (or misbehave): it disconnects,
+        publishes ``Closed`` and waits for the peer to come back."""
+        self._lost = exc or ConnectionResetError(f"{self!r}: peer lost")
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+
+class BackendDriver(abc.ABC):
+    """The device specific part of a back end."""
+
+    type: ClassVar[str]
+
+    async def advertise(self, dev: XenbusDevice) -> Mapping[str, str]:
+        """Feature keys to publish together with ``InitWait``."""
+        return {}
+
+    @abc.abstractmethod
+    async def connect(self, dev: XenbusDevice) -> None:
+        """The front end is ``Initialised``: read its keys, map its rings, bind its event
+        channels.  Raising leaves the device unconnected until the front changes state."""
+
+    async def disconnect(self, dev: XenbusDevice) -> None:  # noqa: B027 - optional hook
+        """Tear the data path down (idempotent)."""
+
+    async def reconfigure(self, dev: XenbusDevice) -> None:  # noqa: B027 - optional hook
+        """The front end asked for a reconfiguration (``Reconfiguring``)."""
+
+
+class FrontendDriver(abc.ABC):
+    """The device specific part of a front end."""
+
+    type: ClassVar[str]
+
+    @abc.abstractmethod
+    async def connect(self, dev: XenbusDevice) -> Mapping[str, str]:
+        """The back end is ready (``InitWait``): create the rings and event channels and
+        return the keys to publish (``ring-ref``, ``event-channel``, ...)."""
+
+    async def connected(self, dev: XenbusDevice) -> None:  # noqa: B027 - optional hook
+        """The back end reached ``Connected``: start the data path."""
+
+    async def disconnect(self, dev: XenbusDevice) -> None:  # noqa: B027 - optional hook
+        """Tear the data path down (idempotent)."""
+
+    def published_keys(self) -> tuple[str, ...]:
+        """Keys :meth:`connect` publishes, removed again on reset (default: none)."""
+        return ()
+
+
+class DeviceRunner:
+    """Drive one end of one device through the xenbus handshake (see module docstring)."""
+
+    def __init__(
+        self,
+        dev: XenbusDevice,
+        driver: BackendDriver | FrontendDriver,
+        *,
+        reconnect: bool = True,
+        close_timeout: float = 10.0,
+    ) -> None:
+        self.dev = dev
+        self.driver = driver
+        self.reconnect = reconnect
+        self.close_timeout = close_timeout
+        self._wakeup = asyncio.Event()
+        dev._wakeup = self._wakeup
+        self._closing = False
+        self._stopped = False
+        self._connected_once: asyncio.Future[None] | None = None
+        self._state_changed = asyncio.Event()
+        self._close_expired = False
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._stale_peer: object = _FRESH
+        self.error: BaseException | None = None
+
+    @property
+    def is_backend(self) -> bool:
+        return isinstance(self.driver, BackendDriver)
+
+    # -- public API --------------------------------------------------------------
+    async def wait_state(self, *states: XenbusState, timeout: float | None = None) -> XenbusState:
+        """Wait until our published state is one of ``states``."""
+        async with asyncio.timeout(timeout):
+            while self.dev.state not in states:
+                if self._stopped:
+                    raise ConnectionResetError(f"{self.dev!r}: runner stopped in {self.dev.state}")
+                self._state_changed.clear()
+                await self._state_changed.wait()
+        return self.dev.state
+
+    def request_close(self) -> None:
+        """Begin an orderly close (``Closing`` → ``Closed``); :meth:`run` returns after."""
+        self._closing = True
+        self._wakeup.set()
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Orderly close; returns once ``Closed`` was published (or the runner stopped)."""
+        self.request_close()
+        with contextlib.suppress(ConnectionResetError):
+            await self.wait_state(S.CLOSED, timeout=timeout)
+
+    # -- the loop ----------------------------------------------------------------
+    async def run(self) -> None:
+        """Run until closed, until our directory disappears, or (back end) until the
+        toolstack sets ``online=0`` and the close completes."""
+        dev = self.dev
+        store = dev.store
+        watches = [store.watch(dev.own_dir), store.watch(f"{dev.peer_dir}/state")]
+        pumps: list[asyncio.Task[None]] = []
+        try:
+            for w in watches:
+                await w.start()
+                pumps.append(asyncio.ensure_future(self._pump(w)))
+            await self._start()
+            while True:
+                self._wakeup.clear()
+                if not await self._step():
+                    break
+                await self._wakeup.wait()
+                for p in pumps:
+                    if p.done():
+                        p.result()  # a lost XenStore connection raises here
+                        raise ConnectionResetError(f"{dev!r}: XenStore watch ended")
+        except asyncio.CancelledError:
+            await asyncio.shield(self._abandon())
+            raise
+        except BaseException as exc:
+            self.error = exc
+            await asyncio.shield(self._abandon())
+            raise
+        finally:
+            self._stopped = True
+            self._state_changed.set()
+            for p in pumps:
+                p.cancel()
+            for w in watches:
+                with contextlib.suppress(Exception):
+                    await w.close()
+
+    async def _pump(self, watch: Any) -> None:
+        try:
+            async for _ in watch:
+                self._wakeup.set()
+        finally:
+            self._wakeup.set()  # the main loop notices that the watch ended
+
+    async def _publish(self, state: XenbusState, keys: Mapping[str, str] | None = None) -> None:
+        if keys:
+            await self.dev.write(keys, state)
+        else:
+            await self.dev.set_state(state)
+        log.debug("%r -> %s", self.dev, state)
+        self._state_changed.set()
+
+    async def _start(self) -> None:
+        if isinstance(self.driver, BackendDriver):
+            await self._publish(S.INIT_WAIT, await self.driver.advertise(self.dev))
+        else:
+            await self.dev.remove(*self.driver.published_keys())
+            await self._publish(S.INITIALISING)
+
+    async def _disconnect(self) -> None:
+        if self.dev.connected or self.dev.state in (S.INITIALISED, S.CONNECTED):
+            self.dev.connected = False
+            try:
+                await self.driver.disconnect(self.dev)
+            except Exception:
+                log.exception("%r: disconnect failed", self.dev)
+
+    async def _abandon(self) -> None:
+        """Cancelled or failed: disconnect and say ``Closed`` (best effort, bounded; not
+        if our directory is gone: writing would recreate it)."""
+        with contextlib.suppress(Exception):
+            await self._disconnect()
+        if self.dev.state not in (S.CLOSED, S.UNKNOWN):
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    if await self._own_dir_present():
+                        await self._publish(S.CLOSED)
+
+    async def _own_dir_present(self) -> bool:
+        try:
+            await self.dev.store.read(f"{self.dev.own_dir}/state")
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def _step(self) -> bool:
+        """One level-triggered step; False when the runner is done."""
+        dev = self.dev
+        if not await self._own_dir_present():
+            log.info("%r: directory removed; stopping", dev)
+            await self._disconnect()
+            return False
+        if dev._lost is not None and (
+            self._closing or not (dev.connected or dev.state in (S.INITIALISED, S.CONNECTED))
+        ):
+            dev._lost = None  # stale: we are closing or already disconnected
+        if dev._lost is not None:
+            exc, dev._lost = dev._lost, None
+            log.info("%r: data path lost the peer (%s)", dev, exc)
+            await self._disconnect()
+            if not self.reconnect:
+                await self._publish(S.CLOSED)
+                return False
+            # The peer's state key now describes a dead session: ignore it until it changes.
+            try:
+                self._stale_peer = await dev.peer_state()
+            except ProtocolError:
+                self._stale_peer = None
+            # Ready for the peer to come back (or to notice it never left).
+            await self._perform(
+                Step(Action.RESET, S.INIT_WAIT if self.is_backend else S.INITIALISING)
+            )
+        if self.is_backend and not self._closing and dev.state != S.CLOSED:
+            online = await dev.read("online")
+            if online is not None and not feature(online, True):
+                log.info("%r: toolstack set online=0; closing", dev)
+                self._closing = True
+        try:
+            peer = await dev.peer_state()
+        except ProtocolError as exc:
+            log.warning("%r: %s", dev, exc)
+            peer = S.UNKNOWN
+        if self._stale_peer is not _FRESH:
+            if peer == self._stale_peer:
+                peer = None  # the dead session's state: as if the peer were absent
+            else:
+                self._stale_peer = _FRESH
+        if self._closing:
+            return await self._close_step(peer)
+        if isinstance(self.driver, BackendDriver):
+            step = backend_step(dev.state, peer)
+        else:
+            step = frontend_step(dev.state, peer, reconnect=self.reconnect)
+        if step.state is None and step.action == Action.NONE:
+            return True
+        await self._perform(step)
+        if step.state is not None and step.state != dev.state:
+            self._wakeup.set()  # re-evaluate with the new own state
+        return True
+
+    async def _close_step(self, peer: XenbusState | None) -> bool:
+        dev = self.dev
+        if dev.state == S.CLOSED:
+            return False
+        if dev.state != S.CLOSING:
+            await self._publish(S.CLOSING)
+            loop = asyncio.get_running_loop()
+            self._close_timer = loop.call_later(self.close_timeout, self._close_timed_out)
+            return True
+        if close_done(dev.state, peer) is not None or self._close_expired:
+            if self._close_timer is not None:
+                self._close_timer.cancel()
+            await self._disconnect()
+            await self._publish(S.CLOSED)
+            return False
+        return True
+
+    def _close_timed_out(self) -> None:
+        self._close_expired = True
+        self._wakeup.set()
+
+    async def _perform(self, step: Step) -> None:
+        dev, driver = self.dev, self.driver
+        for action in (step.action, step.also):
+            if action is None or action == Action.NONE:
+                continue
+            if action == Action.DISCONNECT:
+                await self._disconnect()
+            elif action == Action.RESET:
+                if isinstance(driver, BackendDriver):
+                    await dev.write(await driver.advertise(dev))
+                else:
+                    await dev.remove(*driver.published_keys())
+            elif action == Action.CONNECT:
+                try:
+                    if isinstance(driver, BackendDriver):
+                        await driver.connect(dev)
+                        dev.connected = True
+                    else:
+                        keys = await driver.connect(dev)
+                        await self._publish(step.state or S.INITIALISED, keys)
+                        return
+                except (OSError, ProtocolError, ValueError) as exc:
+                    log.warning("%r: connect failed: %s", dev, exc)
+                    with contextlib.suppress(Exception):
+                        await driver.disconnect(dev)
+                    return  # stay put; the next peer change tries again
+            elif action == Action.CONNECTED:
+                assert isinstance(driver, FrontendDriver)
+                await driver.connected(dev)
+                dev.connected = True
+            elif action == Action.RECONFIGURE:
+                assert isinstance(driver, BackendDriver)
+                await driver.reconfigure(dev)
+        if step.state is not None and step.state != dev.state:
+            await self._publish(step.state)
+
+
+async def backend_device(
+    platform: Platform, type_: str, frontend_domid: int, devid: int
+) -> XenbusDevice:
+    """The back end's view of device ``type_/devid`` of ``frontend_domid`` (its directory
+    must exist: the toolstack creates it)."""
+    check_domid(frontend_domid, "frontend_domid")
+    own = backend_dir(platform.domid, type_, frontend_domid, devid)
+    store = platform.store
+    raw = await read_opt(store, f"{own}/frontend")
+    if raw is None:
+        raise FileNotFoundError(
+            f"no {type_} device {devid} for domain {frontend_domid}: {own}/frontend is "
+            f"missing (create it with `aioxen device add {type_} {frontend_domid}`)"
+        )
+    fdir = raw.decode(errors="replace").rstrip("\0")
+    fid = read_int(await read_opt(store, f"{own}/frontend-id"), f"{own}/frontend-id",
+                   frontend_domid, 0, 0x7FEF)  # fmt: skip
+    if fid != frontend_domid:
+        raise ProtocolError(
+            f"{own}/frontend-id is {fid}, not {frontend_domid}", field="frontend-id"
+        )
+    return XenbusDevice(platform, "backend", type_, devid, own, fdir, frontend_domid)
+
+
+async def frontend_device(
+    platform: Platform,
+    type_: str,
+    devid: int,
+    *,
+    backend_domid: int | None = None,
+    timeout: float | None = 30.0,
+) -> XenbusDevice:
+    """The front end's view of its device ``type_/devid``; waits (bounded) for the
+    toolstack's ``backend``/``backend-id`` keys, which may appear late."""
+    own = frontend_dir(platform.domid, type_, devid)
+    store = platform.store
+    async with asyncio.timeout(timeout):
+        async with store.watch(own) as w:
+            while True:
+                raw_be = await read_opt(store, f"{own}/backend")
+                raw_id = await read_opt(store, f"{own}/backend-id")
+                if raw_be is not None and raw_id is not None:
+                    break
+                await w.next()
+    be = read_int(raw_id, f"{own}/backend-id", 0, 0, 0x7FEF)
+    if backend_domid is not None and be != backend_domid:
+        raise ProtocolError(
+            f"{own}/backend-id is {be}, not the expected {backend_domid}", field="backend-id"
+        )
+    bdir = raw_be.decode(errors="replace").rstrip("\0")
+    return XenbusDevice(platform, "frontend", type_, devid, own, bdir, be)
+
+
+__all__ = [
+    "BackendDriver",
+    "DeviceRunner",
+    "FrontendDriver",
+    "XenbusDevice",
+    "backend_device",
+    "backend_dir",
+    "feature",
+    "frontend_device",
+    "frontend_dir",
+    "negotiate",
+    "read_int",
+    "read_opt",
+]
