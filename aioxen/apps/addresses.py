@@ -1,0 +1,213 @@
+"""Bridge addresses: ``tcp:HOST:PORT``, ``unix:PATH``, ``vchan:DOMID/PORT``.
+
+Theory of operation
+-------------------
+An :class:`Address` knows how to *listen* (return an :class:`asyncio.AbstractServer` that
+makes one protocol per accepted connection) and how to *connect* (return the transport of
+one new connection) -- the same two calls, ``create_server`` and ``create_connection``,
+that asyncio offers for TCP and Unix sockets and :mod:`aioxen.vchan` offers for vchans.
+:func:`parse_address` turns the command-line spelling into one; ``str()`` gives it back.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import os
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aioxen import vchan
+from aioxen.platform.base import Platform
+
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+
+
+class Address(abc.ABC):
+    """Somewhere to listen or to connect to."""
+
+    @abc.abstractmethod
+    async def listen(
+        self, factory: ProtocolFactory, *, platform: Platform | None, buffer_size: int
+    ) -> asyncio.AbstractServer:
+        """Start accepting; one ``factory()`` protocol per connection."""
+
+    @abc.abstractmethod
+    async def connect(
+        self, factory: ProtocolFactory, *, platform: Platform | None, timeout: float | None
+    ) -> asyncio.BaseTransport:
+        """Open one connection driving ``factory()``; ``TimeoutError`` after ``timeout``."""
+
+    def bound(self, server: asyncio.AbstractServer) -> Address:
+        """The address ``server`` (from :meth:`listen`) really listens on."""
+        return self
+
+    def cleanup(self, server: asyncio.AbstractServer) -> None:  # noqa: B027 - optional hook
+        """Remove what listening left behind (a Unix socket file) once ``server`` closed."""
+
+    @property
+    def uses_vchan(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class TcpAddress(Address):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+    async def listen(
+        self, factory: ProtocolFactory, *, platform: Platform | None, buffer_size: int
+    ) -> asyncio.AbstractServer:
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(factory, self.host, self.port, reuse_address=True)
+
+    async def connect(
+        self, factory: ProtocolFactory, *, platform: Platform | None, timeout: float | None
+    ) -> asyncio.BaseTransport:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                transport, _ = await loop.create_connection(factory, self.host, self.port)
+        except TimeoutError:
+            raise TimeoutError(f"connecting to {self} took more than {timeout} s") from None
+        return transport
+
+    def bound(self, server: asyncio.AbstractServer) -> Address:
+        sockets = getattr(server, "sockets", None) or ()
+        for sock in sockets:
+            name = sock.getsockname()
+            return TcpAddress(str(name[0]), int(name[1]))
+        return self
+
+
+@dataclass(frozen=True)
+class UnixAddress(Address):
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+    async def listen(
+        self, factory: ProtocolFactory, *, platform: Platform | None, buffer_size: int
+    ) -> asyncio.AbstractServer:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(self.path).st_mode) and not _socket_alive(self.path):
+                os.unlink(self.path)  # a stale socket from a process that died
+        return await loop.create_unix_server(factory, self.path)
+
+    async def connect(
+        self, factory: ProtocolFactory, *, platform: Platform | None, timeout: float | None
+    ) -> asyncio.BaseTransport:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                transport, _ = await loop.create_unix_connection(factory, self.path)
+        except TimeoutError:
+            raise TimeoutError(f"connecting to {self} took more than {timeout} s") from None
+        except OSError as exc:
+            if exc.filename is None and exc.strerror:
+                raise type(exc)(exc.errno, f"{exc.strerror}: {self.path}") from None
+            raise
+        return transport
+
+    def cleanup(self, server: asyncio.AbstractServer) -> None:
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.stat(self.path).st_mode):
+                os.unlink(self.path)
+
+
+def _socket_alive(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class VchanAddress(Address):
+    domid: int
+    """The peer domain: the server's for :meth:`connect`, the clients' for :meth:`listen`."""
+    port: str
+
+    def __post_init__(self) -> None:
+        vchan.check_port(self.port)
+        if not 0 <= self.domid < 0x7FF0:
+            raise ValueError(f"domid {self.domid} out of range 0..32751")
+
+    def __str__(self) -> str:
+        return f"vchan:{self.domid}/{self.port}"
+
+    @property
+    def uses_vchan(self) -> bool:
+        return True
+
+    async def listen(
+        self, factory: ProtocolFactory, *, platform: Platform | None, buffer_size: int
+    ) -> asyncio.AbstractServer:
+        return await vchan.create_server(
+            factory,
+            self.domid,
+            self.port,
+            platform=platform,
+            read_size=buffer_size,
+            write_size=buffer_size,
+        )
+
+    async def connect(
+        self, factory: ProtocolFactory, *, platform: Platform | None, timeout: float | None
+    ) -> asyncio.BaseTransport:
+        transport, _ = await vchan.create_connection(
+            factory, self.domid, self.port, platform=platform, timeout=timeout
+        )
+        return transport
+
+
+def parse_address(text: str) -> Address:
+    """``tcp:HOST:PORT`` (``tcp:[V6ADDR]:PORT``), ``unix:PATH`` or ``vchan:DOMID/PORT``;
+    ``ValueError`` naming what is wrong."""
+    scheme, sep, rest = text.partition(":")
+    if not sep:
+        raise ValueError(f"address {text!r}: expected tcp:HOST:PORT, unix:PATH or vchan:DOMID/PORT")
+    if scheme == "tcp":
+        host, sep, port = rest.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"address {text!r}: expected tcp:HOST:PORT")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        try:
+            number = int(port)
+        except ValueError:
+            raise ValueError(f"address {text!r}: TCP port {port!r} is not a number") from None
+        if not 0 <= number <= 65535:
+            raise ValueError(f"address {text!r}: TCP port {number} out of range 0..65535")
+        return TcpAddress(host, number)
+    if scheme == "unix":
+        if not rest:
+            raise ValueError(f"address {text!r}: expected unix:PATH")
+        return UnixAddress(rest)
+    if scheme == "vchan":
+        domid, sep, port = rest.partition("/")
+        if not sep:
+            raise ValueError(f"address {text!r}: expected vchan:DOMID/PORT")
+        try:
+            number = int(domid)
+        except ValueError:
+            raise ValueError(f"address {text!r}: domid {domid!r} is not a number") from None
+        try:
+            return VchanAddress(number, port)
+        except ValueError as exc:
+            raise ValueError(f"address {text!r}: {exc}") from None
+    raise ValueError(f"address {text!r}: unknown scheme {scheme!r} (tcp, unix or vchan)")
+
+
+__all__ = ["Address", "TcpAddress", "UnixAddress", "VchanAddress", "parse_address"]

@@ -1,0 +1,196 @@
+"""``aioxen cat`` and ``aioxen bridge``: argument parsing only; the work is in
+:mod:`aioxen.apps.cat` and :mod:`aioxen.apps.bridge`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from aioxen import vchan
+from aioxen.apps.addresses import Address, parse_address
+
+HELP_CAT = """\
+Copy stdin to a vchan and the vchan to stdout (xencat/unixcat).  DOMID is always the peer:
+the server's domain for a client, the client's domain with -l.  Each direction is closed
+on its own (stdin EOF sends the vchan EOF; vchan EOF closes stdout); the command exits 0
+when both are done.  With -l and no $XEN_ROOT on the unix platform, it creates a private
+root with its own xenstored and prints the shell lines a second process evaluates to
+connect as domain DOMID (to --env-fd, else to stderr):
+
+  mkfifo env; aioxen cat -l 2 foo --env-fd 3 3>env <in >out &
+  eval "$(cat env)"; aioxen cat 0 foo <in2 >out2
+"""
+
+HELP_BRIDGE = """\
+Accept connections on one address and bridge each one, both directions, to a new
+connection to the other address, with back-pressure end to end and half-close carried
+through.  Addresses: tcp:HOST:PORT (tcp:[::1]:PORT for IPv6; PORT 0 picks a free one),
+unix:PATH, vchan:DOMID/PORT (DOMID is the peer domain).  Examples:
+
+  aioxen bridge --listen tcp:127.0.0.1:8080 --connect vchan:0/web   # use a vchan service
+  aioxen bridge --listen vchan:2/web --connect tcp:127.0.0.1:8000   # offer a TCP service
+
+When listening it prints 'aioxen bridge: listening on ADDR' on stdout.  SIGTERM/SIGINT
+stop it, closing every bridged connection.
+"""
+
+
+def _domid(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid domid {text!r}") from None
+    if not 0 <= value < 0x7FF0:
+        raise argparse.ArgumentTypeError(f"domid {value} out of range 0..32751")
+    return value
+
+
+def _port(text: str) -> str:
+    try:
+        return vchan.check_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
+    if not 0 < value <= vchan.MAX_RING_SIZE:
+        raise argparse.ArgumentTypeError(f"size {value} out of range 1..{vchan.MAX_RING_SIZE}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("the timeout must be positive")
+    return value
+
+
+def _fd(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid file descriptor {text!r}") from None
+    if value < 3:
+        raise argparse.ArgumentTypeError("--env-fd must be 3 or above (0-2 carry data and errors)")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    _register_cat(subparsers)
+    _register_bridge(subparsers)
+
+
+def _register_cat(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "cat",
+        help="stdin -> vchan -> stdout (xencat/unixcat)",
+        description=HELP_CAT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-l", "--listen", action="store_true", help="be the server (share the pages)")
+    p.add_argument("domid", type=_domid, metavar="DOMID", help="the peer domain")
+    p.add_argument("port", type=_port, metavar="PORT", help="vchan port name [A-Za-z0-9_-]+")
+    p.add_argument(
+        "--buffer-size",
+        type=_size,
+        default=vchan.DEFAULT_SIZE,
+        metavar="N",
+        help="ring size each way in bytes, chosen by the listener (default %(default)s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help=(
+            "how long to wait for the peer (default: a client "
+            f"{vchan.DEFAULT_CONNECT_TIMEOUT:g} s, a listener forever)"
+        ),
+    )
+    p.add_argument(
+        "--env-fd",
+        type=_fd,
+        metavar="FD",
+        help="with -l: write the export lines to this descriptor and close it",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="report connect/disconnect")
+    p.set_defaults(func=_run_cat)
+
+
+async def _run_cat(args: argparse.Namespace) -> int:
+    from aioxen.apps import cat
+
+    opts = cat.CatOptions(
+        domid=args.domid,
+        port=args.port,
+        listen=args.listen,
+        buffer_size=args.buffer_size,
+        timeout=args.timeout,
+        verbose=args.verbose,
+        env_fd=args.env_fd,
+    )
+    return await cat.main(opts)
+
+
+def _address(text: str) -> Address:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _register_bridge(subparsers: Any) -> None:
+    from aioxen.apps.bridge import DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE
+
+    p = subparsers.add_parser(
+        "bridge",
+        help="bridge vchan <-> TCP / Unix sockets (both directions, many connections)",
+        description=HELP_BRIDGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--listen", required=True, type=_address, metavar="ADDR", help="accept here")
+    p.add_argument(
+        "--connect", required=True, type=_address, metavar="ADDR", help="and connect each to here"
+    )
+    p.add_argument(
+        "--buffer-size",
+        type=_size,
+        default=vchan.DEFAULT_SIZE,
+        metavar="N",
+        help="ring size each way of a vchan the bridge serves (default %(default)s)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=_seconds,
+        default=DEFAULT_CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help="give up on an outgoing connection after this long (default %(default)g)",
+    )
+    p.add_argument(
+        "--grace",
+        type=_seconds,
+        default=DEFAULT_GRACE,
+        metavar="SECONDS",
+        help="on shutdown, let connections flush this long before aborting (default %(default)g)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log every connection on stderr")
+    p.set_defaults(func=_run_bridge)
+
+
+async def _run_bridge(args: argparse.Namespace) -> int:
+    from aioxen.apps.bridge import run_bridge_command
+
+    return await run_bridge_command(
+        args.listen,
+        args.connect,
+        buffer_size=args.buffer_size,
+        connect_timeout=args.connect_timeout,
+        grace=args.grace,
+        verbose=args.verbose,
+    )

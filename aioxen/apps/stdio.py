@@ -1,0 +1,366 @@
+"""Standard input and output as asynchronous byte streams, whatever they are connected to.
+
+Theory of operation
+-------------------
+A command-line tool's stdin/stdout may be a pipe, a terminal, a socket, a regular file or
+a device such as ``/dev/null``; the event loop can watch only some of these.  The
+descriptor's type picks one of three backends:
+
+* **pipe** -- FIFOs and character devices the selector accepts (terminals, ptys): the
+  loop's own pipe transports (``connect_read_pipe`` / ``connect_write_pipe``), with a
+  stdlib ``StreamReader`` bounding what is read ahead and the transport's write buffer
+  limits (``pause_writing``) bounding what is queued;
+* **socket** -- ``loop.sock_recv`` / ``loop.sock_sendall`` (a write-pipe transport would
+  mistake incoming data on a bidirectional socket for the reader hanging up), and
+  ``shutdown(SHUT_WR)`` as the end of stream;
+* **file** -- regular files and devices the selector refuses (epoll rejects them with
+  ``EPERM``; uvloop even aborts): blocking ``os.read``/``os.write`` in a worker thread.
+  These never block for long.
+
+Each object *owns* the descriptor it is given (pass a ``dup``) and closes it; closing the
+last descriptor of a pipe is what tells the reader at its other end that the stream ended.
+Non-blocking mode, which the first two backends set on the shared open file description
+(a terminal is shared with the shell), is restored before the descriptor is closed.
+
+A sink's :meth:`ByteSink.write` raises ``BrokenPipeError`` once the reader is gone (the
+pipe transport alone would drop the bytes silently).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import os
+import selectors
+import socket
+import stat
+
+PIPE, SOCKET, FILE = "pipe", "socket", "file"
+
+
+def fd_kind(fd: int) -> str:
+    """``"pipe"``, ``"socket"`` or ``"file"``: which backend serves descriptor ``fd``."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISSOCK(mode):
+        return SOCKET
+    if (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)) and _pollable(fd):
+        return PIPE
+    return FILE
+
+
+def _pollable(fd: int) -> bool:
+    sel = selectors.DefaultSelector()
+    try:
+        sel.register(fd, selectors.EVENT_READ)
+    except (OSError, ValueError):
+        return False
+    else:
+        return True
+    finally:
+        sel.close()
+
+
+class ByteSource(abc.ABC):
+    """An input stream: ``await read(n)`` returns 1..n bytes, ``b""`` at the end."""
+
+    kind: str
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.isatty = os.isatty(fd)
+        self._was_blocking = os.get_blocking(fd)
+        self._closed = False
+
+    @abc.abstractmethod
+    async def read(self, n: int) -> bytes: ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop reading and close the descriptor (restoring its blocking mode)."""
+
+
+class ByteSink(abc.ABC):
+    """An output stream with back-pressure: ``await write(data)`` returns once ``data`` is
+    handed over or queued within bounds."""
+
+    kind: str
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.isatty = os.isatty(fd)
+        self._was_blocking = os.get_blocking(fd)
+        self._closed = False
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def close_write(self) -> None:
+        """Flush everything written, then end the stream for the reader; closes the fd."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Close at once, discarding anything queued (idempotent)."""
+
+
+# -- pipes and terminals -----------------------------------------------------------------------
+
+
+class _PipeSource(ByteSource):
+    kind = PIPE
+
+    def __init__(self, fd: int, limit: int) -> None:
+        super().__init__(fd)
+        self._limit = limit
+        self._reader: asyncio.StreamReader | None = None
+        self._transport: asyncio.ReadTransport | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._reader = reader = asyncio.StreamReader(limit=self._limit, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        pipe = os.fdopen(self.fd, "rb", buffering=0)
+        try:
+            self._transport, _ = await loop.connect_read_pipe(lambda: protocol, pipe)
+        except BaseException:
+            os.set_blocking(self.fd, self._was_blocking)
+            pipe.close()
+            raise
+
+    async def read(self, n: int) -> bytes:
+        assert self._reader is not None
+        return await self._reader.read(n)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._transport is not None:
+            with contextlib.suppress(OSError):
+                os.set_blocking(self.fd, self._was_blocking)
+            self._transport.close()  # stops reading now, closes the fd on the next turn
+
+
+class _SinkProtocol(asyncio.Protocol):
+    """Flow control and loss for a write-pipe transport."""
+
+    def __init__(self) -> None:
+        self._paused = False
+        self._waiters: list[asyncio.Future[None]] = []
+        self.lost = False
+        self.exc: BaseException | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.exc = exc
+        self._wake()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def drain(self) -> None:
+        while self._paused and not self.lost:
+            w = asyncio.get_running_loop().create_future()
+            self._waiters.append(w)
+            await w
+        if self.lost:
+            raise BrokenPipeError(32, "the reader of the output closed it") from self.exc
+
+
+class _PipeSink(ByteSink):
+    kind = PIPE
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self._transport: asyncio.WriteTransport | None = None
+        self._protocol: _SinkProtocol | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        pipe = os.fdopen(self.fd, "wb", buffering=0)
+        try:
+            self._transport, self._protocol = await loop.connect_write_pipe(_SinkProtocol, pipe)
+        except BaseException:
+            os.set_blocking(self.fd, self._was_blocking)
+            pipe.close()
+            raise
+
+    async def write(self, data: bytes) -> None:
+        transport, protocol = self._transport, self._protocol
+        assert transport is not None and protocol is not None
+        if protocol.lost or self._closed:
+            raise BrokenPipeError(32, "the reader of the output closed it")
+        transport.write(data)
+        await protocol.drain()
+
+    async def close_write(self) -> None:
+        transport, protocol = self._transport, self._protocol
+        assert transport is not None and protocol is not None
+        if self._closed:
+            return
+        transport.set_write_buffer_limits(high=0)  # drain() now waits for an empty buffer
+        await protocol.drain()
+        self._closed = True
+        with contextlib.suppress(OSError):
+            os.set_blocking(self.fd, self._was_blocking)
+        transport.close()
+        await protocol.closed
+        if protocol.exc is not None:
+            raise BrokenPipeError(32, "the reader of the output closed it") from protocol.exc
+
+    def abort(self) -> None:
+        if self._closed or self._transport is None:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            os.set_blocking(self.fd, self._was_blocking)
+        self._transport.abort()
+
+
+# -- sockets ---------------------------------------------------------------------------------
+
+
+class _SocketSource(ByteSource):
+    kind = SOCKET
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self._sock = socket.socket(fileno=fd)
+        self._sock.setblocking(False)
+
+    async def read(self, n: int) -> bytes:
+        return await asyncio.get_running_loop().sock_recv(self._sock, n)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self._sock.setblocking(self._was_blocking)
+            self._sock.close()
+
+
+class _SocketSink(ByteSink):
+    kind = SOCKET
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self._sock = socket.socket(fileno=fd)
+        self._sock.setblocking(False)
+
+    async def write(self, data: bytes) -> None:
+        if self._closed:
+            raise BrokenPipeError(32, "output already closed")
+        await asyncio.get_running_loop().sock_sendall(self._sock, data)
+
+    async def close_write(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if not isinstance(exc, (BrokenPipeError, ConnectionError)) and exc.errno != 107:
+                raise  # ENOTCONN (107): the peer already went away -- nothing to end
+        finally:
+            with contextlib.suppress(OSError):
+                self._sock.setblocking(self._was_blocking)
+            self._sock.close()
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self._sock.setblocking(self._was_blocking)
+            self._sock.close()
+
+
+# -- regular files and unpollable devices ------------------------------------------------------
+
+
+class _FileSource(ByteSource):
+    kind = FILE
+
+    async def read(self, n: int) -> bytes:
+        return await asyncio.to_thread(os.read, self.fd, n)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _FileSink(ByteSink):
+    kind = FILE
+
+    async def write(self, data: bytes) -> None:
+        if self._closed:
+            raise BrokenPipeError(32, "output already closed")
+        await asyncio.to_thread(_write_all, self.fd, data)
+
+    async def close_write(self) -> None:
+        self.abort()  # writes are synchronous: nothing is queued
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+
+# -- constructors ----------------------------------------------------------------------------
+
+
+async def open_source(fd: int, *, limit: int = 2**16) -> ByteSource:
+    """An input stream over ``fd`` (which it takes over and closes).  ``limit`` bounds the
+    bytes read ahead from a pipe (the StreamReader pauses reading above twice that)."""
+    kind = fd_kind(fd)
+    if kind == SOCKET:
+        return _SocketSource(fd)
+    if kind == PIPE:
+        src = _PipeSource(fd, limit)
+        await src.start()
+        return src
+    return _FileSource(fd)
+
+
+async def open_sink(fd: int) -> ByteSink:
+    """An output stream over ``fd`` (which it takes over and closes)."""
+    kind = fd_kind(fd)
+    if kind == SOCKET:
+        return _SocketSink(fd)
+    if kind == PIPE:
+        sink = _PipeSink(fd)
+        await sink.start()
+        return sink
+    return _FileSink(fd)
+
+
+__all__ = [
+    "FILE",
+    "PIPE",
+    "SOCKET",
+    "ByteSink",
+    "ByteSource",
+    "fd_kind",
+    "open_sink",
+    "open_source",
+]
