@@ -17,6 +17,7 @@ from collections.abc import Sequence
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "aioxen.bench.cli",
     "aioxen.xenstore.cli",
+    "aioxen.apps.cli",
     "aioxen.net.cli",
     "aioxen.blk.cli",
     "aioxen.xenbus.cli",
