@@ -100,7 +100,12 @@ class PingFront(FrontendDriver):
         ring = self.ring = await AsyncFrontRing.create(
             dev.platform, dev.peer_domid, FMT, FMT, order=order
         )
-        ring.add_shutdown_callback(lambda exc: exc is not None and dev.peer_lost(exc))
+
+        def on_shutdown(exc: BaseException | None) -> None:
+            if exc is not None:  # not our own close: the back end went away
+                dev.peer_lost(exc)
+
+        ring.add_shutdown_callback(on_shutdown)
         keys = {"event-channel": str(ring.port), "ring-page-order": str(order)}
         keys.update({f"ring-ref{i}": str(r) for i, r in enumerate(ring.refs)})
         if await dev.peer_feature("feature-double"):

@@ -1,0 +1,231 @@
+"""The PV console device: streams in one process on inheap and unix, and ``aioxen console``
+between real processes (back end and guest), including a guest that is killed and comes
+back."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "xenbus"))
+
+from support.xenstored import XenstoredProcess
+from xenbus_world import World, world, xenstored_proc
+
+from aioxen import ProtocolError
+from aioxen.devices.console import (
+    ConsoleBackend,
+    ConsoleFrontend,
+    create_console,
+    remove_console,
+)
+from aioxen.rings.byte import CONSOLE
+from aioxen.xenbus import XenbusState, list_devices
+
+__all__ = ["world", "xenstored_proc"]  # fixtures used by the tests below
+
+S = XenbusState
+T = 20  # hang guard (seconds)
+
+
+async def pair(world: World, devid: int = 1) -> tuple[ConsoleBackend, ConsoleFrontend, int]:
+    dom0 = await world.platform(0)
+    guest = world.dom(1)
+    await create_console(guest, devid, platform=dom0)
+    be = await ConsoleBackend.start(guest, devid, platform=dom0)
+    fe = await ConsoleFrontend.open(0, devid, platform=await world.platform(guest), timeout=T)
+    return be, fe, guest
+
+
+async def test_both_directions_and_flow_control(world: World) -> None:
+    be, fe, _guest = await pair(world)
+    reader, writer = await be.accept(timeout=T)
+    fe.writer.write(b"login: ")
+    assert await asyncio.wait_for(reader.readexactly(7), T) == b"login: "
+    writer.write(b"root\n")
+    assert await asyncio.wait_for(fe.reader.readline(), T) == b"root\n"
+    # far more than either ring holds, both ways at once: flow control, index wrap
+    out = bytes(range(256)) * 1200  # 300 KiB guest -> host (2 KiB ring)
+    inp = os.urandom(150_000)  # host -> guest (1 KiB ring)
+    assert len(out) > 100 * CONSOLE.out.size and len(inp) > 100 * CONSOLE.in_.size
+
+    async def send(w: asyncio.StreamWriter, data: bytes) -> None:
+        for i in range(0, len(data), 7000):
+            w.write(data[i : i + 7000])
+            await w.drain()
+
+    got_out, got_in, _, _ = await asyncio.wait_for(
+        asyncio.gather(
+            reader.readexactly(len(out)), fe.reader.readexactly(len(inp)),
+            send(fe.writer, out), send(writer, inp),
+        ),
+        T,
+    )  # fmt: skip
+    assert got_out == out and got_in == inp
+    await fe.close()
+    await be.close()
+
+
+async def test_guest_close_gives_eof_and_a_new_guest_reconnects(world: World) -> None:
+    be, fe, guest = await pair(world)
+    reader, _writer = await be.accept(timeout=T)
+    fe.writer.write(b"bye")
+    await fe.writer.drain()
+    await fe.close()  # orderly xenbus close
+    assert await asyncio.wait_for(reader.read(), T) == b"bye"  # drained, then EOF
+    assert fe.runner.dev.state == S.CLOSED
+    fe2 = await ConsoleFrontend.open(0, 1, platform=await world.platform(guest), timeout=T)
+    _reader2, writer2 = await be.accept(timeout=T)
+    writer2.write(b"welcome back\n")
+    assert await asyncio.wait_for(fe2.reader.readline(), T) == b"welcome back\n"
+    await fe2.close()
+    await be.close()
+
+
+async def test_back_end_close_gives_the_guest_eof(world: World) -> None:
+    be, fe, _guest = await pair(world)
+    _reader, writer = await be.accept(timeout=T)
+    writer.write(b"shutting down\n")
+    await writer.drain()
+    await be.close()
+    assert await asyncio.wait_for(fe.reader.read(), T) == b"shutting down\n"
+    await fe.close()
+
+
+async def test_toolstack_removal_while_connected(world: World) -> None:
+    be, fe, guest = await pair(world)
+    reader, _writer = await be.accept(timeout=T)
+    dom0 = world.platforms[0]
+    assert await remove_console(guest, 1, platform=dom0)
+    assert await asyncio.wait_for(reader.read(), T) == b""
+    assert await asyncio.wait_for(fe.reader.read(), T) == b""
+    assert [d for d in await list_devices(dom0.store, guest) if d.type == "console"] == []
+    await fe.close()
+    await be.close()
+
+
+async def test_scribbling_guest_gets_a_protocol_error_then_a_fresh_session(world: World) -> None:
+    be, fe, _guest = await pair(world)
+    reader, _writer = await be.accept(timeout=T)
+    fe.writer.write(b"ok so far")
+    assert await asyncio.wait_for(reader.readexactly(9), T) == b"ok so far"
+    session = fe.driver._session
+    assert session is not None and session.memory is not None and session.channel is not None
+    page = session.memory.buf  # the guest's own view of the shared page
+    page[CONSOLE.out.prod : CONSOLE.out.prod + 4] = (5000).to_bytes(4, "little")
+    session.channel.notify()
+    with pytest.raises(ProtocolError) as e:
+        await asyncio.wait_for(reader.read(), T)
+    assert e.value.field == "out_prod"
+    # The back end dropped that session and offered a new one; the guest took it.
+    reader2, writer2 = await be.accept(timeout=T)
+    fe.reader, fe.writer = await fe.reconnected(timeout=T)
+    writer2.write(b"fresh\n")
+    assert await asyncio.wait_for(fe.reader.readline(), T) == b"fresh\n"
+    fe.writer.write(b"ack\n")
+    assert await asyncio.wait_for(reader2.readline(), T) == b"ack\n"
+    await fe.close()
+    await be.close()
+
+
+# ------------------------------------------------------------------ between processes
+
+
+class Proc:
+    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.proc = proc
+        self.name = name
+
+    async def line(self) -> bytes:
+        assert self.proc.stdout is not None
+        return await asyncio.wait_for(self.proc.stdout.readline(), T)
+
+    async def send(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        await self.proc.stdin.drain()
+
+    async def stderr_until(self, text: str) -> str:
+        assert self.proc.stderr is not None
+        seen = ""
+        while text not in seen:
+            chunk = await asyncio.wait_for(self.proc.stderr.readline(), T)
+            if not chunk:
+                raise AssertionError(f"{self.name} exited before saying {text!r}: {seen}")
+            seen += chunk.decode()
+        return seen
+
+    async def finish(self, sig: int | None = signal.SIGTERM) -> int:
+        if sig is not None and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        return await asyncio.wait_for(self.proc.wait(), T)
+
+
+Spawn = Callable[..., Awaitable[Proc]]
+_guests = itertools.count(900)
+
+
+@pytest.fixture
+async def spawn(xenstored_proc: XenstoredProcess) -> AsyncIterator[Spawn]:
+    """``await spawn(domid, *args)``: ``python -m aioxen ARGS`` playing ``domid`` on the
+    unix platform of the module's xenstored."""
+    procs: list[Proc] = []
+
+    async def start(domid: int, *args: str, name: str = "aioxen") -> Proc:
+        p = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "aioxen", *args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=xenstored_proc.env(domid),
+        )  # fmt: skip
+        proc = Proc(p, name)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for p in procs:
+        if p.proc.returncode is None:
+            p.proc.kill()
+            await p.proc.wait()
+
+
+async def test_aioxen_console_between_processes(spawn: Spawn) -> None:
+    start = spawn
+    guest = next(_guests)
+    add = await start(0, "device", "add", "console", str(guest), "--devid", "1")
+    assert await add.finish(None) == 0
+    back = await start(0, "console", str(guest), "--devid", "1", "--follow", name="back")
+    await back.stderr_until("waiting for domain")
+    front = await start(guest, "console", "--frontend", "0", "--devid", "1", name="guest")
+    await front.stderr_until("connected")
+    await back.stderr_until("connected")
+    await back.send(b"hello guest\n")
+    assert await front.line() == b"hello guest\n"
+    await front.send(b"hello host\n")
+    assert await back.line() == b"hello host\n"
+    ls = await start(0, "device", "ls", str(guest))
+    assert await ls.finish(None) == 0
+    assert ls.proc.stdout is not None
+    listing = (await ls.proc.stdout.read()).decode()
+    assert "console" in listing and listing.count("Connected") == 2, listing
+
+    # The guest process is killed: no xenbus update, its memory and channel vanish.
+    assert await front.finish(signal.SIGKILL) == -signal.SIGKILL
+    await back.stderr_until("disconnected")
+    # A new guest process connects to the same (following) back end.
+    front2 = await start(guest, "console", "--frontend", "0", "--devid", "1", name="guest2")
+    await front2.stderr_until("connected")
+    await back.stderr_until("connected")
+    await front2.send(b"again\n")
+    assert await back.line() == b"again\n"
+    # Orderly shutdown of both.
+    assert await front2.finish() == 0
+    assert await back.finish() == 0
+    rm = await start(0, "device", "rm", "console", str(guest), "--devid", "1", "--force")
+    assert await rm.finish(None) == 0
