@@ -12,7 +12,7 @@ TEST_DEBS := libxen-dev xenstore-utils gcc qemu-utils libnbd-bin iproute2 iputil
 # The Xen lab (real Xen under QEMU).
 LAB_DEBS  := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 linux-image-amd64 busybox-static cpio
 
-.PHONY: all venv deps demo test lint typecheck docs bench clean
+.PHONY: all venv deps demo test xenlab lint typecheck docs bench clean
 
 all: test
 
@@ -25,13 +25,17 @@ $(STAMP): pyproject.toml setup.py aioxen/_native_build.py
 venv: $(STAMP)
 
 deps:
-	@scripts/ensure-debs $(TEST_DEBS)
+	@scripts/ensure-debs $(TEST_DEBS) $(LAB_DEBS)
 
 demo: $(STAMP)
 	$(PY) -m aioxen.demo
 
 test: deps $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# Real Xen under QEMU: one boot runs tests/xenlab/guest inside dom0 (also part of `make test`).
+xenlab: deps $(STAMP)
+	$(PY) -m pytest -q -ra tests/xenlab $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check aioxen tests benchmarks

@@ -17,6 +17,12 @@ overflowed) is answered with ``IOCTL_EVTCHN_RESET``, an unmask of every bound po
 whose entries were lost would otherwise stay masked for ever) and one batch for every
 channel.  Any other read/write failure of the device marks every channel's peer as lost.
 
+**The connecting side starts with one event.**  Xen marks a port pending as it is bound
+with ``BIND_INTERDOMAIN`` (notifications sent to the still-unbound peer port may have been
+lost), so the first ``wait()`` after :meth:`XenEventChannels.connect` returns at once.
+Events are hints to re-check shared state, so this is harmless; it is not filtered out
+because it cannot be told apart from a real notification sent before the bind.
+
 **Peer loss.**  Xen tells nobody when the other end of an interdomain channel is closed or
 its domain dies: the peer's port just reverts to *unbound* and notifications are dropped.
 On Xen a protocol learns of a dead peer from shared memory: the peer's unmap notify clears
@@ -52,6 +58,14 @@ class XenEventChannel(ChannelCore):
     ) -> None:
         super().__init__(loop, port, remote_domid, local_domid)
         self._owner = owner
+
+    async def wait(self, timeout: float | None = None) -> None:
+        try:
+            await super().wait(timeout)
+        except TimeoutError as exc:
+            if exc.args:
+                raise
+            raise TimeoutError(f"no event on {self._describe()} within {timeout} s") from None
 
     def notify(self) -> None:
         """Send one event.  A no-op after ``close()`` or once the peer is known lost."""

@@ -1,0 +1,31 @@
+"""The Xen lab tier: ``test_lab.py`` runs on the host and boots Xen once per session;
+``guest/`` holds the tests that run *inside* dom0 and is only collected there (the guest
+sets ``AIOXEN_XENLAB_GUEST=1``) or when the host lists them (``AIOXEN_XENLAB_COLLECT=1``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+collect_ignore = []
+if not (os.environ.get("AIOXEN_XENLAB_GUEST") or os.environ.get("AIOXEN_XENLAB_COLLECT")):
+    collect_ignore.append("guest")
+
+_REPORT = pytest.StashKey[dict[str, Any]]()
+
+
+@pytest.fixture(scope="session")
+def lab_report(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Where the lab run leaves what the terminal summary reports."""
+    return request.config.stash.setdefault(_REPORT, {})
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    run = config.stash.get(_REPORT, {}).get("run")
+    if run is not None:
+        terminalreporter.write_line(
+            f"xenlab: Xen boot + dom0 test run took {run.seconds:.1f}s "
+            f"(guest pytest rc {run.pytest_rc}); console and junit in {run.results}"
+        )

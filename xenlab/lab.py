@@ -1,0 +1,416 @@
+#!/usr/bin/env python3
+"""The Xen lab: real Xen under QEMU (TCG), running a pytest selection inside dom0.
+
+Theory of operation
+-------------------
+*Image* (:func:`build_image`).  Three files, cached under ``lab-cache/image-<key>/`` where
+``key`` hashes the versions of the Debian packages they come from plus the lab's own build
+inputs (``xenlab/init`` and this file's module list), so a repeated run boots at once:
+
+* ``xen.elf`` — ``/boot/xen-4.17-amd64.gz`` unzipped (QEMU's multiboot loader wants the ELF);
+* ``vmlinuz`` — the Debian kernel ``linux-image-amd64`` depends on (its ``XEN_PV`` dom0);
+* ``initrd.gz`` — a newc cpio written here (no root, no cpio tool needed): busybox, the
+  virtio/9p and Xen modules of that kernel with a dependency-ordered load list, and
+  ``xenlab/init``.  Nothing else: the Xen tools, Python and the working tree all come from
+  the *host's* root, shared read-only with 9p, so dom0 runs exactly the host's xenstored,
+  ``vchan-socket-proxy`` and ``.venv`` — the same Debian packages the image key names.
+
+*Run* (:func:`boot`).  One boot per run: ``results/`` (a fresh directory, shared writable
+with 9p) gets ``guest.env`` naming the tree, its Python, the pytest selection and
+``xenlab/guest-run.sh``.  ``/init`` mounts everything, chroots into the host root and runs
+that script, which starts xenstored + ``xen-init-dom0`` and runs pytest with
+``--junitxml`` into ``results/``.  The guest powers itself off (``-no-reboot`` makes QEMU
+exit); a watchdog in ``/init`` and a host-side timeout make sure nothing hangs.
+
+TCG with ``-cpu qemu64`` is deliberate: ``-cpu max`` crashes the PV dom0 and KVM trips over
+Xen's CET instructions (see ``docs/xenlab.md``).
+
+Command line: ``python xenlab/lab.py [--build-only] [PYTEST_ARGS...]`` (default selection
+``tests/xenlab/guest``); prints the guest's pytest summary and exits with its status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TREE = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("XENLAB_CACHE", TREE / "lab-cache"))
+XEN_GZ = Path("/boot/xen-4.17-amd64.gz")
+XEN_BIN = Path("/usr/lib/xen-4.17/bin")
+# The hypothesis plugin alone costs ~10 s of start-up under TCG; guest tests do not use it.
+GUEST_SELECTION = ["-p", "no:hypothesispytest", "tests/xenlab/guest"]
+KEEP_RUNS = 10  # result directories kept under lab-cache/runs
+
+# Kernel modules for dom0, in the order named; dependencies are inserted before each.
+MODULES = [
+    # 9p over virtio for the host shares
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    # Xen user-space devices (xenfs needs privcmd's symbols)
+    "xen-privcmd",
+    "xen-evtchn",
+    "xen-gntdev",
+    "xen-gntalloc",
+    "xenfs",
+]
+IMAGE_FORMAT = 1  # bump when the image layout changes
+DEFAULT_WATCHDOG = 420  # seconds the guest may run before powering itself off
+INIT_DEADLINE = 120.0  # seconds for dom0 to reach /init (~5 s normally) before a reboot
+INIT_MARKER = b"xenlab: init up"
+
+
+def lab_debs() -> list[str]:
+    """The Debian packages the lab needs: ``LAB_DEBS`` of the Makefile (one source)."""
+    text = (TREE / "Makefile").read_text()
+    m = re.search(r"^LAB_DEBS\s*:?=\s*(.+)$", text, re.MULTILINE)
+    if not m:
+        raise RuntimeError("Makefile has no LAB_DEBS line")
+    return m.group(1).split()
+
+
+def ensure_debs() -> None:
+    """Install missing lab packages (``scripts/ensure-debs``: apt-get as root or sudo)."""
+    subprocess.run([str(TREE / "scripts" / "ensure-debs"), *lab_debs()], check=True)
+
+
+def _dpkg_version(pkg: str) -> str:
+    out = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
+def kernel_version() -> str:
+    """The kernel release ``linux-image-amd64`` depends on, e.g. ``6.1.0-56-amd64``."""
+    out = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Depends}", "linux-image-amd64"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    m = re.search(r"linux-image-(\d[^\s,(]*)", out)
+    if not m:
+        raise RuntimeError(f"cannot tell the kernel from linux-image-amd64's Depends: {out!r}")
+    return m.group(1)
+
+
+# --- initramfs --------------------------------------------------------------------------
+
+
+class Cpio:
+    """A minimal writer of the ``newc`` cpio format the kernel unpacks as initramfs."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._ino = 1
+
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
+        encoded = name.encode() + b"\0"
+        fields = [
+            self._ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0
+        ]  # fmt: skip
+        self._ino += 1
+        header = b"070701" + b"".join(b"%08x" % f for f in fields)
+        self._parts.append(header + encoded + b"\0" * (-(110 + len(encoded)) % 4))
+        self._parts.append(data + b"\0" * (-len(data) % 4))
+
+    def dir(self, name: str) -> None:
+        self._entry(name, 0o040755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._entry(name, 0o100000 | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, 0o120777, target.encode())
+
+    def chardev(self, name: str, major: int, minor: int) -> None:
+        self._entry(name, 0o020600, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return b"".join(self._parts)
+
+
+def _module_order(kver: str, names: list[str]) -> list[Path]:
+    """Module files for ``names`` with every dependency before its user (modules.dep)."""
+    moddir = Path("/lib/modules") / kver
+    deps: dict[str, list[str]] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        mod, _, rest = line.partition(":")
+        deps[mod] = rest.split()
+    by_name = {Path(m).name.split(".ko")[0].replace("-", "_"): m for m in deps}
+    order: list[str] = []
+
+    def visit(mod: str) -> None:
+        if mod in order:
+            return
+        for dep in deps[mod]:
+            visit(dep)
+        order.append(mod)
+
+    for name in names:
+        key = name.replace("-", "_")
+        if key not in by_name:
+            raise RuntimeError(f"kernel {kver} has no module {name}")
+        visit(by_name[key])
+    return [moddir / m for m in order]
+
+
+def _build_initrd(kver: str) -> bytes:
+    c = Cpio()
+    for d in ["bin", "dev", "proc", "sys", "tmp", "run", "host", "results", "lib", "lib/modules"]:
+        c.dir(d)
+    c.chardev("dev/console", 5, 1)
+    c.chardev("dev/null", 1, 3)
+    c.file("bin/busybox", Path("/bin/busybox").read_bytes(), 0o755)
+    c.symlink("bin/sh", "busybox")
+    load = []
+    for path in _module_order(kver, MODULES):
+        if path.suffix != ".ko":
+            raise RuntimeError(f"{path}: compressed modules are not supported by busybox insmod")
+        name = path.stem
+        c.file(f"lib/modules/{name}.ko", path.read_bytes())
+        load.append(name)
+    c.file("lib/modules/load-order", ("\n".join(load) + "\n").encode())
+    c.file("init", (TREE / "xenlab" / "init").read_bytes(), 0o755)
+    return gzip.compress(c.finish(), compresslevel=6)
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    xen: Path
+    kernel: Path
+    initrd: Path
+    key: str
+
+
+def image_key() -> tuple[str, str]:
+    """(cache key, kernel release): package versions + the lab's build inputs."""
+    kver = kernel_version()
+    h = hashlib.sha256()
+    for pkg in [*lab_debs(), f"linux-image-{kver}"]:
+        h.update(f"{pkg}={_dpkg_version(pkg)}\n".encode())
+    h.update((TREE / "xenlab" / "init").read_bytes())
+    h.update(repr((IMAGE_FORMAT, MODULES)).encode())
+    return h.hexdigest()[:16], kver
+
+
+def build_image(cache: Path = CACHE) -> Image:
+    """The cached boot files, built first if this key has none (concurrency-safe)."""
+    key, kver = image_key()
+    final = cache / f"image-{key}"
+    image = Image(final / "xen.elf", final / "vmlinuz", final / "initrd.gz", key)
+    if (final / "ok").exists():
+        return image
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".image-{key}-", dir=cache))
+    try:
+        with gzip.open(XEN_GZ) as src, open(tmp / "xen.elf", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        shutil.copyfile(f"/boot/vmlinuz-{kver}", tmp / "vmlinuz")
+        (tmp / "initrd.gz").write_bytes(_build_initrd(kver))
+        (tmp / "ok").write_text(f"{kver}\n")
+        try:
+            tmp.rename(final)
+        except OSError:  # another run finished first
+            if not (final / "ok").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return image
+
+
+# --- boot -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """What one boot produced."""
+
+    results: Path
+    console: str
+    qemu_returncode: int | None  # None: killed by the host-side timeout
+    seconds: float
+    pytest_rc: int | None
+    boots: int = 1  # QEMU starts it took (an early hang is retried)
+
+    @property
+    def junit(self) -> Path:
+        return self.results / "junit.xml"
+
+    def pytest_log(self) -> str:
+        p = self.results / "pytest.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def diagnosis(self) -> str:
+        """A short account of what happened, for failure messages."""
+        lines = [ln for ln in self.console.splitlines() if "xenlab:" in ln]
+        tail = self.console.splitlines()[-25:]
+        return (
+            f"qemu exit {self.qemu_returncode} after {self.seconds:.0f}s and {self.boots} "
+            f"boot(s), pytest rc {self.pytest_rc}; results in {self.results}\n"
+            + "\n".join(lines)
+            + "\n--- console tail ---\n"
+            + "\n".join(tail)
+        )
+
+
+def qemu_command(image: Image, results: Path, watchdog: int) -> list[str]:
+    for p in (image.xen, image.kernel, image.initrd, results):
+        if "," in str(p) or " " in str(p):
+            raise ValueError(f"QEMU cannot take a path with ',' or ' ': {p}")
+    dom0 = f"{image.kernel} console=hvc0 loglevel=4 xenlab.watchdog={watchdog}"
+    return [
+        "qemu-system-x86_64",
+        "-accel", "tcg,thread=multi",
+        "-cpu", "qemu64",
+        "-m", "2048",
+        "-smp", "2",
+        "-display", "none",
+        "-monitor", "none",
+        "-serial", "stdio",
+        "-no-reboot",
+        "-kernel", str(image.xen),
+        "-append", "console=com1 com1=115200 dom0_mem=1024M,max:1024M loglvl=warning",
+        "-initrd", f"{dom0},{image.initrd}",
+        "-virtfs",
+        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        "-virtfs", f"local,path={results},mount_tag=results,security_model=none",
+    ]  # fmt: skip
+
+
+def _run_qemu(
+    cmd: list[str], console_path: Path, init_deadline: float, deadline: float, echo: bool
+) -> tuple[int | None, bool]:
+    """Run QEMU to completion, teeing the console; ``(returncode, reached_init)``.
+
+    Killed (returncode None) if dom0's ``/init`` has not announced itself within
+    ``init_deadline`` seconds, or if the whole run exceeds ``deadline`` seconds.
+    """
+    start = time.monotonic()
+    seen = b""
+    with open(console_path, "wb") as console:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        try:
+            while True:
+                exited = proc.poll() is not None
+                chunk = proc.stdout.read()
+                if chunk:
+                    console.write(chunk)
+                    console.flush()
+                    if len(seen) < 1 << 20:
+                        seen += chunk
+                    if echo:
+                        sys.stdout.write(chunk.decode(errors="replace"))
+                        sys.stdout.flush()
+                reached_init = INIT_MARKER in seen
+                if exited:
+                    return proc.returncode, reached_init
+                elapsed = time.monotonic() - start
+                if elapsed > deadline or (not reached_init and elapsed > init_deadline):
+                    return None, reached_init
+                time.sleep(0.1)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def boot(
+    pytest_args: list[str] | None = None,
+    *,
+    image: Image | None = None,
+    cache: Path = CACHE,
+    watchdog: int = DEFAULT_WATCHDOG,
+    init_deadline: float = INIT_DEADLINE,
+    attempts: int = 2,
+    python: str | None = None,
+    echo: bool = False,
+) -> Run:
+    """Boot, run ``pytest_args`` (default: the guest tier) in dom0, return the Run.
+
+    A boot whose dom0 never reaches ``/init`` (an occasional early hang under TCG) is
+    killed after ``init_deadline`` seconds and retried, up to ``attempts`` boots in all;
+    each attempt's console is kept (``console.log``, ``console-attempt1.log``, ...).
+    """
+    image = image or build_image(cache)
+    runs = cache / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    for old in sorted(runs.iterdir())[:-KEEP_RUNS]:
+        shutil.rmtree(old, ignore_errors=True)
+    results = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=runs))
+    results.chmod(0o777)
+    python = python or str(TREE / ".venv" / "bin" / "python")
+    if not Path(python).exists():
+        python = sys.executable
+    env = {
+        "XENLAB_GUEST_SCRIPT": str(TREE / "xenlab" / "guest-run.sh"),
+        "XENLAB_TREE": str(TREE),
+        "XENLAB_PYTHON": python,
+        "XENLAB_PYTEST_ARGS": shlex.join(pytest_args or GUEST_SELECTION),
+        "XENLAB_PYTEST_TIMEOUT": str(max(watchdog - 60, 60)),
+    }
+    (results / "guest.env").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
+    cmd = qemu_command(image, results, watchdog)
+    (results / "qemu.cmd").write_text(shlex.join(cmd) + "\n")
+    start = time.monotonic()
+    console_path = results / "console.log"
+    returncode: int | None = None
+    for attempt in range(1, attempts + 1):
+        returncode, reached_init = _run_qemu(cmd, console_path, init_deadline, watchdog + 60, echo)
+        if reached_init or attempt == attempts:
+            break
+        console_path.rename(results / f"console-attempt{attempt}.log")
+        print(f"xenlab: dom0 did not reach /init in {init_deadline:.0f}s; booting again")
+    seconds = time.monotonic() - start
+    rc_file = results / "pytest.rc"
+    pytest_rc = int(rc_file.read_text().strip()) if rc_file.exists() else None
+    text = console_path.read_text(errors="replace")
+    return Run(results, text, returncode, seconds, pytest_rc, attempt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--build-only", action="store_true", help="build the image and exit")
+    parser.add_argument("--no-install", action="store_true", help="do not apt-get LAB_DEBS")
+    parser.add_argument("--watchdog", type=int, default=DEFAULT_WATCHDOG)
+    parser.add_argument("--quiet", action="store_true", help="do not echo the console")
+    parser.add_argument("pytest_args", nargs="*", help="pytest selection run inside dom0")
+    args, extra = parser.parse_known_args(argv)
+    args.pytest_args += extra
+    if not args.no_install:
+        ensure_debs()
+    t0 = time.monotonic()
+    image = build_image()
+    print(f"xenlab: image {image.key} ready in {time.monotonic() - t0:.1f}s", flush=True)
+    if args.build_only:
+        return 0
+    run = boot(args.pytest_args or None, image=image, watchdog=args.watchdog, echo=not args.quiet)
+    print(f"xenlab: boot + guest run took {run.seconds:.1f}s; results in {run.results}")
+    if run.pytest_rc is None:
+        print(run.diagnosis())
+        return 2
+    return run.pytest_rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
