@@ -15,13 +15,20 @@ see ``docs/apps.md``.
 from __future__ import annotations
 
 from aioxen.apps.addresses import Address, TcpAddress, UnixAddress, VchanAddress, parse_address
-from aioxen.apps.bridge import DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE, Bridge, start_bridge
+from aioxen.apps.bridge import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_GRACE,
+    Bridge,
+    ConnectionInfo,
+    start_bridge,
+)
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_GRACE",
     "Address",
     "Bridge",
+    "ConnectionInfo",
     "TcpAddress",
     "UnixAddress",
     "VchanAddress",

@@ -38,6 +38,7 @@ import itertools
 import logging
 import signal
 import sys
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Self, cast
 
@@ -62,6 +63,34 @@ def _peer_name(transport: asyncio.BaseTransport) -> str:
     if isinstance(name, tuple) and len(name) >= 2:
         return f"{name[0]}:{name[1]}" if not isinstance(name[0], int) else f"domain {name[0]}"
     return str(name) if name else "?"
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """A snapshot of one bridged connection (:meth:`Bridge.connections`)."""
+
+    number: int
+    origin: str
+    """Who connected (``host:port``, ``domain N``, ...)."""
+    bytes_in: int
+    """Bytes received from the accepted side so far (forwarded to the target)."""
+    bytes_out: int
+    """Bytes received from the target so far (forwarded to the accepted side)."""
+    queued: int
+    """Bytes waiting in the bridge's two transport write buffers."""
+    reading: tuple[bool, bool]
+    """Whether the accepted and the outgoing transport are reading (false: paused by
+    back-pressure, or closed)."""
+
+
+def _reading(side: _Side) -> bool:
+    t = side.transport
+    return t is not None and not side.lost and t.is_reading()
+
+
+def _queued(side: _Side) -> int:
+    t = side.transport
+    return t.get_write_buffer_size() if t is not None and not side.lost else 0
 
 
 class _Side(asyncio.Protocol):
@@ -91,7 +120,11 @@ class _Side(asyncio.Protocol):
         self.bytes_in += len(data)
         peer = self.peer
         if peer is None or peer.transport is None:
+            # Not connected yet.  Reading was paused in connection_made, but uvloop starts
+            # reading after connection_made regardless: pause (again) with one chunk held.
             self.held.append(bytes(data))
+            if self.transport is not None and not self.lost:
+                self.transport.pause_reading()
         elif not peer.lost:
             peer.transport.write(data)
 
@@ -336,6 +369,20 @@ class Bridge:
         """Bridged connections currently open."""
         return len(self._links)
 
+    def connections(self) -> list[ConnectionInfo]:
+        """A snapshot of every open bridged connection, oldest first."""
+        return [
+            ConnectionInfo(
+                number=link.number,
+                origin=link.origin,
+                bytes_in=link.inbound.bytes_in,
+                bytes_out=link.outbound.bytes_in,
+                queued=_queued(link.inbound) + _queued(link.outbound),
+                reading=(_reading(link.inbound), _reading(link.outbound)),
+            )
+            for link in sorted(self._links, key=lambda link: link.number)
+        ]
+
     def _factory(self) -> asyncio.BaseProtocol:
         link = _Link(self, next(self._numbers))
         self.accepted += 1
@@ -534,6 +581,7 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_GRACE",
     "Bridge",
+    "ConnectionInfo",
     "run_bridge_command",
     "start_bridge",
 ]

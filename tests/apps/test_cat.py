@@ -146,8 +146,8 @@ def test_socket_stdio_and_existing_world(tmp_path: Path, xenstored: XenstoredPro
     ours, theirs = socket.socketpair()
     client = subprocess.Popen(
         [*AIOXEN, "cat", "0", "sock"],
-        stdin=theirs,
-        stdout=theirs,
+        stdin=theirs.fileno(),
+        stdout=theirs.fileno(),
         stderr=subprocess.PIPE,
         env=xenstored.env(2),
     )
