@@ -17,6 +17,7 @@ SUITES: dict[str, str] = {
     "streams": "aioxen.bench.suites.streams",
     "protocol": "aioxen.bench.suites.protocol",
     "xenstore": "aioxen.bench.suites.xenstore",
+    "blk": "aioxen.bench.suites.blk",
 }
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aioxen.blk.blkif import (
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
     BLKIF_OP_READ,
@@ -54,6 +55,7 @@ from aioxen.blk.blkif import (
     SEGMENT_SIZE,
     BadRequest,
     BlkifAnyRequest,
+    BlkifRequest,
     BlkifResponse,
     BlkifSegment,
     BlkIO,
@@ -61,7 +63,6 @@ from aioxen.blk.blkif import (
     check_indirect_segments,
     check_request,
     response_operation,
-    unpack_indirect_segments,
 )
 from aioxen.blk.source import BlockSource
 from aioxen.platform.base import Mapping, Platform
@@ -69,6 +70,9 @@ from aioxen.rings.aio import AsyncBackRing
 
 log = logging.getLogger("aioxen.blk.back")
 
+PUBLISH_EVERY = 8
+"""Responses are published (pushed, notifying if the frontend waits) at least every this
+many, so that both ends work at the same time instead of taking turns by batches."""
 LOG_FIRST_ERRORS = 50
 """Bad requests logged individually per ring before the log is rate-limited."""
 
@@ -141,8 +145,8 @@ def iovecs(segs: Sequence[BlkifSegment], locs: list[tuple[memoryview, int]]) -> 
     run_buf: memoryview | None = None
     run_start = run_end = 0
     for s, (buf, page) in zip(segs, locs, strict=True):
-        start = page * PAGE_SIZE + s.first_sect * SECTOR_SIZE
-        end = page * PAGE_SIZE + (s.last_sect + 1) * SECTOR_SIZE
+        start = (page << 12) + (s[1] << 9)
+        end = (page << 12) + ((s[2] + 1) << 9)
         if run_buf is buf and run_end == start:
             run_end = end
             continue
@@ -151,6 +155,24 @@ def iovecs(segs: Sequence[BlkifSegment], locs: list[tuple[memoryview, int]]) -> 
         run_buf, run_start, run_end = buf, start, end
     if run_buf is not None:
         out.append(run_buf[run_start:run_end])
+    return out
+
+
+def iovecs_full(locs: list[tuple[memoryview, int]]) -> list[memoryview]:
+    """I/O vectors for whole-page segments (the common indirect case)."""
+    buf0, first = locs[0]
+    n = len(locs)
+    if locs[-1] == (buf0, first + n - 1) and locs == [(buf0, first + i) for i in range(n)]:
+        return [buf0[first << 12 : (first + n) << 12]]  # one mapping, in order: one vector
+    out: list[memoryview] = []
+    run_buf, run_start, run_end = buf0, first, first + 1
+    for buf, page in locs[1:]:
+        if buf is run_buf and page == run_end:
+            run_end += 1
+            continue
+        out.append(run_buf[run_start << 12 : run_end << 12])
+        run_buf, run_start, run_end = buf, page, page + 1
+    out.append(run_buf[run_start << 12 : run_end << 12])
     return out
 
 
@@ -189,6 +211,10 @@ class RingServer:
         # persistent grants: gref -> (mapping buffer, page index)
         self._cache: dict[int, tuple[memoryview, int]] = {}
         self._maps: list[Mapping] = []
+        self._responses: list[BlkifResponse] = []
+        self._in_batch = False
+        self._flush_scheduled = False
+        self._step = limits.sector_size // SECTOR_SIZE
 
     # ------------------------------------------------------------------ serving loop
 
@@ -196,13 +222,19 @@ class RingServer:
         """Serve until the ring closes; in-flight I/O is finished, not abandoned."""
         try:
             async for batch in self.ring.batches():
-                for req in batch:
-                    self._accept(req)
+                self._in_batch = True
+                try:
+                    for req in batch:
+                        self._accept(req)
+                finally:
+                    self._in_batch = False
+                    self._flush_responses()
         finally:
             if self._pump is not None:
                 self._pump.cancel()
             while self._tasks:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            self._flush_responses()
             self.release()
 
     def release(self) -> None:
@@ -214,6 +246,13 @@ class RingServer:
 
     def _accept(self, req: BlkifAnyRequest) -> None:
         self.stats.requests += 1
+        if (
+            isinstance(req, BlkifRequest)
+            and req.operation <= BLKIF_OP_WRITE
+            and not self._ordered
+            and self._fast_rw(req)
+        ):
+            return
         try:
             io = check_request(req, self.limits)
         except BadRequest as exc:
@@ -225,6 +264,51 @@ class RingServer:
                 self._pump = asyncio.ensure_future(self._run_ordered())
             return
         self._start(io)
+
+    def _fast_rw(self, req: BlkifRequest) -> bool:
+        """Direct READ/WRITE whose checks pass and whose I/O completes without blocking:
+        done here, no task.  False: take the general path (which also reports errors)."""
+        op, n, segs, sector = req.operation, req.nr_segments, req.seg, req.sector_number
+        lim = self.limits
+        if not 0 < n <= BLKIF_MAX_SEGMENTS_PER_REQUEST or (op and lim.readonly):
+            return False
+        step = self._step
+        total = 0
+        for s in segs:
+            first, last = s[1], s[2]
+            if last > 7 or first > last:
+                return False
+            if step > 1 and (first % step or (last + 1) % step):
+                return False
+            total += last - first + 1
+        if sector + total > lim.sectors or (step > 1 and sector % step):
+            return False
+        locs: list[tuple[memoryview, int]] | None = None
+        temps: list[Mapping] = []
+        if self.persistent:
+            cache = self._cache
+            try:
+                locs = [cache[s[0]] for s in segs]
+            except KeyError:
+                locs = None
+        if locs is None:
+            return False
+        vecs = iovecs(segs, locs)
+        offset = sector << 9
+        try:
+            if op == BLKIF_OP_READ:
+                done = self.source.readv_nowait(offset, vecs)
+            else:
+                done = self.source.writev_nowait(offset, vecs)
+        except Exception:
+            return False  # the general path retries and reports the error
+        if not done:
+            io = BlkIO(req.id, op, op, sector, total, segs)
+            self._spawn(self._finish_rw(io, _Pages(locs, temps), vecs))
+            return True
+        self.stats.inline += 1
+        self._respond(req.id, op, BLKIF_RSP_OKAY)
+        return True
 
     def _refuse(self, ident: int, rsp_op: int, exc: BadRequest, op: int) -> None:
         self.stats.errors += 1
@@ -238,13 +322,28 @@ class RingServer:
         self._respond(ident, rsp_op, exc.status)
 
     def _respond(self, ident: int, rsp_op: int, status: int) -> None:
-        if not self.ring.closed:
-            self.ring.respond(BlkifResponse(ident, rsp_op, status))
+        rsps = self._responses
+        rsps.append(tuple.__new__(BlkifResponse, (ident, rsp_op, status)))
+        if len(rsps) >= PUBLISH_EVERY:
+            # publish now: the frontend starts on these while we serve the rest
+            self._flush_responses()
+            if not self.ring.closed:
+                self.ring.flush()
+            return
+        if not self._in_batch and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_responses)
+
+    def _flush_responses(self) -> None:
+        self._flush_scheduled = False
+        rsps, self._responses = self._responses, []
+        if rsps and not self.ring.closed:
+            self.ring.respond_many(rsps)
 
     def _start(self, io: BlkIO) -> None:
         if io.kind in (BLKIF_OP_READ, BLKIF_OP_WRITE) and not io.indirect_grefs:
             try:
-                pages = self._map(io.segments, io.kind == BLKIF_OP_READ)
+                pages = self._map([sg[0] for sg in io.segments], io.kind == BLKIF_OP_READ)
             except BadRequest as exc:
                 self._refuse(io.id, io.rsp_operation, exc, io.kind)
                 return
@@ -315,26 +414,26 @@ class RingServer:
                 f"grant refs {_refs_str(refs)} of domain {self.domid} do not map: {exc}",
             ) from exc
 
-    def _map(self, segs: Sequence[BlkifSegment], device_writes: bool) -> _Pages:
-        """Map the pages of ``segs``; ``device_writes``: the backend writes into them."""
-        grefs = [s.gref for s in segs]
+    def _map(self, grefs: list[int], device_writes: bool) -> _Pages:
+        """Map the pages ``grefs``; ``device_writes``: the backend writes into them."""
         if self.persistent:
             cache = self._cache
             missing = list(dict.fromkeys(g for g in grefs if g not in cache))
             if missing and len(cache) + len(missing) <= self.max_persistent:
                 try:
-                    m = self._map_refs(missing, True)
+                    m: Mapping | None = self._map_refs(missing, True)
                 except BadRequest:
-                    missing = []  # e.g. read-only grants: fall back to a one-off mapping
-                    m = None
+                    m = None  # e.g. read-only grants: fall back to a one-off mapping
                 if m is not None:
                     buf = m.buf
                     self._maps.append(m)
                     for i, g in enumerate(missing):
                         cache[g] = (buf, i)
                     self.stats.mapped_persistent = len(cache)
-            if all(g in cache for g in grefs):
+            try:
                 return _Pages([cache[g] for g in grefs], [])
+            except KeyError:
+                pass
         unique = list(dict.fromkeys(grefs))
         m = self._map_refs(unique, device_writes)
         buf = m.buf
@@ -355,20 +454,21 @@ class RingServer:
         """Copy and decode the indirect segment pages of ``io`` (then check them)."""
         refs = list(io.indirect_grefs)
         nbytes = io.nr_indirect_segments * SEGMENT_SIZE
-        if self.persistent and all(r in self._cache for r in refs):
-            data = b"".join(
-                bytes(buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
-                for buf, i in (self._cache[r] for r in refs)
-            )[:nbytes]
+        if self.persistent:
+            pages = self._map(refs, False)  # indirect pages persist too (as in Linux)
+            try:
+                data = b"".join(
+                    [bytes(buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) for buf, i in pages.locs]
+                )[:nbytes]
+            finally:
+                self._unmap(pages, [])
         else:
             m = self._map_refs(refs, False)
             try:
                 data = bytes(m.buf[:nbytes])
             finally:
                 m.close()
-        check_indirect_segments(
-            io, unpack_indirect_segments(data, io.nr_indirect_segments), self.limits
-        )
+        check_indirect_segments(io, data, self.limits)
 
     # ------------------------------------------------------------------ execution
 
@@ -403,8 +503,11 @@ class RingServer:
                 self._indirect_segments(io)
             pages: _Pages | None = None
             vecs: list[memoryview] = []
-            if io.segments:
-                pages = self._map(io.segments, io.kind == BLKIF_OP_READ)
+            if io.full_grefs is not None:
+                pages = self._map(io.full_grefs, io.kind == BLKIF_OP_READ)
+                vecs = iovecs_full(pages.locs)
+            elif io.segments:
+                pages = self._map([sg[0] for sg in io.segments], io.kind == BLKIF_OP_READ)
                 vecs = iovecs(io.segments, pages.locs)
         except BadRequest as exc:
             self._refuse(io.id, io.rsp_operation, exc, io.kind)

@@ -36,9 +36,12 @@ Everything here is pure: no asyncio, no syscalls, no platform imports.
 
 from __future__ import annotations
 
+import functools
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aioxen.errors import ProtocolError
 from aioxen.rings.formats import (
@@ -135,7 +138,15 @@ def abi_for_protocol(protocol: str | None) -> str:
 
 
 def request_format(abi: str) -> BlkifRequestFormat:
-    return blkif_request_format(abi)
+    """The decoding request format (backend side), with a batch codec that decodes a
+    whole batch of slots with C-level ``struct`` calls."""
+    return _FORMATS[abi]
+
+
+def encoded_request_format(abi: str) -> EncodedRequestFormat:
+    """The frontend's request format: values are pre-encoded slots (see
+    :class:`RequestEncoder`), the ring only splices in the ids."""
+    return _ENCODED[abi]
 
 
 def response_format(abi: str) -> StructFormat[BlkifResponse]:
@@ -157,7 +168,7 @@ def unpack_indirect_segments(
     """
     if count < 0 or count * SEGMENT_SIZE > len(page_data):
         raise ValueError(f"{count} segments do not fit in {len(page_data)} bytes")
-    return [BlkifSegment(*t) for t in _SEG.iter_unpack(page_data[: count * SEGMENT_SIZE])]
+    return list(map(_mkseg, _SEG.iter_unpack(page_data[: count * SEGMENT_SIZE])))
 
 
 def pack_indirect_segments(buf: memoryview | bytearray, segs: Sequence[BlkifSegment]) -> None:
@@ -185,6 +196,174 @@ def segment_layout(nbytes: int) -> list[tuple[int, int]]:
     if rest:
         out.append((0, rest // SECTOR_SIZE - 1))
     return out
+
+
+# --------------------------------------------------------------------------- fast codecs
+
+_mkseg = functools.partial(tuple.__new__, BlkifSegment)
+
+
+class FastRequestFormat(BlkifRequestFormat):
+    """:class:`BlkifRequestFormat` plus a batch codec for the backend's hot path."""
+
+    def batch_codec(self, slot: int) -> _DecodeCodec:
+        return _DecodeCodec(self, slot)
+
+
+class _DecodeCodec:
+    """Decode a batch of request slots (a private copy) in few Python steps."""
+
+    def __init__(self, fmt: FastRequestFormat, slot: int) -> None:
+        self._fmt = fmt
+        self._slot = slot
+        wide = fmt.abi == ABI_X86_64
+        self._head = struct.Struct("<BBH4xQQ" if wide else "<BBHQQ")
+        self._seg_off = fmt.segments_offset
+        self._id = struct.Struct("<Q")
+        self._id_off = 8 if wide else 4
+
+    def unpack(self, data: bytes) -> list[BlkifAnyRequest]:
+        out: list[BlkifAnyRequest] = []
+        head, slot, so, fmt = self._head, self._slot, self._seg_off, self._fmt
+        mk, it = _mkseg, _SEG.iter_unpack
+        for off in range(0, len(data), slot):
+            op, b1, h16, ident, sector = head.unpack_from(data, off)
+            if op <= BLKIF_OP_FLUSH_DISKCACHE:
+                n = b1 if b1 <= BLKIF_MAX_SEGMENTS_PER_REQUEST else BLKIF_MAX_SEGMENTS_PER_REQUEST
+                segs = tuple(map(mk, it(data[off + so : off + so + 8 * n])))
+                out.append(tuple.__new__(BlkifRequest, (op, b1, h16, ident, sector, segs)))
+            else:
+                out.append(fmt.unpack_from(data, off))
+        return out
+
+    def pack(self, values: Sequence[BlkifAnyRequest]) -> bytes:
+        buf = bytearray(self._slot * len(values))
+        for i, v in enumerate(values):
+            self._fmt.pack_into(buf, i * self._slot, v)
+        return bytes(buf)
+
+    def with_ids(self, values: Sequence[BlkifAnyRequest], ids: Sequence[int]) -> list[Any]:
+        return [v._replace(id=i) for v, i in zip(values, ids, strict=True)]
+
+    def pack_with_ids(self, values: Sequence[BlkifAnyRequest], ids: Sequence[int]) -> bytes:
+        return self.pack(self.with_ids(values, ids))
+
+    def ids(self, values: Sequence[BlkifAnyRequest]) -> list[int]:
+        return [v.id for v in values]
+
+
+class EncodedRequestFormat:
+    """Frontend requests as pre-encoded slot bytes (``size`` bytes, id field zero).
+
+    :class:`RequestEncoder` builds them; the ring only splices in the request id."""
+
+    def __init__(self, abi: str) -> None:
+        self.abi = abi
+        base = blkif_request_format(abi)
+        self._size = base.size
+        self._align = base.align
+        self._id_off = 8 if abi == ABI_X86_64 else 4
+
+    @property
+    def name(self) -> str:
+        return f"blkif_request({self.abi}, encoded)"
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def align(self) -> int:
+        return self._align
+
+    @property
+    def id_bits(self) -> int:
+        return 64
+
+    @property
+    def id_offset(self) -> int:
+        return self._id_off
+
+    def pack_into(self, buf: memoryview | bytearray, offset: int, value: bytes) -> None:
+        buf[offset : offset + self._size] = value
+
+    def unpack_from(self, buf: bytes | bytearray | memoryview, offset: int = 0) -> bytes:
+        return bytes(buf[offset : offset + self._size])
+
+    def get_id(self, value: bytes) -> int:
+        return int.from_bytes(value[self._id_off : self._id_off + 8], "little")
+
+    def with_id(self, value: bytes, ident: int) -> bytes:
+        o = self._id_off
+        return value[:o] + ident.to_bytes(8, "little") + value[o + 8 :]
+
+    def batch_codec(self, slot: int) -> _EncodedCodec:
+        return _EncodedCodec(self, slot)
+
+
+class _EncodedCodec:
+    def __init__(self, fmt: EncodedRequestFormat, slot: int) -> None:
+        self._fmt = fmt
+        self._pad = bytes(slot - fmt.size)
+        self._o = fmt.id_offset
+        self._slot = slot
+
+    def pack(self, values: Sequence[bytes]) -> bytes:
+        pad = self._pad
+        return b"".join([v + pad for v in values]) if pad else b"".join(values)
+
+    def unpack(self, data: bytes) -> list[bytes]:
+        n = self._fmt.size
+        return [data[off : off + n] for off in range(0, len(data), self._slot)]
+
+    def with_ids(self, values: Sequence[bytes], ids: Sequence[int]) -> list[bytes]:
+        w = self._fmt.with_id
+        return [w(v, i) for v, i in zip(values, ids, strict=True)]
+
+    def pack_with_ids(self, values: Sequence[bytes], ids: Sequence[int]) -> bytes:
+        o, pad = self._o, self._pad
+        if len(values) == 1:
+            v = values[0]
+            return v[:o] + ids[0].to_bytes(8, "little") + v[o + 8 :] + pad
+        return b"".join(
+            [v[:o] + i.to_bytes(8, "little") + v[o + 8 :] + pad
+             for v, i in zip(values, ids, strict=True)]
+        )  # fmt: skip
+
+    def ids(self, values: Sequence[bytes]) -> list[int]:
+        g = self._fmt.get_id
+        return [g(v) for v in values]
+
+
+class RequestEncoder:
+    """Encode frontend requests straight to slot bytes (id zero; the ring fills it in)."""
+
+    def __init__(self, abi: str, handle: int) -> None:
+        wide = abi == ABI_X86_64
+        self._head = struct.Struct("<BBH4xQQ" if wide else "<BBHQQ")
+        self._size = blkif_request_format(abi).size
+        self._handle = handle
+        self._fmt = blkif_request_format(abi)
+        self._pads = [bytes(self._size - self._head.size - 8 * n) for n in range(12)]
+
+    @staticmethod
+    def segment(gref: int, first: int, last: int) -> bytes:
+        return _SEG.pack(gref, first, last)
+
+    def direct(self, op: int, sector: int, segments: Sequence[bytes]) -> bytes:
+        """READ/WRITE/FLUSH/BARRIER with up to 11 pre-encoded 8-byte segments."""
+        n = len(segments)
+        return self._head.pack(op, n, self._handle, 0, sector) + b"".join(segments) + self._pads[n]
+
+    def encode(self, value: BlkifAnyRequest) -> bytes:
+        """Any request record (discard, indirect, ...) as slot bytes."""
+        buf = bytearray(self._size)
+        self._fmt.pack_into(buf, 0, value)
+        return bytes(buf)
+
+
+_FORMATS = {abi: FastRequestFormat(abi) for abi in (ABI_X86_64, ABI_X86_32)}
+_ENCODED = {abi: EncodedRequestFormat(abi) for abi in (ABI_X86_64, ABI_X86_32)}
 
 
 # --------------------------------------------------------------------------- validation
@@ -234,6 +413,8 @@ class BlkIO:
     indirect_grefs: tuple[int, ...] = ()
     nr_indirect_segments: int = 0
     secure: bool = False
+    full_grefs: list[int] | None = None
+    """Indirect requests of whole-page segments only: their grant refs (else ``None``)."""
 
     @property
     def writes(self) -> bool:
@@ -365,11 +546,29 @@ def check_request(req: BlkifAnyRequest, limits: Limits) -> BlkIO:
     return BlkIO(req.id, op, rsp_op, req.sector_number, total, segs)
 
 
-def check_indirect_segments(io: BlkIO, segs: Sequence[BlkifSegment], limits: Limits) -> None:
-    """Validate the segments decoded from ``io``'s indirect pages and attach them."""
-    total = _check_segments(segs, limits)
+_ZEROS = bytes(MAX_INDIRECT_SEGMENTS)
+_SEVENS = bytes([SECTORS_PER_PAGE - 1]) * MAX_INDIRECT_SEGMENTS
+
+
+def check_indirect_segments(io: BlkIO, data: bytes, limits: Limits) -> None:
+    """Decode and validate the segments of ``io`` from a private copy of its indirect
+    pages and attach them.  Whole-page segments (the usual case) are recognised from the
+    raw bytes and kept as a list of grant refs in :attr:`BlkIO.full_grefs`."""
+    n = io.nr_indirect_segments
+    raw = data[: n * SEGMENT_SIZE]
+    if len(raw) != n * SEGMENT_SIZE:
+        raise BadRequest(BLKIF_RSP_ERROR, f"indirect pages hold fewer than {n} segments")
+    if raw[4::8] == _ZEROS[:n] and raw[5::8] == _SEVENS[:n]:
+        total = n * SECTORS_PER_PAGE
+        if sys.byteorder == "little":
+            io.full_grefs = memoryview(raw).cast("I")[::2].tolist()
+        else:
+            io.full_grefs = list(struct.unpack(f"<{2 * n}I", raw)[::2])
+    else:
+        segs = list(map(_mkseg, _SEG.iter_unpack(raw)))
+        total = _check_segments(segs, limits)
+        io.segments = segs
     _check_range(io.sector, total, limits, "indirect " + OP_NAMES.get(io.kind, "request"))
-    io.segments = segs
     io.nr_sectors = total
 
 
@@ -406,10 +605,14 @@ __all__ = [
     "BlkifRequestIndirect",
     "BlkifResponse",
     "BlkifSegment",
+    "EncodedRequestFormat",
+    "FastRequestFormat",
     "Limits",
+    "RequestEncoder",
     "abi_for_protocol",
     "check_indirect_segments",
     "check_request",
+    "encoded_request_format",
     "indirect_pages_for",
     "pack_indirect_segments",
     "request_format",

@@ -58,27 +58,25 @@ from aioxen.blk.blkif import (
     PAGE_SIZE,
     SECTOR_SIZE,
     VDISK_READONLY,
-    BlkifAnyRequest,
-    BlkifRequest,
     BlkifRequestDiscard,
     BlkifRequestIndirect,
     BlkifResponse,
-    BlkifSegment,
+    RequestEncoder,
+    encoded_request_format,
     indirect_pages_for,
-    pack_indirect_segments,
-    request_format,
     response_format,
-    segment_layout,
 )
 from aioxen.blk.device import check_io
 from aioxen.blk.pool import PagePool
-from aioxen.blk.split import merge_runs, pages_for, split
+from aioxen.blk.split import merge_runs, split
 from aioxen.platform.base import Platform, Share
 from aioxen.rings.aio import AsyncFrontRing
 
 log = logging.getLogger("aioxen.blk.front")
 
 MERGEABLE = frozenset({BLKIF_OP_READ, BLKIF_OP_WRITE})
+PAGE_SHIFT = 12
+_SEG_ENC = RequestEncoder.segment
 STRIPE_SHIFT = 11
 """Multi-queue striping: wire sectors ``>> 11`` (1 MiB) pick the queue."""
 
@@ -192,7 +190,7 @@ class _Op:
 @dataclass
 class _Queue:
     index: int
-    ring: AsyncFrontRing[BlkifAnyRequest, BlkifResponse]
+    ring: AsyncFrontRing[bytes, BlkifResponse]
     capacity: int
     ind_share: Share | None
     ind_pages: int
@@ -244,6 +242,10 @@ class BlkFront:
         self._data: memoryview | None = None
         self._grefs: list[int] = []
         self.pool = PagePool(max(config.pool_pages, self.negotiated.max_segments))
+        self._max_bytes = self.negotiated.max_segments * PAGE_SIZE
+        self._loop = asyncio.get_running_loop()
+        self._enc = RequestEncoder(self.negotiated.abi, handle)
+        self._full_segs: list[bytes] = []
 
     @classmethod
     async def create(
@@ -275,10 +277,12 @@ class BlkFront:
             self._share = platform.grants.share(domid, self.pool.npages)
             self._data = self._share.buf
             self._grefs = self._share.refs
-            req_fmt = request_format(neg.abi)
+            req_fmt = encoded_request_format(neg.abi)
             rsp_fmt = response_format(neg.abi)
+            self._enc = RequestEncoder(neg.abi, self.handle)
+            self._full_segs = [_SEG_ENC(g, 0, 7) for g in self._grefs]
             for q in range(neg.queues):
-                ring: AsyncFrontRing[BlkifAnyRequest, BlkifResponse] = (
+                ring: AsyncFrontRing[bytes, BlkifResponse] = (
                     await AsyncFrontRing.create(
                         platform, domid, req_fmt, rsp_fmt,
                         order=neg.ring_page_order, start=ring_start,
@@ -305,6 +309,7 @@ class BlkFront:
         neg.max_segments = min(neg.max_segments, self.pool.npages)
         self.backend = backend
         self.negotiated = neg
+        self._max_bytes = neg.max_segments * PAGE_SIZE
         ind_pages = indirect_pages_for(neg.max_segments) if neg.indirect else 0
         for q in self._queues:
             if q.ind_share is not None and q.ind_pages >= ind_pages:
@@ -368,23 +373,40 @@ class BlkFront:
     # ------------------------------------------------------------------ public I/O
 
     async def read(self, sector: int, count: int) -> bytes:
-        buf = bytearray(count * self.sector_size)
+        buf = bytearray(count * self.backend.sector_size)
         await self.read_into(sector, buf)
         return bytes(buf)
 
     async def read_into(self, sector: int, buf: memoryview | bytearray) -> None:
         view = memoryview(buf).cast("B")
-        off = check_io(self, sector, len(view))
-        if len(view) == 0:
+        n = len(view)
+        ss = self.backend.sector_size
+        if n % ss or sector < 0 or sector * ss + n > self.backend.sectors * SECTOR_SIZE:
+            check_io(self, sector, n)
+        if n == 0:
             return
-        await self._transfer(BLKIF_OP_READ, off // SECTOR_SIZE, view)
+        if n <= self._max_bytes:
+            await self._io(BLKIF_OP_READ, sector * ss >> 9, view)
+        else:
+            await self._transfer(BLKIF_OP_READ, sector * ss >> 9, view)
 
     async def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
-        off = check_io(self, sector, len(view), write=True)
-        if len(view) == 0:
+        n = len(view)
+        ss = self.backend.sector_size
+        if (
+            n % ss
+            or sector < 0
+            or sector * ss + n > self.backend.sectors * SECTOR_SIZE
+            or self.backend.readonly
+        ):
+            check_io(self, sector, n, write=True)
+        if n == 0:
             return
-        await self._transfer(BLKIF_OP_WRITE, off // SECTOR_SIZE, view)
+        if n <= self._max_bytes:
+            await self._io(BLKIF_OP_WRITE, sector * ss >> 9, view)
+        else:
+            await self._transfer(BLKIF_OP_WRITE, sector * ss >> 9, view)
 
     async def flush(self) -> None:
         """Make every completed write durable (FLUSH_DISKCACHE, else a WRITE_BARRIER)."""
@@ -394,7 +416,7 @@ class BlkFront:
             kind = BLKIF_OP_WRITE_BARRIER
         else:
             return
-        await self._submit_op(kind, 0, 0, [], None)
+        await self._submit_op(_Op(kind, 0, 0, [], None, self._new_future()))
 
     async def discard(self, sector: int, count: int, *, secure: bool = False) -> None:
         """Release ``count`` sectors (``secure``: ask the backend to erase them)."""
@@ -403,81 +425,87 @@ class BlkFront:
             raise OSError(errno.EOPNOTSUPP, f"{self.name}: the backend offers no discard")
         if count == 0:
             return
-        await self._submit_op(
-            BLKIF_OP_DISCARD, off // SECTOR_SIZE, 0, [], None,
-            nsectors=count * self.sector_size // SECTOR_SIZE,
-            secure=secure and self.backend.discard_secure,
-        )  # fmt: skip
+        op = _Op(BLKIF_OP_DISCARD, off // SECTOR_SIZE, 0, [], None, self._new_future())
+        op.nsectors = count * self.sector_size // SECTOR_SIZE
+        op.secure = secure and self.backend.discard_secure
+        await self._submit_op(op)
 
     # ------------------------------------------------------------------ engine
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ConnectionResetError(f"{self.name} is closed")
+    def _new_future(self) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().create_future()
 
     async def _transfer(self, kind: int, wire_sector: int, view: memoryview) -> None:
         chunks = split(wire_sector, len(view), self.negotiated.max_segments)
-        if len(chunks) == 1:
-            await self._chunk(kind, wire_sector, view)
-            return
         results = await asyncio.gather(
-            *(self._chunk(kind, c.sector, view[c.offset : c.offset + c.nbytes]) for c in chunks),
+            *(self._io(kind, c.sector, view[c.offset : c.offset + c.nbytes]) for c in chunks),
             return_exceptions=True,
         )
         for r in results:
             if isinstance(r, BaseException):
                 raise r
 
-    async def _chunk(self, kind: int, wire_sector: int, view: memoryview) -> None:
-        self._check_open()
-        n = pages_for(len(view))
-        pages = self.pool.try_alloc(n)
+    async def _io(self, kind: int, wire_sector: int, view: memoryview) -> None:
+        """One chunk (at most ``max_segments`` pages): stage, submit, wait."""
+        if self._closed:
+            raise ConnectionResetError(f"{self.name} is closed")
+        n = len(view)
+        npages = (n + PAGE_SIZE - 1) >> PAGE_SHIFT
+        pages = self.pool.try_alloc(npages)
         if pages is None:
-            pages = await self.pool.alloc(n)
+            pages = await self.pool.alloc(npages)
         if kind == BLKIF_OP_WRITE:
             self._copy_in(pages, view)
-        await self._submit_op(kind, wire_sector, len(view), pages, view)
-
-    async def _submit_op(
-        self,
-        kind: int,
-        sector: int,
-        nbytes: int,
-        pages: list[int],
-        view: memoryview | None,
-        *,
-        nsectors: int = 0,
-        secure: bool = False,
-    ) -> None:
+            op = _Op(kind, wire_sector, n, pages, None, self._loop.create_future())
+        else:
+            op = _Op(kind, wire_sector, n, pages, view, self._loop.create_future())
+        qs = self._queues
+        q = qs[0] if len(qs) == 1 else qs[(wire_sector >> STRIPE_SHIFT) % len(qs)]
+        if npages <= BLKIF_MAX_SEGMENTS_PER_REQUEST and q.inflight < q.capacity and not q.backlog:
+            # fast path: a direct request for one op, sent right away
+            full = self._full_segs
+            rest = n & (PAGE_SIZE - 1)
+            if rest:
+                segs = [full[p] for p in pages[:-1]]
+                segs.append(_SEG_ENC(self._grefs[pages[-1]], 0, (rest >> 9) - 1))
+            else:
+                segs = [full[p] for p in pages]
+            req = self._enc.direct(kind, wire_sector, segs)
+            q.inflight += 1
+            self.stats.requests += 1
+            try:
+                rfut = await q.ring.submit(req)
+            except BaseException as exc:
+                q.inflight -= 1
+                self._fail(op, exc)
+                raise
+            rfut.add_done_callback(functools.partial(self._completed_one, q, op))
+        else:
+            q.backlog.append(op)
+            self._wake_drainer(q)
         try:
-            self._check_open()
-        except BaseException:
-            if pages:
-                self.pool.release(pages)
+            await op.future
+        except asyncio.CancelledError:
+            op.cancelled = True  # pages stay reserved until the response (or until drained)
             raise
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        op = _Op(kind, sector, nbytes, pages, view if kind == BLKIF_OP_READ else None, fut)
-        op.nsectors = nsectors
-        op.secure = secure
-        q = self._pick_queue(sector)
+
+    async def _submit_op(self, op: _Op) -> None:
+        if self._closed:
+            if op.pages:
+                self.pool.release(op.pages)
+            raise ConnectionResetError(f"{self.name} is closed")
+        qs = self._queues
+        q = qs[0] if len(qs) == 1 else qs[(op.sector >> STRIPE_SHIFT) % len(qs)]
         if q.inflight < q.capacity and not q.backlog:
             await self._send(q, [op])
         else:
             q.backlog.append(op)
             self._wake_drainer(q)
         try:
-            await fut
+            await op.future
         except asyncio.CancelledError:
             op.cancelled = True  # pages stay reserved until the response (or until drained)
             raise
-
-    def _pick_queue(self, sector: int) -> _Queue:
-        """Queues serve 1 MiB stripes of the disk in turn: sequential I/O stays on one
-        queue (where it can merge), random I/O spreads over all of them."""
-        qs = self._queues
-        if len(qs) == 1:
-            return qs[0]
-        return qs[(sector >> STRIPE_SHIFT) % len(qs)]
 
     def _wake_drainer(self, q: _Queue) -> None:
         if q.drainer is None or q.drainer.done():
@@ -486,7 +514,6 @@ class BlkFront:
             q.room.set()
 
     async def _drain(self, q: _Queue) -> None:
-        max_segments = self.negotiated.max_segments
         while q.backlog and not self._closed:
             if q.inflight >= q.capacity:
                 q.room.clear()
@@ -496,7 +523,8 @@ class BlkFront:
                 self._drop(q.backlog.popleft())
             if not q.backlog:
                 break
-            group = merge_runs(list(_head(q.backlog, 64)), max_segments, MERGEABLE)[0]
+            max_segments = self.negotiated.max_segments
+            group = merge_runs(_head(q.backlog, 64), max_segments, MERGEABLE)[0]
             ops = [q.backlog.popleft() for _ in range(group)]
             if len(ops) > 1:
                 self.stats.merged += len(ops) - 1
@@ -509,39 +537,42 @@ class BlkFront:
         if not op.future.done():
             op.future.cancel()
 
-    def _build(self, q: _Queue, ops: list[_Op]) -> tuple[BlkifAnyRequest, int | None]:
+    def _segments(self, ops: list[_Op]) -> list[bytes]:
+        full, grefs = self._full_segs, self._grefs
+        segs: list[bytes] = []
+        for op in ops:
+            pages = op.pages
+            rest = op.nbytes & (PAGE_SIZE - 1)
+            if rest:
+                segs += [full[p] for p in pages[:-1]]
+                segs.append(_SEG_ENC(grefs[pages[-1]], 0, (rest >> 9) - 1))
+            else:
+                segs += [full[p] for p in pages]
+        return segs
+
+    def _build(self, q: _Queue, ops: list[_Op]) -> tuple[bytes, int | None]:
         head = ops[0]
         kind = head.kind
         if kind == BLKIF_OP_DISCARD:
             flag = BLKIF_DISCARD_SECURE if head.secure else 0
-            return (
-                BlkifRequestDiscard(kind, flag, self.handle, 0, head.sector, head.nsectors),
-                None,
-            )
-        if kind in (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER) and not head.pages:
-            return BlkifRequest(kind, 0, self.handle, 0, 0, ()), None
-        grefs = self._grefs
-        segs: list[BlkifSegment] = []
-        for op in ops:
-            for page, (first, last) in zip(op.pages, segment_layout(op.nbytes), strict=True):
-                segs.append(BlkifSegment(grefs[page], first, last))
+            req = BlkifRequestDiscard(kind, flag, self.handle, 0, head.sector, head.nsectors)
+            return self._enc.encode(req), None
+        if not head.pages:  # flush / barrier without data
+            return self._enc.direct(kind, 0, ()), None
+        segs = self._segments(ops)
         if len(segs) <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            return BlkifRequest(kind, len(segs), self.handle, 0, head.sector, tuple(segs)), None
+            return self._enc.direct(kind, head.sector, segs), None
         assert q.ind_share is not None, "indirect request without indirect pages"
         slot = q.ind_free.pop()
         npages = indirect_pages_for(len(segs))
-        base = slot * q.ind_pages
-        pack_indirect_segments(
-            q.ind_share.buf[base * PAGE_SIZE : (base + npages) * PAGE_SIZE], segs
-        )
-        refs = tuple(q.ind_share.refs[base : base + npages])
+        base = slot * q.ind_pages * PAGE_SIZE
+        q.ind_share.buf[base : base + 8 * len(segs)] = b"".join(segs)
+        refs = tuple(q.ind_share.refs[slot * q.ind_pages : slot * q.ind_pages + npages])
         self.stats.indirect += 1
-        return (
-            BlkifRequestIndirect(
-                BLKIF_OP_INDIRECT, kind, len(segs), 0, head.sector, self.handle, refs
-            ),
-            slot,
+        ind = BlkifRequestIndirect(
+            BLKIF_OP_INDIRECT, kind, len(segs), 0, head.sector, self.handle, refs
         )
+        return self._enc.encode(ind), slot
 
     async def _send(self, q: _Queue, ops: list[_Op]) -> None:
         req, slot = self._build(q, ops)
@@ -556,7 +587,10 @@ class BlkFront:
             for op in ops:
                 self._fail(op, exc)
             raise
-        rfut.add_done_callback(functools.partial(self._completed, q, ops, slot))
+        if len(ops) == 1 and slot is None:
+            rfut.add_done_callback(functools.partial(self._completed_one, q, ops[0]))
+        else:
+            rfut.add_done_callback(functools.partial(self._completed, q, ops, slot))
 
     def _fail(self, op: _Op, exc: BaseException) -> None:
         if op.pages:
@@ -564,6 +598,21 @@ class BlkFront:
             op.pages = []
         if not op.future.done():
             op.future.set_exception(exc)
+
+    def _completed_one(self, q: _Queue, op: _Op, rfut: asyncio.Future[BlkifResponse]) -> None:
+        """The common case: one op, direct request."""
+        if rfut.cancelled() or rfut.exception() is not None or rfut.result().status:
+            self._completed(q, [op], None, rfut)
+            return
+        q.inflight -= 1
+        if op.view is not None and not op.cancelled:
+            self._copy_out(op.pages, op.view)
+        if op.pages:
+            self.pool.release(op.pages)
+        if not op.future.done():
+            op.future.set_result(None)
+        if q.backlog:
+            q.room.set()
 
     def _completed(
         self,
@@ -613,6 +662,10 @@ class BlkFront:
     def _copy_in(self, pages: list[int], view: memoryview) -> None:
         data = self._data
         assert data is not None
+        if len(pages) == 1:
+            start = pages[0] << PAGE_SHIFT
+            data[start : start + len(view)] = view
+            return
         pos, total = 0, len(view)
         for start, count in _runs(pages):
             n = min(count * PAGE_SIZE, total - pos)
@@ -622,6 +675,10 @@ class BlkFront:
     def _copy_out(self, pages: list[int], view: memoryview) -> None:
         data = self._data
         assert data is not None
+        if len(pages) == 1:
+            start = pages[0] << PAGE_SHIFT
+            view[:] = data[start : start + len(view)]
+            return
         pos, total = 0, len(view)
         for start, count in _runs(pages):
             n = min(count * PAGE_SIZE, total - pos)

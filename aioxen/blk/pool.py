@@ -38,6 +38,15 @@ class PageAllocator:
         if n <= 0 or n > self.free:
             return None
         starts, ends = self._starts, self._ends
+        if n == 1:  # the common 4 KiB case: the first free page
+            s = starts[0]
+            if ends[0] == s + 1:
+                del starts[0]
+                del ends[0]
+            else:
+                starts[0] = s + 1
+            self.free -= 1
+            return [s]
         for i, (s, e) in enumerate(zip(starts, ends, strict=True)):
             if e - s >= n:
                 if e - s == n:
@@ -63,6 +72,10 @@ class PageAllocator:
     def release(self, pages: list[int]) -> None:
         """Return pages (any order) to the free list, merging neighbouring extents."""
         if not pages:
+            return
+        if len(pages) == 1:
+            self._insert(pages[0], pages[0] + 1)
+            self.free += 1
             return
         run_start = prev = pages[0]
         runs = []
