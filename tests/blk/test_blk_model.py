@@ -67,6 +67,7 @@ class World:
     dev: BlkFront
     model: bytearray
     source: BlockSource
+    servers: list[Any]
 
 
 @pytest.fixture(params=CASES, ids=[c.name for c in CASES])
@@ -86,7 +87,7 @@ async def world(
     async with ring_pair(
         back, front, source, case.bconfig, case.fconfig, ring_start=2**32 - 7
     ) as p:
-        yield World(p.dev, bytearray(DISK), source)
+        yield World(p.dev, bytearray(DISK), source, p.servers)
     await source.close()
 
 
@@ -174,3 +175,10 @@ async def test_model_cases_exercise_the_engine(world: World) -> None:
     assert stats.merged > 0
     expect = b"".join(bytes([i % 251]) * 4096 for i in range(n))
     assert await dev.read(0, DISK // ss) == expect
+    if dev.negotiated.persistent:
+        # persistent grants: once every pool page was seen, I/O maps nothing new
+        maps = [len(srv._maps) for srv in world.servers]
+        assert any(srv.stats.mapped_persistent > 0 for srv in world.servers)
+        await asyncio.gather(*(dev.write(i * 4096 // ss, bytes(4096)) for i in range(n)))
+        assert await dev.read(0, DISK // ss) == bytes(DISK)
+        assert [len(srv._maps) for srv in world.servers] == maps
