@@ -38,9 +38,10 @@ import asyncio
 import contextlib
 import inspect
 import itertools
+import operator
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar, cast
 
 from aioxen.errors import ProtocolError
 from aioxen.platform.base import EventChannel, Mapping, Platform, Share
@@ -153,6 +154,15 @@ class _Adapter:
         raise NotImplementedError
 
 
+_first = operator.itemgetter(0)
+_second = operator.itemgetter(1)
+
+
+def _consume(it: Iterable[Any]) -> None:
+    """Run an iterator to exhaustion at C speed."""
+    deque(it, maxlen=0)
+
+
 class _Batch:
     """The responses one ``submit``/``request_many`` call is waiting for."""
 
@@ -190,7 +200,7 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
         nids = ring.nr_ents
         if 0 < ring.request_format.id_bits < 64:
             nids = min(nids, 1 << ring.request_format.id_bits)
-        self._free_ids: deque[int] = deque(range(nids))
+        self._free_ids: list[int] = list(range(nids))  # oldest-freed first
         self._pending: dict[int, tuple[_Batch, int]] = {}
         self._slot_waiters: deque[asyncio.Future[int]] = deque()
         self._req_codec = batch_codec(ring.request_format, ring.slot_size)
@@ -257,7 +267,7 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
                 if fut in self._slot_waiters:
                     self._slot_waiters.remove(fut)
                 elif fut.done() and not fut.cancelled() and fut.exception() is None:
-                    free.appendleft(fut.result())  # handed an id: give it back
+                    free.insert(0, fut.result())  # handed an id: give it back
                     self._wake_slot_waiters()
                 raise
             if self._slot_waiters:
@@ -266,7 +276,8 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
         else:
             ids = []
         n = min(most, len(free))
-        ids += [free.popleft() for _ in range(n)]
+        ids += free[:n]
+        del free[:n]
         return ids
 
     def _wake_slot_waiters(self) -> None:
@@ -274,17 +285,17 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
         while self._free_ids and self._slot_waiters:
             fut = self._slot_waiters.popleft()
             if not fut.done():
-                fut.set_result(self._free_ids.popleft())
+                fut.set_result(self._free_ids.pop(0))
 
     def _put(self, batch: _Batch, base: int, reqs: Sequence[Req], ids: list[int]) -> None:
         """Write ``reqs`` (positions ``base..`` of ``batch``) with ``ids`` into the ring."""
         try:
             self._ring.put_encoded(self._req_codec.pack_with_ids(reqs, ids))
         except BaseException:
-            self._free_ids.extendleft(reversed(ids))
+            self._free_ids[0:0] = ids
             raise
-        entries = [(batch, k) for k in range(base, base + len(ids))]
-        self._pending.update(zip(ids, entries))  # noqa: B905
+        slots = zip(itertools.repeat(batch), range(base, base + len(ids)))
+        self._pending.update(zip(ids, slots))  # noqa: B905
 
     async def submit(self, req: Req) -> asyncio.Future[Rsp]:
         """Wait for a free slot, queue ``req`` (its ``id`` is replaced by a fresh one) and
@@ -362,11 +373,21 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
                     bad_id = ids[bad]
                     del entries[bad:], rsps[bad:], ids[bad:]
                 free.extend(ids)
-                for (batch, k), rsp in zip(entries, rsps):  # type: ignore[misc]  # noqa: B905
-                    batch.results[k] = rsp
-                    batch.remaining -= 1
+                good = cast("list[tuple[_Batch, int]]", entries)
+                batches = set(map(_first, good))
+                if len(batches) == 1:  # the usual case: one request_many call's answers
+                    (batch,) = batches
+                    setitem = batch.results.__setitem__
+                    _consume(map(setitem, map(_second, good), rsps))
+                    batch.remaining -= len(rsps)
                     if not batch.remaining:
                         batch.finish()
+                else:
+                    for (batch, k), rsp in zip(good, rsps):  # noqa: B905
+                        batch.results[k] = rsp
+                        batch.remaining -= 1
+                        if not batch.remaining:
+                            batch.finish()
                 if bad >= 0:
                     raise ProtocolError(
                         f"ring {self._name}: response with id {bad_id}, which is not an "

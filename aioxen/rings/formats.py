@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
@@ -167,6 +168,16 @@ class _StructCodec(Generic[R]):
         self._make: Callable[[Any], R] = make
         self._id_index = fmt.id_index
         self._fmt = fmt
+        self._slot = slot
+        self._get_id = operator.itemgetter(fmt.id_index) if fmt.id_index >= 0 else None
+        self._id_patch: tuple[str, int, int] | None = None
+        if fmt.id_index >= 0:
+            order = fmt.layout[0] if fmt.layout[0] in "<>=!@" else "@"
+            codes = _field_codes(fmt.layout)
+            code = codes[fmt.id_index]
+            if code in "bBhHiIlLqQ":
+                offset = _field_offset(fmt.layout, fmt.id_index)
+                self._id_patch = (order + "{n}" + code, offset, struct.calcsize(order + code))
 
     def pack(self, values: Sequence[R]) -> bytes:
         return b"".join(itertools.starmap(self._struct.pack, values))
@@ -186,14 +197,25 @@ class _StructCodec(Generic[R]):
             raise TypeError(f"format {self._fmt.name} has no id field")
         if len(values) != len(ids):
             raise ValueError(f"{len(values)} values but {len(ids)} ids")
-        rows = [(*v[:i], ident, *v[i + 1 :]) for v, ident in zip(values, ids)]  # noqa: B905
-        return b"".join(itertools.starmap(self._struct.pack, rows))
+        patch = self._id_patch
+        if patch is None:
+            rows = [(*v[:i], ident, *v[i + 1 :]) for v, ident in zip(values, ids)]  # noqa: B905
+            return b"".join(itertools.starmap(self._struct.pack, rows))
+        # Pack the values as they are, then overwrite every slot's id field with strided
+        # slice assignments (one per byte of the id): all C-level work.
+        fmt, offset, width = patch
+        data = bytearray(b"".join(itertools.starmap(self._struct.pack, values)))
+        raw = struct.pack(fmt.format(n=len(ids)), *ids)
+        slot = self._slot
+        for j in range(width):
+            data[offset + j :: slot] = raw[j::width]
+        return bytes(data)
 
     def ids(self, values: Sequence[R]) -> list[int]:
-        i = self._id_index
-        if i < 0:
+        get = self._get_id
+        if get is None:
             raise TypeError(f"format {self._fmt.name} has no id field")
-        return [v[i] for v in values]
+        return list(map(get, values))
 
 
 class StructFormat(Generic[R]):
@@ -301,6 +323,30 @@ class StructFormat(Generic[R]):
 
     def __repr__(self) -> str:
         return f"<StructFormat {self._name} size={self._size}>"
+
+
+def _field_offset(layout: str, index: int) -> int:
+    """Byte offset of the ``index``-th value-carrying field of ``layout``."""
+    order = layout[0] if layout[0] in "<>=!@" else ""
+    prefix: list[str] = []
+    seen, count = 0, ""
+    for ch in layout[len(order) :]:
+        if ch.isdigit():
+            count += ch
+            continue
+        n = int(count) if count else 1
+        count = ""
+        if ch == "x":
+            prefix.append(f"{n}x")
+            continue
+        for _ in range(1 if ch in "sp" else n):
+            if seen == index:
+                code = f"{n}{ch}" if ch in "sp" else ch
+                full = struct.calcsize(order + "".join(prefix) + code)
+                return full - struct.calcsize(order + code)
+            prefix.append(f"{n}{ch}" if ch in "sp" else ch)
+            seen += 1
+    raise IndexError(f"layout {layout!r} has no field {index}")
 
 
 def _field_codes(layout: str) -> list[str]:
