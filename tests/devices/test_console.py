@@ -73,6 +73,27 @@ async def test_both_directions_and_flow_control(world: World) -> None:
     await be.close()
 
 
+async def test_a_reader_that_does_not_read_holds_the_writer_back(world: World) -> None:
+    be, fe, _guest = await pair(world)
+    reader, _writer = await be.accept(timeout=T)
+    data = os.urandom(400_000)
+    fe.writer.write(data)
+    for _ in range(200):  # let the transports move whatever can move
+        await asyncio.sleep(0)
+    transport = fe.writer.transport
+    # At most the ring, one read chunk and the StreamReader's pause threshold got through.
+    assert transport.get_write_buffer_size() >= len(data) - 2 * 65536 - 65536 - CONSOLE.out.size
+    drain = asyncio.ensure_future(fe.writer.drain())
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not drain.done()  # paused: above the high-water mark
+    assert await asyncio.wait_for(reader.readexactly(len(data)), T) == data
+    await asyncio.wait_for(drain, T)
+    assert transport.get_write_buffer_size() == 0
+    await fe.close()
+    await be.close()
+
+
 async def test_guest_close_gives_eof_and_a_new_guest_reconnects(world: World) -> None:
     be, fe, guest = await pair(world)
     reader, _writer = await be.accept(timeout=T)
