@@ -370,3 +370,23 @@ def test_entries_formula() -> None:
     assert ring_entries(4096, 4032) == 1
     with pytest.raises(ValueError):
         ring_entries(4096, 4033)
+
+
+def test_front_attach_without_init_and_put_encoded() -> None:
+    buf, front, back = tx_pair(start=2**32 - 2)
+    front.put_requests(treq(i) for i in range(3))
+    front.push_requests()
+    before = bytes(buf[:64])
+    # A second front object attaches to the live ring (FRONT_RING_ATTACH) at its index.
+    again: TxFront = FrontRing(
+        buf, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE, init=False, start=front.req_prod_pvt
+    )
+    assert bytes(buf[:64]) == before  # nothing written
+    codec = again.request_codec
+    again.put_encoded(codec.pack_with_ids([treq(9)], [9]))
+    again.push_requests()
+    assert [r.id for r in back.take_requests()] == [0, 1, 2, 9]
+    with pytest.raises(RingFull):
+        again.put_encoded(codec.pack([treq(0)] * again.nr_ents))
+    with pytest.raises(ValueError):
+        again.put_encoded(b"\0" * 5)
