@@ -659,7 +659,10 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
             await self._serve_callback(handler)  # type: ignore[arg-type]
 
     async def _serve_callback(self, handler: Callable[[Req], Rsp]) -> None:
-        self._check_open()
+        if self._closed:
+            if self._error is not None:
+                raise self._error
+            return  # closed locally before serving started
         done: asyncio.Future[None] = self._loop.create_future()
         failure: list[BaseException] = []
 

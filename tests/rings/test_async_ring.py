@@ -431,3 +431,82 @@ async def _adversarial(actions: list[tuple[Any, ...]], start: int) -> None:
 
 def front_id_of(size: int, futs: dict[int, asyncio.Future[F.NetifTxResponse]]) -> int:
     return futs[size].result().id
+
+
+BACK_ACTIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("send"), st.integers(1, 40)),
+        st.tuples(st.just("reuse")),
+        st.tuples(st.just("overflow"), st.integers(1, 1000)),
+        st.tuples(st.just("backwards"), st.integers(1, 50)),
+    ),
+    max_size=20,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(actions=BACK_ACTIONS, start=st.integers(0, 2**32 - 1))
+def test_async_back_against_adversarial_front(actions: list[tuple[Any, ...]], start: int) -> None:
+    asyncio.run(_adversarial_front(actions, start))
+
+
+async def _adversarial_front(actions: list[tuple[Any, ...]], start: int) -> None:
+    world = InHeapWorld()
+    async with InHeapPlatform(FE, world) as fp, InHeapPlatform(BE, world) as bp:
+        share = fp.grants.share(BE, 1)
+        ch = await fp.events.listen(BE)
+        raw: FrontRing[Any, Any] = FrontRing(
+            share.buf, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE, start=start
+        )
+        back: TxBack = await AsyncBackRing.attach(
+            bp, FE, share.refs, ch.port, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE
+        )
+        answered: list[int] = []
+        server = asyncio.ensure_future(back.serve(lambda r: (answered.append(r.size), echo(r))[1]))
+        next_id, sent, violated = 0, 0, None
+        for action in actions:
+            if back.closed:
+                break
+            kind = action[0]
+            if kind == "send":
+                n = min(action[1], raw.free_requests)
+                raw.put_requests(F.NetifTxRequest(0, 0, 0, (next_id + k) & 0xFFFF, sent + k)
+                                 for k in range(n))  # fmt: skip
+                next_id, sent = next_id + n, sent + n
+                raw.push_requests()
+            elif kind == "reuse":
+                if raw.in_flight == 0 or raw.free_requests < 2:
+                    continue
+                raw.put_requests([F.NetifTxRequest(0, 0, 0, 7777, 0)] * 2)
+                raw.push_requests()
+                violated = "id"
+            else:
+                delta = action[1] if kind == "overflow" else -action[1]
+                bogus = (raw.req_prod_pvt + raw.nr_ents + delta) & 0xFFFFFFFF
+                if kind == "backwards":
+                    bogus = (back.ring.req_cons - action[1]) & 0xFFFFFFFF
+                share.buf[REQ_PROD : REQ_PROD + 4] = bogus.to_bytes(4, "little")
+                violated = "req_prod"
+            ch.notify()
+            if violated:
+                await until(lambda: back.closed, "shutdown")
+                break
+            await until(lambda: back.ring.req_cons == raw.req_prod_pvt, "served")
+            await until(lambda: raw.unconsumed_responses() == raw.in_flight, "answered")
+            raw.take_responses()
+        if violated:
+            with pytest.raises(ProtocolError) as e:
+                await asyncio.wait_for(server, 10)
+            assert e.value.field == violated
+        else:
+            await until(lambda: len(answered) == sent, "all answered")
+            assert answered == list(range(sent))
+            back.close()
+            await asyncio.wait_for(server, 10)
+        back.close()
+        raw.close()
+        share.close()
+        ch.close()
+    world.assert_cleaned_up()
