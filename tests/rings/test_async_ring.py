@@ -464,7 +464,12 @@ async def _adversarial_front(actions: list[tuple[Any, ...]], start: int) -> None
             bp, FE, share.refs, ch.port, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE
         )
         answered: list[int] = []
-        server = asyncio.ensure_future(back.serve(lambda r: (answered.append(r.size), echo(r))[1]))
+
+        def handler(r: F.NetifTxRequest) -> F.NetifTxResponse:
+            answered.append(r.size)
+            return echo(r)
+
+        server = asyncio.ensure_future(back.serve(handler))
         next_id, sent, violated = 0, 0, None
         for action in actions:
             if back.closed:
