@@ -67,7 +67,7 @@ MODULES = [
     "xenfs",
 ]
 IMAGE_FORMAT = 1  # bump when the image layout changes
-DEFAULT_WATCHDOG = 420  # seconds the guest may run before powering itself off
+DEFAULT_WATCHDOG = 600  # seconds the guest may run before powering itself off
 INIT_DEADLINE = 120.0  # seconds for dom0 to reach /init (~5 s normally) before a reboot
 INIT_MARKER = b"xenlab: init up"
 

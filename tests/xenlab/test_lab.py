@@ -26,7 +26,7 @@ import pytest
 TREE = Path(__file__).resolve().parents[2]
 GUEST_DIR = "tests/xenlab/guest"
 
-pytestmark = [pytest.mark.xenlab, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.xenlab, pytest.mark.timeout(1200)]
 
 
 def _load_lab() -> ModuleType:
