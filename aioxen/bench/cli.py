@@ -16,6 +16,7 @@ SUITES: dict[str, str] = {
     "memcpy": "aioxen.bench.suites.memcpy",
     "streams": "aioxen.bench.suites.streams",
     "protocol": "aioxen.bench.suites.protocol",
+    "net": "aioxen.bench.suites.net",
     "xenstore": "aioxen.bench.suites.xenstore",
     "blk": "aioxen.bench.suites.blk",
 }

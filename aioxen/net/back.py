@@ -47,21 +47,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import struct
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from itertools import repeat
+from operator import add, getitem, setitem
+from typing import Any, cast
 
 from aioxen.errors import ProtocolError
 from aioxen.net import keys
 from aioxen.net._ring import RawBackRing
-from aioxen.net.front import RX_REQ_FMT, RX_RSP_FMT, TX_REQ_FMT, TX_RSP_FMT, NetStats
+from aioxen.net.front import (
+    PUSH_EVERY,
+    RX_REQ_FMT,
+    RX_RSP_FMT,
+    TX_REQ_FMT,
+    TX_RSP_FMT,
+    NetStats,
+)
 from aioxen.net.keys import BackendFeatures, FrontendFeatures
 from aioxen.net.netif import (
     NETIF_RSP_ERROR,
     NETIF_RSP_NULL,
-    NETIF_RSP_OKAY,
     NETRXF_EXTRA_INFO,
     NETRXF_MORE_DATA,
     NETTXF_EXTRA_INFO,
@@ -73,10 +82,12 @@ from aioxen.net.netif import (
     RX_SLOT_SIZE,
     TX_REQ,
     TX_SLOT_SIZE,
+    XEN_NETIF_EXTRA_TYPE_GSO,
     XEN_NETIF_GSO_TYPE_NONE,
     XEN_NETIF_GSO_TYPE_TCPV4,
     XEN_NETIF_GSO_TYPE_TCPV6,
     XEN_NETIF_MAX_TX_SIZE,
+    XEN_NETIF_NR_SLOTS_MIN,
     FrameInfo,
     GsoExtra,
     encode_extra,
@@ -91,6 +102,23 @@ log = logging.getLogger(__name__)
 _TX_RSP_SLOT = struct.Struct("<Hh8x")
 _SLOW_TX = NETTXF_MORE_DATA | NETTXF_EXTRA_INFO
 _TX_INFO = [info_from_tx_flags(f) for f in range(4)]
+_ST_ERROR = struct.pack("<h", NETIF_RSP_ERROR)
+_GSO_FIELDS = struct.Struct("<HB")
+_MORE_BIT = bytes(1 if b & NETTXF_MORE_DATA else 0 for b in range(256))
+"""``bytes.translate`` table: 1 where a flags byte has more_data (same bit on TX and RX)."""
+
+
+_view_slice = cast(Callable[[memoryview, slice], memoryview], getitem)
+_view_store = cast(Callable[[memoryview | None, slice, memoryview], None], setitem)
+
+
+@functools.cache
+def _tx_run(k: int) -> struct.Struct:
+    """``k`` consecutive ``netif_tx_request`` slots in one unpack."""
+    return struct.Struct("<" + "IHHHH" * k)
+
+
+_ST_NULL = struct.pack("<h", NETIF_RSP_NULL)
 _GRANT_ERRORS = (FileNotFoundError, PermissionError, ValueError, OSError)
 
 Deliver = Callable[[bytes, FrameInfo], object]
@@ -99,7 +127,7 @@ Deliver = Callable[[bytes, FrameInfo], object]
 class GrantCache:
     """The frontend's buffer pages, by grant ref, as 4096-byte memoryviews.
 
-    ``persistent``: keep each mapping (LRU-bounded by ``limit``); otherwise mappings made
+    ``persistent``: keep each mapping (at most ``limit``, oldest evicted); otherwise mappings made
     during a batch are unmapped by :meth:`end_batch`.  Mapping errors propagate
     (``FileNotFoundError``/``PermissionError`` naming the ref).
     """
@@ -118,32 +146,33 @@ class GrantCache:
         self._writable = writable
         self._persistent = persistent
         self._limit = limit
-        self._views: OrderedDict[int, memoryview] = OrderedDict()
+        self.views: OrderedDict[int, memoryview] = OrderedDict()
+        """``gref -> view`` of what is mapped now (hot paths look here first)."""
         self._maps: dict[int, Mapping] = {}
         self.maps_made = 0
 
     def view(self, gref: int) -> memoryview:
-        v = self._views.get(gref)
+        v = self.views.get(gref)
         if v is not None:
             return v
         m = self._grants.map(self._domid, [gref], writable=self._writable)
         self.maps_made += 1
-        if self._persistent and len(self._views) >= self._limit:
-            old, oldv = self._views.popitem(last=False)
+        if self._persistent and len(self.views) >= self._limit:
+            old, oldv = self.views.popitem(last=False)
             oldv.release()
             self._maps.pop(old).close()
         v = m.buf
-        self._views[gref] = v
+        self.views[gref] = v
         self._maps[gref] = m
         return v
 
     def end_batch(self) -> None:
-        if not self._persistent and self._views:
+        if not self._persistent and self.views:
             self.clear()
 
     def clear(self) -> None:
-        views, maps = self._views, self._maps
-        self._views, self._maps = OrderedDict(), {}
+        views, maps = self.views, self._maps
+        self.views, self._maps = OrderedDict(), {}
         for v in views.values():
             v.release()
         for m in maps.values():
@@ -206,7 +235,7 @@ class Vif:
         """Multicast addresses the frontend subscribed to (MCAST_ADD/DEL extra-info)."""
         # TX
         self._tx_carry: tuple[bytes, int] | None = None
-        self._tx_rsps: list[bytes] = []
+        self._tx_rsps: list[bytes | bytearray] = []
         self._allow_extra = backend_features.gso_tcpv4 or backend_features.gso_tcpv6
         self._tx_gso = {
             t
@@ -225,6 +254,8 @@ class Vif:
         self.rx_pause: Callable[[], None] | None = None
         self.rx_resume: Callable[[], None] | None = None
         self._flush_scheduled = False
+        self._rx_frames = 0  # folded into stats by _flush
+        self._rx_bytes = 0
         self._max_rx = XEN_NETIF_MAX_TX_SIZE if features.sg else PAGE_SIZE
 
     # -- port protocol -------------------------------------------------------------------
@@ -286,9 +317,12 @@ class Vif:
     def _poll_tx(self) -> None:
         tx = self._tx
         while True:
-            data, n, _ = tx.take_raw()
+            data, n, _ = tx.take_raw(PUSH_EVERY)
             if n or self._tx_carry is not None:
                 self._handle_tx(data, n)
+                if n == PUSH_EVERY:
+                    self._flush()  # answer as we go: the frontend can refill meanwhile
+                    continue
             if not tx.final_check_for_requests():
                 break
         self._tx_pages.end_batch()
@@ -298,75 +332,171 @@ class Vif:
         if carry is not None:
             self._tx_carry = None
             data, n = carry[0] + data, carry[1] + n
-        rsps = self._tx_rsps
+        # TX responses go out in request order, one per slot, so the batch's responses are
+        # built from the request bytes: ids copied with two strided slices (request id at
+        # +8, response id at +0), status 0 (OKAY) from the zero fill; only failed packets
+        # and extra-info slots get their status patched.
+        out = bytearray(n * TX_SLOT_SIZE)
+        out[0::TX_SLOT_SIZE] = data[8::TX_SLOT_SIZE]
+        out[1::TX_SLOT_SIZE] = data[9::TX_SLOT_SIZE]
         pages = self._tx_pages
+        get_view = pages.views.get
         deliver = self._deliver
-        stats = self.stats
-        pack = _TX_RSP_SLOT.pack
-        unpack = TX_REQ.unpack_from
+        frames = nbytes = errors = 0
         i = 0
-        while i < n:
-            gref, off, flags, ident, size = unpack(data, i * TX_SLOT_SIZE)
+        it = TX_REQ.iter_unpack(data)
+        for gref, off, flags, _, size in it:
             if not flags & _SLOW_TX:
-                i += 1
                 if size == 0 or off + size > PAGE_SIZE:
-                    stats.tx_errors += 1
-                    rsps.append(pack(ident, NETIF_RSP_ERROR))
+                    errors += 1
+                    out[i * TX_SLOT_SIZE + 2 : i * TX_SLOT_SIZE + 4] = _ST_ERROR
+                    i += 1
                     continue
+                page = get_view(gref)
+                if page is None:
+                    try:
+                        page = pages.view(gref)
+                    except _GRANT_ERRORS as exc:
+                        errors += 1
+                        log.debug("%s: TX gref %d: %s", self._name, gref, exc)
+                        out[i * TX_SLOT_SIZE + 2 : i * TX_SLOT_SIZE + 4] = _ST_ERROR
+                        i += 1
+                        continue
+                i += 1
+                frames += 1
+                nbytes += size
                 try:
-                    page = pages.view(gref)
-                except _GRANT_ERRORS as exc:
-                    stats.tx_errors += 1
-                    log.debug("%s: TX gref %d: %s", self._name, gref, exc)
-                    rsps.append(pack(ident, NETIF_RSP_ERROR))
-                    continue
-                frame = bytes(page[off : off + size])
-                rsps.append(pack(ident, NETIF_RSP_OKAY))
-                stats.tx_frames += 1
-                stats.tx_bytes += size
-                try:
-                    deliver(frame, _TX_INFO[flags & 3])
+                    deliver(bytes(page[off : off + size]), _TX_INFO[flags & 3])
                 except Exception as exc:
                     self._callback_error(exc)
                 continue
-            pkt, used = parse_tx(data[i * TX_SLOT_SIZE :], n - i, allow_extra=self._allow_extra)
-            if pkt is None:
+            used, frame_out, info = self._chain_tx(data, i, n, out)
+            if used < 0:
+                used, frame_out, info = self._slow_tx(data, i, n, out)
+            if used == 0:
                 self._tx_carry = (data[i * TX_SLOT_SIZE :], n - i)
                 break
+            for _ in range(used - 1):
+                next(it)
             i += used
-            status = NETIF_RSP_OKAY
-            frame_out: bytes | None = None
-            if pkt.error is None:
-                gso = pkt.gso
-                if gso is not None and gso.gso_type not in self._tx_gso:
-                    pkt = pkt._replace(error=f"GSO type {gso.gso_type} not offered")
-            mcast = pkt.multicast if pkt.error is None else None
-            if mcast is not None:
-                # multicast control (XEN_NETIF_EXTRA_TYPE_MCAST_ADD/DEL): no frame
-                (self.multicast.add if mcast.add else self.multicast.discard)(mcast.addr)
-                for ident2, st in pkt.responses:
-                    rsps.append(pack(ident2, st))
+            if frame_out is None or info is None:
+                errors += int(info is None)
                 continue
-            if pkt.error is None:
-                try:
-                    frame_out = b"".join(
-                        pages.view(f.gref)[f.offset : f.offset + f.size] for f in pkt.frags
-                    )
-                except _GRANT_ERRORS as exc:
-                    pkt = pkt._replace(error=f"grant: {exc}")
-            if pkt.error is not None:
-                stats.tx_errors += 1
-                log.debug("%s: dropping TX packet: %s", self._name, pkt.error)
-                status = NETIF_RSP_ERROR
-            for ident2, st in pkt.responses:
-                rsps.append(pack(ident2, NETIF_RSP_NULL if st == NETIF_RSP_NULL else status))
-            if frame_out is not None:
-                stats.tx_frames += 1
-                stats.tx_bytes += len(frame_out)
-                try:
-                    deliver(frame_out, pkt.info)
-                except Exception as exc:
-                    self._callback_error(exc)
+            frames += 1
+            nbytes += len(frame_out)
+            try:
+                deliver(frame_out, info)
+            except Exception as exc:
+                self._callback_error(exc)
+        if i:
+            self._tx_rsps.append(out if i == n else out[: i * TX_SLOT_SIZE])
+        stats = self.stats
+        stats.tx_frames += frames
+        stats.tx_bytes += nbytes
+        stats.tx_errors += errors
+
+    def _chain_tx(
+        self, data: bytes, i: int, n: int, out: bytearray
+    ) -> tuple[int, bytes | None, FrameInfo | None]:
+        """Fast path for the usual multi-slot shapes: a ``more_data`` chain, optionally
+        with one GSO extra after its head.  Returns ``used`` -1 for anything else (then
+        :meth:`_slow_tx` decides), 0 if incomplete, as :meth:`_slow_tx` otherwise.
+
+        The chain is handled with a constant number of C-level operations: its end is
+        found in the strided flag bytes, its slots are unpacked by one ``Struct`` and its
+        fragments are sliced and joined by ``map``."""
+        gref, off, flags, _, total = TX_REQ.unpack_from(data, i * TX_SLOT_SIZE)
+        j = i + 1
+        gso: tuple[int, int] | None = None
+        if flags & NETTXF_EXTRA_INFO:
+            if j >= n:
+                return 0, None, None
+            at = j * TX_SLOT_SIZE
+            if data[at] != XEN_NETIF_EXTRA_TYPE_GSO or data[at + 1] != 0:
+                return -1, None, None
+            size, gtype = _GSO_FIELDS.unpack_from(data, at + 2)
+            if gtype not in self._tx_gso or size == 0:
+                return -1, None, None
+            gso = (gtype, size)
+            j += 1
+        if flags & NETTXF_MORE_DATA:
+            ends = data[6 + j * TX_SLOT_SIZE :: TX_SLOT_SIZE].translate(_MORE_BIT)
+            last = ends.find(0)
+            if last < 0:
+                return (0 if n - j < XEN_NETIF_NR_SLOTS_MIN - 1 else -1), None, None
+            m = last + 1  # data slots after the head
+            if m >= XEN_NETIF_NR_SLOTS_MIN:
+                return -1, None, None
+            t = _tx_run(m).unpack_from(data, j * TX_SLOT_SIZE)
+            grefs = (gref, *t[0::5])
+            offs = (off, *t[1::5])
+            rest = t[4::5]
+            first = total - sum(rest)
+            sizes = (first, *rest)
+            if first <= 0 or min(rest) <= 0:
+                return -1, None, None
+            j += m
+        else:
+            grefs, offs, sizes = (gref,), (off,), (total,)
+            if total == 0:
+                return -1, None, None
+        stops = tuple(map(add, offs, sizes))
+        if max(stops) > PAGE_SIZE:
+            return -1, None, None
+        found = list(map(self._tx_pages.views.get, grefs))
+        if None in found:
+            try:
+                found = [self._tx_pages.view(g) for g in grefs]
+            except _GRANT_ERRORS:
+                return -1, None, None
+        pages = cast(list[memoryview], found)
+        frame = b"".join(map(_view_slice, pages, map(slice, offs, stops)))
+        if gso is not None:
+            out[(i + 1) * TX_SLOT_SIZE + 2 : (i + 1) * TX_SLOT_SIZE + 4] = _ST_NULL
+            info = FrameInfo(bool(flags & 1), bool(flags & 2), gso[0], gso[1])
+        else:
+            info = _TX_INFO[flags & 3]
+        return j - i, frame, info
+
+    def _slow_tx(
+        self, data: bytes, i: int, n: int, out: bytearray
+    ) -> tuple[int, bytes | None, FrameInfo | None]:
+        """A multi-slot packet at slot ``i``: ``(slots_used, frame, info)``; ``used`` 0 if
+        incomplete; ``frame`` None and ``info`` None for an error, ``info`` set and no
+        frame for a multicast-control packet.  Patches statuses in ``out``."""
+        pkt, used = parse_tx(data[i * TX_SLOT_SIZE :], n - i, allow_extra=self._allow_extra)
+        if pkt is None:
+            return 0, None, None
+        if pkt.error is None:
+            gso = pkt.gso
+            if gso is not None and gso.gso_type not in self._tx_gso:
+                pkt = pkt._replace(error=f"GSO type {gso.gso_type} not offered")
+        frame_out: bytes | None = None
+        mcast = pkt.multicast if pkt.error is None else None
+        if pkt.error is None and mcast is None:
+            pages = self._tx_pages
+            try:
+                frame_out = b"".join(
+                    pages.view(f.gref)[f.offset : f.offset + f.size] for f in pkt.frags
+                )
+            except _GRANT_ERRORS as exc:
+                pkt = pkt._replace(error=f"grant: {exc}")
+        failed = pkt.error is not None
+        if failed:
+            log.debug("%s: dropping TX packet: %s", self._name, pkt.error)
+        for k, (_, st) in enumerate(pkt.responses):
+            at = (i + k) * TX_SLOT_SIZE + 2
+            if st == NETIF_RSP_NULL:
+                out[at : at + 2] = _ST_NULL
+            elif failed:
+                out[at : at + 2] = _ST_ERROR
+        if failed:
+            return used, None, None
+        if mcast is not None:
+            # multicast control (XEN_NETIF_EXTRA_TYPE_MCAST_ADD/DEL): answered, no frame
+            (self.multicast.add if mcast.add else self.multicast.discard)(mcast.addr)
+            return used, None, PLAIN
+        return used, frame_out, pkt.info
 
     def _callback_error(self, exc: BaseException) -> None:
         self._loop.call_exception_handler(
@@ -393,19 +523,63 @@ class Vif:
         if n == 0 or n > self._max_rx:
             self.stats.rx_dropped += 1
             return False
-        if self._rx_queue or not self._rx_put(frame, info):
-            if len(self._rx_queue) >= self._rx_queue_max:
-                self.stats.rx_dropped += 1
-                return False
-            self._rx_queue.append((bytes(frame), info))
-            if not self._rx_paused and len(self._rx_queue) >= self._rx_queue_max // 2:
-                self._rx_paused = True
-                if self.rx_pause is not None:
-                    self.rx_pause()
+        queue = self._rx_queue
+        if not queue:
+            reqs = self._rx_reqs
+            if n <= PAGE_SIZE and (info is PLAIN or not info.gso_type):
+                # the common case inline: one posted buffer, one response
+                if reqs or self._take_rx_requests(1):
+                    ident, gref = reqs.popleft()
+                    page = self._rx_get(gref)
+                    if page is None:
+                        self._rx_put_failed(ident, gref, info)
+                    else:
+                        page[0:n] = frame
+                        self._rx_rsps.append(
+                            RX_RSP.pack(ident, 0, 0 if info is PLAIN else info.rx_flags(), n)
+                        )
+                        self._rx_frames += 1
+                        self._rx_bytes += n
+                    if len(self._rx_rsps) >= PUSH_EVERY:
+                        self._flush()
+                    elif not self._flush_scheduled:
+                        self._flush_scheduled = True
+                        self._loop.call_soon(self._scheduled_flush)
+                    return True
+            elif self._rx_put(frame, info):
+                if len(self._rx_rsps) >= PUSH_EVERY:
+                    self._flush()
+                else:
+                    self._schedule_flush()
+                return True
+        if len(queue) >= self._rx_queue_max:
+            self.stats.rx_dropped += 1
+            return False
+        queue.append((bytes(frame), info))
+        if len(queue) == 1:
+            self._schedule_flush()  # publish what was answered before waiting
             self._want_rx_requests()
-            return True
-        self._schedule_flush()
+        if not self._rx_paused and len(queue) >= self._rx_queue_max // 2:
+            self._rx_paused = True
+            if self.rx_pause is not None:
+                self.rx_pause()
         return True
+
+    def _rx_get(self, gref: int) -> memoryview | None:
+        """The frontend's RX page ``gref`` mapped writable, or ``None`` if it cannot be."""
+        page = self._rx_pages.views.get(gref)
+        if page is not None:
+            return page
+        try:
+            return self._rx_pages.view(gref)
+        except _GRANT_ERRORS as exc:
+            log.debug("%s: RX gref %d: %s", self._name, gref, exc)
+            return None
+
+    def _rx_put_failed(self, ident: int, gref: int, info: FrameInfo) -> None:
+        self.stats.rx_errors += 1
+        flags = 0 if info is PLAIN else info.rx_flags()
+        self._rx_rsps.append(RX_RSP.pack(ident, 0, flags, NETIF_RSP_ERROR))
 
     def _acceptable(self, info: FrameInfo, frame: bytes | bytearray | memoryview) -> bool:
         f = self.features
@@ -436,18 +610,15 @@ class Vif:
             if not self._rx_reqs and not self._take_rx_requests(1):
                 return False
             ident, gref = self._rx_reqs.popleft()
-            flags = 0 if info is PLAIN else info.rx_flags()
-            try:
-                page = self._rx_pages.view(gref)
-                page[0:n] = frame
-            except _GRANT_ERRORS as exc:
-                log.debug("%s: RX gref %d: %s", self._name, gref, exc)
-                self.stats.rx_errors += 1
-                self._rx_rsps.append(RX_RSP.pack(ident, 0, flags, NETIF_RSP_ERROR))
+            page = self._rx_get(gref)
+            if page is None:
+                self._rx_put_failed(ident, gref, info)
                 return True
+            page[0:n] = frame
+            flags = 0 if info is PLAIN else info.rx_flags()
             self._rx_rsps.append(RX_RSP.pack(ident, 0, flags, n))
-            self.stats.rx_frames += 1
-            self.stats.rx_bytes += n
+            self._rx_frames += 1
+            self._rx_bytes += n
             return True
         pages = -(-n // PAGE_SIZE)
         need = pages + (1 if gso else 0)
@@ -455,36 +626,48 @@ class Vif:
             return False
         reqs = self._rx_reqs
         taken = [reqs.popleft() for _ in range(need)]
-        view = memoryview(frame)
-        out: list[bytes] = []
-        status_error = False
         data_reqs = [taken[0], *taken[2:]] if gso else taken
-        try:
-            for k, (_, gref) in enumerate(data_reqs):
-                chunk = view[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
-                self._rx_pages.view(gref)[0 : len(chunk)] = chunk
-        except _GRANT_ERRORS as exc:
-            log.debug("%s: RX grant: %s", self._name, exc)
-            status_error = True
-        base = info.rx_flags()
-        for k, (ident, _) in enumerate(data_reqs):
-            length = min(PAGE_SIZE, n - k * PAGE_SIZE)
-            flags = base if k == 0 else 0
-            if k + 1 < pages:
-                flags |= NETRXF_MORE_DATA
-            if k == 0 and gso:
-                flags |= NETRXF_EXTRA_INFO
-            out.append(RX_RSP.pack(ident, 0, flags, NETIF_RSP_ERROR if status_error else length))
-            if k == 0 and gso:
-                out.append(
-                    encode_extra(GsoExtra(info.gso_size, info.gso_type), slot_size=RX_SLOT_SIZE)
-                )
+        ids = [t[0] for t in data_reqs]
+        grefs = [t[1] for t in data_reqs]
+        found = list(map(self._rx_pages.views.get, grefs))
+        status_error = False
+        if None in found:
+            try:
+                found = [self._rx_pages.view(g) for g in grefs]
+            except _GRANT_ERRORS as exc:
+                log.debug("%s: RX grant: %s", self._name, exc)
+                status_error = True
+        last = n - (pages - 1) * PAGE_SIZE
+        if not status_error:
+            view = memoryview(frame)
+            starts = range(0, n, PAGE_SIZE)
+            lengths = [PAGE_SIZE] * (pages - 1) + [last]
+            chunks = map(view.__getitem__, map(slice, starts, map(add, starts, lengths)))
+            for _ in map(_view_store, found, map(slice, repeat(0), lengths), chunks):
+                pass
+        out = [
+            RX_RSP.pack(
+                ids[0],
+                0,
+                info.rx_flags()
+                | (NETRXF_MORE_DATA if pages > 1 else 0)
+                | (NETRXF_EXTRA_INFO if gso else 0),
+                NETIF_RSP_ERROR if status_error else (PAGE_SIZE if pages > 1 else last),
+            )
+        ]
+        if gso:
+            out.append(encode_extra(GsoExtra(info.gso_size, info.gso_type), slot_size=RX_SLOT_SIZE))
+        if pages > 2:
+            mid = NETIF_RSP_ERROR if status_error else PAGE_SIZE
+            out += [RX_RSP.pack(i, 0, NETRXF_MORE_DATA, mid) for i in ids[1:-1]]
+        if pages > 1:
+            out.append(RX_RSP.pack(ids[-1], 0, 0, NETIF_RSP_ERROR if status_error else last))
         self._rx_rsps.extend(out)
         if status_error:
             self.stats.rx_errors += 1
         else:
-            self.stats.rx_frames += 1
-            self.stats.rx_bytes += n
+            self._rx_frames += 1
+            self._rx_bytes += n
         return True
 
     def _want_rx_requests(self) -> None:
@@ -526,9 +709,9 @@ class Vif:
     def _flush(self) -> None:
         notify = False
         if self._tx_rsps:
-            rsps = self._tx_rsps
+            blob = b"".join(self._tx_rsps)
             self._tx_rsps = []
-            self._tx.put_raw(b"".join(rsps), len(rsps))
+            self._tx.put_raw(blob, len(blob) // TX_SLOT_SIZE)
             notify = self._tx.push_responses()
         if self._rx_rsps:
             rsps = self._rx_rsps
@@ -537,6 +720,10 @@ class Vif:
             if self._rx.push_responses():
                 notify = True
             self._rx_pages.end_batch()
+            stats = self.stats
+            stats.rx_frames += self._rx_frames
+            stats.rx_bytes += self._rx_bytes
+            self._rx_frames = self._rx_bytes = 0
         if notify:
             self.stats.notifies += 1
             self._channel.notify()

@@ -43,11 +43,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import struct
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import repeat
+from operator import add, and_, lshift
 from typing import Any
 
 from aioxen.errors import ProtocolError
@@ -72,6 +75,7 @@ from aioxen.net.netif import (
     XEN_NETIF_GSO_TYPE_TCPV4,
     XEN_NETIF_GSO_TYPE_TCPV6,
     XEN_NETIF_MAX_TX_SIZE,
+    XEN_NETIF_NR_SLOTS_MIN,
     FrameInfo,
     GsoExtra,
     encode_extra,
@@ -84,6 +88,9 @@ from aioxen.rings.formats import RawFormat
 log = logging.getLogger(__name__)
 
 POOL_PAGES = 256
+PUSH_EVERY = 64
+"""Slots after which a side publishes (push) without waiting for the end of its batch, so
+the peer can work in parallel; notifications still follow the peer's event index."""
 TX_REQ_FMT = RawFormat(TX_SLOT_SIZE, name="netif_tx_request")
 TX_RSP_FMT = RawFormat(4, name="netif_tx_response", align=2)
 RX_REQ_FMT = RawFormat(RX_SLOT_SIZE, name="netif_rx_request")
@@ -92,6 +99,15 @@ _TX_RSP_SLOT = struct.Struct("<Hh8x")
 _SLOW_TX = NETTXF_MORE_DATA | NETTXF_EXTRA_INFO
 _SLOW_RX = NETRXF_MORE_DATA | NETRXF_EXTRA_INFO
 _RX_INFO = [info_from_rx_flags(f) for f in range(4)]
+_GSO_FIELDS = struct.Struct("<HB")
+_RX_MAX_SLOTS = XEN_NETIF_NR_SLOTS_MIN + 4
+_MORE_BIT = bytes(1 if b & NETRXF_MORE_DATA else 0 for b in range(256))
+
+
+@functools.cache
+def _rx_run(k: int) -> struct.Struct:
+    """``k`` consecutive ``netif_rx_response`` slots in one unpack."""
+    return struct.Struct("<" + "HHHh" * k)
 
 
 @dataclass
@@ -122,7 +138,7 @@ class FrontQueue:
         platform: Platform,
         backend_domid: int,
         *,
-        deliver: Callable[[bytes, FrameInfo], None],
+        deliver: Callable[[bytes, Any], object],
         tx_space: Callable[[], None],
         fail: Callable[[BaseException], None],
         sg: bool = True,
@@ -147,12 +163,15 @@ class FrontQueue:
         self.stats = NetStats()
         self._reading = True
         self._dead = False
+        self._active = True  # reading and not dead: checked once per received frame
         self._flush_scheduled = False
         # TX state
         self._tx_free: list[int] = list(range(POOL_PAGES - 1, -1, -1))
         self._tx_busy = bytearray(POOL_PAGES)
         self._tx_pending: list[bytes] = []
-        self._tx_pending_slots = 0
+        self._slots_free = 0  # ring slots neither in flight nor pending (set by setup)
+        self._tx_frames = 0  # folded into stats by _flush
+        self._tx_bytes = 0
         self._want_tx_space = False
         # RX state
         self._rx_free: list[int] = list(range(POOL_PAGES - 1, -1, -1))
@@ -188,6 +207,13 @@ class FrontQueue:
         self._rx_refs = list(self._rx_pool.refs)
         self._rx_slot_id = [0] * self._rx.nr_ents
         self._rx_mask = self._rx.nr_ents - 1
+        self._rx_req_bytes = [RX_REQ.pack(i, ref) for i, ref in enumerate(self._rx_refs)]
+        # the request for a full middle page of a multi-page frame, by page id
+        self._tx_mid = [
+            TX_REQ.pack(ref, 0, NETTXF_MORE_DATA, i, PAGE_SIZE)
+            for i, ref in enumerate(self._tx_refs)
+        ]
+        self._slots_free = self._tx.nr_ents
 
     def _own(self, obj: Any) -> Any:
         self._owned.append(obj)
@@ -206,6 +232,10 @@ class FrontQueue:
         assert self._channel is not None
         return self._channel.port
 
+    def set_deliver(self, deliver: Callable[[bytes, Any], object]) -> None:
+        """Where received frames go (``deliver(frame, info)``)."""
+        self._deliver = deliver
+
     def start(self) -> None:
         """Post every RX buffer and start taking events."""
         assert self._channel is not None
@@ -222,27 +252,26 @@ class FrontQueue:
         """Put ``frame`` in the TX ring if pages and slots are free; ``False`` otherwise
         (the caller queues it).  Sizes were validated by the caller."""
         n = len(frame)
-        tx = self._tx
-        assert tx is not None
-        if n <= PAGE_SIZE and info.gso_type == XEN_NETIF_GSO_TYPE_NONE:
+        if n <= PAGE_SIZE and (info is PLAIN or not info.gso_type):
             free = self._tx_free
-            if not free or tx.free_requests - self._tx_pending_slots < 1:
+            if not free or self._slots_free <= 0:
                 self._reap_tx()
-                if not free or tx.free_requests - self._tx_pending_slots < 1:
+                if not free or self._slots_free <= 0:
                     return False
             ident = free.pop()
+            self._slots_free -= 1
             self._tx_busy[ident] = 1
             off = ident << 12
             self._txbuf[off : off + n] = frame
             flags = 0 if info is PLAIN else info.tx_flags()
             self._tx_pending.append(TX_REQ.pack(self._tx_refs[ident], 0, flags, ident, n))
-            self._tx_pending_slots += 1
         elif not self._send_multi(frame, info):
             return False
-        stats = self.stats
-        stats.tx_frames += 1
-        stats.tx_bytes += n
-        if not self._flush_scheduled:
+        self._tx_frames += 1
+        self._tx_bytes += n
+        if len(self._tx_pending) >= PUSH_EVERY:
+            self.flush()  # let the backend start on these while we fill the rest
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._scheduled_flush)
         return True
@@ -252,31 +281,39 @@ class FrontQueue:
         pages = -(-n // PAGE_SIZE)
         gso = info.gso_type != XEN_NETIF_GSO_TYPE_NONE
         slots = pages + (1 if gso else 0)
-        tx = self._tx
-        assert tx is not None
-        if len(self._tx_free) < pages or tx.free_requests - self._tx_pending_slots < slots:
+        free = self._tx_free
+        if len(free) < pages or self._slots_free < slots:
             self._reap_tx()
-            if len(self._tx_free) < pages or tx.free_requests - self._tx_pending_slots < slots:
+            if len(free) < pages or self._slots_free < slots:
                 return False
-        view = memoryview(frame)
-        base_flags = info.tx_flags()
-        for k in range(pages):
-            ident = self._tx_free.pop()
-            self._tx_busy[ident] = 1
-            chunk = view[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
-            off = ident << 12
-            self._txbuf[off : off + len(chunk)] = chunk
-            flags = base_flags if k == 0 else 0
-            if k + 1 < pages:
-                flags |= NETTXF_MORE_DATA
-            if k == 0 and gso:
-                flags |= NETTXF_EXTRA_INFO
-            size = n if k == 0 else len(chunk)
-            self._tx_pending.append(TX_REQ.pack(self._tx_refs[ident], 0, flags, ident, size))
-            if k == 0 and gso:
-                extra = GsoExtra(info.gso_size, info.gso_type)
-                self._tx_pending.append(encode_extra(extra, slot_size=TX_SLOT_SIZE))
-        self._tx_pending_slots += slots
+        ids = free[-pages:]
+        del free[-pages:]
+        ids.reverse()  # pages come back in order, so this is usually an ascending run
+        lo = ids[0]
+        busy, txbuf = self._tx_busy, self._txbuf
+        if ids[-1] - lo == pages - 1 and ids == list(range(lo, lo + pages)):
+            busy[lo : lo + pages] = b"\x01" * pages
+            txbuf[lo << 12 : (lo << 12) + n] = frame
+        else:
+            view = memoryview(frame)
+            for k, ident in enumerate(ids):
+                busy[ident] = 1
+                chunk = view[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
+                txbuf[ident << 12 : (ident << 12) + len(chunk)] = chunk
+        refs = self._tx_refs
+        head_flags = info.tx_flags() | (NETTXF_MORE_DATA if pages > 1 else 0)
+        if gso:
+            head_flags |= NETTXF_EXTRA_INFO
+        parts = [TX_REQ.pack(refs[lo], 0, head_flags, lo, n)]
+        if gso:
+            parts.append(encode_extra(GsoExtra(info.gso_size, info.gso_type), slot_size=12))
+        if pages > 2:
+            parts += map(self._tx_mid.__getitem__, ids[1:-1])
+        if pages > 1:
+            last = ids[-1]
+            parts.append(TX_REQ.pack(refs[last], 0, 0, last, n - (pages - 1) * PAGE_SIZE))
+        self._tx_pending += parts
+        self._slots_free -= slots
         return True
 
     def _reap_tx(self) -> int:
@@ -287,6 +324,7 @@ class FrontQueue:
         data, n, _ = tx.take_raw()
         if not n:
             return 0
+        self._slots_free += n
         busy, free = self._tx_busy, self._tx_free
         errors = 0
         for ident, status in _iter_tx_rsp(data):
@@ -337,31 +375,35 @@ class FrontQueue:
         k = min(len(free), rx.free_requests)
         if k <= 0:
             return
-        start = rx.req_prod_pvt
-        mask, slot_id, refs = self._rx_mask, self._rx_slot_id, self._rx_refs
-        parts = []
-        for j in range(k):
-            ident = free.pop()
-            slot_id[(start + j) & mask] = ident
-            parts.append(RX_REQ.pack(ident, refs[ident]))
-        rx.put_raw(b"".join(parts), k)
+        ids = free[-k:]
+        del free[-k:]
+        start = rx.req_prod_pvt & self._rx_mask
+        first = min(k, len(self._rx_slot_id) - start)
+        self._rx_slot_id[start : start + first] = ids[:first]
+        if first < k:
+            self._rx_slot_id[: k - first] = ids[first:]
+        rx.put_raw(b"".join(map(self._rx_req_bytes.__getitem__, ids)), k)
 
     def pause_reading(self) -> None:
         self._reading = False
+        self._active = False
 
     def resume_reading(self) -> None:
         if not self._reading:
             self._reading = True
+            self._active = not self._dead
             if not self._dead:
                 self._loop.call_soon(self._on_event)
 
     def _poll_rx(self) -> None:
         rx = self._rx
         assert rx is not None
-        while self._reading and not self._dead:
+        while self._active:
             self._poll_rx_once()
             self._post_rx()
-            if self._rx_carry is not None and not self._reading:
+            if rx.unpushed >= PUSH_EVERY:
+                self._flush()  # hand buffers back early: the backend may be waiting
+            if self._rx_carry is not None and not self._active:
                 break
             if not rx.final_check_for_responses():
                 break
@@ -369,7 +411,7 @@ class FrontQueue:
     def _poll_rx_once(self) -> None:
         rx = self._rx
         assert rx is not None
-        data, n, first = rx.take_raw()
+        data, n, first = rx.take_raw(PUSH_EVERY)
         carry = self._rx_carry
         if carry is not None:
             self._rx_carry = None
@@ -379,50 +421,129 @@ class FrontQueue:
             return
         rxbuf, slot_id, mask, free = self._rxbuf, self._rx_slot_id, self._rx_mask, self._rx_free
         deliver = self._deliver
-        stats = self.stats
+        frames = nbytes = errors = 0
         i = 0
-        unpack = RX_RSP.unpack_from
-        while i < n:
-            if not self._reading or self._dead:
+        it = RX_RSP.iter_unpack(data)
+        for _, off, flags, status in it:
+            if not self._active:
                 self._rx_carry = (data[i * RX_SLOT_SIZE :], n - i, first + i)
-                return
-            _, off, flags, status = unpack(data, i * RX_SLOT_SIZE)
+                break
             if not flags & _SLOW_RX:
                 ident = slot_id[(first + i) & mask]
                 i += 1
                 free.append(ident)
                 if status > 0 and off + status <= PAGE_SIZE:
                     o = (ident << 12) + off
-                    frame = bytes(rxbuf[o : o + status])
-                    stats.rx_frames += 1
-                    stats.rx_bytes += status
+                    frames += 1
+                    nbytes += status
                     try:
-                        deliver(frame, _RX_INFO[flags & 3])
+                        deliver(bytes(rxbuf[o : o + status]), _RX_INFO[flags & 3])
                     except Exception as exc:
                         self._callback_error(exc)
                 else:
-                    stats.rx_errors += 1
+                    errors += 1
+                continue
+            chain = self._rx_chain(data, i, n, first)
+            if chain is not None:
+                used, frame_or_none, info = chain
+                if used == 0:
+                    self._rx_carry = (data[i * RX_SLOT_SIZE :], n - i, first + i)
+                    break
+                for _ in range(used - 1):
+                    next(it)
+                free += self._slot_ids(first + i, used)
+                i += used
+                if frame_or_none is None:
+                    errors += 1
+                    continue
+                frames += 1
+                nbytes += len(frame_or_none)
+                try:
+                    deliver(frame_or_none, info)
+                except Exception as exc:
+                    self._callback_error(exc)
                 continue
             desc, used = parse_rx(data[i * RX_SLOT_SIZE :], n - i)
             if desc is None:
                 self._rx_carry = (data[i * RX_SLOT_SIZE :], n - i, first + i)
-                return
+                break
+            for _ in range(used - 1):
+                next(it)
             ids = [slot_id[(first + i + j) & mask] for j in range(used)]
             i += used
             free.extend(ids)
             if desc.error is not None:
-                stats.rx_errors += 1
+                errors += 1
                 log.debug("%s: dropping RX frame: %s", self.name, desc.error)
                 continue
             frame = b"".join(
                 rxbuf[(ids[k] << 12) + o : (ids[k] << 12) + o + ln] for k, o, ln in desc.frags
             )
-            stats.rx_frames += 1
-            stats.rx_bytes += len(frame)
+            frames += 1
+            nbytes += len(frame)
             try:
                 deliver(frame, desc.info)
             except Exception as exc:
                 self._callback_error(exc)
+        stats = self.stats
+        stats.rx_frames += frames
+        stats.rx_bytes += nbytes
+        stats.rx_errors += errors
+
+    def _slot_ids(self, start: int, count: int) -> list[int]:
+        """The page ids posted at ring indices ``start .. start + count - 1``."""
+        slot_id, mask = self._rx_slot_id, self._rx_mask
+        a = start & mask
+        if a + count <= len(slot_id):
+            return slot_id[a : a + count]
+        return slot_id[a:] + slot_id[: a + count - len(slot_id)]
+
+    def _rx_chain(
+        self, data: bytes, i: int, n: int, first: int
+    ) -> tuple[int, bytes | None, FrameInfo] | None:
+        """Fast path for a ``more_data`` chain with at most one GSO extra after its head:
+        ``(used, frame, info)`` (``used`` 0: incomplete; ``frame`` None: bad response),
+        or ``None`` for other shapes (then :func:`parse_rx` decides).  A constant number
+        of C-level operations per chain, as in netback's TX path."""
+        _, off, flags, status = RX_RSP.unpack_from(data, i * RX_SLOT_SIZE)
+        j = i + 1
+        gso: GsoExtra | None = None
+        if flags & NETRXF_EXTRA_INFO:
+            if j >= n:
+                return 0, None, PLAIN
+            at = j * RX_SLOT_SIZE
+            if data[at] != 1 or data[at + 1] != 0:
+                return None
+            size, gtype = _GSO_FIELDS.unpack_from(data, at + 2)
+            if gtype not in (XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6):
+                return None
+            gso = GsoExtra(size, gtype)
+            j += 1
+        ids = self._slot_ids(first + i, 1)
+        if flags & NETRXF_MORE_DATA:
+            ends = data[4 + j * RX_SLOT_SIZE :: RX_SLOT_SIZE].translate(_MORE_BIT)
+            last = ends.find(0)
+            if last < 0:
+                return (0, None, PLAIN) if n - i < _RX_MAX_SLOTS else None
+            m = last + 1
+            if j - i + m > _RX_MAX_SLOTS:
+                return None
+            t = _rx_run(m).unpack_from(data, j * RX_SLOT_SIZE)
+            if any(map(and_, t[2::4], repeat(NETRXF_EXTRA_INFO))):
+                return None
+            offs = (off, *t[1::4])
+            lens = (status, *t[3::4])
+            ids += self._slot_ids(first + j, m)
+            j += m
+        else:
+            offs, lens = (off,), (status,)
+        info = info_from_rx_flags(flags, gso)
+        if min(lens) <= 0 or max(map(add, offs, lens)) > PAGE_SIZE:
+            return j - i, None, info
+        starts = tuple(map(add, map(lshift, ids, repeat(12)), offs))
+        rxbuf = self._rxbuf
+        frame = b"".join(map(rxbuf.__getitem__, map(slice, starts, map(add, starts, lens))))
+        return j - i, frame, info
 
     def _callback_error(self, exc: BaseException) -> None:
         self._loop.call_exception_handler(
@@ -465,9 +586,13 @@ class FrontQueue:
         tx, rx, channel = self._tx, self._rx, self._channel
         assert tx is not None and rx is not None and channel is not None
         if self._tx_pending:
-            tx.put_raw(b"".join(self._tx_pending), self._tx_pending_slots)
+            blob = b"".join(self._tx_pending)
             self._tx_pending.clear()
-            self._tx_pending_slots = 0
+            tx.put_raw(blob, len(blob) // TX_SLOT_SIZE)
+            stats = self.stats
+            stats.tx_frames += self._tx_frames
+            stats.tx_bytes += self._tx_bytes
+            self._tx_frames = self._tx_bytes = 0
         notify = tx.push_requests() if tx.unpushed else False
         if rx.unpushed and rx.push_requests():
             notify = True
@@ -486,6 +611,7 @@ class FrontQueue:
         if self._dead:
             return
         self._dead = True
+        self._active = False
         if self._channel is not None:
             self._channel.set_handler(None)
         self._fail_cb(exc)
@@ -497,6 +623,7 @@ class FrontQueue:
     def close(self) -> None:
         """Stop and release rings, pools and the channel (idempotent)."""
         self._dead = True
+        self._active = False
         if self._channel is not None and not self._channel.closed:
             self._channel.set_handler(None)
         for attr in ("_txbuf", "_rxbuf"):
@@ -543,14 +670,25 @@ class NetfrontTransport(asyncio.DatagramTransport):
         self._lost = False
         self._max_frame = max_frame
         self._closed_fut: asyncio.Future[None] = loop.create_future()
+        self._gso_ok: frozenset[int] = frozenset()
+        self._try_send: Callable[[Any, FrameInfo], bool] = lambda data, info: False
         self._teardown: Callable[[Exception | None], Any] | None = None
         self._teardown_task: asyncio.Task[None] | None = None
         self.dropped_after_close = 0
 
     def _attach(self, queue: FrontQueue, teardown: Callable[[Exception | None], Any]) -> None:
         self._queue_obj = queue
+        self._try_send = queue.try_send
         self._teardown = teardown
         self._extras["stats"] = queue.stats
+        feats: BackendFeatures | None = self._extras.get("backend_features")
+        ok = set()
+        if feats is not None and self._max_frame > PAGE_SIZE:
+            if feats.gso_tcpv4:
+                ok.add(XEN_NETIF_GSO_TYPE_TCPV4)
+            if feats.gso_tcpv6:
+                ok.add(XEN_NETIF_GSO_TYPE_TCPV6)
+        self._gso_ok = frozenset(ok)
 
     # -- DatagramTransport -----------------------------------------------------------------
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -563,37 +701,26 @@ class NetfrontTransport(asyncio.DatagramTransport):
             info = PLAIN
         elif isinstance(addr, FrameInfo):
             info = addr
+            if info.gso_type and info.gso_type not in self._gso_ok:
+                raise ValueError(f"netfront: backend did not offer GSO type {info.gso_type}")
         else:
             raise TypeError(f"netfront: addr must be None or FrameInfo, not {type(addr).__name__}")
         n = len(data)
         if n == 0 or n > self._max_frame:
             raise ValueError(f"netfront: frame of {n} bytes (allowed 1..{self._max_frame})")
-        if info.gso_type not in (XEN_NETIF_GSO_TYPE_NONE, *self._gso_allowed()):
-            raise ValueError(f"netfront: backend did not offer GSO type {info.gso_type}")
-        if self._closing or self._lost:
+        if self._closing:
             self.dropped_after_close += 1
+            return
+        if not self._pending and self._try_send(data, info):
             return
         q = self._queue_obj
         assert q is not None
-        if not self._pending and q.try_send(data, info):
-            return
         self._pending.append((bytes(data), info))
         self._buffer_size += n
         if len(self._pending) == 1:
             q.flush()
             q.want_tx_space()
         self._maybe_pause_protocol()
-
-    def _gso_allowed(self) -> tuple[int, ...]:
-        feats: BackendFeatures | None = self._extras.get("backend_features")
-        if feats is None:
-            return ()
-        out = []
-        if feats.gso_tcpv4:
-            out.append(XEN_NETIF_GSO_TYPE_TCPV4)
-        if feats.gso_tcpv6:
-            out.append(XEN_NETIF_GSO_TYPE_TCPV6)
-        return tuple(out)
 
     def _tx_space(self) -> None:
         q = self._queue_obj
@@ -831,11 +958,6 @@ async def create_frontend(
         },
         max_frame=max_frame,
     )
-    protocol_box: list[asyncio.DatagramProtocol] = []
-
-    def deliver(frame: bytes, info: FrameInfo) -> None:
-        protocol_box[0].datagram_received(frame, info)
-
     gso_types = frozenset(
         t
         for t, on in (
@@ -847,7 +969,7 @@ async def create_frontend(
     queue = FrontQueue(
         plat,
         be_id,
-        deliver=deliver,
+        deliver=_no_protocol_yet,
         tx_space=transport._tx_space,
         fail=transport._connection_failed,
         sg=use_sg,
@@ -916,12 +1038,16 @@ async def create_frontend(
 
     transport._attach(queue, teardown)
     protocol = protocol_factory()
-    protocol_box.append(protocol)
     transport._protocol = protocol
+    queue.set_deliver(protocol.datagram_received)
     protocol.connection_made(transport)
     queue.start()
     watcher.append(loop.create_task(watch_backend()))
     return transport, protocol
+
+
+def _no_protocol_yet(frame: bytes, info: FrameInfo) -> None:
+    raise RuntimeError("netfront delivered a frame before the protocol existed")
 
 
 def _closing_or_gone(value: bytes | None) -> bool:

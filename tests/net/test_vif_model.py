@@ -12,6 +12,7 @@ hypothesis example, so "the vif keeps working" is checked across all of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -398,3 +399,107 @@ async def _until(cond: Any, timeout: float = 10) -> None:
     async with asyncio.timeout(timeout):
         while not cond():
             await asyncio.sleep(0.005)
+
+
+# --------------------------------------------------------------------------- frontend RX model
+
+
+@st.composite
+def rx_frame(draw: st.DrawFn) -> list[bytes]:
+    """One RX response chain; fragments and extras may be invalid on purpose."""
+    nfrag = draw(st.integers(1, 20))
+    out = []
+    for k in range(nfrag):
+        off = draw(st.sampled_from([0, 0, 0, 100, 4000]))
+        status = draw(st.sampled_from([1, 60, 1500, 4096 - off, 4096, -1, 0]))
+        flags = netif.NETRXF_MORE_DATA if k + 1 < nfrag else 0
+        if k == 0:
+            flags |= draw(st.sampled_from([0, 1, 2, 3]))
+        out.append(netif.RX_RSP.pack(0, off, flags, status))
+        if k == 0 and draw(st.booleans()):
+            out[0] = netif.RX_RSP.pack(0, off, flags | netif.NETRXF_EXTRA_INFO, status)
+            kind = draw(st.sampled_from(["gso4", "gso6", "gso9", "hash", "bad"]))
+            if kind.startswith("gso"):
+                extra = netif.encode_extra(netif.GsoExtra(1448, int(kind[3])), slot_size=8)
+            elif kind == "hash":
+                extra = netif.encode_extra(netif.HashExtra(1, 1, 5), slot_size=8)
+            else:
+                extra = bytes([7, 0]) + bytes(6)
+            out.append(extra)
+    return out
+
+
+@st.composite
+def rx_garbage(draw: st.DrawFn) -> list[bytes]:
+    junk = draw(st.lists(st.binary(min_size=8, max_size=8), min_size=1, max_size=20))
+    return junk + [netif.RX_RSP.pack(0, 0, 0, 60)] * 24
+
+
+@pytest.fixture
+async def hostile_back(harness: Any) -> AsyncIterator[RawBack]:
+    be = await harness.platform(0)
+    fe = await harness.platform(1)
+    back = await RawBack.create(fe, be)
+    try:
+        yield back
+    finally:
+        back.close()
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+async def test_front_rx_matches_model(hostile_back: RawBack, data: st.DataObject) -> None:
+    back = hostile_back
+    chains = data.draw(st.lists(st.one_of(rx_frame(), rx_garbage()), min_size=1, max_size=8))
+    slots = [s for c in chains for s in c][:200]
+    while True:  # cut at a frame boundary the model agrees is complete
+        desc_all = []
+        pos = 0
+        while pos < len(slots):
+            d, used = netif.parse_rx(b"".join(slots[pos:]), len(slots) - pos)
+            if d is None:
+                break
+            desc_all.append((pos, d))
+            pos += used
+        if pos == len(slots):
+            break
+        slots = slots[:pos]
+    if not slots:
+        return
+    n = len(slots)
+    await _until(lambda: back.rx.unconsumed_requests() >= n)
+    reqs = list(struct.iter_unpack("<H2xI", back.rx.take_raw(n)[0]))
+    pages = [bytes(((k * 13 + b) * 7) & 0xFF for b in range(4096)) for k in range(n)]
+    mapping = back.be.grants.map(back.fe.domid, [g for _, g in reqs])
+    for k in range(n):
+        mapping.buf[k * 4096 : (k + 1) * 4096] = pages[k]
+    mapping.close()
+    want_frames = []
+    want_errors = 0
+    for start, d in desc_all:
+        if d.error is not None:
+            want_errors += 1
+        else:
+            want_frames.append(
+                (b"".join(pages[start + k][o : o + ln] for k, o, ln in d.frags), d.info)
+            )
+    back.received.clear()
+    errors_before = back.queue.stats.rx_errors
+    back.rx.put_raw(b"".join(slots), n)
+    if back.rx.push_responses():
+        back.channel.notify()
+    with contextlib.suppress(TimeoutError):
+        await _until(
+            lambda: (
+                len(back.received) >= len(want_frames)
+                and back.queue.stats.rx_errors - errors_before >= want_errors
+            ),
+            timeout=5,
+        )
+    assert back.received == want_frames
+    assert back.queue.stats.rx_errors - errors_before == want_errors
+    assert not back.failures

@@ -159,6 +159,8 @@ class RawFront:
 class RawBack:
     """Backend side driven by hand; the frontend is a real :class:`FrontQueue`."""
 
+    fe: Platform
+    be: Platform
     queue: FrontQueue
     tx: RawBackRing
     rx: RawBackRing
@@ -186,7 +188,7 @@ class RawBack:
         rx = RawBackRing(rx_map.buf, RX_REQ_FMT, RX_RSP_FMT, name="hostile-back/rx")
         channel = await be.events.connect(fe.domid, queue.event_channel)
         queue.start()
-        return cls(queue, tx, rx, channel, [tx_map, rx_map, channel], received, failures)
+        return cls(fe, be, queue, tx, rx, channel, [tx_map, rx_map, channel], received, failures)
 
     def close(self) -> None:
         self.queue.close()
