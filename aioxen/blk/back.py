@@ -327,18 +327,18 @@ class RingServer:
         if len(rsps) >= PUBLISH_EVERY:
             # publish now: the frontend starts on these while we serve the rest
             self._flush_responses()
-            if not self.ring.closed:
-                self.ring.flush()
             return
         if not self._in_batch and not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_responses)
 
     def _flush_responses(self) -> None:
+        """Write the queued responses into the ring and publish them now."""
         self._flush_scheduled = False
         rsps, self._responses = self._responses, []
         if rsps and not self.ring.closed:
             self.ring.respond_many(rsps)
+            self.ring.flush()
 
     def _start(self, io: BlkIO) -> None:
         if io.kind in (BLKIF_OP_READ, BLKIF_OP_WRITE) and not io.indirect_grefs:

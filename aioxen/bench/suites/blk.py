@@ -2,7 +2,8 @@
 
 Two processes on the ``unix`` platform (plus an ``aioxen xenstored``): a blkback (domain 0,
 run as ``python -m aioxen.bench.suites.blk peer LOOP IMAGE``) serving a raw image on tmpfs
-(``/dev/shm``), and the benchmark process itself as domain 1 with a blkfront
+(``/dev/shm``; the ``unix`` platform root with its grant page files is on tmpfs too), and
+the benchmark process itself as domain 1 with a blkfront
 (:func:`aioxen.blk.vbd.open_blkfront`).  The baseline is what an asyncio program would
 otherwise do with the same file: ``os.preadv``/``os.pwritev`` through
 ``loop.run_in_executor`` on a thread pool, at the same queue depth, on the same loop.
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -220,6 +222,9 @@ def run(ctx: Context) -> list[Measurement]:
         for _ in range(size // MIB):
             f.write(os.urandom(MIB))
     xs = XenstoredProcess()
+    if shm is not None:  # grant page files in memory too, like real grant pages
+        shutil.rmtree(xs.root, ignore_errors=True)
+        xs.root = tempfile.mkdtemp(prefix="aioxen-bench-blk-root-", dir=shm)
     backend: _Backend | None = None
     try:
         env = xs.start()
