@@ -238,8 +238,10 @@ class Blkback:
         *,
         platform: Platform | None = None,
         config: BackendConfig | None = None,
+        close_timeout: float = 5.0,
     ) -> None:
         self.source = source
+        self.close_timeout = close_timeout
         self.frontend_domid = frontend_domid
         self.devid = devid
         self.platform = platform
@@ -251,12 +253,15 @@ class Blkback:
 
         platform = self.platform or aioxen.platform()
         dev = await backend_device(platform, TYPE, self.frontend_domid, self.devid)
-        self.runner = DeviceRunner(dev, self.driver)
+        self.runner = DeviceRunner(dev, self.driver, close_timeout=self.close_timeout)
         await self.runner.run()
 
     async def close(self, timeout: float | None = 10) -> None:
+        """Orderly close (Closing, wait up to ``close_timeout`` for the frontend, Closed);
+        returns after at most ``timeout`` seconds either way."""
         if self.runner is not None:
-            await self.runner.close(timeout=timeout)
+            with contextlib.suppress(TimeoutError):
+                await self.runner.close(timeout=timeout)
 
 
 # --------------------------------------------------------------------------- frontend

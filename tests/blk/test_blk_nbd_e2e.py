@@ -171,3 +171,31 @@ async def test_qemu_io_random_io_against_reference(
         assert "Pattern verification failed" not in out and "error" not in out.lower(), out
         await run("qemu-io", "-f", "raw", uri, "-c", "flush")
     assert image.read_bytes() == bytes(ref)
+
+
+async def test_frontend_killed_and_replaced(xenstored: XenstoredProcess, tmp_path: Path) -> None:
+    """A blkfront process dies (SIGKILL) mid-use: the backend notices, resets, serves a new
+    frontend; everything acknowledged before the kill is in the image."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    data = random.Random(9).randbytes(4 << 20)
+    src = tmp_path / "part.img"
+    src.write_bytes(data)
+    async with aioxen(xenstored, 0, "blkback", "--image", str(image), "--frontend", str(FRONT)):
+        front = aioxen(xenstored, FRONT, "blkfront", "nbd", "--listen", "127.0.0.1:0", "xvda")
+        fe = await front.__aenter__()
+        where = fe.ready.split("listening on ", 1)[1].split()[0]
+        await run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src),
+                  f"nbd://{where}/xvda")  # fmt: skip
+        fe.proc.kill()
+        await fe.proc.wait()
+        with contextlib.suppress(AssertionError):
+            await front.__aexit__(None, None, None)
+        assert image.read_bytes()[: len(data)] == data  # acknowledged = in the file
+        # a new frontend process connects to the same backend and sees the data
+        async with aioxen(xenstored, FRONT, "blkfront", "nbd", "--listen", "127.0.0.1:0",
+                          "xvda") as fe2:  # fmt: skip
+            where = fe2.ready.split("listening on ", 1)[1].split()[0]
+            out = tmp_path / "out.img"
+            await run("nbdcopy", f"nbd://{where}/xvda", str(out))
+            assert out.read_bytes()[: len(data)] == data
