@@ -136,6 +136,10 @@ class XenEventChannels:
                 self._loop.remove_reader(dev.fd)
             dev.close()
 
+    def live(self) -> list[XenEventChannel]:
+        """Channels bound here and not yet closed."""
+        return list(self._channels.values())
+
     @property
     def bound_ports(self) -> list[int]:
         """Ports currently bound through this object."""

@@ -409,6 +409,10 @@ class XenGrantTable:
         finally:
             _unmap_grant_ref(dev, index, 1)
 
+    def live(self) -> list[XenShare | XenMapping]:
+        """Shares and mappings created here and not yet closed."""
+        return [o for o in list(self._objects) if not o.closed]
+
     def close(self) -> None:
         """Close every share and mapping that has no live views; release the devices."""
         self._closed = True

@@ -228,3 +228,15 @@ async def test_platform_close_releases_grants(plat: XenPlatform) -> None:
         await asyncio.sleep(0.2)
     else:
         pytest.fail(f"ref {share.refs[0]} still mappable {HANG} s after its share closed")
+
+
+async def test_leaks_lists_what_is_open(plat2: XenPlatform) -> None:
+    share = plat2.grants.share(0, 1)
+    m = plat2.grants.map(0, share.refs, writable=False)
+    ch = await plat2.events.listen(0)
+    leaks = plat2.leaks()
+    assert len(leaks) == 3 and any(f"port={ch.port}" in x for x in leaks)
+    ch.close()
+    m.close()
+    share.close()
+    assert plat2.leaks() == []
