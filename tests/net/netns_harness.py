@@ -60,7 +60,8 @@ class Xenstored:
     """``aioxen xenstored --root DIR`` as a child process; :attr:`env` for clients."""
 
     def __init__(self) -> None:
-        self.root = tempfile.mkdtemp(prefix="aioxen-net-")
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # grant pages on tmpfs
+        self.root = tempfile.mkdtemp(prefix="aioxen-net-", dir=shm)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aioxen", "xenstored", "--root", self.root],
             stdout=subprocess.PIPE,

@@ -200,3 +200,15 @@ def test_resolve_offloads() -> None:
     assert resolve_offloads(b"\x00" * 60, PLAIN, accept_csum=False, accept_gso=False) == [
         (b"\x00" * 60, PLAIN)
     ]
+
+
+def partial(frame: bytearray) -> bytearray:
+    """``frame`` as Linux leaves a CHECKSUM_PARTIAL packet: the L4 checksum field holds
+    the (uncomplemented) pseudo-header sum."""
+    loc = locate_l4(frame)
+    assert loc is not None
+    span = (12, 20) if loc.version == 4 else (8, 40)
+    addrs = bytes(frame[loc.l3 + span[0] : loc.l3 + span[1]])
+    pseudo = ref_sum(addrs + struct.pack("!HH", loc.proto, len(frame) - loc.l4))
+    struct.pack_into("!H", frame, loc.l4 + loc.csum_offset, pseudo)
+    return frame

@@ -1,0 +1,26 @@
+"""A netfront in its own process for crash tests: ``net_peer.py DOMID``.
+
+Connects vif DOMID/0 (platform from the environment), prints ``READY``, broadcasts one
+frame, then sleeps until killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import aioxen
+from aioxen.net.front import create_frontend
+
+
+async def main(domid: int) -> None:
+    async with aioxen.platform() as plat:
+        transport, _ = await create_frontend(asyncio.DatagramProtocol, 0, 0, platform=plat)
+        mac = transport.get_extra_info("mac")
+        transport.sendto(b"\xff" * 6 + mac + b"\x08\x06" + bytes([domid]) * 46)
+        print("READY", flush=True)
+        await asyncio.sleep(3600)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1])))
