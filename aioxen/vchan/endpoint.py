@@ -320,7 +320,9 @@ async def attach_client(
     )
     try:
         channel = await platform.events.connect(peer_domid, event_channel)
-    except ConnectionRefusedError as exc:
+    except ConnectionError as exc:
+        # Refused (no such unbound port: taken by another client, or gone), or the
+        # listener went away while we bound: either way, not available to us.
         raise StaleAdvertisement(f"{where}: cannot bind event channel: {exc}") from exc
     grants: list[Share | Mapping] = []
     views: list[memoryview] = []
