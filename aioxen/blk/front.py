@@ -378,7 +378,9 @@ class BlkFront:
         return bytes(buf)
 
     async def read_into(self, sector: int, buf: memoryview | bytearray) -> None:
-        view = memoryview(buf).cast("B")
+        view = memoryview(buf)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
         n = len(view)
         ss = self.backend.sector_size
         if n % ss or sector < 0 or sector * ss + n > self.backend.sectors * SECTOR_SIZE:
@@ -391,7 +393,9 @@ class BlkFront:
             await self._transfer(BLKIF_OP_READ, sector * ss >> 9, view)
 
     async def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
         n = len(view)
         ss = self.backend.sector_size
         if (
@@ -601,7 +605,11 @@ class BlkFront:
 
     def _completed_one(self, q: _Queue, op: _Op, rfut: asyncio.Future[BlkifResponse]) -> None:
         """The common case: one op, direct request."""
-        if rfut.cancelled() or rfut.exception() is not None or rfut.result().status:
+        try:
+            failed = rfut.result().status != BLKIF_RSP_OKAY
+        except BaseException:
+            failed = True
+        if failed:
             self._completed(q, [op], None, rfut)
             return
         q.inflight -= 1

@@ -46,14 +46,16 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def rig(harness: Any, source: MemorySource, config: BackendConfig) -> AsyncIterator[Rig]:
+async def rig(
+    harness: Any, source: MemorySource, config: BackendConfig, abi: str = ABI
+) -> AsyncIterator[Rig]:
     back = await harness.platform(0)
     front = await harness.platform(9)
     ring: AsyncFrontRing[bytes, B.BlkifResponse] = await AsyncFrontRing.create(
-        front, 0, B.encoded_request_format(ABI), B.response_format(ABI), start=2**32 - 5
+        front, 0, B.encoded_request_format(abi), B.response_format(abi), start=2**32 - 5
     )
     bring: AsyncBackRing[Any, Any] = await AsyncBackRing.attach(
-        back, 9, ring.refs, ring.port, B.request_format(ABI), B.response_format(ABI)
+        back, 9, ring.refs, ring.port, B.request_format(abi), B.response_format(abi)
     )
     data = front.grants.share(0, 16)
     ind = front.grants.share(0, 2)
@@ -62,7 +64,7 @@ async def rig(harness: Any, source: MemorySource, config: BackendConfig) -> Asyn
     )
     task = asyncio.ensure_future(server.run())
     try:
-        yield Rig(ring, data, ind, source, server, B.RequestEncoder(ABI, 7))
+        yield Rig(ring, data, ind, source, server, B.RequestEncoder(abi, 7))
     finally:
         bring.close()
         await task
@@ -181,3 +183,22 @@ async def test_random_slots_never_break_the_backend(harness: Any, slots: list[by
         assert await r.send(B.BlkifRequest(W, 1, 7, 0, 16, (r.seg(0),))) == OK
         assert await r.send(B.BlkifRequest(R, 1, 7, 0, 16, (r.seg(3),))) == OK
         assert bytes(r.data.buf[3 * 4096 : 4 * 4096]) == b"z" * 4096
+
+
+@pytest.mark.parametrize("abi", [B.ABI_X86_32, B.ABI_X86_64])
+async def test_both_abis_end_to_end(harness: Any, abi: str) -> None:
+    """A frontend speaking the 32-bit layout (108-byte requests, 12-byte responses) is
+    served like a 64-bit one: direct, indirect and discard requests."""
+    source = MemorySource(DISK)
+    async with rig(harness, source, BackendConfig(max_indirect_segments=16), abi) as r:
+        r.data.buf[: 13 * 4096] = bytes(range(256)) * 16 * 13
+        B.pack_indirect_segments(r.ind.buf, [r.seg(i) for i in range(13)])
+        assert await r.send(B.BlkifRequestIndirect(6, W, 13, 0, 64, 7, (r.ind.refs[0],))) == OK
+        assert source.data[64 * 512 : 64 * 512 + 13 * 4096] == bytes(range(256)) * 16 * 13
+        assert await r.send(B.BlkifRequest(R, 2, 7, 0, 64, (r.seg(14), r.seg(15, 0, 3)))) == OK
+        assert (
+            bytes(r.data.buf[14 * 4096 : 15 * 4096 + 2048])
+            == source.data[64 * 512 : 64 * 512 + 4096 + 2048]
+        )
+        assert await r.send(B.BlkifRequestDiscard(5, 0, 7, 0, 64, 8)) == OK
+        assert source.data[64 * 512 : 68 * 512 + 2048] == bytes(4096)
