@@ -17,6 +17,7 @@ SUITES: dict[str, str] = {
     "streams": "aioxen.bench.suites.streams",
     "protocol": "aioxen.bench.suites.protocol",
     "net": "aioxen.bench.suites.net",
+    "setup": "aioxen.bench.suites.setup",
     "xenstore": "aioxen.bench.suites.xenstore",
     "blk": "aioxen.bench.suites.blk",
 }

@@ -194,6 +194,11 @@ async def serve(mech: str, api: str, fds: list[int]) -> None:
     finally:
         if server is not None:
             server.close()
+            if hasattr(server, "abort_clients"):
+                server.abort_clients()
+            await server.wait_closed()
+            for _ in range(3):  # let connection_lost callbacks release the rings
+                await asyncio.sleep(0)
         if plat is not None:
             await plat.close()
 
