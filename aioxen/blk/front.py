@@ -6,7 +6,7 @@ Theory of operation
 shares a fixed *pool* of data pages (plus one set of indirect-descriptor pages per ring
 slot) with the backend and creates its rings (:class:`~aioxen.rings.aio.AsyncFrontRing`,
 one per queue).  The xenbus handshake that advertises them lives in
-:mod:`aioxen.blk.xenbus`; this module is the I/O engine.
+:mod:`aioxen.blk.vbd`; this module is the I/O engine.
 
 A call such as ``await dev.read(sector, count)``:
 
@@ -14,13 +14,16 @@ A call such as ``await dev.read(sector, count)``:
 2. is cut into chunks of at most ``max_segments`` pages (:func:`aioxen.blk.split.split`):
    11 for direct requests, or the negotiated indirect limit;
 3. each chunk takes a run of pool pages (waiting if the pool is exhausted), writes copy
-   their data in, and the chunk is submitted on the least busy queue.  If that ring has a
+   their data in, and the chunk goes to its queue (with several queues, 1 MiB stripes of
+   the disk map to the queues in turn).  If that ring has a
    free slot the request goes out at once (all requests of one loop iteration are pushed
    together, one notify); otherwise the chunk waits in the queue's backlog, where a drain
    task merges neighbouring chunks that continue each other on disk into one request
    (:func:`aioxen.blk.split.merge_runs`) as slots free up;
-4. requests with more than 11 segments become ``BLKIF_OP_INDIRECT`` requests whose
-   descriptors are written into that slot's indirect pages;
+4. requests are encoded straight to slot bytes (:class:`~aioxen.blk.blkif.RequestEncoder`,
+   with each pool page's full-page segment encoded once); requests with more than 11
+   segments become ``BLKIF_OP_INDIRECT`` requests whose descriptors are written into that
+   slot's indirect pages;
 5. when a response arrives, reads copy their data out of the pool, the pages return to
    the pool and the caller's future resolves (``OSError(EIO)`` for ``BLKIF_RSP_ERROR``,
    ``OSError(EOPNOTSUPP)`` for ``BLKIF_RSP_EOPNOTSUPP``).
