@@ -19,6 +19,7 @@ SUITES: dict[str, str] = {
     "net": "aioxen.bench.suites.net",
     "setup": "aioxen.bench.suites.setup",
     "xenstore": "aioxen.bench.suites.xenstore",
+    "rings": "aioxen.bench.suites.rings",
     "blk": "aioxen.bench.suites.blk",
 }
 

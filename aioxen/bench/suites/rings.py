@@ -14,24 +14,26 @@ batch size (the ring assigns ids itself; the socket client's ids are fixed per p
 and both servers decode each request and encode a response carrying its id and size.
 Mechanisms are interleaved inside each repetition so machine noise hits both alike.
 
-``run(quick)`` returns one dict per (mechanism, batch) with all samples and the median;
-``python benchmarks/rings_suite.py [--quick]`` prints a table.
+Run it as ``aioxen bench rings`` (or ``python -m benchmarks rings``); this module is also
+the child process's entry point (``python -m aioxen.bench.suites.rings serve-...``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import socket
-import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
+
+from aioxen.bench.harness import Context, Measurement
+
+NAME = "rings"
 
 BATCHES = (1, 8, 32)
 FRONT_DOMID, BACK_DOMID = 1, 0
@@ -163,7 +165,7 @@ async def _time_batches(exchange: Any, batch: int, seconds: float) -> float:
 
 def _spawn(args: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), *args],
+        [sys.executable, "-m", "aioxen.bench.suites.rings", *args],
         stdout=subprocess.PIPE,
         text=True,
         pass_fds=pass_fds,
@@ -176,13 +178,13 @@ def _spawn(args: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[
     return proc
 
 
-async def _measure(quick: bool, loop_name: str) -> list[dict[str, Any]]:
+async def _measure(ctx: Context) -> list[Measurement]:
     import aioxen
     from aioxen.rings import formats as F
     from aioxen.rings.aio import AsyncFrontRing
 
-    seconds = 0.25 if quick else 1.0
-    reps = 2 if quick else 5
+    seconds = 0.25 if ctx.quick else 1.0
+    loop_name = ctx.loop
     root = tempfile.mkdtemp(prefix="aioxen-rings-bench-")
     samples: dict[tuple[str, int], list[float]] = {}
     procs: list[subprocess.Popen[str]] = []
@@ -209,9 +211,10 @@ async def _measure(quick: bool, loop_name: str) -> list[dict[str, Any]]:
                 return [r.status for r in rsps]
 
             mechanisms = [("ring/unix", ring_exchange), ("seqpacket", client.exchange)]
-            for _ in range(reps):
+            for rep in range(ctx.repetitions):
                 for batch in BATCHES:
                     for name, fn in mechanisms:
+                        ctx.progress(f"rings rep {rep + 1}/{ctx.repetitions} batch {batch} {name}")
                         rate = await _time_batches(fn, batch, seconds)
                         samples.setdefault((name, batch), []).append(rate)
             front.close()
@@ -226,57 +229,32 @@ async def _measure(quick: bool, loop_name: str) -> list[dict[str, Any]]:
             if p.stdout is not None:
                 p.stdout.close()
         shutil.rmtree(root, ignore_errors=True)
-    out = []
-    for (name, batch), values in samples.items():
-        out.append(
-            {
-                "suite": "rings",
-                "case": f"batch={batch}",
-                "mechanism": name,
-                "metric": "round trips",
-                "unit": "req/s",
-                "higher_is_better": True,
-                "ours": name == "ring/unix",
-                "loop": loop_name,
-                "params": {"batch": batch, "seconds": seconds},
-                "samples": values,
-                "median": statistics.median(values),
-            }
+    return [
+        Measurement(
+            suite=NAME,
+            case=f"batch {batch}",
+            mechanism=name,
+            metric="round trips",
+            unit="req/s",
+            higher_is_better=True,
+            ours=name == "ring/unix",
+            samples=values,
+            params={"batch": batch, "seconds": seconds},
+            loop=loop_name,
         )
-    return out
+        for (name, batch), values in samples.items()
+    ]
 
 
-def run(quick: bool) -> list[dict[str, Any]]:
-    """Measure both mechanisms at batch sizes 1, 8 and 32 (uvloop; also asyncio unless
-    ``quick``).  Returns one dict per mechanism/batch/loop."""
-    loops = ["uvloop"] if quick else ["uvloop", "asyncio"]
-    results: list[dict[str, Any]] = []
-    for name in loops:
-        with asyncio.Runner(loop_factory=_loop_factory(name)) as runner:
-            results += runner.run(_measure(quick, name))
-    return results
-
-
-def format_results(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'loop':8} {'batch':>5} {'mechanism':10} {'median req/s':>13} {'ratio':>6}"]
-    base = {
-        (r["loop"], r["params"]["batch"]): r["median"]
-        for r in results
-        if r["mechanism"] == "seqpacket"
-    }
-    for r in sorted(results, key=lambda r: (r["loop"], r["params"]["batch"], not r["ours"])):
-        ratio = r["median"] / base[(r["loop"], r["params"]["batch"])]
-        lines.append(
-            f"{r['loop']:8} {r['params']['batch']:>5} {r['mechanism']:10} "
-            f"{r['median']:>13,.0f} {ratio:>6.2f}"
-        )
-    return "\n".join(lines)
+def run(ctx: Context) -> list[Measurement]:
+    """Both mechanisms at batch sizes 1, 8 and 32 on the context's event loop."""
+    with asyncio.Runner(loop_factory=ctx.loop_factory()) as runner:
+        return runner.run(_measure(ctx))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd")
-    sub.add_parser("run").add_argument("--quick", action="store_true")
+    sub = parser.add_subparsers(dest="cmd", required=True)
     ring = sub.add_parser("serve-ring")
     ring.add_argument("root")
     ring.add_argument("refs")
@@ -295,8 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
             runner.run(_serve_seqpacket(args.fd))
         return 0
-    print(format_results(run(quick=getattr(args, "quick", False))))
-    return 0
+    return 2
 
 
 if __name__ == "__main__":
