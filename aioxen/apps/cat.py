@@ -239,7 +239,16 @@ async def _run(
             else:
                 if opts.env_fd is not None:
                     _publish("", opts.env_fd)
-                platform = aioxen.platform()
+                try:
+                    platform = aioxen.platform()
+                except PlatformError as exc:
+                    if os.environ.get("AIOXEN_PLATFORM"):
+                        raise  # a bad name: the platform's own message says it
+                    raise CatError(
+                        "no aioxen platform available: not under Xen and $XEN_ROOT is not "
+                        "set; first eval the export lines printed by `aioxen cat -l DOMID "
+                        "PORT` (or by `aioxen xenstored --root DIR`)"
+                    ) from exc
             await stack.enter_async_context(platform)
         elif opts.env_fd is not None:
             _publish("", opts.env_fd)

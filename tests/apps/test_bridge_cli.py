@@ -31,7 +31,20 @@ class Proc:
         self.first_line = self.proc.stdout.readline().decode()
         assert self.first_line, (args, self.proc.poll(), self.proc.stderr)
 
+        self.err_seen: list[str] = []
+
+    def wait_for(self, text: str) -> None:
+        """Read stderr lines until one contains ``text`` (kept for :meth:`stop`)."""
+        assert self.proc.stderr is not None
+        while True:
+            line = self.proc.stderr.readline().decode()
+            assert line, f"stderr ended before {text!r}: {self.err_seen}"
+            self.err_seen.append(line)
+            if text in line:
+                return
+
     def stop(self) -> tuple[int, str]:
+        """SIGTERM; return the status and all of stderr."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
@@ -39,7 +52,7 @@ class Proc:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             _, err = self.proc.communicate()
-        return self.proc.returncode, err.decode()
+        return self.proc.returncode, "".join(self.err_seen) + err.decode()
 
 
 def _listening(p: Proc) -> str:
@@ -99,63 +112,44 @@ def test_curl_through_two_bridges(tmp_path: Path, xenstored: XenstoredProcess) -
         assert m, tcp_addr
         sock = tmp_path / "web.sock"
         use_unix = Proc(
-            [*AIOXEN, "bridge", "--listen", f"unix:{sock}", "--connect", "vchan:0/web"],
+            [*AIOXEN, "bridge", "-v", "--listen", f"unix:{sock}", "--connect", "vchan:0/web"],
             env=xenstored.env(2),
         )
         procs.append(use_unix)
         assert _listening(use_unix) == f"unix:{sock}"
 
         base = f"http://127.0.0.1:{m.group(1)}"
-        curls = []
-        for i in range(4):
-            curls.append(
-                (
-                    f"tcp{i}",
-                    "big.bin",
-                    ["curl", "-sS", "--fail", "-o", str(tmp_path / f"tcp{i}"), f"{base}/big.bin"],
-                )
-            )
-        for i in range(2):
-            curls.append(
-                (
-                    f"unix{i}",
-                    "big.bin",
-                    [
-                        "curl",
-                        "-sS",
-                        "--fail",
-                        "--unix-socket",
-                        str(sock),
-                        "-o",
-                        str(tmp_path / f"unix{i}"),
-                        "http://web/big.bin",
-                    ],
-                )
-            )
-        curls.append(
-            (
-                "small",
-                "small.txt",
-                ["curl", "-sS", "--fail", "-o", str(tmp_path / "small"), f"{base}/small.txt"],
-            )
-        )
-        running = [
-            (name, want, subprocess.Popen(args, stderr=subprocess.PIPE))
-            for name, want, args in curls
+        via_tcp = ["curl", "-sS", "--fail"]
+        via_unix = ["curl", "-sS", "--fail", "--unix-socket", str(sock)]
+        curls = [(use_tcp, f"tcp{i}", "big.bin", [*via_tcp, f"{base}/big.bin"]) for i in range(4)]
+        curls += [
+            (use_unix, f"unix{i}", "big.bin", [*via_unix, "http://web/big.bin"]) for i in range(2)
         ]
+        curls += [(use_tcp, "small", "small.txt", [*via_tcp, f"{base}/small.txt"])]
+        # The downloads overlap, but each starts once the previous one is bridged: concurrent
+        # vchan *connects* across processes hit a race in the unix platform (see
+        # test_reported_issues.py); concurrent connections are covered in test_bridge.py.
+        running = []
+        for bridge_proc, name, want, args in curls:
+            curl = subprocess.Popen([*args, "-o", str(tmp_path / name)], stderr=subprocess.PIPE)
+            running.append((name, want, curl))
+            bridge_proc.wait_for("bridged to vchan:0/web")
+        failed = []
         for name, want, p in running:
             _, err = p.communicate(timeout=60)
-            assert p.returncode == 0, (name, err)
-            assert sha256_file(tmp_path / name) == sums[want], name
+            if p.returncode != 0 or sha256_file(tmp_path / name) != sums[want]:
+                failed.append((name, p.returncode, err))
+        if failed:
+            logs = {str(p.proc.args[-3:]): p.stop() for p in procs}
+            pytest.fail(f"downloads failed: {failed}\nprocesses: {logs}")
 
-        rc, err = use_tcp.stop()
-        assert rc == 0, err
-        assert err.count("bridged to vchan:0/web") == 5, err
-        assert err.count("closed:") == 5, err
-        for p in (use_unix, offer):
+        for p, n in ((use_tcp, 5), (use_unix, 2)):
             rc, err = p.stop()
             assert rc == 0, err
-            assert err == "", err
+            assert err.count("bridged to vchan:0/web") == n, err
+            assert err.count("closed:") == n, err
+        rc, err = offer.stop()
+        assert (rc, err) == (0, "")
         assert not sock.exists()
         assert root_leaks(str(xenstored.root)) == []
     finally:

@@ -4,8 +4,11 @@ xfails: each one starts passing -- and so fails here -- once it is fixed upstrea
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
+from support.xenstored import XenstoredProcess
 
 from aioxen import vchan
 from aioxen.apps.embedded import EmbeddedRoot
@@ -39,3 +42,97 @@ async def test_platform_close_right_after_transport_close() -> None:
             await p0.close()
             await asyncio.sleep(0.1)
             await p2.close()
+
+
+SERVER_SCRIPT = """
+import asyncio
+from aioxen import vchan
+
+async def echo(reader, writer):
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+async def main():
+    server = await vchan.start_server(echo, 2, "race")
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+CLIENT_SCRIPT = """
+import asyncio, os, sys
+from aioxen import vchan
+
+async def one():
+    data = os.urandom(256 * 1024)
+    try:
+        reader, writer = await vchan.open_connection(0, "race", timeout=20)
+    except Exception as exc:
+        return f"connect: {exc!r}"
+    async def send():
+        writer.write(data)
+        await writer.drain()
+        writer.write_eof()
+    try:
+        async with asyncio.timeout(8):
+            _, got = await asyncio.gather(send(), reader.read())
+    except TimeoutError:
+        return "transfer hung (no data, no EOF, no error for 8 s)"
+    except Exception as exc:
+        return f"transfer: {exc!r}"
+    finally:
+        writer.close()
+    return "" if got == data else f"got {len(got)} of {len(data)} bytes back"
+
+async def main():
+    for _ in range(3):
+        for problem in await asyncio.gather(*(one() for _ in range(6))):
+            if problem:
+                print(problem, flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.crossprocess
+@pytest.mark.xfail(
+    strict=False,  # a race: usually (not always) hit with these numbers
+    reason="concurrent vchan clients in other processes than the server: "
+    "UnixEventChannels.connect raises BrokenPipeError when the listener is closed between "
+    "connect() and the hello (not mapped to ConnectionRefusedError/StaleAdvertisement), and "
+    "two clients in different processes can both attach to one advertised endpoint (connect "
+    "succeeds from the listen backlog before the accept), so one of them is dropped or hangs",
+)
+def test_concurrent_clients_from_several_processes(xenstored: XenstoredProcess) -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT], env=xenstored.env(0), stdout=subprocess.PIPE
+    )
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline() == b"ready\n"
+        clients = [
+            subprocess.Popen(
+                [sys.executable, "-c", CLIENT_SCRIPT], env=xenstored.env(2), stdout=subprocess.PIPE
+            )
+            for _ in range(2)
+        ]
+        problems = []
+        for c in clients:
+            out, _ = c.communicate(timeout=90)
+            problems += out.decode().splitlines()
+            assert c.returncode == 0
+        assert problems == []
+    finally:
+        server.terminate()
+        server.wait(30)
+        if server.stdout is not None:
+            server.stdout.close()
