@@ -80,6 +80,8 @@ log = logging.getLogger("aioxen.blk.front")
 MERGEABLE = frozenset({BLKIF_OP_READ, BLKIF_OP_WRITE})
 PAGE_SHIFT = 12
 _SEG_ENC = RequestEncoder.segment
+DEFAULT_POOL_PAGES = 2048
+XEN_POOL_PAGES = 640
 STRIPE_SHIFT = 11
 """Multi-queue striping: wire sectors ``>> 11`` (1 MiB) pick the queue."""
 
@@ -121,7 +123,15 @@ class FrontendConfig:
     ring_page_order: int = 2
     queues: int = 1
     max_indirect_segments: int = 256
-    pool_pages: int = 2048
+    pool_pages: int | None = None
+    """Granted data pages (``None``: 2048 = 8 MiB, or 640 on the ``xen`` platform, where
+    Linux's gntalloc lets a process grant at most 1024 pages by default)."""
+
+    def resolved_pool_pages(self, platform_name: str) -> int:
+        if self.pool_pages is not None:
+            return self.pool_pages
+        return XEN_POOL_PAGES if platform_name == "xen" else DEFAULT_POOL_PAGES
+
     persistent: bool = True
 
 
@@ -143,7 +153,8 @@ def negotiate(backend: BackendInfo, config: FrontendConfig) -> Negotiated:
     ind = min(config.max_indirect_segments, backend.max_indirect_segments, MAX_INDIRECT_SEGMENTS)
     indirect = ind > BLKIF_MAX_SEGMENTS_PER_REQUEST
     max_segments = ind if indirect else BLKIF_MAX_SEGMENTS_PER_REQUEST
-    max_segments = min(max_segments, config.pool_pages)
+    if config.pool_pages is not None:
+        max_segments = min(max_segments, config.pool_pages)
     return Negotiated(
         ring_page_order=order,
         queues=queues,
@@ -244,7 +255,9 @@ class BlkFront:
         self._share: Share | None = None
         self._data: memoryview | None = None
         self._grefs: list[int] = []
-        self.pool = PagePool(max(config.pool_pages, self.negotiated.max_segments))
+        pool_pages = config.resolved_pool_pages(platform.name)
+        self.negotiated.max_segments = min(self.negotiated.max_segments, pool_pages)
+        self.pool = PagePool(pool_pages)
         self._max_bytes = self.negotiated.max_segments * PAGE_SIZE
         self._loop = asyncio.get_running_loop()
         self._enc = RequestEncoder(self.negotiated.abi, handle)
