@@ -524,6 +524,7 @@ async def run_bridge_command(
     """``aioxen bridge``: run until SIGTERM/SIGINT (exit 0) or a listener failure (1)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("aioxen bridge: %(message)s"))
+    saved = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.propagate = False
@@ -570,6 +571,7 @@ async def run_bridge_command(
         for sig in signals:
             loop.remove_signal_handler(sig)
         logger.removeHandler(handler)
+        logger.level, logger.propagate = saved
     return 0
 
 

@@ -326,8 +326,11 @@ def _publish(text: str, env_fd: int | None) -> None:
         data = text.encode()
         while data:
             data = data[os.write(env_fd, data) :]
-    finally:
         os.close(env_fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.close(env_fd)
+        raise CatError(f"--env-fd {env_fd}: {_describe(exc)}") from exc
 
 
 async def main(opts: CatOptions) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from aioxen import vchan
@@ -79,6 +80,12 @@ def _fd(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid file descriptor {text!r}") from None
     if value < 3:
         raise argparse.ArgumentTypeError("--env-fd must be 3 or above (0-2 carry data and errors)")
+    # Checked now, before the event loop opens descriptors of its own that could take the
+    # number of one the shell did not pass.
+    try:
+        os.fstat(value)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"--env-fd {value}: {exc.strerror}") from None
     return value
 
 

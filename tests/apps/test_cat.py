@@ -214,6 +214,7 @@ def test_errors_are_one_line_with_status(xenstored: XenstoredProcess) -> None:
         "noplat": ([*AIOXEN, "cat", "0", "foo"], clean_env()),
         "inheap": ([*AIOXEN, "cat", "0", "foo"], clean_env(AIOXEN_PLATFORM="inheap")),
         "badport": ([*AIOXEN, "cat", "0", "no/slash"], clean_env()),
+        "badfd": ([*AIOXEN, "cat", "-l", "2", "x", "--env-fd", "9"], clean_env()),
     }
     procs = {
         name: subprocess.Popen(
@@ -238,6 +239,8 @@ def test_errors_are_one_line_with_status(xenstored: XenstoredProcess) -> None:
     assert "inheap" in _one_error_line(out["inheap"])
     assert out["badport"].returncode == 2
     assert b"invalid vchan port" in out["badport"].stderr
+    assert out["badfd"].returncode == 2  # checked before the event loop opens its own fds
+    assert b"--env-fd 9: Bad file descriptor" in out["badfd"].stderr
     assert all(o.stdout == b"" for o in out.values())
 
 
