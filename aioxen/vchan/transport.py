@@ -103,6 +103,7 @@ class VchanTransport(asyncio.Transport):
         self._conn_lost = 0  # >0 once connection_lost is scheduled
         self._service_scheduled = False
         self._in_service = False
+        self._busy = 0  # >0 while our code runs with the core (release is deferred)
         loop.call_soon(self._start, waiter)
 
     # -- setup -----------------------------------------------------------------------------
@@ -153,6 +154,7 @@ class VchanTransport(asyncio.Transport):
         if self._conn_lost or not self._started or self._in_service:
             return
         self._in_service = True
+        self._busy += 1
         try:
             core = self._core
             if self._wbuf:
@@ -170,6 +172,8 @@ class VchanTransport(asyncio.Transport):
             self._fatal_error(exc, "Fatal error on vchan transport")
         finally:
             self._in_service = False
+            self._busy -= 1
+            self._maybe_release()
 
     # -- reading ---------------------------------------------------------------------------
     def _pump(self, force: bool) -> None:
@@ -278,6 +282,14 @@ class VchanTransport(asyncio.Transport):
         n = data.nbytes if isinstance(data, memoryview) else len(data)
         if not n:
             return
+        self._busy += 1
+        try:
+            self._write(data, n)
+        finally:
+            self._busy -= 1
+            self._maybe_release()
+
+    def _write(self, data: bytes | bytearray | memoryview, n: int) -> None:
         if not self._wbuf:
             core = self._core
             try:
@@ -438,7 +450,7 @@ class VchanTransport(asyncio.Transport):
         self._force_close(exc)
 
     def _teardown(self, exc: Exception | None, *, set_live: bool, eof: bool = True) -> None:
-        """Mark the end on the wire, then schedule ``connection_lost`` and the release."""
+        """Mark the end on the wire, release the memory, schedule ``connection_lost``."""
         if self._conn_lost:
             return
         self._conn_lost = 1
@@ -460,6 +472,14 @@ class VchanTransport(asyncio.Transport):
         if self._protocol_paused:
             self._protocol_paused = False
         self._loop.call_soon(self._call_connection_lost, exc)
+        self._maybe_release()
+
+    def _maybe_release(self) -> None:
+        """Release the shared memory as soon as the connection is over and none of our
+        code is using the core (so that closing the platform right after ``close()``
+        works); otherwise this happens when the outermost call returns."""
+        if self._conn_lost and not self._busy and not self._conn.released:
+            self._release()
 
     def _call_connection_lost(self, exc: Exception | None) -> None:
         try:

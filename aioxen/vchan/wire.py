@@ -261,6 +261,7 @@ class VchanCore:
         "_span_cons",
         "_wcons",
         "_wprod",
+        "_wring",
         "_wring_sb",
         "_write_name",
         "_wsize",
@@ -308,6 +309,7 @@ class VchanCore:
         self._rring_sb = SharedBuffer(read_ring)
         self._wring_sb = SharedBuffer(write_ring)
         self._rring: Any = self._rring_sb.pointer
+        self._wring: Any = self._wring_sb.pointer
         self._rsize = rsize
         self._rmask = rsize - 1
         self._span_cons = 0
@@ -437,7 +439,7 @@ class VchanCore:
         """Copy up to ``n`` bytes from ``src`` (``bytes`` or a cffi pointer) into the write
         ring and publish them; returns the count (0 when the ring is full)."""
         put: int = lib.ax_bring_write(
-            self._ctrl, self._wcons, self._wprod, self._wring_sb.pointer, self._wsize, src, n
+            self._ctrl, self._wcons, self._wprod, self._wring, self._wsize, src, n
         )
         if put <= 0:
             if put < 0:
@@ -476,12 +478,34 @@ class VchanCore:
 
     # -- teardown --------------------------------------------------------------------------
     def release(self) -> None:
-        """Drop the pins on the shared memory (idempotent); the core is dead afterwards."""
+        """Drop the pins on the shared memory (idempotent).
+
+        Afterwards the core points at a private all-zero dummy page and rings, so a stray
+        call (a bug in the caller) sees an empty, idle vchan instead of touching memory
+        that may be unmapped.
+        """
+        if self.read_view is None:
+            return
         self.read_view = None
+        dead = _dead().pointer
+        self._ctrl = self._rring = self._wring = dead
         for sb in (self._rring_sb, self._wring_sb, self._ctrl_sb):
             sb.release()
-        self._ctrl = ffi.NULL
-        self._rring = ffi.NULL
+
+    @property
+    def released(self) -> bool:
+        return self.read_view is None
+
+
+_DEAD: SharedBuffer | None = None
+
+
+def _dead() -> SharedBuffer:
+    """A process-wide zeroed buffer (one control page + the largest ring) for dead cores."""
+    global _DEAD
+    if _DEAD is None:
+        _DEAD = SharedBuffer(bytearray(MAX_RING_SIZE + PAGE_SIZE))
+    return _DEAD
 
 
 def live_byte(page: Buffer, offset: int) -> int:

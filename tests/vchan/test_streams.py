@@ -305,3 +305,16 @@ async def test_extra_info(world: World) -> None:
         assert writer.get_extra_info("sockname") == (CLIENT, "info")
         assert writer.get_extra_info("nonexistent", 42) == 42
         assert "vchan client domid 2 port 'info'" in repr(writer.transport)
+
+
+async def test_platform_close_right_after_transport_close(world: World) -> None:
+    """close() releases the shared memory at once, so closing the platform next works."""
+    srv_plat = await world.platform(SERVER)
+    cli_plat = await world.platform(CLIENT)
+    async with await vchan.start_server(echo, CLIENT, "pc", platform=srv_plat):
+        reader, writer = await vchan.open_connection(SERVER, "pc", platform=cli_plat)
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        writer.close()
+        await cli_plat.close()  # no BufferError: nothing of ours is pinned any more
+        await writer.wait_closed()
