@@ -118,22 +118,27 @@ class _Side(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        peer = self.peer
-        if peer is None or peer.transport is None:
-            # Not connected yet.  Reading was paused in connection_made, but uvloop starts
-            # reading after connection_made regardless: pause (again) with one chunk held.
+        if not self.link.linked:
+            # Not bridged yet.  The accepted side was paused in connection_made, but uvloop
+            # starts reading after connection_made regardless, a vchan whose peer is gone
+            # hands over what is left in its ring, and the target may speak first: hold the
+            # chunk and pause until the link is up.
             self.held.append(bytes(data))
-            if self.transport is not None and not self.lost:
+            if self.usable():
+                assert self.transport is not None
                 self.transport.pause_reading()
-        elif not peer.lost:
+            return
+        peer = self.peer
+        if peer is not None and peer.usable():
+            assert peer.transport is not None
             peer.transport.write(data)
 
     def eof_received(self) -> bool:
         self.eof = True
         peer = self.peer
-        if peer is None or peer.transport is None:
+        if not self.link.linked:
             self.held_eof = True
-        else:
+        elif peer is not None:
             self.link.forward_eof(self, peer)
         return True
 
@@ -165,6 +170,7 @@ class _Link:
         self.inbound.peer = self.outbound
         self.outbound.peer = self.inbound
         self.connecting: asyncio.Task[None] | None = None
+        self.linked = False  # both sides up: bytes flow instead of being held
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closing = False
         self.origin = "?"
@@ -207,6 +213,7 @@ class _Link:
             return
         outbound = self.outbound
         assert outbound.transport is not None
+        self.linked = True
         logger.info(
             "connection %d: %s -> %s bridged to %s",
             self.number,
@@ -220,9 +227,14 @@ class _Link:
             if not outbound.lost:
                 outbound.transport.close()
             return
+        # Resume first (reading restarts on a later turn), then release what was held in
+        # order; the writes may pause a side again through pause_writing.
+        for side in (inbound, outbound):
+            if side.usable() and not side.eof:
+                assert side.transport is not None
+                side.transport.resume_reading()
         self._release_held(inbound, outbound)
-        if not inbound.eof and inbound.transport is not None:
-            inbound.transport.resume_reading()
+        self._release_held(outbound, inbound)
 
     def _release_held(self, src: _Side, dst: _Side) -> None:
         held, src.held = src.held, []

@@ -276,3 +276,50 @@ def test_addresses_parse_and_print() -> None:
     }.items():
         with pytest.raises(ValueError, match=why):
             bridge.parse_address(bad)
+
+
+async def test_target_speaks_first_and_early_client_data_keeps_order(world: MakePlatform) -> None:
+    """A TCP service that greets on connect, and a vchan client that writes before the
+    bridge has connected: both byte streams arrive whole and in order."""
+    p0, p2 = await world(SERVICE), await world(CLIENT)
+
+    async def greeter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hello\n")
+        while data := await reader.read(64 * KiB):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    tcp = await asyncio.start_server(greeter, "127.0.0.1", 0)
+    port = tcp.sockets[0].getsockname()[1]
+    async with tcp:
+        b = await bridge.start_bridge("vchan:2/greet", f"tcp:127.0.0.1:{port}", platform=p0)
+        async with b:
+            data = os.urandom(MiB)
+            r, w = await vchan.open_connection(SERVICE, "greet", platform=p2, timeout=10)
+            assert await exchange(r, w, data) == b"220 hello\n" + data
+
+
+async def test_client_that_leaves_before_the_target_is_up_still_delivers(
+    world: MakePlatform,
+) -> None:
+    """A libxenvchan-style client writes and closes at once (no EOF bit, just gone): what
+    it wrote still reaches the TCP service."""
+    p0, p2 = await world(SERVICE), await world(CLIENT)
+    received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.set_result(await reader.read())
+        writer.close()
+
+    tcp = await asyncio.start_server(sink, "127.0.0.1", 0)
+    port = tcp.sockets[0].getsockname()[1]
+    async with tcp:
+        b = await bridge.start_bridge("vchan:2/drop", f"tcp:127.0.0.1:{port}", platform=p0)
+        async with b:
+            data = os.urandom(16 * KiB)
+            _, w = await vchan.open_connection(SERVICE, "drop", platform=p2, timeout=10)
+            w.write(data)
+            w.close()
+            async with asyncio.timeout(10):
+                assert await received == data
