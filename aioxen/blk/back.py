@@ -70,7 +70,7 @@ from aioxen.rings.aio import AsyncBackRing
 
 log = logging.getLogger("aioxen.blk.back")
 
-PUBLISH_EVERY = 8
+PUBLISH_EVERY = 32
 """Responses are published (pushed, notifying if the frontend waits) at least every this
 many, so that both ends work at the same time instead of taking turns by batches."""
 LOG_FIRST_ERRORS = 50
