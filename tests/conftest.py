@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
+
+# Test modules are imported with --import-mode=importlib, so equal basenames in different
+# directories do not clash.  Helper modules beside the tests are imported by plain name
+# (``from support.xenstored import ...``, ``from vchan_harness import ...``): put tests/ and
+# every test directory on sys.path.
+_TESTS = Path(__file__).resolve().parent
+for _dir in [_TESTS, *sorted(p for p in _TESTS.iterdir() if p.is_dir())]:
+    if _dir.name != "__pycache__" and str(_dir) not in sys.path:
+        sys.path.insert(0, str(_dir))
 
 
 def pytest_asyncio_loop_factories(

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.xenstored import XenstoredProcess
+from support.xenstored import Xenstored, start_xenstored
 
 import aioxen
 from aioxen.platform import choose_platform_name, default_platform
@@ -23,8 +23,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 @pytest.fixture(scope="module")
-def xenstored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XenstoredProcess]:
-    server = XenstoredProcess(tmp_path_factory.mktemp("sel") / "root")
+def xenstored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Xenstored]:
+    server = start_xenstored(tmp_path_factory.mktemp("sel") / "root")
     yield server
     assert server.stop() == 0
 
@@ -83,7 +83,7 @@ async def test_inheap_store_is_shared_by_the_world_and_enforces_permissions() ->
 
 
 async def test_unix_store_identifies_as_the_platform_domid(
-    xenstored: XenstoredProcess, tmp_path: Path
+    xenstored: Xenstored, tmp_path: Path
 ) -> None:
     root, sock = str(xenstored.root), xenstored.socket
     async with (

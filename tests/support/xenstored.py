@@ -6,36 +6,41 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from aioxen.xenstore import XenStoreClient
 
-class XenstoredProcess:
-    """``aioxen xenstored --root ROOT``; parses the export lines it prints when ready."""
+ClientFactory = Callable[[int], XenStoreClient]
+"""``make(domid)`` -> a XenStore client acting as ``domid`` (closed by the fixture)."""
 
-    def __init__(self, root: Path) -> None:
+
+class Xenstored:
+    """``aioxen xenstored --root ROOT [EXTRA...]`` as a running process.
+
+    The constructor starts it and waits for the export lines it prints when ready.
+    """
+
+    def __init__(self, root: Path, *extra: str) -> None:
         self.root = root
-        args = [sys.executable, "-m", "aioxen", "xenstored", "--root", str(root)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.args = [sys.executable, "-m", "aioxen", "xenstored", "--root", str(root), *extra]
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         assert self.proc.stdout is not None
-        exports: dict[str, str] = {}
-        for _ in range(2):
-            line = self.proc.stdout.readline().decode()
-            assignment = line.split(";", 1)[0]
-            key, _, value = assignment.partition("=")
-            exports[key] = value
-        assert set(exports) == {"XEN_ROOT", "XENSTORED_PATH"}, (exports, self.proc.poll())
-        assert exports["XEN_ROOT"] == str(root)
-        self.socket = exports["XENSTORED_PATH"]
+        line1 = self.proc.stdout.readline().decode()
+        line2 = self.proc.stdout.readline().decode()
+        assert line1 == f"XEN_ROOT={root}; export XEN_ROOT;\n", (line1, self.proc.poll())
+        prefix, suffix = "XENSTORED_PATH=", "; export XENSTORED_PATH;\n"
+        assert line2.startswith(prefix) and line2.endswith(suffix), line2
+        self.socket = line2[len(prefix) : -len(suffix)]
+        assert self.socket == str(root / "xenstored" / "socket")
 
-    def env(self, domid: int) -> dict[str, str]:
-        """Environment for a child process playing ``domid`` on the unix platform."""
-        return {
-            **os.environ,
-            "XEN_ROOT": str(self.root),
-            "XENSTORED_PATH": self.socket,
-            "AIOXEN_PLATFORM": "unix",
-            "AIOXEN_DOMID": str(domid),
-        }
+    def env(self, domid: int | None = None) -> dict[str, str]:
+        """Environment for a child process; with ``domid``, one playing that domain on the
+        unix platform."""
+        env = {**os.environ, "XENSTORED_PATH": self.socket, "XEN_ROOT": str(self.root)}
+        if domid is not None:
+            env.update(AIOXEN_PLATFORM="unix", AIOXEN_DOMID=str(domid))
+        return env
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -47,3 +52,11 @@ class XenstoredProcess:
         assert self.proc.stdout is not None
         self.proc.stdout.close()
         return rc
+
+
+XenstoredProcess = Xenstored
+
+
+def start_xenstored(root: Path, *extra: str) -> Xenstored:
+    """Start ``aioxen xenstored --root ROOT [EXTRA...]`` (see :class:`Xenstored`)."""
+    return Xenstored(root, *extra)

@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ClientFactory
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from support.xenstored import ClientFactory
 
 from aioxen.xenstore import Perm, XenStoreClient, persist
 from aioxen.xenstore import paths as P

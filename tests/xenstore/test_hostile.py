@@ -9,10 +9,10 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from conftest import Xenstored, start_xenstored
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rawsock import Raw, header
+from support.xenstored import Xenstored, start_xenstored
 
 from aioxen.xenstore.wire import XENSTORE_PAYLOAD_MAX, XsType, join
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import pyxs
-from conftest import ClientFactory, Xenstored
+from support.xenstored import ClientFactory, Xenstored
 
 from aioxen.xenstore import Perm
 

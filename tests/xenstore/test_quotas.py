@@ -12,8 +12,8 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from conftest import ClientFactory, Xenstored, start_xenstored
 from rawsock import Raw
+from support.xenstored import ClientFactory, Xenstored, start_xenstored
 
 from aioxen.xenstore import XenStoreClient, XenStoreError
 from aioxen.xenstore.engine import Engine, Quotas

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Xenstored, start_xenstored
+from support.xenstored import Xenstored, start_xenstored
 
 from aioxen.xenstore import Perm, XenStoreClient
 

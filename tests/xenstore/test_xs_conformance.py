@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import Xenstored
+from support.xenstored import Xenstored
 
 from aioxen.platform.base import Platform
 from aioxen.xenstore import (
