@@ -40,6 +40,8 @@ EVENT_CHANNEL = "event-channel"
 MAX_CONCURRENT_TRANSACTIONS = 4
 """Advertisement transactions in flight per store client (Xen's quota is 10)."""
 
+UNWATCH_TIMEOUT = 2.0
+
 _RETRYABLE_ERRNOS = frozenset({errno.EAGAIN, errno.ENOSPC, errno.EBUSY})
 
 
@@ -168,12 +170,15 @@ class _SharedWatch:
     def acquire(self) -> None:
         self._users += 1
 
-    def release(self) -> None:
+    def release(self) -> asyncio.Task[None] | None:
+        """Drop one user; the last one cancels the watch and gets its task to await."""
         self._users -= 1
-        if self._users == 0:
-            if self._registry.get(self._key) is self:
-                del self._registry[self._key]
-            self._task.cancel()
+        if self._users:
+            return None
+        if self._registry.get(self._key) is self:
+            del self._registry[self._key]
+        self._task.cancel()
+        return self._task
 
 
 _watches: weakref.WeakKeyDictionary[Any, dict[str, _SharedWatch]] = weakref.WeakKeyDictionary()
@@ -194,7 +199,10 @@ async def watch_key(platform: Platform, key: str) -> Any:
         await sw.wait_registered()
         yield sw
     finally:
-        sw.release()
+        task = sw.release()
+        if task is not None:
+            # Let the UNWATCH go out (bounded), so nothing is left registered or pending.
+            await asyncio.wait([task], timeout=UNWATCH_TIMEOUT)
 
 
 __all__ = ["EVENT_CHANNEL", "RING_REF", "publish", "read", "watch_key", "withdraw"]

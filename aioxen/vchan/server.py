@@ -123,6 +123,8 @@ class VchanServer(asyncio.AbstractServer):
             self._pending = None
             return
         self._task = self._loop.create_task(self._accept_loop())
+        # The error is logged and re-raised by serve_forever(); never "unretrieved".
+        self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _advertise(self) -> PendingServer:
         pending = await PendingServer.create(

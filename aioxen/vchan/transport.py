@@ -178,11 +178,17 @@ class VchanTransport(asyncio.Transport):
     # -- reading ---------------------------------------------------------------------------
     def _pump(self, force: bool) -> None:
         """Deliver readable bytes until the ring is empty (then arm the write notification)
-        or reading is paused.  ``force``: the peer is gone, deliver everything, no arming."""
+        or reading is paused.  ``force``: the peer is gone, deliver everything, no arming.
+
+        The EOF bit is loaded once, *before* the indices: if it was set and the ring is
+        then found empty, the stream is complete.  If it gets set later, the writer's
+        event brings us back here.
+        """
         core = self._core
+        eof = core.peer_eof()
+        buffered = self._buffered
         while not self._conn_lost:
-            eof = core.peer_eof()  # before prod: if set and the ring is then empty, done
-            if self._buffered:
+            if buffered:
                 n = core.readable()
                 if n:
                     self._deliver_buffered(n, force)
