@@ -17,7 +17,12 @@ watches the socket with ``loop.add_reader``: a peer can connect before the liste
 ever runs, the kernel queues it.  ``connect(remote_domid, port)`` connects to
 ``<port>.<own domid>``; if only ``<port>.<other>`` exists the port was offered to someone
 else (``PermissionError``); if nothing (or a stale socket from a dead process) answers,
-``ConnectionRefusedError``.  The connector then sends a 12-byte hello ``"AXEV", u16 version,
+``ConnectionRefusedError``.  A port binds exactly one peer even when several connectors
+race for it (say, vchan clients in different processes answering one advertisement): the
+connector first *claims* the port by atomically renaming ``<port>.<own domid>`` to a private
+name, connects through that name and unlinks it.  Only one ``rename`` can succeed; the
+losers find no socket and get ``ConnectionRefusedError`` at once, exactly as for a port that
+is already bound.  The connector then sends a 12-byte hello ``"AXEV", u16 version,
 u16 domid, u32 own port`` (little endian).  The listener accepts one connection, checks the
 hello (magic, version, announced domid == offered domid — a mismatch is dropped and the port
 keeps listening), then closes and unlinks its listening socket.
@@ -42,6 +47,7 @@ import contextlib
 import enum
 import errno
 import fcntl
+import itertools
 import os
 import socket
 import struct
@@ -62,6 +68,7 @@ LISTEN_BACKLOG = 8
 RECV_SIZE = 65536
 _SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
 _MAX_SUN_PATH = 100
+_claims = itertools.count()
 
 
 class _State(enum.Enum):
@@ -327,11 +334,13 @@ class UnixEventChannels:
         rdir = self.domain_dir(remote_domid)
         path = os.path.join(rdir, f"{remote_port}.{self.domid}")
         where = f"event channel port {remote_port} of domain {remote_domid}"
+        claimed = f"{path}.claimed-{os.getpid()}-{next(_claims)}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             try:
-                with socket_address(path) as addr:
+                os.rename(path, claimed)  # the atomic claim: one connector wins
+                with socket_address(claimed) as addr:
                     sock.connect(addr)
             except FileNotFoundError:
                 offers = listening_offers(rdir, remote_port)
@@ -348,9 +357,16 @@ class UnixEventChannels:
                 ) from None
             except BlockingIOError:
                 raise ConnectionRefusedError(f"{where} is busy accepting another peer") from None
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(claimed)
             port = allocate_port(self._own_dir())
             hello = HELLO.pack(HELLO_MAGIC, HELLO_VERSION, self.domid, port)
-            if sock.send(hello, _SEND_FLAGS) != len(hello):
+            try:
+                sent = sock.send(hello, _SEND_FLAGS)
+            except (BrokenPipeError, ConnectionResetError):
+                raise ConnectionRefusedError(f"{where} was closed while binding") from None
+            if sent != len(hello):
                 raise ConnectionResetError(f"could not send hello to {where}")
         except BaseException:
             sock.close()
