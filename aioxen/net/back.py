@@ -671,9 +671,12 @@ class Vif:
         return True
 
     def _want_rx_requests(self) -> None:
-        """Out of RX buffers: ask the frontend to notify when it posts more."""
+        """Out of RX buffers: ask the frontend to notify when it has posted a useful
+        batch (a quarter ring; the frontend re-posts everything it consumed, so this
+        always comes), not at its first buffer."""
         try:
-            if self._rx.final_check_for_requests():
+            ahead = max(1, min(self._rx.nr_ents // 4, self._rx.nr_ents - len(self._rx_reqs)))
+            if self._rx.final_check_for_requests(ahead):
                 self._loop.call_soon(self._on_event)
         except ProtocolError as exc:
             self._fail(exc)
