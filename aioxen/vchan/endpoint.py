@@ -13,13 +13,15 @@ page (:func:`~aioxen.vchan.wire.init_server_page`).  The caller then advertises
 (:mod:`aioxen.vchan.advertise`) and awaits :meth:`PendingServer.wait_connected`, which
 returns once the client set ``cli_live = 1``.
 
-Client (:func:`attach_client`): bind the advertised port (only one binder can succeed, so
-this is what makes a connection exclusive); map the control page; check it is still
-waiting for a client (``cli_live == 2``, ``srv_live == 1``) -- otherwise the advertisement
-was stale and :class:`StaleAdvertisement` tells the caller to wait for the next one;
-validate the orders; only then register the unmap notification on ``cli_live``; map the
-LEFT ring writable and the RIGHT ring read-only; set ``srv_notify = NOTIFY_WRITE`` and
-``cli_live = 1`` and signal.
+Client (:func:`attach_client`): bind the advertised port (on Xen only one binder can
+succeed); map the control page; check it is still waiting for a client (``cli_live == 2``,
+``srv_live == 1``) -- otherwise the advertisement was stale and :class:`StaleAdvertisement`
+tells the caller to wait for the next one; validate the orders; *claim* the endpoint with
+an atomic OR of 1 into ``cli_live`` (2 -> 3; exactly one claimant sees 2, whatever the
+platform's binding guarantees); only then register the unmap notification on
+``cli_live``; map the LEFT ring writable and the RIGHT ring read-only; set
+``srv_notify = NOTIFY_WRITE`` and ``cli_live = 1`` and signal.  Our server treats the
+transient 3 as "still connecting"; a libxenvchan server just sees a non-zero live byte.
 
 Both produce a :class:`Connection`: the :class:`~aioxen.vchan.wire.VchanCore` plus the
 channel and the grant objects, released in the right order by
@@ -255,7 +257,7 @@ class PendingServer:
                 return self._connected()
             if live == wire.LIVE_CLOSED:
                 raise ConnectionAbortedError(f"{self.describe()}: client closed before connecting")
-            if live != wire.LIVE_WAITING:
+            if live not in (wire.LIVE_WAITING, wire.LIVE_CLAIMING):
                 raise ProtocolError(
                     f"{self.describe()}: cli_live has invalid value {live}", field="cli_live"
                 )
@@ -354,7 +356,12 @@ async def attach_client(
                 f"{where}: server offers a {layout.left_size}-byte write ring, "
                 f"{write_size} required"
             )
-        # The page is ours now (we hold its only binding): make our death visible.
+        # Claim the endpoint atomically (2 -> 3): on Xen binding the port is already
+        # exclusive, but a platform (or a torn advertisement read) may let two clients get
+        # this far; exactly one sees the old value 2.  Then make our death visible.
+        claimed = _claim(ctrl)
+        if claimed != wire.LIVE_WAITING:
+            raise StaleAdvertisement(f"{where}: endpoint taken by another client")
         ctrl_map.set_unmap_notify(wire.CLI_LIVE, channel)
         rings: list[memoryview] = []
         for name, order, refs, writable in (
@@ -389,6 +396,14 @@ async def attach_client(
         raise
     channel.notify()
     return Connection(platform, peer_domid, port, False, core, channel, grants, views)
+
+
+def _claim(ctrl: memoryview) -> int:
+    sb = SharedBuffer(ctrl)
+    try:
+        return sb.fetch_or_u8(wire.CLI_LIVE, 1)  # LIVE_WAITING (2) -> LIVE_CLAIMING (3)
+    finally:
+        sb.release()
 
 
 def _go_live(ctrl: memoryview) -> None:

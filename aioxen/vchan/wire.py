@@ -83,6 +83,9 @@ NOTIFY_EOF: Final = 0x80
 LIVE_CLOSED: Final = 0
 LIVE_CONNECTED: Final = 1
 LIVE_WAITING: Final = 2
+LIVE_CLAIMING: Final = 3
+"""aioxen-only, transient: a client claimed the endpoint (atomic OR of 1 into ``cli_live``)
+and is mapping the rings; it stores 1 next.  Never seen once connected."""
 
 MIN_ORDER: Final = 10
 MAX_ORDER: Final = 20
@@ -525,6 +528,7 @@ __all__ = [
     "LEFT_CONS",
     "LEFT_ORDER",
     "LEFT_PROD",
+    "LIVE_CLAIMING",
     "LIVE_CLOSED",
     "LIVE_CONNECTED",
     "LIVE_WAITING",

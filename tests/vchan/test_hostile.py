@@ -246,3 +246,24 @@ def test_random_corruption_while_streaming(
         assert world.world_leaks() == []
 
     run_both_loops(body)
+
+
+async def test_claimed_endpoint_is_not_attachable_and_server_waits(world: World) -> None:
+    """cli_live 3 (a client is attaching) keeps the server waiting and other clients out."""
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    pending = await PendingServer.create(srv, CLIENT, "claim")
+    waiter = asyncio.ensure_future(pending.wait_connected(timeout=5))
+    pending._ctrl[wire.CLI_LIVE] = wire.LIVE_CLAIMING
+    ch = await cli.events.connect(SERVER, pending.event_channel)
+    ch.notify()
+    await asyncio.sleep(0.05)
+    assert not waiter.done()  # still connecting
+    pending._ctrl[wire.SRV_NOTIFY] = wire.NOTIFY_WRITE
+    pending._ctrl[wire.CLI_LIVE] = wire.LIVE_CONNECTED
+    ch.notify()
+    conn = await waiter
+    assert conn.is_server
+    conn.core.set_live(0)
+    conn.release()
+    ch.close()
