@@ -45,6 +45,17 @@ int      ax_ring_push_checked(void *base, size_t prod_off, size_t event_off, uin
                               uint32_t nw);
 uint32_t ax_ring_final_check(void *base, size_t prod_off, size_t event_off, uint32_t cons,
                              uint32_t ahead);
+/* vchan byte rings with the notify-bit protocol fused in (aioxen.vchan.wire) */
+int64_t  ax_vchan_poll(const void *ctrl, size_t cons_off, size_t prod_off, size_t notify_off,
+                       uint8_t eof_bit, uint32_t size);
+int      ax_vchan_consume(void *ctrl, size_t cons_off, size_t notify_off, uint32_t cons,
+                          uint8_t bit);
+int64_t  ax_vchan_send(void *ctrl, size_t cons_off, size_t prod_off, size_t notify_off,
+                       void *ring, uint32_t size, const void *src, size_t n);
+int64_t  ax_vchan_recv(void *ctrl, size_t cons_off, size_t prod_off, size_t notify_off,
+                       const void *ring, uint32_t size, void *dst, size_t n);
+int64_t  ax_vchan_arm(void *ctrl, size_t peer_notify_off, uint8_t bit, size_t cons_off,
+                      size_t prod_off, uint32_t size);
 """
 
 SOURCE = r"""
@@ -195,6 +206,61 @@ static uint32_t ax_ring_final_check(void *b, size_t prod_off, size_t event_off, 
     __atomic_store_n(AX_PTR(uint32_t, b, event_off), cons + ahead, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return __atomic_load_n(AX_PTR(uint32_t, b, prod_off), __ATOMIC_ACQUIRE);
+}
+
+/* vchan: one call per step of the data path.  Notify bits: the caller's own notify byte
+ * is test-and-cleared after producing/consuming (1 << 32 in the result = send an event);
+ * the peer's byte gets a bit OR-ed in to ask for an event, then the ring is re-read. */
+
+/* Own notify byte first, then prod and cons (acquire, each once).  -1 if corrupt, else
+ * used | cons << 21 | (own byte & eof_bit ? 1 << 53 : 0). */
+static int64_t ax_vchan_poll(const void *ctrl, size_t cons_off, size_t prod_off,
+                             size_t notify_off, uint8_t eof_bit, uint32_t size)
+{
+    uint8_t note = __atomic_load_n(AX_PTR(const uint8_t, ctrl, notify_off), __ATOMIC_ACQUIRE);
+    uint32_t prod = __atomic_load_n(AX_PTR(const uint32_t, ctrl, prod_off), __ATOMIC_ACQUIRE);
+    uint32_t cons = __atomic_load_n(AX_PTR(const uint32_t, ctrl, cons_off), __ATOMIC_ACQUIRE);
+    uint32_t used = prod - cons;
+    if (used > size) return -1;
+    return (int64_t)used | ((int64_t)cons << 21) | ((note & eof_bit) ? ((int64_t)1 << 53) : 0);
+}
+
+/* Publish a new consumer index (release), then test-and-clear `bit` in our notify byte. */
+static int ax_vchan_consume(void *ctrl, size_t cons_off, size_t notify_off, uint32_t cons,
+                            uint8_t bit)
+{
+    __atomic_store_n(AX_PTR(uint32_t, ctrl, cons_off), cons, __ATOMIC_RELEASE);
+    return (__atomic_fetch_and(AX_PTR(uint8_t, ctrl, notify_off), (uint8_t)~bit,
+                               __ATOMIC_SEQ_CST) & bit) != 0;
+}
+
+static int64_t ax_vchan_send(void *ctrl, size_t cons_off, size_t prod_off, size_t notify_off,
+                             void *ring, uint32_t size, const void *src, size_t n)
+{
+    int64_t put = ax_bring_write(ctrl, cons_off, prod_off, ring, size, src, n);
+    if (put <= 0) return put;
+    if (__atomic_fetch_and(AX_PTR(uint8_t, ctrl, notify_off), (uint8_t)~1u, __ATOMIC_SEQ_CST) & 1u)
+        put |= (int64_t)1 << 32;
+    return put;
+}
+
+static int64_t ax_vchan_recv(void *ctrl, size_t cons_off, size_t prod_off, size_t notify_off,
+                             const void *ring, uint32_t size, void *dst, size_t n)
+{
+    int64_t got = ax_bring_read(ctrl, cons_off, prod_off, ring, size, dst, n);
+    if (got <= 0) return got;
+    if (__atomic_fetch_and(AX_PTR(uint8_t, ctrl, notify_off), (uint8_t)~2u, __ATOMIC_SEQ_CST) & 2u)
+        got |= (int64_t)1 << 32;
+    return got;
+}
+
+/* Ask the peer for an event (OR `bit` into its byte; a full barrier), then re-read the
+ * ring: bytes used, or -1 if corrupt. */
+static int64_t ax_vchan_arm(void *ctrl, size_t peer_notify_off, uint8_t bit, size_t cons_off,
+                            size_t prod_off, uint32_t size)
+{
+    __atomic_fetch_or(AX_PTR(uint8_t, ctrl, peer_notify_off), bit, __ATOMIC_SEQ_CST);
+    return ax_bring_used(ctrl, cons_off, prod_off, size);
 }
 """
 
