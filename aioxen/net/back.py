@@ -51,7 +51,7 @@ import functools
 import logging
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from itertools import repeat
 from operator import add, getitem, setitem
 from typing import Any, cast
@@ -66,6 +66,7 @@ from aioxen.net.front import (
     TX_REQ_FMT,
     TX_RSP_FMT,
     NetStats,
+    byte_source,
 )
 from aioxen.net.keys import BackendFeatures, FrontendFeatures
 from aioxen.net.netif import (
@@ -149,6 +150,8 @@ class GrantCache:
         self.views: OrderedDict[int, memoryview] = OrderedDict()
         """``gref -> view`` of what is mapped now (hot paths look here first)."""
         self._maps: dict[int, Mapping] = {}
+        self.sources: dict[int, Any] = {}
+        """``gref -> object whose slices are bytes`` (see :func:`~aioxen.net.front.byte_source`)."""
         self.maps_made = 0
 
     def view(self, gref: int) -> memoryview:
@@ -159,10 +162,12 @@ class GrantCache:
         self.maps_made += 1
         if self._persistent and len(self.views) >= self._limit:
             old, oldv = self.views.popitem(last=False)
+            del self.sources[old]
             oldv.release()
             self._maps.pop(old).close()
         v = m.buf
         self.views[gref] = v
+        self.sources[gref] = byte_source(v)
         self._maps[gref] = m
         return v
 
@@ -173,6 +178,7 @@ class GrantCache:
     def clear(self) -> None:
         views, maps = self.views, self._maps
         self.views, self._maps = OrderedDict(), {}
+        self.sources = {}
         for v in views.values():
             v.release()
         for m in maps.values():
@@ -340,7 +346,7 @@ class Vif:
         out[0::TX_SLOT_SIZE] = data[8::TX_SLOT_SIZE]
         out[1::TX_SLOT_SIZE] = data[9::TX_SLOT_SIZE]
         pages = self._tx_pages
-        get_view = pages.views.get
+        get_src = pages.sources.get
         deliver = self._deliver
         frames = nbytes = errors = 0
         i = 0
@@ -352,10 +358,11 @@ class Vif:
                     out[i * TX_SLOT_SIZE + 2 : i * TX_SLOT_SIZE + 4] = _ST_ERROR
                     i += 1
                     continue
-                page = get_view(gref)
+                page = get_src(gref)
                 if page is None:
                     try:
-                        page = pages.view(gref)
+                        pages.view(gref)
+                        page = pages.sources[gref]
                     except _GRANT_ERRORS as exc:
                         errors += 1
                         log.debug("%s: TX gref %d: %s", self._name, gref, exc)
@@ -899,9 +906,6 @@ async def destroy_vif_device(platform: Platform, frontend_domid: int, devid: int
 def _default_mac(frontend_domid: int, devid: int) -> bytes:
     """Xen's OUI 00:16:3e with the domain and device in the low bytes."""
     return bytes([0x00, 0x16, 0x3E, (frontend_domid >> 8) & 0x7F, frontend_domid & 0xFF, devid])
-
-
-VifHandler = Callable[[Vif], Awaitable[None] | None]
 
 
 async def serve_vif(

@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import mmap
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from itertools import compress, repeat
 from operator import add, and_, lshift, ne
 from typing import Any
 
+from aioxen import native
 from aioxen.errors import ProtocolError
 from aioxen.net import keys
 from aioxen.net._ring import RawFrontRing
@@ -147,8 +149,6 @@ class FrontQueue:
         deliver: Callable[[bytes, Any], object],
         tx_space: Callable[[], None],
         fail: Callable[[BaseException], None],
-        sg: bool = True,
-        gso_types: frozenset[int] = frozenset(),
         name: str = "netfront",
         start_index: int = 0,
     ) -> None:
@@ -157,8 +157,6 @@ class FrontQueue:
         self._deliver = deliver
         self._tx_space = tx_space
         self._fail_cb = fail
-        self._sg = sg
-        self._gso_types = gso_types
         self.name = name
         self._start = start_index
         self._loop = asyncio.get_running_loop()
@@ -209,6 +207,7 @@ class FrontQueue:
         self._rx_ring_share: Share = rx_ring
         self._txbuf = self._tx_pool.buf
         self._rxbuf = self._rx_pool.buf
+        self._rx_src = byte_source(self._rxbuf)
         self._tx_refs = list(self._tx_pool.refs)
         self._rx_refs = list(self._rx_pool.refs)
         self._rx_slot_id = [0] * self._rx.nr_ents
@@ -440,6 +439,7 @@ class FrontQueue:
         if not n:
             return
         rxbuf, slot_id, mask, free = self._rxbuf, self._rx_slot_id, self._rx_mask, self._rx_free
+        src = self._rx_src
         deliver = self._deliver
         frames = nbytes = errors = 0
         i = 0
@@ -457,7 +457,7 @@ class FrontQueue:
                     frames += 1
                     nbytes += status
                     try:
-                        deliver(bytes(rxbuf[o : o + status]), _RX_INFO[flags & 3])
+                        deliver(bytes(src[o : o + status]), _RX_INFO[flags & 3])
                     except Exception as exc:
                         self._callback_error(exc)
                 else:
@@ -974,22 +974,12 @@ async def create_frontend(
         },
         max_frame=max_frame,
     )
-    gso_types = frozenset(
-        t
-        for t, on in (
-            (XEN_NETIF_GSO_TYPE_TCPV4, bfeat.gso_tcpv4),
-            (XEN_NETIF_GSO_TYPE_TCPV6, bfeat.gso_tcpv6),
-        )
-        if on and use_sg
-    )
     queue = FrontQueue(
         plat,
         be_id,
         deliver=_no_protocol_yet,
         tx_space=transport._tx_space,
         fail=transport._connection_failed,
-        sg=use_sg,
-        gso_types=gso_types,
         name=f"netfront(vif {fe}/{devid})",
     )
     watcher: list[asyncio.Task[None]] = []
@@ -1060,6 +1050,21 @@ async def create_frontend(
     queue.start()
     watcher.append(loop.create_task(watch_backend()))
     return transport, protocol
+
+
+def byte_source(view: memoryview) -> Any:
+    """Something whose slices are ``bytes`` of ``view``'s memory in one step: the
+    underlying ``mmap`` when ``view`` is exactly all of it (slicing an mmap copies once,
+    where ``bytes(view[a:b])`` also builds a memoryview), else ``view`` itself (then
+    ``bytes()`` of a slice is the copy)."""
+    base = view.obj
+    if (
+        isinstance(base, mmap.mmap)
+        and len(base) == len(view)
+        and native.address_of(base) == native.address_of(view)
+    ):
+        return base
+    return view
 
 
 def _no_protocol_yet(frame: bytes, info: FrameInfo) -> None:
