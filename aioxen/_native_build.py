@@ -56,6 +56,9 @@ int64_t  ax_vchan_recv(void *ctrl, size_t cons_off, size_t prod_off, size_t noti
                        const void *ring, uint32_t size, void *dst, size_t n);
 int64_t  ax_vchan_arm(void *ctrl, size_t peer_notify_off, uint8_t bit, size_t cons_off,
                       size_t prod_off, uint32_t size);
+int64_t  ax_vchan_poll_arm(void *ctrl, size_t cons_off, size_t prod_off, size_t notify_off,
+                           uint8_t eof_bit, size_t live_off, size_t peer_notify_off,
+                           uint8_t arm_bit, uint32_t size);
 """
 
 SOURCE = r"""
@@ -261,6 +264,31 @@ static int64_t ax_vchan_arm(void *ctrl, size_t peer_notify_off, uint8_t bit, siz
 {
     __atomic_fetch_or(AX_PTR(uint8_t, ctrl, peer_notify_off), bit, __ATOMIC_SEQ_CST);
     return ax_bring_used(ctrl, cons_off, prod_off, size);
+}
+
+/* The reader's whole check in one call: own notify byte (EOF bit), peer live byte, then
+ * prod and cons (acquire, each once).  If the ring is empty, the EOF bit is clear and
+ * arm_bit is non-zero, OR arm_bit into the peer's notify byte (full barrier) and re-read
+ * prod.  -1 if corrupt, else
+ * used | cons << 21 | (EOF ? 1 << 53 : 0) | live << 54. */
+static int64_t ax_vchan_poll_arm(void *ctrl, size_t cons_off, size_t prod_off,
+                                 size_t notify_off, uint8_t eof_bit, size_t live_off,
+                                 size_t peer_notify_off, uint8_t arm_bit, uint32_t size)
+{
+    uint8_t note = __atomic_load_n(AX_PTR(const uint8_t, ctrl, notify_off), __ATOMIC_ACQUIRE);
+    uint8_t live = __atomic_load_n(AX_PTR(const uint8_t, ctrl, live_off), __ATOMIC_ACQUIRE);
+    uint32_t prod = __atomic_load_n(AX_PTR(const uint32_t, ctrl, prod_off), __ATOMIC_ACQUIRE);
+    uint32_t cons = __atomic_load_n(AX_PTR(const uint32_t, ctrl, cons_off), __ATOMIC_ACQUIRE);
+    uint32_t used = prod - cons;
+    if (used > size) return -1;
+    if (used == 0 && arm_bit && !(note & eof_bit)) {
+        __atomic_fetch_or(AX_PTR(uint8_t, ctrl, peer_notify_off), arm_bit, __ATOMIC_SEQ_CST);
+        prod = __atomic_load_n(AX_PTR(const uint32_t, ctrl, prod_off), __ATOMIC_ACQUIRE);
+        used = prod - cons;
+        if (used > size) return -1;
+    }
+    return (int64_t)used | ((int64_t)cons << 21) | ((note & eof_bit) ? ((int64_t)1 << 53) : 0)
+           | ((int64_t)live << 54);
 }
 """
 
