@@ -153,3 +153,44 @@ def test_tcp_100mib_both_ways(
     (tmp_path / "f").mkdir()
     _http_transfer(back_ns, front_ns, BACK_IP, tmp_path / "b")  # backend -> frontend
     _http_transfer(front_ns, back_ns, FRONT_IP, tmp_path / "f")  # frontend -> backend
+
+
+def test_switch_two_guests_and_uplink(xenstored: Xenstored, loop_name: str, tmp_path: Path) -> None:
+    """``netback --switch`` with two frontends and a TAP uplink: three kernels, one L2."""
+    made: list[NetNs] = []
+    procs: list[CliProcess] = []
+    try:
+        host = NetNs("h")
+        made.append(host)
+        host.add_tap("up0", "10.231.1.254/24")
+        guests = []
+        for d in (1, 2):
+            ns = NetNs(f"g{d}")
+            made.append(ns)
+            ns.add_tap("vif0", f"10.231.1.{d}/24")
+            guests.append(ns)
+        back = CliProcess(
+            host, xenstored.client_env(0), loop_name, "netback", "--switch",
+            "--frontend", "1", "--frontend", "2", "--tap", "up0",
+        )  # fmt: skip
+        procs.append(back)
+        back.wait_ready()
+        for d, ns in zip((1, 2), guests, strict=True):
+            f = CliProcess(
+                ns, xenstored.client_env(d), loop_name, "netfront", "--backend", "0",
+                "--tap", "vif0",
+            )  # fmt: skip
+            procs.append(f)
+            f.wait_ready()
+        for ns, target in ((guests[0], "10.231.1.2"), (guests[1], "10.231.1.254"),
+                           (host, "10.231.1.1")):  # fmt: skip
+            res = ns.run("ping", "-c", "20", "-i", "0.01", "-W", "5", "-q", target, timeout=60)
+            assert re.search(r"20 received, 0% packet loss", res.stdout), res.stdout + res.stderr
+        (tmp_path / "s").mkdir()
+        _http_transfer(guests[0], guests[1], "10.231.1.1", tmp_path / "s")
+    finally:
+        for p in reversed(procs):
+            code = p.stop()
+            assert code == 0, f"{p.args[0]} exited {code}:\n{p.stderr}"
+        for ns in made:
+            ns.delete()
