@@ -86,7 +86,7 @@ class VchanDatagramTransport(VchanTransport, asyncio.DatagramTransport):
     def write(self, data: Any) -> None:
         raise NotImplementedError("use sendto() on a vchan datagram transport")
 
-    def _pump(self, force: bool) -> None:
+    def _pump(self, force: bool) -> int:
         core = self._core
         limit = core.read_size - MAX_DATAGRAM_HEADER
         protocol: Any = self._protocol
@@ -111,7 +111,7 @@ class VchanDatagramTransport(VchanTransport, asyncio.DatagramTransport):
                     data = self._take(length)
                     protocol.datagram_received(data, self._addr)
                     if not force and (self._closing or self._reading_paused):
-                        return
+                        return core.peer_live()
                     continue
             if eof or force:
                 if avail:
@@ -122,9 +122,10 @@ class VchanDatagramTransport(VchanTransport, asyncio.DatagramTransport):
                     )
                 elif eof:
                     self._deliver_eof()
-                return
+                return 1
             if core.request_readable() < need:
-                return
+                return core.peer_live()
+        return 1
 
     def _take(self, n: int) -> bytes:
         core = self._core

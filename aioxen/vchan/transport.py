@@ -160,8 +160,10 @@ class VchanTransport(asyncio.Transport):
             if self._wbuf:
                 self._flush()
             if not self._reading_paused and not self._peer_eof and not self._closing:
-                self._pump(False)
-            if not self._conn_lost and (self._channel.peer_lost or core.peer_live() == 0):
+                live = self._pump(False)
+            else:
+                live = core.peer_live()
+            if not self._conn_lost and (live == 0 or self._channel.peer_lost):
                 self._peer_gone()
             elif core.notify_pending:
                 core.notify_pending = False
@@ -176,35 +178,33 @@ class VchanTransport(asyncio.Transport):
             self._maybe_release()
 
     # -- reading ---------------------------------------------------------------------------
-    def _pump(self, force: bool) -> None:
+    def _pump(self, force: bool) -> int:
         """Deliver readable bytes until the ring is empty (then arm the write notification)
         or reading is paused.  ``force``: the peer is gone, deliver everything, no arming.
+        Returns the peer's live byte as seen by the last check.
 
-        The EOF bit is loaded once, *before* the indices: if it was set and the ring is
+        Each poll loads the EOF bit *before* the indices: if it was set and the ring is
         then found empty, the stream is complete.  If it gets set later, the writer's
         event brings us back here.
         """
         core = self._core
-        eof = core.peer_eof()
         buffered = self._buffered
+        live = 1
         while not self._conn_lost:
-            if buffered:
-                n = core.readable()
-                if n:
-                    self._deliver_buffered(n, force)
-            else:
-                off, n = core.read_span()
-                if n:
+            # EOF bit, peer live byte, indices; if empty: ask for a write event, re-check
+            eof, live, off, n = core.poll_arm(not force)
+            if n:
+                if buffered:
+                    self._deliver_buffered(force)
+                else:
                     self._deliver(off, n)
-            if n == 0:
+                if not force and (self._closing or self._reading_paused):
+                    return live
+            else:
                 if eof:
                     self._deliver_eof()
-                    return
-                if force or core.request_readable() == 0:
-                    return
-                continue
-            if not force and (self._closing or self._reading_paused):
-                return
+                return live
+        return live
 
     def _deliver(self, off: int, n: int) -> None:
         core = self._core
@@ -224,9 +224,10 @@ class VchanTransport(asyncio.Transport):
             core.consume(n)
             protocol.data_received(data)
 
-    def _deliver_buffered(self, n: int, force: bool) -> None:
+    def _deliver_buffered(self, force: bool) -> None:
         core = self._core
         protocol: Any = self._protocol
+        n = core.readable()
         while n > 0 and not self._conn_lost:
             buf = protocol.get_buffer(n)
             with ffi.from_buffer(buf, require_writable=True) as p:

@@ -95,6 +95,7 @@ SMALL_RING_SIZE: Final = 1024  # order 10, in the control page at offset 1024
 LARGE_RING_SIZE: Final = 2048  # order 11, in the control page at offset 2048
 
 _U32: Final = 0xFFFFFFFF
+_EOF_FLAG: Final = 1 << 53  # in ax_vchan_poll's result
 
 
 def _min_order(size: int) -> int:
@@ -360,8 +361,25 @@ class VchanCore:
 
     def request_readable(self) -> int:
         """Ask the peer to signal its next write, then re-check: returns :meth:`readable`."""
-        lib.ax_fetch_or_u8(self._ctrl, self._peer_notify, NOTIFY_WRITE)
-        return self.readable()
+        n: int = lib.ax_vchan_arm(
+            self._ctrl, self._peer_notify, NOTIFY_WRITE, self._rcons, self._rprod, self._rsize
+        )
+        if n < 0:
+            raise self._corrupt(True)
+        return n
+
+    def poll(self) -> tuple[bool, int, int]:
+        """``(eof, offset, count)``: the EOF bit of our notify byte (loaded *first*), then
+        the contiguous readable span, as :meth:`read_span` (one native call)."""
+        r: int = lib.ax_vchan_poll(
+            self._ctrl, self._rcons, self._rprod, self._own_notify, NOTIFY_EOF, self._rsize
+        )
+        if r < 0:
+            raise self._corrupt(True)
+        used = r & 0x1FFFFF
+        self._span_cons = cons = (r >> 21) & _U32
+        off = cons & self._rmask
+        return r >= _EOF_FLAG, off, min(used, self._rsize - off)
 
     def read_span(self) -> tuple[int, int]:
         """``(offset, count)`` of the contiguous readable bytes in the read ring.
@@ -378,6 +396,35 @@ class VchanCore:
         off = cons & self._rmask
         return off, min(used, self._rsize - off)
 
+    def poll_arm(self, arm: bool) -> tuple[bool, int, int, int]:
+        """The reader's check in one native call: ``(eof, peer_live, offset, count)``.
+
+        Loads our notify byte (the EOF bit), the peer's live byte, then the indices (each
+        once).  With ``arm`` and an empty ring (and no EOF), it also asks the peer for a
+        write notification and re-reads ``prod`` -- :meth:`request_readable` fused in.
+        ``peer_live`` is validated as in :meth:`peer_live`.
+        """
+        r: int = lib.ax_vchan_poll_arm(
+            self._ctrl,
+            self._rcons,
+            self._rprod,
+            self._own_notify,
+            NOTIFY_EOF,
+            self._peer_live,
+            self._peer_notify,
+            NOTIFY_WRITE if arm else 0,
+            self._rsize,
+        )
+        if r < 0:
+            raise self._corrupt(True)
+        live = r >> 54
+        if live > 1:
+            raise self._bad_live(live)
+        used = r & 0x1FFFFF
+        self._span_cons = cons = (r >> 21) & _U32
+        off = cons & self._rmask
+        return bool(r & _EOF_FLAG), live, off, min(used, self._rsize - off)
+
     def consume(self, n: int) -> None:
         """Release ``n`` bytes read through :meth:`read_span` (``cons += n``, release
         store) and arrange a READ notification if the peer asked for one.
@@ -385,22 +432,22 @@ class VchanCore:
         The new index is computed from the ``cons`` that :meth:`read_span` validated, not
         from a second read of shared memory."""
         self._span_cons = cons = (self._span_cons + n) & _U32
-        lib.ax_store_u32(self._ctrl, self._rcons, cons)
-        if lib.ax_fetch_and_u8(self._ctrl, self._own_notify, 0xFF ^ NOTIFY_READ) & NOTIFY_READ:
+        if lib.ax_vchan_consume(self._ctrl, self._rcons, self._own_notify, cons, NOTIFY_READ):
             self.notify_pending = True
 
     def recv_into(self, dst: Any, n: int) -> int:
         """Copy up to ``n`` bytes into ``dst`` (a cffi pointer or ``bytes``-like accepted by
         cffi) and release them; returns the count."""
-        got: int = lib.ax_bring_read(
-            self._ctrl, self._rcons, self._rprod, self._rring, self._rsize, dst, n
+        got: int = lib.ax_vchan_recv(
+            self._ctrl, self._rcons, self._rprod, self._own_notify, self._rring, self._rsize, dst, n
         )
         if got <= 0:
             if got < 0:
                 raise self._corrupt(True)
             return 0
-        if lib.ax_fetch_and_u8(self._ctrl, self._own_notify, 0xFF ^ NOTIFY_READ) & NOTIFY_READ:
+        if got > _U32:
             self.notify_pending = True
+            return got & _U32
         return got
 
     def peek(self, n: int) -> bytes | None:
@@ -435,21 +482,26 @@ class VchanCore:
 
     def request_writable(self) -> int:
         """Ask the peer to signal when it consumes, then re-check: returns :meth:`writable`."""
-        lib.ax_fetch_or_u8(self._ctrl, self._peer_notify, NOTIFY_READ)
-        return self.writable()
+        n: int = lib.ax_vchan_arm(
+            self._ctrl, self._peer_notify, NOTIFY_READ, self._wcons, self._wprod, self._wsize
+        )
+        if n < 0:
+            raise self._corrupt(False)
+        return self._wsize - n
 
     def send(self, src: Any, n: int) -> int:
         """Copy up to ``n`` bytes from ``src`` (``bytes`` or a cffi pointer) into the write
         ring and publish them; returns the count (0 when the ring is full)."""
-        put: int = lib.ax_bring_write(
-            self._ctrl, self._wcons, self._wprod, self._wring, self._wsize, src, n
+        put: int = lib.ax_vchan_send(
+            self._ctrl, self._wcons, self._wprod, self._own_notify, self._wring, self._wsize, src, n
         )
         if put <= 0:
             if put < 0:
                 raise self._corrupt(False)
             return 0
-        if lib.ax_fetch_and_u8(self._ctrl, self._own_notify, 0xFF ^ NOTIFY_WRITE) & NOTIFY_WRITE:
+        if put > _U32:
             self.notify_pending = True
+            return put & _U32
         return put
 
     def write_pending(self) -> int:
@@ -468,12 +520,15 @@ class VchanCore:
         "not yet connected", is only legal during setup, which does not use this.)"""
         value: int = lib.ax_load_u8(self._ctrl, self._peer_live)
         if value > 1:
-            name = "cli_live" if self.is_server else "srv_live"
-            raise ProtocolError(
-                f"vchan control page: {name} has invalid value {value} (expected 0 or 1)",
-                field=name,
-            )
+            raise self._bad_live(value)
         return value
+
+    def _bad_live(self, value: int) -> ProtocolError:
+        name = "cli_live" if self.is_server else "srv_live"
+        return ProtocolError(
+            f"vchan control page: {name} has invalid value {value} (expected 0 or 1)",
+            field=name,
+        )
 
     def set_live(self, value: int) -> None:
         """Store our own live byte (release)."""
