@@ -36,7 +36,7 @@ from aioxen.platform import resolve
 from aioxen.platform.base import Platform
 from aioxen.vchan.client import DEFAULT_CONNECT_TIMEOUT, connect_client
 from aioxen.vchan.endpoint import DEFAULT_SIZE, Connection
-from aioxen.vchan.server import accept_one
+from aioxen.vchan.server import abandon, accept_one
 from aioxen.vchan.transport import VchanTransport
 
 MAX_DATAGRAM_HEADER = 4
@@ -200,9 +200,7 @@ async def create_datagram_endpoint(
     try:
         protocol = protocol_factory()
     except BaseException:
-        conn.core.set_live(0)
-        conn.channel.notify()
-        conn.release()
+        abandon(conn)
         raise
     waiter: asyncio.Future[None] = loop.create_future()
     transport = VchanDatagramTransport(loop, conn, protocol, waiter)

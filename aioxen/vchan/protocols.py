@@ -22,7 +22,7 @@ from aioxen.platform import resolve
 from aioxen.platform.base import Platform
 from aioxen.vchan.client import DEFAULT_CONNECT_TIMEOUT, connect_client
 from aioxen.vchan.endpoint import DEFAULT_SIZE
-from aioxen.vchan.server import VchanServer
+from aioxen.vchan.server import VchanServer, abandon
 from aioxen.vchan.transport import VchanTransport
 
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
@@ -54,9 +54,7 @@ async def create_connection(
     try:
         protocol = protocol_factory()
     except BaseException:
-        conn.core.set_live(0)
-        conn.channel.notify()
-        conn.release()
+        abandon(conn)
         raise
     waiter: asyncio.Future[None] = loop.create_future()
     transport = VchanTransport(loop, conn, protocol, waiter)

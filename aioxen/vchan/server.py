@@ -185,9 +185,7 @@ class VchanServer(asyncio.AbstractServer):
         try:
             protocol = self._factory()
         except BaseException:
-            conn.core.set_live(0)
-            conn.channel.notify()
-            conn.release()
+            abandon(conn)
             raise
         transport = VchanTransport(self._loop, conn, protocol)
         self._transports.add(transport)
@@ -298,21 +296,44 @@ async def accept_one(
         return p
 
     pending: PendingServer | None = None
+    conn: Connection | None = None
+    deadline = asyncio.timeout(timeout)
     try:
-        async with asyncio.timeout(timeout):
+        async with deadline:
             pending = await fresh()
-            while True:
+            while conn is None:
                 try:
-                    return await pending.wait_connected()
+                    conn = await pending.wait_connected()
                 except (ConnectionAbortedError, ProtocolError) as exc:
                     logger.debug("vchan %s: discarding endpoint: %s", path, exc)
                     pending.close()
                     pending = None
                     pending = await fresh()
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise TimeoutError(
+            f"no vchan client of domid {domid} connected to {path} within {timeout} s"
+        ) from None
     finally:
         if pending is not None:
             pending.close()  # no-op once connected
-        await asyncio.shield(advertise.withdraw(platform, path))
+        try:
+            await asyncio.shield(advertise.withdraw(platform, path))
+        except BaseException:
+            if conn is not None:  # cancelled while withdrawing: do not leak the connection
+                abandon(conn)
+            raise
+    return conn
 
 
-__all__ = ["VchanServer", "accept_one"]
+def abandon(conn: Connection) -> None:
+    """Close a connection that never got a transport: live byte 0, one event, release."""
+    try:
+        conn.core.set_live(0)
+        conn.channel.notify()
+    finally:
+        conn.release()
+
+
+__all__ = ["VchanServer", "abandon", "accept_one"]

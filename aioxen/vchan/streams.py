@@ -158,7 +158,11 @@ async def accept(
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     waiter: asyncio.Future[None] = loop.create_future()
     transport = VchanTransport(loop, conn, protocol, waiter)
-    await waiter
+    try:
+        await waiter
+    except BaseException:
+        transport.abort()
+        raise
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return reader, writer
 

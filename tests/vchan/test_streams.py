@@ -318,3 +318,11 @@ async def test_platform_close_right_after_transport_close(world: World) -> None:
         writer.close()
         await cli_plat.close()  # no BufferError: nothing of ours is pinned any more
         await writer.wait_closed()
+
+
+async def test_accept_timeout_withdraws(world: World) -> None:
+    srv_plat = await world.platform(SERVER)
+    with pytest.raises(TimeoutError, match="no vchan client of domid 2"):
+        await vchan.accept(CLIENT, "lonely", platform=srv_plat, timeout=0.2)
+    with pytest.raises(FileNotFoundError):
+        await world.read_store(vchan.vchan_path(SERVER, CLIENT, "lonely") + "/ring-ref")  # type: ignore[attr-defined]
