@@ -12,7 +12,7 @@ import asyncio
 import importlib
 import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "aioxen.bench.cli",
@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
 def run_async(coro_fn: object, args: argparse.Namespace) -> int:
     """Run ``coro_fn(args)`` on uvloop (if installed) or asyncio's default loop."""
     assert callable(coro_fn)
+    factory: Callable[[], asyncio.AbstractEventLoop]
     try:
         import uvloop
 
