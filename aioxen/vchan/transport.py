@@ -163,6 +163,10 @@ class VchanTransport(asyncio.Transport):
                 live = self._pump(False)
             else:
                 live = core.peer_live()
+                if not self._peer_eof:
+                    core.readable()  # validate the read ring even while not reading
+            if not self._wbuf and not self._conn_lost:
+                core.writable()  # validate the write ring (flushing does it otherwise)
             if not self._conn_lost and (live == 0 or self._channel.peer_lost):
                 self._peer_gone()
             elif core.notify_pending:

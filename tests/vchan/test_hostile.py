@@ -267,3 +267,18 @@ async def test_claimed_endpoint_is_not_attachable_and_server_waits(world: World)
     conn.core.set_live(0)
     conn.release()
     ch.close()
+
+
+async def test_corruption_detected_while_paused_and_idle(world: World) -> None:
+    server, client = await raw_pair(world)
+    reader, writer = streams(client)
+    await asyncio.sleep(0)
+    writer.transport.pause_reading()
+    ctrl = ctrl_of(server)
+    (prod,) = struct.unpack_from("<I", ctrl, wire.RIGHT_PROD)
+    struct.pack_into("<I", ctrl, wire.RIGHT_PROD, (prod + 9999) & 0xFFFFFFFF)
+    server.channel.notify()
+    async with asyncio.timeout(5):
+        with pytest.raises(ProtocolError):
+            await reader.read()
+    attacker_done(server)
