@@ -326,3 +326,21 @@ async def test_accept_timeout_withdraws(world: World) -> None:
         await vchan.accept(CLIENT, "lonely", platform=srv_plat, timeout=0.2)
     with pytest.raises(FileNotFoundError):
         await world.read_store(vchan.vchan_path(SERVER, CLIENT, "lonely") + "/ring-ref")  # type: ignore[attr-defined]
+
+
+async def test_platform_none_uses_the_default_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``platform=None``: the loop's default platform, chosen from the environment."""
+    import aioxen
+    from aioxen.platform.inheap import default_world
+
+    world = default_world()  # what aioxen.platform("inheap") uses without world=
+    monkeypatch.setenv("AIOXEN_PLATFORM", "inheap")
+    monkeypatch.setenv("AIOXEN_DOMID", str(CLIENT))
+    async with aioxen.platform("inheap", domid=SERVER, world=world) as srv_plat:
+        server = await vchan.start_server(echo, CLIENT, "dflt", platform=srv_plat)
+        async with server, vchan.connect(SERVER, "dflt") as (reader, writer):
+            assert writer.get_extra_info("platform") is await aioxen.default_platform()
+            writer.write(b"default")
+            assert await reader.readexactly(7) == b"default"
+    await (await aioxen.default_platform()).close()
+    world.assert_cleaned_up()
