@@ -420,10 +420,11 @@ class VchanCore:
         live = r >> 54
         if live > 1:
             raise self._bad_live(live)
-        used = r & 0x1FFFFF
         self._span_cons = cons = (r >> 21) & _U32
         off = cons & self._rmask
-        return bool(r & _EOF_FLAG), live, off, min(used, self._rsize - off)
+        used = r & 0x1FFFFF
+        room = self._rsize - off
+        return r & _EOF_FLAG != 0, live, off, used if used < room else room
 
     def consume(self, n: int) -> None:
         """Release ``n`` bytes read through :meth:`read_span` (``cons += n``, release
