@@ -9,7 +9,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aioxen.bench.harness import Context, Measurement, Progress, format_table, write_json
+from aioxen.bench.harness import (
+    Context,
+    Measurement,
+    Progress,
+    format_markdown,
+    format_table,
+    write_json,
+)
 from aioxen.bench.machine import describe
 
 SUITES: dict[str, str] = {
@@ -50,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(vchan/unix,vchan/inheap,tcp,unix-socket,pipe)",
     )
     parser.add_argument("--json", metavar="FILE", help="write all samples and ratios as JSON")
+    parser.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
     parser.add_argument("--plot", metavar="DIR", help="write PNG charts (needs matplotlib)")
 
 
@@ -90,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, results, machine)
         print(f"JSON written to {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(format_markdown(results, machine))
+        print(f"Markdown written to {args.markdown}")
     if args.plot:
         from aioxen.bench.plots import plot
 

@@ -190,6 +190,40 @@ def format_table(measurements: list[Measurement]) -> str:
     return text
 
 
+def format_markdown(measurements: list[Measurement], machine: dict[str, Any]) -> str:
+    """The results as Markdown: the machine, one table per suite, then the ratios."""
+    lines = [
+        f"Machine: {machine.get('cpu_model')}, {machine.get('cores')} cores, "
+        f"Python {machine.get('python')}, uvloop {machine.get('uvloop')}, "
+        f"aioxen {machine.get('aioxen')}, kernel {machine.get('kernel')}.",
+        "",
+    ]
+    suites: dict[str, list[Measurement]] = {}
+    for m in measurements:
+        suites.setdefault(m.suite, []).append(m)
+    for suite, ms in suites.items():
+        lines += [f"### {suite}", ""]
+        lines += ["| case | metric | loop | mechanism | median | min | max | unit |"]
+        lines += ["|---|---|---|---|---:|---:|---:|---|"]
+        for m in ms:
+            mech = f"**{m.mechanism}**" if m.ours else m.mechanism
+            lines.append(
+                f"| {m.case} | {m.metric} | {m.loop} | {mech} | {_fmt(m.median)} | "
+                f"{_fmt(m.min)} | {_fmt(m.max)} | {m.unit} |"
+            )
+        rat = ratios(ms)
+        if rat:
+            lines += ["", "| case | metric | loop | aioxen | baseline | × better |"]
+            lines += ["|---|---|---|---|---|---:|"]
+            for r in rat:
+                lines.append(
+                    f"| {r['case']} | {r['metric']} | {r['loop']} | {r['ours']} | "
+                    f"{r['baseline']} | {r['times_better']:.2f} |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def write_json(path: str, measurements: list[Measurement], machine: dict[str, Any]) -> None:
     doc = {
         "machine": machine,
@@ -201,4 +235,12 @@ def write_json(path: str, measurements: list[Measurement], machine: dict[str, An
         f.write("\n")
 
 
-__all__ = ["Context", "Measurement", "Progress", "format_table", "ratios", "write_json"]
+__all__ = [
+    "Context",
+    "Measurement",
+    "Progress",
+    "format_markdown",
+    "format_table",
+    "ratios",
+    "write_json",
+]
