@@ -32,6 +32,17 @@ sides notice when the peer overwrote the producer index they own.  Slots are cop
 shared memory once and decoded from the private copy.  A violation raises
 :class:`~aioxen.errors.ProtocolError` with ``field`` set, and the ring object stays broken
 (every later call raises the same error) so no caller can continue on corrupt state.
+
+Besides the decoded ``put_*``/``take_*`` calls, each side can move *encoded* slots in
+bulk (``put_encoded``/``take_encoded``): protocols whose slot type depends on its
+neighbours (netif's extra-info records) or that decode a whole run with one
+``struct.iter_unpack`` copy ``n`` consecutive slots in or out in one step, with the same
+index validation.  Responses are always written in ring order starting at
+``rsp_prod_pvt``, which is the slot of the oldest request consumed and not yet answered:
+the ``k``-th response answers, and overwrites, the ``k``-th such request.  netif's RX
+ring depends on this (a response goes in the slot of the request whose buffer it filled),
+and the ring index :meth:`FrontRing.take_encoded` reports for a response is the index
+:meth:`FrontRing.put_encoded` returned for that request.
 """
 
 from __future__ import annotations
@@ -56,6 +67,8 @@ PAGE_SIZE = 4096
 MAX_RING_PAGE_ORDER = 9
 """Largest order accepted (512 pages); Linux backends allow at most 4 (16 pages)."""
 U32 = 0xFFFFFFFF
+Encoded = bytes | bytearray | memoryview
+"""Whole encoded slots, back to back (a byte-format buffer of ``n * slot_size`` bytes)."""
 # Header offsets are constants inside the (>= 64 byte) buffer: no bounds checks needed.
 _load_u32 = lib.ax_load_u32
 _push_checked = lib.ax_ring_push_checked
@@ -179,6 +192,10 @@ class _Ring(Generic[Req, Rsp]):
 
     def _read_slots(self, codec: BatchCodec[Any], start: int, n: int) -> list[Any]:
         """Copy ``n`` slots from ring index ``start`` out of shared memory (once), decode."""
+        return codec.unpack(self._copy_slots(start, n))
+
+    def _copy_slots(self, start: int, n: int) -> bytes:
+        """``n`` whole slots from ring index ``start`` (wrapping), copied out once."""
         slot, view = self._slot, self._view
         first = start & self._mask
         a = HEADER_SIZE + first * slot
@@ -189,13 +206,19 @@ class _Ring(Generic[Req, Rsp]):
             data = bytes(view[a : HEADER_SIZE + self.nr_ents * slot]) + bytes(
                 view[HEADER_SIZE : HEADER_SIZE + wrapped * slot]
             )
-        return codec.unpack(data)
+        return data
+
+    def _whole_slots(self, data: Encoded) -> int:
+        n, rest = divmod(len(data), self._slot)
+        if rest:
+            raise ValueError(f"ring {self._name}: {len(data)} bytes is not whole slots")
+        return n
 
     def _write_slots(self, codec: BatchCodec[Any], start: int, values: Sequence[Any]) -> None:
         """Encode ``values`` into consecutive slots from ring index ``start``."""
         self._write_encoded(start, codec.pack(values))
 
-    def _write_encoded(self, start: int, data: bytes) -> None:
+    def _write_encoded(self, start: int, data: Encoded) -> None:
         """Copy whole encoded slots into the ring from index ``start`` (wrapping)."""
         slot, view = self._slot, self._view
         first = start & self._mask
@@ -304,15 +327,15 @@ class FrontRing(_Ring[Req, Rsp]):
             self._req_prod_pvt = (self._req_prod_pvt + len(batch)) & U32
         return len(batch)
 
-    def put_encoded(self, data: bytes) -> int:
+    def put_encoded(self, data: Encoded) -> int:
         """Put requests already encoded into whole slots (e.g. by
-        :meth:`BatchCodec.pack_with_ids`); :class:`RingFull` (nothing written) if they do
-        not all fit.  Returns the ring index of the first."""
+        :meth:`BatchCodec.pack_with_ids`, or packed by hand), copied into the ring in one
+        step; :class:`RingFull` (nothing written) if they do not all fit, ``ValueError``
+        unless ``data`` is whole slots.  Returns the ring index of the first (the ``k``-th
+        is at ``(first + k) & 0xFFFFFFFF``)."""
         if not self._ok:
             self._check()
-        n, rest = divmod(len(data), self._slot)
-        if rest:
-            raise ValueError(f"ring {self._name}: {len(data)} bytes is not whole slots")
+        n = self._whole_slots(data)
         if n > self.nr_ents - ((self._req_prod_pvt - self._rsp_cons) & U32):
             raise RingFull(f"ring {self._name}: {n} requests, {self.free_requests} free slots")
         start = self._req_prod_pvt
@@ -366,6 +389,24 @@ class FrontRing(_Ring[Req, Rsp]):
         out = self._read_slots(self._rsp_codec, self._rsp_cons, n)
         self._rsp_cons = (self._rsp_cons + n) & U32
         return out
+
+    def take_encoded(self, limit: int | None = None) -> tuple[bytes, int, int]:
+        """Consume up to ``limit`` (default: all) published responses without decoding
+        them: ``(slots, count, first)``, where ``slots`` is ``count`` whole slots copied
+        out of shared memory in one step (validated as :meth:`take_responses` does) and
+        ``first`` the ring index of the first.  A response sits in the slot of the request
+        it answers, so ``first`` is also that request's index."""
+        if not self._ok:
+            self._check()
+        n = self._rsp_available()
+        if limit is not None and limit < n:
+            n = limit
+        start = self._rsp_cons
+        if n <= 0:
+            return b"", 0, start
+        data = self._copy_slots(start, n)
+        self._rsp_cons = (start + n) & U32
+        return data, n, start
 
     def final_check_for_responses(self, ahead: int = 1) -> bool:
         """``RING_FINAL_CHECK_FOR_RESPONSES``: true if responses are waiting; otherwise ask
@@ -454,6 +495,23 @@ class BackRing(_Ring[Req, Rsp]):
         self._req_cons = (self._req_cons + n) & U32
         return out
 
+    def take_encoded(self, limit: int | None = None) -> tuple[bytes, int, int]:
+        """Consume up to ``limit`` (default: all) published requests without decoding
+        them: ``(slots, count, first)``, where ``slots`` is ``count`` whole slots copied
+        out of shared memory in one step (``req_prod`` validated as in
+        :meth:`take_requests`) and ``first`` the ring index of the first."""
+        if not self._ok:
+            self._check()
+        n = self._req_available()
+        if limit is not None and limit < n:
+            n = limit
+        start = self._req_cons
+        if n <= 0:
+            return b"", 0, start
+        data = self._copy_slots(start, n)
+        self._req_cons = (start + n) & U32
+        return data, n, start
+
     def put_response(self, value: Rsp) -> int:
         """Write a response into the next response slot; return its ring index."""
         self._check()
@@ -480,6 +538,24 @@ class BackRing(_Ring[Req, Rsp]):
             self._rsp_prod_pvt = (self._rsp_prod_pvt + len(batch)) & U32
         return len(batch)
 
+    def put_encoded(self, data: Encoded) -> int:
+        """Write responses already encoded into whole slots, copied into the ring in one
+        step; :class:`RingFull` (nothing written) if there are fewer consumed requests than
+        responses, ``ValueError`` unless ``data`` is whole slots.  Returns the ring index
+        of the first: the ``k``-th response goes in the slot of the ``k``-th oldest
+        unanswered request (see the module docstring)."""
+        if not self._ok:
+            self._check()
+        n = self._whole_slots(data)
+        pending = (self._req_cons - self._rsp_prod_pvt) & U32
+        if n > pending:
+            raise RingFull(f"ring {self._name}: {n} responses for {pending} consumed requests")
+        start = self._rsp_prod_pvt
+        if n:
+            self._write_encoded(start, data)
+            self._rsp_prod_pvt = (start + n) & U32
+        return start
+
     def push_responses(self) -> bool:
         """``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY``."""
         if not self._ok:
@@ -502,6 +578,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAX_RING_PAGE_ORDER",
     "BackRing",
+    "Encoded",
     "FrontRing",
     "RingFull",
     "init_shared_ring",
