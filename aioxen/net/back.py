@@ -58,7 +58,6 @@ from typing import Any, cast
 
 from aioxen.errors import ProtocolError
 from aioxen.net import keys
-from aioxen.net._ring import RawBackRing
 from aioxen.net.front import (
     PUSH_EVERY,
     RX_REQ_FMT,
@@ -97,6 +96,7 @@ from aioxen.net.netif import (
 )
 from aioxen.net.offload import locate_l4, resolve_offloads
 from aioxen.platform.base import EventChannel, GrantTable, Mapping, Platform
+from aioxen.rings.rpc import BackRing
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +203,8 @@ class Vif:
         frontend_domid: int,
         devid: int,
         *,
-        tx_ring: RawBackRing,
-        rx_ring: RawBackRing,
+        tx_ring: BackRing[bytes, bytes],
+        rx_ring: BackRing[bytes, bytes],
         channel: EventChannel,
         features: FrontendFeatures,
         backend_features: BackendFeatures,
@@ -323,7 +323,7 @@ class Vif:
     def _poll_tx(self) -> None:
         tx = self._tx
         while True:
-            data, n, _ = tx.take_raw(PUSH_EVERY)
+            data, n, _ = tx.take_encoded(PUSH_EVERY)
             if n or self._tx_carry is not None:
                 self._handle_tx(data, n)
                 if n == PUSH_EVERY:
@@ -605,7 +605,7 @@ class Vif:
         reqs = self._rx_reqs
         if len(reqs) >= need:
             return True
-        data, n, _ = self._rx.take_raw()
+        data, n, _ = self._rx.take_encoded()
         if n:
             reqs.extend(RX_REQ.iter_unpack(data))
         return len(reqs) >= need
@@ -721,12 +721,12 @@ class Vif:
         if self._tx_rsps:
             blob = b"".join(self._tx_rsps)
             self._tx_rsps = []
-            self._tx.put_raw(blob, len(blob) // TX_SLOT_SIZE)
+            self._tx.put_encoded(blob)
             notify = self._tx.push_responses()
         if self._rx_rsps:
             rsps = self._rx_rsps
             self._rx_rsps = []
-            self._rx.put_raw(b"".join(rsps), len(rsps))
+            self._rx.put_encoded(b"".join(rsps))
             if self._rx.push_responses():
                 notify = True
             self._rx_pages.end_batch()
@@ -789,9 +789,9 @@ async def attach_vif(
         rx_map = grants.map(frontend_domid, [rx_ring_ref])
         owned.append(rx_map)
         name = f"vif{frontend_domid}.{devid}"
-        tx = RawBackRing(tx_map.buf, TX_REQ_FMT, TX_RSP_FMT, start=start_index, name=f"{name}/tx")
+        tx = BackRing(tx_map.buf, TX_REQ_FMT, TX_RSP_FMT, start=start_index, name=f"{name}/tx")
         owned.insert(0, tx)
-        rx = RawBackRing(rx_map.buf, RX_REQ_FMT, RX_RSP_FMT, start=start_index, name=f"{name}/rx")
+        rx = BackRing(rx_map.buf, RX_REQ_FMT, RX_RSP_FMT, start=start_index, name=f"{name}/rx")
         owned.insert(0, rx)
         channel = await platform.events.connect(frontend_domid, event_channel)
         owned.append(channel)

@@ -57,7 +57,6 @@ from typing import Any
 from aioxen import native
 from aioxen.errors import ProtocolError
 from aioxen.net import keys
-from aioxen.net._ring import RawFrontRing
 from aioxen.net.keys import BackendFeatures, FrontendFeatures
 from aioxen.net.netif import (
     NETIF_RSP_NULL,
@@ -86,6 +85,7 @@ from aioxen.net.netif import (
 )
 from aioxen.platform.base import EventChannel, Platform, Share
 from aioxen.rings.formats import RawFormat
+from aioxen.rings.rpc import FrontRing
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,8 @@ class FrontQueue:
         self._start = start_index
         self._loop = asyncio.get_running_loop()
         self._owned: list[Any] = []
-        self._tx: RawFrontRing | None = None
-        self._rx: RawFrontRing | None = None
+        self._tx: FrontRing[bytes, bytes] | None = None
+        self._rx: FrontRing[bytes, bytes] | None = None
         self._channel: EventChannel | None = None
         self.stats = NetStats()
         self._reading = True
@@ -191,10 +191,10 @@ class FrontQueue:
             rx_ring = self._own(grants.share(self._be, 1))
             self._tx_pool = self._own(grants.share(self._be, POOL_PAGES, writable=False))
             self._rx_pool = self._own(grants.share(self._be, POOL_PAGES, writable=True))
-            self._tx = RawFrontRing(
+            self._tx = FrontRing(
                 tx_ring.buf, TX_REQ_FMT, TX_RSP_FMT, start=self._start, name=f"{self.name}/tx"
             )
-            self._rx = RawFrontRing(
+            self._rx = FrontRing(
                 rx_ring.buf, RX_REQ_FMT, RX_RSP_FMT, start=self._start, name=f"{self.name}/rx"
             )
             self._owned.insert(0, self._tx)
@@ -329,7 +329,7 @@ class FrontQueue:
         tx = self._tx
         if tx is None or self._dead:
             return 0
-        data, n, _ = tx.take_raw()
+        data, n, _ = tx.take_encoded()
         if not n:
             return 0
         self._slots_free += n
@@ -401,7 +401,7 @@ class FrontQueue:
         self._rx_slot_id[start : start + first] = ids[:first]
         if first < k:
             self._rx_slot_id[: k - first] = ids[first:]
-        rx.put_raw(b"".join(map(self._rx_req_bytes.__getitem__, ids)), k)
+        rx.put_encoded(b"".join(map(self._rx_req_bytes.__getitem__, ids)))
 
     def pause_reading(self) -> None:
         self._reading = False
@@ -430,7 +430,7 @@ class FrontQueue:
     def _poll_rx_once(self) -> None:
         rx = self._rx
         assert rx is not None
-        data, n, first = rx.take_raw(PUSH_EVERY)
+        data, n, first = rx.take_encoded(PUSH_EVERY)
         carry = self._rx_carry
         if carry is not None:
             self._rx_carry = None
@@ -608,7 +608,7 @@ class FrontQueue:
         if self._tx_pending:
             blob = b"".join(self._tx_pending)
             self._tx_pending.clear()
-            tx.put_raw(blob, len(blob) // TX_SLOT_SIZE)
+            tx.put_encoded(blob)
             stats = self.stats
             stats.tx_frames += self._tx_frames
             stats.tx_bytes += self._tx_bytes

@@ -173,12 +173,12 @@ def bad_packet(draw: st.DrawFn, refs: list[int], foreign: int) -> list[bytes]:
         return out
     if kind in ("extra", "dupextra"):
         if kind == "extra":
-            bad = bytes([draw(st.sampled_from([0, 5, 6, 200])), 0]) + bytes(10)
+            extra = bytes([draw(st.sampled_from([0, 5, 6, 200])), 0]) + bytes(10)
         else:
-            bad = netif.encode_extra(netif.GsoExtra(1448, 1), more=True, slot_size=12)
+            extra = netif.encode_extra(netif.GsoExtra(1448, 1), more=True, slot_size=12)
         gso = netif.encode_extra(netif.GsoExtra(1448, 1), slot_size=12)
         head = TX.pack(ref, 0, NETTXF_EXTRA_INFO, i, 100)
-        return [head, bad[:1] + bytes([1]) + bad[2:], gso]
+        return [head, extra[:1] + bytes([1]) + extra[2:], gso]
     if kind in ("gso6", "gso0"):
         info = FrameInfo(True, False, 2 if kind == "gso6" else 1, 1448 if kind == "gso6" else 0)
         return netif.build_tx([(ref, 0, 1000, i)], info)
@@ -351,7 +351,7 @@ async def test_front_drops_bad_rx_responses_and_keeps_going(harness: Any) -> Non
     back = await RawBack.create(fe, be)
     try:
         await _until(lambda: back.rx.unconsumed_requests() >= 4)
-        reqs = list(struct.iter_unpack("<H2xI", back.rx.take_raw(6)[0]))
+        reqs = list(struct.iter_unpack("<H2xI", back.rx.take_encoded(6)[0]))
         rsps = [
             netif.RX_RSP.pack(reqs[0][0], 0, 0, -1),  # error status
             netif.RX_RSP.pack(reqs[1][0], 4000, 0, 200),  # crosses the page
@@ -363,7 +363,7 @@ async def test_front_drops_bad_rx_responses_and_keeps_going(harness: Any) -> Non
         m = be.grants.map(fe.domid, [reqs[5][1]])
         m.buf[:60] = b"G" * 60
         m.close()
-        back.rx.put_raw(b"".join(rsps), 6)
+        back.rx.put_encoded(b"".join(rsps))
         back.rx.push_responses()
         back.channel.notify()
         await _until(lambda: len(back.received) >= 1)
@@ -382,9 +382,9 @@ async def test_front_fails_on_tx_response_for_unknown_id(harness: Any) -> None:
         assert back.queue.try_send(b"x" * 60, netif.PLAIN)
         back.queue.flush()
         await _until(lambda: back.tx.unconsumed_requests() == 1)
-        (req,) = struct.iter_unpack("<IHHHH", back.tx.take_raw()[0])
+        (req,) = struct.iter_unpack("<IHHHH", back.tx.take_encoded()[0])
         bogus = (req[3] + 1) % 256
-        back.tx.put_raw(struct.pack("<Hh8x", bogus, 0), 1)
+        back.tx.put_encoded(struct.pack("<Hh8x", bogus, 0))
         back.tx.push_responses()
         back.channel.notify()
         back.queue.want_tx_space()
@@ -472,7 +472,7 @@ async def test_front_rx_matches_model(hostile_back: RawBack, data: st.DataObject
         return
     n = len(slots)
     await _until(lambda: back.rx.unconsumed_requests() >= n)
-    reqs = list(struct.iter_unpack("<H2xI", back.rx.take_raw(n)[0]))
+    reqs = list(struct.iter_unpack("<H2xI", back.rx.take_encoded(n)[0]))
     pages = [bytes(((k * 13 + b) * 7) & 0xFF for b in range(4096)) for k in range(n)]
     mapping = back.be.grants.map(back.fe.domid, [g for _, g in reqs])
     for k in range(n):
@@ -489,7 +489,7 @@ async def test_front_rx_matches_model(hostile_back: RawBack, data: st.DataObject
             )
     back.received.clear()
     errors_before = back.queue.stats.rx_errors
-    back.rx.put_raw(b"".join(slots), n)
+    back.rx.put_encoded(b"".join(slots))
     if back.rx.push_responses():
         back.channel.notify()
     with contextlib.suppress(TimeoutError):

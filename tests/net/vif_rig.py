@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aioxen.net import netif
-from aioxen.net._ring import RawBackRing, RawFrontRing
 from aioxen.net.back import Vif, attach_vif
 from aioxen.net.front import RX_REQ_FMT, RX_RSP_FMT, TX_REQ_FMT, TX_RSP_FMT, FrontQueue
 from aioxen.net.keys import BackendFeatures, FrontendFeatures
 from aioxen.net.netif import FrameInfo
 from aioxen.platform.base import Platform
+from aioxen.rings.rpc import BackRing, FrontRing
 
 START = 2**32 - 7
 POOL = 8
@@ -34,8 +34,8 @@ class RawFront:
     fe: Platform
     be: Platform
     vif: Vif
-    tx: RawFrontRing
-    rx: RawFrontRing
+    tx: FrontRing[bytes, bytes]
+    rx: FrontRing[bytes, bytes]
     channel: Any
     pool_refs: list[int]
     pages: dict[int, bytes]
@@ -44,6 +44,7 @@ class RawFront:
     rx_refs: list[int]
     owned: list[Any]
     delivered: list[tuple[bytes, FrameInfo]] = field(default_factory=list)
+    _rx_pool_buf: memoryview | None = None
 
     @classmethod
     async def create(
@@ -64,8 +65,8 @@ class RawFront:
         owned += [tx_share, rx_share, pool, rx_pool, foreign]
         for i in range(POOL):
             pool.buf[i * 4096 : (i + 1) * 4096] = page_pattern(i)
-        tx = RawFrontRing(tx_share.buf, TX_REQ_FMT, TX_RSP_FMT, start=START, name="hostile/tx")
-        rx = RawFrontRing(rx_share.buf, RX_REQ_FMT, RX_RSP_FMT, start=START, name="hostile/rx")
+        tx = FrontRing(tx_share.buf, TX_REQ_FMT, TX_RSP_FMT, start=START, name="hostile/tx")
+        rx = FrontRing(rx_share.buf, RX_REQ_FMT, RX_RSP_FMT, start=START, name="hostile/rx")
         channel = await fe.events.listen(be.domid)
         owned.append(channel)
         delivered: list[tuple[bytes, FrameInfo]] = []
@@ -106,13 +107,13 @@ class RawFront:
     ) -> list[tuple[int, int]]:
         """Put ``slots`` (12 bytes each), push, notify; collect ``expect`` TX responses."""
         if slots:
-            self.tx.put_raw(b"".join(slots), len(slots))
+            self.tx.put_encoded(b"".join(slots))
             if self.tx.push_requests():
                 self.channel.notify()
         out: list[tuple[int, int]] = []
         async with asyncio.timeout(timeout):
             while len(out) < expect:
-                data, _n, _ = self.tx.take_raw()
+                data, _n, _ = self.tx.take_encoded()
                 out += [(i, s) for i, s in struct.iter_unpack("<Hh8x", data)]
                 if len(out) >= expect:
                     break
@@ -126,7 +127,7 @@ class RawFront:
     def post_rx(self, refs: list[int]) -> list[int]:
         """Post one RX request per ref (ids 0..); returns the ids."""
         parts = [netif.RX_REQ.pack(i, r) for i, r in enumerate(refs)]
-        self.rx.put_raw(b"".join(parts), len(parts))
+        self.rx.put_encoded(b"".join(parts))
         if self.rx.push_requests():
             self.channel.notify()
         return list(range(len(refs)))
@@ -135,7 +136,7 @@ class RawFront:
         got = b""
         async with asyncio.timeout(timeout):
             while len(got) < expect * 8:
-                data, _, _ = self.rx.take_raw()
+                data, _, _ = self.rx.take_encoded()
                 got += data
                 if len(got) >= expect * 8:
                     break
@@ -144,13 +145,14 @@ class RawFront:
         return got
 
     def rx_page(self, index: int) -> bytes:
+        assert self._rx_pool_buf is not None
         return bytes(self._rx_pool_buf[index * 4096 : (index + 1) * 4096])
 
     def close(self) -> None:
         self.vif.close()
         self.tx.close()
         self.rx.close()
-        self._rx_pool_buf = None  # type: ignore[assignment]
+        self._rx_pool_buf = None
         for obj in self.owned:
             obj.close()
 
@@ -162,8 +164,8 @@ class RawBack:
     fe: Platform
     be: Platform
     queue: FrontQueue
-    tx: RawBackRing
-    rx: RawBackRing
+    tx: BackRing[bytes, bytes]
+    rx: BackRing[bytes, bytes]
     channel: Any
     maps: list[Any]
     received: list[tuple[bytes, FrameInfo]]
@@ -184,8 +186,8 @@ class RawBack:
         await queue.setup()
         tx_map = be.grants.map(fe.domid, [queue.tx_ring_ref])
         rx_map = be.grants.map(fe.domid, [queue.rx_ring_ref])
-        tx = RawBackRing(tx_map.buf, TX_REQ_FMT, TX_RSP_FMT, name="hostile-back/tx")
-        rx = RawBackRing(rx_map.buf, RX_REQ_FMT, RX_RSP_FMT, name="hostile-back/rx")
+        tx = BackRing(tx_map.buf, TX_REQ_FMT, TX_RSP_FMT, name="hostile-back/tx")
+        rx = BackRing(rx_map.buf, RX_REQ_FMT, RX_RSP_FMT, name="hostile-back/rx")
         channel = await be.events.connect(fe.domid, queue.event_channel)
         queue.start()
         return cls(fe, be, queue, tx, rx, channel, [tx_map, rx_map, channel], received, failures)
