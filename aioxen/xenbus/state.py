@@ -33,6 +33,13 @@ Front end (starts in ``Initialising``):
   next step connects again;
 * back ``Reconfigured`` while we are ``Reconfiguring``: ``Connected``.
 
+A front end built like Linux netfront (``needs_init_wait``) connects only to a back end
+in ``InitWait``: while ``Initialising`` it waits for it whatever else the back end shows
+(``Connected``, ``Closing`` or ``Closed`` left from an earlier front end), since its own
+``Initialising`` is what makes such a back end reset.  It also publishes its keys with
+``Connected`` rather than ``Initialised`` (Linux netback connects only then); until the
+back end is ``Connected`` too, the driver passes ``INITIALISED`` as its own state.
+
 A local close (:func:`closing_steps`) goes ``Closing`` → wait for the peer to be
 ``Closing``/``Closed`` → ``Closed``.  :func:`parse_state` turns a XenStore value into a
 state, and raises :class:`~aioxen.errors.ProtocolError` naming the path for garbage.
@@ -151,10 +158,19 @@ def backend_step(own: XenbusState, peer: XenbusState | None) -> Step:
     return NOTHING  # InitWait / Reconfigured are not front end states
 
 
-def frontend_step(own: XenbusState, peer: XenbusState | None, *, reconnect: bool = True) -> Step:
+def frontend_step(
+    own: XenbusState,
+    peer: XenbusState | None,
+    *,
+    reconnect: bool = True,
+    needs_init_wait: bool = False,
+) -> Step:
     """The front end's reaction to the back being in ``peer`` while we are in ``own``.
 
-    With ``reconnect=False`` a front end whose back end went away stays ``Closed``."""
+    With ``reconnect=False`` a front end whose back end went away stays ``Closed``; with
+    ``needs_init_wait`` an ``Initialising`` front end waits for ``InitWait``."""
+    if needs_init_wait and own == S.INITIALISING and peer != S.INIT_WAIT:
+        return NOTHING
     if peer is None or peer in (S.UNKNOWN, S.CLOSED, S.CLOSING):
         if own in (*_UP, S.INITIALISED):
             return Step(Action.DISCONNECT, S.CLOSED)

@@ -150,3 +150,69 @@ def test_close_from_either_end_ends_closed(events: list[str], closer: str) -> No
             fs = frontend_step(fs, bs, reconnect=False).state or fs
             bs = close_done(bs, fs) or bs
         assert (fs, bs) == (S.CLOSED, S.CLOSED)
+
+
+# ------------------------------------------------------------------ netfront-style front ends
+
+
+def test_netfront_style_front_end_connects_only_to_init_wait() -> None:
+    """``needs_init_wait``: whatever an earlier session left the back end in, an
+    Initialising front end waits (its Initialising makes the back end reset)."""
+    for peer in (None, *S):
+        step = frontend_step(S.INITIALISING, peer, needs_init_wait=True)
+        if peer == S.INIT_WAIT:
+            assert (step.action, step.state) == (Action.CONNECT, S.INITIALISED)
+        else:
+            assert step.state is None and step.action == Action.NONE, peer
+    # the back end's side of it: a left-over Connected/Closing/Closed resets to InitWait
+    for left in (S.CONNECTED, S.CLOSING, S.CLOSED):
+        assert backend_step(left, S.INITIALISING).state == S.INIT_WAIT
+    # every other own state follows the usual rules
+    for own in S:
+        if own != S.INITIALISING:
+            for peer in (None, *S):
+                assert frontend_step(own, peer, needs_init_wait=True) == frontend_step(own, peer)
+    # and publishing Connected straight from Initialising is a legal transition
+    assert legal_transition(S.INITIALISING, S.CONNECTED)
+
+
+def _published(fs: XenbusState) -> XenbusState:
+    """What a netfront-style front end shows the back end: its keys go out with
+    Connected, and the runner steps it as Initialised until the back end is Connected."""
+    return S.CONNECTED if fs == S.INITIALISED else fs
+
+
+def _settle_netfront(
+    fs: XenbusState, bs: XenbusState, rounds: int = 12
+) -> tuple[XenbusState, XenbusState]:
+    for _ in range(rounds):
+        fs = frontend_step(fs, bs, needs_init_wait=True).state or fs
+        bs = backend_step(bs, _published(fs)).state or bs
+    return fs, bs
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    events=EVENTS,
+    left=st.sampled_from([S.INIT_WAIT, S.CONNECTED, S.CLOSING, S.CLOSED, S.INITIALISING]),
+)
+def test_netfront_style_ends_always_reconnect(events: list[str], left: XenbusState) -> None:
+    """As above for a front end that publishes Connected with its keys and waits for
+    InitWait, starting against a back end left in any state by an earlier front end."""
+    fs, bs = S.INITIALISING, left
+    for ev in events:
+        if ev == "front":
+            fs = frontend_step(fs, bs, needs_init_wait=True).state or fs
+        elif ev == "back":
+            bs = backend_step(bs, _published(fs)).state or bs
+        elif ev == "front-restart":
+            fs = S.INITIALISING
+        elif ev == "back-restart":
+            bs = S.INIT_WAIT
+        elif ev == "front-lost" and fs in (S.INITIALISED, S.CONNECTED):
+            fs = S.INITIALISING
+        elif ev == "back-lost" and bs == S.CONNECTED:
+            bs = S.INIT_WAIT
+    fs, bs = _settle_netfront(fs, bs)
+    assert (fs, bs) == (S.CONNECTED, S.CONNECTED)
+    assert _settle_netfront(fs, bs) == (S.CONNECTED, S.CONNECTED)
