@@ -3,6 +3,7 @@
 * :mod:`aioxen.xenbus.state` — ``XenbusState`` and the pure transition rules.
 * :mod:`aioxen.xenbus.driver` — :class:`DeviceRunner`, :class:`BackendDriver`,
   :class:`FrontendDriver`, feature helpers.
+* :mod:`aioxen.xenbus.multiqueue` — the ``multi-queue-*`` / ``queue-N/`` key layout.
 * :mod:`aioxen.xenbus.toolstack` — create / remove / list devices as ``xl`` does.
 """
 
@@ -18,6 +19,7 @@ from aioxen.xenbus.driver import (
     frontend_device,
     negotiate,
 )
+from aioxen.xenbus.multiqueue import peer_queue_dirs, queue_keys
 from aioxen.xenbus.state import XenbusState
 from aioxen.xenbus.toolstack import DeviceInfo, add_device, list_devices, remove_device
 
@@ -34,5 +36,7 @@ __all__ = [
     "frontend_device",
     "list_devices",
     "negotiate",
+    "peer_queue_dirs",
+    "queue_keys",
     "remove_device",
 ]

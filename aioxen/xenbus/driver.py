@@ -16,19 +16,31 @@ specific work is a :class:`BackendDriver` or :class:`FrontendDriver` subclass:
 
 * back end: :meth:`~BackendDriver.advertise` returns the feature keys written together
   with ``InitWait``; :meth:`~BackendDriver.connect` reads the front's ring references and
-  maps them before ``Connected`` is published; :meth:`~BackendDriver.disconnect` unmaps.
+  maps them before ``Connected`` is published (it may return keys, written in one
+  transaction with ``Connected``); :meth:`~BackendDriver.disconnect` unmaps.
 * front end: :meth:`~FrontendDriver.connect` creates the rings and returns the keys to
-  publish (written in one transaction with ``Initialised``);
-  :meth:`~FrontendDriver.connected` runs when the back end reached ``Connected``.
+  publish (written in one transaction with ``Initialised``, and removed again when the
+  device resets); :meth:`~FrontendDriver.connected` runs when the back end reached
+  ``Connected``.
+
+Once ``connect`` was called, ``disconnect`` is called before the next ``connect`` and when
+the runner stops, whichever way it stops (also when cancelled half way through a connect).
 
 A driver whose data path sees the peer die (the event channel reports it) calls
-:meth:`XenbusDevice.peer_lost`: the runner disconnects and publishes ``Closed``, then waits
-for the peer to come back (a restarted front end writes ``Initialising``, a restarted back
-end ``InitWait``) and connects again.  :meth:`DeviceRunner.close` is the orderly teardown:
+:meth:`XenbusDevice.peer_lost` (or lets the runner notice by itself:
+:meth:`XenbusDevice.on_shutdown` as a ring's shutdown callback, :meth:`XenbusDevice.supervise`
+for a serving task): the runner disconnects and publishes ``Closed``, then waits for the
+peer to come back (a restarted front end writes ``Initialising``, a restarted back end
+``InitWait``) and connects again.  :meth:`DeviceRunner.close` is the orderly teardown:
 ``Closing``, wait (bounded) for the peer to acknowledge, disconnect, ``Closed``.  The
 runner also stops when its own directory is removed, and a back end closes when the
 toolstack writes ``online=0``.  Cancelling :meth:`DeviceRunner.run` disconnects and
 publishes ``Closed`` (best effort) before re-raising.
+
+An application that owns a device runs the runner as an async context manager
+(``async with DeviceRunner(dev, driver) as runner``: :meth:`~DeviceRunner.start` on entry,
+:meth:`~DeviceRunner.stop` — orderly close, then cancel — on exit) and waits for the
+handshake with :meth:`~DeviceRunner.wait_connected`.
 
 Feature negotiation: :func:`feature` reads a ``feature-*`` style flag (on iff ``"1"``);
 :func:`read_int` reads a bounded integer; :func:`negotiate` combines what both ends offer.
@@ -39,6 +51,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import fnmatch
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -62,6 +75,7 @@ log = logging.getLogger(__name__)
 
 S = XenbusState
 _FRESH = object()  # marker: the peer's state is not left over from a lost session
+_SESSION = (S.INITIALISED, S.CONNECTED, S.RECONFIGURING, S.RECONFIGURED)  # peer states of a session
 
 
 def frontend_dir(frontend_domid: int, type_: str, devid: int) -> str:
@@ -191,6 +205,23 @@ class XenbusDevice:
         if self._wakeup is not None:
             self._wakeup.set()
 
+    def on_shutdown(self, exc: BaseException | None) -> None:
+        """A data path shutdown callback (``ring.add_shutdown_callback(dev.on_shutdown)``):
+        ``None`` (our own close) is ignored, an error means :meth:`peer_lost`."""
+        if exc is not None:
+            self.peer_lost(exc)
+
+    def supervise(self, task: asyncio.Future[Any]) -> None:
+        """Treat ``task`` (e.g. a ring's serving loop) ending with an exception as
+        :meth:`peer_lost`; a result or a cancellation (our own teardown) is ignored."""
+
+        def done(t: asyncio.Future[Any]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                log.info("%r: data path ended: %s", self, t.exception())
+                self.peer_lost(t.exception())
+
+        task.add_done_callback(done)
+
 
 class BackendDriver(abc.ABC):
     """The device specific part of a back end."""
@@ -202,9 +233,10 @@ class BackendDriver(abc.ABC):
         return {}
 
     @abc.abstractmethod
-    async def connect(self, dev: XenbusDevice) -> None:
+    async def connect(self, dev: XenbusDevice) -> Mapping[str, str] | None:
         """The front end is ``Initialised``: read its keys, map its rings, bind its event
-        channels.  Raising leaves the device unconnected until the front changes state."""
+        channels, and optionally return keys to write together with ``Connected``.
+        Raising leaves the device unconnected until the front changes state."""
 
     async def disconnect(self, dev: XenbusDevice) -> None:  # noqa: B027 - optional hook
         """Tear the data path down (idempotent)."""
@@ -230,7 +262,10 @@ class FrontendDriver(abc.ABC):
         """Tear the data path down (idempotent)."""
 
     def published_keys(self) -> tuple[str, ...]:
-        """Keys :meth:`connect` publishes, removed again on reset (default: none)."""
+        """Keys (or directories such as ``queue-0``) that a previous front end may have
+        left behind, removed when the runner starts and on reset (default: none); entries
+        may be :mod:`fnmatch` patterns (``"ring-ref*"``) over our directory's children.
+        The keys the last :meth:`connect` returned are removed on reset in any case."""
         return ()
 
 
@@ -258,6 +293,9 @@ class DeviceRunner:
         self._close_expired = False
         self._close_timer: asyncio.TimerHandle | None = None
         self._stale_peer: object = _FRESH
+        self._attached = False  # driver.connect was called; disconnect is due
+        self._published: tuple[str, ...] = ()  # top-level names of the front's last keys
+        self._task: asyncio.Task[None] | None = None
         self.error: BaseException | None = None
 
     @property
@@ -266,14 +304,56 @@ class DeviceRunner:
 
     # -- public API --------------------------------------------------------------
     async def wait_state(self, *states: XenbusState, timeout: float | None = None) -> XenbusState:
-        """Wait until our published state is one of ``states``."""
+        """Wait until our published state is one of ``states`` (``ConnectionResetError``,
+        chained to the runner's error if it failed, once the runner stopped elsewhere)."""
         async with asyncio.timeout(timeout):
             while self.dev.state not in states:
                 if self._stopped:
-                    raise ConnectionResetError(f"{self.dev!r}: runner stopped in {self.dev.state}")
+                    raise ConnectionResetError(
+                        f"{self.dev!r}: runner stopped in {self.dev.state}"
+                    ) from self.error
                 self._state_changed.clear()
                 await self._state_changed.wait()
         return self.dev.state
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the device is connected (a front end's
+        :meth:`~FrontendDriver.connected` has run; ``Connected`` is published).  If the
+        runner failed first its error is raised; if it stopped otherwise,
+        ``ConnectionResetError``; ``TimeoutError`` after ``timeout`` seconds."""
+        try:
+            await self.wait_state(S.CONNECTED, timeout=timeout)
+        except ConnectionResetError:
+            if isinstance(self.error, Exception):
+                raise self.error from None
+            raise
+
+    def start(self) -> asyncio.Task[None]:
+        """Run :meth:`run` in a task (once; later calls return the same task)."""
+        if self._task is None:
+            self._task = asyncio.ensure_future(self.run())
+        return self._task
+
+    async def stop(self, timeout: float | None = 10.0) -> None:
+        """Orderly close (bounded by ``timeout``), then end :meth:`start`'s task and wait
+        for its cleanup.  Errors of the runner are not raised here (see :attr:`error`)."""
+        task = self._task
+        if task is None:
+            return
+        if not task.done():
+            with contextlib.suppress(TimeoutError, ConnectionResetError):
+                await self.close(timeout=timeout)
+            task.cancel()
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: it is in self.error
+
+    async def __aenter__(self) -> DeviceRunner:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     def request_close(self) -> None:
         """Begin an orderly close (``Closing`` → ``Closed``); :meth:`run` returns after."""
@@ -343,11 +423,27 @@ class DeviceRunner:
         if isinstance(self.driver, BackendDriver):
             await self._publish(S.INIT_WAIT, await self.driver.advertise(self.dev))
         else:
-            await self.dev.remove(*self.driver.published_keys())
+            await self._remove_published()
             await self._publish(S.INITIALISING)
 
+    async def _remove_published(self) -> None:
+        assert isinstance(self.driver, FrontendDriver)
+        names = dict.fromkeys((*self.driver.published_keys(), *self._published))
+        self._published = ()
+        patterns = [n for n in names if any(c in n for c in "*?[")]
+        if patterns:
+            try:
+                present = await self.dev.store.directory(self.dev.own_dir)
+            except FileNotFoundError:
+                present = []
+            for p in patterns:
+                del names[p]
+                names.update(dict.fromkeys(n for n in present if fnmatch.fnmatchcase(n, p)))
+        await self.dev.remove(*names)
+
     async def _disconnect(self) -> None:
-        if self.dev.connected or self.dev.state in (S.INITIALISED, S.CONNECTED):
+        if self._attached or self.dev.connected or self.dev.state in (S.INITIALISED, S.CONNECTED):
+            self._attached = False
             self.dev.connected = False
             try:
                 await self.driver.disconnect(self.dev)
@@ -390,11 +486,14 @@ class DeviceRunner:
             if not self.reconnect:
                 await self._publish(S.CLOSED)
                 return False
-            # The peer's state key now describes a dead session: ignore it until it changes.
+            # The peer's state key may describe the dead session (rings advertised or
+            # mapped): ignore such a state until it changes.  A peer already back at the
+            # start of a handshake (InitWait, Initialising) is not stale.
             try:
-                self._stale_peer = await dev.peer_state()
+                stale = await dev.peer_state()
             except ProtocolError:
-                self._stale_peer = None
+                stale = None
+            self._stale_peer = stale if stale in _SESSION else _FRESH
             # Ready for the peer to come back (or to notice it never left).
             await self._perform(
                 Step(Action.RESET, S.INIT_WAIT if self.is_backend else S.INITIALISING)
@@ -450,6 +549,7 @@ class DeviceRunner:
 
     async def _perform(self, step: Step) -> None:
         dev, driver = self.dev, self.driver
+        keys: Mapping[str, str] | None = None
         for action in (step.action, step.also):
             if action is None or action == Action.NONE:
                 continue
@@ -459,18 +559,21 @@ class DeviceRunner:
                 if isinstance(driver, BackendDriver):
                     await dev.write(await driver.advertise(dev))
                 else:
-                    await dev.remove(*driver.published_keys())
+                    await self._remove_published()
             elif action == Action.CONNECT:
+                self._attached = True
                 try:
                     if isinstance(driver, BackendDriver):
-                        await driver.connect(dev)
+                        keys = await driver.connect(dev)
                         dev.connected = True
                     else:
                         keys = await driver.connect(dev)
+                        self._published = tuple(dict.fromkeys(k.split("/", 1)[0] for k in keys))
                         await self._publish(step.state or S.INITIALISED, keys)
                         return
                 except (OSError, ProtocolError, ValueError) as exc:
                     log.warning("%r: connect failed: %s", dev, exc)
+                    self._attached = False
                     with contextlib.suppress(Exception):
                         await driver.disconnect(dev)
                     return  # stay put; the next peer change tries again
@@ -481,8 +584,8 @@ class DeviceRunner:
             elif action == Action.RECONFIGURE:
                 assert isinstance(driver, BackendDriver)
                 await driver.reconfigure(dev)
-        if step.state is not None and step.state != dev.state:
-            await self._publish(step.state)
+        if step.state is not None and (step.state != dev.state or keys):
+            await self._publish(step.state, keys)
 
 
 async def backend_device(
