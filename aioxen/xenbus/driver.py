@@ -21,7 +21,11 @@ specific work is a :class:`BackendDriver` or :class:`FrontendDriver` subclass:
 * front end: :meth:`~FrontendDriver.connect` creates the rings and returns the keys to
   publish (written in one transaction with ``Initialised``, and removed again when the
   device resets); :meth:`~FrontendDriver.connected` runs when the back end reached
-  ``Connected``.
+  ``Connected``.  A driver built like Linux netfront sets
+  :attr:`~FrontendDriver.connect_state` to ``CONNECTED`` (its keys go out with
+  ``Connected``, which is not "connected" until the back end is ``Connected`` too) and
+  :attr:`~FrontendDriver.needs_init_wait` (it connects only to a back end in
+  ``InitWait``).
 
 Once ``connect`` was called, ``disconnect`` is called before the next ``connect`` and when
 the runner stops, whichever way it stops (also when cancelled half way through a connect).
@@ -31,7 +35,8 @@ A driver whose data path sees the peer die (the event channel reports it) calls
 :meth:`XenbusDevice.on_shutdown` as a ring's shutdown callback, :meth:`XenbusDevice.supervise`
 for a serving task): the runner disconnects and publishes ``Closed``, then waits for the
 peer to come back (a restarted front end writes ``Initialising``, a restarted back end
-``InitWait``) and connects again.  :meth:`DeviceRunner.close` is the orderly teardown:
+``InitWait``) and connects again; the dead session's state is ignored until the peer
+writes its state key again.  :meth:`DeviceRunner.close` is the orderly teardown:
 ``Closing``, wait (bounded) for the peer to acknowledge, disconnect, ``Closed``.  The
 runner also stops when its own directory is removed, and a back end closes when the
 toolstack writes ``online=0``.  Cancelling :meth:`DeviceRunner.run` disconnects and
@@ -249,6 +254,13 @@ class FrontendDriver(abc.ABC):
     """The device specific part of a front end."""
 
     type: ClassVar[str]
+    connect_state: ClassVar[XenbusState] = XenbusState.INITIALISED
+    """The state published with :meth:`connect`'s keys.  ``CONNECTED`` for drivers built
+    like Linux netfront (Linux netback ignores ``Initialised``); the runner then treats
+    the front end as ``Initialised`` until the back end is ``Connected`` too."""
+    needs_init_wait: ClassVar[bool] = False
+    """Connect only to a back end in ``InitWait``, whatever an earlier session left it in
+    (Linux netfront's rule; see :func:`~aioxen.xenbus.state.frontend_step`)."""
 
     @abc.abstractmethod
     async def connect(self, dev: XenbusDevice) -> Mapping[str, str]:
@@ -293,6 +305,7 @@ class DeviceRunner:
         self._close_expired = False
         self._close_timer: asyncio.TimerHandle | None = None
         self._stale_peer: object = _FRESH
+        self._peer_wrote = False  # the peer's state key was written since _stale_peer
         self._attached = False  # driver.connect was called; disconnect is due
         self._published: tuple[str, ...] = ()  # top-level names of the front's last keys
         self._task: asyncio.Task[None] | None = None
@@ -322,7 +335,16 @@ class DeviceRunner:
         runner failed first its error is raised; if it stopped otherwise,
         ``ConnectionResetError``; ``TimeoutError`` after ``timeout`` seconds."""
         try:
-            await self.wait_state(S.CONNECTED, timeout=timeout)
+            async with asyncio.timeout(timeout):
+                # (a front end with connect_state CONNECTED publishes it before the back
+                # end acknowledged: connected() has run only once dev.connected is set)
+                while not (self.dev.connected and self.dev.state == S.CONNECTED):
+                    if self._stopped:
+                        raise ConnectionResetError(
+                            f"{self.dev!r}: runner stopped in {self.dev.state}"
+                        ) from self.error
+                    self._state_changed.clear()
+                    await self._state_changed.wait()
         except ConnectionResetError:
             if isinstance(self.error, Exception):
                 raise self.error from None
@@ -377,7 +399,7 @@ class DeviceRunner:
         try:
             for w in watches:
                 await w.start()
-                pumps.append(asyncio.ensure_future(self._pump(w)))
+                pumps.append(asyncio.ensure_future(self._pump(w, w is watches[1])))
             await self._start()
             while True:
                 self._wakeup.clear()
@@ -404,9 +426,11 @@ class DeviceRunner:
                 with contextlib.suppress(Exception):
                     await w.close()
 
-    async def _pump(self, watch: Any) -> None:
+    async def _pump(self, watch: Any, peer_state: bool = False) -> None:
         try:
             async for _ in watch:
+                if peer_state:
+                    self._peer_wrote = True
                 self._wakeup.set()
         finally:
             self._wakeup.set()  # the main loop notices that the watch ended
@@ -489,6 +513,7 @@ class DeviceRunner:
             # The peer's state key may describe the dead session (rings advertised or
             # mapped): ignore such a state until it changes.  A peer already back at the
             # start of a handshake (InitWait, Initialising) is not stale.
+            self._peer_wrote = False
             try:
                 stale = await dev.peer_state()
             except ProtocolError:
@@ -509,7 +534,9 @@ class DeviceRunner:
             log.warning("%r: %s", dev, exc)
             peer = S.UNKNOWN
         if self._stale_peer is not _FRESH:
-            if peer == self._stale_peer:
+            # The same state written again (a new front end going straight to the state
+            # the dead one was in) is a new session too.
+            if peer == self._stale_peer and not self._peer_wrote:
                 peer = None  # the dead session's state: as if the peer were absent
             else:
                 self._stale_peer = _FRESH
@@ -518,7 +545,12 @@ class DeviceRunner:
         if isinstance(self.driver, BackendDriver):
             step = backend_step(dev.state, peer)
         else:
-            step = frontend_step(dev.state, peer, reconnect=self.reconnect)
+            own = dev.state
+            if own == S.CONNECTED and not dev.connected:
+                own = S.INITIALISED  # keys published with Connected (connect_state), unacked
+            step = frontend_step(
+                own, peer, reconnect=self.reconnect, needs_init_wait=self.driver.needs_init_wait
+            )
         if step.state is None and step.action == Action.NONE:
             return True
         await self._perform(step)
@@ -569,7 +601,7 @@ class DeviceRunner:
                     else:
                         keys = await driver.connect(dev)
                         self._published = tuple(dict.fromkeys(k.split("/", 1)[0] for k in keys))
-                        await self._publish(step.state or S.INITIALISED, keys)
+                        await self._publish(driver.connect_state, keys)
                         return
                 except (OSError, ProtocolError, ValueError) as exc:
                     log.warning("%r: connect failed: %s", dev, exc)
@@ -581,6 +613,7 @@ class DeviceRunner:
                 assert isinstance(driver, FrontendDriver)
                 await driver.connected(dev)
                 dev.connected = True
+                self._state_changed.set()  # acknowledged (the state may be unchanged)
             elif action == Action.RECONFIGURE:
                 assert isinstance(driver, BackendDriver)
                 await driver.reconfigure(dev)
