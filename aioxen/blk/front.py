@@ -41,6 +41,7 @@ import errno
 import functools
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -739,6 +740,12 @@ class BlkFront:
         for d in drainers:
             with contextlib.suppress(BaseException):
                 await d
+
+    def add_shutdown_callback(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call ``callback(error)`` when any of the rings shuts down: ``None`` for our own
+        :meth:`close`, else why (the backend went away, or broke the protocol)."""
+        for q in self._queues:
+            q.ring.add_shutdown_callback(callback)
 
     def shutdown_error(self) -> BaseException | None:
         """Why a ring shut down (peer gone, protocol error), if one did."""

@@ -2,28 +2,33 @@
 
 Theory of operation
 -------------------
-The generic xenbus machinery (:mod:`aioxen.xenbus.driver`) runs the state machine; this
-module supplies the blkif-specific keys (``io/blkif.h``):
+The xenbus framework (:mod:`aioxen.xenbus.driver`) runs the handshake — states,
+watches, teardown, lost peers, restarts; this module only says what a ``vbd`` publishes
+and reads (``io/blkif.h``) and builds the data path:
 
 *Backend* (:class:`BlkbackDriver`).  With ``InitWait`` it advertises what it offers:
 ``feature-flush-cache``, ``feature-barrier``, ``feature-discard`` (+ ``discard-granularity``,
 ``discard-alignment``, ``discard-secure``), ``feature-persistent``,
 ``feature-max-indirect-segments``, ``max-ring-page-order``, ``multi-queue-max-queues`` and
 the disk's ``sectors``/``info``/``sector-size``/``physical-sector-size``.  When the front
-end is ``Initialised`` it reads ``protocol`` (the ABI), ``multi-queue-num-queues``,
-``feature-persistent`` and per queue (top level, or ``queue-N/`` when there are several)
-``ring-ref`` or ``ring-page-order`` + ``ring-refN``, and ``event-channel``; it maps each ring,
-binds each channel, starts a :class:`~aioxen.blk.back.RingServer` per queue and rewrites
-the disk properties before ``Connected``.  Every value is validated; a bad one fails the
-connect with a log line naming the key, and the device stays unconnected.
+end is ``Initialised`` it reads ``protocol`` (the ABI), ``feature-persistent``,
+``ring-page-order`` and the queues (:func:`~aioxen.xenbus.multiqueue.peer_queue_dirs`: the
+top level, or ``queue-N/`` when there are several), each with ``ring-ref`` or
+``ring-refN`` and ``event-channel``; it maps each ring, binds each channel and starts a
+:class:`~aioxen.blk.back.RingServer` per queue (supervised: a ring that fails is a lost
+front end), and publishes the disk properties again together with ``Connected``.  Every
+value is validated; a bad one fails the connect with a log line naming the key, and the
+device stays unconnected.
 
 *Frontend* (:class:`BlkfrontDriver`).  At the backend's ``InitWait`` it reads
-``max-ring-page-order`` and ``multi-queue-max-queues``, creates the rings and the data
-pool (:class:`~aioxen.blk.front.BlkFront`) and publishes the ring keys with
-``protocol=x86_64-abi`` and ``feature-persistent=1``.  When the backend is ``Connected`` it
-reads the disk properties and data-path features and configures the device.
+``max-ring-page-order``, ``multi-queue-max-queues`` and ``feature-persistent``, creates the
+rings and the data pool (:class:`~aioxen.blk.front.BlkFront`) and publishes the ring keys
+(:func:`~aioxen.xenbus.multiqueue.queue_keys`) with ``protocol=x86_64-abi`` and
+``feature-persistent``.  When the backend is ``Connected`` it reads the disk properties
+and data-path features and configures the device.  A ring that shuts down under it (the
+backend died or broke the protocol) is a lost backend.
 
-:class:`Blkback` and :func:`open_blkfront` wrap the drivers in a
+:class:`Blkback` and :func:`open_blkfront` run the drivers in a
 :class:`~aioxen.xenbus.driver.DeviceRunner` for applications and the command line.
 """
 
@@ -31,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping
@@ -54,12 +58,12 @@ from aioxen.xenbus.driver import (
     feature,
     frontend_device,
 )
+from aioxen.xenbus.multiqueue import STALE_KEYS, peer_queue_dirs, queue_keys
 
 log = logging.getLogger("aioxen.blk.vbd")
 
 TYPE = "vbd"
 DEFAULT_DEVID = 51712  # xvda
-MAX_RING_REFS = 16
 
 
 def parse_vdev(name: str | int) -> int:
@@ -129,31 +133,30 @@ class FrontendKeys:
     queues: list[FrontQueue]
 
 
+async def _required_int(dev: XenbusDevice, key: str) -> int:
+    """A frontend key that must be present, in ``1 .. 2**32 - 1``."""
+    value = await dev.peer_int(key, 0, 1, 2**32 - 1)
+    if value == 0:
+        raise ProtocolError(f"{dev.peer_dir}/{key} is missing", field=key)
+    return value
+
+
 async def read_frontend_keys(dev: XenbusDevice, config: BackendConfig) -> FrontendKeys:
-    """Read and validate what the frontend published (``ProtocolError`` names the key)."""
+    """Read and validate what the frontend published (``ProtocolError`` names the key).
+
+    ``ring-page-order`` is one value for every queue, at the top level (``blkif.h``)."""
     raw = await dev.read_peer(B.KEY_PROTOCOL)
     abi = B.abi_for_protocol(None if raw is None else raw.decode(errors="replace").strip("\0 "))
     persistent = config.persistent and feature(await dev.read_peer(B.KEY_FEATURE_PERSISTENT))
-    nq = await dev.peer_int(B.KEY_NUM_QUEUES, 1, 1, config.max_queues)
+    order = await dev.peer_int(B.KEY_RING_PAGE_ORDER, 0, 0, config.max_ring_page_order)
     queues = []
-    for q in range(nq):
-        prefix = "" if nq == 1 else f"queue-{q}/"
-        order = await dev.peer_int(prefix + B.KEY_RING_PAGE_ORDER, 0, 0, config.max_ring_page_order)
+    for prefix in await peer_queue_dirs(dev, config.max_queues):
         if order == 0 and await dev.read_peer(prefix + B.KEY_RING_REF) is not None:
-            refs = [await dev.peer_int(prefix + B.KEY_RING_REF, 0, 1, 2**32 - 1)]
+            names = [prefix + B.KEY_RING_REF]
         else:
-            refs = []
-            for i in range(1 << order):
-                key = f"{prefix}{B.KEY_RING_REF}{i}"
-                if await dev.read_peer(key) is None:
-                    raise ProtocolError(f"{dev.peer_dir}/{key} is missing", field=key)
-                refs.append(await dev.peer_int(key, 0, 1, 2**32 - 1))
-        port = await dev.peer_int(prefix + B.KEY_EVENT_CHANNEL, 0, 1, 2**32 - 1)
-        if port == 0:
-            raise ProtocolError(
-                f"{dev.peer_dir}/{prefix}{B.KEY_EVENT_CHANNEL} is missing",
-                field=B.KEY_EVENT_CHANNEL,
-            )
+            names = [f"{prefix}{B.KEY_RING_REF}{i}" for i in range(1 << order)]
+        refs = [await _required_int(dev, name) for name in names]
+        port = await _required_int(dev, prefix + B.KEY_EVENT_CHANNEL)
         queues.append(FrontQueue(refs, port))
     return FrontendKeys(abi, persistent, queues)
 
@@ -174,47 +177,32 @@ class BlkbackDriver(BackendDriver):
     async def advertise(self, dev: XenbusDevice) -> Mapping[str, str]:
         return backend_keys(self.source, self.config)
 
-    async def connect(self, dev: XenbusDevice) -> None:
-        await self.disconnect(dev)
+    async def connect(self, dev: XenbusDevice) -> Mapping[str, str]:
         keys = await read_frontend_keys(dev, self.config)
         limits = limits_for(self.source, self.config)
         platform = dev.platform
-        try:
-            for i, q in enumerate(keys.queues):
-                ring: AsyncBackRing[Any, Any] = await AsyncBackRing.attach(
-                    platform, dev.peer_domid, q.refs, q.port,
-                    B.request_format(keys.abi), B.response_format(keys.abi),
-                    name=f"blkback dom{dev.peer_domid}/{dev.devid}/q{i}",
-                )  # fmt: skip
-                self._rings.append(ring)
-                srv = RingServer(
-                    platform, dev.peer_domid, ring, self.source, limits,
-                    persistent=keys.persistent, queue_depth=self.config.queue_depth,
-                    max_persistent_grants=self.config.max_persistent_grants,
-                    name=f"blkback dom{dev.peer_domid}/{dev.devid}/q{i}",
-                )  # fmt: skip
-                self.servers.append(srv)
-        except BaseException:
-            await self.disconnect(dev)
-            raise
+        for i, q in enumerate(keys.queues):  # on failure the runner calls disconnect()
+            name = f"blkback dom{dev.peer_domid}/{dev.devid}/q{i}"
+            ring: AsyncBackRing[Any, Any] = await AsyncBackRing.attach(
+                platform, dev.peer_domid, q.refs, q.port,
+                B.request_format(keys.abi), B.response_format(keys.abi), name=name,
+            )  # fmt: skip
+            self._rings.append(ring)
+            self.servers.append(RingServer(
+                platform, dev.peer_domid, ring, self.source, limits,
+                persistent=keys.persistent, queue_depth=self.config.queue_depth,
+                max_persistent_grants=self.config.max_persistent_grants, name=name,
+            ))  # fmt: skip
         for srv in self.servers:
             task = asyncio.ensure_future(srv.run())
-            task.add_done_callback(functools.partial(self._server_done, dev))
+            dev.supervise(task)  # a ring that fails means the frontend is lost
             self._tasks.append(task)
-        await dev.write(backend_keys(self.source, self.config))
         self.connections += 1
         log.info(
             "blkback %s: connected to domain %d (%s, %d queue(s), persistent=%s)",
             dev.own_dir, dev.peer_domid, keys.abi, len(keys.queues), keys.persistent,
         )  # fmt: skip
-
-    def _server_done(self, dev: XenbusDevice, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            log.info("blkback %s: ring stopped: %s", dev.own_dir, exc)
-            dev.peer_lost(exc)
+        return backend_keys(self.source, self.config)  # published with Connected
 
     async def disconnect(self, dev: XenbusDevice) -> None:
         rings, self._rings = self._rings, []
@@ -301,18 +289,13 @@ class BlkfrontDriver(FrontendDriver):
     def __init__(self, config: FrontendConfig | None = None) -> None:
         self.config = config or FrontendConfig()
         self.device: BlkFront | None = None
-        self.ready: asyncio.Future[BlkFront] = asyncio.get_running_loop().create_future()
-        self._published: tuple[str, ...] = ()
 
     def published_keys(self) -> tuple[str, ...]:
-        keys = [B.KEY_RING_REF, B.KEY_RING_PAGE_ORDER, B.KEY_EVENT_CHANNEL, B.KEY_PROTOCOL,
-                B.KEY_FEATURE_PERSISTENT, B.KEY_NUM_QUEUES]  # fmt: skip
-        keys += [f"{B.KEY_RING_REF}{i}" for i in range(MAX_RING_REFS)]
-        keys += [f"queue-{q}" for q in range(8)]
-        return (*keys, *self._published)
+        """What any blkfront may have published (a crashed one left them behind)."""
+        return (B.KEY_PROTOCOL, B.KEY_FEATURE_PERSISTENT, B.KEY_RING_PAGE_ORDER,
+                f"{B.KEY_RING_REF}*", B.KEY_EVENT_CHANNEL, *STALE_KEYS)  # fmt: skip
 
     async def connect(self, dev: XenbusDevice) -> Mapping[str, str]:
-        await self.disconnect(dev)
         # ring geometry is all a frontend needs before the backend connects
         info = BackendInfo(
             sectors=0,
@@ -325,22 +308,14 @@ class BlkfrontDriver(FrontendDriver):
             name=f"blkfront {dev.own_dir}",
         )  # fmt: skip
         self.device = front
-        keys: dict[str, str] = {
+        front.add_shutdown_callback(dev.on_shutdown)  # a ring failing: the backend is lost
+        shared = {
             B.KEY_PROTOCOL: front.negotiated.abi,
             B.KEY_FEATURE_PERSISTENT: "1" if self.config.persistent else "0",
         }
-        qkeys = front.queue_keys()
-        order = front.negotiated.ring_page_order
-        if len(qkeys) > 1:
-            keys[B.KEY_NUM_QUEUES] = str(len(qkeys))
-        for q, k in enumerate(qkeys):
-            prefix = "" if len(qkeys) == 1 else f"queue-{q}/"
-            if order:
-                keys[prefix + B.KEY_RING_PAGE_ORDER] = str(order)
-            for name, value in k.items():
-                keys[prefix + name] = value
-        self._published = tuple(keys)
-        return keys
+        if front.negotiated.ring_page_order:
+            shared[B.KEY_RING_PAGE_ORDER] = str(front.negotiated.ring_page_order)
+        return queue_keys(front.queue_keys(), shared)
 
     async def connected(self, dev: XenbusDevice) -> None:
         assert self.device is not None
@@ -351,15 +326,11 @@ class BlkfrontDriver(FrontendDriver):
         info.max_queues = self.device.backend.max_queues
         self.device.configure(info)
         log.info("blkfront %s: connected: %r", dev.own_dir, self.device)
-        if not self.ready.done():
-            self.ready.set_result(self.device)
 
     async def disconnect(self, dev: XenbusDevice) -> None:
         device, self.device = self.device, None
         if device is not None:
             await device.close()
-        if self.ready.done():
-            self.ready = asyncio.get_running_loop().create_future()
 
 
 @contextlib.asynccontextmanager
@@ -382,25 +353,11 @@ async def open_blkfront(
         platform, TYPE, number, backend_domid=backend_domid, timeout=timeout
     )
     driver = BlkfrontDriver(config)
-    runner = DeviceRunner(dev, driver, reconnect=False)
-    task = asyncio.ensure_future(runner.run())
-    try:
-        ready = driver.ready
-        async with asyncio.timeout(timeout):
-            done, _ = await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
-        if ready in done:
-            device = ready.result()
-        else:
-            task.result()
-            raise ConnectionResetError(f"blkfront {dev.own_dir}: stopped before connecting")
-        yield device
-    finally:
-        with contextlib.suppress(Exception):
-            await runner.close(timeout=10)
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        await driver.disconnect(dev)
+    async with DeviceRunner(dev, driver, reconnect=False) as runner:
+        await runner.wait_connected(timeout)
+        if driver.device is None:
+            raise ConnectionResetError(f"blkfront {dev.own_dir}: backend lost while connecting")
+        yield driver.device
 
 
 __all__ = [
