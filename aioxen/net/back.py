@@ -34,13 +34,15 @@ keeps its buffers granted for the whole connection, so each page is mapped once 
 (bounded LRU).  Other frontends (Linux) get their pages mapped for one batch and unmapped
 after it, so no grant stays in use once its request is answered.
 
-**Handshake** (:func:`serve_vif`, one device, xenbus states): write features and InitWait;
-wait for the frontend to be Initialised/Connected; read ring refs, event channel and
-features (``request-rx-copy`` is required); map the rings, bind the channel, Connected.
-When the frontend closes, dies (event channel lost) or breaks the protocol: disconnect,
-go Closed, wait for the frontend to reset (Initialising/Closed), and start over.
+**XenStore** (:func:`serve_vif`): the xenbus handshake is
+:class:`~aioxen.xenbus.driver.DeviceRunner`'s; :class:`NetbackDriver` adds what is
+netif's: features with InitWait; on the frontend's Connected (or Initialised), its ring
+refs, event channel and features (``request-rx-copy`` is required), rings mapped and
+channel bound before Connected.  When the frontend closes, dies (event channel lost) or
+breaks the protocol the vif is disconnected and the device waits for the next frontend.
 :class:`Netback` serves many vifs: the toolstack role (:func:`create_vif_device`, what
-``xl`` does on Xen) plus one :func:`serve_vif` task per device.
+``xl`` does on Xen, via :mod:`aioxen.xenbus.toolstack`) plus one :func:`serve_vif` task
+per device.
 """
 
 from __future__ import annotations
@@ -51,13 +53,12 @@ import functools
 import logging
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from itertools import repeat
 from operator import add, getitem, setitem
 from typing import Any, cast
 
 from aioxen.errors import ProtocolError
-from aioxen.net import keys
 from aioxen.net.front import (
     PUSH_EVERY,
     RX_REQ_FMT,
@@ -67,7 +68,16 @@ from aioxen.net.front import (
     NetStats,
     byte_source,
 )
-from aioxen.net.keys import BackendFeatures, FrontendFeatures
+from aioxen.net.keys import (
+    DEFAULT_MTU,
+    FRONTEND_RING_KEYS,
+    VIF,
+    BackendFeatures,
+    FrontendFeatures,
+    default_mac,
+    link_keys,
+    parse_mac_value,
+)
 from aioxen.net.netif import (
     NETIF_RSP_ERROR,
     NETIF_RSP_NULL,
@@ -95,8 +105,18 @@ from aioxen.net.netif import (
     parse_tx,
 )
 from aioxen.net.offload import locate_l4, resolve_offloads
-from aioxen.platform.base import EventChannel, GrantTable, Mapping, Platform
+from aioxen.platform.base import EventChannel, GrantTable, Platform
+from aioxen.platform.base import Mapping as GrantMapping
 from aioxen.rings.rpc import BackRing
+from aioxen.xenbus.driver import (
+    BackendDriver,
+    DeviceRunner,
+    XenbusDevice,
+    backend_device,
+    frontend_dir,
+    read_opt,
+)
+from aioxen.xenbus.toolstack import add_device, remove_device
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +169,7 @@ class GrantCache:
         self._limit = limit
         self.views: OrderedDict[int, memoryview] = OrderedDict()
         """``gref -> view`` of what is mapped now (hot paths look here first)."""
-        self._maps: dict[int, Mapping] = {}
+        self._maps: dict[int, GrantMapping] = {}
         self.sources: dict[int, Any] = {}
         """``gref -> object whose slices are bytes`` (see :func:`~aioxen.net.front.byte_source`)."""
         self.maps_made = 0
@@ -816,96 +836,87 @@ async def attach_vif(
     )
 
 
-# --------------------------------------------------------------------------- handshake
+# --------------------------------------------------------------------------- xenbus
 
 
-async def _read_opt(store: Any, path: str) -> bytes | None:
-    try:
-        value: bytes = await store.read(path)
-        return value
-    except FileNotFoundError:
-        return None
+class NetbackDriver(BackendDriver):
+    """The vif's xenbus back end: a :class:`Vif` per connection.
+
+    Advertises ``features`` with ``InitWait``; :meth:`connect` reads the frontend's
+    features, ring refs and event channel (``request-rx-copy`` is required, split event
+    channels were not offered), attaches the :class:`Vif` and starts it with the deliver
+    function ``on_connect(vif)`` returns; :meth:`disconnect` calls ``on_disconnect(vif)``
+    and closes it.  A vif whose frontend dies or breaks the protocol reports it to the
+    runner (:meth:`~aioxen.xenbus.driver.XenbusDevice.peer_lost`), which disconnects and
+    waits for the next frontend.
+    """
+
+    type = VIF
+
+    def __init__(
+        self,
+        features: BackendFeatures,
+        on_connect: Callable[[Vif], Deliver],
+        on_disconnect: Callable[[Vif], None] | None = None,
+        on_end: Callable[[], None] | None = None,
+    ) -> None:
+        self.features = features
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self._on_end = on_end
+        self.vif: Vif | None = None
+
+    async def advertise(self, dev: XenbusDevice) -> Mapping[str, str]:
+        return self.features.entries()
+
+    async def connect(self, dev: XenbusDevice) -> None:
+        where = dev.peer_dir
+        ffeat = FrontendFeatures.parse({k: await dev.read_peer(k) for k in FrontendFeatures.KEYS})
+        if not ffeat.rx_copy:
+            raise ConnectionRefusedError(f"{where}: frontend did not request rx-copy")
+        if await dev.read_peer("event-channel-tx") is not None:
+            raise ProtocolError(
+                f"{where}: split event channels were not offered", field="event-channel-tx"
+            )
+        refs = {k: await dev.peer_int(k, 0, 1) for k in FRONTEND_RING_KEYS}
+        for k, v in refs.items():
+            if not v:
+                raise ProtocolError(f"{where}/{k} is missing", field=k)
+        vif = await attach_vif(
+            dev.platform,
+            dev.peer_domid,
+            dev.devid,
+            tx_ring_ref=refs["tx-ring-ref"],
+            rx_ring_ref=refs["rx-ring-ref"],
+            event_channel=refs["event-channel"],
+            features=ffeat,
+            backend_features=self.features,
+            deliver=_drop,
+            on_lost=dev.peer_lost,
+        )
+        try:
+            vif.set_deliver(self._on_connect(vif))
+            vif.start()
+        except BaseException:
+            vif.close()
+            raise
+        self.vif = vif
+
+    async def disconnect(self, dev: XenbusDevice) -> None:
+        vif, self.vif = self.vif, None
+        if vif is None:
+            return
+        if self._on_disconnect is not None:
+            try:
+                self._on_disconnect(vif)
+            except Exception:
+                log.exception("%r: on_disconnect failed", dev)
+        vif.close()
+        if self._on_end is not None:
+            self._on_end()
 
 
-async def _wait_state(
-    store: Any, path: str, accept: Callable[[int | None], bool], timeout: float | None = None
-) -> int | None:
-    """Watch ``path`` until ``accept(state)`` (``None`` = absent); return the state."""
-    async with asyncio.timeout(timeout), store.watch(path) as w:
-        while True:
-            raw = await _read_opt(store, path)
-            st = None if raw is None else keys.parse_state(raw)
-            if accept(st):
-                return st
-            await w.next()
-
-
-async def create_vif_device(
-    platform: Platform,
-    frontend_domid: int,
-    devid: int = 0,
-    *,
-    mac: bytes | None = None,
-    mtu: int = keys.DEFAULT_MTU,
-) -> None:
-    """The toolstack's part (``xl network-attach``): create the frontend and backend
-    directories of vif ``devid`` with Xen's ownership rules (each end owns its directory,
-    the other end may read it).  This domain is the backend.  Existing directories are
-    reset to state Initialising, keeping their MAC unless ``mac`` is given."""
-    store = platform.store
-    be = platform.domid
-    fdir = keys.frontend_dir(frontend_domid, devid)
-    bdir = keys.backend_dir(be, frontend_domid, devid)
-    if mac is None:
-        old = await _read_opt(store, f"{fdir}/mac")
-        mac = keys.parse_mac_value(old) if old else _default_mac(frontend_domid, devid)
-    mac_s = keys.mac_text(mac)
-
-    async def body(tx: Any) -> None:
-        for d, owner, peer in ((fdir, frontend_domid, be), (bdir, be, frontend_domid)):
-            await tx.mkdir(d)
-            await tx.set_perms(d, [f"n{owner}", f"r{peer}"])
-        entries_f = {
-            "backend": bdir,
-            "backend-id": str(be),
-            "mac": mac_s,
-            "mtu": str(mtu),
-            "handle": str(devid),
-            "state": str(keys.XENBUS_INITIALISING),
-        }
-        entries_b = {
-            "frontend": fdir,
-            "frontend-id": str(frontend_domid),
-            "online": "1",
-            "mac": mac_s,
-            "mtu": str(mtu),
-            "handle": str(devid),
-            "state": str(keys.XENBUS_INITIALISING),
-        }
-        for k, v in entries_f.items():
-            await tx.write(f"{fdir}/{k}", v)
-            await tx.set_perms(f"{fdir}/{k}", [f"n{frontend_domid}", f"r{be}"])
-        for k, v in entries_b.items():
-            await tx.write(f"{bdir}/{k}", v)
-            await tx.set_perms(f"{bdir}/{k}", [f"n{be}", f"r{frontend_domid}"])
-
-    await store.transact(body)
-
-
-async def destroy_vif_device(platform: Platform, frontend_domid: int, devid: int = 0) -> None:
-    """Remove both directories of a vif (``xl network-detach`` after the ends closed)."""
-    store = platform.store
-    for path in (
-        keys.backend_dir(platform.domid, frontend_domid, devid),
-        keys.frontend_dir(frontend_domid, devid),
-    ):
-        with contextlib.suppress(FileNotFoundError):
-            await store.rm(path)
-
-
-def _default_mac(frontend_domid: int, devid: int) -> bytes:
-    """Xen's OUI 00:16:3e with the domain and device in the low bytes."""
-    return bytes([0x00, 0x16, 0x3E, (frontend_domid >> 8) & 0x7F, frontend_domid & 0xFF, devid])
+DEFAULT_FEATURES = BackendFeatures(rx_copy=True, sg=True, gso_tcpv4=True, gso_tcpv6=True)
 
 
 async def serve_vif(
@@ -919,119 +930,48 @@ async def serve_vif(
     once: bool = False,
 ) -> None:
     """Serve vif ``devid`` of ``frontend_domid`` until its backend directory disappears
-    (or, with ``once``, until the first connection ends).
+    or the toolstack sets ``online=0`` (or, with ``once``, until the first connection
+    ends).
 
     ``on_connect(vif)`` is called for every connection and returns the function that
-    receives the frontend's frames; ``on_disconnect(vif)`` when it ends.
+    receives the frontend's frames; ``on_disconnect(vif)`` when it ends.  Cancelling
+    disconnects and publishes ``Closed``.
     """
-    store = platform.store
-    feats = features or BackendFeatures(rx_copy=True, sg=True, gso_tcpv4=True, gso_tcpv6=True)
-    bdir = keys.backend_dir(platform.domid, frontend_domid, devid)
-    fdir_raw = await store.read(f"{bdir}/frontend")
-    fdir = fdir_raw.decode().rstrip("\0")
-    while True:
-
-        async def advertise(tx: Any) -> None:
-            for k, v in feats.entries().items():
-                await tx.write(f"{bdir}/{k}", v)
-            await tx.write(f"{bdir}/state", str(keys.XENBUS_INIT_WAIT))
-
-        await store.transact(advertise)
-        state = await _wait_state(
-            store,
-            f"{fdir}/state",
-            lambda s: s in (keys.XENBUS_INITIALISED, keys.XENBUS_CONNECTED),
-        )
-        log.debug("vif %d/%d: frontend state %s", frontend_domid, devid, state)
-        lost: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
-        vif: Vif | None = None
-        try:
-            vif = await _connect_vif(platform, fdir, frontend_domid, devid, feats, lost)
-        except (ProtocolError, OSError, ConnectionRefusedError) as exc:
-            log.warning("vif %d/%d: cannot connect: %s", frontend_domid, devid, exc)
-            await store.write(f"{bdir}/state", str(keys.XENBUS_CLOSED))
-        else:
-            try:
-                vif.set_deliver(on_connect(vif))
-                vif.start()
-                await store.write(f"{bdir}/state", str(keys.XENBUS_CONNECTED))
-                watcher = asyncio.ensure_future(
-                    _wait_state(
-                        store,
-                        f"{fdir}/state",
-                        lambda s: s not in (keys.XENBUS_INITIALISED, keys.XENBUS_CONNECTED),
-                    )
-                )
-                try:
-                    waits: list[asyncio.Future[Any]] = [watcher, lost]
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    watcher.cancel()
-                    with contextlib.suppress(BaseException):
-                        await watcher
-            finally:
-                if on_disconnect is not None:
-                    try:
-                        on_disconnect(vif)
-                    except Exception:
-                        log.exception("vif %d/%d: on_disconnect failed", frontend_domid, devid)
-                vif.close()
-            with contextlib.suppress(FileNotFoundError):
-                await store.write(f"{bdir}/state", str(keys.XENBUS_CLOSED))
-        if once:
-            return
-        # wait for the frontend to reset (Closed, Initialising, or gone) before InitWait
-        await _wait_state(
-            store,
-            f"{fdir}/state",
-            lambda s: (
-                s in (None, keys.XENBUS_UNKNOWN, keys.XENBUS_INITIALISING, keys.XENBUS_CLOSED)
-            ),
-        )
-        if not await store.exists(bdir):
-            return
+    dev = await backend_device(platform, VIF, frontend_domid, devid)
+    driver = NetbackDriver(features or DEFAULT_FEATURES, on_connect, on_disconnect)
+    runner = DeviceRunner(dev, driver)
+    if once:
+        driver._on_end = runner.request_close
+    await runner.run()
 
 
-async def _connect_vif(
+async def create_vif_device(
     platform: Platform,
-    fdir: str,
     frontend_domid: int,
-    devid: int,
-    feats: BackendFeatures,
-    lost: asyncio.Future[BaseException],
-) -> Vif:
-    store = platform.store
-    vals = {k: await _read_opt(store, f"{fdir}/{k}") for k in FrontendFeatures.KEYS}
-    ffeat = FrontendFeatures.parse(vals)
-    if not ffeat.rx_copy:
-        raise ConnectionRefusedError(f"{fdir}: frontend did not request rx-copy")
-    if await _read_opt(store, f"{fdir}/event-channel-tx") is not None:
-        raise ProtocolError(
-            f"{fdir}: split event channels were not offered", field="event-channel-tx"
-        )
-    refs = {}
-    for k in ("tx-ring-ref", "rx-ring-ref", "event-channel"):
-        raw = await _read_opt(store, f"{fdir}/{k}")
-        if raw is None:
-            raise ProtocolError(f"{fdir}/{k} is missing", field=k)
-        refs[k] = keys.parse_int(raw, f"{fdir}/{k}", 1, 2**32 - 1)
+    devid: int = 0,
+    *,
+    mac: bytes | None = None,
+    mtu: int = DEFAULT_MTU,
+) -> None:
+    """The toolstack's part (``xl network-attach``): create vif ``devid`` of
+    ``frontend_domid`` with this domain as its backend (:func:`aioxen.xenbus.add_device`
+    plus ``mac``, ``mtu`` and ``handle`` in both directories).  An existing device is
+    replaced (state Initialising again), keeping its MAC unless ``mac`` is given."""
+    if mac is None:
+        fdir = frontend_dir(frontend_domid, VIF, devid)
+        old = await read_opt(platform.store, f"{fdir}/mac")
+        mac = parse_mac_value(old, f"{fdir}/mac") if old else default_mac(frontend_domid, devid)
+    link = link_keys(mac, mtu, devid)
+    await add_device(
+        platform.store, VIF, frontend_domid, platform.domid, devid,
+        frontend_keys=link, backend_keys=link, replace=True,
+    )  # fmt: skip
 
-    def on_lost(exc: BaseException) -> None:
-        if not lost.done():
-            lost.set_result(exc)
 
-    return await attach_vif(
-        platform,
-        frontend_domid,
-        devid,
-        tx_ring_ref=refs["tx-ring-ref"],
-        rx_ring_ref=refs["rx-ring-ref"],
-        event_channel=refs["event-channel"],
-        features=ffeat,
-        backend_features=feats,
-        deliver=_drop,
-        on_lost=on_lost,
-    )
+async def destroy_vif_device(platform: Platform, frontend_domid: int, devid: int = 0) -> None:
+    """Remove both directories of a vif (``xl network-detach`` after the ends closed)."""
+    with contextlib.suppress(FileNotFoundError):
+        await remove_device(platform.store, VIF, frontend_domid, platform.domid, devid, force=True)
 
 
 def _drop(frame: bytes, info: FrameInfo) -> None:
@@ -1068,7 +1008,7 @@ class Netback:
         *,
         create: bool = True,
         mac: bytes | None = None,
-        mtu: int = keys.DEFAULT_MTU,
+        mtu: int = DEFAULT_MTU,
     ) -> None:
         key = (frontend_domid, devid)
         if key in self._tasks:
@@ -1109,7 +1049,7 @@ class Netback:
             await asyncio.gather(*list(self._tasks.values()))
 
     async def close(self, *, remove: bool = False) -> None:
-        """Stop serving: disconnect every vif, set backends Closed (and remove the devices
+        """Stop serving: disconnect every vif, backends go Closed (and remove the devices
         with ``remove``)."""
         tasks = list(self._tasks.items())
         for _, t in tasks:
@@ -1117,12 +1057,8 @@ class Netback:
         for _, t in tasks:
             with contextlib.suppress(BaseException):
                 await t
-        store = self.platform.store
-        for (fe, devid), _ in tasks:
-            bdir = keys.backend_dir(self.platform.domid, fe, devid)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(store.write(f"{bdir}/state", str(keys.XENBUS_CLOSED)), 2)
-            if remove:
+        if remove:
+            for (fe, devid), _ in tasks:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(destroy_vif_device(self.platform, fe, devid), 2)
 
@@ -1130,6 +1066,7 @@ class Netback:
 __all__ = [
     "GrantCache",
     "Netback",
+    "NetbackDriver",
     "Vif",
     "attach_vif",
     "create_vif_device",

@@ -32,11 +32,15 @@ that is not in flight, or an event channel that loses its peer, ends the transpo
 (negative status, a fragment crossing its page, an unknown extra) drop that frame and are
 counted; the transport keeps going.
 
-**XenStore handshake** (:func:`create_frontend`): read ``backend``/``backend-id``/``mac``/
-``mtu`` from the frontend directory the toolstack created, wait for the backend to reach
-InitWait, read its features, set up the queue, write ring refs, event channel and features
-in one transaction with ``state=Connected``, and wait for the backend to connect.  Closing
-goes Closing → (backend Closing/Closed) → Closed, then releases grants and the channel.
+**XenStore** (:func:`create_frontend`): the xenbus handshake is
+:class:`~aioxen.xenbus.driver.DeviceRunner`'s; :class:`NetfrontDriver` adds what is
+netif's.  ``mac``/``mtu`` come from the frontend directory the toolstack created; once the
+backend is in ``InitWait`` the driver reads its features, sets the queue up and the runner
+publishes ring refs, event channel and features with ``state=Connected`` (Linux netfront's
+order); the transport starts when the backend is ``Connected`` too.  Closing goes Closing
+→ (backend Closing/Closed) → Closed, then releases grants and the channel; a backend that
+closes, dies or breaks the protocol ends the transport and the runner (no reconnect: a
+transport is one connection).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import logging
 import mmap
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import compress, repeat
 from operator import add, and_, lshift, ne
@@ -56,8 +60,13 @@ from typing import Any
 
 from aioxen import native
 from aioxen.errors import ProtocolError
-from aioxen.net import keys
-from aioxen.net.keys import BackendFeatures, FrontendFeatures
+from aioxen.net.keys import (
+    FRONTEND_RING_KEYS,
+    VIF,
+    BackendFeatures,
+    FrontendFeatures,
+    parse_link,
+)
 from aioxen.net.netif import (
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
@@ -86,6 +95,8 @@ from aioxen.net.netif import (
 from aioxen.platform.base import EventChannel, Platform, Share
 from aioxen.rings.formats import RawFormat
 from aioxen.rings.rpc import FrontRing
+from aioxen.xenbus.driver import DeviceRunner, FrontendDriver, XenbusDevice, frontend_device
+from aioxen.xenbus.state import XenbusState
 
 log = logging.getLogger(__name__)
 
@@ -870,28 +881,109 @@ class NetfrontTransport(asyncio.DatagramTransport):
         )
 
 
-# --------------------------------------------------------------------------- handshake
+# --------------------------------------------------------------------------- xenbus
+
+CLOSE_TIMEOUT = 2.0
+"""Seconds a closing netfront waits for the backend to acknowledge (``Closing``)."""
 
 
-async def _wait_for(
-    store: Any, path: str, predicate: Callable[[bytes | None], bool], timeout: float
-) -> bytes | None:
-    """Watch ``path`` until ``predicate(value)`` holds (``None`` = absent); return it."""
-    async with asyncio.timeout(timeout):
-        async with store.watch(path) as w:
-            while True:
-                value = await _read_opt(store, path)
-                if predicate(value):
-                    return value
-                await w.next()
+class NetfrontDriver(FrontendDriver):
+    """The vif's xenbus front end: a :class:`FrontQueue` per connection.
 
+    :meth:`connect` reads the backend's features, sets the queue up and returns its keys,
+    which the runner publishes with ``Connected`` (Linux netback ignores ``Initialised``)
+    once the backend is in ``InitWait``; :meth:`connected` resolves :attr:`ready`.
+    :meth:`disconnect` releases the queue and ends the transport using it with
+    ``ConnectionResetError`` (the backend closed, went away or was removed).
+    """
 
-async def _read_opt(store: Any, path: str) -> bytes | None:
-    try:
-        value: bytes = await store.read(path)
-        return value
-    except FileNotFoundError:
-        return None
+    type = VIF
+    connect_state = XenbusState.CONNECTED
+    needs_init_wait = True
+
+    def __init__(self, *, offload: bool, sg: bool) -> None:
+        self._offload = offload
+        self._sg = sg
+        self.queue: FrontQueue | None = None
+        self.backend_features = BackendFeatures()
+        self.frontend_features = FrontendFeatures()
+        self.transport: NetfrontTransport | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def published_keys(self) -> tuple[str, ...]:
+        return (*FRONTEND_RING_KEYS, *FrontendFeatures.KEYS)
+
+    async def connect(self, dev: XenbusDevice) -> Mapping[str, str]:
+        values = {k: await dev.read_peer(k) for k in BackendFeatures.KEYS}
+        try:
+            bfeat = BackendFeatures.parse(values)
+            if not bfeat.rx_copy:
+                raise ConnectionRefusedError(
+                    f"backend {dev.peer_dir} does not offer feature-rx-copy"
+                )
+        except (ProtocolError, ConnectionRefusedError) as exc:
+            self._not_ready(exc)
+            raise
+        use_sg = self._sg and bfeat.sg
+        ffeat = FrontendFeatures(
+            rx_copy=True,
+            rx_notify=True,
+            sg=use_sg,
+            gso_tcpv4=self._offload and use_sg,
+            gso_tcpv6=self._offload and use_sg,
+            csum_offload=self._offload,
+            ipv6_csum_offload=self._offload,
+            persistent=True,
+        )
+        queue = FrontQueue(
+            dev.platform,
+            dev.peer_domid,
+            deliver=_no_protocol_yet,
+            tx_space=self._tx_space,
+            fail=self._data_path_failed,
+            name=f"netfront(vif {dev.platform.domid}/{dev.devid})",
+        )
+        await queue.setup()  # releases what it got on failure
+        self.queue, self.backend_features, self.frontend_features = queue, bfeat, ffeat
+        return {
+            "tx-ring-ref": str(queue.tx_ring_ref),
+            "rx-ring-ref": str(queue.rx_ring_ref),
+            "event-channel": str(queue.event_channel),
+            **ffeat.entries(),
+        }
+
+    async def connected(self, dev: XenbusDevice) -> None:
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    async def disconnect(self, dev: XenbusDevice) -> None:
+        queue, self.queue = self.queue, None
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            try:
+                state: object = await dev.peer_state()
+            except (ProtocolError, OSError):
+                state = "?"
+            transport._connection_failed(
+                ConnectionResetError(
+                    f"backend {dev.peer_dir} of vif {dev.platform.domid}/{dev.devid} went to "
+                    f"state {state}"
+                )
+            )
+        if queue is not None:
+            queue.close()
+
+    def _not_ready(self, exc: BaseException) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+
+    def _tx_space(self) -> None:
+        if self.transport is not None:
+            self.transport._tx_space()
+
+    def _data_path_failed(self, exc: BaseException) -> None:
+        if self.transport is not None:
+            self.transport._connection_failed(exc)
 
 
 async def create_frontend(
@@ -912,143 +1004,88 @@ async def create_frontend(
     ``offload=True`` accepts partial checksums and GSO super-frames on receive (for
     protocols that pass frames on to a kernel, like a TAP); with the default ``False``
     every received frame has complete checksums and is at most MTU-sized.  ``sg`` allows
-    frames larger than a page (needed for GSO and for MTUs above 4082).
+    frames larger than a page (needed for GSO and for MTUs above 4082).  ``timeout``
+    bounds the whole handshake (``TimeoutError``).
     """
     from aioxen.platform import resolve
 
     plat = await resolve(platform)
-    store = plat.store
-    loop = asyncio.get_running_loop()
-    fe = plat.domid
-    fdir = keys.frontend_dir(fe, devid)
-    async with asyncio.timeout(timeout):
-        raw_be = await _wait_for(store, f"{fdir}/backend-id", lambda v: v is not None, timeout)
-        assert raw_be is not None
-        be_id = keys.parse_int(raw_be, f"{fdir}/backend-id", 0, 0x7FEF)
-        if backend_domid is not None and be_id != backend_domid:
-            raise ValueError(
-                f"vif {devid} of domain {fe} is served by domain {be_id}, not {backend_domid}"
-            )
-        bdir = (await store.read(f"{fdir}/backend")).decode().rstrip("\0")
-        mac = keys.parse_mac_value(await store.read(f"{fdir}/mac"), f"{fdir}/mac")
-        raw_mtu = await _read_opt(store, f"{fdir}/mtu")
-        mtu = keys.parse_int(raw_mtu, f"{fdir}/mtu", 68, 65535) if raw_mtu else keys.DEFAULT_MTU
-        # Initialising makes a backend still attached to an earlier instance of this
-        # vif let go; it then (re)advertises in InitWait.
-        await _set_state(store, fdir, keys.XENBUS_INITIALISING)
-        await _wait_for(
-            store,
-            f"{bdir}/state",
-            lambda v: keys.parse_state(v) == keys.XENBUS_INIT_WAIT,
-            timeout,
-        )
-        values = {k: await _read_opt(store, f"{bdir}/{k}") for k in BackendFeatures.KEYS}
-        bfeat = BackendFeatures.parse(values)
-    if not bfeat.rx_copy:
-        raise ConnectionRefusedError(f"backend {bdir} does not offer feature-rx-copy")
-    use_sg = sg and bfeat.sg
-    ffeat = FrontendFeatures(
-        rx_copy=True,
-        rx_notify=True,
-        sg=use_sg,
-        gso_tcpv4=offload and use_sg,
-        gso_tcpv6=offload and use_sg,
-        csum_offload=offload,
-        ipv6_csum_offload=offload,
-        persistent=True,
-    )
-    max_frame = XEN_NETIF_MAX_TX_SIZE if use_sg else PAGE_SIZE
+    runner: DeviceRunner | None = None
+    driver: NetfrontDriver | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            dev = await frontend_device(plat, VIF, devid, timeout=None)
+            if backend_domid is not None and dev.peer_domid != backend_domid:
+                raise ValueError(
+                    f"vif {devid} of domain {plat.domid} is served by domain "
+                    f"{dev.peer_domid}, not {backend_domid}"
+                )
+            mac, mtu = parse_link(await dev.read("mac"), await dev.read("mtu"), dev.own_dir)
+            driver = NetfrontDriver(offload=offload, sg=sg)
+            runner = DeviceRunner(dev, driver, reconnect=False, close_timeout=CLOSE_TIMEOUT)
+            task = runner.start()
+            await asyncio.wait([driver.ready, task], return_when=asyncio.FIRST_COMPLETED)
+            if not driver.ready.done():
+                raise ConnectionResetError(
+                    f"netfront {dev.own_dir}: handshake ended before the backend connected"
+                ) from runner.error
+            driver.ready.result()  # the connect error, if the backend was unusable
+        return _open_transport(protocol_factory, runner, driver, mac, mtu)
+    except BaseException:
+        if runner is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(runner.stop(timeout=CLOSE_TIMEOUT + 1))
+        if driver is not None and driver.ready.done() and not driver.ready.cancelled():
+            driver.ready.exception()  # retrieved (it may be what is being raised)
+        raise
+
+
+def _open_transport(
+    protocol_factory: Callable[[], asyncio.DatagramProtocol],
+    runner: DeviceRunner,
+    driver: NetfrontDriver,
+    mac: bytes,
+    mtu: int,
+) -> tuple[NetfrontTransport, asyncio.DatagramProtocol]:
+    """The connected queue as a transport with its protocol (no await: the runner cannot
+    disconnect the queue half way through)."""
+    dev, queue = runner.dev, driver.queue
+    if queue is None:
+        raise ConnectionResetError(f"netfront {dev.own_dir}: backend left while connecting")
+    bfeat = driver.backend_features
     transport = NetfrontTransport(
-        loop,
-        asyncio.DatagramProtocol(),  # replaced below, once the queue exists
+        asyncio.get_running_loop(),
+        protocol_factory(),
         extra={
             "mac": mac,
             "mtu": mtu,
-            "devid": devid,
-            "backend_domid": be_id,
-            "backend_path": bdir,
-            "frontend_path": fdir,
+            "devid": dev.devid,
+            "backend_domid": dev.peer_domid,
+            "backend_path": dev.peer_dir,
+            "frontend_path": dev.own_dir,
             "backend_features": bfeat,
-            "frontend_features": ffeat,
-            "platform": plat,
+            "frontend_features": driver.frontend_features,
+            "platform": dev.platform,
         },
-        max_frame=max_frame,
+        max_frame=XEN_NETIF_MAX_TX_SIZE if driver.frontend_features.sg else PAGE_SIZE,
     )
-    queue = FrontQueue(
-        plat,
-        be_id,
-        deliver=_no_protocol_yet,
-        tx_space=transport._tx_space,
-        fail=transport._connection_failed,
-        name=f"netfront(vif {fe}/{devid})",
-    )
-    watcher: list[asyncio.Task[None]] = []
-    try:
-        await queue.setup()
-        entries = {
-            "tx-ring-ref": str(queue.tx_ring_ref),
-            "rx-ring-ref": str(queue.rx_ring_ref),
-            "event-channel": str(queue.event_channel),
-            **ffeat.entries(),
-        }
-
-        async def publish(tx: Any) -> None:
-            for k, v in entries.items():
-                await tx.write(f"{fdir}/{k}", v)
-            await tx.write(f"{fdir}/state", str(keys.XENBUS_CONNECTED))
-
-        await store.transact(publish)
-        await _wait_for(
-            store,
-            f"{bdir}/state",
-            lambda v: keys.parse_state(v) >= keys.XENBUS_CONNECTED,
-            timeout,
-        )
-        state = keys.parse_state(await _read_opt(store, f"{bdir}/state"))
-        if state != keys.XENBUS_CONNECTED:
-            raise ConnectionResetError(f"backend {bdir} went to state {state} while connecting")
-    except BaseException:
-        queue.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(_set_state(store, fdir, keys.XENBUS_CLOSED), 2.0)
-        raise
-
-    async def watch_backend() -> None:
-        try:
-            async with store.watch(f"{bdir}/state") as w:
-                while True:
-                    await w.next()
-                    st = keys.parse_state(await _read_opt(store, f"{bdir}/state"))
-                    if st in (keys.XENBUS_CLOSING, keys.XENBUS_CLOSED, keys.XENBUS_UNKNOWN):
-                        transport._connection_failed(
-                            ConnectionResetError(
-                                f"backend {bdir} of vif {fe}/{devid} went to state {st}"
-                            )
-                        )
-                        return
-        except (ConnectionError, asyncio.CancelledError):
-            return
 
     async def teardown(exc: Exception | None) -> None:
-        for t in watcher:
-            t.cancel()
-        queue.flush()
-        try:
-            await asyncio.wait_for(_set_state(store, fdir, keys.XENBUS_CLOSING), 2.0)
-            with contextlib.suppress(TimeoutError):
-                await _wait_for(store, f"{bdir}/state", _closing_or_gone, 2.0)
-        finally:
-            queue.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(_set_state(store, fdir, keys.XENBUS_CLOSED), 2.0)
+        q = driver.queue
+        if q is not None:
+            q.flush()
+        if exc is not None:  # the backend died or misbehaved: disconnect, Closed
+            dev.peer_lost(exc)
+            with contextlib.suppress(ConnectionResetError, TimeoutError):
+                await runner.wait_state(XenbusState.CLOSED, timeout=CLOSE_TIMEOUT)
+        await runner.stop(timeout=CLOSE_TIMEOUT + 1)  # orderly: Closing, Closed
 
+    protocol = transport._protocol
+    driver.transport = transport
     transport._attach(queue, teardown)
-    protocol = protocol_factory()
-    transport._protocol = protocol
     queue.set_deliver(protocol.datagram_received)
     protocol.connection_made(transport)
     queue.start()
-    watcher.append(loop.create_task(watch_backend()))
     return transport, protocol
 
 
@@ -1071,12 +1108,4 @@ def _no_protocol_yet(frame: bytes, info: FrameInfo) -> None:
     raise RuntimeError("netfront delivered a frame before the protocol existed")
 
 
-def _closing_or_gone(value: bytes | None) -> bool:
-    return keys.parse_state(value) in (keys.XENBUS_CLOSING, keys.XENBUS_CLOSED, keys.XENBUS_UNKNOWN)
-
-
-async def _set_state(store: Any, directory: str, state: int) -> None:
-    await store.write(f"{directory}/state", str(state))
-
-
-__all__ = ["FrontQueue", "NetStats", "NetfrontTransport", "create_frontend"]
+__all__ = ["FrontQueue", "NetStats", "NetfrontDriver", "NetfrontTransport", "create_frontend"]

@@ -1,16 +1,13 @@
-"""XenStore layout of a vif: paths, feature keys and their parsing (pure).
+"""The vif's XenStore keys: link settings and feature keys, and their parsing (pure).
 
 Theory of operation
 -------------------
-A vif ``devid`` between frontend domain ``fe`` and backend domain ``be`` lives in two
-directories written by the toolstack (``xl`` on Xen, ``aioxen netback`` on ``unix``):
-
-* frontend dir ``/local/domain/<fe>/device/vif/<devid>``: ``backend``, ``backend-id``,
-  ``mac``, ``mtu``, ``handle``, ``state``; the frontend adds ``tx-ring-ref``,
-  ``rx-ring-ref``, ``event-channel``, ``request-rx-copy`` and its ``feature-*`` keys;
-* backend dir ``/local/domain/<be>/backend/vif/<fe>/<devid>``: ``frontend``,
-  ``frontend-id``, ``online``, ``state``, ``mac``, ``handle``; the backend adds its
-  ``feature-*`` keys.
+A vif ``devid`` between frontend domain ``fe`` and backend domain ``be`` is a xenbus
+device of type ``vif`` (:mod:`aioxen.xenbus`: directories, states and the toolstack step).
+On top of the generic keys the toolstack writes the link settings :func:`link_keys` into
+both directories (``mac``, ``mtu``, ``handle``); the backend advertises
+:class:`BackendFeatures` with ``InitWait``, and the frontend publishes its ring refs,
+event channel and :class:`FrontendFeatures` when it connects.
 
 A feature is on iff its value is ``"1"`` (missing means off), except where netif.h gives a
 different default (IPv4 checksum offload is on unless ``feature-no-csum-offload=1``).
@@ -24,55 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aioxen.errors import ProtocolError
+from aioxen.xenbus.driver import feature, read_int
 
-XENBUS_UNKNOWN = 0
-XENBUS_INITIALISING = 1
-XENBUS_INIT_WAIT = 2
-XENBUS_INITIALISED = 3
-XENBUS_CONNECTED = 4
-XENBUS_CLOSING = 5
-XENBUS_CLOSED = 6
-
+VIF = "vif"
+"""The xenbus device type."""
 DEFAULT_MTU = 1500
 BACKEND_MAC = bytes.fromhex("feffffffffff")
 """The MAC a backend vif uses for itself (libxl/Qubes convention)."""
-
-
-def frontend_dir(fe: int, devid: int) -> str:
-    return f"/local/domain/{fe}/device/vif/{devid}"
-
-
-def backend_dir(be: int, fe: int, devid: int) -> str:
-    return f"/local/domain/{be}/backend/vif/{fe}/{devid}"
-
-
-def backend_root(be: int) -> str:
-    return f"/local/domain/{be}/backend/vif"
-
-
-def flag(value: bytes | None) -> bool:
-    """A feature value: on iff it is ``"1"``."""
-    return value is not None and value.strip() == b"1"
-
-
-def parse_int(value: bytes, what: str, lo: int = 0, hi: int = 2**32 - 1) -> int:
-    """A decimal XenStore value in ``lo..hi``; ``ProtocolError`` naming ``what`` else."""
-    text = value.strip().rstrip(b"\0")
-    if not text.isdigit():
-        raise ProtocolError(f"{what}: {value!r} is not a decimal number", field=what)
-    number = int(text)
-    if not lo <= number <= hi:
-        raise ProtocolError(f"{what}: {number} out of range {lo}..{hi}", field=what)
-    return number
-
-
-def parse_state(value: bytes | None) -> int:
-    if value is None:
-        return XENBUS_UNKNOWN
-    try:
-        return parse_int(value, "state", 0, 8)
-    except ProtocolError:
-        return XENBUS_UNKNOWN
+FRONTEND_RING_KEYS = ("tx-ring-ref", "rx-ring-ref", "event-channel")
 
 
 def parse_mac_value(value: bytes, what: str = "mac") -> bytes:
@@ -87,6 +43,27 @@ def parse_mac_value(value: bytes, what: str = "mac") -> bytes:
 
 def mac_text(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
+
+
+def default_mac(frontend_domid: int, devid: int) -> bytes:
+    """Xen's OUI 00:16:3e with the domain and device in the low bytes."""
+    return bytes([0x00, 0x16, 0x3E, (frontend_domid >> 8) & 0x7F, frontend_domid & 0xFF, devid])
+
+
+def link_keys(mac: bytes, mtu: int, devid: int) -> dict[str, str]:
+    """What the toolstack writes into both directories of a vif."""
+    return {"mac": mac_text(mac), "mtu": str(mtu), "handle": str(devid)}
+
+
+def parse_link(mac: bytes | None, mtu: bytes | None, directory: str) -> tuple[bytes, int]:
+    """The frontend's ``(mac, mtu)`` from its directory's values (``mtu`` defaults to
+    1500; a missing ``mac`` is ``FileNotFoundError``, garbage a ``ProtocolError``)."""
+    if mac is None:
+        raise FileNotFoundError(f"{directory}/mac is missing (no MAC address for this vif)")
+    return (
+        parse_mac_value(mac, f"{directory}/mac"),
+        read_int(mtu, f"{directory}/mtu", DEFAULT_MTU, 68, 65535),
+    )
 
 
 @dataclass(frozen=True)
@@ -113,12 +90,12 @@ class BackendFeatures:
     def parse(cls, values: dict[str, bytes | None]) -> BackendFeatures:
         mq = values.get("multi-queue-max-queues")
         return cls(
-            rx_copy=flag(values.get("feature-rx-copy")),
-            sg=flag(values.get("feature-sg")),
-            gso_tcpv4=flag(values.get("feature-gso-tcpv4")),
-            gso_tcpv6=flag(values.get("feature-gso-tcpv6")),
-            ipv6_csum_offload=flag(values.get("feature-ipv6-csum-offload")),
-            max_queues=parse_int(mq, "multi-queue-max-queues", 1, 64) if mq else 1,
+            rx_copy=feature(values.get("feature-rx-copy")),
+            sg=feature(values.get("feature-sg")),
+            gso_tcpv4=feature(values.get("feature-gso-tcpv4")),
+            gso_tcpv6=feature(values.get("feature-gso-tcpv6")),
+            ipv6_csum_offload=feature(values.get("feature-ipv6-csum-offload")),
+            max_queues=read_int(mq or None, "multi-queue-max-queues", 1, 1, 64),
         )
 
     def entries(self) -> dict[str, str]:
@@ -160,14 +137,14 @@ class FrontendFeatures:
     @classmethod
     def parse(cls, values: dict[str, bytes | None]) -> FrontendFeatures:
         return cls(
-            rx_copy=flag(values.get("request-rx-copy")),
-            rx_notify=flag(values.get("feature-rx-notify")),
-            sg=flag(values.get("feature-sg")),
-            gso_tcpv4=flag(values.get("feature-gso-tcpv4")),
-            gso_tcpv6=flag(values.get("feature-gso-tcpv6")),
-            csum_offload=not flag(values.get("feature-no-csum-offload")),
-            ipv6_csum_offload=flag(values.get("feature-ipv6-csum-offload")),
-            persistent=flag(values.get("feature-persistent")),
+            rx_copy=feature(values.get("request-rx-copy")),
+            rx_notify=feature(values.get("feature-rx-notify")),
+            sg=feature(values.get("feature-sg")),
+            gso_tcpv4=feature(values.get("feature-gso-tcpv4")),
+            gso_tcpv6=feature(values.get("feature-gso-tcpv6")),
+            csum_offload=not feature(values.get("feature-no-csum-offload")),
+            ipv6_csum_offload=feature(values.get("feature-ipv6-csum-offload")),
+            persistent=feature(values.get("feature-persistent")),
         )
 
     def entries(self) -> dict[str, str]:
@@ -186,21 +163,13 @@ class FrontendFeatures:
 __all__ = [
     "BACKEND_MAC",
     "DEFAULT_MTU",
-    "XENBUS_CLOSED",
-    "XENBUS_CLOSING",
-    "XENBUS_CONNECTED",
-    "XENBUS_INITIALISED",
-    "XENBUS_INITIALISING",
-    "XENBUS_INIT_WAIT",
-    "XENBUS_UNKNOWN",
+    "FRONTEND_RING_KEYS",
+    "VIF",
     "BackendFeatures",
     "FrontendFeatures",
-    "backend_dir",
-    "backend_root",
-    "flag",
-    "frontend_dir",
+    "default_mac",
+    "link_keys",
     "mac_text",
-    "parse_int",
+    "parse_link",
     "parse_mac_value",
-    "parse_state",
 ]

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from test_offload import l4_ok, partial, tcp4, tcp6
 
-from aioxen.net import keys
 from aioxen.net.back import Netback, Vif
 from aioxen.net.front import NetfrontTransport, create_frontend
 from aioxen.net.netif import PLAIN, FrameInfo
@@ -72,7 +71,7 @@ async def make_rig(
     world = InHeapWorld()
     be = InHeapPlatform(0, world)
     await be.open()
-    fes = {}
+    fes: dict[int, Platform] = {}
     for d in range(1, n_frontends + 1):
         fes[d] = InHeapPlatform(d, world)
         await fes[d].open()
@@ -218,7 +217,7 @@ async def test_validation_and_send_after_close() -> None:
         assert await p.lost is None
         await t.wait_closed()
         store = rig.be.store
-        fstate = await store.read(keys.frontend_dir(1, 0) + "/state")
+        fstate = await store.read(t.get_extra_info("frontend_path") + "/state")
         assert fstate == b"6"
 
 

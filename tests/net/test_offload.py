@@ -122,7 +122,7 @@ def test_fill_and_complete_checksum(frame: bytearray) -> None:
     struct.pack_into("!H", frame, at, partial)
     assert complete_checksum(frame)
     assert l4_ok(bytes(frame)) and (
-        bytes(frame) == full or frame[at : at + 2] in (b"\0\0", b"\xff\xff")
+        bytes(frame) == full or bytes(frame[at : at + 2]) in (b"\0\0", b"\xff\xff")
     )
 
 
