@@ -20,8 +20,10 @@ The object keeps the file descriptors it was given (it owns them) so that an unm
 notification can clear a byte with ``pwrite`` *after* the region is gone: the close is then
 all-or-nothing — either the region is still mapped (``BufferError``) or every side effect ran.
 
-Argument checks shared by the grant backends (:func:`check_refs`,
-:func:`check_unmap_notify`) live here too.
+The all-or-nothing unmap of an ``mmap`` and the one view handed out of it is
+:class:`OwnedView`, which every share and mapping that owns its ``mmap`` uses too.  Argument
+checks shared by the grant backends (:func:`check_refs`, :func:`check_npages`,
+:func:`check_unmap_notify`) live here as well.
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ def check_refs(refs: Sequence[int], remote_domid: int) -> list[int]:
     return out
 
 
+def check_npages(npages: int) -> int:
+    """Validate a number of pages to share (a positive int, not a bool)."""
+    if not isinstance(npages, int) or isinstance(npages, bool) or npages < 1:
+        raise ValueError(f"npages must be a positive int, not {npages!r}")
+    return npages
+
+
 def check_unmap_notify(offset: int | None, size: int, writable: bool, what: str) -> None:
     """Validate an unmap-notify byte offset for a share/mapping of ``size`` bytes."""
     if offset is None:
@@ -58,13 +67,41 @@ def check_unmap_notify(offset: int | None, size: int, writable: bool, what: str)
         raise ValueError(f"unmap-notify byte clearing needs a writable {what}")
 
 
-class ComposedPages:
+class OwnedView:
+    """Mixin: an ``mmap`` (``_mm``) its holder owns and the one ``memoryview`` of it
+    (``_view``) handed out; the holder sets both."""
+
+    __slots__ = ("_mm", "_view")
+    _mm: mmap.mmap | None
+    _view: memoryview | None
+
+    def _unmap_view(self) -> bool:
+        """Release ``_view`` and unmap ``_mm``; ``False`` if already done.  While views
+        derived from ``_view`` are alive: ``BufferError``, and the mapping and a usable
+        ``_view`` stay."""
+        mm = self._mm
+        if mm is None:
+            return False
+        view = self._view
+        if view is not None:
+            view.release()  # BufferError here if the view itself is exported (e.g. pinned)
+            self._view = None
+        try:
+            mm.close()
+        except BufferError:
+            self._view = memoryview(mm)
+            raise
+        self._mm = None
+        return True
+
+
+class ComposedPages(OwnedView):
     """``len(sources)`` pages, page ``i`` being ``sources[i] = (fd, file_offset)``.
 
-    Takes ownership of every fd in ``fds`` (closed by :meth:`close`, also on failure here).
+    Takes ownership of every fd in ``fds`` (closed by :meth:`close_fds`, also on failure here).
     """
 
-    __slots__ = ("_fds", "_region", "_sources", "_view", "_writable")
+    __slots__ = ("_fds", "_sources", "_writable")
 
     def __init__(
         self, sources: Sequence[tuple[int, int]], writable: bool, fds: Sequence[int]
@@ -72,7 +109,7 @@ class ComposedPages:
         self._fds = list(fds)
         self._sources = list(sources)
         self._writable = writable
-        self._region: mmap.mmap | None = None
+        self._mm: mmap.mmap | None = None
         self._view: memoryview | None = None
         try:
             if not self._sources:
@@ -80,17 +117,17 @@ class ComposedPages:
             length = len(self._sources) * PAGE_SIZE
             access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
             region = mmap.mmap(-1, length, access=access)
-            self._region = region
+            self._mm = region
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             base = native.address_of(region)
             for first, count, fd, offset in _runs(self._sources):
                 native.mmap_fixed(base + first * PAGE_SIZE, count * PAGE_SIZE, prot, fd, offset)
             self._view = memoryview(region)
         except BaseException:
-            self._teardown_fds()
-            if self._region is not None:
-                self._region.close()
-                self._region = None
+            self.close_fds()
+            if self._mm is not None:
+                self._mm.close()
+                self._mm = None
             raise
 
     @property
@@ -101,7 +138,7 @@ class ComposedPages:
 
     @property
     def closed(self) -> bool:
-        return self._region is None
+        return self._mm is None
 
     @property
     def writable(self) -> bool:
@@ -111,23 +148,9 @@ class ComposedPages:
         """Start address of the region (for tests that inspect ``/proc/self/maps``)."""
         return native.address_of(self.view)
 
-    def unmap(self) -> bool:
-        """Unmap the region; ``False`` if already done.  ``BufferError`` (nothing changed)
-        while views derived from :attr:`view` are alive."""
-        region = self._region
-        if region is None:
-            return False
-        view = self._view
-        if view is not None:
-            view.release()  # BufferError here if the view itself is exported (e.g. pinned)
-            self._view = None
-        try:
-            region.close()
-        except BufferError:
-            self._view = memoryview(region)
-            raise
-        self._region = None
-        return True
+    unmap = OwnedView._unmap_view
+    """Unmap the region; ``False`` if already done.  ``BufferError`` (nothing changed)
+    while views derived from :attr:`view` are alive."""
 
     def clear_byte(self, offset: int) -> None:
         """Write 0 at ``offset`` of the composed range via the backing file (works after
@@ -136,9 +159,6 @@ class ComposedPages:
         os.pwrite(fd, b"\0", file_offset + offset % PAGE_SIZE)
 
     def close_fds(self) -> None:
-        self._teardown_fds()
-
-    def _teardown_fds(self) -> None:
         fds, self._fds = self._fds, []
         for fd in fds:
             os.close(fd)
@@ -157,4 +177,11 @@ def _runs(sources: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]
     return runs
 
 
-__all__ = ["MAX_REF", "ComposedPages", "check_refs", "check_unmap_notify"]
+__all__ = [
+    "MAX_REF",
+    "ComposedPages",
+    "OwnedView",
+    "check_npages",
+    "check_refs",
+    "check_unmap_notify",
+]
