@@ -31,6 +31,7 @@ from aioxen.platform._inheap_grants import (
     _Grant,
     _RefAllocator,
 )
+from aioxen.platform._leaks import LeakChecks, assert_no_leaks
 from aioxen.platform.base import Platform
 
 if TYPE_CHECKING:
@@ -72,9 +73,7 @@ class InHeapWorld:
 
     def assert_cleaned_up(self) -> None:
         """Raise ``AssertionError`` listing leaked ports, shares and mappings."""
-        leaks = self.leaks()
-        if leaks:
-            raise AssertionError("in-heap world not cleaned up:\n  " + "\n  ".join(leaks))
+        assert_no_leaks("in-heap world", self.leaks())
 
     def __repr__(self) -> str:
         return (
@@ -96,7 +95,7 @@ def default_world() -> InHeapWorld:
         return _default_world
 
 
-class InHeapPlatform(Platform):
+class InHeapPlatform(LeakChecks, Platform):
     """One in-heap domain.  ``world`` defaults to :func:`default_world`."""
 
     name = "inheap"
@@ -115,18 +114,6 @@ class InHeapPlatform(Platform):
     @property
     def grants(self) -> InHeapGrantTable:
         return self._grants
-
-    def leaks(self) -> list[str]:
-        """What this platform object opened and has not closed yet."""
-        out = [repr(ch) for ch in self._events.live()]
-        out += sorted(repr(o) for o in self._grants.live())
-        return out
-
-    def assert_cleaned_up(self) -> None:
-        """Raise ``AssertionError`` listing channels/shares/mappings this object leaked."""
-        leaks = self.leaks()
-        if leaks:
-            raise AssertionError(f"{self!r} not cleaned up:\n  " + "\n  ".join(leaks))
 
     def _create_store(self) -> XenStoreClient:
         from aioxen.xenstore.client import XenStoreClient

@@ -30,6 +30,7 @@ import os
 from typing import TYPE_CHECKING
 
 from aioxen.errors import PlatformError
+from aioxen.platform._leaks import LeakChecks
 from aioxen.platform._unix_events import UnixEventChannel, UnixEventChannels
 from aioxen.platform._unix_grants import (
     TABLE_NAME,
@@ -74,7 +75,7 @@ def ensure_private_dir(path: str) -> None:
         raise PlatformError(f"{path} exists but is not a directory")
 
 
-class UnixPlatform(Platform):
+class UnixPlatform(LeakChecks, Platform):
     """One domain played by this process under ``root``."""
 
     name = "unix"
@@ -106,18 +107,6 @@ class UnixPlatform(Platform):
     @property
     def grants(self) -> UnixGrantTable:
         return self._grants
-
-    def leaks(self) -> list[str]:
-        """What this platform object opened and has not closed yet."""
-        out = [repr(ch) for ch in self._events.live()]
-        out += sorted(repr(o) for o in self._grants.live())
-        return out
-
-    def assert_cleaned_up(self) -> None:
-        """Raise ``AssertionError`` listing channels/shares/mappings this object leaked."""
-        leaks = self.leaks()
-        if leaks:
-            raise AssertionError(f"{self!r} not cleaned up:\n  " + "\n  ".join(leaks))
 
     def _create_store(self) -> XenStoreClient:
         from aioxen.xenstore.client import XenStoreClient

@@ -34,6 +34,7 @@ import os
 from typing import TYPE_CHECKING
 
 from aioxen.errors import PlatformError
+from aioxen.platform._leaks import LeakChecks
 from aioxen.platform._xen_events import XenEventChannel, XenEventChannels
 from aioxen.platform._xen_grants import XenGrantTable, XenMapping, XenShare
 from aioxen.platform.base import Platform, check_domid
@@ -54,7 +55,7 @@ def is_control_domain(path: str = CAPABILITIES_PATH) -> bool:
         return False
 
 
-class XenPlatform(Platform):
+class XenPlatform(LeakChecks, Platform):
     """The ``xen`` platform: this process runs in a Xen domain with ``/dev/xen`` devices.
 
     ``domid``: this domain's id if known, else learned by :meth:`open`.
@@ -123,12 +124,6 @@ class XenPlatform(Platform):
             return int(value)
         except ValueError:
             raise PlatformError(f"XenStore key 'domid' holds {value!r}, not a number") from None
-
-    def leaks(self) -> list[str]:
-        """What this platform object opened and has not closed yet (for leak checks)."""
-        out = [repr(ch) for ch in self._events.live()]
-        out += sorted(repr(o) for o in self._grants.live())
-        return out
 
     async def close(self) -> None:
         if self._closed:
