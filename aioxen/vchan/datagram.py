@@ -86,10 +86,12 @@ class VchanDatagramTransport(VchanTransport, asyncio.DatagramTransport):
     def write(self, data: Any) -> None:
         raise NotImplementedError("use sendto() on a vchan datagram transport")
 
-    def _pump(self, force: bool) -> int:
+    def _pump(self, force: bool, arm: bool = True) -> int:
         core = self._core
+        arm = arm and not force
         limit = core.read_size - MAX_DATAGRAM_HEADER
         protocol: Any = self._protocol
+        self._rleft = 0
         while not self._conn_lost:
             eof = core.peer_eof()
             avail = core.readable()
@@ -123,7 +125,9 @@ class VchanDatagramTransport(VchanTransport, asyncio.DatagramTransport):
                 elif eof:
                     self._deliver_eof()
                 return 1
-            if core.request_readable() < need:
+            avail = core.request_readable() if arm else core.readable()
+            if avail < need:
+                self._rleft = avail  # a poll window waits for more than this
                 return core.peer_live()
         return 1
 
@@ -152,7 +156,7 @@ class VchanDatagramTransport(VchanTransport, asyncio.DatagramTransport):
             self._pump(True)
         self._closing = True
         self._peer_eof = True
-        self._wbuf.clear()
+        self._clear_queue()
         self._teardown(None, set_live=True)
 
 

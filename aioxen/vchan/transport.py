@@ -13,9 +13,32 @@ installed with ``EventChannel.set_handler``: it runs on every batch of events an
    only signals when we are really idle (notification suppression);
 3. checks the peer's live byte and the channel's ``peer_lost``.
 
-Writes go straight into the ring when nothing is queued; only the remainder is buffered
-(with asyncio's high/low water marks driving ``pause_writing``/``resume_writing``), and a
-read notification is requested so the next consumption by the peer wakes us.
+Writes go straight into the ring when nothing is queued; only the remainder is queued,
+without a copy for ``bytes`` (the queue holds ``memoryview`` slices; other buffers are
+copied once, as asyncio's socket transports do), and it moves into the ring as space
+appears.  asyncio's high/low water marks drive ``pause_writing``/``resume_writing``; a
+read notification is requested when the ring is full, so the peer's next consumption
+wakes us.
+
+Busy polling.  Waking up through an event channel costs a system call on the writer, a
+wake-up of the reader's event loop and a callback; a ring can instead be *polled*.  After
+any activity (a write, data delivered, an event) the transport polls its rings for a
+bounded window instead of asking the peer for notifications: one check per event-loop
+iteration, run as an ordinary ``call_soon`` callback, so other tasks, I/O and timers run in
+between.  Each find extends the window; when it runs out the transport falls back to the
+notify protocol: it sets the notify bit(s) and *re-checks* the rings (the atomic OR is a
+full barrier), exactly as without polling, then sleeps until the event.  While both ends
+poll, steady-state traffic needs no notify system call and no event-loop wake-up at all.
+
+The window adapts like a halt-polling governor: ``busy_poll`` (default
+:data:`DEFAULT_BUSY_POLL`) is its *maximum*.  When the peer's next activity arrives by
+event after a window ran out, the gap since the window opened decides: within
+``busy_poll`` (a longer window would have caught it) the window doubles, up to the
+maximum; later than that it halves, and below an eighth of the maximum polling stops, to
+resume (at an eighth) once an event again arrives within ``busy_poll`` of the wait's start.
+So an idle or slow peer costs at most a few short windows, and a chatty one is polled.
+``busy_poll=0`` disables polling (the default on the single-process ``inheap`` platform,
+where the peer cannot run concurrently).
 
 Delivery.  A :class:`asyncio.BufferedProtocol` gets bytes copied once from the ring into
 the buffer it returns from ``get_buffer``.  The stdlib ``StreamReaderProtocol`` (which
@@ -40,6 +63,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
+from collections import deque
+from os import sched_yield as _sched_yield
+from time import perf_counter
 from typing import Any
 
 from aioxen.errors import ProtocolError
@@ -50,15 +76,35 @@ from aioxen.vchan.endpoint import Connection
 logger = logging.getLogger("aioxen.vchan")
 
 DEFAULT_HIGH_WATER = 64 * 1024
+DEFAULT_BUSY_POLL = 100e-6
+"""Default maximum busy-poll window in seconds (see the module docstring); 0 on
+``inheap``."""
+MAX_BUSY_POLL = 1e-3
+"""Largest accepted ``busy_poll`` (seconds)."""
 _LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
+
+
+def check_busy_poll(busy_poll: float | None, platform_name: str) -> float:
+    """Resolve and validate a ``busy_poll`` argument (``None`` = platform default)."""
+    if busy_poll is None:
+        return 0.0 if platform_name == "inheap" else DEFAULT_BUSY_POLL
+    if isinstance(busy_poll, bool) or not isinstance(busy_poll, (int, float)):
+        raise TypeError(f"busy_poll must be a number of seconds, not {busy_poll!r}")
+    if not 0 <= busy_poll <= MAX_BUSY_POLL:
+        raise ValueError(f"busy_poll {busy_poll!r} out of range 0..{MAX_BUSY_POLL} s")
+    return float(busy_poll)
 
 
 class VchanTransport(asyncio.Transport):
     """A bidirectional byte-stream transport over one vchan.
 
+    ``busy_poll``: the maximum busy-poll window in seconds (``None`` =
+    :data:`DEFAULT_BUSY_POLL`, or 0 on the ``inheap`` platform; 0 disables polling; at
+    most :data:`MAX_BUSY_POLL`).
+
     Extra info: ``peer_domid``, ``port``, ``platform``, ``role`` (``"server"`` or
     ``"client"``), ``read_size``/``write_size`` (ring sizes in bytes), ``peername``
-    (``(peer_domid, port)``) and ``sockname`` (``(own domid, port)``).
+    (``(peer_domid, port)``), ``sockname`` (``(own domid, port)``) and ``busy_poll``.
     """
 
     def __init__(
@@ -68,7 +114,10 @@ class VchanTransport(asyncio.Transport):
         protocol: asyncio.BaseProtocol,
         waiter: asyncio.Future[None] | None = None,
         extra: dict[str, Any] | None = None,
+        *,
+        busy_poll: float | None = None,
     ) -> None:
+        window = check_busy_poll(busy_poll, conn.platform.name)
         info: dict[str, Any] = {
             "peer_domid": conn.peer_domid,
             "port": conn.port,
@@ -78,6 +127,7 @@ class VchanTransport(asyncio.Transport):
             "write_size": conn.core.write_size,
             "peername": (conn.peer_domid, conn.port),
             "sockname": (conn.platform.domid, conn.port),
+            "busy_poll": window,
         }
         if extra:
             info.update(extra)
@@ -90,7 +140,8 @@ class VchanTransport(asyncio.Transport):
         self._buffered = False
         self._trusted = False
         self._set_protocol_kind(protocol)
-        self._wbuf = bytearray()
+        self._wbuf: deque[memoryview] = deque()  # queued writes, oldest first
+        self._wlen = 0  # bytes in _wbuf
         self._high = DEFAULT_HIGH_WATER
         self._low = DEFAULT_HIGH_WATER // 4
         self._protocol_paused = False  # we called pause_writing()
@@ -104,6 +155,13 @@ class VchanTransport(asyncio.Transport):
         self._service_scheduled = False
         self._in_service = False
         self._busy = 0  # >0 while our code runs with the core (release is deferred)
+        # busy polling (see the module docstring)
+        self._poll_max = window
+        self._poll_window = window  # current window, adapted in 0..max
+        self._polling = False  # a window is open (a _poll callback is scheduled)
+        self._poll_deadline = 0.0
+        self._idle_since = 0.0  # when we last started waiting for the peer
+        self._rleft = 0  # bytes the last pump left in the read ring (a partial datagram)
         loop.call_soon(self._start, waiter)
 
     # -- setup -----------------------------------------------------------------------------
@@ -127,20 +185,17 @@ class VchanTransport(asyncio.Transport):
         self._started = True
         if self._conn_lost:
             return
-        self._channel.set_handler(self._on_event)
+        self._channel.set_handler(self._service)
         self._service()  # anything that arrived before the handler was installed
 
     def __repr__(self) -> str:
         state = "closed" if self._conn_lost else "closing" if self._closing else "open"
         return (
             f"<{type(self).__name__} {self._conn.describe()} {state} "
-            f"rbuf={self._core.read_size} wbuf={len(self._wbuf)}>"
+            f"rbuf={self._core.read_size} wbuf={self._wlen}>"
         )
 
     # -- the event handler -----------------------------------------------------------------
-    def _on_event(self) -> None:
-        self._service()
-
     def _scheduled_service(self) -> None:
         self._service_scheduled = False
         self._service()
@@ -151,6 +206,16 @@ class VchanTransport(asyncio.Transport):
             self._loop.call_soon(self._scheduled_service)
 
     def _service(self) -> None:
+        """Event handler (and general kick): move data both ways; then poll or arm."""
+        if self._conn_lost or not self._started or self._in_service:
+            return
+        if self._poll_max and not self._polling:
+            self._adapt()
+        self._run_service(not self._want_poll())
+
+    def _run_service(self, arm: bool) -> None:
+        """One service pass.  ``arm``: ask the peer for notifications where we would wait
+        (read ring empty, write ring full) and re-check; otherwise a poll window is open."""
         if self._conn_lost or not self._started or self._in_service:
             return
         self._in_service = True
@@ -158,9 +223,9 @@ class VchanTransport(asyncio.Transport):
         try:
             core = self._core
             if self._wbuf:
-                self._flush()
+                self._flush(arm)
             if not self._reading_paused and not self._peer_eof and not self._closing:
-                live = self._pump(False)
+                live = self._pump(False, arm)
             else:
                 live = core.peer_live()
                 if not self._peer_eof:
@@ -179,13 +244,75 @@ class VchanTransport(asyncio.Transport):
         finally:
             self._in_service = False
             self._busy -= 1
-            self._maybe_release()
+            if self._conn_lost:
+                self._maybe_release()
+
+    # -- busy polling ----------------------------------------------------------------------
+    def _adapt(self) -> None:
+        """The peer woke us by event after we had stopped polling: size the next window
+        by how long after the last wait began it came (see the module docstring)."""
+        gap = perf_counter() - self._idle_since
+        cap = self._poll_max
+        window = self._poll_window
+        if gap <= cap:
+            self._poll_window = min(cap, max(2 * window, cap / 8))
+        elif window:
+            window /= 2
+            self._poll_window = window if window >= cap / 8 else 0.0
+
+    def _want_poll(self) -> bool:
+        """An activity happened: keep the poll window open (extending it), or open one if
+        the current window is not 0.  False means: arm notifications."""
+        now = self._idle_since = perf_counter()
+        if self._polling:
+            self._poll_deadline = now + self._poll_window
+            return True
+        if not self._poll_window or self._conn_lost:
+            return False
+        self._polling = True
+        self._poll_deadline = now + self._poll_window
+        self._loop.call_soon(self._poll)
+        return True
+
+    def _poll(self) -> None:
+        """One poll: a single look at both rings (no notify bits touched)."""
+        if not self._polling:
+            return
+        if self._conn_lost:
+            self._polling = False
+            return
+        core = self._core
+        reading = not self._reading_paused and not self._peer_eof and not self._closing
+        try:
+            eof, live, used = core.peek_state()
+            found = live != 1 or (reading and (used > self._rleft or eof))
+            if not found and self._wbuf:
+                found = core.writable() > 0
+        except ProtocolError as exc:
+            self._polling = False
+            self._fatal_error(exc)
+            return
+        if found:
+            now = self._idle_since = perf_counter()
+            self._poll_deadline = now + self._poll_window
+            self._loop.call_soon(self._poll)
+            self._run_service(False)
+            return
+        if (reading or self._wbuf) and perf_counter() < self._poll_deadline:
+            # Let a peer that shares our CPU run: polling must not stand in its way.
+            _sched_yield()
+            self._loop.call_soon(self._poll)
+            return
+        # The window ran out: back to notifications (arm, re-check, sleep).
+        self._polling = False
+        self._run_service(True)
 
     # -- reading ---------------------------------------------------------------------------
-    def _pump(self, force: bool) -> int:
-        """Deliver readable bytes until the ring is empty (then arm the write notification)
-        or reading is paused.  ``force``: the peer is gone, deliver everything, no arming.
-        Returns the peer's live byte as seen by the last check.
+    def _pump(self, force: bool, arm: bool = True) -> int:
+        """Deliver readable bytes until the ring is empty (then, with ``arm``, ask for a
+        write notification and re-check) or reading is paused.  ``force``: the peer is
+        gone, deliver everything, no arming.  Returns the peer's live byte as seen by the
+        last check.
 
         Each poll loads the EOF bit *before* the indices: if it was set and the ring is
         then found empty, the stream is complete.  If it gets set later, the writer's
@@ -193,10 +320,12 @@ class VchanTransport(asyncio.Transport):
         """
         core = self._core
         buffered = self._buffered
+        arm = arm and not force
         live = 1
         while not self._conn_lost:
-            # EOF bit, peer live byte, indices; if empty: ask for a write event, re-check
-            eof, live, off, n = core.poll_arm(not force)
+            # EOF bit, peer live byte, indices; if empty (and arm): ask for a write event,
+            # re-check
+            eof, live, off, n = core.poll_arm(arm)
             if n:
                 if buffered:
                     self._deliver_buffered(force)
@@ -262,7 +391,7 @@ class VchanTransport(asyncio.Transport):
                 self._peer_eof = True
                 self._protocol.eof_received()  # type: ignore[attr-defined]
         self._closing = True
-        self._wbuf.clear()
+        self._clear_queue()
         self._teardown(None, set_live=True)
 
     # -- reading flow control ----------------------------------------------------------------
@@ -279,6 +408,31 @@ class VchanTransport(asyncio.Transport):
 
     # -- writing ---------------------------------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._wbuf or self._conn_lost or self._eof_requested or type(data) is not bytes:
+            self._write_slow(data)
+            return
+        n = len(data)
+        if not n:
+            return
+        core = self._core
+        self._busy += 1
+        try:
+            put = core.send(data, n)
+            if core.notify_pending:
+                core.notify_pending = False
+                self._channel.notify()
+            if put != n:
+                self._enqueue(memoryview(data)[put:], n - put)
+            if self._poll_max:
+                self._want_poll()  # a reply may follow: watch the ring for a while
+        except ProtocolError as exc:
+            self._fatal_error(exc)
+        finally:
+            self._busy -= 1
+            if self._conn_lost:
+                self._maybe_release()
+
+    def _write_slow(self, data: bytes | bytearray | memoryview) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(
                 f"data argument must be a bytes-like object, not {type(data).__name__!r}"
@@ -290,53 +444,66 @@ class VchanTransport(asyncio.Transport):
                 logger.warning("vchan write() after the connection was lost")
             self._conn_lost += 1
             return
-        n = data.nbytes if isinstance(data, memoryview) else len(data)
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        n = view.nbytes
         if not n:
             return
         self._busy += 1
         try:
-            self._write(data, n)
+            put = 0
+            core = self._core
+            if not self._wbuf:
+                with ffi.from_buffer(view) as p:
+                    put = core.send(p, n)
+                if core.notify_pending:
+                    core.notify_pending = False
+                    self._channel.notify()
+            if put != n:
+                # bytes are immutable: queue a view; anything else is copied once
+                rest = view[put:] if type(data) is bytes else memoryview(bytes(view[put:]))
+                self._enqueue(rest, n - put)
+            if self._poll_max:
+                self._want_poll()
+        except ProtocolError as exc:
+            self._fatal_error(exc)
         finally:
             self._busy -= 1
-            self._maybe_release()
+            if self._conn_lost:
+                self._maybe_release()
 
-    def _write(self, data: bytes | bytearray | memoryview, n: int) -> None:
-        if not self._wbuf:
-            core = self._core
-            try:
-                if isinstance(data, bytes):
-                    put = core.send(data, n)
-                else:
-                    with ffi.from_buffer(data) as p:
-                        put = core.send(p, n)
-            except ProtocolError as exc:
-                self._fatal_error(exc)
-                return
-            if core.notify_pending:
-                core.notify_pending = False
-                self._channel.notify()
-            if put == n:
-                return
-            if put:
-                data = memoryview(data).cast("B")[put:]
-        self._wbuf += data
-        self._flush()
+    def _enqueue(self, view: memoryview, n: int) -> None:
+        self._wbuf.append(view)
+        self._wlen += n
+        self._flush(not self._want_poll())
         self._maybe_pause_protocol()
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
 
-    def _flush(self) -> None:
-        """Move queued bytes into the ring; when it is full, arm a read notification."""
+    def _clear_queue(self) -> None:
+        self._wbuf.clear()
+        self._wlen = 0
+
+    def _flush(self, arm: bool = True) -> None:
+        """Move queued bytes into the ring.  When it is full and ``arm``, ask for a read
+        notification and re-check (otherwise a poll window watches for space)."""
         core = self._core
         wbuf = self._wbuf
         try:
             while wbuf:
-                with ffi.from_buffer(wbuf) as p:
-                    put = core.send(p, len(wbuf))
+                head = wbuf[0]
+                size = head.nbytes
+                with ffi.from_buffer(head) as p:
+                    put = core.send(p, size)
                 if put:
-                    del wbuf[:put]
-                elif core.request_writable() == 0:
+                    self._wlen -= put
+                    if put == size:
+                        wbuf.popleft()
+                    else:
+                        wbuf[0] = head[put:]
+                elif not arm or core.request_writable() == 0:
                     break
         except ProtocolError as exc:
             self._fatal_error(exc)
@@ -373,7 +540,7 @@ class VchanTransport(asyncio.Transport):
     # -- write flow control ------------------------------------------------------------------
     def get_write_buffer_size(self) -> int:
         """Bytes queued in the transport (not yet in the ring)."""
-        return len(self._wbuf)
+        return self._wlen
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return (self._low, self._high)
@@ -389,7 +556,7 @@ class VchanTransport(asyncio.Transport):
         self._maybe_pause_protocol()
 
     def _maybe_pause_protocol(self) -> None:
-        if len(self._wbuf) <= self._high or self._protocol_paused:
+        if self._wlen <= self._high or self._protocol_paused:
             return
         self._protocol_paused = True
         try:
@@ -405,7 +572,7 @@ class VchanTransport(asyncio.Transport):
             )
 
     def _maybe_resume_protocol(self) -> None:
-        if self._protocol_paused and len(self._wbuf) <= self._low:
+        if self._protocol_paused and self._wlen <= self._low:
             self._protocol_paused = False
             try:
                 self._protocol.resume_writing()
@@ -443,7 +610,7 @@ class VchanTransport(asyncio.Transport):
         if self._conn_lost:
             return
         self._closing = True
-        self._wbuf.clear()
+        self._clear_queue()
         self._teardown(exc, set_live=True, eof=False)
 
     def _fatal_error(self, exc: Exception, message: str | None = None) -> None:

@@ -426,6 +426,27 @@ class VchanCore:
         room = self._rsize - off
         return r & _EOF_FLAG != 0, live, off, used if used < room else room
 
+    def peek_state(self) -> tuple[bool, int, int]:
+        """``(eof, peer_live, used)`` in one native call, touching no notify bit: the
+        busy-poll check.  ``used`` is the whole readable count (validated), not a span."""
+        r: int = lib.ax_vchan_poll_arm(
+            self._ctrl,
+            self._rcons,
+            self._rprod,
+            self._own_notify,
+            NOTIFY_EOF,
+            self._peer_live,
+            self._peer_notify,
+            0,
+            self._rsize,
+        )
+        if r < 0:
+            raise self._corrupt(True)
+        live = r >> 54
+        if live > 1:
+            raise self._bad_live(live)
+        return r & _EOF_FLAG != 0, live, r & 0x1FFFFF
+
     def consume(self, n: int) -> None:
         """Release ``n`` bytes read through :meth:`read_span` (``cons += n``, release
         store) and arrange a READ notification if the peer asked for one.
