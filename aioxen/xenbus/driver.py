@@ -37,7 +37,8 @@ for a serving task): the runner disconnects and publishes ``Closed``, then waits
 peer to come back (a restarted front end writes ``Initialising``, a restarted back end
 ``InitWait``) and connects again; the dead session's state is ignored until the peer
 writes its state key again.  :meth:`DeviceRunner.close` is the orderly teardown:
-``Closing``, wait (bounded) for the peer to acknowledge, disconnect, ``Closed``.  The
+``Closing``, wait (bounded) for the peer to acknowledge (not for a front end that has
+advertised nothing yet), disconnect, ``Closed``.  The
 runner also stops when its own directory is removed, and a back end closes when the
 toolstack writes ``online=0``.  Cancelling :meth:`DeviceRunner.run` disconnects and
 publishes ``Closed`` (best effort) before re-raising.
@@ -363,8 +364,12 @@ class DeviceRunner:
         if task is None:
             return
         if not task.done():
-            with contextlib.suppress(TimeoutError, ConnectionResetError):
+            try:
                 await self.close(timeout=timeout)
+            except (TimeoutError, ConnectionResetError):
+                pass
+            else:  # Closed is published: run() returns by itself after its cleanup
+                await asyncio.wait([task], timeout=timeout)
             task.cancel()
         await asyncio.wait([task])
         if not task.cancelled():
@@ -564,9 +569,13 @@ class DeviceRunner:
             return False
         if dev.state != S.CLOSING:
             await self._publish(S.CLOSING)
-            loop = asyncio.get_running_loop()
-            self._close_timer = loop.call_later(self.close_timeout, self._close_timed_out)
-            return True
+            if self.is_backend or self._attached or dev.connected:
+                loop = asyncio.get_running_loop()
+                self._close_timer = loop.call_later(self.close_timeout, self._close_timed_out)
+                return True
+            # A front end that has advertised nothing: no acknowledgement to wait for (a
+            # back end in InitWait would not give one).
+            self._close_expired = True
         if close_done(dev.state, peer) is not None or self._close_expired:
             if self._close_timer is not None:
                 self._close_timer.cancel()

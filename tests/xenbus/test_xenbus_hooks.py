@@ -127,10 +127,10 @@ async def back_runner(be: Platform, fe_domid: int) -> tuple[DeviceRunner, Back]:
 
 
 async def front_runner(
-    fe: Platform, be_domid: int, driver: Front, *, reconnect: bool = True
+    fe: Platform, be_domid: int, driver: Front, *, reconnect: bool = True, close_timeout: float = 1
 ) -> DeviceRunner:
     dev = await frontend_device(fe, TYPE, 0, backend_domid=be_domid, timeout=10)
-    return DeviceRunner(dev, driver, reconnect=reconnect, close_timeout=1)
+    return DeviceRunner(dev, driver, reconnect=reconnect, close_timeout=close_timeout)
 
 
 async def _keys(plat: Platform, d: str) -> set[str]:
@@ -176,10 +176,16 @@ async def test_wait_connected_raises_what_stopped_the_runner(world: World) -> No
 async def test_wait_connected_times_out_without_a_back_end(world: World) -> None:
     _tool, be, fe = await setup(world)
     front = Front()
-    async with await front_runner(fe, be.domid, front) as frun:
-        with pytest.raises(TimeoutError):
-            await frun.wait_connected(timeout=0.2)
-        assert frun.dev.state == S.INITIALISING and front.connects == 0
+    frun = await front_runner(fe, be.domid, front, close_timeout=300)
+    async with asyncio.timeout(20):  # hang guard: waiting for an acknowledgement takes 300 s
+        async with frun:
+            with pytest.raises(TimeoutError):
+                await frun.wait_connected(timeout=0.2)
+            assert frun.dev.state == S.INITIALISING and front.connects == 0
+    # a front end that advertised nothing closes without waiting for the back end: the
+    # runner finished by itself (stop() cancels it only if the close did not complete)
+    assert frun.dev.state == S.CLOSED and not frun.start().cancelled()
+    assert await fe.store.read(f"{frun.dev.own_dir}/state") == S.CLOSED.wire.encode()
 
 
 async def test_cancelled_during_connect_still_disconnects(world: World) -> None:
