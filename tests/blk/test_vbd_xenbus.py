@@ -236,6 +236,17 @@ async def test_unusable_backend_is_an_error_naming_the_key(store_harness: Any) -
     assert await front.store.read(f"{FDIR}/state") == S.CLOSED.wire.encode()
 
 
+async def test_no_backend_is_a_timeout(store_harness: Any) -> None:
+    back = await store_harness.platform(0)
+    front = await store_harness.platform(FRONT)
+    await create(back, MemorySource(1 << 20))  # the device exists; no blkback serves it
+    async with asyncio.timeout(20):  # hang guard (the close needs no acknowledgement)
+        with pytest.raises(TimeoutError):
+            async with open_blkfront(DEVID, platform=front, timeout=0.2):
+                pass
+    assert await front.store.read(f"{FDIR}/state") == S.CLOSED.wire.encode()
+
+
 def test_parse_vdev() -> None:
     assert parse_vdev("xvda") == 51712
     assert parse_vdev("/dev/xvdb") == 51728
