@@ -558,9 +558,11 @@ class DeviceRunner:
             )
         if step.state is None and step.action == Action.NONE:
             return True
+        before = dev.state
         await self._perform(step)
-        if step.state is not None and step.state != dev.state:
-            self._wakeup.set()  # re-evaluate with the new own state
+        if dev.state != before:
+            self._wakeup.set()  # re-evaluate with the new own state (not after a failed
+            # connect, which stays put until the peer changes: no busy retry loop)
         return True
 
     async def _close_step(self, peer: XenbusState | None) -> bool:

@@ -1,6 +1,6 @@
 """Runner hooks for front ends built like Linux netfront (``connect_state = CONNECTED``,
-``needs_init_wait``), and a lost peer's state written again by a new peer, on inheap and
-unix."""
+``needs_init_wait``), a lost peer's state written again by a new peer, and a failing
+connect retried only when the peer changes; on inheap and unix."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from test_xenbus_driver import (
     TYPE,
     Ends,
     Ping,
+    PingBack,
     PingFront,
     setup_device,
     start_back,
@@ -22,7 +23,7 @@ from xenbus_world import World, eventually
 
 from aioxen.platform.base import Platform
 from aioxen.rings.aio import AsyncFrontRing
-from aioxen.xenbus import DeviceRunner, XenbusState, frontend_device
+from aioxen.xenbus import DeviceRunner, XenbusDevice, XenbusState, backend_device, frontend_device
 
 S = XenbusState
 T = 20
@@ -162,3 +163,33 @@ async def test_lost_peer_state_written_again_is_a_new_session(world: World, ends
 
 async def _true(v: bool) -> bool:
     return v
+
+
+class CountingBack(PingBack):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+
+    async def connect(self, dev: XenbusDevice) -> None:
+        self.attempts += 1
+        await super().connect(dev)
+
+
+async def test_failed_connect_waits_for_the_peer_to_change(world: World, ends: Ends) -> None:
+    """A front end with unusable keys: the back end tries once and stays in InitWait
+    (no busy retry loop); a changed front end state is tried again."""
+    _tool, be, fe = await setup_device(world)
+    back = CountingBack()
+    brun = ends.start(DeviceRunner(await backend_device(be, TYPE, fe.domid, 0), back))
+    await brun.wait_state(S.INIT_WAIT, timeout=T)
+    fdir = brun.dev.peer_dir
+    await fe.store.write(f"{fdir}/ring-ref0", "77777")  # no such grant
+    await fe.store.write(f"{fdir}/event-channel", "5")
+    await fe.store.write(f"{fdir}/state", S.INITIALISED.wire)
+    await eventually(lambda: _true(back.attempts >= 1), "a connect attempt")
+    await asyncio.sleep(0.2)
+    assert back.attempts == 1 and brun.dev.state == S.INIT_WAIT and back.connects == 0
+    await fe.store.write(f"{fdir}/state", S.CONNECTED.wire)  # the peer changed: try again
+    await eventually(lambda: _true(back.attempts == 2), "a second attempt")
+    await asyncio.sleep(0.1)
+    assert back.attempts == 2 and brun.dev.state == S.INIT_WAIT
