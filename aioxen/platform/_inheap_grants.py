@@ -19,14 +19,14 @@ the kernel keeps the pages alive for mappings that still exist, so they stay val
 from __future__ import annotations
 
 import heapq
-import mmap
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from aioxen.platform._pagemap import MAX_REF, ComposedPages, check_refs, check_unmap_notify
-from aioxen.platform.base import PAGE_SIZE, EventChannel, check_domid
+from aioxen.platform._grants_common import ComposedMapping, FileShare, GrantTableBase
+from aioxen.platform._pagemap import MAX_REF, ComposedPages
+from aioxen.platform.base import PAGE_SIZE
 
 if TYPE_CHECKING:
     from aioxen.platform.inheap import InHeapPlatform, InHeapWorld
@@ -68,84 +68,26 @@ class _RefAllocator:
             heapq.heappush(self._free, r)
 
 
-class InHeapShare:
-    """Pages exported by an in-heap domain."""
+class InHeapShare(FileShare["InHeapGrantTable"]):
+    """Pages exported by an in-heap domain: one memfd."""
 
     def __init__(
-        self, table: InHeapGrantTable, remote_domid: int, npages: int, writable: bool
+        self,
+        table: InHeapGrantTable,
+        domid: int,
+        remote_domid: int,
+        refs: list[int],
+        writable: bool,
+        fd: int,
     ) -> None:
-        self._table: InHeapGrantTable | None = table
-        self._domid = table.domid
-        self._remote_domid = remote_domid
-        self._writable = writable
-        self._fd = os.memfd_create(f"aioxen-inheap-d{self._domid}", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self._fd, npages * PAGE_SIZE)
-            self._mm = mmap.mmap(self._fd, npages * PAGE_SIZE)
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._view: memoryview | None = memoryview(self._mm)
-        self._refs = table.world._refs_for(self._domid).take(npages)
-        for i, ref in enumerate(self._refs):
-            table.world._grants[(self._domid, ref)] = _Grant(self, i, remote_domid, writable)
-        self._notify_offset: int | None = None
-        self._notify_channel: EventChannel | None = None
-
-    @property
-    def refs(self) -> list[int]:
-        return list(self._refs)
-
-    @property
-    def buf(self) -> memoryview:
-        if self._view is None:
-            raise ValueError(f"share of refs {self._refs} (domain {self._domid}) is closed")
-        return self._view
-
-    @property
-    def remote_domid(self) -> int:
-        return self._remote_domid
-
-    @property
-    def writable(self) -> bool:
-        """Whether the grantee may map the pages writable."""
-        return self._writable
-
-    @property
-    def closed(self) -> bool:
-        return self._table is None
+        super().__init__(table, remote_domid, refs, writable, fd)
+        self._domid = domid
 
     def _fd_for_mapping(self) -> int:
         return os.dup(self._fd)
 
-    def set_unmap_notify(self, offset: int | None, channel: EventChannel | None) -> None:
-        check_unmap_notify(offset, len(self._refs) * PAGE_SIZE, True, "share")
-        self._notify_offset, self._notify_channel = offset, channel
-
-    def close(self) -> None:
-        table = self._table
-        if table is None:
-            return
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-        try:
-            self._mm.close()
-        except BufferError:
-            self._view = memoryview(self._mm)
-            raise
-        self._table = None
-        world = table.world
-        for ref in self._refs:
-            world._grants.pop((self._domid, ref), None)
-        world._refs_for(self._domid).give_back(self._refs)
-        table._live.discard(self)
-        world._shares.discard(self)
-        if self._notify_offset is not None:
-            os.pwrite(self._fd, b"\0", self._notify_offset)
-        os.close(self._fd)
-        if self._notify_channel is not None:
-            self._notify_channel.notify()
+    def _describe(self) -> str:
+        return f"share of refs {self._refs} (domain {self._domid})"
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -155,73 +97,16 @@ class InHeapShare:
         )
 
 
-class InHeapMapping:
+class InHeapMapping(ComposedMapping["InHeapGrantTable"]):
     """Foreign in-heap pages mapped contiguously."""
 
-    def __init__(
-        self,
-        table: InHeapGrantTable,
-        remote_domid: int,
-        refs: list[int],
-        pages: ComposedPages,
-    ) -> None:
-        self._table: InHeapGrantTable | None = table
-        self._remote_domid = remote_domid
-        self._refs = refs
-        self._pages = pages
-        self._notify_offset: int | None = None
-        self._notify_channel: EventChannel | None = None
 
-    @property
-    def buf(self) -> memoryview:
-        return self._pages.view
-
-    @property
-    def writable(self) -> bool:
-        return self._pages.writable
-
-    @property
-    def refs(self) -> list[int]:
-        return list(self._refs)
-
-    @property
-    def remote_domid(self) -> int:
-        return self._remote_domid
-
-    @property
-    def closed(self) -> bool:
-        return self._table is None
-
-    def set_unmap_notify(self, offset: int | None, channel: EventChannel | None) -> None:
-        check_unmap_notify(offset, len(self._refs) * PAGE_SIZE, self.writable, "mapping")
-        self._notify_offset, self._notify_channel = offset, channel
-
-    def close(self) -> None:
-        table = self._table
-        if table is None:
-            return
-        self._pages.unmap()
-        self._table = None
-        table._live.discard(self)
-        table.world._mappings.discard(self)
-        if self._notify_offset is not None:
-            self._pages.clear_byte(self._notify_offset)
-        self._pages.close_fds()
-        if self._notify_channel is not None:
-            self._notify_channel.notify()
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
-        mode = "rw" if self.writable else "ro"
-        return f"<InHeapMapping of domain {self._remote_domid} refs={self._refs} {mode} {state}>"
-
-
-class InHeapGrantTable:
+class InHeapGrantTable(GrantTableBase[InHeapShare, InHeapMapping]):
     """The MEMORY implementation of one :class:`InHeapPlatform`."""
 
     def __init__(self, platform: InHeapPlatform) -> None:
+        super().__init__(set())
         self._platform = platform
-        self._live: set[InHeapShare | InHeapMapping] = set()
 
     @property
     def domid(self) -> int:
@@ -231,31 +116,38 @@ class InHeapGrantTable:
     def world(self) -> InHeapWorld:
         return self._platform.world
 
-    def share(self, remote_domid: int, npages: int, writable: bool = True) -> InHeapShare:
-        check_domid(remote_domid, "remote_domid")
-        if not isinstance(npages, int) or npages < 1:
-            raise ValueError(f"npages must be a positive int, not {npages!r}")
-        share = InHeapShare(self, remote_domid, npages, writable)
-        self._live.add(share)
-        self.world._shares.add(share)
+    def _share(self, remote_domid: int, npages: int, writable: bool) -> InHeapShare:
+        domid, world = self.domid, self.world
+        fd = os.memfd_create(f"aioxen-inheap-d{domid}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, npages * PAGE_SIZE)
+            allocator = world._refs_for(domid)
+            refs = allocator.take(npages)
+            try:
+                share = InHeapShare(self, domid, remote_domid, refs, writable, fd)
+            except BaseException:
+                allocator.give_back(refs)
+                raise
+        except BaseException:
+            os.close(fd)
+            raise
+        for i, ref in enumerate(refs):
+            world._grants[(domid, ref)] = _Grant(share, i, remote_domid, writable)
         return share
 
-    def map(self, remote_domid: int, refs: Sequence[int], writable: bool = True) -> InHeapMapping:
-        check_domid(remote_domid, "remote_domid")
-        ref_list = check_refs(refs, remote_domid)
-        grants = self.world._grants
-        fds: dict[InHeapShare, int] = {}
+    def _map(self, remote_domid: int, refs: list[int], writable: bool) -> InHeapMapping:
+        domid, grants = self.domid, self.world._grants
         sources: list[tuple[InHeapShare, int]] = []
-        for ref in ref_list:
+        for ref in refs:
             g = grants.get((remote_domid, ref))
             if g is None:
                 raise FileNotFoundError(
                     f"grant ref {ref} of domain {remote_domid} does not exist or was revoked"
                 )
-            if g.grantee != self.domid:
+            if g.grantee != domid:
                 raise PermissionError(
                     f"grant ref {ref} of domain {remote_domid} is granted to domain "
-                    f"{g.grantee}, not to domain {self.domid}"
+                    f"{g.grantee}, not to domain {domid}"
                 )
             if writable and not g.writable:
                 raise PermissionError(
@@ -263,6 +155,7 @@ class InHeapGrantTable:
                     "writable=False"
                 )
             sources.append((g.share, g.index * PAGE_SIZE))
+        fds: dict[InHeapShare, int] = {}
         try:
             for share, _ in sources:
                 if share not in fds:
@@ -274,20 +167,26 @@ class InHeapGrantTable:
         pages = ComposedPages(
             [(fds[share], off) for share, off in sources], writable, list(fds.values())
         )
-        m = InHeapMapping(self, remote_domid, ref_list, pages)
-        self._live.add(m)
-        self.world._mappings.add(m)
-        return m
+        return InHeapMapping(self, remote_domid, refs, writable, pages)
 
-    def live(self) -> list[InHeapShare | InHeapMapping]:
-        return list(self._live)
+    def _track(self, obj: InHeapShare | InHeapMapping) -> None:
+        self._live.add(obj)
+        world = self._platform.world
+        if isinstance(obj, InHeapShare):
+            world._shares.add(obj)
+        else:
+            world._mappings.add(obj)
 
-    def close_all(self) -> None:
-        mappings = [o for o in self._live if isinstance(o, InHeapMapping)]
-        for m in mappings:
-            m.close()
-        for obj in list(self._live):
-            obj.close()
+    def _release(self, obj: InHeapShare | InHeapMapping) -> None:
+        self._live.discard(obj)
+        world = self._platform.world
+        if isinstance(obj, InHeapShare):
+            for ref in obj._refs:
+                world._grants.pop((obj._domid, ref), None)
+            world._refs_for(obj._domid).give_back(obj._refs)
+            world._shares.discard(obj)
+        else:
+            world._mappings.discard(obj)
 
 
 __all__ = ["FIRST_REF", "InHeapGrantTable", "InHeapMapping", "InHeapShare"]

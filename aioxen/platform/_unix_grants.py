@@ -41,15 +41,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import mmap
 import os
 import struct
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from aioxen.errors import ProtocolError
-from aioxen.platform._pagemap import ComposedPages, check_refs, check_unmap_notify
-from aioxen.platform.base import PAGE_SIZE, EventChannel, check_domid
+from aioxen.platform._grants_common import ComposedMapping, FileShare, GrantTableBase
+from aioxen.platform._pagemap import ComposedPages
+from aioxen.platform.base import PAGE_SIZE
 
 if TYPE_CHECKING:
     from aioxen.platform.unix import UnixPlatform
@@ -110,7 +110,7 @@ def read_entries(path: str) -> dict[int, tuple[int, int, int, int, int]]:
     return out
 
 
-class UnixShare:
+class UnixShare(FileShare["UnixGrantTable"]):
     """Pages exported by this domain: a backing file plus table entries."""
 
     def __init__(
@@ -122,67 +122,12 @@ class UnixShare:
         remote_domid: int,
         writable: bool,
     ) -> None:
-        self._table: UnixGrantTable | None = table
+        super().__init__(table, remote_domid, refs, writable, fd)
         self._share_id = share_id
-        self._fd = fd
-        self._refs = refs
-        self._remote_domid = remote_domid
-        self._writable = writable
-        self._mm = mmap.mmap(fd, len(refs) * PAGE_SIZE)
-        self._view: memoryview | None = memoryview(self._mm)
-        self._notify_offset: int | None = None
-        self._notify_channel: EventChannel | None = None
-
-    @property
-    def refs(self) -> list[int]:
-        return list(self._refs)
-
-    @property
-    def buf(self) -> memoryview:
-        if self._view is None:
-            raise ValueError(f"share of refs {self._refs} is closed")
-        return self._view
-
-    @property
-    def remote_domid(self) -> int:
-        return self._remote_domid
-
-    @property
-    def writable(self) -> bool:
-        return self._writable
 
     @property
     def share_id(self) -> int:
         return self._share_id
-
-    @property
-    def closed(self) -> bool:
-        return self._table is None
-
-    def set_unmap_notify(self, offset: int | None, channel: EventChannel | None) -> None:
-        check_unmap_notify(offset, len(self._refs) * PAGE_SIZE, True, "share")
-        self._notify_offset, self._notify_channel = offset, channel
-
-    def close(self) -> None:
-        table = self._table
-        if table is None:
-            return
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-        try:
-            self._mm.close()
-        except BufferError:
-            self._view = memoryview(self._mm)
-            raise
-        self._table = None
-        table._revoke(self._share_id, self._refs)
-        table._live.discard(self)
-        if self._notify_offset is not None:
-            os.pwrite(self._fd, b"\0", self._notify_offset)
-        os.close(self._fd)
-        if self._notify_channel is not None:
-            self._notify_channel.notify()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -193,72 +138,16 @@ class UnixShare:
         )
 
 
-class UnixMapping:
+class UnixMapping(ComposedMapping["UnixGrantTable"]):
     """Another domain's granted pages, mapped contiguously."""
 
-    def __init__(
-        self, table: UnixGrantTable, remote_domid: int, refs: list[int], pages: ComposedPages
-    ) -> None:
-        self._table: UnixGrantTable | None = table
-        self._remote_domid = remote_domid
-        self._refs = refs
-        self._pages = pages
-        self._notify_offset: int | None = None
-        self._notify_channel: EventChannel | None = None
 
-    @property
-    def buf(self) -> memoryview:
-        return self._pages.view
-
-    @property
-    def writable(self) -> bool:
-        return self._pages.writable
-
-    @property
-    def refs(self) -> list[int]:
-        return list(self._refs)
-
-    @property
-    def remote_domid(self) -> int:
-        return self._remote_domid
-
-    @property
-    def closed(self) -> bool:
-        return self._table is None
-
-    def address(self) -> int:
-        """Start address of the mapping (to inspect ``/proc/self/maps``)."""
-        return self._pages.address()
-
-    def set_unmap_notify(self, offset: int | None, channel: EventChannel | None) -> None:
-        check_unmap_notify(offset, len(self._refs) * PAGE_SIZE, self.writable, "mapping")
-        self._notify_offset, self._notify_channel = offset, channel
-
-    def close(self) -> None:
-        table = self._table
-        if table is None:
-            return
-        self._pages.unmap()
-        self._table = None
-        table._live.discard(self)
-        if self._notify_offset is not None:
-            self._pages.clear_byte(self._notify_offset)
-        self._pages.close_fds()
-        if self._notify_channel is not None:
-            self._notify_channel.notify()
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
-        mode = "rw" if self.writable else "ro"
-        return f"<UnixMapping of domain {self._remote_domid} refs={self._refs} {mode} {state}>"
-
-
-class UnixGrantTable:
+class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
     """The MEMORY implementation of one :class:`UnixPlatform`."""
 
     def __init__(self, platform: UnixPlatform) -> None:
+        super().__init__(set())
         self._platform = platform
-        self._live: set[UnixShare | UnixMapping] = set()
         self._table_fd: int | None = None
 
     @property
@@ -278,10 +167,7 @@ class UnixGrantTable:
         return self._table_fd
 
     # -- export --------------------------------------------------------------------------
-    def share(self, remote_domid: int, npages: int, writable: bool = True) -> UnixShare:
-        check_domid(remote_domid, "remote_domid")
-        if not isinstance(npages, int) or isinstance(npages, bool) or npages < 1:
-            raise ValueError(f"npages must be a positive int, not {npages!r}")
+    def _share(self, remote_domid: int, npages: int, writable: bool) -> UnixShare:
         tfd = self._own_table()
         d = self.domain_dir(self.domid)
         table_path = os.path.join(d, TABLE_NAME)
@@ -316,8 +202,12 @@ class UnixGrantTable:
                 os.close(fd)
                 os.unlink(path)
                 raise
-        self._live.add(share)
         return share
+
+    def _release(self, obj: UnixShare | UnixMapping) -> None:
+        if isinstance(obj, UnixShare):
+            self._revoke(obj.share_id, obj._refs)
+        self._live.discard(obj)
 
     def _revoke(self, share_id: int, refs: Sequence[int]) -> None:
         tfd = self._own_table()
@@ -333,23 +223,21 @@ class UnixGrantTable:
                 os.unlink(os.path.join(d, share_file_name(share_id)))
 
     # -- import --------------------------------------------------------------------------
-    def map(self, remote_domid: int, refs: Sequence[int], writable: bool = True) -> UnixMapping:
-        check_domid(remote_domid, "remote_domid")
-        ref_list = check_refs(refs, remote_domid)
+    def _map(self, remote_domid: int, refs: list[int], writable: bool) -> UnixMapping:
         d = self.domain_dir(remote_domid)
         table_path = os.path.join(d, TABLE_NAME)
         try:
             tfd = os.open(table_path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise FileNotFoundError(
-                f"grant ref {ref_list[0]} of domain {remote_domid} does not exist "
+                f"grant ref {refs[0]} of domain {remote_domid} does not exist "
                 f"(domain {remote_domid} has no grant table {table_path})"
             ) from None
         fds: dict[int, int] = {}
         sources: list[tuple[int, int]] = []
         try:
             with _flock(tfd, exclusive=False):
-                for ref in ref_list:
+                for ref in refs:
                     share_id, page = self._check_entry(tfd, remote_domid, ref, writable)
                     fd = fds.get(share_id)
                     if fd is None:
@@ -370,9 +258,7 @@ class UnixGrantTable:
         finally:
             os.close(tfd)
         pages = ComposedPages(sources, writable, list(fds.values()))
-        m = UnixMapping(self, remote_domid, ref_list, pages)
-        self._live.add(m)
-        return m
+        return UnixMapping(self, remote_domid, refs, writable, pages)
 
     def _check_entry(
         self, tfd: int, remote_domid: int, ref: int, writable: bool
@@ -403,15 +289,9 @@ class UnixGrantTable:
             ) from None
 
     # -- bookkeeping ---------------------------------------------------------------------
-    def live(self) -> list[UnixShare | UnixMapping]:
-        return list(self._live)
-
-    def close_all(self) -> None:
-        mappings = [o for o in self._live if isinstance(o, UnixMapping)]
-        for m in mappings:
-            m.close()
-        for obj in list(self._live):
-            obj.close()
+    def close_all(self, ignore_busy: bool = False) -> None:
+        """Close every mapping, then every share, then the own table file."""
+        super().close_all(ignore_busy)
         if self._table_fd is not None:
             os.close(self._table_fd)
             self._table_fd = None
