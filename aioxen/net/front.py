@@ -960,14 +960,10 @@ class NetfrontDriver(FrontendDriver):
         queue, self.queue = self.queue, None
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            try:
-                state: object = await dev.peer_state()
-            except (ProtocolError, OSError):
-                state = "?"
             transport._connection_failed(
                 ConnectionResetError(
-                    f"backend {dev.peer_dir} of vif {dev.platform.domid}/{dev.devid} went to "
-                    f"state {state}"
+                    f"backend {dev.peer_dir} of vif {dev.platform.domid}/{dev.devid} closed, "
+                    "went away or was removed"
                 )
             )
         if queue is not None:
