@@ -32,6 +32,8 @@ StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 VCHAN_PORT = "bench"
+VCHAN_PORT_1M = "bench-1m"
+"""The ``setup`` peer serves default-size rings on :data:`VCHAN_PORT` and 1 MiB rings here."""
 VCHAN_SERVER_DOMID = 0
 VCHAN_CLIENT_DOMID = 1
 RING_SIZE = 1 << 20
@@ -171,11 +173,27 @@ def _vchan_platform(domid: int, env: dict[str, str]) -> Any:
 
 
 @contextlib.asynccontextmanager
+async def client_platform(mech: str, env: dict[str, str]) -> AsyncIterator[Any]:
+    """The client process's platform for ``mech`` (``None`` unless vchan/unix), opened
+    once for many connections -- as a program opens it once, not per connection."""
+    if mech != "vchan/unix":
+        yield None
+        return
+    async with _vchan_platform(VCHAN_CLIENT_DOMID, env) as plat:
+        yield plat
+
+
+@contextlib.asynccontextmanager
 async def open_streams(
-    mech: str, peer: Peer | None, env: dict[str, str]
+    mech: str,
+    peer: Peer | None,
+    env: dict[str, str],
+    platform: Any = None,
+    port: str = VCHAN_PORT,
 ) -> AsyncIterator[StreamPair]:
     """Client-side streams to the peer of ``mech`` (or, for vchan/inheap, to an in-process
-    echo/sink server started here)."""
+    echo/sink server started here).  For vchan/unix, ``platform`` (from
+    :func:`client_platform`) is used if given, else one is opened for this connection."""
     if mech == "tcp":
         assert peer is not None
         host, port = peer.address.rsplit(":", 1)
@@ -191,10 +209,12 @@ async def open_streams(
     elif mech == "vchan/unix":
         from aioxen import vchan
 
-        plat = _vchan_platform(VCHAN_CLIENT_DOMID, env)
-        async with plat:
+        async with contextlib.AsyncExitStack() as stack:
+            plat = platform
+            if plat is None:
+                plat = await stack.enter_async_context(_vchan_platform(VCHAN_CLIENT_DOMID, env))
             reader, writer = await vchan.open_connection(
-                VCHAN_SERVER_DOMID, VCHAN_PORT, platform=plat, limit=1 << 20
+                VCHAN_SERVER_DOMID, port, platform=plat, limit=1 << 20
             )
             try:
                 yield reader, writer
@@ -283,11 +303,13 @@ async def open_protocol(
 __all__ = [
     "MECHANISMS",
     "RING_SIZE",
+    "VCHAN_PORT_1M",
     "Mechanism",
     "Peer",
     "StreamHandler",
     "StreamPair",
     "XenstoredProcess",
+    "client_platform",
     "open_protocol",
     "open_streams",
 ]

@@ -1,7 +1,9 @@
 """The server half of the stream benchmarks (run as ``python -m aioxen.bench.peer``).
 
 Usage: ``python -m aioxen.bench.peer MECH API LOOP [PIPE_READ_FD PIPE_WRITE_FD]``.  It
-listens, prints ``READY <address>`` on stdout, then serves until terminated.
+listens, prints ``READY <address>`` on stdout, then serves until terminated.  API
+``setup`` is the stream API; for vchan it serves the default ring size (64 KiB each way)
+on ``bench`` and 1 MiB rings on ``bench-1m`` (the ``streams`` API: 1 MiB on ``bench``).
 
 Stream API commands (one text line each, then data):
 
@@ -28,6 +30,7 @@ from aioxen.bench.mechanisms import (
     RING_SIZE,
     VCHAN_CLIENT_DOMID,
     VCHAN_PORT,
+    VCHAN_PORT_1M,
     VCHAN_SERVER_DOMID,
     StreamPair,
 )
@@ -129,7 +132,11 @@ async def serve(mech: str, api: str, fds: list[int]) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     server: Any = None
+    extra: Any = None
     plat: Any = None
+    setup = api == "setup"
+    if setup:
+        api = "streams"
     if mech == "tcp":
         if api == "streams":
             server = await asyncio.start_server(stream_handler, "127.0.0.1", 0, limit=1 << 20)
@@ -165,7 +172,28 @@ async def serve(mech: str, api: str, fds: list[int]) -> None:
 
         plat = _vchan_unix_platform()
         await plat.open()
-        if api == "streams":
+        if setup:
+            from aioxen.vchan import DEFAULT_SIZE
+
+            server = await vchan.start_server(
+                stream_handler,
+                VCHAN_CLIENT_DOMID,
+                VCHAN_PORT,
+                platform=plat,
+                read_size=DEFAULT_SIZE,
+                write_size=DEFAULT_SIZE,
+                limit=1 << 20,
+            )
+            extra = await vchan.start_server(
+                stream_handler,
+                VCHAN_CLIENT_DOMID,
+                VCHAN_PORT_1M,
+                platform=plat,
+                read_size=RING_SIZE,
+                write_size=RING_SIZE,
+                limit=1 << 20,
+            )
+        elif api == "streams":
             server = await vchan.start_server(
                 stream_handler,
                 VCHAN_CLIENT_DOMID,
@@ -192,11 +220,13 @@ async def serve(mech: str, api: str, fds: list[int]) -> None:
     try:
         await stop
     finally:
-        if server is not None:
-            server.close()
-            if hasattr(server, "abort_clients"):
-                server.abort_clients()
-            await server.wait_closed()
+        for srv in (server, extra):
+            if srv is None:
+                continue
+            srv.close()
+            if hasattr(srv, "abort_clients"):
+                srv.abort_clients()
+            await srv.wait_closed()
             for _ in range(3):  # let connection_lost callbacks release the rings
                 await asyncio.sleep(0)
         if plat is not None:

@@ -31,12 +31,14 @@ from aioxen.vchan.endpoint import DEFAULT_SIZE, check_port, vchan_path
 from aioxen.vchan.protocols import create_connection, create_server
 from aioxen.vchan.server import VchanServer
 from aioxen.vchan.streams import accept, connect, open_connection, start_server
-from aioxen.vchan.transport import VchanTransport
+from aioxen.vchan.transport import DEFAULT_BUSY_POLL, MAX_BUSY_POLL, VchanTransport
 from aioxen.vchan.wire import MAX_RING_SIZE, NOTIFY_EOF, select_orders
 
 __all__ = [
+    "DEFAULT_BUSY_POLL",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_SIZE",
+    "MAX_BUSY_POLL",
     "MAX_DATAGRAM_HEADER",
     "MAX_RING_SIZE",
     "NOTIFY_EOF",

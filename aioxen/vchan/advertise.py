@@ -11,16 +11,22 @@ same keys; closing the server removes the directory.
 
 A client watches ``<path>/event-channel`` (the key, not the directory: the client may
 only read the keys) and, on every change, reads ``event-channel``, ``ring-ref`` and
-``event-channel`` again.  Without a transaction (the per-domain transaction quota is 10)
-the double read rejects a pair torn by a concurrent re-advertisement; a torn pair that
-slipped through is caught by the endpoint checks (:class:`StaleAdvertisement`) and simply
-retried on the next change.  Values of 0 or non-decimal text are a
-:class:`~aioxen.ProtocolError` (libxenvchan treats 0 as invalid too).
+``event-channel`` again (the three requests pipelined: one round trip).  Without a
+transaction (the per-domain transaction quota is 10) the double read rejects a pair torn
+by a concurrent re-advertisement; a torn pair that slipped through is caught by the
+endpoint checks (:class:`StaleAdvertisement`) and simply retried on the next change.
+Values of 0 or non-decimal text are a :class:`~aioxen.ProtocolError` (libxenvchan treats
+0 as invalid too).
 
-Quotas.  Every concurrent connect in one process to the same path shares *one* XenStore
-watch (:class:`_SharedWatch`; Xen allows 128 watches per domain), and advertisement
-transactions are limited to a few at a time per store client (10 open transactions per
-domain).
+Quotas and coordination.  Every concurrent connect in one process to the same path shares
+*one* XenStore watch (:class:`_SharedWatch`; Xen allows 128 watches per domain), which
+outlives its last user by :data:`WATCH_LINGER` seconds so that successive connects reuse
+it (its task ends with the XenStore connection, when the platform closes), and they take
+turns (:attr:`_SharedWatch.turn`): one waiter at a time reads and tries the current
+advertisement, and once it took one, the next waits for the watch to report the next
+advertisement instead of trying the taken one.  So N concurrent clients cost N reads, not
+N per advertisement.  Advertisement transactions are limited to a few at a time per store
+client (10 open transactions per domain).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ EVENT_CHANNEL = "event-channel"
 MAX_CONCURRENT_TRANSACTIONS = 4
 """Advertisement transactions in flight per store client (Xen's quota is 10)."""
 
-UNWATCH_TIMEOUT = 2.0
+WATCH_LINGER = 2.0
+"""Seconds a shared watch outlives its last user, so back-to-back connects reuse it."""
 
 _RETRYABLE_ERRNOS = frozenset({errno.EAGAIN, errno.ENOSPC, errno.EBUSY})
 
@@ -69,9 +76,13 @@ async def publish(
     perms = [Perm(platform.domid, "n"), Perm(peer_domid, "r")]
 
     async def body(tx: Any) -> None:
+        # Pipelined: xenstored handles one connection's requests in order, so the four
+        # requests go out back to back and cost one round trip instead of four.
+        ops = []
         for key, value in ((RING_REF, ring_ref), (EVENT_CHANNEL, event_channel)):
-            await tx.write(f"{path}/{key}", str(value).encode("ascii"))
-            await tx.set_perms(f"{path}/{key}", perms)
+            ops.append(tx.write(f"{path}/{key}", str(value).encode("ascii")))
+            ops.append(tx.set_perms(f"{path}/{key}", perms))
+        await _all(ops)
 
     async with _tx_limit(store):
         for attempt in range(50):
@@ -91,6 +102,16 @@ async def withdraw(platform: Platform, path: str) -> None:
         await _store(platform).rm(path)
 
 
+async def _all(coros: list[Any]) -> list[Any]:
+    """Run requests concurrently; the first failure is raised after all have finished
+    (nothing is left running on the connection)."""
+    results = await asyncio.gather(*coros, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
+
+
 def _parse(value: bytes, key: str, path: str) -> int:
     text = value.decode("ascii", "replace").strip("\0")
     if not text.isdigit() or len(text) > 10 or int(text) == 0 or int(text) > 0xFFFFFFFF:
@@ -106,10 +127,12 @@ async def read(platform: Platform, path: str) -> tuple[int, int] | None:
     """``(ring_ref, event_channel)`` advertised at ``path``, or ``None`` if absent (or not
     yet readable by us)."""
     store = _store(platform)
+    ec_key = f"{path}/{EVENT_CHANNEL}"
     try:
-        ec1 = await store.read(f"{path}/{EVENT_CHANNEL}")
-        rr = await store.read(f"{path}/{RING_REF}")
-        ec2 = await store.read(f"{path}/{EVENT_CHANNEL}")
+        # Pipelined (one round trip); xenstored answers them in order.
+        ec1, rr, ec2 = await _all(
+            [store.read(ec_key), store.read(f"{path}/{RING_REF}"), store.read(ec_key)]
+        )
     except (FileNotFoundError, PermissionError):
         return None
     if ec1 != ec2:
@@ -127,8 +150,15 @@ class _SharedWatch:
         self._users = 0
         self._error: BaseException | None = None
         self.generation = 0
+        self.turn = asyncio.Lock()
+        """Held by the one waiter of this process that reads and tries the advertisement."""
+        self.consumed = -1
+        """The generation whose advertisement a waiter of this process already took."""
         self._changed = asyncio.Event()
-        self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._linger: asyncio.TimerHandle | None = None
+        self._ready: asyncio.Future[None] = loop.create_future()
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
@@ -169,16 +199,27 @@ class _SharedWatch:
 
     def acquire(self) -> None:
         self._users += 1
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
 
-    def release(self) -> asyncio.Task[None] | None:
-        """Drop one user; the last one cancels the watch and gets its task to await."""
+    def release(self) -> None:
+        """Drop one user; after the last one the watch lingers :data:`WATCH_LINGER` s
+        (a new user takes it over), then it is removed (UNWATCH)."""
         self._users -= 1
+        if not self._users:
+            if self._task.done():
+                self._stop()
+            else:
+                self._linger = self._loop.call_later(WATCH_LINGER, self._stop)
+
+    def _stop(self) -> None:
+        self._linger = None
         if self._users:
-            return None
+            return
         if self._registry.get(self._key) is self:
             del self._registry[self._key]
         self._task.cancel()
-        return self._task
 
 
 _watches: weakref.WeakKeyDictionary[Any, dict[str, _SharedWatch]] = weakref.WeakKeyDictionary()
@@ -199,10 +240,7 @@ async def watch_key(platform: Platform, key: str) -> Any:
         await sw.wait_registered()
         yield sw
     finally:
-        task = sw.release()
-        if task is not None:
-            # Let the UNWATCH go out (bounded), so nothing is left registered or pending.
-            await asyncio.wait([task], timeout=UNWATCH_TIMEOUT)
+        sw.release()
 
 
 __all__ = ["EVENT_CHANNEL", "RING_REF", "publish", "read", "watch_key", "withdraw"]

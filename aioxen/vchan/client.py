@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-:func:`connect_client` holds a (shared) watch on ``<path>/event-channel`` and loops: read
+:func:`connect_client` holds a (shared) watch on ``<path>/event-channel``, waits for its
+turn among the waiters of this process (see :mod:`~aioxen.vchan.advertise`) and loops: read
 the advertisement; if there is one, :func:`~aioxen.vchan.endpoint.attach_client`; if it
 was stale (endpoint already taken by a concurrent client, or gone), wait for the next
 change of the key -- the server re-advertises after every connect -- or, as a safety net,
@@ -56,13 +57,18 @@ async def connect_client(
     deadline = asyncio.timeout(timeout)
     try:
         key = f"{path}/{advertise.EVENT_CHANNEL}"
-        async with deadline, advertise.watch_key(platform, key) as sw:
+        async with deadline, advertise.watch_key(platform, key) as sw, sw.turn:
             while True:
                 seen = sw.generation
+                if seen == sw.consumed:
+                    # Another waiter here took this advertisement: wait for the next one
+                    # (or, as a safety net, RETRY_INTERVAL) instead of trying it again.
+                    await sw.wait_change(seen, RETRY_INTERVAL)
+                    seen = sw.generation
                 ad = await advertise.read(platform, path)
                 if ad is not None:
                     try:
-                        return await attach_client(
+                        conn = await attach_client(
                             platform,
                             domid,
                             port,
@@ -73,6 +79,9 @@ async def connect_client(
                         )
                     except StaleAdvertisement as exc:
                         last = exc
+                    else:
+                        sw.consumed = seen
+                        return conn
                 await sw.wait_change(seen, RETRY_INTERVAL)
     except TimeoutError:
         if not deadline.expired():

@@ -37,7 +37,7 @@ from aioxen.platform.base import Platform
 from aioxen.vchan.client import DEFAULT_CONNECT_TIMEOUT, connect_client
 from aioxen.vchan.endpoint import DEFAULT_SIZE, Connection
 from aioxen.vchan.server import abandon, accept_one
-from aioxen.vchan.transport import VchanTransport
+from aioxen.vchan.transport import VchanTransport, check_busy_poll
 
 MAX_DATAGRAM_HEADER = 4
 """Bytes of framing per datagram (the u32 length)."""
@@ -57,8 +57,10 @@ class VchanDatagramTransport(VchanTransport, asyncio.DatagramTransport):
         conn: Connection,
         protocol: asyncio.BaseProtocol,
         waiter: asyncio.Future[None] | None = None,
+        *,
+        busy_poll: float | None = None,
     ) -> None:
-        super().__init__(loop, conn, protocol, waiter)
+        super().__init__(loop, conn, protocol, waiter, busy_poll=busy_poll)
         self.max_datagram_size = conn.core.write_size - MAX_DATAGRAM_HEADER
         """Largest payload :meth:`sendto` accepts (the peer's limit is its read ring)."""
         self._addr = (conn.peer_domid, conn.port)
@@ -171,6 +173,7 @@ async def create_datagram_endpoint(
     write_size: int | None = None,
     timeout: float | None = None,
     initial_index: int = 0,
+    busy_poll: float | None = None,
 ) -> tuple[VchanDatagramTransport, _P]:
     """Open a datagram vchan to domain ``domid``: ``(transport, protocol)``.
 
@@ -178,9 +181,11 @@ async def create_datagram_endpoint(
     :data:`~aioxen.vchan.client.DEFAULT_CONNECT_TIMEOUT`) for the server's advertisement;
     sizes are minimums the server must offer.  ``listen=True`` (server): share the pages
     (sizes default to 64 KiB each), advertise, wait up to ``timeout`` (default: forever)
-    for one client, withdraw the advertisement.
+    for one client, withdraw the advertisement.  ``busy_poll``: see
+    :class:`~aioxen.vchan.VchanTransport`.
     """
     plat = await resolve(platform)
+    check_busy_poll(busy_poll, plat.name)
     if listen:
         conn = await accept_one(
             plat,
@@ -207,7 +212,7 @@ async def create_datagram_endpoint(
         abandon(conn)
         raise
     waiter: asyncio.Future[None] = loop.create_future()
-    transport = VchanDatagramTransport(loop, conn, protocol, waiter)
+    transport = VchanDatagramTransport(loop, conn, protocol, waiter, busy_poll=busy_poll)
     try:
         await waiter
     except BaseException:

@@ -23,7 +23,7 @@ from aioxen.platform.base import Platform
 from aioxen.vchan.client import DEFAULT_CONNECT_TIMEOUT, connect_client
 from aioxen.vchan.endpoint import DEFAULT_SIZE
 from aioxen.vchan.server import VchanServer, abandon
-from aioxen.vchan.transport import VchanTransport
+from aioxen.vchan.transport import VchanTransport, check_busy_poll
 
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
 
@@ -37,6 +37,7 @@ async def create_connection(
     read_size: int | None = None,
     write_size: int | None = None,
     timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+    busy_poll: float | None = None,
 ) -> tuple[VchanTransport, _P]:
     """Connect to vchan ``port`` served by domain ``domid``; return ``(transport, protocol)``.
 
@@ -44,9 +45,12 @@ async def create_connection(
     (``ConnectionRefusedError`` if the server offers less).  ``timeout`` bounds the wait
     for the server to advertise (``TimeoutError``; ``None`` = until cancelled).
     ``protocol_factory`` may build an :class:`asyncio.BufferedProtocol`, which then gets
-    bytes copied once from the ring into its buffer.
+    bytes copied once from the ring into its buffer.  ``busy_poll``: the transport's
+    maximum busy-poll window in seconds (``None``: the default,
+    :data:`~aioxen.vchan.transport.DEFAULT_BUSY_POLL`; 0 disables polling).
     """
     plat = await resolve(platform)
+    check_busy_poll(busy_poll, plat.name)
     conn = await connect_client(
         plat, domid, port, read_size=read_size, write_size=write_size, timeout=timeout
     )
@@ -57,7 +61,7 @@ async def create_connection(
         abandon(conn)
         raise
     waiter: asyncio.Future[None] = loop.create_future()
-    transport = VchanTransport(loop, conn, protocol, waiter)
+    transport = VchanTransport(loop, conn, protocol, waiter, busy_poll=busy_poll)
     try:
         await waiter
     except BaseException:
@@ -76,6 +80,7 @@ async def create_server(
     write_size: int = DEFAULT_SIZE,
     start_serving: bool = True,
     initial_index: int = 0,
+    busy_poll: float | None = None,
 ) -> VchanServer:
     """Serve vchan ``port`` to clients of domain ``domid``; one protocol per connection.
 
@@ -84,7 +89,8 @@ async def create_server(
     in-page rings of 1/2 KiB for small sizes, else a power of two of at least 4 KiB).
     With ``start_serving`` (default) this returns once the first endpoint is advertised.
     ``initial_index`` seeds the ring indices of every connection (any u32 is wire-legal;
-    tests use values near 2**32).
+    tests use values near 2**32).  ``busy_poll``: as for :func:`create_connection`, for
+    every accepted connection.
     """
     plat = await resolve(platform)
     server = VchanServer(
@@ -95,6 +101,7 @@ async def create_server(
         read_size=read_size,
         write_size=write_size,
         initial_index=initial_index,
+        busy_poll=busy_poll,
     )
     if start_serving:
         try:

@@ -8,7 +8,11 @@ creates a :class:`~aioxen.vchan.endpoint.PendingServer`, publishes it
 (:func:`~aioxen.vchan.advertise.publish`), waits for a client to go live, hands the
 :class:`~aioxen.vchan.endpoint.Connection` to a new
 :class:`~aioxen.vchan.transport.VchanTransport` and immediately re-advertises a fresh
-endpoint (new pages, new port) under the same XenStore keys.  Clients that raced for the
+endpoint (new pages, new port) under the same XenStore keys.  The fresh endpoint is made
+*ahead of time*: the server always holds one unpublished spare (pages shared, port bound),
+so re-advertising after a connect is only the XenStore write, and the next spare is made
+while the new client is served.  Only one endpoint is ever advertised per path, as
+libxenvchan expects.  Clients that raced for the
 taken endpoint fail to bind its port and retry on the watch event the re-advertisement
 fires.  A client that binds and leaves without connecting just causes a re-advertisement.
 
@@ -36,7 +40,7 @@ from aioxen.vchan.endpoint import (
     check_size,
     vchan_path,
 )
-from aioxen.vchan.transport import VchanTransport
+from aioxen.vchan.transport import VchanTransport, check_busy_poll
 
 logger = logging.getLogger("aioxen.vchan")
 
@@ -60,6 +64,7 @@ class VchanServer(asyncio.AbstractServer):
         read_size: int = DEFAULT_SIZE,
         write_size: int = DEFAULT_SIZE,
         initial_index: int = 0,
+        busy_poll: float | None = None,
     ) -> None:
         check_domid(domid)
         check_port(port)
@@ -73,9 +78,11 @@ class VchanServer(asyncio.AbstractServer):
         self._read_size = read_size
         self._write_size = write_size
         self._initial_index = initial_index
+        self._busy_poll = check_busy_poll(busy_poll, platform.name)
         self.path = vchan_path(platform.domid, domid, port)
         """The XenStore directory of the advertisement."""
         self._pending: PendingServer | None = None
+        self._spare: PendingServer | None = None  # made ahead, not yet published
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._published = False
@@ -126,8 +133,8 @@ class VchanServer(asyncio.AbstractServer):
         # The error is logged and re-raised by serve_forever(); never "unretrieved".
         self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _advertise(self) -> PendingServer:
-        pending = await PendingServer.create(
+    async def _create(self) -> PendingServer:
+        return await PendingServer.create(
             self._platform,
             self._domid,
             self._port,
@@ -135,6 +142,20 @@ class VchanServer(asyncio.AbstractServer):
             write_size=self._write_size,
             initial_index=self._initial_index,
         )
+
+    async def _prepare_spare(self) -> None:
+        """Make the next endpoint now, so that re-advertising is only a XenStore write."""
+        if self._spare is None and not self._closed:
+            spare = await self._create()
+            if self._closed or self._spare is not None:
+                spare.close()
+            else:
+                self._spare = spare
+
+    async def _advertise(self) -> PendingServer:
+        pending, self._spare = self._spare, None
+        if pending is None:
+            pending = await self._create()
         try:
             self._published = True
             await advertise.publish(
@@ -147,6 +168,7 @@ class VchanServer(asyncio.AbstractServer):
 
     async def _accept_loop(self) -> None:
         try:
+            await self._prepare_spare()
             while True:
                 pending = self._pending
                 assert pending is not None
@@ -157,21 +179,27 @@ class VchanServer(asyncio.AbstractServer):
                     self._pending = None
                     pending.close()
                     self._pending = await self._advertise()
+                    await self._prepare_spare()
                     continue
                 self._pending = None
                 self.accepted += 1
                 self._start_connection(conn)
                 self._pending = await self._advertise()
+                await self._prepare_spare()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             logger.error("%r stopped accepting: %r", self, exc)
             raise
         finally:
-            pending, self._pending = self._pending, None
+            self._release_waiting()
+            await self._withdraw()
+
+    def _release_waiting(self) -> None:
+        for pending in (self._pending, self._spare):
             if pending is not None:
                 pending.close()
-            await self._withdraw()
+        self._pending = self._spare = None
 
     async def _withdraw(self) -> None:
         if self._published:
@@ -187,7 +215,7 @@ class VchanServer(asyncio.AbstractServer):
         except BaseException:
             abandon(conn)
             raise
-        transport = VchanTransport(self._loop, conn, protocol)
+        transport = VchanTransport(self._loop, conn, protocol, busy_poll=self._busy_poll)
         self._transports.add(transport)
 
     # -- closing ---------------------------------------------------------------------------
@@ -200,9 +228,7 @@ class VchanServer(asyncio.AbstractServer):
         if self._task is not None:
             self._task.cancel()
         else:
-            pending, self._pending = self._pending, None
-            if pending is not None:
-                pending.close()
+            self._release_waiting()
             self._cleanup = self._loop.create_task(self._withdraw())
         fut = self._serve_forever_fut
         if fut is not None and not fut.done():

@@ -22,7 +22,7 @@ from aioxen.vchan.client import DEFAULT_CONNECT_TIMEOUT
 from aioxen.vchan.endpoint import DEFAULT_SIZE
 from aioxen.vchan.protocols import create_connection, create_server
 from aioxen.vchan.server import VchanServer, accept_one
-from aioxen.vchan.transport import VchanTransport
+from aioxen.vchan.transport import VchanTransport, check_busy_poll
 
 STREAM_LIMIT = 2**16
 
@@ -40,11 +40,13 @@ async def open_connection(
     write_size: int | None = None,
     limit: int = STREAM_LIMIT,
     timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+    busy_poll: float | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to vchan ``port`` of server domain ``domid``; return ``(reader, writer)``.
 
     ``read_size``/``write_size`` are minimum ring sizes the server must offer (it picks
-    them); ``timeout`` bounds the wait for its advertisement.
+    them); ``timeout`` bounds the wait for its advertisement; ``busy_poll`` is the
+    transport's maximum busy-poll window (see :class:`~aioxen.vchan.VchanTransport`).
     """
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=limit, loop=loop)
@@ -57,6 +59,7 @@ async def open_connection(
         read_size=read_size,
         write_size=write_size,
         timeout=timeout,
+        busy_poll=busy_poll,
     )
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return reader, writer
@@ -72,6 +75,7 @@ async def connect(
     write_size: int | None = None,
     limit: int = STREAM_LIMIT,
     timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+    busy_poll: float | None = None,
 ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     """``async with vchan.connect(domid, port) as (reader, writer):`` -- as
     :func:`open_connection`; on exit the writer is closed (flushing what was written)
@@ -84,6 +88,7 @@ async def connect(
         write_size=write_size,
         limit=limit,
         timeout=timeout,
+        busy_poll=busy_poll,
     )
     try:
         yield reader, writer
@@ -104,6 +109,7 @@ async def start_server(
     limit: int = STREAM_LIMIT,
     start_serving: bool = True,
     initial_index: int = 0,
+    busy_poll: float | None = None,
 ) -> VchanServer:
     """Serve vchan ``port`` to clients of domain ``domid``, like
     :func:`asyncio.start_server`: ``client_connected_cb(reader, writer)`` runs for every
@@ -126,6 +132,7 @@ async def start_server(
         write_size=write_size,
         start_serving=start_serving,
         initial_index=initial_index,
+        busy_poll=busy_poll,
     )
 
 
@@ -139,11 +146,13 @@ async def accept(
     limit: int = STREAM_LIMIT,
     timeout: float | None = None,
     initial_index: int = 0,
+    busy_poll: float | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Serve exactly one client (a libxenvchan-style single-connection server): advertise,
     wait up to ``timeout`` for the client, withdraw the advertisement, return its
     ``(reader, writer)``.  (``aioxen cat -l`` semantics.)"""
     plat = await resolve(platform)
+    check_busy_poll(busy_poll, plat.name)
     loop = asyncio.get_running_loop()
     conn = await accept_one(
         plat,
@@ -157,7 +166,7 @@ async def accept(
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     waiter: asyncio.Future[None] = loop.create_future()
-    transport = VchanTransport(loop, conn, protocol, waiter)
+    transport = VchanTransport(loop, conn, protocol, waiter, busy_poll=busy_poll)
     try:
         await waiter
     except BaseException:

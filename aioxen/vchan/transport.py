@@ -696,4 +696,10 @@ class VchanTransport(asyncio.Transport):
         return self._conn
 
 
-__all__ = ["DEFAULT_HIGH_WATER", "VchanTransport"]
+__all__ = [
+    "DEFAULT_BUSY_POLL",
+    "DEFAULT_HIGH_WATER",
+    "MAX_BUSY_POLL",
+    "VchanTransport",
+    "check_busy_poll",
+]
