@@ -7,7 +7,8 @@ A server advertises one waiting endpoint under
 as two decimal keys, ``ring-ref`` (grant of the control page) and ``event-channel`` (its
 unbound port), written in *one transaction* together with permissions ``n<server>``
 ``r<client>`` on each key (libxenvchan's ``init_xs_srv``).  Re-advertising overwrites the
-same keys; closing the server removes the directory.
+same keys (:func:`republish`: ``ring-ref`` first, ``event-channel`` last, no transaction,
+one round trip); closing the server removes the directory.
 
 A client watches ``<path>/event-channel`` (the key, not the directory: the client may
 only read the keys) and, on every change, reads ``event-channel``, ``ring-ref`` and
@@ -96,6 +97,21 @@ async def publish(
                 await asyncio.sleep(min(0.2, 0.005 * 2**attempt))
 
 
+async def republish(platform: Platform, path: str, ring_ref: int, event_channel: int) -> None:
+    """Overwrite an advertisement this server already published at ``path`` (the keys and
+    their permissions exist): ``ring-ref`` then ``event-channel``, pipelined, no
+    transaction -- one round trip, and one watch event (for ``event-channel``, written
+    last).  A reader that catches the pair half-written is covered by its double read of
+    ``event-channel`` and the endpoint checks (see the module docstring)."""
+    store = _store(platform)
+    await _all(
+        [
+            store.write(f"{path}/{RING_REF}", str(ring_ref).encode("ascii")),
+            store.write(f"{path}/{EVENT_CHANNEL}", str(event_channel).encode("ascii")),
+        ]
+    )
+
+
 async def withdraw(platform: Platform, path: str) -> None:
     """Remove the advertisement directory (missing is fine)."""
     with contextlib.suppress(FileNotFoundError):
@@ -154,6 +170,8 @@ class _SharedWatch:
         """Held by the one waiter of this process that reads and tries the advertisement."""
         self.consumed = -1
         """The generation whose advertisement a waiter of this process already took."""
+        self.consumed_ad: tuple[int, int] | None = None
+        """That advertisement (a later event may still show it: not worth trying)."""
         self._changed = asyncio.Event()
         loop = asyncio.get_running_loop()
         self._loop = loop
@@ -185,17 +203,19 @@ class _SharedWatch:
     async def wait_registered(self) -> None:
         await asyncio.shield(self._ready)
 
-    async def wait_change(self, seen: int, timeout: float) -> None:
-        """Return once :attr:`generation` moved past ``seen`` (or after ``timeout``)."""
+    async def wait_change(self, seen: int, timeout: float) -> bool:
+        """Return once :attr:`generation` moved past ``seen`` (True) or after ``timeout``
+        (False)."""
         if self._error is not None:
             raise self._error
         if self.generation != seen:
-            return
+            return True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._changed.wait()
         if self._error is not None:
             raise self._error
+        return self.generation != seen
 
     def acquire(self) -> None:
         self._users += 1
@@ -243,4 +263,4 @@ async def watch_key(platform: Platform, key: str) -> Any:
         sw.release()
 
 
-__all__ = ["EVENT_CHANNEL", "RING_REF", "publish", "read", "watch_key", "withdraw"]
+__all__ = ["EVENT_CHANNEL", "RING_REF", "publish", "read", "republish", "watch_key", "withdraw"]

@@ -58,14 +58,20 @@ async def connect_client(
     try:
         key = f"{path}/{advertise.EVENT_CHANNEL}"
         async with deadline, advertise.watch_key(platform, key) as sw, sw.turn:
+            patient = True
             while True:
                 seen = sw.generation
-                if seen == sw.consumed:
+                if seen == sw.consumed and patient:
                     # Another waiter here took this advertisement: wait for the next one
                     # (or, as a safety net, RETRY_INTERVAL) instead of trying it again.
-                    await sw.wait_change(seen, RETRY_INTERVAL)
-                    seen = sw.generation
+                    patient = await sw.wait_change(seen, RETRY_INTERVAL)
+                    continue
                 ad = await advertise.read(platform, path)
+                if ad is not None and ad == sw.consumed_ad and patient:
+                    # A change, but still the advertisement taken here: wait again.
+                    patient = await sw.wait_change(seen, RETRY_INTERVAL)
+                    continue
+                patient = True
                 if ad is not None:
                     try:
                         conn = await attach_client(
@@ -80,7 +86,7 @@ async def connect_client(
                     except StaleAdvertisement as exc:
                         last = exc
                     else:
-                        sw.consumed = seen
+                        sw.consumed, sw.consumed_ad = seen, ad
                         return conn
                 await sw.wait_change(seen, RETRY_INTERVAL)
     except TimeoutError:

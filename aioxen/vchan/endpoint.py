@@ -195,25 +195,31 @@ class PendingServer:
         try:
             if channel.port == 0:
                 raise PlatformError("platform allocated event-channel port 0 (invalid for vchan)")
-            ctrl_share = platform.grants.share(peer_domid, 1, writable=True)
+            # One share for the control page and both rings (one grant-table allocation
+            # instead of three); the refs are handed out page by page.
+            npages = 1 + wire.ring_pages(left_order) + wire.ring_pages(right_order)
+            ctrl_share = platform.grants.share(peer_domid, npages, writable=True)
             grants.append(ctrl_share)
-            if ctrl_share.refs[0] == 0:
+            refs = ctrl_share.refs
+            if refs[0] == 0:
                 raise PlatformError("platform allocated grant ref 0 (invalid for vchan)")
             ctrl_share.set_unmap_notify(wire.SRV_LIVE, channel)
-            ctrl = ctrl_share.buf[:PAGE_SIZE]
+            whole = ctrl_share.buf
+            ctrl = whole[:PAGE_SIZE]
             views.append(ctrl)
             rings: list[memoryview] = []
             grant_lists: list[list[int]] = []
+            page = 1
             for order in (left_order, right_order):
                 offset = wire.in_page_offset(order)
                 if offset is not None:
                     ring = ctrl[offset : offset + (1 << order)]
                     grant_lists.append([])
                 else:
-                    share = platform.grants.share(peer_domid, wire.ring_pages(order))
-                    grants.append(share)
-                    ring = share.buf[: 1 << order]
-                    grant_lists.append(list(share.refs))
+                    n = wire.ring_pages(order)
+                    ring = whole[page * PAGE_SIZE : (page + n) * PAGE_SIZE]
+                    grant_lists.append(list(refs[page : page + n]))
+                    page += n
                 views.append(ring)
                 rings.append(ring)
             wire.init_server_page(

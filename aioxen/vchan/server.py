@@ -86,6 +86,7 @@ class VchanServer(asyncio.AbstractServer):
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._published = False
+        self._ad_written = False  # our keys (and their permissions) exist: republish
         self._cleanup: asyncio.Task[None] | None = None
         self._serve_forever_fut: asyncio.Future[None] | None = None
         self._transports: weakref.WeakSet[VchanTransport] = weakref.WeakSet()
@@ -158,9 +159,15 @@ class VchanServer(asyncio.AbstractServer):
             pending = await self._create()
         try:
             self._published = True
-            await advertise.publish(
-                self._platform, self.path, self._domid, pending.ring_ref, pending.event_channel
-            )
+            if self._ad_written:
+                await advertise.republish(
+                    self._platform, self.path, pending.ring_ref, pending.event_channel
+                )
+            else:
+                await advertise.publish(
+                    self._platform, self.path, self._domid, pending.ring_ref, pending.event_channel
+                )
+                self._ad_written = True
         except BaseException:
             pending.close()
             raise
@@ -204,6 +211,7 @@ class VchanServer(asyncio.AbstractServer):
     async def _withdraw(self) -> None:
         if self._published:
             self._published = False
+            self._ad_written = False
             try:
                 await advertise.withdraw(self._platform, self.path)
             except Exception as exc:
