@@ -11,7 +11,10 @@ from a free list and written into each request (:meth:`EntryFormat.with_id`), so
 an id are always taken together and a full ring simply means "no free id".  Callers wait in
 FIFO order for a free id (back-pressure).  Requests put during one event-loop iteration are
 published with one push and at most one notify (the push is scheduled with
-``call_soon``).  On an event the front takes every published response, matches it to its
+``call_soon``).  :meth:`~AsyncFrontRing.submit_many` (and its non-waiting form
+:meth:`~AsyncFrontRing.submit_many_nowait`) writes many requests with one copy and returns
+one future per request: what :meth:`~AsyncFrontRing.submit` does, at the cost of one call.
+On an event the front takes every published response, matches it to its
 outstanding id (an unknown or already answered id is a :class:`ProtocolError` on field
 ``id``), resolves the caller's future, frees the id and runs the final check before going
 back to sleep.  A caller cancelled after its request was published keeps its id reserved
@@ -306,6 +309,49 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
         self._put(batch, 0, (req,), ids)
         self._schedule_flush()
         return batch.future
+
+    def _put_each(self, reqs: Sequence[Req], ids: list[int]) -> list[asyncio.Future[Rsp]]:
+        """Write ``reqs`` with ``ids`` in one go; one future (one single batch) each."""
+        try:
+            self._ring.put_encoded(self._req_codec.pack_with_ids(reqs, ids))
+        except BaseException:
+            self._free_ids[0:0] = ids
+            raise
+        new = self._loop.create_future
+        batches = [_Batch(new(), 1, True) for _ in ids]
+        self._pending.update(zip(ids, zip(batches, itertools.repeat(0))))  # noqa: B905
+        return [b.future for b in batches]
+
+    def submit_many_nowait(self, reqs: Sequence[Req]) -> list[asyncio.Future[Rsp]]:
+        """Queue as many of ``reqs`` as there are free slots, in order and without
+        waiting (none while other callers wait for a slot), and return one response
+        future per queued request: ``len(result)`` tells how many went in.  They are
+        written with one copy and published with the other requests of this loop
+        iteration."""
+        self._check_open()
+        free = self._free_ids
+        if self._slot_waiters or not free or not reqs:
+            return []
+        n = min(len(reqs), len(free))
+        ids = free[:n]
+        del free[:n]
+        futures = self._put_each(reqs if n == len(reqs) else reqs[:n], ids)
+        self._schedule_flush()
+        return futures
+
+    async def submit_many(self, reqs: Iterable[Req]) -> list[asyncio.Future[Rsp]]:
+        """Queue all of ``reqs`` and return one response future per request, in order:
+        :meth:`submit` for many requests at the cost of one.  As many as there are free
+        slots are written at once; the rest wait for slots (first come, first served).
+        Cancelled while waiting, the requests already queued stay queued and their
+        responses are dropped, as with :meth:`request_many`."""
+        batch = reqs if isinstance(reqs, Sequence) else list(reqs)
+        futures = self.submit_many_nowait(batch)
+        while len(futures) < len(batch):
+            ids = await self._acquire_ids(len(batch) - len(futures))
+            futures += self._put_each(batch[len(futures) : len(futures) + len(ids)], ids)
+            self._schedule_flush()
+        return futures
 
     async def request(self, req: Req, *, timeout: float | None = None) -> Rsp:
         """Submit ``req`` and wait for its response.  Cancellation (or ``timeout``) while
