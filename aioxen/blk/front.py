@@ -16,10 +16,13 @@ A call such as ``await dev.read(sector, count)``:
 3. each chunk takes a run of pool pages (waiting if the pool is exhausted), writes copy
    their data in, and the chunk goes to its queue (with several queues, 1 MiB stripes of
    the disk map to the queues in turn).  If that ring has a
-   free slot the request goes out at once (all requests of one loop iteration are pushed
-   together, one notify); otherwise the chunk waits in the queue's backlog, where a drain
+   free slot the request is encoded at once and staged: the direct requests of one loop
+   iteration go to the ring together (one
+   :meth:`~aioxen.rings.aio.AsyncFrontRing.submit_many_nowait`, one push, at most one
+   notify); otherwise the chunk waits in the queue's backlog, where a drain
    task merges neighbouring chunks that continue each other on disk into one request
-   (:func:`aioxen.blk.split.merge_runs`) as slots free up;
+   (:func:`aioxen.blk.split.merge_runs`) as slots free up.  A flush or barrier is sent
+   after the requests staged before it;
 4. requests are encoded straight to slot bytes (:class:`~aioxen.blk.blkif.RequestEncoder`,
    with each pool page's full-page segment encoded once); requests with more than 11
    segments become ``BLKIF_OP_INDIRECT`` requests whose descriptors are written into that
@@ -214,6 +217,8 @@ class _Queue:
     backlog: deque[_Op] = field(default_factory=deque)
     room: asyncio.Event = field(default_factory=asyncio.Event)
     drainer: asyncio.Task[None] | None = None
+    outbox: list[bytes] = field(default_factory=list)  # encoded, counted in inflight
+    outops: list[_Op] = field(default_factory=list)  # their ops
 
 
 @dataclass
@@ -491,16 +496,12 @@ class BlkFront:
                 segs.append(_SEG_ENC(self._grefs[pages[-1]], 0, (rest >> 9) - 1))
             else:
                 segs = [full[p] for p in pages]
-            req = self._enc.direct(kind, wire_sector, segs)
             q.inflight += 1
             self.stats.requests += 1
-            try:
-                rfut = await q.ring.submit(req)
-            except BaseException as exc:
-                q.inflight -= 1
-                self._fail(op, exc)
-                raise
-            rfut.add_done_callback(functools.partial(self._completed_one, q, op))
+            q.outbox.append(self._enc.direct(kind, wire_sector, segs))
+            q.outops.append(op)
+            if len(q.outops) == 1:
+                self._loop.call_soon(self._send_outbox, q)
         else:
             q.backlog.append(op)
             self._wake_drainer(q)
@@ -509,6 +510,29 @@ class BlkFront:
         except asyncio.CancelledError:
             op.cancelled = True  # pages stay reserved until the response (or until drained)
             raise
+
+    def _send_outbox(self, q: _Queue) -> None:
+        """Submit the direct requests of this loop iteration to ``q``'s ring together."""
+        reqs, ops = q.outbox, q.outops
+        if not ops:
+            return
+        q.outbox, q.outops = [], []
+        try:
+            futures = q.ring.submit_many_nowait(reqs)
+        except BaseException as exc:  # the ring shut down
+            q.inflight -= len(ops)
+            for op in ops:
+                self._fail(op, _fresh(exc))
+            return
+        q.ring.flush()  # publish now: this is already the end of the batch
+        done = self._completed_one
+        for fut, op in zip(futures, ops):  # noqa: B905
+            fut.add_done_callback(functools.partial(done, q, op))
+        if len(futures) < len(ops):  # no free slot after all: the backlog takes the rest
+            rest = ops[len(futures) :]
+            q.inflight -= len(rest)
+            q.backlog.extendleft(reversed(rest))
+            self._wake_drainer(q)
 
     async def _submit_op(self, op: _Op) -> None:
         if self._closed:
@@ -596,6 +620,8 @@ class BlkFront:
         return self._enc.encode(ind), slot
 
     async def _send(self, q: _Queue, ops: list[_Op]) -> None:
+        if q.outops:
+            self._send_outbox(q)  # requests issued earlier go first (barriers order)
         req, slot = self._build(q, ops)
         q.inflight += 1
         self.stats.requests += 1
@@ -735,6 +761,10 @@ class BlkFront:
         for q in self._queues:
             while q.backlog:
                 self._fail(q.backlog.popleft(), _fresh(exc))
+            outops, q.outbox, q.outops = q.outops, [], []
+            q.inflight -= len(outops)
+            for op in outops:
+                self._fail(op, _fresh(exc))
         drainers = [q.drainer for q in self._queues if q.drainer is not None]
         self._release()
         for d in drainers:
