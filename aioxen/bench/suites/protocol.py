@@ -3,7 +3,11 @@
 The server is :class:`aioxen.bench.peer.ServerProtocol` (a BufferedProtocol sink/echo).  The
 client writes with ``transport.write`` and honours ``pause_writing``/``resume_writing``.
 For our mechanisms the bulk figure is also reported as a fraction of single-core memcpy
-bandwidth for the same chunk size (``% of memcpy``).
+bandwidth for the same chunk size (``% of memcpy``: cache-hot, one core -- an upper bound
+no cross-process path reaches) and of the cross-process copy reference for the same
+chunk size (``% of cross-process copy``: two C processes moving the bytes through a
+shared 1 MiB ring, i.e. the same two copies with nothing else; see
+:mod:`aioxen.bench.suites.memcpy`).
 """
 
 from __future__ import annotations
@@ -128,6 +132,8 @@ def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
             return r.run(main())
 
     copy_gib = {c: memcpy.bandwidth_gib(c, 0.05 if ctx.quick else 0.2) for c in CHUNKS}
+    cross_total = (256 << 20) if ctx.quick else (1 << 30)
+    cross_gib = {c: memcpy.cross_process_gib(c, cross_total) for c in CHUNKS}
     with Runner(ctx, "protocol") as runner:
         for rep in range(ctx.repetitions):
             for chunk in CHUNKS:
@@ -142,6 +148,9 @@ def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
                     if MECHANISMS[mech].ours:
                         m(case, mech, "% of memcpy", "%", True, params).samples.append(
                             100.0 * gib / copy_gib[chunk]
+                        )
+                        m(case, mech, "% of cross-process copy", "%", True, params).samples.append(
+                            100.0 * gib / cross_gib[chunk]
                         )
             for mech in mechs:
                 ctx.progress(f"protocol rep {rep + 1}/{ctx.repetitions} ping-pong {mech}")
