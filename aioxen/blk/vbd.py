@@ -366,6 +366,8 @@ __all__ = [
     "Blkback",
     "BlkbackDriver",
     "BlkfrontDriver",
+    "FrontQueue",
+    "FrontendKeys",
     "backend_keys",
     "open_blkfront",
     "parse_vdev",
