@@ -184,7 +184,7 @@ async def test_wait_connected_times_out_without_a_back_end(world: World) -> None
             assert frun.dev.state == S.INITIALISING and front.connects == 0
     # a front end that advertised nothing closes without waiting for the back end: the
     # runner finished by itself (stop() cancels it only if the close did not complete)
-    assert frun.dev.state == S.CLOSED and not frun.start().cancelled()
+    assert (frun.dev.state, frun.start().cancelled()) == (S.CLOSED, False)
     assert await fe.store.read(f"{frun.dev.own_dir}/state") == S.CLOSED.wire.encode()
 
 
