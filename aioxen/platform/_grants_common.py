@@ -81,13 +81,6 @@ class GrantMemory:
     def closed(self) -> bool:
         return self._closed
 
-    @property
-    def buf(self) -> memoryview:
-        raise NotImplementedError
-
-    def set_unmap_notify(self, offset: int | None, channel: EventChannel | None) -> None:
-        raise NotImplementedError
-
     def close(self) -> None:
         """Unmap and end the grant.  Idempotent.  ``BufferError`` (and nothing changed)
         while views derived from ``buf`` are alive."""
@@ -113,6 +106,10 @@ class GrantMemory:
     def _can_clear_byte(self) -> bool:
         """The owner always writes its share; a mapping must be writable."""
         return self._kind == "share" or self._writable
+
+    def _mode_state(self) -> str:
+        """``rw open``, ``ro closed``, ... for reprs."""
+        return f"{'rw' if self._writable else 'ro'} {'closed' if self._closed else 'open'}"
 
     def _describe(self) -> str:
         """``share of refs [...]`` / ``mapping of refs [...] of domain N``, for messages."""
@@ -221,11 +218,9 @@ class ComposedMapping(NotifyOnClose[TableT]):
         self._pages.close_fds()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        mode = "rw" if self._writable else "ro"
         return (
             f"<{type(self).__name__} of domain {self._remote_domid} refs={self._refs} "
-            f"{mode} {state}>"
+            f"{self._mode_state()}>"
         )
 
 

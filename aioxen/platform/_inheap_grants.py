@@ -90,10 +90,9 @@ class InHeapShare(FileShare["InHeapGrantTable"]):
         return f"share of refs {self._refs} (domain {self._domid})"
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
         return (
             f"<InHeapShare domid={self._domid} -> {self._remote_domid} refs={self._refs} "
-            f"{'rw' if self._writable else 'ro'} {state}>"
+            f"{self._mode_state()}>"
         )
 
 

@@ -130,11 +130,9 @@ class UnixShare(FileShare["UnixGrantTable"]):
         return self._share_id
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
-        mode = "rw" if self._writable else "ro"
         return (
             f"<UnixShare id={self._share_id} to {self._remote_domid} refs={self._refs} "
-            f"{mode} {state}>"
+            f"{self._mode_state()}>"
         )
 
 
