@@ -1,4 +1,4 @@
-"""Leak checks for the platform classes: what a platform object still has open.
+"""What a platform object still has open: leak checks, and closing it all.
 
 Theory of operation
 -------------------
@@ -7,6 +7,10 @@ and not closed yet (``live()``).  :class:`LeakChecks` turns those into ``leaks()
 ``repr`` per channel (in port order), then the shares and mappings (sorted) — and
 ``assert_cleaned_up()``, which raises ``AssertionError`` listing them.  Tests call these after
 closing everything, so a forgotten port, share or mapping fails the test that leaked it.
+
+:class:`ClosesAllOpened` adds the ``close()`` of the platforms that do their own unmap
+notifications (``inheap``, ``unix``): mappings and shares first, then channels, so the
+notifications still reach open channels; then the XenStore client.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from typing import TYPE_CHECKING, Protocol
 
 class _Tracked(Protocol):
     def live(self) -> Sequence[object]: ...
+
+
+class _Closable(_Tracked, Protocol):
+    def close_all(self) -> None: ...
 
 
 def assert_no_leaks(what: str, leaks: list[str]) -> None:
@@ -48,4 +56,27 @@ class LeakChecks:
         assert_no_leaks(repr(self), self.leaks())
 
 
-__all__ = ["LeakChecks", "assert_no_leaks"]
+class ClosesAllOpened(LeakChecks):
+    """Mixin for :class:`~aioxen.platform.base.Platform` subclasses whose ``events`` and
+    ``grants`` can close everything opened through them (``close_all()``)."""
+
+    if TYPE_CHECKING:
+
+        @property
+        def events(self) -> _Closable: ...
+
+        @property
+        def grants(self) -> _Closable: ...
+
+        async def _close_store(self) -> None: ...
+
+    async def close(self) -> None:
+        """Close every mapping, share and channel opened through this object (in that
+        order, so unmap notifications still reach their channels), then the XenStore
+        connection.  Idempotent."""
+        self.grants.close_all()
+        self.events.close_all()
+        await self._close_store()
+
+
+__all__ = ["ClosesAllOpened", "LeakChecks", "assert_no_leaks"]

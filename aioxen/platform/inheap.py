@@ -31,7 +31,7 @@ from aioxen.platform._inheap_grants import (
     _Grant,
     _RefAllocator,
 )
-from aioxen.platform._leaks import LeakChecks, assert_no_leaks
+from aioxen.platform._leaks import ClosesAllOpened, assert_no_leaks
 from aioxen.platform.base import Platform
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ def default_world() -> InHeapWorld:
         return _default_world
 
 
-class InHeapPlatform(LeakChecks, Platform):
+class InHeapPlatform(ClosesAllOpened, Platform):
     """One in-heap domain.  ``world`` defaults to :func:`default_world`."""
 
     name = "inheap"
@@ -105,7 +105,6 @@ class InHeapPlatform(LeakChecks, Platform):
         self.world = world if world is not None else default_world()
         self._events = InHeapEventChannels(self)
         self._grants = InHeapGrantTable(self)
-        self._closed = False
 
     @property
     def events(self) -> InHeapEventChannels:
@@ -120,15 +119,6 @@ class InHeapPlatform(LeakChecks, Platform):
         from aioxen.xenstore.engine import get_or_create_engine
 
         return XenStoreClient.in_process(get_or_create_engine(self.world), self.domid)
-
-    async def close(self) -> None:
-        """Close every mapping, share and channel opened through this object (in that
-        order, so unmap notifications still reach their channels), then the XenStore
-        connection.  Idempotent."""
-        self._grants.close_all()
-        self._events.close_all()
-        await self._close_store()
-        self._closed = True
 
 
 __all__ = [

@@ -30,7 +30,7 @@ import os
 from typing import TYPE_CHECKING
 
 from aioxen.errors import PlatformError
-from aioxen.platform._leaks import LeakChecks
+from aioxen.platform._leaks import ClosesAllOpened
 from aioxen.platform._unix_events import UnixEventChannel, UnixEventChannels
 from aioxen.platform._unix_grants import (
     TABLE_NAME,
@@ -75,7 +75,7 @@ def ensure_private_dir(path: str) -> None:
         raise PlatformError(f"{path} exists but is not a directory")
 
 
-class UnixPlatform(LeakChecks, Platform):
+class UnixPlatform(ClosesAllOpened, Platform):
     """One domain played by this process under ``root``."""
 
     name = "unix"
@@ -112,14 +112,6 @@ class UnixPlatform(LeakChecks, Platform):
         from aioxen.xenstore.client import XenStoreClient
 
         return XenStoreClient.for_unix_socket(self.xenstored_path, self.domid)
-
-    async def close(self) -> None:
-        """Close every mapping, share and channel opened through this object (in that
-        order, so unmap notifications still reach their channels), then the XenStore
-        connection.  Idempotent."""
-        self._grants.close_all()
-        self._events.close_all()
-        await self._close_store()
 
     def __repr__(self) -> str:
         return f"<UnixPlatform domid={self.domid} root={self.root}>"
