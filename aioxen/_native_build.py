@@ -64,6 +64,8 @@ int64_t  ax_xring_produce(void *hdr, void *ring, uint32_t size, const void *src,
                           uint64_t total, double timeout);
 int64_t  ax_xring_consume(void *hdr, const void *ring, uint32_t size, void *dst, size_t room,
                           uint64_t total, double timeout);
+/* vchan reader step: release, check both rings, maybe arm -- one call (aioxen.vchan.wire) */
+int64_t  ax_vchan_step(void *ctrl, const uint32_t *cfg, int64_t new_cons, uint8_t arm_bit);
 """
 
 SOURCE = r"""
@@ -386,6 +388,43 @@ static int64_t ax_xring_consume(void *hdr, const void *ring, uint32_t size, void
         since = ax_now_ns();
     }
     return ax_now_ns() - first;
+}
+
+/* The vchan reader's whole step in one call.  cfg (u32 each): [0] read cons offset,
+ * [1] read prod offset, [2] own notify offset, [3] peer live offset, [4] peer notify offset,
+ * [5] write cons offset, [6] write prod offset, [7] read ring size, [8] write ring size.
+ * 1. If new_cons >= 0: publish it as the read ring's cons (release) and test-and-clear
+ *    NOTIFY_READ (0x2) in our notify byte (bit 55 of the result: send an event).
+ * 2. Load our notify byte (EOF bit 0x80), the peer's live byte, read prod and cons (acquire,
+ *    each once); validate used <= size.  Validate the write ring the same way.
+ * 3. If the read ring is empty, EOF is not set and arm_bit != 0: OR arm_bit into the peer's
+ *    notify byte (full barrier) and re-read prod (validated again).
+ * Result: -1 read ring corrupt, -2 write ring corrupt, -3 peer live byte > 1, else
+ * used | cons << 21 | EOF << 53 | live << 54 | notify << 55. */
+static int64_t ax_vchan_step(void *ctrl, const uint32_t *cfg, int64_t new_cons, uint8_t arm_bit)
+{
+    int64_t notify = 0;
+    if (new_cons >= 0) {
+        __atomic_store_n(AX_PTR(uint32_t, ctrl, cfg[0]), (uint32_t)new_cons, __ATOMIC_RELEASE);
+        if (__atomic_fetch_and(AX_PTR(uint8_t, ctrl, cfg[2]), (uint8_t)~2u, __ATOMIC_SEQ_CST) & 2u)
+            notify = (int64_t)1 << 55;
+    }
+    uint8_t note = __atomic_load_n(AX_PTR(const uint8_t, ctrl, cfg[2]), __ATOMIC_ACQUIRE);
+    uint8_t live = __atomic_load_n(AX_PTR(const uint8_t, ctrl, cfg[3]), __ATOMIC_ACQUIRE);
+    uint32_t prod = __atomic_load_n(AX_PTR(const uint32_t, ctrl, cfg[1]), __ATOMIC_ACQUIRE);
+    uint32_t cons = __atomic_load_n(AX_PTR(const uint32_t, ctrl, cfg[0]), __ATOMIC_ACQUIRE);
+    uint32_t used = prod - cons;
+    if (used > cfg[7]) return -1;
+    if (ax_bring_used(ctrl, cfg[5], cfg[6], cfg[8]) < 0) return -2;
+    if (live > 1) return -3;
+    if (used == 0 && arm_bit && !(note & 0x80)) {
+        __atomic_fetch_or(AX_PTR(uint8_t, ctrl, cfg[4]), arm_bit, __ATOMIC_SEQ_CST);
+        prod = __atomic_load_n(AX_PTR(const uint32_t, ctrl, cfg[1]), __ATOMIC_ACQUIRE);
+        used = prod - cons;
+        if (used > cfg[7]) return -1;
+    }
+    return (int64_t)used | ((int64_t)cons << 21) | ((note & 0x80) ? ((int64_t)1 << 53) : 0)
+           | ((int64_t)live << 54) | notify;
 }
 """
 

@@ -94,6 +94,7 @@ class VchanDatagramTransport(VchanTransport, asyncio.DatagramTransport):
         limit = core.read_size - MAX_DATAGRAM_HEADER
         protocol: Any = self._protocol
         self._rleft = 0
+        core.writable()  # validate the write ring on every service, as the stream pump does
         while not self._conn_lost:
             eof = core.peer_eof()
             avail = core.readable()

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import warnings
 from collections import deque
 from os import sched_yield as _sched_yield
@@ -72,6 +73,16 @@ from aioxen.errors import ProtocolError
 from aioxen.native import ffi
 from aioxen.vchan import wire
 from aioxen.vchan.endpoint import Connection
+from aioxen.vchan.wire import (
+    NOTIFY_WRITE,
+    STEP_CONS_SHIFT,
+    STEP_EOF,
+    STEP_LIVE,
+    STEP_NOTIFY,
+    STEP_USED,
+)
+
+_U32 = 0xFFFFFFFF
 
 logger = logging.getLogger("aioxen.vchan")
 
@@ -84,10 +95,21 @@ MAX_BUSY_POLL = 1e-3
 _LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 
 
+BUSY_POLL_ENV = "AIOXEN_VCHAN_BUSY_POLL"
+"""Environment variable overriding the default ``busy_poll`` (seconds, e.g. ``0``)."""
+
+
 def check_busy_poll(busy_poll: float | None, platform_name: str) -> float:
-    """Resolve and validate a ``busy_poll`` argument (``None`` = platform default)."""
+    """Resolve and validate a ``busy_poll`` argument: ``None`` means ``$AIOXEN_VCHAN_BUSY_POLL``
+    if set, else :data:`DEFAULT_BUSY_POLL` (0 on the ``inheap`` platform)."""
     if busy_poll is None:
-        return 0.0 if platform_name == "inheap" else DEFAULT_BUSY_POLL
+        env = os.environ.get(BUSY_POLL_ENV)
+        if not env:
+            return 0.0 if platform_name == "inheap" else DEFAULT_BUSY_POLL
+        try:
+            busy_poll = float(env)
+        except ValueError:
+            raise ValueError(f"${BUSY_POLL_ENV}={env!r} is not a number of seconds") from None
     if isinstance(busy_poll, bool) or not isinstance(busy_poll, (int, float)):
         raise TypeError(f"busy_poll must be a number of seconds, not {busy_poll!r}")
     if not 0 <= busy_poll <= MAX_BUSY_POLL:
@@ -209,9 +231,12 @@ class VchanTransport(asyncio.Transport):
         """Event handler (and general kick): move data both ways; then poll or arm."""
         if self._conn_lost or not self._started or self._in_service:
             return
-        if self._poll_max and not self._polling:
-            self._adapt()
-        self._run_service(not self._want_poll())
+        if self._poll_max:
+            if not self._polling:
+                self._adapt()
+            self._run_service(not self._want_poll())
+        else:
+            self._run_service(True)
 
     def _run_service(self, arm: bool) -> None:
         """One service pass.  ``arm``: ask the peer for notifications where we would wait
@@ -225,13 +250,10 @@ class VchanTransport(asyncio.Transport):
             if self._wbuf:
                 self._flush(arm)
             if not self._reading_paused and not self._peer_eof and not self._closing:
-                live = self._pump(False, arm)
+                live = self._pump(False, arm)  # validates both rings
             else:
-                live = core.peer_live()
-                if not self._peer_eof:
-                    core.readable()  # validate the read ring even while not reading
-            if not self._wbuf and not self._conn_lost:
-                core.writable()  # validate the write ring (flushing does it otherwise)
+                # not reading: still validate both rings and the live byte
+                live = 1 if core.step(-1, False) & STEP_LIVE else 0
             if not self._conn_lost and (live == 0 or self._channel.peer_lost):
                 self._peer_gone()
             elif core.notify_pending:
@@ -284,8 +306,10 @@ class VchanTransport(asyncio.Transport):
         core = self._core
         reading = not self._reading_paused and not self._peer_eof and not self._closing
         try:
-            eof, live, used = core.peek_state()
-            found = live != 1 or (reading and (used > self._rleft or eof))
+            r = core.step(-1, False)
+            found = not r & STEP_LIVE or (
+                reading and ((r & STEP_USED) > self._rleft or r & STEP_EOF != 0)
+            )
             if not found and self._wbuf:
                 found = core.writable() > 0
         except ProtocolError as exc:
@@ -314,53 +338,77 @@ class VchanTransport(asyncio.Transport):
         gone, deliver everything, no arming.  Returns the peer's live byte as seen by the
         last check.
 
-        Each poll loads the EOF bit *before* the indices: if it was set and the ring is
-        then found empty, the stream is complete.  If it gets set later, the writer's
-        event brings us back here.
+        Each step (:meth:`~aioxen.vchan.wire.VchanCore.step`, one native call that also
+        releases what the previous delivery consumed) loads the EOF bit *before* the
+        indices: if it was set and the ring is then found empty, the stream is complete.
+        If it gets set later, the writer's event brings us back here.
         """
         core = self._core
-        buffered = self._buffered
-        arm = arm and not force
-        live = 1
-        while not self._conn_lost:
-            # EOF bit, peer live byte, indices; if empty (and arm): ask for a write event,
-            # re-check
-            eof, live, off, n = core.poll_arm(arm)
-            if n:
-                if buffered:
-                    self._deliver_buffered(force)
-                else:
-                    self._deliver(off, n)
-                if not force and (self._closing or self._reading_paused):
-                    return live
-            else:
-                if eof:
+        step = core.step_raw
+        arm_bit = NOTIFY_WRITE if arm and not force else 0
+        rsize = core.read_size
+        r = step(-1, arm_bit)
+        while True:
+            if r < 0:
+                raise core.step_error(r)
+            used = r & STEP_USED
+            if not used:
+                if r & STEP_EOF:
                     self._deliver_eof()
-                return live
-        return live
-
-    def _deliver(self, off: int, n: int) -> None:
-        core = self._core
-        view = core.read_view
-        assert view is not None
-        chunk = view[off : off + n]
-        protocol: Any = self._protocol
-        if self._trusted:
-            try:
-                protocol.data_received(chunk)
-            finally:
+                return 1 if r & STEP_LIVE else 0
+            if self._buffered:
+                self._deliver_buffered(force, used)
+                if self._conn_lost:
+                    return 1
+                stop = not force and (self._closing or self._reading_paused)
+                r = step(-1, 0 if stop else arm_bit)
+                if stop:
+                    if r < 0:
+                        raise core.step_error(r)
+                    return 1 if r & STEP_LIVE else 0
+                continue
+            view = core.read_view
+            if view is None:  # released under us (aborted from a callback)
+                return 1
+            cons = (r >> STEP_CONS_SHIFT) & _U32
+            off = cons & (rsize - 1)
+            n = rsize - off
+            if used < n:
+                n = used
+            chunk = view[off : off + n]
+            protocol: Any = self._protocol
+            if self._trusted:
+                # the stdlib stream protocol copies synchronously: hand it the ring itself
+                try:
+                    protocol.data_received(chunk)
+                finally:
+                    chunk.release()
+                if self._conn_lost:
+                    return 1
+                stop = not force and (self._closing or self._reading_paused)
+                r = step((cons + n) & _U32, 0 if stop else arm_bit)
+                if r > 0 and r & STEP_NOTIFY:
+                    core.notify_pending = True
+            else:
+                data = bytes(chunk)
                 chunk.release()
-            core.consume(n)
-        else:
-            data = bytes(chunk)
-            chunk.release()
-            core.consume(n)
-            protocol.data_received(data)
+                r = step((cons + n) & _U32, arm_bit)
+                if r > 0 and r & STEP_NOTIFY:
+                    core.notify_pending = True
+                protocol.data_received(data)
+                if self._conn_lost:
+                    return 1
+                stop = not force and (self._closing or self._reading_paused)
+            if stop:
+                if r < 0:
+                    raise core.step_error(r)
+                return 1 if r & STEP_LIVE else 0
 
-    def _deliver_buffered(self, force: bool) -> None:
+    def _deliver_buffered(self, force: bool, n: int) -> None:
+        """Copy up to ``n`` bytes straight from the ring into the protocol's buffers (one
+        native copy per ``get_buffer``)."""
         core = self._core
         protocol: Any = self._protocol
-        n = core.readable()
         while n > 0 and not self._conn_lost:
             buf = protocol.get_buffer(n)
             with ffi.from_buffer(buf, require_writable=True) as p:
@@ -417,9 +465,11 @@ class VchanTransport(asyncio.Transport):
         core = self._core
         self._busy += 1
         try:
-            put = core.send(data, n)
-            if core.notify_pending:
-                core.notify_pending = False
+            put = core.send_raw(data, n)
+            if put < 0:
+                raise core.write_error()
+            if put > _U32:
+                put &= _U32
                 self._channel.notify()
             if put != n:
                 self._enqueue(memoryview(data)[put:], n - put)
@@ -697,6 +747,7 @@ class VchanTransport(asyncio.Transport):
 
 
 __all__ = [
+    "BUSY_POLL_ENV",
     "DEFAULT_BUSY_POLL",
     "DEFAULT_HIGH_WATER",
     "MAX_BUSY_POLL",

@@ -53,6 +53,7 @@ Nothing here does I/O or touches asyncio: atomics and copies go through the nati
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Any, Final
@@ -96,6 +97,13 @@ LARGE_RING_SIZE: Final = 2048  # order 11, in the control page at offset 2048
 
 _U32: Final = 0xFFFFFFFF
 _EOF_FLAG: Final = 1 << 53  # in ax_vchan_poll's result
+
+STEP_USED: Final = 0x1FFFFF
+"""Mask of the readable byte count in a :meth:`VchanCore.step` result."""
+STEP_CONS_SHIFT: Final = 21
+STEP_EOF: Final = 1 << 53
+STEP_LIVE: Final = 1 << 54
+STEP_NOTIFY: Final = 1 << 55
 
 
 def _min_order(size: int) -> int:
@@ -249,6 +257,7 @@ class VchanCore:
     """
 
     __slots__ = (
+        "_cfg",
         "_ctrl",
         "_ctrl_sb",
         "_own_live",
@@ -272,6 +281,8 @@ class VchanCore:
         "is_server",
         "notify_pending",
         "read_view",
+        "send_raw",
+        "step_raw",
     )
 
     def __init__(
@@ -317,9 +328,42 @@ class VchanCore:
         self._rsize = rsize
         self._rmask = rsize - 1
         self._span_cons = 0
+        self._cfg: Any = ffi.new(
+            "uint32_t[9]",
+            [
+                self._rcons,
+                self._rprod,
+                self._own_notify,
+                self._peer_live,
+                self._peer_notify,
+                self._wcons,
+                self._wprod,
+                rsize,
+                wsize,
+            ],
+        )
         self._wsize = wsize
         self.read_view: memoryview | None = read_ring
         """The read ring as a ``memoryview`` (for single-copy delivery by the adapter)."""
+        self._bind_raw()
+
+    def _bind_raw(self) -> None:
+        # C-level partials of the two hottest calls (no Python frame per call); rebound to
+        # the dead page on release.
+        self.step_raw: Any = functools.partial(lib.ax_vchan_step, self._ctrl, self._cfg)
+        """``step_raw(new_cons, arm_bit)``: :meth:`step` without the error check (a
+        negative result goes to :meth:`step_error`)."""
+        self.send_raw: Any = functools.partial(
+            lib.ax_vchan_send,
+            self._ctrl,
+            self._wcons,
+            self._wprod,
+            self._own_notify,
+            self._wring,
+            self._wsize,
+        )
+        """``send_raw(src, n)``: :meth:`send` unchecked: ``-1`` corrupt, else the count,
+        plus ``1 << 32`` if the peer asked to be notified."""
 
     # -- sizes -----------------------------------------------------------------------------
     @property
@@ -425,6 +469,33 @@ class VchanCore:
         used = r & 0x1FFFFF
         room = self._rsize - off
         return r & _EOF_FLAG != 0, live, off, used if used < room else room
+
+    def step(self, new_cons: int, arm: bool) -> int:
+        """The reader's fused step (one native call, ``ax_vchan_step``): if ``new_cons``
+        >= 0, publish it as the read ring's ``cons`` and test-and-clear our READ request
+        bit (result bit :data:`STEP_NOTIFY`: signal the peer); then load our notify byte,
+        the peer's live byte and both rings' indices, each once, validating both rings and
+        the live byte (``ProtocolError``); with ``arm`` and an empty read ring (no EOF),
+        ask the peer for a write notification and re-check.
+
+        Returns ``used | cons << 21 | EOF << 53 | live << 54 | notify << 55`` (see the
+        ``STEP_*`` constants).  ``new_cons`` must be ``cons`` from the previous step plus
+        the bytes read (u32): the index is never re-read from shared memory to compute it.
+        """
+        r: int = lib.ax_vchan_step(self._ctrl, self._cfg, new_cons, NOTIFY_WRITE if arm else 0)
+        if r < 0:
+            raise self.step_error(r)
+        return r
+
+    def step_error(self, r: int) -> ProtocolError:
+        """The ``ProtocolError`` for a negative :meth:`step` result."""
+        if r == -3:
+            return self._bad_live(lib.ax_load_u8(self._ctrl, self._peer_live))
+        return self._corrupt(r == -1)
+
+    def write_error(self) -> ProtocolError:
+        """The ``ProtocolError`` for a negative :attr:`send_raw` result."""
+        return self._corrupt(False)
 
     def peek_state(self) -> tuple[bool, int, int]:
         """``(eof, peer_live, used)`` in one native call, touching no notify bit: the
@@ -569,6 +640,7 @@ class VchanCore:
         self.read_view = None
         dead = _dead().pointer
         self._ctrl = self._rring = self._wring = dead
+        self._bind_raw()
         for sb in (self._rring_sb, self._wring_sb, self._ctrl_sb):
             sb.release()
 
@@ -620,6 +692,11 @@ __all__ = [
     "RIGHT_PROD",
     "SRV_LIVE",
     "SRV_NOTIFY",
+    "STEP_CONS_SHIFT",
+    "STEP_EOF",
+    "STEP_LIVE",
+    "STEP_NOTIFY",
+    "STEP_USED",
     "Layout",
     "VchanCore",
     "check_orders",
