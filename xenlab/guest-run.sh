@@ -5,7 +5,9 @@
 # Started by xenlab/init; the host side is xenlab/lab.py.
 set -u
 RESULTS=/tmp/xenlab-results
+set -a  # the XENLAB_* settings reach the tests (test_domu.py reads the domU's files)
 . "$RESULTS/guest.env"
+set +a
 XEN_BIN=/usr/lib/xen-4.17/bin
 export HOME=/tmp PATH=/usr/sbin:/usr/bin:/sbin:/bin PYTHONDONTWRITEBYTECODE=1
 export AIOXEN_XENLAB_GUEST=1 HYPOTHESIS_STORAGE_DIRECTORY=/tmp/hypothesis
@@ -14,13 +16,17 @@ up() { cut -d' ' -f1 /proc/uptime; }
 say() { echo "xenlab: $*" | tee -a "$RESULTS/guest.log"; }
 
 say "guest script at $(up)s; kernel $(uname -r); $(cat /proc/xen/capabilities 2>/dev/null)"
-mkdir -p /run/xenstored /var/lib/xen /var/log/xen
+mkdir -p /run/xenstored /run/xen /run/lock /var/lib/xen /var/log/xen
 "$XEN_BIN/xenstored" --pid-file /run/xenstored.pid >>"$RESULTS/guest.log" 2>&1
 i=0
 while [ ! -S /run/xenstored/socket ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 "$XEN_BIN/xen-init-dom0" >>"$RESULTS/guest.log" 2>&1 || say "xen-init-dom0 FAILED"
 say "xenstored up at $(up)s: domid=$(xenstore-read domid 2>&1) name=$(xenstore-read name 2>&1)"
 ls -l /dev/xen >>"$RESULTS/guest.log" 2>&1
+# The console daemon `xl create` needs for a domU; domU consoles are logged to results/.
+mkdir -p "$RESULTS/consoles"
+"$XEN_BIN/xenconsoled" --pid-file=/run/xenconsoled.pid --log=guest \
+    --log-dir="$RESULTS/consoles" >>"$RESULTS/guest.log" 2>&1 || say "xenconsoled FAILED"
 
 cd "$XENLAB_TREE" || { say "no tree at $XENLAB_TREE"; exit 1; }
 say "pytest $XENLAB_PYTEST_ARGS at $(up)s"

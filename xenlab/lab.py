@@ -65,11 +65,19 @@ MODULES = [
     "xen-gntdev",
     "xen-gntalloc",
     "xenfs",
+    # TAP devices for ``aioxen netback --tap``
+    "tun",
 ]
-IMAGE_FORMAT = 1  # bump when the image layout changes
+# Kernel modules for the PV domU: Linux's own frontends, and ext4 (which mounts ext2).
+# dom0 loads neither these nor xen-netback/xen-blkback: aioxen's backends serve the domU.
+# crc32c_generic: ext4 asks the crypto API for "crc32c" by name at mount time.
+DOMU_MODULES = ["xen-blkfront", "xen-netfront", "ext4", "crc32c_generic"]
+IMAGE_FORMAT = 2  # bump when the image layout changes
 DEFAULT_WATCHDOG = 600  # seconds the guest may run before powering itself off
 INIT_DEADLINE = 120.0  # seconds for dom0 to reach /init (~5 s normally) before a reboot
 INIT_MARKER = b"xenlab: init up"
+INIT = TREE / "xenlab" / "init"  # dom0's /init
+DOMU_INIT = TREE / "xenlab" / "domu-init"  # the PV domU's /init
 
 
 def lab_debs() -> list[str]:
@@ -171,7 +179,9 @@ def _module_order(kver: str, names: list[str]) -> list[Path]:
     return [moddir / m for m in order]
 
 
-def _build_initrd(kver: str) -> bytes:
+def _build_initrd(kver: str, modules: list[str], init: Path) -> bytes:
+    """busybox, ``modules`` (dependencies first, listed in ``lib/modules/load-order``) and
+    ``init`` as ``/init``: the whole initramfs of dom0 or of the domU."""
     c = Cpio()
     for d in ["bin", "dev", "proc", "sys", "tmp", "run", "host", "results", "lib", "lib/modules"]:
         c.dir(d)
@@ -180,14 +190,14 @@ def _build_initrd(kver: str) -> bytes:
     c.file("bin/busybox", Path("/bin/busybox").read_bytes(), 0o755)
     c.symlink("bin/sh", "busybox")
     load = []
-    for path in _module_order(kver, MODULES):
+    for path in _module_order(kver, modules):
         if path.suffix != ".ko":
             raise RuntimeError(f"{path}: compressed modules are not supported by busybox insmod")
         name = path.stem
         c.file(f"lib/modules/{name}.ko", path.read_bytes())
         load.append(name)
     c.file("lib/modules/load-order", ("\n".join(load) + "\n").encode())
-    c.file("init", (TREE / "xenlab" / "init").read_bytes(), 0o755)
+    c.file("init", init.read_bytes(), 0o755)
     return gzip.compress(c.finish(), compresslevel=6)
 
 
@@ -198,6 +208,11 @@ class Image:
     initrd: Path
     key: str
 
+    @property
+    def domu_initrd(self) -> Path:
+        """The PV domU's initramfs (the domU boots ``kernel`` too)."""
+        return self.initrd.with_name("domu-initrd.gz")
+
 
 def image_key() -> tuple[str, str]:
     """(cache key, kernel release): package versions + the lab's build inputs."""
@@ -205,8 +220,9 @@ def image_key() -> tuple[str, str]:
     h = hashlib.sha256()
     for pkg in [*lab_debs(), f"linux-image-{kver}"]:
         h.update(f"{pkg}={_dpkg_version(pkg)}\n".encode())
-    h.update((TREE / "xenlab" / "init").read_bytes())
-    h.update(repr((IMAGE_FORMAT, MODULES)).encode())
+    for init in (INIT, DOMU_INIT):
+        h.update(init.read_bytes())
+    h.update(repr((IMAGE_FORMAT, MODULES, DOMU_MODULES)).encode())
     return h.hexdigest()[:16], kver
 
 
@@ -223,7 +239,8 @@ def build_image(cache: Path = CACHE) -> Image:
         with gzip.open(XEN_GZ) as src, open(tmp / "xen.elf", "wb") as dst:
             shutil.copyfileobj(src, dst)
         shutil.copyfile(f"/boot/vmlinuz-{kver}", tmp / "vmlinuz")
-        (tmp / "initrd.gz").write_bytes(_build_initrd(kver))
+        (tmp / "initrd.gz").write_bytes(_build_initrd(kver, MODULES, INIT))
+        (tmp / "domu-initrd.gz").write_bytes(_build_initrd(kver, DOMU_MODULES, DOMU_INIT))
         (tmp / "ok").write_text(f"{kver}\n")
         try:
             tmp.rename(final)
@@ -368,6 +385,9 @@ def boot(
         "XENLAB_PYTHON": python,
         "XENLAB_PYTEST_ARGS": shlex.join(pytest_args or GUEST_SELECTION),
         "XENLAB_PYTEST_TIMEOUT": str(max(watchdog - 60, 60)),
+        # What tests/xenlab/guest/test_domu.py boots as a PV domU with ``xl create``.
+        "XENLAB_DOMU_KERNEL": str(image.kernel),
+        "XENLAB_DOMU_INITRD": str(image.domu_initrd),
     }
     (results / "guest.env").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
     cmd = qemu_command(image, results, watchdog)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from aioxen.platform.xen import XenPlatform
 
 IN_GUEST = bool(os.environ.get("AIOXEN_XENLAB_GUEST"))
+
+# Helper modules beside the guest tests (``domu``) import by plain name.
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
