@@ -182,7 +182,7 @@ class VchanTransport(asyncio.Transport):
         self._poll_window = window  # current window, adapted in 0..max
         self._polling = False  # a window is open (a _poll callback is scheduled)
         self._poll_deadline = 0.0
-        self._idle_since = 0.0  # when we last started waiting for the peer
+        self._idle_since = perf_counter()  # when we last started waiting for the peer
         self._rleft = 0  # bytes the last pump left in the read ring (a partial datagram)
         loop.call_soon(self._start, waiter)
 

@@ -353,3 +353,84 @@ def test_released_core_is_inert() -> None:
     mem.close()  # the memory is gone; stray calls must not touch it
     assert server.readable() == 0
     assert server.poll_arm(False)[3] == 0
+
+
+@pytest.mark.parametrize("start", [0, 2**32 - 3])
+def test_step_consumes_checks_both_rings_and_arms_only_when_empty(start: int) -> None:
+    server, client, mem = make_pair(10, 11, start)
+    ctrl = memoryview(mem)[:PAGE]
+    ctrl[wire.CLI_NOTIFY] = 0
+    # empty: arms (ORs WRITE into the peer's byte) and reports nothing
+    r = server.step(-1, True)
+    assert r & wire.STEP_USED == 0 and r & wire.STEP_LIVE and not r & wire.STEP_EOF
+    assert (r >> wire.STEP_CONS_SHIFT) & 0xFFFFFFFF == start
+    assert ctrl[wire.CLI_NOTIFY] & wire.NOTIFY_WRITE
+    ctrl[wire.CLI_NOTIFY] = 0
+    assert client.send(b"abcdef", 6) == 6
+    r = server.step(-1, True)
+    assert r & wire.STEP_USED == 6
+    assert ctrl[wire.CLI_NOTIFY] == 0  # not empty: no arming
+    # the client asks to hear about consumption; releasing 4 bytes reports it
+    assert client.request_writable() == 1024 - 6
+    cons = (r >> wire.STEP_CONS_SHIFT) & 0xFFFFFFFF
+    r = server.step((cons + 4) & 0xFFFFFFFF, False)
+    assert r & wire.STEP_NOTIFY and r & wire.STEP_USED == 2
+    assert client.writable() == 1024 - 2
+    r = server.step((cons + 6) & 0xFFFFFFFF, False)  # no second request: no notify
+    assert not r & wire.STEP_NOTIFY and r & wire.STEP_USED == 0
+    # EOF and the peer's close: reported, and no arming after EOF
+    client.shutdown_write()
+    ctrl[wire.CLI_LIVE] = 0
+    r = server.step(-1, True)
+    assert r & wire.STEP_EOF and not r & wire.STEP_LIVE
+    assert not ctrl[wire.CLI_NOTIFY] & wire.NOTIFY_WRITE
+    ctrl.release()
+    server.release()
+    client.release()
+    mem.close()
+
+
+@pytest.mark.parametrize("field", ["read", "write", "live"])
+def test_step_rejects_a_hostile_control_page(field: str) -> None:
+    server, client, mem = make_pair(12, 12, 2**32 - 9)
+    ctrl = memoryview(mem)[:PAGE]
+    if field == "read":  # LEFT is the server's read ring
+        (prod,) = struct.unpack_from("<I", ctrl, wire.LEFT_PROD)
+        struct.pack_into("<I", ctrl, wire.LEFT_PROD, (prod + 4097) % 2**32)
+        name = "left.prod"
+    elif field == "write":
+        (cons,) = struct.unpack_from("<I", ctrl, wire.RIGHT_CONS)
+        struct.pack_into("<I", ctrl, wire.RIGHT_CONS, (cons + 1) % 2**32)
+        name = "right.prod"
+    else:
+        ctrl[wire.CLI_LIVE] = 7
+        name = "cli_live"
+    for arm in (False, True):
+        with pytest.raises(ProtocolError) as exc:
+            server.step(-1, arm)
+        assert exc.value.field == name
+        r = server.step_raw(-1, 0)
+        assert r < 0
+        assert server.step_error(r).field == name
+    ctrl.release()
+    server.release()
+    client.release()
+    mem.close()
+
+
+def test_send_raw_reports_the_notify_request_and_corruption() -> None:
+    server, client, mem = make_pair(12, 12)
+    ctrl = memoryview(mem)[:PAGE]
+    # init_server_page asked for the client's first write: the notify flag rides along
+    r = client.send_raw(b"xyz", 3)
+    assert r == 3 | 1 << 32
+    assert client.send_raw(b"xyz", 3) == 3  # the bit was test-and-cleared
+    struct.pack_into("<I", ctrl, wire.LEFT_CONS, 2**31)
+    assert client.send_raw(b"xyz", 3) == -1
+    assert client.write_error().field == "left.prod"
+    ctrl.release()
+    server.release()
+    client.release()
+    mem.close()
+    # released: the raw calls point at the dead page, not at the unmapped memory
+    assert client.step_raw(-1, 0) >= 0

@@ -1,0 +1,146 @@
+"""The connection set-up path: spare endpoints, re-advertising, one read per client.
+
+A server holds one unpublished spare endpoint and re-advertises it right after a client
+connects (a plain overwrite of the keys it already owns); clients of one process take
+turns on an advertisement and share a watch that outlives them briefly.  Throughout, only
+one endpoint is advertised per path (libxenvchan's model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from vchan_harness import World
+
+from aioxen import vchan
+from aioxen.vchan import advertise
+from aioxen.vchan.endpoint import vchan_path
+
+SERVER, CLIENT = 1, 2
+pytestmark = pytest.mark.timeout(60)
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(1 << 16):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+
+async def wait_for(predicate: Any) -> None:
+    while not predicate():
+        await asyncio.sleep(0.001)
+
+
+async def test_spare_endpoint_is_advertised_next(world: World) -> None:
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    server = await vchan.start_server(echo, CLIENT, "spare", platform=srv)
+    path = vchan_path(SERVER, CLIENT, "spare")
+    async with server:
+        await wait_for(lambda: server._spare is not None)
+        spare = server._spare
+        first = await advertise.read(cli, path)
+        assert first is not None
+        assert first != (spare.ring_ref, spare.event_channel)  # the spare is not published
+        async with vchan.connect(SERVER, "spare", platform=cli) as (r, w):
+            w.write(b"ping")
+            assert await r.readexactly(4) == b"ping"
+            # the spare became the advertisement; a new spare was made behind it
+            await wait_for(lambda: server._pending is spare and server._spare is not None)
+            assert await advertise.read(cli, path) == (spare.ring_ref, spare.event_channel)
+            assert server._spare is not spare
+        # the re-advertisement kept the keys readable by the client (permissions intact)
+        async with vchan.connect(SERVER, "spare", platform=cli) as (r, w):
+            w.write(b"again")
+            assert await r.readexactly(5) == b"again"
+    assert server.accepted == 2
+    assert server._spare is None and server._pending is None
+
+
+async def test_concurrent_clients_read_each_advertisement_about_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    reads = 0
+    real_read = advertise.read
+
+    async def counting_read(platform: Any, path: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return await real_read(platform, path)
+
+    monkeypatch.setattr(advertise, "read", counting_read)  # a spy: the real read runs
+    count = 25
+    server = await vchan.start_server(echo, CLIENT, "crowd", platform=srv, read_size=1024)
+
+    async def one(i: int) -> None:
+        async with vchan.connect(SERVER, "crowd", platform=cli, timeout=30) as (r, w):
+            msg = b"client %d" % i
+            w.write(msg)
+            w.write_eof()
+            assert await r.read() == msg
+
+    async with server:
+        await asyncio.gather(*(one(i) for i in range(count)))
+    assert server.accepted == count
+    # Each client reads about once; without the turn-taking every waiter re-read every
+    # advertisement (quadratic).  Slack for a read that catches a half-written pair.
+    assert reads <= 2 * count
+
+
+async def test_shared_watch_lingers_for_the_next_connect_then_goes(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(advertise, "WATCH_LINGER", 0.2)
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    server = await vchan.start_server(echo, CLIENT, "linger", platform=srv)
+    key = f"{vchan_path(SERVER, CLIENT, 'linger')}/{advertise.EVENT_CHANNEL}"
+
+    def shared() -> Any:
+        return advertise._watches.get(cli.store, {}).get(key)
+
+    async with server:
+        async with vchan.connect(SERVER, "linger", platform=cli) as (r, w):
+            first = shared()
+            assert first is not None
+        assert shared() is first  # no user left, still registered
+        async with vchan.connect(SERVER, "linger", platform=cli) as (r, w):
+            assert shared() is first  # reused by the next connect
+            w.write(b"x")
+            assert await r.readexactly(1) == b"x"
+        await wait_for(lambda: shared() is None)
+        await asyncio.wait([first._task], timeout=5)
+        assert first._task.done()
+
+
+async def test_one_grant_allocation_per_endpoint(world: World) -> None:
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    accepted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    class Keep(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            if not accepted.done():
+                accepted.set_result(transport)
+
+    server = await vchan.create_server(
+        Keep, CLIENT, "one", platform=srv, read_size=65536, write_size=1 << 20
+    )
+    async with server:
+        transport, _ = await vchan.create_connection(asyncio.Protocol, SERVER, "one", platform=cli)
+        srv_transport = await accepted
+        conn = srv_transport.connection
+        assert len(conn._grants) == 1  # control page and both rings: one share
+        assert len(conn._grants[0].refs) == 1 + 16 + 256
+        assert (transport.get_extra_info("read_size"), transport.get_extra_info("write_size")) == (
+            1 << 20,
+            65536,
+        )
+        transport.close()
+        srv_transport.close()
