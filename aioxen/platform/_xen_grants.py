@@ -26,19 +26,20 @@ a ``weakref.finalize`` callback.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import mmap
 import os
+import struct
 import time
 import weakref
-from collections.abc import Sequence
+from typing import ClassVar
 
 from aioxen import native
 from aioxen.platform import xen_abi as abi
+from aioxen.platform._grants_common import GrantTableBase, OwnedPages
 from aioxen.platform._xen_device import Device
 from aioxen.platform._xen_events import XenEventChannel
-from aioxen.platform.base import PAGE_SIZE, EventChannel, check_domid
+from aioxen.platform.base import PAGE_SIZE, EventChannel
 
 
 def _notify_args(
@@ -63,104 +64,28 @@ def _notify_args(
     return (offset or 0), action, port
 
 
-def _close_mmap(mm: mmap.mmap, view: memoryview, what: str) -> None:
-    """Release our view and munmap ``mm``; ``BufferError`` if user views are alive."""
-    view.release()
-    try:
-        mm.close()
-    except BufferError:
-        raise BufferError(
-            f"cannot close {what}: memoryviews derived from .buf are still alive"
-        ) from None
-
-
-class XenShare:
-    """Pages granted with gntalloc (see module docstring)."""
-
-    def __init__(
-        self, dev: Device, remote_domid: int, refs: list[int], index: int, writable: bool
-    ) -> None:
-        self._dev = dev
-        self._remote_domid = remote_domid
-        self._refs = refs
-        self._index = index
-        self._writable = writable
-        self._mm: mmap.mmap | None = mmap.mmap(
-            dev.fd,
-            len(refs) * PAGE_SIZE,
-            flags=mmap.MAP_SHARED,
-            prot=mmap.PROT_READ | mmap.PROT_WRITE,
-            offset=index,
-        )
-        self._view: memoryview | None = memoryview(self._mm)
-        self._finalizer = weakref.finalize(self, _dealloc_gref, dev, index, len(refs))
-
-    @property
-    def refs(self) -> list[int]:
-        return list(self._refs)
-
-    @property
-    def buf(self) -> memoryview:
-        if self._view is None:
-            raise ValueError(f"share of refs {self._refs} is closed")
-        return self._view
-
-    @property
-    def remote_domid(self) -> int:
-        return self._remote_domid
-
-    @property
-    def writable(self) -> bool:
-        """Whether the *peer* may map these pages writable."""
-        return self._writable
-
-    @property
-    def closed(self) -> bool:
-        return self._mm is None
-
-    def __repr__(self) -> str:
-        return f"<XenShare refs={self._refs} to domain {self._remote_domid}>"
-
-    def set_unmap_notify(self, offset: int | None, channel: EventChannel | None) -> None:
-        if self._mm is None:
-            raise ValueError(f"share of refs {self._refs} is closed")
-        byte, action, port = _notify_args(
-            "share", len(self._refs) * PAGE_SIZE, True, offset, channel
-        )
-        self._dev.ioctl(
-            abi.IOCTL_GNTALLOC_SET_UNMAP_NOTIFY,
-            abi.pack_arg(abi.GNTALLOC_UNMAP_NOTIFY, self._index + byte, action, port),
-        )
-
-    def close(self) -> None:
-        if self._mm is None or self._view is None:
-            return
-        mm, view = self._mm, self._view
-        try:
-            _close_mmap(mm, view, f"share of refs {self._refs}")
-        except BufferError:
-            self._view = memoryview(mm)
-            raise
-        self._mm = None
-        self._view = None
-        self._finalizer()
-
-
-def _dealloc_gref(dev: Device, index: int, count: int) -> None:
+def _end_grant(dev: Device, end: tuple[int, struct.Struct], index: int, count: int) -> None:
+    """End a grant range with ``end`` (``DEALLOC_GREF`` or ``UNMAP_GRANT_REF`` and its
+    argument layout) and drop its hold on ``dev``."""
+    request, fmt = end
     try:
         if not dev.closed:
-            dev.ioctl(
-                abi.IOCTL_GNTALLOC_DEALLOC_GREF,
-                abi.pack_arg(abi.GNTALLOC_DEALLOC_GREF, index, count),
-            )
+            dev.ioctl(request, abi.pack_arg(fmt, index, count))
     except OSError:
         pass  # already gone with the fd
     finally:
         dev.release()
 
 
-class XenMapping:
-    """Foreign pages mapped with gntdev (see module docstring)."""
+_DEALLOC_GREF = (abi.IOCTL_GNTALLOC_DEALLOC_GREF, abi.GNTALLOC_DEALLOC_GREF)
+_UNMAP_GRANT_REF = (abi.IOCTL_GNTDEV_UNMAP_GRANT_REF, abi.GNTDEV_UNMAP_GRANT_REF)
+
+
+class _XenGrant(OwnedPages):
+    """A gntalloc or gntdev range of ``dev`` at mmap offset ``index``, mapped as ``mm``."""
+
+    _SET_UNMAP_NOTIFY: ClassVar[tuple[int, struct.Struct]]
+    _END: ClassVar[tuple[int, struct.Struct]]
 
     def __init__(
         self,
@@ -171,92 +96,72 @@ class XenMapping:
         writable: bool,
         mm: mmap.mmap,
     ) -> None:
+        super().__init__(remote_domid, refs, writable)
         self._dev = dev
-        self._remote_domid = remote_domid
-        self._refs = refs
         self._index = index
-        self._writable = writable
-        self._mm: mmap.mmap | None = mm
-        self._view: memoryview | None = memoryview(mm)
-        self._finalizer = weakref.finalize(self, _unmap_grant_ref, dev, index, len(refs))
+        self._own(mm)
+        self._finalizer = weakref.finalize(self, _end_grant, dev, self._END, index, len(refs))
 
-    @property
-    def buf(self) -> memoryview:
-        if self._view is None:
-            raise ValueError(f"mapping of refs {self._refs} is closed")
-        return self._view
+    def set_unmap_notify(self, offset: int | None, channel: EventChannel | None) -> None:
+        if self._closed:
+            raise ValueError(f"{self._describe()} is closed")
+        byte, action, port = _notify_args(
+            self._kind, self._size, self._can_clear_byte, offset, channel
+        )
+        request, fmt = self._SET_UNMAP_NOTIFY
+        self._dev.ioctl(request, abi.pack_arg(fmt, self._index + byte, action, port))
 
-    @property
-    def writable(self) -> bool:
-        return self._writable
+    def _unmap(self) -> None:
+        """munmap first (the grant is ended after, in :meth:`_end`)."""
+        try:
+            self._unmap_view()
+        except BufferError:
+            raise BufferError(
+                f"cannot close {self._describe()}: memoryviews derived from .buf are still alive"
+            ) from None
 
-    @property
-    def refs(self) -> list[int]:
-        return list(self._refs)
+    def _end(self) -> None:
+        self._finalizer()
 
-    @property
-    def remote_domid(self) -> int:
-        return self._remote_domid
 
-    @property
-    def closed(self) -> bool:
-        return self._mm is None
+class XenShare(_XenGrant):
+    """Pages granted with gntalloc (see module docstring)."""
+
+    _kind = "share"
+    _SET_UNMAP_NOTIFY = (abi.IOCTL_GNTALLOC_SET_UNMAP_NOTIFY, abi.GNTALLOC_UNMAP_NOTIFY)
+    _END = _DEALLOC_GREF
+
+    def __repr__(self) -> str:
+        return f"<XenShare refs={self._refs} to domain {self._remote_domid}>"
+
+
+class XenMapping(_XenGrant):
+    """Foreign pages mapped with gntdev (see module docstring)."""
+
+    _kind = "mapping"
+    _SET_UNMAP_NOTIFY = (abi.IOCTL_GNTDEV_SET_UNMAP_NOTIFY, abi.GNTDEV_UNMAP_NOTIFY)
+    _END = _UNMAP_GRANT_REF
 
     def __repr__(self) -> str:
         mode = "rw" if self._writable else "ro"
         return f"<XenMapping {mode} refs={self._refs} of domain {self._remote_domid}>"
 
-    def set_unmap_notify(self, offset: int | None, channel: EventChannel | None) -> None:
-        if self._mm is None:
-            raise ValueError(f"mapping of refs {self._refs} is closed")
-        byte, action, port = _notify_args(
-            "mapping", len(self._refs) * PAGE_SIZE, self._writable, offset, channel
-        )
-        self._dev.ioctl(
-            abi.IOCTL_GNTDEV_SET_UNMAP_NOTIFY,
-            abi.pack_arg(abi.GNTDEV_UNMAP_NOTIFY, self._index + byte, action, port),
-        )
 
-    def close(self) -> None:
-        if self._mm is None or self._view is None:
-            return
-        mm, view = self._mm, self._view
-        try:
-            _close_mmap(mm, view, f"mapping of refs {self._refs} of domain {self._remote_domid}")
-        except BufferError:
-            self._view = memoryview(mm)
-            raise
-        self._mm = None
-        self._view = None
-        self._finalizer()
-
-
-def _unmap_grant_ref(dev: Device, index: int, count: int) -> None:
-    try:
-        if not dev.closed:
-            dev.ioctl(
-                abi.IOCTL_GNTDEV_UNMAP_GRANT_REF,
-                abi.pack_arg(abi.GNTDEV_UNMAP_GRANT_REF, index, count),
-            )
-    except OSError:
-        pass  # already gone with the fd
-    finally:
-        dev.release()
-
-
-class XenGrantTable:
+class XenGrantTable(GrantTableBase[XenShare, XenMapping]):
     """The MEMORY signature over ``/dev/xen/gntalloc`` (share) and ``/dev/xen/gntdev`` (map).
 
     Each device is opened on first use, so a domain that only maps never needs gntalloc.
+    Shares and mappings are tracked weakly: one dropped without ``close()`` ends its grant
+    in its finalizer.
     """
 
     MMAP_EAGAIN_RETRIES = 20
 
     def __init__(self, device_dir: str) -> None:
+        super().__init__(weakref.WeakSet())
         self._device_dir = device_dir
         self._gntalloc: Device | None = None
         self._gntdev: Device | None = None
-        self._objects: weakref.WeakSet[XenShare | XenMapping] = weakref.WeakSet()
         self._closed = False
 
     def _device(self, name: str) -> Device:
@@ -269,10 +174,7 @@ class XenGrantTable:
             setattr(self, attr, dev)
         return dev
 
-    def share(self, remote_domid: int, npages: int, writable: bool = True) -> XenShare:
-        check_domid(remote_domid, "remote_domid")
-        if not isinstance(npages, int) or npages < 1:
-            raise ValueError(f"npages must be a positive int, not {npages!r}")
+    def _share(self, remote_domid: int, npages: int, writable: bool) -> XenShare:
         dev = self._device("gntalloc")
         req = abi.alloc_gref_request(remote_domid, npages, writable)
         try:
@@ -286,45 +188,35 @@ class XenGrantTable:
         index, refs = abi.alloc_gref_result(req, npages)
         dev.acquire()
         try:
-            share = XenShare(dev, remote_domid, refs, index, writable)
+            mm = self._mmap(dev, index, npages, True)
         except BaseException:
-            _dealloc_gref(dev, index, npages)
+            _end_grant(dev, _DEALLOC_GREF, index, npages)
             raise
-        self._objects.add(share)
-        return share
+        return XenShare(dev, remote_domid, refs, index, writable, mm)
 
-    def map(self, remote_domid: int, refs: Sequence[int], writable: bool = True) -> XenMapping:
-        check_domid(remote_domid, "remote_domid")
-        ref_list = [int(r) for r in refs]
-        if not ref_list:
-            raise ValueError("map() needs at least one grant reference")
-        for r in ref_list:
-            if not 0 <= r < 2**32:
-                raise ValueError(f"grant reference {r} out of range")
+    def _map(self, remote_domid: int, refs: list[int], writable: bool) -> XenMapping:
         dev = self._device("gntdev")
-        req = abi.map_grant_ref_request(remote_domid, ref_list)
+        req = abi.map_grant_ref_request(remote_domid, refs)
         try:
             dev.ioctl(abi.IOCTL_GNTDEV_MAP_GRANT_REF, req)
         except OSError as exc:
             code = exc.errno or errno.EIO
             raise OSError(
                 code,
-                f"cannot reserve {len(ref_list)} grant mapping(s) of domain {remote_domid}: "
+                f"cannot reserve {len(refs)} grant mapping(s) of domain {remote_domid}: "
                 f"{os.strerror(code)}",
             ) from None
         index = abi.map_grant_ref_index(req)
         dev.acquire()
         try:
-            mm = self._mmap(dev, index, len(ref_list), writable)
+            mm = self._mmap(dev, index, len(refs), writable)
         except OSError as exc:
-            _unmap_grant_ref(dev, index, len(ref_list))
-            raise self._diagnose(dev, remote_domid, ref_list, writable, exc) from None
+            _end_grant(dev, _UNMAP_GRANT_REF, index, len(refs))
+            raise self._diagnose(dev, remote_domid, refs, writable, exc) from None
         except BaseException:
-            _unmap_grant_ref(dev, index, len(ref_list))
+            _end_grant(dev, _UNMAP_GRANT_REF, index, len(refs))
             raise
-        mapping = XenMapping(dev, remote_domid, ref_list, index, writable, mm)
-        self._objects.add(mapping)
-        return mapping
+        return XenMapping(dev, remote_domid, refs, index, writable, mm)
 
     def _mmap(self, dev: Device, index: int, count: int, writable: bool) -> mmap.mmap:
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
@@ -407,19 +299,13 @@ class XenGrantTable:
             mm.close()
             return True
         finally:
-            _unmap_grant_ref(dev, index, 1)
-
-    def live(self) -> list[XenShare | XenMapping]:
-        """Shares and mappings created here and not yet closed."""
-        return [o for o in list(self._objects) if not o.closed]
+            _end_grant(dev, _UNMAP_GRANT_REF, index, 1)
 
     def close(self) -> None:
-        """Close every share and mapping that has no live views; release the devices."""
+        """Close every mapping and share that has no live views; release the devices."""
         self._closed = True
-        for obj in list(self._objects):
-            # With live views its memory stays valid until they die; the fd stays open.
-            with contextlib.suppress(BufferError):
-                obj.close()
+        # With live views its memory stays valid until they die; the fd stays open.
+        self.close_all(ignore_busy=True)
         for name in ("_gntalloc", "_gntdev"):
             dev: Device | None = getattr(self, name)
             if dev is not None:
