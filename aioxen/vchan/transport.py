@@ -25,18 +25,26 @@ wake-up of the reader's event loop and a callback; a ring can instead be *polled
 any activity (a write, data delivered, an event) the transport polls its rings for a
 bounded window instead of asking the peer for notifications: one check per event-loop
 iteration, run as an ordinary ``call_soon`` callback, so other tasks, I/O and timers run in
-between.  Each find extends the window; when it runs out the transport falls back to the
+between (and after :data:`YIELD_AFTER` without a find, each poll first yields the CPU
+with ``sched_yield``, so a peer that shares our CPU is not kept waiting by the very loop
+that waits for it).  Each find extends the window; when it runs out the transport falls
+back to the
 notify protocol: it sets the notify bit(s) and *re-checks* the rings (the atomic OR is a
 full barrier), exactly as without polling, then sleeps until the event.  While both ends
 poll, steady-state traffic needs no notify system call and no event-loop wake-up at all.
 
 The window adapts like a halt-polling governor: ``busy_poll`` (default
 :data:`DEFAULT_BUSY_POLL`) is its *maximum*.  When the peer's next activity arrives by
-event after a window ran out, the gap since the window opened decides: within
-``busy_poll`` (a longer window would have caught it) the window doubles, up to the
-maximum; later than that it halves, and below an eighth of the maximum polling stops, to
-resume (at an eighth) once an event again arrives within ``busy_poll`` of the wait's start.
-So an idle or slow peer costs at most a few short windows, and a chatty one is polled.
+event after a window ran out, the gap since the wait began decides: within ``busy_poll``
+(a longer window would have caught it) the window doubles, up to the maximum; more than
+:data:`SHRINK_GAP` times ``busy_poll`` later it halves, and below an eighth of the
+maximum polling stops, to resume (at an eighth) once an event again arrives within
+``busy_poll`` of the wait's start.  Contended CPUs stop polling at once: two successive
+polls more than :data:`CONTENDED_GAP` apart with nothing found mean that we were
+descheduled -- spinning then only takes CPU time from whoever waits for it, perhaps the
+peer -- so the window drops to 0 and may not grow again for :data:`POLL_COOLDOWN`
+seconds.  So an idle or slow peer, or a busy machine, costs at most a few short windows,
+and a chatty peer with CPUs to spare is polled.
 ``busy_poll=0`` disables polling (the default on the single-process ``inheap`` platform,
 where the peer cannot run concurrently).
 
@@ -92,6 +100,15 @@ DEFAULT_BUSY_POLL = 100e-6
 ``inheap``."""
 MAX_BUSY_POLL = 1e-3
 """Largest accepted ``busy_poll`` (seconds)."""
+SHRINK_GAP = 4
+"""The window halves only when the peer answered more than this many maximum windows
+after the wait began (see the module docstring)."""
+YIELD_AFTER = 20e-6
+CONTENDED_GAP = 50e-6
+"""Two polls this far apart (we were off the CPU) with nothing found: stop polling."""
+POLL_COOLDOWN = 10e-3
+"""Seconds after such contention before the window may grow again."""
+"""Seconds of fruitless polling after which each further poll first yields the CPU."""
 _LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 
 
@@ -183,6 +200,8 @@ class VchanTransport(asyncio.Transport):
         self._polling = False  # a window is open (a _poll callback is scheduled)
         self._poll_deadline = 0.0
         self._idle_since = perf_counter()  # when we last started waiting for the peer
+        self._last_poll = 0.0  # when the previous poll of this window ran
+        self._poll_cooldown = 0.0  # no growing the window before this time
         self._rleft = 0  # bytes the last pump left in the read ring (a partial datagram)
         loop.call_soon(self._start, waiter)
 
@@ -273,12 +292,14 @@ class VchanTransport(asyncio.Transport):
     def _adapt(self) -> None:
         """The peer woke us by event after we had stopped polling: size the next window
         by how long after the last wait began it came (see the module docstring)."""
-        gap = perf_counter() - self._idle_since
+        now = perf_counter()
+        gap = now - self._idle_since
         cap = self._poll_max
         window = self._poll_window
         if gap <= cap:
-            self._poll_window = min(cap, max(2 * window, cap / 8))
-        elif window:
+            if now >= self._poll_cooldown:
+                self._poll_window = min(cap, max(2 * window, cap / 8))
+        elif gap > SHRINK_GAP * cap and window:
             window /= 2
             self._poll_window = window if window >= cap / 8 else 0.0
 
@@ -293,6 +314,7 @@ class VchanTransport(asyncio.Transport):
             return False
         self._polling = True
         self._poll_deadline = now + self._poll_window
+        self._last_poll = 0.0  # the first poll of a window is never "late"
         self._loop.call_soon(self._poll)
         return True
 
@@ -316,15 +338,25 @@ class VchanTransport(asyncio.Transport):
             self._polling = False
             self._fatal_error(exc)
             return
+        now = perf_counter()
+        late = self._last_poll and now - self._last_poll > CONTENDED_GAP
+        self._last_poll = now
         if found:
-            now = self._idle_since = perf_counter()
+            self._idle_since = now
             self._poll_deadline = now + self._poll_window
             self._loop.call_soon(self._poll)
             self._run_service(False)
             return
-        if (reading or self._wbuf) and perf_counter() < self._poll_deadline:
-            # Let a peer that shares our CPU run: polling must not stand in its way.
-            _sched_yield()
+        if late:
+            # We were off the CPU between two polls and the peer did nothing meanwhile:
+            # the CPUs are contended, and spinning only takes time from whoever (maybe
+            # the peer) waits for one.  Sleep on notifications for a while instead.
+            self._poll_window = 0.0
+            self._poll_cooldown = now + POLL_COOLDOWN
+        elif (reading or self._wbuf) and now < self._poll_deadline:
+            if now - self._idle_since > YIELD_AFTER:
+                # Nothing for a while: perhaps the peer waits for our CPU.  Let it run.
+                _sched_yield()
             self._loop.call_soon(self._poll)
             return
         # The window ran out: back to notifications (arm, re-check, sleep).
@@ -748,9 +780,13 @@ class VchanTransport(asyncio.Transport):
 
 __all__ = [
     "BUSY_POLL_ENV",
+    "CONTENDED_GAP",
     "DEFAULT_BUSY_POLL",
     "DEFAULT_HIGH_WATER",
     "MAX_BUSY_POLL",
+    "POLL_COOLDOWN",
+    "SHRINK_GAP",
+    "YIELD_AFTER",
     "VchanTransport",
     "check_busy_poll",
 ]

@@ -217,3 +217,45 @@ async def test_busy_poll_argument(world: World, monkeypatch: pytest.MonkeyPatch)
     cli = await world.platform(CLIENT)
     with pytest.raises(ValueError, match="busy_poll"):
         await vchan.open_connection(SERVER, "arg", platform=cli, busy_poll=-1.0, timeout=1)
+
+
+async def test_descheduled_poller_stops_polling(world: World) -> None:
+    """Polls that run far apart (here: another callback hogs the loop, as a busy CPU
+    would) and find nothing end the window at once, and polling stays off for a while."""
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    answer = asyncio.Event()
+
+    async def later(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(1)
+        await answer.wait()
+        writer.write(b"!")
+        writer.close()
+
+    server = await vchan.start_server(later, CLIENT, "hog", platform=srv, busy_poll=0)
+    async with server:
+        reader, writer = await vchan.open_connection(
+            SERVER, "hog", platform=cli, busy_poll=vchan.MAX_BUSY_POLL
+        )
+        transport: Any = writer.transport
+        loop = asyncio.get_running_loop()
+        hogging = True
+
+        def hog() -> None:
+            t_end = loop.time() + 0.0005
+            while loop.time() < t_end and hogging:
+                pass  # a 0.5 ms callback: polls cannot run closer than that
+            if hogging:
+                loop.call_soon(hog)
+
+        loop.call_soon(hog)
+        writer.write(b"?")
+        while transport._polling:
+            await asyncio.sleep(0)
+        hogging = False
+        assert transport._poll_window == 0.0
+        assert transport._poll_cooldown > 0  # the window may not grow again for a while
+        answer.set()
+        assert await reader.read() == b"!"  # notifications carry on
+        writer.close()
+        await writer.wait_closed()
