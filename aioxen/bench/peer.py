@@ -36,6 +36,10 @@ from aioxen.bench.mechanisms import (
 )
 
 HEADER = struct.Struct("<cQ")
+BACKLOG = 4096
+"""Listen backlog of the socket baselines: the ``setup`` suite connects 1,000 clients at
+once, and a Unix socket refuses connects beyond the backlog (``EAGAIN``) instead of
+queueing them (asyncio's default backlog is 100)."""
 READ_CHUNK = 1 << 20
 
 
@@ -139,17 +143,21 @@ async def serve(mech: str, api: str, fds: list[int]) -> None:
         api = "streams"
     if mech == "tcp":
         if api == "streams":
-            server = await asyncio.start_server(stream_handler, "127.0.0.1", 0, limit=1 << 20)
+            server = await asyncio.start_server(
+                stream_handler, "127.0.0.1", 0, limit=1 << 20, backlog=BACKLOG
+            )
         else:
-            server = await loop.create_server(ServerProtocol, "127.0.0.1", 0)
+            server = await loop.create_server(ServerProtocol, "127.0.0.1", 0, backlog=BACKLOG)
         host, port = server.sockets[0].getsockname()[:2]
         address = f"{host}:{port}"
     elif mech == "unix-socket":
         path = os.path.join(tempfile.mkdtemp(prefix="aioxen-bench-"), "sock")
         if api == "streams":
-            server = await asyncio.start_unix_server(stream_handler, path, limit=1 << 20)
+            server = await asyncio.start_unix_server(
+                stream_handler, path, limit=1 << 20, backlog=BACKLOG
+            )
         else:
-            server = await loop.create_unix_server(ServerProtocol, path)
+            server = await loop.create_unix_server(ServerProtocol, path, backlog=BACKLOG)
         address = path
     elif mech == "pipe":
         rfd, wfd = fds
