@@ -25,13 +25,13 @@ wake-up of the reader's event loop and a callback; a ring can instead be *polled
 any activity (a write, data delivered, an event) the transport polls its rings for a
 bounded window instead of asking the peer for notifications: one check per event-loop
 iteration, run as an ordinary ``call_soon`` callback, so other tasks, I/O and timers run in
-between (and after :data:`YIELD_AFTER` without a find, each poll first yields the CPU
+between (and after :data:`YIELD_AFTER` without a find, one poll first yields the CPU
 with ``sched_yield``, so a peer that shares our CPU is not kept waiting by the very loop
-that waits for it).  Each find extends the window; when it runs out the transport falls
-back to the
-notify protocol: it sets the notify bit(s) and *re-checks* the rings (the atomic OR is a
-full barrier), exactly as without polling, then sleeps until the event.  While both ends
-poll, steady-state traffic needs no notify system call and no event-loop wake-up at all.
+that waits for it; if that makes the next poll late, see below).  Each find extends the
+window; when it runs out the transport falls back to the notify protocol: it sets the
+notify bit(s) and *re-checks* the rings (the atomic OR is a full barrier), exactly as
+without polling, then sleeps until the event.  While both ends poll, steady-state traffic
+needs no notify system call and no event-loop wake-up at all.
 
 The window adapts like a halt-polling governor: ``busy_poll`` (default
 :data:`DEFAULT_BUSY_POLL`) is its *maximum*.  When the peer's next activity arrives by
@@ -108,7 +108,7 @@ CONTENDED_GAP = 50e-6
 """Two polls this far apart (we were off the CPU) with nothing found: stop polling."""
 POLL_COOLDOWN = 10e-3
 """Seconds after such contention before the window may grow again."""
-"""Seconds of fruitless polling after which each further poll first yields the CPU."""
+"""Seconds of fruitless polling after which a poll yields the CPU (once per wait)."""
 _LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 
 
@@ -201,6 +201,7 @@ class VchanTransport(asyncio.Transport):
         self._poll_deadline = 0.0
         self._idle_since = perf_counter()  # when we last started waiting for the peer
         self._last_poll = 0.0  # when the previous poll of this window ran
+        self._yielded = False  # this wait already gave the CPU away once
         self._poll_cooldown = 0.0  # no growing the window before this time
         self._rleft = 0  # bytes the last pump left in the read ring (a partial datagram)
         loop.call_soon(self._start, waiter)
@@ -315,6 +316,7 @@ class VchanTransport(asyncio.Transport):
         self._polling = True
         self._poll_deadline = now + self._poll_window
         self._last_poll = 0.0  # the first poll of a window is never "late"
+        self._yielded = False
         self._loop.call_soon(self._poll)
         return True
 
@@ -342,6 +344,7 @@ class VchanTransport(asyncio.Transport):
         late = self._last_poll and now - self._last_poll > CONTENDED_GAP
         self._last_poll = now
         if found:
+            self._yielded = False
             self._idle_since = now
             self._poll_deadline = now + self._poll_window
             self._loop.call_soon(self._poll)
@@ -354,8 +357,10 @@ class VchanTransport(asyncio.Transport):
             self._poll_window = 0.0
             self._poll_cooldown = now + POLL_COOLDOWN
         elif (reading or self._wbuf) and now < self._poll_deadline:
-            if now - self._idle_since > YIELD_AFTER:
-                # Nothing for a while: perhaps the peer waits for our CPU.  Let it run.
+            if not self._yielded and now - self._idle_since > YIELD_AFTER:
+                # Nothing for a while: perhaps the peer waits for our CPU.  Let it run,
+                # once per wait (the next poll, if late and fruitless, ends the window).
+                self._yielded = True
                 _sched_yield()
             self._loop.call_soon(self._poll)
             return
