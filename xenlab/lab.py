@@ -35,14 +35,17 @@ import argparse
 import dataclasses
 import gzip
 import hashlib
+import lzma
 import os
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 TREE = Path(__file__).resolve().parent.parent
@@ -52,6 +55,7 @@ XEN_BIN = Path("/usr/lib/xen-4.17/bin")
 # The hypothesis plugin alone costs ~10 s of start-up under TCG; guest tests do not use it.
 GUEST_SELECTION = ["-p", "no:hypothesispytest", "tests/xenlab/guest"]
 KEEP_RUNS = 10  # result directories kept under lab-cache/runs
+KEEP_IMAGES = 3  # boot images kept under lab-cache (the most recently used)
 
 # Kernel modules for dom0, in the order named; dependencies are inserted before each.
 MODULES = [
@@ -72,7 +76,7 @@ MODULES = [
 # dom0 loads neither these nor xen-netback/xen-blkback: aioxen's backends serve the domU.
 # crc32c_generic: ext4 asks the crypto API for "crc32c" by name at mount time.
 DOMU_MODULES = ["xen-blkfront", "xen-netfront", "ext4", "crc32c_generic"]
-IMAGE_FORMAT = 2  # bump when the image layout changes
+IMAGE_FORMAT = 3  # bump when the image layout changes
 DEFAULT_WATCHDOG = 600  # seconds the guest may run before powering itself off
 INIT_DEADLINE = 120.0  # seconds for dom0 to reach /init (~5 s normally) before a reboot
 INIT_MARKER = b"xenlab: init up"
@@ -179,6 +183,26 @@ def _module_order(kver: str, names: list[str]) -> list[Path]:
     return [moddir / m for m in order]
 
 
+def unpack_bzimage(bzimage: bytes) -> bytes | None:
+    """The ELF kernel inside an x86 bzImage (xz or gzip payload), or None if the payload
+    uses another compression.  The boot protocol header names the payload: ``setup_sects``
+    at 0x1f1, ``payload_offset``/``payload_length`` at 0x248 (from the protected-mode
+    code, which starts after the setup sectors)."""
+    if bzimage[0x202:0x206] != b"HdrS":
+        return None
+    setup_sects = bzimage[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", bzimage, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    payload = bzimage[start : start + length]
+    if payload.startswith(b"\xfd7zXZ\x00"):
+        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+    elif payload.startswith(b"\x1f\x8b"):
+        elf = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
+    else:
+        return None
+    return elf if elf.startswith(b"\x7fELF") else None
+
+
 def _build_initrd(kver: str, modules: list[str], init: Path) -> bytes:
     """busybox, ``modules`` (dependencies first, listed in ``lib/modules/load-order``) and
     ``init`` as ``/init``: the whole initramfs of dom0 or of the domU."""
@@ -210,8 +234,16 @@ class Image:
 
     @property
     def domu_initrd(self) -> Path:
-        """The PV domU's initramfs (the domU boots ``kernel`` too)."""
+        """The PV domU's initramfs (the domU boots the same kernel as dom0)."""
         return self.initrd.with_name("domu-initrd.gz")
+
+    @property
+    def domu_kernel(self) -> Path:
+        """The domU's kernel: ``vmlinux`` (the ELF inside ``vmlinuz``, unpacked here) if
+        it could be unpacked, else ``vmlinuz``.  libxl unpacks an xz bzImage itself, but
+        under TCG that takes 6-20 s of each ``xl create``; the plain ELF loads in ~1 s."""
+        elf = self.kernel.with_name("vmlinux")
+        return elf if elf.exists() else self.kernel
 
 
 def image_key() -> tuple[str, str]:
@@ -232,6 +264,7 @@ def build_image(cache: Path = CACHE) -> Image:
     final = cache / f"image-{key}"
     image = Image(final / "xen.elf", final / "vmlinuz", final / "initrd.gz", key)
     if (final / "ok").exists():
+        os.utime(final)  # most recently used: kept by _prune_images
         return image
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".image-{key}-", dir=cache))
@@ -239,6 +272,9 @@ def build_image(cache: Path = CACHE) -> Image:
         with gzip.open(XEN_GZ) as src, open(tmp / "xen.elf", "wb") as dst:
             shutil.copyfileobj(src, dst)
         shutil.copyfile(f"/boot/vmlinuz-{kver}", tmp / "vmlinuz")
+        elf = unpack_bzimage((tmp / "vmlinuz").read_bytes())
+        if elf is not None:
+            (tmp / "vmlinux").write_bytes(elf)
         (tmp / "initrd.gz").write_bytes(_build_initrd(kver, MODULES, INIT))
         (tmp / "domu-initrd.gz").write_bytes(_build_initrd(kver, DOMU_MODULES, DOMU_INIT))
         (tmp / "ok").write_text(f"{kver}\n")
@@ -249,7 +285,15 @@ def build_image(cache: Path = CACHE) -> Image:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _prune_images(cache)
     return image
+
+
+def _prune_images(cache: Path, keep: int = KEEP_IMAGES) -> None:
+    """Remove all but the ``keep`` most recently used images (each is ~80 MB)."""
+    images = sorted(cache.glob("image-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in images[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- boot -------------------------------------------------------------------------------
@@ -386,7 +430,7 @@ def boot(
         "XENLAB_PYTEST_ARGS": shlex.join(pytest_args or GUEST_SELECTION),
         "XENLAB_PYTEST_TIMEOUT": str(max(watchdog - 60, 60)),
         # What tests/xenlab/guest/test_domu.py boots as a PV domU with ``xl create``.
-        "XENLAB_DOMU_KERNEL": str(image.kernel),
+        "XENLAB_DOMU_KERNEL": str(image.domu_kernel),
         "XENLAB_DOMU_INITRD": str(image.domu_initrd),
     }
     (results / "guest.env").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))

@@ -2,15 +2,16 @@
 
 Theory of operation
 -------------------
-:func:`start_domu` builds a domain with ``xl create -p`` (paused, no devices in its
-config), starts ``aioxen blkback`` and ``aioxen netback`` for it as separate processes
-(they create the vbd and vif XenStore entries themselves, the toolstack's part, and print
-``READY``), and only then unpauses it.  The domU (``xenlab/domu-init``: busybox, Linux's
-``xen-blkfront``, ``xen-netfront`` and ``ext4``) therefore finds both devices when its
-frontends probe, exactly as it would find devices ``xl`` had made.  ``xl`` itself never
-touches the devices, so no hotplug scripts run and libxl waits for no backend.
+:func:`start_domu` builds a domain with ``xl create -p`` (no devices in its config) and
+starts ``aioxen blkback`` and ``aioxen netback`` for it as separate processes; they create
+the vbd and vif XenStore entries themselves (the toolstack's part, as ``xl`` would) and
+print ``READY``.  The domU (``xenlab/domu-init``: busybox, Linux's ``xen-blkfront``,
+``xen-netfront`` and ``ext4``) probes them like devices ``xl`` had made.  ``xl`` itself
+never touches the devices, so no hotplug scripts run and libxl waits for no backend.
 
-The domU's console is the command channel.  ``xenconsoled`` (started by
+The domU is unpaused right after the backends are started, so it boots while they start;
+Linux's frontends attach whenever the devices appear (hot-plug works as well as devices
+present at boot).  The domU's console is the command channel.  ``xenconsoled`` (started by
 ``xenlab/guest-run.sh``) exposes it as a pty named in XenStore
 (``/local/domain/D/console/tty``); :class:`Console` opens that pty raw and
 :meth:`Console.run` sends one line::
@@ -225,26 +226,22 @@ def _xl_config(path: Path, kernel: str, initrd: str) -> None:
 
 
 def start_domu(image: Path, timeout: float = 300.0) -> Domu:
-    """Create the domU paused, start both backends for it (``image`` is the disk), unpause,
-    reach its shell."""
+    """Create the domU, start both backends for it (``image`` is the disk) and reach the
+    domU's shell.  The domU is unpaused as soon as the backends are started: it boots
+    while they start (Python under TCG), and its frontends attach when the backends
+    create the devices (Linux's xenbus handles devices that appear after boot)."""
     t0 = time.monotonic()
     until = t0 + timeout
     timings: dict[str, float] = {}
-    kernel = os.environ["XENLAB_DOMU_KERNEL"]
-    initrd = os.environ["XENLAB_DOMU_INITRD"]
     cfg = Path("/tmp/xenlab-domu.cfg")
-    _xl_config(cfg, kernel, initrd)
+    _xl_config(cfg, os.environ["XENLAB_DOMU_KERNEL"], os.environ["XENLAB_DOMU_INITRD"])
     sh(XL, "create", "-p", str(cfg), timeout=120)
     domid = int(sh(XL, "domid", NAME).strip())
     timings["xl create -p"] = time.monotonic() - t0
     blkback = Backend.start("blkback", ["blkback", "--image", str(image), "--frontend", str(domid)])
     netback = Backend.start("netback", ["netback", "--frontend", str(domid), "--tap", TAP])
+    console = None
     try:
-        blkback.wait_ready(until)
-        netback.wait_ready(until)
-        timings["backends READY"] = time.monotonic() - t0
-        sh("ip", "addr", "add", f"{DOM0_IP}/24", "dev", TAP)
-        sh("ip", "link", "set", TAP, "up")
         sh(XL, "unpause", str(domid))
         tty_path = None
         while tty_path is None:
@@ -256,7 +253,14 @@ def start_domu(image: Path, timeout: float = 300.0) -> Domu:
         console = Console(tty_path, RESULTS / "domu-console-driver.log")
         console.sync(max(until - time.monotonic(), 1.0))
         timings["domU shell"] = time.monotonic() - t0
+        blkback.wait_ready(until)
+        netback.wait_ready(until)
+        timings["backends READY"] = time.monotonic() - t0
+        sh("ip", "addr", "add", f"{DOM0_IP}/24", "dev", TAP)
+        sh("ip", "link", "set", TAP, "up")
     except BaseException:
+        if console is not None:
+            console.close()
         sh(XL, "destroy", str(domid), check=False)
         blkback.stop(10)
         netback.stop(10)
