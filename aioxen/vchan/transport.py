@@ -39,12 +39,13 @@ event after a window ran out, the gap since the wait began decides: within ``bus
 (a longer window would have caught it) the window doubles, up to the maximum; more than
 :data:`SHRINK_GAP` times ``busy_poll`` later it halves, and below an eighth of the
 maximum polling stops, to resume (at an eighth) once an event again arrives within
-``busy_poll`` of the wait's start.  Contended CPUs stop polling at once: two successive
+``busy_poll`` of the wait's start.  Contended CPUs end polling at once: two successive
 polls more than :data:`CONTENDED_GAP` apart with nothing found mean that we were
 descheduled -- spinning then only takes CPU time from whoever waits for it, perhaps the
-peer -- so the window drops to 0 and may not grow again for :data:`POLL_COOLDOWN`
-seconds.  So an idle or slow peer, or a busy machine, costs at most a few short windows,
-and a chatty peer with CPUs to spare is polled.
+peer -- so the window ends and the next one is halved; once that drops it to 0, it may
+not grow again for :data:`POLL_COOLDOWN` seconds (a one-off hiccup costs half a window, a
+busy machine turns polling off).  So an idle or slow peer, or a busy machine, costs at
+most a few short windows, and a chatty peer with CPUs to spare is polled.
 ``busy_poll=0`` disables polling (the default on the single-process ``inheap`` platform,
 where the peer cannot run concurrently).
 
@@ -105,9 +106,10 @@ SHRINK_GAP = 4
 after the wait began (see the module docstring)."""
 YIELD_AFTER = 20e-6
 CONTENDED_GAP = 50e-6
-"""Two polls this far apart (we were off the CPU) with nothing found: stop polling."""
+"""Two polls this far apart (we were off the CPU) with nothing found: end the window and
+halve the next one."""
 POLL_COOLDOWN = 10e-3
-"""Seconds after such contention before the window may grow again."""
+"""Seconds, after contention brought the window to 0, before it may grow again."""
 """Seconds of fruitless polling after which a poll yields the CPU (once per wait)."""
 _LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 
@@ -353,9 +355,13 @@ class VchanTransport(asyncio.Transport):
         if late:
             # We were off the CPU between two polls and the peer did nothing meanwhile:
             # the CPUs are contended, and spinning only takes time from whoever (maybe
-            # the peer) waits for one.  Sleep on notifications for a while instead.
-            self._poll_window = 0.0
-            self._poll_cooldown = now + POLL_COOLDOWN
+            # the peer) waits for one.  End this window and halve the next; if that
+            # leaves too little, sleep on notifications for a while.
+            window = self._poll_window / 2
+            if window < self._poll_max / 8:
+                window = 0.0
+                self._poll_cooldown = now + POLL_COOLDOWN
+            self._poll_window = window
         elif (reading or self._wbuf) and now < self._poll_deadline:
             if not self._yielded and now - self._idle_since > YIELD_AFTER:
                 # Nothing for a while: perhaps the peer waits for our CPU.  Let it run,

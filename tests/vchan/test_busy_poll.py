@@ -8,7 +8,9 @@ never holds the event loop, and that the transport falls back to the notify prot
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
+import time
 from typing import Any
 
 import pytest
@@ -16,7 +18,7 @@ from vchan_harness import World
 
 from aioxen import vchan
 from aioxen.vchan import wire
-from aioxen.vchan.transport import BUSY_POLL_ENV, check_busy_poll
+from aioxen.vchan.transport import BUSY_POLL_ENV, CONTENDED_GAP, check_busy_poll
 
 SERVER, CLIENT = 1, 2
 pytestmark = pytest.mark.timeout(60)
@@ -221,7 +223,8 @@ async def test_busy_poll_argument(world: World, monkeypatch: pytest.MonkeyPatch)
 
 async def test_descheduled_poller_stops_polling(world: World) -> None:
     """Polls that run far apart (here: another callback hogs the loop, as a busy CPU
-    would) and find nothing end the window at once, and polling stays off for a while."""
+    would) and find nothing end the window at once and halve the next; at 0, polling
+    stays off for a while."""
     srv = await world.platform(SERVER)
     cli = await world.platform(CLIENT)
     answer = asyncio.Event()
@@ -242,18 +245,24 @@ async def test_descheduled_poller_stops_polling(world: World) -> None:
         hogging = True
 
         def hog() -> None:
-            t_end = loop.time() + 0.0005
-            while loop.time() < t_end and hogging:
-                pass  # a 0.5 ms callback: polls cannot run closer than that
+            t_end = time.perf_counter() + 2 * CONTENDED_GAP
+            while time.perf_counter() < t_end and hogging:
+                pass  # polls cannot run closer than this: every second one is "late"
             if hogging:
                 loop.call_soon(hog)
 
         loop.call_soon(hog)
-        writer.write(b"?")
-        while transport._polling:
-            await asyncio.sleep(0)
+        windows = []
+        for _ in range(40):  # each contended window halves the next; then polling stops
+            windows.append(transport._poll_window)
+            if not transport._poll_window:
+                break
+            writer.write(b"?")  # (the server reads one byte and then waits)
+            while transport._polling:
+                await asyncio.sleep(0)
         hogging = False
-        assert transport._poll_window == 0.0
+        assert windows[0] > 0 and windows[-1] == 0.0
+        assert all(b <= a for a, b in itertools.pairwise(windows))
         assert transport._poll_cooldown > 0  # the window may not grow again for a while
         answer.set()
         assert await reader.read() == b"!"  # notifications carry on
