@@ -204,7 +204,12 @@ class Domu:
     blkback: Backend
     netback: Backend
     timings: dict[str, float] = field(default_factory=dict)
+    """Seconds from :func:`start_domu`'s start to each step."""
+    started: float = 0.0  # time.monotonic() when start_domu began
     destroyed: bool = False
+
+    def mark(self, step: str) -> None:
+        self.timings[step] = time.monotonic() - self.started
 
     def destroy(self) -> None:
         if not self.destroyed:
@@ -256,6 +261,7 @@ def start_domu(image: Path, timeout: float = 300.0) -> Domu:
         blkback.wait_ready(until)
         netback.wait_ready(until)
         timings["backends READY"] = time.monotonic() - t0
+        sh("sysctl", "-q", f"net.ipv6.conf.{TAP}.disable_ipv6=1")  # a quiet link
         sh("ip", "addr", "add", f"{DOM0_IP}/24", "dev", TAP)
         sh("ip", "link", "set", TAP, "up")
     except BaseException:
@@ -265,7 +271,7 @@ def start_domu(image: Path, timeout: float = 300.0) -> Domu:
         blkback.stop(10)
         netback.stop(10)
         raise
-    return Domu(domid, console, image, blkback, netback, timings)
+    return Domu(domid, console, image, blkback, netback, timings, t0)
 
 
 def _ring_indices(domid: int, refs: dict[str, int]) -> str:

@@ -61,7 +61,6 @@ def domu() -> Iterator[Domu]:
         f.seek(32 * MIB)
         f.write(DOM0_PATTERN)
     d = start_domu(IMAGE)
-    t0 = time.monotonic()
     try:
         # The frontends probe as the modules load; wait (bounded) for both devices.
         d.console.run(
@@ -70,19 +69,23 @@ def domu() -> Iterator[Domu]:
             " [ -b /dev/xvda ] && [ -e /sys/class/net/eth0 ]",
             timeout=150,
         )
-        d.console.run(f"ip link set eth0 up && ip addr add {DOMU_IP}/24 dev eth0")
-        d.timings["devices up"] = d.timings["domU shell"] + time.monotonic() - t0
-        (RESULTS / "domu-timings.txt").write_text(
-            "".join(f"{k}: {v:.1f}s\n" for k, v in d.timings.items())
+        d.console.run(
+            "echo 1 >/proc/sys/net/ipv6/conf/eth0/disable_ipv6 && ip link set eth0 up"
+            f" && ip addr add {DOMU_IP}/24 dev eth0"
         )
-        print("domU timings:", d.timings)
+        d.mark("devices up, eth0 configured")
         yield d
     finally:
+        d.mark("tests done")
         (RESULTS / "domu-diagnosis.txt").write_text(diagnose(d))
         d.console.close()
         d.destroy()
         d.blkback.stop()
         d.netback.stop()
+        d.mark("domU destroyed")
+        (RESULTS / "domu-timings.txt").write_text(
+            "".join(f"{k}: {v:.1f}s\n" for k, v in d.timings.items())
+        )
 
 
 def test_linux_frontends_connect_to_aioxen_backends(domu: Domu) -> None:
@@ -167,7 +170,19 @@ def test_ext2_made_in_domu_checks_clean_in_dom0(domu: Domu, tmp_path: Path) -> N
 
 
 def net_counters(domu: Domu) -> dict[str, int]:
-    """Packet counters of the domU's eth0 and of dom0's TAP (for failure messages)."""
+    """Packet counters of the domU's eth0 and of dom0's TAP, once the link is quiet (two
+    equal readings; IPv6 is off on both ends, so there is no background traffic)."""
+    last: dict[str, int] = {}
+    for _ in range(10):
+        now = _read_counters(domu)
+        if now == last:
+            break
+        last = now
+        time.sleep(0.5)
+    return last
+
+
+def _read_counters(domu: Domu) -> dict[str, int]:
     names = ("rx_packets", "tx_packets", "rx_errors", "tx_errors", "rx_dropped", "tx_dropped")
     out = domu.console.run(
         "cd /sys/class/net/eth0/statistics && cat " + " ".join(names), check=False
