@@ -40,10 +40,10 @@ event after a window ran out, the gap since the wait began decides: within ``bus
 :data:`SHRINK_GAP` times ``busy_poll`` later it halves, and below an eighth of the
 maximum polling stops, to resume (at an eighth) once an event again arrives within
 ``busy_poll`` of the wait's start.  Contended CPUs end polling at once: two successive
-polls more than :data:`CONTENDED_GAP` apart with nothing found mean that we were
-descheduled -- spinning then only takes CPU time from whoever waits for it, perhaps the
-peer -- so the window ends and the next one is halved; once that drops it to 0, it may
-not grow again for :data:`POLL_COOLDOWN` seconds (a one-off hiccup costs half a window, a
+polls more than :data:`CONTENDED_GAP` apart mean that we were descheduled -- spinning
+then only takes CPU time from whoever waits for it, perhaps the peer -- so the window is
+halved (and ends, unless that poll found something); once that drops it to 0, it may not
+grow again for :data:`POLL_COOLDOWN` seconds (a one-off hiccup costs half a window, a
 busy machine turns polling off).  So an idle or slow peer, or a busy machine, costs at
 most a few short windows, and a chatty peer with CPUs to spare is polled.
 ``busy_poll=0`` disables polling (the default on the single-process ``inheap`` platform,
@@ -106,8 +106,8 @@ SHRINK_GAP = 4
 after the wait began (see the module docstring)."""
 YIELD_AFTER = 20e-6
 CONTENDED_GAP = 50e-6
-"""Two polls this far apart (we were off the CPU) with nothing found: end the window and
-halve the next one."""
+"""Two polls this far apart (we were off the CPU): halve the window (and end it, unless
+the poll found something)."""
 POLL_COOLDOWN = 10e-3
 """Seconds, after contention brought the window to 0, before it may grow again."""
 """Seconds of fruitless polling after which a poll yields the CPU (once per wait)."""
@@ -345,23 +345,28 @@ class VchanTransport(asyncio.Transport):
         now = perf_counter()
         late = self._last_poll and now - self._last_poll > CONTENDED_GAP
         self._last_poll = now
-        if found:
-            self._yielded = False
-            self._idle_since = now
-            self._poll_deadline = now + self._poll_window
-            self._loop.call_soon(self._poll)
-            self._run_service(False)
-            return
         if late:
-            # We were off the CPU between two polls and the peer did nothing meanwhile:
-            # the CPUs are contended, and spinning only takes time from whoever (maybe
-            # the peer) waits for one.  End this window and halve the next; if that
-            # leaves too little, sleep on notifications for a while.
+            # We were off the CPU between two polls: the CPUs are contended, and
+            # spinning only takes time from whoever (perhaps the peer) waits for one.
+            # Halve the window; if that leaves too little, sleep on notifications for a
+            # while.  (Polling pays only while both ends have a CPU to themselves.)
             window = self._poll_window / 2
             if window < self._poll_max / 8:
                 window = 0.0
                 self._poll_cooldown = now + POLL_COOLDOWN
             self._poll_window = window
+        if found:
+            self._yielded = False
+            self._idle_since = now
+            self._poll_deadline = now + self._poll_window
+            if self._poll_window:
+                self._loop.call_soon(self._poll)
+            else:
+                self._polling = False
+            self._run_service(not self._polling)
+            return
+        if late:
+            pass  # end this window now
         elif (reading or self._wbuf) and now < self._poll_deadline:
             if not self._yielded and now - self._idle_since > YIELD_AFTER:
                 # Nothing for a while: perhaps the peer waits for our CPU.  Let it run,
