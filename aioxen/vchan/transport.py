@@ -39,13 +39,16 @@ event after a window ran out, the gap since the wait began decides: within ``bus
 (a longer window would have caught it) the window doubles, up to the maximum; more than
 :data:`SHRINK_GAP` times ``busy_poll`` later it halves, and below an eighth of the
 maximum polling stops, to resume (at an eighth) once an event again arrives within
-``busy_poll`` of the wait's start.  Contended CPUs end polling at once: two successive
-polls more than :data:`CONTENDED_GAP` apart mean that we were descheduled -- spinning
-then only takes CPU time from whoever waits for it, perhaps the peer -- so the window is
-halved (and ends, unless that poll found something); once that drops it to 0, it may not
-grow again for :data:`POLL_COOLDOWN` seconds (a one-off hiccup costs half a window, a
-busy machine turns polling off).  So an idle or slow peer, or a busy machine, costs at
-most a few short windows, and a chatty peer with CPUs to spare is polled.
+``busy_poll`` of the wait's start.  Contended CPUs end polling: two successive polls
+more than :data:`CONTENDED_GAP` apart mean that we were descheduled -- spinning then only
+takes CPU time from whoever waits for it, perhaps the peer.  If that poll found nothing
+(or more than :data:`LATE_FINDS` of the recent finds came after such a pause), the window
+is halved and, unless the poll found something, ends; once that drops it to 0, it may
+not grow again for :data:`POLL_COOLDOWN` seconds, twice as long each further time (up to
+:data:`MAX_POLL_COOLDOWN`) until polls find the CPUs free again (a one-off hiccup costs
+half a window; a busy machine turns polling off).  So an idle or slow peer, or a busy
+machine, costs at most a few short windows, and a chatty peer with CPUs to spare is
+polled.
 ``busy_poll=0`` disables polling (the default on the single-process ``inheap`` platform,
 where the peer cannot run concurrently).
 
@@ -108,8 +111,14 @@ YIELD_AFTER = 20e-6
 CONTENDED_GAP = 50e-6
 """Two polls this far apart (we were off the CPU): halve the window (and end it, unless
 the poll found something)."""
+LATE_FINDS = 0.25
+"""A find after a pause off the CPU counts as contention once more than this share of
+recent finds did (a fruitless poll after such a pause always does)."""
 POLL_COOLDOWN = 10e-3
-"""Seconds, after contention brought the window to 0, before it may grow again."""
+"""Seconds, after contention brought the window to 0, before it may grow again; doubled
+each time contention brings it to 0 again (up to :data:`MAX_POLL_COOLDOWN`), until
+polling finds the CPUs free again."""
+MAX_POLL_COOLDOWN = 1.0
 """Seconds of fruitless polling after which a poll yields the CPU (once per wait)."""
 _LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 
@@ -204,6 +213,8 @@ class VchanTransport(asyncio.Transport):
         self._idle_since = perf_counter()  # when we last started waiting for the peer
         self._last_poll = 0.0  # when the previous poll of this window ran
         self._yielded = False  # this wait already gave the CPU away once
+        self._late_finds = 0.0  # moving share of finds that followed a pause off the CPU
+        self._cooldown_len = 0.0  # the last cooldown (doubles while contention persists)
         self._poll_cooldown = 0.0  # no growing the window before this time
         self._rleft = 0  # bytes the last pump left in the read ring (a partial datagram)
         loop.call_soon(self._start, waiter)
@@ -345,6 +356,14 @@ class VchanTransport(asyncio.Transport):
         now = perf_counter()
         late = self._last_poll and now - self._last_poll > CONTENDED_GAP
         self._last_poll = now
+        if found:
+            # How often finds come right after a pause off the CPU: now and then is a
+            # hiccup, mostly means the CPUs are contended (the peer's answer, too,
+            # waited for a CPU).
+            self._late_finds += ((1.0 if late else 0.0) - self._late_finds) / 8
+            late = late and self._late_finds > LATE_FINDS
+            if self._late_finds < LATE_FINDS / 2:
+                self._cooldown_len = 0.0  # polling works again: forget past contention
         if late:
             # We were off the CPU between two polls: the CPUs are contended, and
             # spinning only takes time from whoever (perhaps the peer) waits for one.
@@ -352,8 +371,11 @@ class VchanTransport(asyncio.Transport):
             # while.  (Polling pays only while both ends have a CPU to themselves.)
             window = self._poll_window / 2
             if window < self._poll_max / 8:
+                # Off for a while -- twice as long as last time, if contention persists.
                 window = 0.0
-                self._poll_cooldown = now + POLL_COOLDOWN
+                pause = min(MAX_POLL_COOLDOWN, 2 * self._cooldown_len or POLL_COOLDOWN)
+                self._cooldown_len = pause
+                self._poll_cooldown = now + pause
             self._poll_window = window
         if found:
             self._yielded = False
@@ -799,7 +821,9 @@ __all__ = [
     "CONTENDED_GAP",
     "DEFAULT_BUSY_POLL",
     "DEFAULT_HIGH_WATER",
+    "LATE_FINDS",
     "MAX_BUSY_POLL",
+    "MAX_POLL_COOLDOWN",
     "POLL_COOLDOWN",
     "SHRINK_GAP",
     "YIELD_AFTER",
