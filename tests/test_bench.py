@@ -42,10 +42,11 @@ def test_table_lists_every_measurement_and_the_ratios() -> None:
     assert "× better" in text and "2.00" in text
 
 
-def test_quick_run_of_every_suite_writes_json(tmp_path: Path) -> None:
+def test_quick_run_of_every_suite_writes_json_and_charts(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
+    charts = tmp_path / "charts"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "benchmarks", "--quick", "--json", str(out), "--plot", str(charts)],
         cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,
@@ -64,3 +65,6 @@ def test_quick_run_of_every_suite_writes_json(tmp_path: Path) -> None:
         assert all(m["samples"] for m in ms), suite
     assert {r["suite"] for r in doc["ratios"]} == suites - {"memcpy"}
     assert "measurements in" in proc.stdout
+    pngs = sorted(p.name for p in charts.glob("*.png"))
+    assert "streams-uvloop-throughput.png" in pngs and "streams-uvloop-latency.png" in pngs
+    assert all((charts / p).read_bytes().startswith(b"\x89PNG") for p in pngs)
