@@ -11,8 +11,10 @@ creates a :class:`~aioxen.vchan.endpoint.PendingServer`, publishes it
 endpoint (new pages, new port) under the same XenStore keys.  The fresh endpoint is made
 *ahead of time*: the server always holds one unpublished spare (pages shared, port bound),
 so re-advertising after a connect is only the XenStore write, and the next spare is made
-while the new client is served.  Only one endpoint is ever advertised per path, as
-libxenvchan expects.  Clients that raced for the
+while the new client is served.  Only endpoints of at most :data:`SPARE_MAX_PAGES` granted
+pages get a spare: on Xen a process may grant just 1,024 pages by default (gntalloc's
+``limit``), and two 1 MiB endpoints (513 pages each) already exceed it.  Only one
+endpoint is ever advertised per path, as libxenvchan expects.  Clients that raced for the
 taken endpoint fail to bind its port and retry on the watch event the re-advertisement
 fires.  A client that binds and leaves without connecting just causes a re-advertisement.
 
@@ -41,8 +43,19 @@ from aioxen.vchan.endpoint import (
     vchan_path,
 )
 from aioxen.vchan.transport import VchanTransport, check_busy_poll
+from aioxen.vchan.wire import ring_pages, select_orders
 
 logger = logging.getLogger("aioxen.vchan")
+
+SPARE_MAX_PAGES = 64
+"""Largest endpoint (control page + ring pages) for which a spare is kept ready."""
+
+
+def endpoint_pages(read_size: int, write_size: int) -> int:
+    """Pages a server endpoint grants: the control page plus both rings' own pages."""
+    left, right = select_orders(read_size, write_size)
+    return 1 + ring_pages(left) + ring_pages(right)
+
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
@@ -83,6 +96,7 @@ class VchanServer(asyncio.AbstractServer):
         """The XenStore directory of the advertisement."""
         self._pending: PendingServer | None = None
         self._spare: PendingServer | None = None  # made ahead, not yet published
+        self._keep_spare = endpoint_pages(read_size, write_size) <= SPARE_MAX_PAGES
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._published = False
@@ -146,7 +160,7 @@ class VchanServer(asyncio.AbstractServer):
 
     async def _prepare_spare(self) -> None:
         """Make the next endpoint now, so that re-advertising is only a XenStore write."""
-        if self._spare is None and not self._closed:
+        if self._spare is None and not self._closed and self._keep_spare:
             spare = await self._create()
             if self._closed or self._spare is not None:
                 spare.close()

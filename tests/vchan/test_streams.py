@@ -344,3 +344,15 @@ async def test_platform_none_uses_the_default_platform(monkeypatch: pytest.Monke
             assert await reader.readexactly(7) == b"default"
     await (await aioxen.default_platform()).close()
     world.assert_cleaned_up()
+
+
+def test_large_endpoints_keep_no_spare() -> None:
+    """A spare endpoint is made ahead only for small rings: two 1 MiB endpoints would
+    exceed Xen's default per-process grant limit (1,024 pages)."""
+    from aioxen.vchan.server import SPARE_MAX_PAGES, endpoint_pages
+
+    assert endpoint_pages(0, 0) == 1  # both rings in the control page
+    assert endpoint_pages(65536, 65536) == 33
+    assert endpoint_pages(1 << 20, 1 << 20) == 513 > SPARE_MAX_PAGES
+    assert 2 * endpoint_pages(1 << 20, 1 << 20) > 1024
+    assert endpoint_pages(65536, 65536) <= SPARE_MAX_PAGES
