@@ -22,8 +22,10 @@ wakes us.
 
 Busy polling.  Waking up through an event channel costs a system call on the writer, a
 wake-up of the reader's event loop and a callback; a ring can instead be *polled*.  After
-any activity (a write, data delivered, an event) the transport polls its rings for a
-bounded window instead of asking the peer for notifications: one check per event-loop
+a message -- a write, or a delivery, of at most :data:`POLL_MAX_MESSAGE` bytes -- the
+transport polls its rings for a bounded window instead of asking the peer for
+notifications (bulk transfers stay on notifications: while one side sleeps the other
+moves big batches, and a delivery that big ends a window): one check per event-loop
 iteration, run as an ordinary ``call_soon`` callback, so other tasks, I/O and timers run in
 between (and after :data:`YIELD_AFTER` without a find, one poll first yields the CPU
 with ``sched_yield``, so a peer that shares our CPU is not kept waiting by the very loop
@@ -119,6 +121,10 @@ POLL_COOLDOWN = 10e-3
 each time contention brings it to 0 again (up to :data:`MAX_POLL_COOLDOWN`), until
 polling finds the CPUs free again."""
 MAX_POLL_COOLDOWN = 1.0
+POLL_MAX_MESSAGE = 16 * 1024
+"""Polling is for messages: a write or a delivery of more bytes than this opens no poll
+window (and a delivery that big closes one).  Bulk transfers run on notifications, which
+let each side move big batches while the other sleeps."""
 """Seconds of fruitless polling after which a poll yields the CPU (once per wait)."""
 _LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 
@@ -215,6 +221,7 @@ class VchanTransport(asyncio.Transport):
         self._yielded = False  # this wait already gave the CPU away once
         self._late_finds = 0.0  # moving share of finds that followed a pause off the CPU
         self._cooldown_len = 0.0  # the last cooldown (doubles while contention persists)
+        self._last_batch = 0  # bytes the last pump delivered
         self._poll_cooldown = 0.0  # no growing the window before this time
         self._rleft = 0  # bytes the last pump left in the read ring (a partial datagram)
         loop.call_soon(self._start, waiter)
@@ -264,12 +271,15 @@ class VchanTransport(asyncio.Transport):
         """Event handler (and general kick): move data both ways; then poll or arm."""
         if self._conn_lost or not self._started or self._in_service:
             return
-        if self._poll_max:
-            if not self._polling:
-                self._adapt()
-            self._run_service(not self._want_poll())
-        else:
+        if not self._poll_max:
             self._run_service(True)
+        elif self._polling:
+            self._run_service(False)  # a window is open: it goes on watching
+        else:
+            self._adapt()
+            self._run_service(True)
+            if 0 < self._last_batch <= POLL_MAX_MESSAGE and not self._conn_lost:
+                self._want_poll()  # a message came: its sequel may follow soon
 
     def _run_service(self, arm: bool) -> None:
         """One service pass.  ``arm``: ask the peer for notifications where we would wait
@@ -386,6 +396,11 @@ class VchanTransport(asyncio.Transport):
             else:
                 self._polling = False
             self._run_service(not self._polling)
+            if self._polling and self._last_batch > POLL_MAX_MESSAGE:
+                # Bulk data, not a message: batches grow while we sleep between events,
+                # and every delivery costs the protocol.  Back to notifications.
+                self._polling = False
+                self._run_service(True)
             return
         if late:
             pass  # end this window now
@@ -418,6 +433,7 @@ class VchanTransport(asyncio.Transport):
         arm_bit = NOTIFY_WRITE if arm and not force else 0
         rsize = core.read_size
         r = step(-1, arm_bit)
+        self._last_batch = 0
         while True:
             if r < 0:
                 raise core.step_error(r)
@@ -427,7 +443,7 @@ class VchanTransport(asyncio.Transport):
                     self._deliver_eof()
                 return 1 if r & STEP_LIVE else 0
             if self._buffered:
-                self._deliver_buffered(force, used)
+                self._last_batch += self._deliver_buffered(force, used)
                 if self._conn_lost:
                     return 1
                 stop = not force and (self._closing or self._reading_paused)
@@ -446,6 +462,7 @@ class VchanTransport(asyncio.Transport):
             if used < n:
                 n = used
             chunk = view[off : off + n]
+            self._last_batch += n
             protocol: Any = self._protocol
             if self._trusted:
                 # the stdlib stream protocol copies synchronously: hand it the ring itself
@@ -474,11 +491,12 @@ class VchanTransport(asyncio.Transport):
                     raise core.step_error(r)
                 return 1 if r & STEP_LIVE else 0
 
-    def _deliver_buffered(self, force: bool, n: int) -> None:
+    def _deliver_buffered(self, force: bool, n: int) -> int:
         """Copy up to ``n`` bytes straight from the ring into the protocol's buffers (one
-        native copy per ``get_buffer``)."""
+        native copy per ``get_buffer``); returns the count."""
         core = self._core
         protocol: Any = self._protocol
+        total = 0
         while n > 0 and not self._conn_lost:
             buf = protocol.get_buffer(n)
             with ffi.from_buffer(buf, require_writable=True) as p:
@@ -487,11 +505,13 @@ class VchanTransport(asyncio.Transport):
                     raise RuntimeError("get_buffer() returned an empty buffer")
                 got = core.recv_into(p, min(size, n))
             if not got:
-                return
+                return total
+            total += got
             protocol.buffer_updated(got)
             n -= got
             if not force and (self._closing or self._reading_paused):
-                return
+                return total
+        return total
 
     def _deliver_eof(self) -> None:
         self._peer_eof = True
@@ -543,7 +563,7 @@ class VchanTransport(asyncio.Transport):
                 self._channel.notify()
             if put != n:
                 self._enqueue(memoryview(data)[put:], n - put)
-            if self._poll_max:
+            if self._poll_max and n <= POLL_MAX_MESSAGE:
                 self._want_poll()  # a reply may follow: watch the ring for a while
         except ProtocolError as exc:
             self._fatal_error(exc)
@@ -584,7 +604,7 @@ class VchanTransport(asyncio.Transport):
                 # bytes are immutable: queue a view; anything else is copied once
                 rest = view[put:] if type(data) is bytes else memoryview(bytes(view[put:]))
                 self._enqueue(rest, n - put)
-            if self._poll_max:
+            if self._poll_max and n <= POLL_MAX_MESSAGE:
                 self._want_poll()
         except ProtocolError as exc:
             self._fatal_error(exc)
@@ -596,7 +616,7 @@ class VchanTransport(asyncio.Transport):
     def _enqueue(self, view: memoryview, n: int) -> None:
         self._wbuf.append(view)
         self._wlen += n
-        self._flush(not self._want_poll())
+        self._flush(not self._polling)
         self._maybe_pause_protocol()
 
     def writelines(self, list_of_data: Any) -> None:
@@ -825,6 +845,7 @@ __all__ = [
     "MAX_BUSY_POLL",
     "MAX_POLL_COOLDOWN",
     "POLL_COOLDOWN",
+    "POLL_MAX_MESSAGE",
     "SHRINK_GAP",
     "YIELD_AFTER",
     "VchanTransport",
