@@ -18,7 +18,12 @@ from vchan_harness import World
 
 from aioxen import vchan
 from aioxen.vchan import wire
-from aioxen.vchan.transport import BUSY_POLL_ENV, CONTENDED_GAP, check_busy_poll
+from aioxen.vchan.transport import (
+    BUSY_POLL_ENV,
+    CONTENDED_GAP,
+    POLL_MAX_MESSAGE,
+    check_busy_poll,
+)
 
 SERVER, CLIENT = 1, 2
 pytestmark = pytest.mark.timeout(60)
@@ -153,6 +158,9 @@ async def test_window_is_bounded_yields_and_falls_back_to_notifications(world: W
             real_poll()
 
         transport._poll = counting_poll  # a spy: the real poll runs every time
+        while transport._polling:  # let any window from the connect run out
+            await asyncio.sleep(0)
+        transport._poll_window = vchan.MAX_BUSY_POLL  # (a loaded machine may have shrunk it)
         writer.write(b"?")
         assert transport._polling
         # Other tasks keep running: at most one poll per event-loop iteration.
@@ -251,6 +259,9 @@ async def test_descheduled_poller_stops_polling(world: World) -> None:
             if hogging:
                 loop.call_soon(hog)
 
+        while transport._polling:  # let any window from the connect run out
+            await asyncio.sleep(0)
+        transport._poll_window = vchan.MAX_BUSY_POLL  # (a loaded machine may have shrunk it)
         loop.call_soon(hog)
         windows = []
         for _ in range(40):  # each contended window halves the next; then polling stops
@@ -266,5 +277,32 @@ async def test_descheduled_poller_stops_polling(world: World) -> None:
         assert transport._poll_cooldown > 0  # the window may not grow again for a while
         answer.set()
         assert await reader.read() == b"!"  # notifications carry on
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_only_messages_open_poll_windows(world: World) -> None:
+    """Polling is for request/response traffic: a small write opens a window, a bulk write
+    (more than POLL_MAX_MESSAGE bytes) does not, and both arrive intact."""
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    server = await vchan.start_server(echo, CLIENT, "msg", platform=srv, busy_poll=0)
+    async with server:
+        reader, writer = await vchan.open_connection(
+            SERVER, "msg", platform=cli, busy_poll=vchan.MAX_BUSY_POLL
+        )
+        transport: Any = writer.transport
+        while transport._polling:  # let any window from the connect run out
+            await asyncio.sleep(0)
+        big = random.randbytes(POLL_MAX_MESSAGE + 1)
+        writer.write(big)
+        assert not transport._polling
+        assert await reader.readexactly(len(big)) == big
+        while transport._polling:
+            await asyncio.sleep(0)
+        transport._poll_window = vchan.MAX_BUSY_POLL  # (the echo may have shrunk it)
+        writer.write(b"small")
+        assert transport._polling
+        assert await reader.readexactly(5) == b"small"
         writer.close()
         await writer.wait_closed()
