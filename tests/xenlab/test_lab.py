@@ -47,7 +47,7 @@ def guest_manifest() -> list[str]:
     env = dict(os.environ, AIOXEN_XENLAB_COLLECT="1")
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-         "-p", "no:hypothesispytest", GUEST_DIR],
+         *lab.GUEST_SELECTION],
         cwd=TREE, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     ids = [ln.strip() for ln in out.stdout.splitlines() if ln.startswith(GUEST_DIR + "/")]
