@@ -307,7 +307,7 @@ def diagnose(d: Domu) -> str:
     parts: list[str] = [f"timings: {d.timings}"]
     for cmd in (
         "dmesg | tail -n 80",
-        "ip -s link show eth0",
+        "cat /proc/net/dev",
         "cat /sys/block/xvda/queue/write_cache /sys/block/xvda/inflight",
         "grep -i xen /proc/interrupts",
     ):
