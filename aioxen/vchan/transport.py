@@ -48,9 +48,10 @@ takes CPU time from whoever waits for it, perhaps the peer.  If that poll found 
 is halved and, unless the poll found something, ends; once that drops it to 0, it may
 not grow again for :data:`POLL_COOLDOWN` seconds, twice as long each further time (up to
 :data:`MAX_POLL_COOLDOWN`) until polls find the CPUs free again (a one-off hiccup costs
-half a window; a busy machine turns polling off).  So an idle or slow peer, or a busy
-machine, costs at most a few short windows, and a chatty peer with CPUs to spare is
-polled.
+half a window; a busy machine turns polling off).  Likewise when fewer than
+:data:`MIN_WINDOW_SCORE` of the recent windows found anything at all (the peer answers
+later than a window lasts).  So an idle or slow peer, or a busy machine, costs at most a
+few short windows, and a chatty peer with CPUs to spare is polled.
 ``busy_poll=0`` disables polling (the default on the single-process ``inheap`` platform,
 where the peer cannot run concurrently).
 
@@ -116,6 +117,9 @@ the poll found something)."""
 LATE_FINDS = 0.25
 """A find after a pause off the CPU counts as contention once more than this share of
 recent finds did (a fruitless poll after such a pause always does)."""
+MIN_WINDOW_SCORE = 0.25
+"""Polling stops for a while when fewer than this share of recent windows found
+anything."""
 POLL_COOLDOWN = 10e-3
 """Seconds, after contention brought the window to 0, before it may grow again; doubled
 each time contention brings it to 0 again (up to :data:`MAX_POLL_COOLDOWN`), until
@@ -222,6 +226,8 @@ class VchanTransport(asyncio.Transport):
         self._late_finds = 0.0  # moving share of finds that followed a pause off the CPU
         self._cooldown_len = 0.0  # the last cooldown (doubles while contention persists)
         self._last_batch = 0  # bytes the last pump delivered
+        self._found_in_window = False  # the open window found something
+        self._window_score = 1.0  # moving share of recent windows that found something
         self._poll_cooldown = 0.0  # no growing the window before this time
         self._rleft = 0  # bytes the last pump left in the read ring (a partial datagram)
         loop.call_soon(self._start, waiter)
@@ -321,7 +327,14 @@ class VchanTransport(asyncio.Transport):
         cap = self._poll_max
         window = self._poll_window
         if gap <= cap:
-            if now >= self._poll_cooldown:
+            if self._poll_cooldown:
+                if now < self._poll_cooldown:
+                    return
+                # A pause is over: one more try with full windows, on probation.
+                self._poll_cooldown = 0.0
+                self._poll_window = cap
+                self._window_score = 2 * MIN_WINDOW_SCORE
+            else:
                 self._poll_window = min(cap, max(2 * window, cap / 8))
         elif gap > SHRINK_GAP * cap and window:
             window /= 2
@@ -372,8 +385,6 @@ class VchanTransport(asyncio.Transport):
             # waited for a CPU).
             self._late_finds += ((1.0 if late else 0.0) - self._late_finds) / 8
             late = late and self._late_finds > LATE_FINDS
-            if self._late_finds < LATE_FINDS / 2:
-                self._cooldown_len = 0.0  # polling works again: forget past contention
         if late:
             # We were off the CPU between two polls: the CPUs are contended, and
             # spinning only takes time from whoever (perhaps the peer) waits for one.
@@ -381,13 +392,11 @@ class VchanTransport(asyncio.Transport):
             # while.  (Polling pays only while both ends have a CPU to themselves.)
             window = self._poll_window / 2
             if window < self._poll_max / 8:
-                # Off for a while -- twice as long as last time, if contention persists.
-                window = 0.0
-                pause = min(MAX_POLL_COOLDOWN, 2 * self._cooldown_len or POLL_COOLDOWN)
-                self._cooldown_len = pause
-                self._poll_cooldown = now + pause
-            self._poll_window = window
+                self._poll_off(now)  # off for a while, longer if contention persists
+            else:
+                self._poll_window = window
         if found:
+            self._found_in_window = True
             self._yielded = False
             self._idle_since = now
             self._poll_deadline = now + self._poll_window
@@ -395,11 +404,13 @@ class VchanTransport(asyncio.Transport):
                 self._loop.call_soon(self._poll)
             else:
                 self._polling = False
+                self._window_ended(now)
             self._run_service(not self._polling)
             if self._polling and self._last_batch > POLL_MAX_MESSAGE:
                 # Bulk data, not a message: batches grow while we sleep between events,
                 # and every delivery costs the protocol.  Back to notifications.
                 self._polling = False
+                self._window_ended(now)
                 self._run_service(True)
             return
         if late:
@@ -414,7 +425,29 @@ class VchanTransport(asyncio.Transport):
             return
         # The window ran out: back to notifications (arm, re-check, sleep).
         self._polling = False
+        self._window_ended(now)
         self._run_service(True)
+
+    def _window_ended(self, now: float) -> None:
+        """Score the window that just ended: did it find anything?  When most recent
+        windows found nothing, polling costs more than it saves (the peer answers later
+        than a window lasts, or the CPUs are busy): turn it off for a while, twice as
+        long each further time."""
+        found = self._found_in_window
+        self._found_in_window = False
+        self._window_score += ((1.0 if found else 0.0) - self._window_score) / 8
+        if found:
+            if self._window_score > 0.5:
+                self._cooldown_len = 0.0  # polling works: forget past failures
+        elif self._window_score < MIN_WINDOW_SCORE and self._poll_window:
+            self._poll_off(now)
+
+    def _poll_off(self, now: float) -> None:
+        """Stop polling for a while -- twice as long as last time (up to the maximum)."""
+        pause = min(MAX_POLL_COOLDOWN, 2 * self._cooldown_len or POLL_COOLDOWN)
+        self._cooldown_len = pause
+        self._poll_cooldown = now + pause
+        self._poll_window = 0.0
 
     # -- reading ---------------------------------------------------------------------------
     def _pump(self, force: bool, arm: bool = True) -> int:
@@ -844,6 +877,7 @@ __all__ = [
     "LATE_FINDS",
     "MAX_BUSY_POLL",
     "MAX_POLL_COOLDOWN",
+    "MIN_WINDOW_SCORE",
     "POLL_COOLDOWN",
     "POLL_MAX_MESSAGE",
     "SHRINK_GAP",
