@@ -542,7 +542,8 @@ def check_request(req: BlkifAnyRequest, limits: Limits) -> BlkIO:
     if segs and op != BLKIF_OP_READ and limits.readonly:
         raise BadRequest(BLKIF_RSP_ERROR, f"{name} to a read-only disk")
     total = _check_segments(segs, limits)
-    _check_range(req.sector_number, total, limits, name)
+    if total:  # Linux sends an fsync as a segment-less flush with sector_number 2**64-1
+        _check_range(req.sector_number, total, limits, name)
     return BlkIO(req.id, op, rsp_op, req.sector_number, total, segs)
 
 

@@ -742,14 +742,17 @@ class Vif:
             blob = b"".join(self._tx_rsps)
             self._tx_rsps = []
             self._tx.put_encoded(blob)
+            # Unmap before publishing: Linux netfront ends foreign access as soon as it
+            # consumes a response, and a grant still mapped then kills the vif.
+            self._tx_pages.end_batch()
             notify = self._tx.push_responses()
         if self._rx_rsps:
             rsps = self._rx_rsps
             self._rx_rsps = []
             self._rx.put_encoded(b"".join(rsps))
+            self._rx_pages.end_batch()
             if self._rx.push_responses():
                 notify = True
-            self._rx_pages.end_batch()
             stats = self.stats
             stats.rx_frames += self._rx_frames
             stats.rx_bytes += self._rx_bytes

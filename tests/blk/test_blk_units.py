@@ -161,9 +161,10 @@ def test_check_request_accepts_only_valid_requests(
         assert exc.status in (B.BLKIF_RSP_ERROR, B.BLKIF_RSP_EOPNOTSUPP)
         return
     assert op in (0, 1, 2, 3) and nseg == len(segs) <= 11
-    assert io.sector + io.nr_sectors <= lim.sectors
     step = ss // 512
-    assert io.sector % step == 0
+    if io.nr_sectors:  # a segment-less flush/barrier names no range (Linux: 2**64-1)
+        assert io.sector + io.nr_sectors <= lim.sectors
+        assert io.sector % step == 0
     for s in io.segments:
         assert s.first_sect <= s.last_sect <= 7
         assert s.first_sect % step == 0 and (s.last_sect + 1) % step == 0
@@ -249,3 +250,12 @@ def test_memory_backed_files_are_served_inline(tmp_path: Path) -> None:
     assert mem.readv_nowait(0, [bytearray(4096)])
     with pytest.raises(ValueError):
         MemorySource(1000)
+
+
+def test_linux_empty_flush_is_accepted() -> None:
+    """Linux's xen-blkfront sends an fsync as FLUSH_DISKCACHE with no segments and
+    sector_number 2**64-1; refusing it makes Linux turn flushing off for good."""
+    lim = B.Limits(sectors=1 << 20, max_indirect_segments=64)
+    req = B.BlkifRequest(B.BLKIF_OP_FLUSH_DISKCACHE, 0, 0, 7, 2**64 - 1, ())
+    io = B.check_request(req, lim)
+    assert io.nr_sectors == 0 and io.id == 7
