@@ -57,6 +57,42 @@ class Measurement:
         return data
 
 
+class Collector:
+    """Measurements of one suite run, created on first use and keyed by case/mechanism/metric."""
+
+    def __init__(self, suite: str, loop: str) -> None:
+        self.suite, self.loop = suite, loop
+        self._by_key: dict[tuple[str, str, str], Measurement] = {}
+
+    def get(
+        self,
+        case: str,
+        mechanism: str,
+        metric: str,
+        unit: str,
+        higher_is_better: bool,
+        ours: bool,
+        params: dict[str, Any] | None = None,
+    ) -> Measurement:
+        key = (case, mechanism, metric)
+        if key not in self._by_key:
+            self._by_key[key] = Measurement(
+                suite=self.suite,
+                case=case,
+                mechanism=mechanism,
+                metric=metric,
+                unit=unit,
+                higher_is_better=higher_is_better,
+                ours=ours,
+                params=dict(params or {}),
+                loop=self.loop,
+            )
+        return self._by_key[key]
+
+    def results(self) -> list[Measurement]:
+        return list(self._by_key.values())
+
+
 class Progress:
     """A one-line progress indicator on stderr (plain lines when stderr is not a tty)."""
 
@@ -236,6 +272,7 @@ def write_json(path: str, measurements: list[Measurement], machine: dict[str, An
 
 
 __all__ = [
+    "Collector",
     "Context",
     "Measurement",
     "Progress",

@@ -17,7 +17,7 @@ import functools
 import time
 from typing import Any
 
-from aioxen.bench.harness import Context, Measurement
+from aioxen.bench.harness import Collector, Context, Measurement
 from aioxen.bench.mechanisms import MECHANISMS, open_protocol
 from aioxen.bench.peer import HEADER
 from aioxen.bench.suites import memcpy
@@ -100,25 +100,12 @@ def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
     mechs = mechanisms_for(ctx, selected)
     total = (16 << 20) if ctx.quick else (256 << 20)
     pings = 300 if ctx.quick else 5000
-    results: dict[tuple[str, str, str], Measurement] = {}
+    collector = Collector(NAME, ctx.loop)
 
     def m(
         case: str, mech: str, metric: str, unit: str, hib: bool, params: dict[str, Any]
     ) -> Measurement:
-        key = (case, mech, metric)
-        if key not in results:
-            results[key] = Measurement(
-                suite=NAME,
-                case=case,
-                mechanism=mech,
-                metric=metric,
-                unit=unit,
-                higher_is_better=hib,
-                ours=MECHANISMS[mech].ours,
-                params=params,
-                loop=ctx.loop,
-            )
-        return results[key]
+        return collector.get(case, mech, metric, unit, hib, MECHANISMS[mech].ours, params)
 
     def session(mech: str, runner: Runner, fn: Any) -> Any:
         peer = runner.peer(mech)
@@ -164,4 +151,4 @@ def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
                         False,
                         {"size": PING_SIZE, "count": pings},
                     ).samples.append(percentile(rtts, pct))
-    return list(results.values())
+    return collector.results()

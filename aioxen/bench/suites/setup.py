@@ -22,7 +22,7 @@ import asyncio
 import time
 from typing import Any
 
-from aioxen.bench.harness import Context, Measurement
+from aioxen.bench.harness import Collector, Context, Measurement
 from aioxen.bench.mechanisms import (
     MECHANISMS,
     VCHAN_PORT,
@@ -120,23 +120,10 @@ def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
     mechs = [m for m in SETUP_MECHS if selected is None or m in selected]
     seconds = 0.5 if ctx.quick else 2.0
     count = 100 if ctx.quick else 1000
-    results: dict[tuple[str, str, str], Measurement] = {}
+    collector = Collector(NAME, ctx.loop)
 
     def m(case: str, mech: str, metric: str, unit: str, hib: bool) -> Measurement:
-        key = (case, mech, metric)
-        if key not in results:
-            results[key] = Measurement(
-                suite=NAME,
-                case=case,
-                mechanism=mech,
-                metric=metric,
-                unit=unit,
-                higher_is_better=hib,
-                ours=MECHANISMS[mech].ours,
-                params={"count": count},
-                loop=ctx.loop,
-            )
-        return results[key]
+        return collector.get(case, mech, metric, unit, hib, MECHANISMS[mech].ours, {"count": count})
 
     with Runner(ctx, "setup") as runner:
 
@@ -170,4 +157,4 @@ def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
                 m(case, mech, "setup p99", "ms", False).samples.append(r["p99_ms"])
                 m(case, mech, "memory/conn", "KiB", False).samples.append(r["kib_per_conn"])
                 m(case, mech, "aggregate", "GiB/s", True).samples.append(r["aggregate_gib_s"])
-    return list(results.values())
+    return collector.results()

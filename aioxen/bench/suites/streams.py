@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aioxen.bench.harness import Context, Measurement
+from aioxen.bench.harness import Collector, Context, Measurement
 from aioxen.bench.mechanisms import (
     MECHANISMS,
     Peer,
@@ -126,25 +126,12 @@ def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
     chunks = QUICK_CHUNKS if ctx.quick else CHUNKS
     total = (16 << 20) if ctx.quick else (256 << 20)
     pings = 300 if ctx.quick else 5000
-    results: dict[tuple[str, str, str], Measurement] = {}
+    collector = Collector(NAME, ctx.loop)
 
     def m(
         case: str, mech: str, metric: str, unit: str, hib: bool, params: dict[str, Any]
     ) -> Measurement:
-        key = (case, mech, metric)
-        if key not in results:
-            results[key] = Measurement(
-                suite=NAME,
-                case=case,
-                mechanism=mech,
-                metric=metric,
-                unit=unit,
-                higher_is_better=hib,
-                ours=MECHANISMS[mech].ours,
-                params=params,
-                loop=ctx.loop,
-            )
-        return results[key]
+        return collector.get(case, mech, metric, unit, hib, MECHANISMS[mech].ours, params)
 
     with Runner(ctx, "streams") as runner:
         for rep in range(ctx.repetitions):
@@ -174,4 +161,4 @@ def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
                         False,
                         {"size": PING_SIZE, "count": pings},
                     ).samples.append(percentile(rtts, pct))
-    return list(results.values())
+    return collector.results()
