@@ -114,7 +114,12 @@ class BatchCodec(Protocol[T]):
     def ids(self, values: Sequence[T]) -> list[int]: ...
 
 
-class _GenericCodec(Generic[T]):
+class GenericCodec(Generic[T]):
+    """The per-entry :class:`BatchCodec`: one ``fmt`` call per entry.
+
+    Specialised codecs subclass it and override the methods they can do faster.
+    """
+
     def __init__(self, fmt: EntryFormat[T], slot: int) -> None:
         self._fmt = fmt
         self._slot = slot
@@ -150,7 +155,37 @@ def batch_codec(fmt: EntryFormat[T], slot: int) -> BatchCodec[T]:
     if make is not None:
         codec: BatchCodec[T] = make(slot)
         return codec
-    return _GenericCodec(fmt, slot)
+    return GenericCodec(fmt, slot)
+
+
+def _no_id(name: str) -> TypeError:
+    return TypeError(f"format {name} has no id field")
+
+
+class _FixedFormat:
+    """The attributes every format here shares: ``name``, ``size``, ``align``, ``id_bits``."""
+
+    def __init__(self, name: str, size: int, align: int, id_bits: int) -> None:
+        self._name = name
+        self._size = size
+        self._align = align
+        self._id_bits = id_bits
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def align(self) -> int:
+        return self._align
+
+    @property
+    def id_bits(self) -> int:
+        return self._id_bits
 
 
 class _StructCodec(Generic[R]):
@@ -188,13 +223,13 @@ class _StructCodec(Generic[R]):
     def with_ids(self, values: Sequence[R], ids: Sequence[int]) -> list[R]:
         i, make = self._id_index, self._make
         if i < 0:
-            raise TypeError(f"format {self._fmt.name} has no id field")
+            raise _no_id(self._fmt.name)
         return [make((*v[:i], ident, *v[i + 1 :])) for v, ident in zip(values, ids, strict=True)]
 
     def pack_with_ids(self, values: Sequence[R], ids: Sequence[int]) -> bytes:
         i = self._id_index
         if i < 0:
-            raise TypeError(f"format {self._fmt.name} has no id field")
+            raise _no_id(self._fmt.name)
         if len(values) != len(ids):
             raise ValueError(f"{len(values)} values but {len(ids)} ids")
         patch = self._id_patch
@@ -214,11 +249,11 @@ class _StructCodec(Generic[R]):
     def ids(self, values: Sequence[R]) -> list[int]:
         get = self._get_id
         if get is None:
-            raise TypeError(f"format {self._fmt.name} has no id field")
+            raise _no_id(self._fmt.name)
         return list(map(get, values))
 
 
-class StructFormat(Generic[R]):
+class StructFormat(_FixedFormat, Generic[R]):
     """A flat C struct described by a :mod:`struct` layout and a ``NamedTuple`` class.
 
     ``layout`` uses explicit byte order and explicit padding (``x``), e.g. ``"<IHHHH"`` for
@@ -237,41 +272,24 @@ class StructFormat(Generic[R]):
         size: int | None = None,
         align: int = 4,
     ) -> None:
-        self._name = name
         self._struct = struct.Struct(layout)
         self._record = record
         names: Sequence[str] = fields if fields is not None else record._fields  # type: ignore[attr-defined]
         self._fields = tuple(names)
-        self._size = size if size is not None else self._struct.size
-        if self._size < self._struct.size:
-            raise ValueError(f"{name}: size {self._size} < layout size {self._struct.size}")
+        full = size if size is not None else self._struct.size
+        if full < self._struct.size:
+            raise ValueError(f"{name}: size {full} < layout size {self._struct.size}")
         if align & (align - 1) or align <= 0:
             raise ValueError(f"{name}: alignment {align} is not a power of two")
-        self._align = align
-        self._pad = bytes(self._size - self._struct.size)
+        self._pad = bytes(full - self._struct.size)
         if id_field is None:
             self._id_index = -1
-            self._id_bits = 0
+            id_bits = 0
         else:
             self._id_index = self._fields.index(id_field)
             code = _field_codes(layout)[self._id_index]
-            self._id_bits = struct.calcsize("<" + code) * 8
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def align(self) -> int:
-        return self._align
-
-    @property
-    def id_bits(self) -> int:
-        return self._id_bits
+            id_bits = struct.calcsize("<" + code) * 8
+        super().__init__(name, full, align, id_bits)
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -311,12 +329,12 @@ class StructFormat(Generic[R]):
 
     def get_id(self, value: R) -> int:
         if self._id_index < 0:
-            raise TypeError(f"format {self._name} has no id field")
+            raise _no_id(self._name)
         return int(value[self._id_index])
 
     def with_id(self, value: R, ident: int) -> R:
         if self._id_index < 0:
-            raise TypeError(f"format {self._name} has no id field")
+            raise _no_id(self._name)
         items = list(value)
         items[self._id_index] = ident
         return self._record(*items)
@@ -325,52 +343,46 @@ class StructFormat(Generic[R]):
         return f"<StructFormat {self._name} size={self._size}>"
 
 
-def _field_offset(layout: str, index: int) -> int:
-    """Byte offset of the ``index``-th value-carrying field of ``layout``."""
-    order = layout[0] if layout[0] in "<>=!@" else ""
-    prefix: list[str] = []
-    seen, count = 0, ""
+def _layout_items(layout: str) -> tuple[str, list[str]]:
+    """Split a :mod:`struct` layout into its byte order prefix and its items: ``"2x"`` for
+    padding, ``"6s"``/``"6p"`` for a string, one code per repeated value (``"2H"`` gives
+    ``"H", "H"``)."""
+    order = layout[0] if layout[:1] in ("<", ">", "=", "!", "@") else ""
+    items: list[str] = []
+    count = ""
     for ch in layout[len(order) :]:
         if ch.isdigit():
             count += ch
             continue
         n = int(count) if count else 1
         count = ""
-        if ch == "x":
-            prefix.append(f"{n}x")
+        if ch in "xsp":
+            items.append(f"{n}{ch}")
+        else:
+            items.extend([ch] * n)
+    return order, items
+
+
+def _field_offset(layout: str, index: int) -> int:
+    """Byte offset of the ``index``-th value-carrying field of ``layout``."""
+    order, items = _layout_items(layout)
+    seen = 0
+    for i, code in enumerate(items):
+        if code.endswith("x"):
             continue
-        for _ in range(1 if ch in "sp" else n):
-            if seen == index:
-                code = f"{n}{ch}" if ch in "sp" else ch
-                full = struct.calcsize(order + "".join(prefix) + code)
-                return full - struct.calcsize(order + code)
-            prefix.append(f"{n}{ch}" if ch in "sp" else ch)
-            seen += 1
+        if seen == index:
+            full = struct.calcsize(order + "".join(items[: i + 1]))
+            return full - struct.calcsize(order + code)
+        seen += 1
     raise IndexError(f"layout {layout!r} has no field {index}")
 
 
 def _field_codes(layout: str) -> list[str]:
     """The struct codes of the *value-carrying* fields of ``layout`` (pads skipped)."""
-    codes: list[str] = []
-    count = ""
-    for ch in layout:
-        if ch in "<>=!@":
-            continue
-        if ch.isdigit():
-            count += ch
-            continue
-        n = int(count) if count else 1
-        count = ""
-        if ch == "x":
-            continue
-        if ch in "sp":
-            codes.append(f"{n}{ch}")
-        else:
-            codes.extend([ch] * n)
-    return codes
+    return [code for code in _layout_items(layout)[1] if not code.endswith("x")]
 
 
-class RawFormat:
+class RawFormat(_FixedFormat):
     """Opaque entries: values are ``bytes`` of exactly ``size``; ``id`` is a little-endian
     integer of ``id_bits`` at ``id_offset`` (default: none)."""
 
@@ -385,27 +397,12 @@ class RawFormat:
     ) -> None:
         if size <= 0:
             raise ValueError("entry size must be positive")
-        self._name = name
-        self._size = size
-        self._align = align
+        super().__init__(name, size, align, id_bits)
         self._id_offset = id_offset
-        self._id_bits = id_bits
 
     @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def align(self) -> int:
-        return self._align
-
-    @property
-    def id_bits(self) -> int:
-        return self._id_bits
+    def id_offset(self) -> int:
+        return self._id_offset
 
     def pack_into(self, buf: WritableBuffer, offset: int, value: bytes) -> None:
         if len(value) != self._size:
@@ -417,13 +414,13 @@ class RawFormat:
 
     def get_id(self, value: bytes) -> int:
         if not self._id_bits:
-            raise TypeError(f"format {self._name} has no id field")
+            raise _no_id(self._name)
         width = self._id_bits // 8
         return int.from_bytes(value[self._id_offset : self._id_offset + width], "little")
 
     def with_id(self, value: bytes, ident: int) -> bytes:
         if not self._id_bits:
-            raise TypeError(f"format {self._name} has no id field")
+            raise _no_id(self._name)
         width = self._id_bits // 8
         o = self._id_offset
         return value[:o] + ident.to_bytes(width, "little") + value[o + width :]
@@ -562,9 +559,11 @@ class BlkifResponse(NamedTuple):
 
 
 _SEG = struct.Struct("<IBB2x")
+BLKIF_SEGMENT = _SEG
+"""``struct blkif_request_segment``: gref u32, first_sect u8, last_sect u8, 2 pad bytes."""
 
 
-class BlkifRequestFormat:
+class BlkifRequestFormat(_FixedFormat):
     """``struct blkif_request`` and its discard/indirect variants, chosen by ``operation``."""
 
     def __init__(self, abi: str = ABI_X86_64) -> None:
@@ -575,32 +574,27 @@ class BlkifRequestFormat:
         # header: operation u8, nr_segments/flag/indirect_op u8, handle/nr_segments u16, id
         self._head = struct.Struct("<BBH4xQQ" if wide else "<BBHQQ")
         self._seg_off = self._head.size  # 24 or 20
-        self._size = self._seg_off + BLKIF_MAX_SEGMENTS_PER_REQUEST * _SEG.size  # 112 / 108
-        self._align = 8 if wide else 4
+        size = self._seg_off + BLKIF_MAX_SEGMENTS_PER_REQUEST * _SEG.size  # 112 / 108
+        super().__init__(f"blkif_request({abi})", size, 8 if wide else 4, 64)
         self._id_off = 8 if wide else 4
         self._discard_tail = struct.Struct("<Q")  # nr_sectors, right after the header
         # indirect: handle u16, pad u16, grefs[8] u32 right after sector_number
         self._ind_tail = struct.Struct("<H2x8I")
 
     @property
-    def name(self) -> str:
-        return f"blkif_request({self.abi})"
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def align(self) -> int:
-        return self._align
-
-    @property
-    def id_bits(self) -> int:
-        return 64
-
-    @property
     def segments_offset(self) -> int:
         return self._seg_off
+
+    @property
+    def id_offset(self) -> int:
+        """Byte offset of the 64-bit ``id`` (8 on x86_64, 4 on x86_32)."""
+        return self._id_off
+
+    @property
+    def header(self) -> struct.Struct:
+        """The common header: operation, u8 (nr_segments/flag/indirect_op), u16
+        (handle/nr_segments), id, sector_number."""
+        return self._head
 
     def pack_into(self, buf: WritableBuffer, offset: int, value: BlkifAnyRequest) -> None:
         buf[offset : offset + self._size] = bytes(self._size)
@@ -684,6 +678,7 @@ __all__ = [
     "BLKIF_REQUEST_X86_32",
     "BLKIF_RESPONSE",
     "BLKIF_RESPONSE_X86_32",
+    "BLKIF_SEGMENT",
     "NETIF_EXTRA_INFO",
     "NETIF_RX_REQUEST",
     "NETIF_RX_RESPONSE",
@@ -698,6 +693,7 @@ __all__ = [
     "BlkifResponse",
     "BlkifSegment",
     "EntryFormat",
+    "GenericCodec",
     "NetifExtraInfo",
     "NetifRxRequest",
     "NetifRxResponse",
