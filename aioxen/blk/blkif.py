@@ -41,7 +41,6 @@ import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from aioxen.errors import ProtocolError
 from aioxen.rings.formats import (
@@ -60,6 +59,7 @@ from aioxen.rings.formats import (
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
+    BLKIF_SEGMENT,
     BlkifAnyRequest,
     BlkifRequest,
     BlkifRequestDiscard,
@@ -67,6 +67,8 @@ from aioxen.rings.formats import (
     BlkifRequestIndirect,
     BlkifResponse,
     BlkifSegment,
+    GenericCodec,
+    RawFormat,
     StructFormat,
     blkif_request_format,
     blkif_response_format,
@@ -155,7 +157,7 @@ def response_format(abi: str) -> StructFormat[BlkifResponse]:
 
 # --------------------------------------------------------------------------- segments
 
-_SEG = struct.Struct("<IBB2x")
+_SEG = BLKIF_SEGMENT
 
 
 def unpack_indirect_segments(
@@ -210,17 +212,15 @@ class FastRequestFormat(BlkifRequestFormat):
         return _DecodeCodec(self, slot)
 
 
-class _DecodeCodec:
-    """Decode a batch of request slots (a private copy) in few Python steps."""
+class _DecodeCodec(GenericCodec[BlkifAnyRequest]):
+    """Decode a batch of request slots (a private copy) in few Python steps; encoding is
+    the generic per-entry one."""
 
     def __init__(self, fmt: FastRequestFormat, slot: int) -> None:
+        super().__init__(fmt, slot)
         self._fmt = fmt
-        self._slot = slot
-        wide = fmt.abi == ABI_X86_64
-        self._head = struct.Struct("<BBH4xQQ" if wide else "<BBHQQ")
+        self._head = fmt.header
         self._seg_off = fmt.segments_offset
-        self._id = struct.Struct("<Q")
-        self._id_off = 8 if wide else 4
 
     def unpack(self, data: bytes) -> list[BlkifAnyRequest]:
         out: list[BlkifAnyRequest] = []
@@ -236,77 +236,34 @@ class _DecodeCodec:
                 out.append(fmt.unpack_from(data, off))
         return out
 
-    def pack(self, values: Sequence[BlkifAnyRequest]) -> bytes:
-        buf = bytearray(self._slot * len(values))
-        for i, v in enumerate(values):
-            self._fmt.pack_into(buf, i * self._slot, v)
-        return bytes(buf)
-
-    def with_ids(self, values: Sequence[BlkifAnyRequest], ids: Sequence[int]) -> list[Any]:
-        return [v._replace(id=i) for v, i in zip(values, ids, strict=True)]
-
-    def pack_with_ids(self, values: Sequence[BlkifAnyRequest], ids: Sequence[int]) -> bytes:
-        return self.pack(self.with_ids(values, ids))
-
     def ids(self, values: Sequence[BlkifAnyRequest]) -> list[int]:
-        return [v.id for v in values]
+        return [v.id for v in values]  # attribute reads, no call per request
 
 
-class EncodedRequestFormat:
-    """Frontend requests as pre-encoded slot bytes (``size`` bytes, id field zero).
+class EncodedRequestFormat(RawFormat):
+    """Frontend requests as pre-encoded slot bytes (``size`` bytes, id field zero): a
+    :class:`RawFormat` with the blkif slot's size, alignment and 64-bit ``id``.
 
     :class:`RequestEncoder` builds them; the ring only splices in the request id."""
 
     def __init__(self, abi: str) -> None:
         self.abi = abi
         base = blkif_request_format(abi)
-        self._size = base.size
-        self._align = base.align
-        self._id_off = 8 if abi == ABI_X86_64 else 4
-
-    @property
-    def name(self) -> str:
-        return f"blkif_request({self.abi}, encoded)"
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def align(self) -> int:
-        return self._align
-
-    @property
-    def id_bits(self) -> int:
-        return 64
-
-    @property
-    def id_offset(self) -> int:
-        return self._id_off
-
-    def pack_into(self, buf: memoryview | bytearray, offset: int, value: bytes) -> None:
-        buf[offset : offset + self._size] = value
-
-    def unpack_from(self, buf: bytes | bytearray | memoryview, offset: int = 0) -> bytes:
-        return bytes(buf[offset : offset + self._size])
-
-    def get_id(self, value: bytes) -> int:
-        return int.from_bytes(value[self._id_off : self._id_off + 8], "little")
-
-    def with_id(self, value: bytes, ident: int) -> bytes:
-        o = self._id_off
-        return value[:o] + ident.to_bytes(8, "little") + value[o + 8 :]
+        super().__init__(
+            base.size, name=f"blkif_request({abi}, encoded)", align=base.align,
+            id_offset=base.id_offset, id_bits=64,
+        )  # fmt: skip
 
     def batch_codec(self, slot: int) -> _EncodedCodec:
         return _EncodedCodec(self, slot)
 
 
-class _EncodedCodec:
+class _EncodedCodec(GenericCodec[bytes]):
     def __init__(self, fmt: EncodedRequestFormat, slot: int) -> None:
+        super().__init__(fmt, slot)
         self._fmt = fmt
         self._pad = bytes(slot - fmt.size)
         self._o = fmt.id_offset
-        self._slot = slot
 
     def pack(self, values: Sequence[bytes]) -> bytes:
         pad = self._pad
@@ -315,10 +272,6 @@ class _EncodedCodec:
     def unpack(self, data: bytes) -> list[bytes]:
         n = self._fmt.size
         return [data[off : off + n] for off in range(0, len(data), self._slot)]
-
-    def with_ids(self, values: Sequence[bytes], ids: Sequence[int]) -> list[bytes]:
-        w = self._fmt.with_id
-        return [w(v, i) for v, i in zip(values, ids, strict=True)]
 
     def pack_with_ids(self, values: Sequence[bytes], ids: Sequence[int]) -> bytes:
         o, pad = self._o, self._pad
@@ -330,20 +283,15 @@ class _EncodedCodec:
              for v, i in zip(values, ids, strict=True)]
         )  # fmt: skip
 
-    def ids(self, values: Sequence[bytes]) -> list[int]:
-        g = self._fmt.get_id
-        return [g(v) for v in values]
-
 
 class RequestEncoder:
     """Encode frontend requests straight to slot bytes (id zero; the ring fills it in)."""
 
     def __init__(self, abi: str, handle: int) -> None:
-        wide = abi == ABI_X86_64
-        self._head = struct.Struct("<BBH4xQQ" if wide else "<BBHQQ")
-        self._size = blkif_request_format(abi).size
-        self._handle = handle
         self._fmt = blkif_request_format(abi)
+        self._head = self._fmt.header
+        self._size = self._fmt.size
+        self._handle = handle
         self._pads = [bytes(self._size - self._head.size - 8 * n) for n in range(12)]
 
     @staticmethod
