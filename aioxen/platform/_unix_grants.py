@@ -110,6 +110,71 @@ def read_entries(path: str) -> dict[int, tuple[int, int, int, int, int]]:
     return out
 
 
+_FREE_ENTRY = bytes(ENTRY_SIZE)
+_IN_USE_BYTE = bytes(1 if b & F_IN_USE else 0 for b in range(256))
+"""``bytes.translate`` table: a record's first byte (low byte of ``flags``) -> 1 if in use."""
+
+
+def find_free_refs(table: bytes, npages: int) -> list[int]:
+    """The ``npages`` lowest free refs (>= ``FIRST_REF``) of the table contents ``table``.
+
+    A ref is free if its record's ``F_IN_USE`` bit is clear or the record lies (even
+    partly) beyond the end of ``table``.  The scan runs at C speed: a stride slice picks
+    every record's flags byte, ``translate`` maps it to 0 (free) / 1 (in use), and
+    ``find`` jumps from one run of free refs to the next.  The result may exceed
+    ``MAX_REFS``; the caller checks.
+    """
+    if npages <= 0:
+        return []
+    nrecords = len(table) // ENTRY_SIZE
+    used = table[: nrecords * ENTRY_SIZE : ENTRY_SIZE].translate(_IN_USE_BYTE)
+    refs: list[int] = []
+    need = npages
+    pos = FIRST_REF
+    while need:
+        start = used.find(0, pos)
+        if start < 0:
+            start = max(pos, nrecords)
+            refs.extend(range(start, start + need))
+            break
+        end = used.find(1, start)
+        if end < 0:
+            end = nrecords
+        take = min(end - start, need)
+        refs.extend(range(start, start + take))
+        need -= take
+        pos = end
+    return refs
+
+
+def ref_runs(refs: Sequence[int]) -> list[tuple[int, int]]:
+    """``refs`` (in the given order) as ``(first, count)`` runs of consecutive ascending
+    refs -- one ``pread``/``pwrite`` per run instead of one per ref."""
+    runs: list[tuple[int, int]] = []
+    first = prev = -2
+    for r in refs:
+        if r == prev + 1:
+            prev = r
+            continue
+        if first >= 0:
+            runs.append((first, prev - first + 1))
+        first = prev = r
+    if first >= 0:
+        runs.append((first, prev - first + 1))
+    return runs
+
+
+def _read_refs(tfd: int, refs: Sequence[int]) -> dict[int, bytes]:
+    """The raw records of ``refs`` (>= ``FIRST_REF``; shorter than a record if beyond the
+    end of the table), one ``pread`` per run of consecutive refs."""
+    out: dict[int, bytes] = {}
+    for first, count in ref_runs(sorted({r for r in refs if r >= FIRST_REF})):
+        raw = os.pread(tfd, count * ENTRY_SIZE, first * ENTRY_SIZE)
+        for i in range(count):
+            out[first + i] = raw[i * ENTRY_SIZE : (i + 1) * ENTRY_SIZE]
+    return out
+
+
 class UnixShare(FileShare["UnixGrantTable"]):
     """Pages exported by this domain: a backing file plus table entries."""
 
@@ -173,30 +238,27 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
         pid = os.getpid() & 0xFFFFFFFF
         with _flock(tfd, exclusive=True):
             share_id, size = _read_header(tfd, table_path)
-            os.pwrite(tfd, HEADER.pack(HEADER_MAGIC, HEADER_VERSION, 0, share_id + 1, 0), 0)
             data = os.pread(tfd, size, 0)
-            refs: list[int] = []
-            ref = FIRST_REF
-            while len(refs) < npages:
-                off = ref * ENTRY_SIZE
-                if off + ENTRY_SIZE > len(data) or not ENTRY.unpack_from(data, off)[0] & F_IN_USE:
-                    refs.append(ref)
-                ref += 1
+            refs = find_free_refs(data, npages)
             if refs[-1] >= MAX_REFS:
                 raise OSError(f"grant table {table_path} is full ({MAX_REFS} refs)")
+            os.pwrite(tfd, HEADER.pack(HEADER_MAGIC, HEADER_VERSION, 0, share_id + 1, 0), 0)
             path = os.path.join(d, share_file_name(share_id))
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 os.ftruncate(fd, npages * PAGE_SIZE)
-                for i, r in enumerate(refs):
-                    os.pwrite(
-                        tfd, ENTRY.pack(flags, remote_domid, share_id, i, pid), r * ENTRY_SIZE
-                    )
+                pack = ENTRY.pack
+                page = 0
+                for first, count in ref_runs(refs):  # one pwrite per run of free refs
+                    records = [
+                        pack(flags, remote_domid, share_id, p, pid)
+                        for p in range(page, page + count)
+                    ]
+                    os.pwrite(tfd, b"".join(records), first * ENTRY_SIZE)
+                    page += count
                 share = UnixShare(self, share_id, fd, refs, remote_domid, writable)
             except BaseException:
-                for r in refs:
-                    if r * ENTRY_SIZE < os.fstat(tfd).st_size:
-                        os.pwrite(tfd, bytes(ENTRY_SIZE), r * ENTRY_SIZE)
+                self._clear_entries(tfd, share_id, refs)
                 os.close(fd)
                 os.unlink(path)
                 raise
@@ -211,14 +273,24 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
         tfd = self._own_table()
         d = self.domain_dir(self.domid)
         with _flock(tfd, exclusive=True):
-            for r in refs:
-                raw = os.pread(tfd, ENTRY_SIZE, r * ENTRY_SIZE)
-                if len(raw) == ENTRY_SIZE:
-                    flags, _, sid, _, _ = ENTRY.unpack(raw)
-                    if flags & F_IN_USE and sid == share_id:
-                        os.pwrite(tfd, bytes(ENTRY_SIZE), r * ENTRY_SIZE)
+            self._clear_entries(tfd, share_id, refs)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(d, share_file_name(share_id)))
+
+    @staticmethod
+    def _clear_entries(tfd: int, share_id: int, refs: Sequence[int]) -> None:
+        """Zero the in-use entries of ``refs`` that still belong to ``share_id`` (caller
+        holds LOCK_EX): one ``pread`` and at most one ``pwrite`` per run of refs."""
+        for first, count in ref_runs(sorted(refs)):
+            raw = bytearray(os.pread(tfd, count * ENTRY_SIZE, first * ENTRY_SIZE))
+            changed = False
+            for off in range(0, len(raw) - ENTRY_SIZE + 1, ENTRY_SIZE):
+                flags, _, sid, _, _ = ENTRY.unpack_from(raw, off)
+                if flags & F_IN_USE and sid == share_id:
+                    raw[off : off + ENTRY_SIZE] = _FREE_ENTRY
+                    changed = True
+            if changed:
+                os.pwrite(tfd, raw, first * ENTRY_SIZE)
 
     # -- import --------------------------------------------------------------------------
     def _map(self, remote_domid: int, refs: list[int], writable: bool) -> UnixMapping:
@@ -232,17 +304,22 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
                 f"(domain {remote_domid} has no grant table {table_path})"
             ) from None
         fds: dict[int, int] = {}
+        sizes: dict[int, int] = {}
         sources: list[tuple[int, int]] = []
         try:
             with _flock(tfd, exclusive=False):
+                entries = _read_refs(tfd, refs)
                 for ref in refs:
-                    share_id, page = self._check_entry(tfd, remote_domid, ref, writable)
+                    share_id, page = self._check_entry(
+                        entries.get(ref, b""), remote_domid, ref, writable
+                    )
                     fd = fds.get(share_id)
                     if fd is None:
                         fd = fds[share_id] = self._open_backing(
                             d, remote_domid, ref, share_id, writable
                         )
-                    if (page + 1) * PAGE_SIZE > os.fstat(fd).st_size:
+                        sizes[share_id] = os.fstat(fd).st_size
+                    if (page + 1) * PAGE_SIZE > sizes[share_id]:
                         raise ProtocolError(
                             f"grant ref {ref} of domain {remote_domid} names page {page} beyond "
                             f"the end of {share_file_name(share_id)}",
@@ -259,10 +336,9 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
         return UnixMapping(self, remote_domid, refs, writable, pages)
 
     def _check_entry(
-        self, tfd: int, remote_domid: int, ref: int, writable: bool
+        self, raw: bytes, remote_domid: int, ref: int, writable: bool
     ) -> tuple[int, int]:
         what = f"grant ref {ref} of domain {remote_domid}"
-        raw = os.pread(tfd, ENTRY_SIZE, ref * ENTRY_SIZE) if ref >= FIRST_REF else b""
         if len(raw) < ENTRY_SIZE:
             raise FileNotFoundError(f"{what} does not exist or was revoked")
         flags, grantee, share_id, page, _pid = ENTRY.unpack(raw)
@@ -304,6 +380,8 @@ __all__ = [
     "UnixGrantTable",
     "UnixMapping",
     "UnixShare",
+    "find_free_refs",
     "read_entries",
+    "ref_runs",
     "share_file_name",
 ]
