@@ -18,8 +18,18 @@ class ProtocolError(Exception):
         self.field = field
 
 
+class PortNotOfferedError(ConnectionRefusedError, PermissionError):
+    """An event-channel port exists but was offered to another domain.
+
+    Real Xen cannot tell this apart from "no such unbound port" (``BIND_INTERDOMAIN`` fails
+    with ``EINVAL`` for both), so on every platform it is a ``ConnectionRefusedError``;
+    where the platform knows the difference (``unix``, ``inheap``) it is also a
+    ``PermissionError`` whose message names the domain the port is offered to.
+    """
+
+
 class PlatformError(RuntimeError):
     """No usable platform, or a platform was asked for something it cannot do."""
 
 
-__all__ = ["PlatformError", "ProtocolError"]
+__all__ = ["PlatformError", "PortNotOfferedError", "ProtocolError"]

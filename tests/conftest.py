@@ -29,3 +29,9 @@ def pytest_asyncio_loop_factories(
 
 def pytest_configure(config: Any) -> None:
     config.addinivalue_line("markers", "crossprocess: spawns real processes")
+    config.addinivalue_line(
+        "markers", "needs_distinct_domains: conformance test needs several domains"
+    )
+    config.addinivalue_line(
+        "markers", "needs_peer_loss_reports: conformance test needs peer-loss reports"
+    )

@@ -22,6 +22,11 @@ The core turns that into the :class:`~aioxen.platform.base.EventChannel` semanti
   are pending (or after the peer vanished) schedules one call, so nothing that arrived between
   ``connect`` and ``set_handler`` is dropped.
 
+* The connecting end starts with one pending event (:meth:`_bound_by_connect`).  Xen sets a
+  port pending as ``BIND_INTERDOMAIN`` binds it; the ``unix`` and ``inheap`` backends call
+  :meth:`_bound_by_connect` so that every platform behaves alike (the ``xen`` backend gets
+  the event from the kernel instead).
+
 Handler exceptions go to the loop's exception handler; delivery continues.
 """
 
@@ -100,6 +105,11 @@ class ChannelCore:
             self._wake(True)  # the waiters consume the batch
         else:
             self._pending = True
+
+    def _bound_by_connect(self) -> None:
+        """This end was just bound by ``connect``: start with one pending event, as Xen
+        does (call on the loop, before anyone can wait or set a handler)."""
+        self._pending = True
 
     def _peer_gone(self) -> None:
         """The remote end went away (call on the loop).  Idempotent."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from aioxen.errors import PortNotOfferedError
 from aioxen.platform._channel import ChannelCore
 from aioxen.platform.base import check_domid
 
@@ -126,7 +127,7 @@ class InHeapEventChannels:
                 f"no unbound event channel port {remote_port} in domain {remote_domid}"
             )
         if target.remote_domid != self.domid:
-            raise PermissionError(
+            raise PortNotOfferedError(
                 f"event channel port {remote_port} of domain {remote_domid} is offered to "
                 f"domain {target.remote_domid}, not to domain {self.domid}"
             )
@@ -135,6 +136,7 @@ class InHeapEventChannels:
         ch._peer, target._peer = target, ch
         ch._bound = target._bound = True
         self._register(ch)
+        ch._bound_by_connect()
         return ch
 
     def _register(self, ch: InHeapEventChannel) -> None:

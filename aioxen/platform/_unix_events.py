@@ -54,6 +54,7 @@ import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from aioxen.errors import PortNotOfferedError
 from aioxen.platform._channel import ChannelCore
 from aioxen.platform.base import check_domid
 
@@ -345,7 +346,7 @@ class UnixEventChannels:
             except FileNotFoundError:
                 offers = listening_offers(rdir, remote_port)
                 if offers:
-                    raise PermissionError(
+                    raise PortNotOfferedError(
                         f"{where} is offered to domain {offers[0]}, not to domain {self.domid}"
                     ) from None
                 raise ConnectionRefusedError(
@@ -373,6 +374,7 @@ class UnixEventChannels:
             raise
         ch = UnixEventChannel(self, loop, port, remote_domid, conn=sock, remote_port=remote_port)
         self._live.add(ch)
+        ch._bound_by_connect()
         return ch
 
     def live(self) -> list[UnixEventChannel]:

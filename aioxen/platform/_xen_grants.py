@@ -50,9 +50,7 @@ def _notify_args(
         if not isinstance(offset, int) or not 0 <= offset < buf_len:
             raise ValueError(f"unmap-notify offset {offset!r} outside the {buf_len}-byte {kind}")
         if not writable:
-            raise PermissionError(
-                errno.EACCES, f"cannot clear a byte on unmap of a read-only {kind}"
-            )
+            raise ValueError(f"cannot clear a byte on unmap of a read-only {kind}")
     port = 0
     if channel is not None:
         if not isinstance(channel, XenEventChannel):

@@ -102,7 +102,15 @@ class EventChannels(Protocol):
 
     async def connect(self, remote_domid: int, remote_port: int) -> EventChannel:
         """Bind to ``remote_port`` of ``remote_domid``.  ``ConnectionRefusedError`` if no
-        such unbound port exists, ``PermissionError`` if it was not offered to us."""
+        such unbound port exists or it was not offered to us (where the platform can tell,
+        the latter is :class:`~aioxen.errors.PortNotOfferedError`, also a
+        ``PermissionError``).
+
+        The new channel starts with one pending event on every platform, as on Xen (which
+        sets a port pending as it binds it, since notifications sent before the bind may
+        have been lost): the first ``wait()`` returns at once, or an installed handler is
+        called once.  Events are hints to re-check shared state, so protocols need not
+        care; tests that count events consume it first."""
         ...
 
 
@@ -144,7 +152,8 @@ class Mapping(Protocol):
     def writable(self) -> bool: ...
 
     def set_unmap_notify(self, offset: int | None, channel: EventChannel | None) -> None:
-        """As :meth:`Share.set_unmap_notify`; byte clearing needs a writable mapping."""
+        """As :meth:`Share.set_unmap_notify`; byte clearing needs a writable mapping
+        (``ValueError`` otherwise, as for an offset outside the mapping)."""
         ...
 
     def close(self) -> None:

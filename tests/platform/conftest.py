@@ -1,8 +1,9 @@
 """Platform harnesses for the conformance suite, with leak detection.
 
 Every conformance test takes the ``harness`` fixture, which is parametrised over the
-registered platform harnesses (``inheap`` and ``unix``; a Xen lab registers ``xen`` with
-:func:`register_harness`).  ``AIOXEN_TEST_PLATFORMS=inheap,unix`` selects a subset.
+platform harnesses ``inheap`` and ``unix`` (``AIOXEN_TEST_PLATFORMS=inheap`` selects a
+subset).  The Xen lab runs the suite on ``xen`` through its own module,
+``tests/xenlab/guest/test_conformance.py``.
 
 A harness creates opened platforms (``await harness.platform(domid)``) that share one
 "world" (one ``InHeapWorld``, one ``$XEN_ROOT``).  At teardown it
@@ -21,23 +22,13 @@ from pathlib import Path
 
 import pytest
 from peer_process import PeerProcess
-from platform_harness import HARNESSES, Harness, harness_names
+from platform_harness import HARNESSES, Harness, harness_names, leak_checked
 
 
 @pytest.fixture(params=harness_names())
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
-    h = HARNESSES[request.param](tmp_path)
-    yield h
-    test_leaks = h.leaks()
-    await h.close()
-    world_leaks = h.world_leaks()
-    problems = []
-    if test_leaks:
-        problems.append("test left open:\n  " + "\n  ".join(test_leaks))
-    if world_leaks:
-        problems.append("still bound/shared/mapped after close:\n  " + "\n  ".join(world_leaks))
-    if problems:
-        pytest.fail(f"{h.name} platform leaks\n" + "\n".join(problems), pytrace=False)
+    async with leak_checked(HARNESSES[request.param](tmp_path)) as h:
+        yield h
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ per line on stdin and answers each with one line on stdout: ``ok [values...]`` o
 Commands::
 
     listen REMOTE              -> ok PORT
-    connect REMOTE PORT        -> ok LOCALPORT
+    connect REMOTE PORT        -> ok LOCALPORT   (the bind event already consumed)
     listen-many REMOTE N       -> ok PORT,PORT,...   (kept open until exit)
     notify                     -> ok
     wait [TIMEOUT]             -> ok
@@ -53,6 +53,7 @@ class Peer:
             return f"ok {self.ch.port}"
         if cmd == "connect":
             self.ch = await p.events.connect(int(args[0]), int(args[1]))
+            await self.ch.wait(timeout=10)  # every connector starts with one event
             return f"ok {self.ch.port}"
         if cmd == "listen-many":
             chans = [await p.events.listen(int(args[0])) for _ in range(int(args[1]))]

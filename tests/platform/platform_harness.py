@@ -7,10 +7,13 @@ them.  Register another platform (e.g. ``xen`` in the Xen lab) with :func:`regis
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol
+
+import pytest
 
 from aioxen.platform.base import Platform
 
@@ -19,6 +22,12 @@ class Harness(Protocol):
     """What a conformance harness provides."""
 
     name: str
+    #: The domids a test plays (domains A, B and C); all equal when the harness has only one.
+    domids: tuple[int, int, int]
+    #: Whether A, B and C are distinct domains (tests marked needs_distinct_domains).
+    distinct_domains: bool
+    #: Whether channels report a vanished peer (tests marked needs_peer_loss_reports).
+    reports_peer_loss: bool
 
     async def platform(self, domid: int) -> Platform:
         """A new opened platform playing ``domid`` in this harness's world."""
@@ -37,8 +46,42 @@ class Harness(Protocol):
         ...
 
 
+#: The test needs A, B and C to be different domains (permissions between domains).
+needs_distinct_domains = pytest.mark.needs_distinct_domains
+#: The test checks that a channel reports its peer's close/death (``peer_lost``, reset).
+needs_peer_loss_reports = pytest.mark.needs_peer_loss_reports
+
+
+def applies(test: object, harness: Harness) -> bool:
+    """Whether a conformance test's requirements (its marks) hold for ``harness``."""
+    marks = {m.name for m in getattr(test, "pytestmark", [])}
+    if "needs_distinct_domains" in marks and not harness.distinct_domains:
+        return False
+    return "needs_peer_loss_reports" not in marks or harness.reports_peer_loss
+
+
+@contextlib.asynccontextmanager
+async def leak_checked(harness: Harness) -> AsyncIterator[Harness]:
+    """Yield ``harness``; afterwards fail the test if it left anything open, or if closing
+    its platforms left anything bound/shared/mapped in the world."""
+    yield harness
+    test_leaks = harness.leaks()
+    await harness.close()
+    world_leaks = harness.world_leaks()
+    problems = []
+    if test_leaks:
+        problems.append("test left open:\n  " + "\n  ".join(test_leaks))
+    if world_leaks:
+        problems.append("still bound/shared/mapped after close:\n  " + "\n  ".join(world_leaks))
+    if problems:
+        pytest.fail(f"{harness.name} platform leaks\n" + "\n".join(problems), pytrace=False)
+
+
 class _Base:
     name = "?"
+    domids = (1, 2, 3)
+    distinct_domains = True
+    reports_peer_loss = True
 
     def __init__(self) -> None:
         self.platforms: list[Platform] = []
@@ -96,6 +139,31 @@ class UnixHarness(_Base):
         return root_leaks(str(self.root))
 
 
+class XenHarness(_Base):
+    """dom0 on real Xen (the Xen lab): every domain of a test is dom0 itself."""
+
+    name = "xen"
+    domids = (0, 0, 0)
+    distinct_domains = False
+    reports_peer_loss = False
+
+    def __init__(self, tmp_path: Path) -> None:
+        super().__init__()
+
+    async def platform(self, domid: int) -> Platform:
+        from aioxen.platform.xen import XenPlatform
+
+        p = XenPlatform(domid=domid)
+        await p.open()
+        self.platforms.append(p)
+        return p
+
+    def world_leaks(self) -> list[str]:
+        # The kernel drops every binding, grant and mapping of a platform when its device
+        # fds close; what a platform still tracks after close() is in its own leaks().
+        return [f"{p!r}: {leak}" for p in self.platforms for leak in p.leaks()]  # type: ignore[attr-defined]
+
+
 HARNESSES: dict[str, Callable[[Path], Harness]] = {
     "inheap": InHeapHarness,
     "unix": UnixHarness,
@@ -111,4 +179,4 @@ def harness_names() -> list[str]:
     wanted = os.environ.get("AIOXEN_TEST_PLATFORMS")
     if wanted:
         return [n.strip() for n in wanted.split(",") if n.strip()]
-    return list(HARNESSES)
+    return ["inheap", "unix"]
