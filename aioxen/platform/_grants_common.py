@@ -150,6 +150,11 @@ class NotifyOnClose(GrantMemory, Generic[TableT]):
     def set_unmap_notify(self, offset: int | None, channel: EventChannel | None) -> None:
         check_unmap_notify(offset, self._size, self._can_clear_byte, self._kind)
         self._notify_offset, self._notify_channel = offset, channel
+        self._death_notify(offset, channel)
+
+    def _death_notify(self, offset: int | None, channel: EventChannel | None) -> None:
+        """Arrange the notification for this process's death (``None``: withdraw it).
+        Nothing to do by default: an in-heap "domain" cannot die alone."""
 
     def _end(self) -> None:
         table, self._table = self._table, None
@@ -158,6 +163,7 @@ class NotifyOnClose(GrantMemory, Generic[TableT]):
         self._close_files(self._notify_offset)
         if self._notify_channel is not None:
             self._notify_channel.notify()
+        self._death_notify(None, None)
 
     def _close_files(self, clear_offset: int | None) -> None:
         """Write 0 at ``clear_offset`` (if not ``None``) through the backing file — the

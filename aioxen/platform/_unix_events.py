@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING
 
 from aioxen.errors import PortNotOfferedError
 from aioxen.platform._channel import ChannelCore
+from aioxen.platform._unix_death import ClearSpec, clear_for_dead_peer, record_path, write_record
 from aioxen.platform.base import check_domid
 
 if TYPE_CHECKING:
@@ -146,6 +147,7 @@ class UnixEventChannel(ChannelCore):
         self._remote_port = remote_port
         self._hello = b""
         self._deferred_notify = False
+        self._death_clears: dict[int, ClearSpec] = {}
         if listener is not None:
             self._state = _State.LISTENING
             loop.add_reader(listener.fileno(), self._on_acceptable)
@@ -182,6 +184,39 @@ class UnixEventChannel(ChannelCore):
                 pass  # the peer is gone; the EOF on our reader reports it
         elif self._state is not _State.CLOSED:
             self._deferred_notify = True
+
+    # -- unmap notification on process death (see aioxen.platform._unix_death) ----------
+    def add_death_clear(self, spec: ClearSpec) -> int:
+        """Record that if this process dies, the peer is to clear the byte ``spec`` names
+        (then deliver an event).  Returns a token for :meth:`withdraw_death_clear`."""
+        token = next(_claims)
+        self._death_clears[token] = spec
+        self._write_death_record()
+        return token
+
+    def withdraw_death_clear(self, token: int) -> None:
+        if self._death_clears.pop(token, None) is not None:
+            self._write_death_record()
+
+    def _death_record(self) -> str | None:
+        owner = self._owner
+        if owner is None:
+            return None
+        return record_path(owner.domain_dir(owner.domid), self._port)
+
+    def _write_death_record(self) -> None:
+        path = self._death_record()
+        if path is not None and self._state is not _State.CLOSED:
+            write_record(path, list(self._death_clears.values()))
+
+    def _peer_died(self) -> None:
+        """EOF: perform the dead peer's recorded notifications, then report it gone."""
+        owner = self._owner
+        if owner is not None and self._remote_port is not None:
+            path = record_path(owner.domain_dir(self._remote_domid), self._remote_port)
+            if clear_for_dead_peer(owner.root, path):
+                self._events_arrived()
+        self._peer_gone()
 
     # -- listener ------------------------------------------------------------------------
     def _on_acceptable(self) -> None:
@@ -261,13 +296,18 @@ class UnixEventChannel(ChannelCore):
         self._loop.remove_reader(conn.fileno())
         conn.close()
         self._conn = None
-        self._peer_gone()
+        self._peer_died()
 
     # -- closing -------------------------------------------------------------------------
     def close(self) -> None:
         if self._state is _State.CLOSED:
             return
         was_listening = self._state in (_State.LISTENING, _State.HELLO)
+        if self._death_clears:  # a clean close: the peer must not act for a dead process
+            self._death_clears.clear()
+            path = self._death_record()
+            if path is not None:
+                write_record(path, [])
         self._state = _State.CLOSED
         for sock in (self._conn, self._lsock):
             if sock is not None:
@@ -294,6 +334,10 @@ class UnixEventChannels:
     @property
     def domid(self) -> int:
         return self._platform.domid
+
+    @property
+    def root(self) -> str:
+        return self._platform.root
 
     def domain_dir(self, domid: int) -> str:
         return os.path.join(self._platform.root, "evtchn", str(domid))

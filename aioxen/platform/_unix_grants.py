@@ -30,11 +30,10 @@ composes the pages contiguously with :class:`~aioxen.platform._pagemap.ComposedP
 
 Unmap notification: a clean ``close`` of a share or writable mapping clears the byte (with
 ``pwrite`` on the backing file, visible through every mapping) and notifies the channel.  If
-the process dies instead, nothing runs — but its sockets close, so the peer's event channel
-sees EOF and reports the peer gone: on this platform "peer lost" on the channel is the
-process-death form of the unmap notification, and protocols must treat both alike.  Grants of
-a dead process stay in the table (with its pid) and its page files stay until the root is
-removed.
+the process dies instead, the channel's peer does it on its behalf from a record the process
+kept (:mod:`aioxen.platform._unix_death`, :func:`clear_granted_byte`), as Xen's kernel would.
+Grants of a dead process stay in the table (with its pid) and its page files stay until the
+root is removed.
 """
 
 from __future__ import annotations
@@ -49,7 +48,8 @@ from typing import TYPE_CHECKING
 from aioxen.errors import ProtocolError
 from aioxen.platform._grants_common import ComposedMapping, FileShare, GrantTableBase
 from aioxen.platform._pagemap import ComposedPages
-from aioxen.platform.base import PAGE_SIZE
+from aioxen.platform._unix_events import UnixEventChannel
+from aioxen.platform.base import PAGE_SIZE, EventChannel
 
 if TYPE_CHECKING:
     from aioxen.platform.unix import UnixPlatform
@@ -175,7 +175,59 @@ def _read_refs(tfd: int, refs: Sequence[int]) -> dict[int, bytes]:
     return out
 
 
-class UnixShare(FileShare["UnixGrantTable"]):
+def clear_granted_byte(root: str, granter: int, ref: int, offset: int) -> None:
+    """Write 0 at ``offset`` of the page behind grant ``ref`` of domain ``granter``, through
+    its share's backing file (the unmap notification a dead process could not perform:
+    :mod:`aioxen.platform._unix_death`).  A revoked ref or a vanished file is skipped."""
+    d = os.path.join(root, "grants", str(granter))
+    try:
+        tfd = os.open(os.path.join(d, TABLE_NAME), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        with _flock(tfd, exclusive=False):
+            raw = os.pread(tfd, ENTRY_SIZE, ref * ENTRY_SIZE)
+    finally:
+        os.close(tfd)
+    if len(raw) < ENTRY_SIZE:
+        return
+    flags, _grantee, share_id, page, _pid = ENTRY.unpack(raw)
+    if not flags & F_IN_USE:
+        return
+    try:
+        fd = os.open(os.path.join(d, share_file_name(share_id)), os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        if (page + 1) * PAGE_SIZE <= os.fstat(fd).st_size:
+            os.pwrite(fd, b"\0", page * PAGE_SIZE + offset)
+    finally:
+        os.close(fd)
+
+
+class _DeathNotify:
+    """Mixin of :class:`UnixShare` and :class:`UnixMapping`: keep a byte-clearing unmap
+    notification on record with its channel, so that the channel's peer performs it if
+    this process dies (:mod:`aioxen.platform._unix_death`)."""
+
+    _refs: list[int]
+    _death_channel: UnixEventChannel | None = None
+    _death_token: int | None = None
+
+    def _granter(self) -> int:
+        raise NotImplementedError
+
+    def _death_notify(self, offset: int | None, channel: EventChannel | None) -> None:
+        if self._death_channel is not None and self._death_token is not None:
+            self._death_channel.withdraw_death_clear(self._death_token)
+        self._death_channel = self._death_token = None
+        if offset is not None and isinstance(channel, UnixEventChannel):
+            spec = (self._granter(), self._refs[offset // PAGE_SIZE], offset % PAGE_SIZE)
+            self._death_token = channel.add_death_clear(spec)
+            self._death_channel = channel
+
+
+class UnixShare(_DeathNotify, FileShare["UnixGrantTable"]):
     """Pages exported by this domain: a backing file plus table entries."""
 
     def __init__(
@@ -194,6 +246,10 @@ class UnixShare(FileShare["UnixGrantTable"]):
     def share_id(self) -> int:
         return self._share_id
 
+    def _granter(self) -> int:
+        table = self._table
+        return table.domid if table is not None else -1
+
     def __repr__(self) -> str:
         return (
             f"<UnixShare id={self._share_id} to {self._remote_domid} refs={self._refs} "
@@ -201,8 +257,11 @@ class UnixShare(FileShare["UnixGrantTable"]):
         )
 
 
-class UnixMapping(ComposedMapping["UnixGrantTable"]):
+class UnixMapping(_DeathNotify, ComposedMapping["UnixGrantTable"]):
     """Another domain's granted pages, mapped contiguously."""
+
+    def _granter(self) -> int:
+        return self._remote_domid
 
 
 class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):

@@ -20,6 +20,8 @@ Commands::
     read OFFSET LEN            -> ok HEX     from the mapping
     write OFFSET HEX           -> ok         into the mapping
     sread OFFSET LEN / swrite OFFSET HEX     the same on the share
+    mnotify OFFSET / snotify OFFSET  -> ok  unmap notify (clear OFFSET, event on the channel)
+                                         on the mapping / the share
     unshare / unmap / close    -> ok
     exit                       -> ok, then closes everything and exits 0
 """
@@ -87,6 +89,10 @@ class Peer:
             buf = (self.mapping if cmd == "write" else self.share).buf
             data = bytes.fromhex(args[1])
             buf[int(args[0]) : int(args[0]) + len(data)] = data
+            return "ok"
+        if cmd in ("mnotify", "snotify"):
+            memory = self.mapping if cmd == "mnotify" else self.share
+            memory.set_unmap_notify(int(args[0]), self.ch)
             return "ok"
         if cmd == "unshare":
             self.share.close()

@@ -250,3 +250,64 @@ async def test_unmap_notify_across_processes(me: UnixPlatform, spawn: Spawn) -> 
     await peer.cmd("unmap")
     ch.close()
     assert await peer.exit() == 0
+
+
+async def test_killed_mapper_unmap_notify_clears_our_byte(
+    tmp_path: Path, me: UnixPlatform, spawn: Spawn
+) -> None:
+    """As on Xen, a process's unmap notify fires when it dies: here the survivor performs
+    it (byte cleared, one event), then reports the loss."""
+    peer = await spawn(PEER)
+    ch = await me.events.listen(PEER)
+    await peer.cmd(f"connect {ME} {ch.port}")
+    share = me.grants.share(PEER, 2)
+    share.buf[PAGE_SIZE + 9] = 1
+    share.buf[PAGE_SIZE + 10] = 1
+    await peer.cmd(f"map {ME} {share.refs[1]},{share.refs[0]} rw")
+    await peer.cmd("mnotify 9")  # page 0 of the mapping is page 1 of the share
+    peer.kill()
+    await ch.wait(timeout=10)  # the notification's event ...
+    assert share.buf[PAGE_SIZE + 9] == 0 and share.buf[PAGE_SIZE + 10] == 1
+    assert ch.peer_lost
+    with pytest.raises(ConnectionResetError):  # ... then the loss
+        await ch.wait(timeout=10)
+    assert not [leak for leak in root_leaks(str(tmp_path / "xenroot")) if ".clear" in leak]
+    ch.close()
+    share.close()
+
+
+async def test_killed_granter_unmap_notify_clears_our_mapping(
+    me: UnixPlatform, spawn: Spawn
+) -> None:
+    peer = await spawn(PEER)
+    ch = await me.events.listen(PEER)
+    await peer.cmd(f"connect {ME} {ch.port}")
+    (refs_text,) = await peer.cmd(f"share {ME} 2 rw")  # page i filled with byte i+1
+    m = me.grants.map(PEER, [int(r) for r in refs_text.split(",")])
+    got = asyncio.Event()
+    ch.set_handler(got.set)
+    await peer.cmd(f"snotify {PAGE_SIZE + 5}")
+    peer.kill()
+    await asyncio.wait_for(got.wait(), 10)
+    assert m.buf[PAGE_SIZE + 5] == 0 and m.buf[PAGE_SIZE + 4] == 2 and m.buf[5] == 1
+    ch.close()
+    m.close()
+
+
+async def test_clean_channel_close_is_not_taken_for_death(me: UnixPlatform, spawn: Spawn) -> None:
+    peer = await spawn(PEER)
+    ch = await me.events.listen(PEER)
+    await peer.cmd(f"connect {ME} {ch.port}")
+    share = me.grants.share(PEER, 1)
+    share.buf[3] = 1
+    await peer.cmd(f"map {ME} {share.refs[0]} rw")
+    await peer.cmd("mnotify 3")
+    await peer.cmd("close")  # the channel only; the mapping (and its notify) stay
+    with pytest.raises(ConnectionResetError):
+        await ch.wait(timeout=10)
+    assert share.buf[3] == 1
+    await peer.cmd("unmap")  # now the notification happens, in the peer itself
+    assert share.buf[3] == 0
+    assert await peer.exit() == 0
+    ch.close()
+    share.close()

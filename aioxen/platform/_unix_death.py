@@ -1,0 +1,101 @@
+"""The ``unix`` platform's unmap notification on process death.
+
+Theory of operation
+-------------------
+On Xen, a share's or mapping's unmap notification (``set_unmap_notify(offset, channel)``)
+happens when the object is closed *or when its process dies*: the kernel clears the byte
+and sends the event.  That is how protocols learn of a crashed peer (vchan's live bytes),
+since Xen tells nobody that the other end of an event channel went away.  On ``unix`` a
+clean ``close`` does it in-process (:class:`~aioxen.platform._grants_common.NotifyOnClose`);
+for death, the *survivor* does it on the dead process's behalf:
+
+* While a byte-clearing notification is registered on a channel end, the registering
+  process keeps a record file ``$XEN_ROOT/evtchn/<domid>/<port>.clear`` beside its ports:
+  one line per registration, ``<granting domid> <ref> <offset within the page>`` (the
+  page is named by its grant, so the record means the same thing to every process).  The
+  file is replaced atomically (write + ``rename``) whenever the set changes and removed
+  once it is empty, and before the channel end closes.
+* The peer of that channel sees EOF on its socket when the process dies (its sockets close
+  with it).  Before it reports the peer gone, it reads the dead end's record, finds each
+  page through the granting domain's grant table (share id and page index), writes 0 at
+  the byte through the share's backing file (which every mapping of the page sees),
+  removes the record and delivers one event.  So the survivor observes what it would on
+  Xen: the byte cleared and an event, then (a ``unix`` bonus) ``peer_lost``.
+
+A record that names a revoked ref or a vanished file is skipped: a clean close already
+did the clearing.  Records are trusted no more than the rest of ``$XEN_ROOT`` (one user).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from aioxen.platform.base import PAGE_SIZE
+
+RECORD_SUFFIX = ".clear"
+
+ClearSpec = tuple[int, int, int]
+"""(granting domid, grant ref, byte offset within that page)."""
+
+
+def record_path(domain_dir: str, port: int) -> str:
+    """Where channel end ``port`` of the domain in ``domain_dir`` keeps its record."""
+    return os.path.join(domain_dir, f"{port}{RECORD_SUFFIX}")
+
+
+def write_record(path: str, specs: list[ClearSpec]) -> None:
+    """Replace the record at ``path`` with ``specs`` atomically (remove it if empty)."""
+    if not specs:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    text = "".join(f"{domid} {ref} {offset}\n" for domid, ref, offset in specs)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def read_record(path: str) -> list[ClearSpec]:
+    """The specs in the record at ``path``; malformed lines are ignored."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    specs = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 3 and all(f.isdigit() for f in fields):
+            domid, ref, offset = (int(f) for f in fields)
+            if offset < PAGE_SIZE:
+                specs.append((domid, ref, offset))
+    return specs
+
+
+def clear_for_dead_peer(root: str, path: str) -> bool:
+    """Perform the dead process's notifications recorded at ``path`` and remove the record.
+
+    Returns whether there was anything to do (the caller then delivers one event)."""
+    from aioxen.platform._unix_grants import clear_granted_byte
+
+    specs = read_record(path)
+    for domid, ref, offset in specs:
+        clear_granted_byte(root, domid, ref, offset)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return bool(specs)
+
+
+__all__ = [
+    "RECORD_SUFFIX",
+    "ClearSpec",
+    "clear_for_dead_peer",
+    "read_record",
+    "record_path",
+    "write_record",
+]
