@@ -5,8 +5,11 @@ Theory of operation
 The socket speaks exactly the framing of Xen's ``/var/run/xenstored/socket``, so Xen's
 ``xenstore-*`` tools, libxenstore, pyxs and :class:`~aioxen.xenstore.XenStoreClient` all
 work against it.  Each accepted connection becomes an
-:class:`~aioxen.xenstore.engine.EngineConnection`; decoded requests go to the engine and
-its output is written back through the stdlib ``StreamWriter``.
+:class:`~aioxen.xenstore.engine.EngineConnection` behind a plain :class:`asyncio.Protocol`:
+requests are decoded and handled in ``data_received`` itself (no reader task), and the
+output -- replies and the watch events they fire, for every connection -- is corked until
+the batch of requests that arrived together has been handled, then written with one
+``write`` per connection.  Pipelined requests thus cost one read and one write here.
 
 Identity.  As on Xen, a socket connection is dom0 (privileged).  A connection that wants to
 act as another domain -- the ``unix`` platform's processes do -- sends, as its first
@@ -39,7 +42,7 @@ import logging
 import os
 import socket
 from types import TracebackType
-from typing import Self
+from typing import Self, cast
 
 from aioxen.errors import ProtocolError
 from aioxen.xenstore import persist
@@ -73,7 +76,9 @@ class XenStoreServer:
                 engine = Engine(quotas)
         self.engine = engine
         self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._conns: set[_Connection] = set()
+        self._dirty: list[_Connection] = []  # connections with corked output
+        self._flush_handle: asyncio.Handle | None = None
         self._sync_task: asyncio.Task[None] | None = None
         self._saved_at = -1
 
@@ -84,7 +89,8 @@ class XenStoreServer:
             if _socket_alive(path):
                 raise OSError(f"a xenstored is already listening on {path}")
             os.unlink(path)
-        self._server = await asyncio.start_unix_server(self._client, path, limit=1 << 16)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Connection(self), path)
         os.chmod(path, 0o600)
         if self.state_file is not None:
             self._saved_at = self.engine.modified
@@ -110,10 +116,11 @@ class XenStoreServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        if self._handlers:
-            await asyncio.gather(*self._handlers, return_exceptions=True)
+        conns = list(self._conns)
+        for conn in conns:
+            conn.abort()
+        if conns:
+            await asyncio.gather(*(c.lost for c in conns), return_exceptions=True)
         if server is not None:
             await server.wait_closed()
             with contextlib.suppress(FileNotFoundError):
@@ -132,40 +139,57 @@ class XenStoreServer:
     ) -> None:
         await self.close()
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        try:
-            await self._serve(reader, writer)
-        except asyncio.CancelledError:
-            pass
-        except Exception:  # pragma: no cover - keep serving the others
-            log.exception("xenstored connection handler failed")
-        finally:
-            self._handlers.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    # -- output batching -------------------------------------------------------------
+    def _corked(self, conn: _Connection) -> None:
+        """``conn`` has output waiting: flush it at the end of the current batch of
+        requests (or, for output made outside one, on the next loop iteration)."""
+        self._dirty.append(conn)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_all)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        transport = writer.transport
-        quotas = self.engine.quotas
+    def _flush_all(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush()
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: requests are decoded in ``data_received`` and handled at
+    once; replies and watch events are corked and written once per batch of requests
+    (one ``write`` for all the replies to requests that arrived together).
+
+    Flow control: writing is paused above ``outstanding`` maximum-size replies of unsent
+    output (the transport's high-water mark); reading is then paused too, until the
+    output drains below the low-water mark.
+    """
+
+    def __init__(self, server: XenStoreServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._conn: EngineConnection | None = None
+        self._decoder = Decoder()
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = self._transport = cast(asyncio.Transport, base)  # uvloop: no subclass
+        server = self._server
+        quotas = server.engine.quotas
         transport.set_write_buffer_limits(
             high=max(1, quotas.outstanding) * (HEADER_SIZE + XENSTORE_PAYLOAD_MAX)
         )
-
-        def send(msg: Message) -> None:
-            if not transport.is_closing():
-                transport.write(msg.encode())
-
-        conn: EngineConnection = self.engine.connect(0, send)
+        conn = server.engine.connect(0, self._send)
 
         def backlog_ok(msg: Message) -> bool:
             limit = quotas.watch_event_backlog
             if conn.privileged:
                 limit *= PRIVILEGED_BACKLOG_FACTOR
-            ok = transport.get_write_buffer_size() < limit
+            ok = transport.get_write_buffer_size() + self._out_bytes < limit
             if not ok and conn.dropped_events % 1000 == 0:
                 log.warning(
                     "xenstored: dropping watch events for domid %d (unread output backlog)",
@@ -175,28 +199,78 @@ class XenStoreServer:
 
         conn.event_filter = backlog_ok
         conn.on_kill = transport.abort
-        decoder = Decoder()
-        try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    return
-                decoder.feed(data)
-                try:
-                    messages = decoder.messages()
-                except ProtocolError as exc:
-                    log.info("xenstored: closing connection of domid %d: %s", conn.domid, exc)
-                    transport.abort()
-                    return
-                for msg in messages:
-                    conn.handle(msg)
-                    if conn.closed:
-                        return
-                await writer.drain()
-        except (ConnectionError, OSError):
+        self._conn = conn
+        server._conns.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self._conn
+        transport = self._transport
+        if conn is None or transport is None or conn.closed:
             return
+        decoder = self._decoder
+        decoder.feed(data)
+        try:
+            messages = decoder.messages()
+        except ProtocolError as exc:
+            log.info("xenstored: closing connection of domid %d: %s", conn.domid, exc)
+            self._server._flush_all()
+            transport.abort()
+            return
+        try:
+            for msg in messages:
+                conn.handle(msg)
+                if conn.closed:
+                    break
         finally:
-            conn.close()
+            self._server._flush_all()
+        if conn.closed:
+            transport.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._out.clear()
+        self._out_bytes = 0
+        if self._conn is not None:
+            self._conn.close()
+        self._server._conns.discard(self)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    # -- output --------------------------------------------------------------------------
+    def _send(self, msg: Message) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        data = msg.encode()
+        if not self._out:
+            self._server._corked(self)
+        self._out.append(data)
+        self._out_bytes += len(data)
+
+    def flush(self) -> None:
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_bytes = 0
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
 
 def _socket_alive(path: str) -> bool:
