@@ -269,6 +269,7 @@ async def child_grants(root: str, port: int, refs: Sequence[int]) -> dict[str, A
     async with UnixPlatform(CLIENT_DOMID, root) as plat:
         m = plat.grants.map(SERVER_DOMID, list(reversed(refs)))
         ch = await plat.events.connect(SERVER_DOMID, port)
+        await ch.wait(timeout=TIMEOUT)  # a connector starts with one event, as on Xen
         buf = m.buf
         # domain 0's page i is our page NPAGES-1-i
         hdr = SharedBuffer(buf[(NPAGES - 1) * PAGE_SIZE : NPAGES * PAGE_SIZE])
