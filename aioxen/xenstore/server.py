@@ -147,13 +147,19 @@ class XenStoreServer:
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_all)
 
-    def _flush_all(self) -> None:
+    def _flush_all(self, last: _Connection | None = None) -> None:
+        """Write every corked output; ``last`` (the connection whose requests were just
+        handled) goes last, so the watch events its requests fired reach their watchers
+        before its own replies -- the order in which an uncorked server sends them."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
-            conn.flush()
+            if conn is not last:
+                conn.flush()
+        if last is not None:
+            last.flush()
 
 
 class _Connection(asyncio.Protocol):
@@ -222,7 +228,7 @@ class _Connection(asyncio.Protocol):
                 if conn.closed:
                     break
         finally:
-            self._server._flush_all()
+            self._server._flush_all(last=self)
         if conn.closed:
             transport.close()
 

@@ -78,10 +78,11 @@ class SocketTransport:
 
     The reader is a plain :class:`asyncio.Protocol`: ``data_received`` decodes and hands
     replies to ``on_message`` directly (no reader task, no extra loop iteration per reply).
-    Sends are *corked* for the rest of the current loop iteration: every message sent
-    before the loop runs its next callbacks goes out in one ``write`` -- so requests issued
-    together (``asyncio.gather``, a transaction's pipelined writes) cost one system call
-    here and reach xenstored as one batch, which it answers with one write.
+    Sends are *corked* after the first: the first message goes out at once, and every
+    message sent after it before the loop runs its next callbacks goes out in one more
+    ``write`` -- so requests issued together (``asyncio.gather``, a transaction's pipelined
+    writes) cost two system calls here however many they are, and xenstored answers each
+    batch it reads with one write.  A lone request pays no extra loop iteration.
     """
 
     max_in_flight: int | None = None
@@ -191,10 +192,16 @@ class _SocketProtocol(asyncio.Protocol):
 
     # -- sending -------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
+        if self._flush_handle is None:
+            # The first message of a burst goes out at once (no added latency); the ones
+            # sent after it before the loop's next iteration are corked into one write.
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                transport.write(data)
+            return
         self._out.append(data)
         self._out_bytes += len(data)
-        if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_handle = None

@@ -1,0 +1,120 @@
+"""Batched I/O on the socket: corked client sends, xenstored's one write per batch.
+
+Behaviour must be exactly that of one-message-at-a-time I/O: every reply matched to its
+request, replies in request order on a connection, watch events before the reply of the
+request that fired them, other connections' events delivered, nothing lost at close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from rawsock import Raw
+from support.xenstored import ClientFactory, Xenstored
+
+from aioxen.xenstore import XenStoreClient
+from aioxen.xenstore.client import Transaction
+from aioxen.xenstore.wire import Message, XsType, join
+
+
+async def test_many_pipelined_requests_from_one_client(unix_clients: ClientFactory) -> None:
+    c = unix_clients(31)
+    await asyncio.gather(*(c.write(f"b/{i}", f"v{i}") for i in range(200)))
+    values = await asyncio.gather(*(c.read(f"b/{i}") for i in range(200)))
+    assert values == [f"v{i}".encode() for i in range(200)]
+    # Mixed in one burst: reads, a failing read, writes, a directory listing.
+    results = await asyncio.gather(
+        c.read("b/7"),
+        c.read("b/missing"),
+        c.write("b/new", "n"),
+        c.directory("b"),
+        return_exceptions=True,
+    )
+    assert results[0] == b"v7"
+    assert isinstance(results[1], FileNotFoundError)
+    assert results[2] is None
+    assert isinstance(results[3], list) and len(results[3]) == 201
+
+
+async def test_transaction_pipelined_writes_commit(unix_clients: ClientFactory) -> None:
+    c = unix_clients(32)
+
+    async def body(tx: Transaction) -> None:
+        await asyncio.gather(*(tx.write(f"t/{i}", str(i)) for i in range(20)))
+
+    await c.transact(body)
+    assert sorted(await c.directory("t"), key=int) == [str(i) for i in range(20)]
+
+
+def test_requests_in_one_write_get_replies_in_order(xenstored: Xenstored) -> None:
+    with Raw(xenstored.socket) as raw:
+        raw.identify(33)
+        n = 100
+        batch = [Message(XsType.WRITE, i, 0, join(f"r/{i}") + b"x" * i) for i in range(n)]
+        batch += [Message(XsType.READ, n + i, 0, join(f"r/{i}")) for i in range(n)]
+        raw.send_bytes(b"".join(m.encode() for m in batch))
+        for i in range(n):
+            msg = raw.reply()
+            assert msg is not None and (msg.req_id, msg.type) == (i, XsType.WRITE)
+        for i in range(n):
+            msg = raw.reply()
+            assert msg is not None and (msg.req_id, msg.type) == (n + i, XsType.READ)
+            assert msg.payload == b"x" * i
+
+
+def test_events_precede_the_reply_that_fired_them(xenstored: Xenstored) -> None:
+    """On the writer's own connection, and on a watcher's: as without batching."""
+    with Raw(xenstored.socket) as writer, Raw(xenstored.socket) as watcher:
+        writer.identify(34)
+        path = "/local/domain/34/ev"
+        writer.call(XsType.WRITE, join("ev") + b"0")
+        for conn, token in ((writer, "w"), (watcher, "o")):
+            msg = conn.call(XsType.WATCH, join(path, token))
+            assert msg.payload == b"OK\x00"
+            first = conn.recv()  # the initial event of a new watch
+            assert first is not None and first.type == XsType.WATCH_EVENT
+        writer.send_bytes(
+            Message(XsType.WRITE, 5, 0, join("ev") + b"1").encode()
+            + Message(XsType.WRITE, 6, 0, join("ev") + b"2").encode()
+        )
+        got = [writer.recv() for _ in range(4)]
+        kinds = [(m.type, m.req_id if m.type != XsType.WATCH_EVENT else None) for m in got if m]
+        assert kinds == [
+            (XsType.WATCH_EVENT, None),
+            (XsType.WRITE, 5),
+            (XsType.WATCH_EVENT, None),
+            (XsType.WRITE, 6),
+        ]
+        events = [watcher.recv() for _ in range(2)]
+        assert all(m is not None and m.type == XsType.WATCH_EVENT for m in events)
+        assert all(m is not None and m.payload == join(path, "o") for m in events)
+
+
+async def test_close_sends_what_was_corked(xenstored: Xenstored) -> None:
+    """Requests issued just before close() still reach xenstored (their futures fail with
+    the closed connection, but the server has seen them -- as with an unbuffered send)."""
+    c = XenStoreClient.for_unix_socket(xenstored.socket, 35, timeout=10)
+    await c.write("c/ready", "1")
+    tasks = [asyncio.ensure_future(c.write(f"c/{i}", "x")) for i in range(5)]
+    await asyncio.sleep(0)  # the writes are issued (corked) ...
+    await c.close()  # ... and flushed by the close
+    await asyncio.gather(*tasks, return_exceptions=True)
+    check = XenStoreClient.for_unix_socket(xenstored.socket, 0, timeout=10)
+    try:
+        for _ in range(100):  # the server handles them once it reads them
+            names = await check.directory("/local/domain/35/c")
+            if len(names) == 6:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(names) == ["0", "1", "2", "3", "4", "ready"]
+    finally:
+        await check.close()
+
+
+async def test_watch_events_from_other_connections_arrive(unix_clients: ClientFactory) -> None:
+    a, b = unix_clients(0), unix_clients(0)
+    async with a.watch("/bw") as w:
+        assert await w.next(timeout=5) == "/bw"  # initial event
+        await asyncio.gather(*(b.write(f"/bw/{i}", "x") for i in range(10)))
+        seen = {await w.next(timeout=5) for _ in range(10)}
+        assert seen == {f"/bw/{i}" for i in range(10)}
