@@ -51,6 +51,7 @@ import itertools
 import os
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,16 @@ HELLO_VERSION = 1
 PORT_COUNTER = "next-port"
 LISTEN_BACKLOG = 8
 RECV_SIZE = 65536
+_recv_buffers = threading.local()  # one receive buffer per thread (each loop has one thread)
+
+
+def _recv_buffer() -> memoryview:
+    buf: memoryview | None = getattr(_recv_buffers, "buf", None)
+    if buf is None:
+        buf = _recv_buffers.buf = memoryview(bytearray(RECV_SIZE))
+    return buf
+
+
 _SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
 _MAX_SUN_PATH = 100
 _claims = itertools.count()
@@ -95,19 +106,33 @@ def socket_address(path: str) -> Iterator[str]:
         os.close(dfd)
 
 
-def allocate_port(domain_dir: str) -> int:
-    """Take the next port number of the domain whose evtchn directory is ``domain_dir``."""
-    fd = os.open(
+def open_port_counter(domain_dir: str) -> int:
+    """Open (creating it) the port counter of the domain whose evtchn directory is
+    ``domain_dir``; pass the fd to :func:`take_port`."""
+    return os.open(
         os.path.join(domain_dir, PORT_COUNTER), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
     )
+
+
+def take_port(counter_fd: int) -> int:
+    """Take the next port number from an open port counter (under ``LOCK_EX``)."""
+    fcntl.flock(counter_fd, fcntl.LOCK_EX)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        text = os.pread(fd, 64, 0).strip()
+        text = os.pread(counter_fd, 64, 0).strip()
         port = int(text) if text else 1
-        os.pwrite(fd, f"{port + 1:<20d}\n".encode(), 0)
+        os.pwrite(counter_fd, f"{port + 1:<20d}\n".encode(), 0)
         return port
     finally:
-        os.close(fd)  # drops the lock
+        fcntl.flock(counter_fd, fcntl.LOCK_UN)
+
+
+def allocate_port(domain_dir: str) -> int:
+    """Take the next port number of the domain whose evtchn directory is ``domain_dir``."""
+    fd = open_port_counter(domain_dir)
+    try:
+        return take_port(fd)
+    finally:
+        os.close(fd)
 
 
 def listening_offers(domain_dir: str, port: int) -> list[int]:
@@ -238,6 +263,9 @@ class UnixEventChannel(ChannelCore):
         self._hello = b""
         self._state = _State.HELLO
         self._loop.add_reader(conn.fileno(), self._on_readable)
+        # The connector sends its hello right after connecting: it is usually here already,
+        # so read it now instead of one loop iteration later.
+        self._on_readable()
 
     def _reject(self) -> None:
         """Drop a connection whose hello was wrong; keep listening."""
@@ -278,20 +306,21 @@ class UnixEventChannel(ChannelCore):
         conn = self._conn
         if conn is None:
             return
+        buf = _recv_buffer()
         try:
-            data = conn.recv(RECV_SIZE)
+            n = conn.recv_into(buf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""  # ECONNRESET and friends: the peer is gone
+            n = 0  # ECONNRESET and friends: the peer is gone
         if self._state is _State.HELLO:
-            if not data:
+            if not n:
                 self._reject()
             else:
-                self._on_hello(data)
+                self._on_hello(bytes(buf[:n]))
             return
-        if data:
-            self._events_arrived()
+        if n:
+            self._events_arrived()  # one batch, however many bytes (events coalesce)
             return
         self._loop.remove_reader(conn.fileno())
         conn.close()
@@ -330,6 +359,7 @@ class UnixEventChannels:
     def __init__(self, platform: UnixPlatform) -> None:
         self._platform = platform
         self._live: set[UnixEventChannel] = set()
+        self._counter_fd: int | None = None
 
     @property
     def domid(self) -> int:
@@ -347,12 +377,19 @@ class UnixEventChannels:
         self._platform._ensure_dir(d)
         return d
 
+    def _allocate_port(self, own_dir: str | None = None) -> int:
+        """The next own port, through the port counter kept open after the first use."""
+        fd = self._counter_fd
+        if fd is None:
+            fd = self._counter_fd = open_port_counter(own_dir or self._own_dir())
+        return take_port(fd)
+
     async def listen(self, remote_domid: int) -> UnixEventChannel:
         check_domid(remote_domid, "remote_domid")
         loop = asyncio.get_running_loop()
         d = self._own_dir()
         for _ in range(64):
-            port = allocate_port(d)
+            port = self._allocate_port(d)
             path = os.path.join(d, f"{port}.{remote_domid}")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -405,7 +442,7 @@ class UnixEventChannels:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(claimed)
-            port = allocate_port(self._own_dir())
+            port = self._allocate_port()
             hello = HELLO.pack(HELLO_MAGIC, HELLO_VERSION, self.domid, port)
             try:
                 sent = sock.send(hello, _SEND_FLAGS)
@@ -425,8 +462,12 @@ class UnixEventChannels:
         return sorted(self._live, key=lambda c: c.port)
 
     def close_all(self) -> None:
+        """Close every channel, then the port counter."""
         for ch in self.live():
             ch.close()
+        fd, self._counter_fd = self._counter_fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 __all__ = [
@@ -435,5 +476,7 @@ __all__ = [
     "UnixEventChannels",
     "allocate_port",
     "listening_offers",
+    "open_port_counter",
     "socket_address",
+    "take_port",
 ]
