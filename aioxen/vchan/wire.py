@@ -448,6 +448,16 @@ class VchanCore:
         write notification and re-reads ``prod`` -- :meth:`request_readable` fused in.
         ``peer_live`` is validated as in :meth:`peer_live`.
         """
+        r = self._poll_arm(NOTIFY_WRITE if arm else 0)
+        self._span_cons = cons = (r >> 21) & _U32
+        off = cons & self._rmask
+        used = r & 0x1FFFFF
+        room = self._rsize - off
+        return r & _EOF_FLAG != 0, r >> 54, off, used if used < room else room
+
+    def _poll_arm(self, arm_bit: int) -> int:
+        """``ax_vchan_poll_arm`` with ``arm_bit`` as the notify request; the result with
+        the read ring and the peer's live byte validated."""
         r: int = lib.ax_vchan_poll_arm(
             self._ctrl,
             self._rcons,
@@ -456,19 +466,14 @@ class VchanCore:
             NOTIFY_EOF,
             self._peer_live,
             self._peer_notify,
-            NOTIFY_WRITE if arm else 0,
+            arm_bit,
             self._rsize,
         )
         if r < 0:
             raise self._corrupt(True)
-        live = r >> 54
-        if live > 1:
-            raise self._bad_live(live)
-        self._span_cons = cons = (r >> 21) & _U32
-        off = cons & self._rmask
-        used = r & 0x1FFFFF
-        room = self._rsize - off
-        return r & _EOF_FLAG != 0, live, off, used if used < room else room
+        if r >> 54 > 1:
+            raise self._bad_live(r >> 54)
+        return r
 
     def step(self, new_cons: int, arm: bool) -> int:
         """The reader's fused step (one native call, ``ax_vchan_step``): if ``new_cons``
@@ -500,23 +505,8 @@ class VchanCore:
     def peek_state(self) -> tuple[bool, int, int]:
         """``(eof, peer_live, used)`` in one native call, touching no notify bit: the
         busy-poll check.  ``used`` is the whole readable count (validated), not a span."""
-        r: int = lib.ax_vchan_poll_arm(
-            self._ctrl,
-            self._rcons,
-            self._rprod,
-            self._own_notify,
-            NOTIFY_EOF,
-            self._peer_live,
-            self._peer_notify,
-            0,
-            self._rsize,
-        )
-        if r < 0:
-            raise self._corrupt(True)
-        live = r >> 54
-        if live > 1:
-            raise self._bad_live(live)
-        return r & _EOF_FLAG != 0, live, r & 0x1FFFFF
+        r = self._poll_arm(0)
+        return r & _EOF_FLAG != 0, r >> 54, r & 0x1FFFFF
 
     def consume(self, n: int) -> None:
         """Release ``n`` bytes read through :meth:`read_span` (``cons += n``, release
@@ -534,14 +524,18 @@ class VchanCore:
         got: int = lib.ax_vchan_recv(
             self._ctrl, self._rcons, self._rprod, self._own_notify, self._rring, self._rsize, dst, n
         )
-        if got <= 0:
-            if got < 0:
-                raise self._corrupt(True)
-            return 0
-        if got > _U32:
-            self.notify_pending = True
-            return got & _U32
-        return got
+        if 0 <= got <= _U32:
+            return got  # the common cases, checked inline
+        return self._moved(got, True)
+
+    def _moved(self, r: int, reading: bool) -> int:
+        """The byte count of a native recv/send result ``r`` that is not a plain count:
+        negative (corrupt ring: ``ProtocolError``) or with bit 32 set (the peer asked to be
+        notified: :attr:`notify_pending`)."""
+        if r < 0:
+            raise self._corrupt(reading)
+        self.notify_pending = True
+        return r & _U32
 
     def peek(self, n: int) -> bytes | None:
         """The next ``n`` bytes without consuming them, or ``None`` if fewer are there."""
@@ -585,17 +579,10 @@ class VchanCore:
     def send(self, src: Any, n: int) -> int:
         """Copy up to ``n`` bytes from ``src`` (``bytes`` or a cffi pointer) into the write
         ring and publish them; returns the count (0 when the ring is full)."""
-        put: int = lib.ax_vchan_send(
-            self._ctrl, self._wcons, self._wprod, self._own_notify, self._wring, self._wsize, src, n
-        )
-        if put <= 0:
-            if put < 0:
-                raise self._corrupt(False)
-            return 0
-        if put > _U32:
-            self.notify_pending = True
-            return put & _U32
-        return put
+        put: int = self.send_raw(src, n)
+        if 0 <= put <= _U32:
+            return put
+        return self._moved(put, False)
 
     def write_pending(self) -> int:
         """Bytes we wrote that the peer has not consumed yet (validated)."""
