@@ -35,6 +35,10 @@ import os
 import selectors
 import socket
 import stat
+from collections.abc import Awaitable, Callable
+from typing import IO, TypeVar
+
+T = TypeVar("T")
 
 PIPE, SOCKET, FILE = "pipe", "socket", "file"
 
@@ -61,16 +65,43 @@ def _pollable(fd: int) -> bool:
         sel.close()
 
 
-class ByteSource(abc.ABC):
-    """An input stream: ``await read(n)`` returns 1..n bytes, ``b""`` at the end."""
-
-    kind: str
+class _FdStream:
+    """What sources and sinks share: the owned descriptor, its blocking mode to restore,
+    and the closed flag."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.isatty = os.isatty(fd)
         self._was_blocking = os.get_blocking(fd)
         self._closed = False
+
+    def _start_close(self) -> bool:
+        """Mark the stream closed; True only the first time (then the caller releases)."""
+        if self._closed:
+            return False
+        self._closed = True
+        return True
+
+    def _restore_blocking(self) -> None:
+        with contextlib.suppress(OSError):
+            os.set_blocking(self.fd, self._was_blocking)
+
+    async def _open_pipe(self, mode: str, connect: Callable[[IO[bytes]], Awaitable[T]]) -> T:
+        """Wrap the descriptor in an unbuffered file and hand it to a ``loop.connect_*_pipe``
+        call; on failure restore the blocking mode and close it."""
+        pipe = os.fdopen(self.fd, mode, buffering=0)
+        try:
+            return await connect(pipe)
+        except BaseException:
+            os.set_blocking(self.fd, self._was_blocking)
+            pipe.close()
+            raise
+
+
+class ByteSource(_FdStream, abc.ABC):
+    """An input stream: ``await read(n)`` returns 1..n bytes, ``b""`` at the end."""
+
+    kind: str
 
     @abc.abstractmethod
     async def read(self, n: int) -> bytes: ...
@@ -80,17 +111,11 @@ class ByteSource(abc.ABC):
         """Stop reading and close the descriptor (restoring its blocking mode)."""
 
 
-class ByteSink(abc.ABC):
+class ByteSink(_FdStream, abc.ABC):
     """An output stream with back-pressure: ``await write(data)`` returns once ``data`` is
     handed over or queued within bounds."""
 
     kind: str
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.isatty = os.isatty(fd)
-        self._was_blocking = os.get_blocking(fd)
-        self._closed = False
 
     @abc.abstractmethod
     async def write(self, data: bytes) -> None: ...
@@ -120,25 +145,17 @@ class _PipeSource(ByteSource):
         loop = asyncio.get_running_loop()
         self._reader = reader = asyncio.StreamReader(limit=self._limit, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        pipe = os.fdopen(self.fd, "rb", buffering=0)
-        try:
-            self._transport, _ = await loop.connect_read_pipe(lambda: protocol, pipe)
-        except BaseException:
-            os.set_blocking(self.fd, self._was_blocking)
-            pipe.close()
-            raise
+        self._transport, _ = await self._open_pipe(
+            "rb", lambda pipe: loop.connect_read_pipe(lambda: protocol, pipe)
+        )
 
     async def read(self, n: int) -> bytes:
         assert self._reader is not None
         return await self._reader.read(n)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._transport is not None:
-            with contextlib.suppress(OSError):
-                os.set_blocking(self.fd, self._was_blocking)
+        if self._start_close() and self._transport is not None:
+            self._restore_blocking()
             self._transport.close()  # stops reading now, closes the fd on the next turn
 
 
@@ -191,13 +208,9 @@ class _PipeSink(ByteSink):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        pipe = os.fdopen(self.fd, "wb", buffering=0)
-        try:
-            self._transport, self._protocol = await loop.connect_write_pipe(_SinkProtocol, pipe)
-        except BaseException:
-            os.set_blocking(self.fd, self._was_blocking)
-            pipe.close()
-            raise
+        self._transport, self._protocol = await self._open_pipe(
+            "wb", lambda pipe: loop.connect_write_pipe(_SinkProtocol, pipe)
+        )
 
     async def write(self, data: bytes) -> None:
         transport, protocol = self._transport, self._protocol
@@ -215,8 +228,7 @@ class _PipeSink(ByteSink):
         transport.set_write_buffer_limits(high=0)  # drain() now waits for an empty buffer
         await protocol.drain()
         self._closed = True
-        with contextlib.suppress(OSError):
-            os.set_blocking(self.fd, self._was_blocking)
+        self._restore_blocking()
         transport.close()
         await protocol.closed
         if protocol.exc is not None:
@@ -226,12 +238,23 @@ class _PipeSink(ByteSink):
         if self._closed or self._transport is None:
             return
         self._closed = True
-        with contextlib.suppress(OSError):
-            os.set_blocking(self.fd, self._was_blocking)
+        self._restore_blocking()
         self._transport.abort()
 
 
 # -- sockets ---------------------------------------------------------------------------------
+
+
+def _nonblocking_socket(fd: int) -> socket.socket:
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock
+
+
+def _close_socket(sock: socket.socket, was_blocking: bool) -> None:
+    with contextlib.suppress(OSError):
+        sock.setblocking(was_blocking)
+    sock.close()
 
 
 class _SocketSource(ByteSource):
@@ -239,18 +262,14 @@ class _SocketSource(ByteSource):
 
     def __init__(self, fd: int) -> None:
         super().__init__(fd)
-        self._sock = socket.socket(fileno=fd)
-        self._sock.setblocking(False)
+        self._sock = _nonblocking_socket(fd)
 
     async def read(self, n: int) -> bytes:
         return await asyncio.get_running_loop().sock_recv(self._sock, n)
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            with contextlib.suppress(OSError):
-                self._sock.setblocking(self._was_blocking)
-            self._sock.close()
+        if self._start_close():
+            _close_socket(self._sock, self._was_blocking)
 
 
 class _SocketSink(ByteSink):
@@ -258,8 +277,7 @@ class _SocketSink(ByteSink):
 
     def __init__(self, fd: int) -> None:
         super().__init__(fd)
-        self._sock = socket.socket(fileno=fd)
-        self._sock.setblocking(False)
+        self._sock = _nonblocking_socket(fd)
 
     async def write(self, data: bytes) -> None:
         if self._closed:
@@ -267,25 +285,19 @@ class _SocketSink(ByteSink):
         await asyncio.get_running_loop().sock_sendall(self._sock, data)
 
     async def close_write(self) -> None:
-        if self._closed:
+        if not self._start_close():
             return
-        self._closed = True
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
             if not isinstance(exc, (BrokenPipeError, ConnectionError)) and exc.errno != 107:
                 raise  # ENOTCONN (107): the peer already went away -- nothing to end
         finally:
-            with contextlib.suppress(OSError):
-                self._sock.setblocking(self._was_blocking)
-            self._sock.close()
+            _close_socket(self._sock, self._was_blocking)
 
     def abort(self) -> None:
-        if not self._closed:
-            self._closed = True
-            with contextlib.suppress(OSError):
-                self._sock.setblocking(self._was_blocking)
-            self._sock.close()
+        if self._start_close():
+            _close_socket(self._sock, self._was_blocking)
 
 
 # -- regular files and unpollable devices ------------------------------------------------------
@@ -298,8 +310,7 @@ class _FileSource(ByteSource):
         return await asyncio.to_thread(os.read, self.fd, n)
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
+        if self._start_close():
             os.close(self.fd)
 
 
@@ -321,8 +332,7 @@ class _FileSink(ByteSink):
         self.abort()  # writes are synchronous: nothing is queued
 
     def abort(self) -> None:
-        if not self._closed:
-            self._closed = True
+        if self._start_close():
             os.close(self.fd)
 
 
