@@ -4,71 +4,29 @@ back-pressure, cancellation, shutdown and hostile peers."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from ring_helpers import (
+    BE,
+    FE,
+    NEAR_WRAP,
+    TxBack,
+    TxFront,
+    counted_pair,
+    echo,
+    ring_pair,
+    treq,
+    until,
+)
 
 from aioxen import ProtocolError
-from aioxen.platform.base import EventChannel
 from aioxen.platform.inheap import InHeapPlatform, InHeapWorld
 from aioxen.rings import formats as F
 from aioxen.rings.aio import AsyncBackRing, AsyncFrontRing, RingShutdown
 from aioxen.rings.rpc import REQ_PROD, RSP_PROD, BackRing, FrontRing
-
-FE, BE = 1, 0
-NEAR_WRAP = 2**32 - 100
-TxFront = AsyncFrontRing[F.NetifTxRequest, F.NetifTxResponse]
-TxBack = AsyncBackRing[F.NetifTxRequest, F.NetifTxResponse]
-
-
-def treq(size: int) -> F.NetifTxRequest:
-    return F.NetifTxRequest(gref=size * 3, offset=0, flags=0, id=0, size=size)
-
-
-def echo(req: F.NetifTxRequest) -> F.NetifTxResponse:
-    return F.NetifTxResponse(req.id, req.size)
-
-
-async def until(cond: Callable[[], bool], what: str, spins: int = 10_000) -> None:
-    """Let the loop run until ``cond()`` holds (a hang guard, not a timing assumption)."""
-    for _ in range(spins):
-        if cond():
-            return
-        await asyncio.sleep(0 if _ < 1000 else 0.001)
-    raise AssertionError(f"never happened: {what}")
-
-
-async def ring_pair(
-    harness: Any, *, start: int = NEAR_WRAP, check_ids: bool = True, order: int = 0
-) -> tuple[TxFront, TxBack]:
-    fp = await harness.platform(FE)
-    bp = await harness.platform(BE)
-    front = await AsyncFrontRing.create(
-        fp, BE, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE, start=start, order=order
-    )
-    back = await AsyncBackRing.attach(
-        bp, FE, front.refs, front.port, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE,
-        check_ids=check_ids,
-    )  # fmt: skip
-    return front, back
-
-
-class CountingChannel:
-    """A real event channel that counts the notifications sent through it."""
-
-    def __init__(self, ch: EventChannel) -> None:
-        self.ch = ch
-        self.notifies = 0
-
-    def notify(self) -> None:
-        self.notifies += 1
-        self.ch.notify()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.ch, name)
 
 
 async def test_round_trip_with_back_pressure_and_index_wrap(harness: Any) -> None:
@@ -104,16 +62,8 @@ async def test_concurrent_requests_and_async_handler(harness: Any) -> None:
 
 
 async def test_one_push_and_one_notify_per_batch(harness: Any) -> None:
-    fp = await harness.platform(FE)
-    bp = await harness.platform(BE)
-    share = fp.grants.share(BE, 1)
-    fch = await fp.events.listen(BE)
-    mapping = bp.grants.map(FE, share.refs)
-    bch = await bp.events.connect(FE, fch.port)
-    fcount, bcount = CountingChannel(fch), CountingChannel(bch)
-    req, rsp = F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE
-    front: TxFront = AsyncFrontRing(FrontRing(share.buf, req, rsp, start=NEAR_WRAP), fcount)
-    back: TxBack = AsyncBackRing(BackRing(mapping.buf, req, rsp), bcount)
+    pair = await counted_pair(harness)
+    front, back, fcount, bcount = pair.front, pair.back, pair.fcount, pair.bcount
     pending = asyncio.ensure_future(front.request_many(treq(i) for i in range(32)))
     batch = await asyncio.wait_for(back.next_batch(), 10)
     assert len(batch) == 32 and fcount.notifies == 1
@@ -136,8 +86,7 @@ async def test_one_push_and_one_notify_per_batch(harness: Any) -> None:
     await asyncio.wait_for(pending, 10)
     front.close()
     back.close()
-    for r in (mapping, share, fch, bch):
-        r.close()
+    pair.close_resources()
 
 
 async def test_cancel_after_submit_keeps_the_id_until_answered(harness: Any) -> None:

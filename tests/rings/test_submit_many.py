@@ -5,68 +5,28 @@ cancellation, shutdown, and a property test mixing them with submit and request_
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ring_helpers import (
+    BE,
+    FE,
+    NEAR_WRAP,
+    TxBack,
+    TxFront,
+    counted_pair,
+    echo,
+    ring_pair,
+    treq,
+    until,
+)
 
-from aioxen.platform.base import EventChannel
 from aioxen.platform.inheap import InHeapPlatform, InHeapWorld
 from aioxen.rings import formats as F
 from aioxen.rings.aio import AsyncBackRing, AsyncFrontRing, RingShutdown
-from aioxen.rings.rpc import BackRing, FrontRing
-
-FE, BE = 1, 0
-NEAR_WRAP = 2**32 - 100
-TxFront = AsyncFrontRing[F.NetifTxRequest, F.NetifTxResponse]
-TxBack = AsyncBackRing[F.NetifTxRequest, F.NetifTxResponse]
-
-
-def treq(size: int) -> F.NetifTxRequest:
-    return F.NetifTxRequest(gref=size * 3, offset=0, flags=0, id=0, size=size)
-
-
-def echo(req: F.NetifTxRequest) -> F.NetifTxResponse:
-    return F.NetifTxResponse(req.id, req.size)
-
-
-async def until(cond: Callable[[], bool], what: str, spins: int = 10_000) -> None:
-    """Let the loop run until ``cond()`` holds (a hang guard, not a timing assumption)."""
-    for i in range(spins):
-        if cond():
-            return
-        await asyncio.sleep(0 if i < 1000 else 0.001)
-    raise AssertionError(f"never happened: {what}")
-
-
-async def ring_pair(harness: Any, *, start: int = NEAR_WRAP) -> tuple[TxFront, TxBack]:
-    fp = await harness.platform(FE)
-    bp = await harness.platform(BE)
-    front = await AsyncFrontRing.create(
-        fp, BE, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE, start=start
-    )
-    back = await AsyncBackRing.attach(
-        bp, FE, front.refs, front.port, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE, check_ids=True
-    )
-    return front, back
-
-
-class CountingChannel:
-    """A real event channel that counts the notifications sent through it."""
-
-    def __init__(self, ch: EventChannel) -> None:
-        self.ch = ch
-        self.notifies = 0
-
-    def notify(self) -> None:
-        self.notifies += 1
-        self.ch.notify()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.ch, name)
 
 
 async def test_futures_in_order_with_back_pressure_and_index_wrap(harness: Any) -> None:
@@ -87,16 +47,8 @@ async def test_futures_in_order_with_back_pressure_and_index_wrap(harness: Any) 
 
 
 async def test_nowait_takes_what_fits_in_one_write_and_one_notify(harness: Any) -> None:
-    fp = await harness.platform(FE)
-    bp = await harness.platform(BE)
-    share = fp.grants.share(BE, 1)
-    fch = await fp.events.listen(BE)
-    mapping = bp.grants.map(FE, share.refs)
-    bch = await bp.events.connect(FE, fch.port)
-    fcount = CountingChannel(fch)
-    req, rsp = F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE
-    front: TxFront = AsyncFrontRing(FrontRing(share.buf, req, rsp, start=NEAR_WRAP), fcount)
-    back: TxBack = AsyncBackRing(BackRing(mapping.buf, req, rsp), bch)
+    pair = await counted_pair(harness)
+    front, back, fcount = pair.front, pair.back, pair.fcount
     n = front.ring.nr_ents
     first = front.submit_many_nowait([treq(i) for i in range(n - 3)])
     assert len(first) == n - 3 and front.free_slots == 3
@@ -115,8 +67,7 @@ async def test_nowait_takes_what_fits_in_one_write_and_one_notify(harness: Any) 
     with pytest.raises(RingShutdown):
         front.submit_many_nowait([treq(0)])
     back.close()
-    for r in (mapping, share, fch, bch):
-        r.close()
+    pair.close_resources()
 
 
 async def test_nowait_does_not_overtake_callers_waiting_for_a_slot(harness: Any) -> None:
