@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from aioxen.blk.back import BackendConfig, RingServer, limits_for
@@ -90,41 +85,3 @@ async def ring_pair(
                 await t
         await dev.close()
 
-
-class XenstoredProcess:
-    """``aioxen xenstored --root ROOT`` as a child process (the unix platform's XenStore);
-    parses the export lines it prints when ready."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        args = [sys.executable, "-m", "aioxen", "xenstored", "--root", str(root)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        assert self.proc.stdout is not None
-        exports: dict[str, str] = {}
-        for _ in range(2):
-            line = self.proc.stdout.readline().decode()
-            key, _, value = line.split(";", 1)[0].partition("=")
-            exports[key] = value
-        assert set(exports) == {"XEN_ROOT", "XENSTORED_PATH"}, (exports, self.proc.poll())
-        self.socket = exports["XENSTORED_PATH"]
-
-    def env(self, domid: int) -> dict[str, str]:
-        """Environment for a child process playing ``domid`` on the unix platform."""
-        return {
-            **os.environ,
-            "XEN_ROOT": str(self.root),
-            "XENSTORED_PATH": self.socket,
-            "AIOXEN_PLATFORM": "unix",
-            "AIOXEN_DOMID": str(domid),
-        }
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=20)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        return rc

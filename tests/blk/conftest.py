@@ -28,7 +28,7 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 @pytest.fixture(params=harness_names())
 async def store_harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
     """A platform harness whose platforms have a XenStore (unix: a real xenstored)."""
-    from blk_helpers import XenstoredProcess
+    from support.xenstored import XenstoredProcess
 
     h = HARNESSES[request.param](tmp_path)
     server = XenstoredProcess(h.root) if request.param == "unix" else None

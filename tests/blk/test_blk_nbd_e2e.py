@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import uvloop
-from blk_helpers import XenstoredProcess
+from support.xenstored import XenstoredProcess
 
 RUNNER = str(Path(__file__).with_name("blk_cli_runner.py"))
 SIZE = 16 << 20

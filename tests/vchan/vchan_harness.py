@@ -8,11 +8,10 @@ engine for ``inheap``, a real ``aioxen xenstored`` process for ``unix``).
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
+
+from support.xenstored import Xenstored
 
 from aioxen.platform.base import Platform
 from aioxen.xenstore import XenStoreClient
@@ -106,42 +105,6 @@ class InHeapWorld(World):
             return bytes(await c.read(path))
         finally:
             await c.close()
-
-
-class Xenstored:
-    """A running ``aioxen xenstored`` process serving a unix-platform root."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        args = [sys.executable, "-m", "aioxen", "xenstored", "--root", str(root)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        assert self.proc.stdout is not None
-        line1 = self.proc.stdout.readline().decode()
-        line2 = self.proc.stdout.readline().decode()
-        assert line1.startswith("XEN_ROOT="), (line1, self.proc.poll())
-        prefix, suffix = "XENSTORED_PATH=", "; export XENSTORED_PATH;\n"
-        assert line2.startswith(prefix) and line2.endswith(suffix), line2
-        self.socket = line2[len(prefix) : -len(suffix)]
-
-    def env(self, domid: int) -> dict[str, str]:
-        return {
-            **os.environ,
-            "XEN_ROOT": str(self.root),
-            "XENSTORED_PATH": self.socket,
-            "AIOXEN_PLATFORM": "unix",
-            "AIOXEN_DOMID": str(domid),
-        }
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=20)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        return rc
 
 
 class UnixWorld(World):

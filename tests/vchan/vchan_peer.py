@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
+from pathlib import Path
 from typing import Any
 
 import aioxen
@@ -33,7 +34,8 @@ def pattern_block(seed: int) -> bytes:
 
 
 async def platform() -> Any:
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here), str(here.parent)]  # vchan_harness, and the support it uses
     from vchan_harness import wire_store
 
     plat = wire_store(aioxen.platform())
