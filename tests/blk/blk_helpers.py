@@ -1,4 +1,5 @@
-"""Helpers for block-device tests: a ring-level blkfront/blkback pair (no xenbus)."""
+"""Helpers for block-device tests: a ring-level blkfront/blkback pair (no xenbus), and
+``run`` for the NBD client tools (nbdinfo, nbdcopy, qemu-img, qemu-io)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,20 @@ async def ring_pair(
                 await t
         await dev.close()
 
+
+async def run(*cmd: str, timeout: float = 120) -> str:
+    """Run a command to completion (``timeout``: a hang guard); its stdout+stderr, which
+    the assertion shows if it fails."""
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{text}"
+    return text

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import uvloop
+from blk_helpers import run
 from support.xenstored import XenstoredProcess
 
 RUNNER = str(Path(__file__).with_name("blk_cli_runner.py"))
@@ -74,22 +75,6 @@ async def aioxen(xs: XenstoredProcess, domid: int, *args: str) -> AsyncIterator[
         if proc.returncode is None:
             rc, err = await p.stop()
             assert rc == 0, f"{p.name} exited with {rc}: {err[-3000:]}"
-
-
-async def run(*cmd: str, timeout: float = 120) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            out, _ = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{text}"
-    return text
 
 
 def sha(path: Path) -> str:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from blk_helpers import run
 
 from aioxen.blk import nbdwire as W
 from aioxen.blk.device import SourceDevice
@@ -22,22 +23,6 @@ from aioxen.blk.nbd import start_server
 from aioxen.blk.source import MemorySource
 
 SIZE = 8 << 20
-
-
-async def run(*cmd: str, timeout: float = 60) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            out, _ = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{text}"
-    return text
 
 
 @contextlib.asynccontextmanager
