@@ -169,45 +169,17 @@ def _check_sector_size(sector_size: int) -> int:
     return sector_size
 
 
-class FileSource:
-    """A raw image file (or block device node) served through ``preadv``/``pwritev``.
-
-    ``inline=None`` decides from the filesystem (memory-backed: inline I/O); ``workers``
-    bounds the thread pool used for everything that may block.
-    """
+class _Geometry:
+    """Sector sizes and capabilities, fixed at construction: what every source here
+    reports besides its size."""
 
     def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        readonly: bool = False,
-        sector_size: int = 512,
-        physical_sector_size: int | None = None,
-        workers: int = 4,
-        inline: bool | None = None,
+        self, sector_size: int, physical_sector_size: int | None, readonly: bool, can_discard: bool
     ) -> None:
-        self.path = os.fspath(path)
         self._sector_size = _check_sector_size(sector_size)
         self._physical = physical_sector_size or max(sector_size, 4096)
         self._readonly = readonly
-        self._fd = os.open(self.path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
-        try:
-            raw = os.lseek(self._fd, 0, os.SEEK_END)
-        except OSError:
-            os.close(self._fd)
-            raise
-        self._size = raw - raw % sector_size
-        self._inline = (
-            (filesystem_type(self.path) in MEMORY_FILESYSTEMS) if inline is None else inline
-        )
-        self._nowait_reads = hasattr(os, "RWF_NOWAIT") and not self._inline
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aioxen-blk")
-        self._can_discard = not readonly
-        self._closed = False
-
-    @property
-    def size(self) -> int:
-        return self._size
+        self._can_discard = can_discard and not readonly
 
     @property
     def sector_size(self) -> int:
@@ -224,6 +196,44 @@ class FileSource:
     @property
     def can_discard(self) -> bool:
         return self._can_discard
+
+
+class FileSource(_Geometry):
+    """A raw image file (or block device node) served through ``preadv``/``pwritev``.
+
+    ``inline=None`` decides from the filesystem (memory-backed: inline I/O); ``workers``
+    bounds the thread pool used for everything that may block.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        readonly: bool = False,
+        sector_size: int = 512,
+        physical_sector_size: int | None = None,
+        workers: int = 4,
+        inline: bool | None = None,
+    ) -> None:
+        super().__init__(sector_size, physical_sector_size, readonly, True)
+        self.path = os.fspath(path)
+        self._fd = os.open(self.path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        try:
+            raw = os.lseek(self._fd, 0, os.SEEK_END)
+        except OSError:
+            os.close(self._fd)
+            raise
+        self._size = raw - raw % sector_size
+        self._inline = (
+            (filesystem_type(self.path) in MEMORY_FILESYSTEMS) if inline is None else inline
+        )
+        self._nowait_reads = hasattr(os, "RWF_NOWAIT") and not self._inline
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aioxen-blk")
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
 
     @property
     def inline(self) -> bool:
@@ -310,7 +320,7 @@ class FileSource:
         return f"<FileSource {self.path} {self._size} bytes{' ro' if self._readonly else ''}>"
 
 
-class MemorySource:
+class MemorySource(_Geometry):
     """A block source in a ``bytearray`` (for tests and demos); every call is inline."""
 
     def __init__(
@@ -323,7 +333,7 @@ class MemorySource:
         readonly: bool = False,
         can_discard: bool = True,
     ) -> None:
-        _check_sector_size(sector_size)
+        super().__init__(sector_size, physical_sector_size, readonly, can_discard)
         if data is not None:
             self.data = bytearray(data)
         elif size is not None:
@@ -332,32 +342,12 @@ class MemorySource:
             raise TypeError("MemorySource needs a size or data")
         if len(self.data) % sector_size:
             raise ValueError(f"size {len(self.data)} is not a multiple of {sector_size}")
-        self._sector_size = sector_size
-        self._physical = physical_sector_size or max(sector_size, 4096)
-        self._readonly = readonly
-        self._can_discard = can_discard and not readonly
         self.flushes = 0
         self.discards: list[tuple[int, int, bool]] = []
 
     @property
     def size(self) -> int:
         return len(self.data)
-
-    @property
-    def sector_size(self) -> int:
-        return self._sector_size
-
-    @property
-    def physical_sector_size(self) -> int:
-        return self._physical
-
-    @property
-    def readonly(self) -> bool:
-        return self._readonly
-
-    @property
-    def can_discard(self) -> bool:
-        return self._can_discard
 
     def _bounds(self, offset: int, length: int) -> None:
         if offset < 0 or offset + length > len(self.data):
