@@ -49,7 +49,7 @@ from typing import Any, Generic, Self, TypeVar, cast
 from aioxen.errors import ProtocolError
 from aioxen.platform.base import EventChannel, Mapping, Platform, Share
 from aioxen.rings.formats import EntryFormat, batch_codec
-from aioxen.rings.rpc import BackRing, FrontRing, ring_pages
+from aioxen.rings.rpc import BackRing, FrontRing, _Ring, ring_pages
 
 Req = TypeVar("Req")
 Rsp = TypeVar("Rsp")
@@ -75,6 +75,8 @@ def _release(resources: list[Any]) -> None:
 
 class _Adapter:
     """State shared by both adapters: channel, shutdown, owned resources."""
+
+    _ring: _Ring[Any, Any]  # set by the subclass
 
     def __init__(self, channel: EventChannel, name: str) -> None:
         self._channel = channel
@@ -156,6 +158,19 @@ class _Adapter:
     def _shutdown(self, exc: BaseException | None) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Shut down (see the subclass), then release the ring and whatever
+        ``create``/``attach`` allocated.  Idempotent."""
+        self._shutdown(None)
+        self._ring.close()
+        _release(self._owned)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
 
 _first = operator.itemgetter(0)
 _second = operator.itemgetter(1)
@@ -188,6 +203,8 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
     Build one over an existing ring and channel, or let :meth:`create` share the pages and
     allocate the channel.  Usable as an async context manager (closes on exit).
     """
+
+    _ring: FrontRing[Req, Rsp]
 
     def __init__(
         self,
@@ -470,15 +487,7 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
     def close(self) -> None:
         """Shut down (failing pending requests with :class:`RingShutdown`) and release
         the ring and whatever :meth:`create` allocated.  Idempotent."""
-        self._shutdown(None)
-        self._ring.close()
-        _release(self._owned)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"in_flight={len(self._pending)}"
@@ -512,6 +521,8 @@ def _first_reused(ids: list[int], serving: set[int]) -> int:
 
 class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
     """Serve requests: iterate over them and :meth:`respond`, or :meth:`serve` a handler."""
+
+    _ring: BackRing[Req, Rsp]
 
     def __init__(
         self,
@@ -814,15 +825,7 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
     def close(self) -> None:
         """Publish answered responses, stop iteration, release the ring and whatever
         :meth:`attach` allocated.  Idempotent."""
-        self._shutdown(None)
-        self._ring.close()
-        _release(self._owned)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"serving={self.serving}"
