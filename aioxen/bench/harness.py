@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -271,11 +272,23 @@ def write_json(path: str, measurements: list[Measurement], machine: dict[str, An
         f.write("\n")
 
 
+def end_process(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM a helper process and reap it; SIGKILL it if it is still there after
+    ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 __all__ = [
     "Collector",
     "Context",
     "Measurement",
     "Progress",
+    "end_process",
     "format_markdown",
     "format_table",
     "ratios",

@@ -28,6 +28,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from aioxen.bench.harness import end_process
+
 StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -92,12 +94,7 @@ class XenstoredProcess:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            end_process(self.proc, 10)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -139,12 +136,7 @@ class Peer:
                     os.close(fd)
             self.pipe_fds = None
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            end_process(self.proc, 10)
             self.proc = None
 
 

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aioxen.bench.harness import Context, Measurement
+from aioxen.bench.harness import Context, Measurement, end_process
 
 NAME = "blk"
 OURS = "blkfront/unix"
@@ -88,12 +88,7 @@ class _Backend:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            end_process(self.proc, 20)
 
 
 # --------------------------------------------------------------------------- workloads

@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from aioxen.bench.harness import Context, Measurement
+from aioxen.bench.harness import Context, Measurement, end_process
 
 NAME = "net"
 SIZES = [(64, "64 B"), (1500, "1500 B"), (65535, "64 KiB SG")]
@@ -286,12 +286,7 @@ class _Proc:
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+                end_process(self.proc, 5)
 
 
 def _peer_args(role: str, loop: str, *extra: str) -> list[str]:
