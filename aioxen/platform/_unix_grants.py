@@ -271,6 +271,7 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
         super().__init__(set())
         self._platform = platform
         self._table_fd: int | None = None
+        self._remote_tables: dict[int, int] = {}  # domid -> read-only table fd (maps)
 
     @property
     def domid(self) -> int:
@@ -352,16 +353,25 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
                 os.pwrite(tfd, raw, first * ENTRY_SIZE)
 
     # -- import --------------------------------------------------------------------------
+    def _remote_table(self, remote_domid: int, d: str, first_ref: int) -> int:
+        """A read-only fd of ``remote_domid``'s table, kept open after the first map (a
+        table file is never replaced while its root exists)."""
+        tfd = self._remote_tables.get(remote_domid)
+        if tfd is None:
+            table_path = os.path.join(d, TABLE_NAME)
+            try:
+                tfd = os.open(table_path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"grant ref {first_ref} of domain {remote_domid} does not exist "
+                    f"(domain {remote_domid} has no grant table {table_path})"
+                ) from None
+            self._remote_tables[remote_domid] = tfd
+        return tfd
+
     def _map(self, remote_domid: int, refs: list[int], writable: bool) -> UnixMapping:
         d = self.domain_dir(remote_domid)
-        table_path = os.path.join(d, TABLE_NAME)
-        try:
-            tfd = os.open(table_path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"grant ref {refs[0]} of domain {remote_domid} does not exist "
-                f"(domain {remote_domid} has no grant table {table_path})"
-            ) from None
+        tfd = self._remote_table(remote_domid, d, refs[0])
         fds: dict[int, int] = {}
         sizes: dict[int, int] = {}
         sources: list[tuple[int, int]] = []
@@ -389,8 +399,6 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
             for fd in fds.values():
                 os.close(fd)
             raise
-        finally:
-            os.close(tfd)
         pages = ComposedPages(sources, writable, list(fds.values()))
         return UnixMapping(self, remote_domid, refs, writable, pages)
 
@@ -423,11 +431,14 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
 
     # -- bookkeeping ---------------------------------------------------------------------
     def close_all(self, ignore_busy: bool = False) -> None:
-        """Close every mapping, then every share, then the own table file."""
+        """Close every mapping, then every share, then the table files."""
         super().close_all(ignore_busy)
         if self._table_fd is not None:
             os.close(self._table_fd)
             self._table_fd = None
+        tables, self._remote_tables = self._remote_tables, {}
+        for fd in tables.values():
+            os.close(fd)
 
 
 __all__ = [

@@ -230,3 +230,20 @@ async def test_exhaustion_and_the_last_refs(tmp_path: Path) -> None:
         assert again.refs == [MAX_REFS - 2]
         again.close()
     assert sorted(os.listdir(d)) == ["table"]
+
+
+async def test_remote_table_kept_open_only_once_it_exists(tmp_path: Path) -> None:
+    """A map before the granter has a table fails (and caches nothing); later maps use the
+    table kept open; closing the platform closes it."""
+    before = set(os.listdir("/proc/self/fd"))
+    async with UnixPlatform(1, tmp_path) as a, UnixPlatform(2, tmp_path) as b:
+        with pytest.raises(FileNotFoundError, match="has no grant table"):
+            b.grants.map(1, [8])
+        s = a.grants.share(2, 2)
+        for _ in range(3):
+            m = b.grants.map(1, s.refs)
+            m.close()
+        s.close()
+        with pytest.raises(FileNotFoundError, match="grant ref 8 of domain 1"):
+            b.grants.map(1, [8])  # revoked: seen through the kept-open table
+    assert set(os.listdir("/proc/self/fd")) == before
