@@ -21,7 +21,13 @@ from aioxen.bench.harness import Collector, Context, Measurement
 from aioxen.bench.mechanisms import MECHANISMS, open_protocol
 from aioxen.bench.peer import HEADER
 from aioxen.bench.suites import memcpy
-from aioxen.bench.suites.streams import GIB, PING_SIZE, Runner, mechanisms_for, percentile
+from aioxen.bench.suites.streams import (
+    GIB,
+    PING_SIZE,
+    Runner,
+    mechanisms_for,
+    record_pingpong,
+)
 
 NAME = "protocol"
 CHUNKS = [4 << 10, 64 << 10, 1 << 20]
@@ -142,13 +148,5 @@ def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
             for mech in mechs:
                 ctx.progress(f"protocol rep {rep + 1}/{ctx.repetitions} ping-pong {mech}")
                 rtts = session(mech, runner, functools.partial(pingpong, count=pings))
-                for label, pct in (("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9)):
-                    m(
-                        f"ping-pong {PING_SIZE} B",
-                        mech,
-                        label,
-                        "µs",
-                        False,
-                        {"size": PING_SIZE, "count": pings},
-                    ).samples.append(percentile(rtts, pct))
+                record_pingpong(collector, mech, rtts, pings)
     return collector.results()

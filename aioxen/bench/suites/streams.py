@@ -68,6 +68,16 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
+def record_pingpong(collector: Collector, mech: str, rtts: list[float], pings: int) -> None:
+    """Add a ping-pong run's p50/p99/p99.9 round-trip times (µs) to ``collector``."""
+    case, ours = f"ping-pong {PING_SIZE} B", MECHANISMS[mech].ours
+    params = {"size": PING_SIZE, "count": pings}
+    for label, pct in (("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9)):
+        collector.get(case, mech, label, "µs", False, ours, params).samples.append(
+            percentile(rtts, pct)
+        )
+
+
 def mechanisms_for(ctx: Context, selected: list[str] | None) -> list[str]:
     names = list(MECHANISMS)
     return [m for m in names if selected is None or m in selected]
@@ -152,13 +162,5 @@ def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
             for mech in mechs:
                 ctx.progress(f"streams rep {rep + 1}/{ctx.repetitions} ping-pong {mech}")
                 rtts: list[float] = runner.run(mech, functools.partial(pingpong, count=pings))
-                for label, pct in (("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9)):
-                    m(
-                        f"ping-pong {PING_SIZE} B",
-                        mech,
-                        label,
-                        "µs",
-                        False,
-                        {"size": PING_SIZE, "count": pings},
-                    ).samples.append(percentile(rtts, pct))
+                record_pingpong(collector, mech, rtts, pings)
     return collector.results()
