@@ -83,7 +83,7 @@ def linux_backends() -> Iterator[LinuxBackends]:
     handler = logging.FileHandler(RESULTS / "linux-backends-aioxen.log")
     handler.setFormatter(logging.Formatter("%(relativeCreated)9.0f %(name)s %(message)s"))
     logging.getLogger("aioxen").addHandler(handler)
-    logging.getLogger("aioxen").setLevel(logging.DEBUG)
+    logging.getLogger("aioxen").setLevel(logging.INFO)
     lb = LinuxBackends()
     lb.load()
     try:
@@ -366,6 +366,8 @@ async def test_blk_clean_disconnect(plat: XenPlatform, linux_backends: LinuxBack
             assert await state_of(plat, fdir) == XenbusState.CLOSED
             await wait_state(plat, bdir, XenbusState.CLOSED)
             assert plat.leaks() == []
+            # online=1: Linux keeps the closed device until the toolstack removes it
+            assert (SYSFS_BACKEND / f"vbd-0-{devid}").exists()
             assert await remove(plat.store, "vbd", devid), "the backend did not close in order"
             for d in (fdir, bdir):
                 assert await read_opt(plat.store, d) is None, f"{d} is still there"
@@ -652,6 +654,9 @@ async def test_net_clean_disconnect(plat: XenPlatform, linux_backends: LinuxBack
             assert await state_of(plat, fdir) == XenbusState.CLOSED
             await wait_state(plat, bdir, XenbusState.CLOSED)
             assert plat.leaks() == []
+            # online=1: Linux keeps the closed device and vif0.N until they are removed
+            assert (SYSFS_BACKEND / f"vif-0-{devid}").exists()
+            assert Path(f"/sys/class/net/{ifname}").exists()
             assert await remove(plat.store, "vif", devid), "the backend did not close in order"
             for d in (fdir, bdir):
                 assert await read_opt(plat.store, d) is None, f"{d} is still there"
