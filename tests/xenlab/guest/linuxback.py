@@ -167,11 +167,16 @@ class LinuxBackends:
             f"{others}"
         )
         self.loaded_loop = "loop" not in mods
-        sh("modprobe", "loop")
-        sh("modprobe", "xen-blkback")
-        sh("modprobe", "xen-netback")
-        mods = loaded_modules()
-        assert all(m in mods for m in BACKENDS), f"modprobe did not load {BACKENDS}"
+        try:
+            sh("modprobe", "loop")
+            sh("modprobe", "xen-blkback")
+            sh("modprobe", "xen-netback")
+            mods = loaded_modules()
+            assert all(m in mods for m in BACKENDS), f"modprobe did not load {BACKENDS}"
+        except BaseException:  # no device exists yet: just unload what did load
+            for mod in ("xen-netback", "xen-blkback"):
+                subprocess.run(["rmmod", mod], capture_output=True, timeout=30)
+            raise
         log(f"loaded {BACKENDS}; loop was {'not ' if self.loaded_loop else ''}loaded before")
 
     def unload(self) -> list[str]:

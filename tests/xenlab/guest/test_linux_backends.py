@@ -80,21 +80,30 @@ WINDOW = 32  # frames in flight per direction (netback's queue is 32 frames deep
 
 @pytest.fixture(scope="module")
 def linux_backends() -> Iterator[LinuxBackends]:
+    # aioxen's INFO log (connects, failed connects) for diagnosis; not DEBUG, whose many
+    # records written to the 9p results share slow every test down about tenfold
+    logger = logging.getLogger("aioxen")
     handler = logging.FileHandler(RESULTS / "linux-backends-aioxen.log")
     handler.setFormatter(logging.Formatter("%(relativeCreated)9.0f %(name)s %(message)s"))
-    logging.getLogger("aioxen").addHandler(handler)
-    logging.getLogger("aioxen").setLevel(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     lb = LinuxBackends()
-    lb.load()
     try:
-        yield lb
-    finally:
-        reporter = HangReporter("unloading Linux's backends", after=60)
+        lb.load()  # refuses (and touches nothing) while other vbd/vif devices exist
         try:
-            problems = lb.unload()
+            yield lb
         finally:
-            reporter.close()
+            reporter = HangReporter("unloading Linux's backends", after=60)
+            try:
+                problems = lb.unload()
+            finally:
+                reporter.close()
         assert not problems, "; ".join(problems)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
 
 
 @pytest.fixture
