@@ -33,6 +33,7 @@ A grant ref that fails to map, or an I/O error, fails that request alone.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -238,10 +239,24 @@ class RingServer:
             self.release()
 
     def release(self) -> None:
-        """Unmap every persistently mapped page (after the ring stopped)."""
+        """Unmap every persistently mapped page (after the ring stopped).
+
+        A slice of a mapping that a finished request's traceback (a reference cycle) still
+        holds pins it: collect such garbage once and retry before giving up on a mapping."""
         self._cache.clear()
+        busy: list[Mapping] = []
         for m in self._maps:
-            m.close()
+            try:
+                m.close()
+            except BufferError:
+                busy.append(m)
+        if busy:
+            gc.collect()
+            for m in busy:
+                try:
+                    m.close()
+                except BufferError:
+                    log.error("%s: %r is still in use; left mapped", self.name, m)
         self._maps.clear()
 
     def _accept(self, req: BlkifAnyRequest) -> None:
@@ -441,10 +456,10 @@ class RingServer:
         return _Pages([(buf, index[g]) for g in grefs], [m])
 
     def _unmap(self, pages: _Pages, vecs: list[memoryview]) -> None:
+        for v in vecs:
+            v.release()  # slices pin the mapping (persistent ones too, until released)
         if not pages.temps:
             return
-        for v in vecs:
-            v.release()  # slices pin the mapping; the mapping's own view is its business
         pages.locs.clear()
         for m in pages.temps:
             m.close()
