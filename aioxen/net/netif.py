@@ -38,10 +38,23 @@ from typing import NamedTuple
 from aioxen.errors import ProtocolError
 from aioxen.rings.formats import (
     NETIF_EXTRA_INFO,
+    NETIF_RSP_DROPPED,
+    NETIF_RSP_ERROR,
+    NETIF_RSP_NULL,
+    NETIF_RSP_OKAY,
     NETIF_RX_REQUEST,
     NETIF_RX_RESPONSE,
     NETIF_TX_REQUEST,
     NETIF_TX_RESPONSE,
+    NETRXF_CSUM_BLANK,
+    NETRXF_DATA_VALIDATED,
+    NETRXF_EXTRA_INFO,
+    NETRXF_GSO_PREFIX,
+    NETRXF_MORE_DATA,
+    NETTXF_CSUM_BLANK,
+    NETTXF_DATA_VALIDATED,
+    NETTXF_EXTRA_INFO,
+    NETTXF_MORE_DATA,
     NetifRxRequest,
     NetifRxResponse,
     NetifTxRequest,
@@ -50,22 +63,9 @@ from aioxen.rings.formats import (
 
 PAGE_SIZE = 4096
 
-# TX flags (frontend → backend)
-NETTXF_CSUM_BLANK = 0x1
-NETTXF_DATA_VALIDATED = 0x2
-NETTXF_MORE_DATA = 0x4
-NETTXF_EXTRA_INFO = 0x8
-# RX flags (backend → frontend); bits 0 and 1 swap meaning with TX
-NETRXF_DATA_VALIDATED = 0x1
-NETRXF_CSUM_BLANK = 0x2
-NETRXF_MORE_DATA = 0x4
-NETRXF_EXTRA_INFO = 0x8
-NETRXF_GSO_PREFIX = 0x10
-
-NETIF_RSP_DROPPED = -2
-NETIF_RSP_ERROR = -1
-NETIF_RSP_OKAY = 0
-NETIF_RSP_NULL = 1
+# The TX flags (frontend → backend), RX flags (backend → frontend; bits 0 and 1 swap
+# meaning with TX) and response statuses are defined with the slot layouts in
+# aioxen.rings.formats and re-exported here.
 
 XEN_NETIF_EXTRA_TYPE_NONE = 0
 XEN_NETIF_EXTRA_TYPE_GSO = 1
@@ -92,12 +92,13 @@ RX_SLOT_SIZE = 8
 TX_RING_SIZE = 256  # entries in a one-page ring: (4096 - 64) // 12 rounded down to 2**k
 RX_RING_SIZE = 256
 
-# Flat struct codecs for hot paths (records live in aioxen.rings.formats).
-TX_REQ = struct.Struct("<IHHHH")
-TX_RSP = struct.Struct("<Hh")
-TX_RSP_SLOT = struct.Struct("<Hh8x")
-RX_REQ = struct.Struct("<H2xI")
-RX_RSP = struct.Struct("<HHHh")
+# Flat struct codecs for hot paths, built from the ring formats' layouts (records and
+# layouts live in aioxen.rings.formats).
+TX_REQ = struct.Struct(NETIF_TX_REQUEST.layout)
+TX_RSP = struct.Struct(NETIF_TX_RESPONSE.layout)
+TX_RSP_SLOT = struct.Struct(NETIF_TX_RESPONSE.layout + f"{TX_SLOT_SIZE - TX_RSP.size}x")
+RX_REQ = struct.Struct(NETIF_RX_REQUEST.layout)
+RX_RSP = struct.Struct(NETIF_RX_RESPONSE.layout)
 EXTRA_HEAD = struct.Struct("<BB")
 _GSO = struct.Struct("<BBHBxH")
 _GSO_TX = struct.Struct("<BBHBxH4x")
