@@ -36,7 +36,8 @@ from aioxen.platform import resolve
 from aioxen.platform.base import Platform
 from aioxen.vchan.client import DEFAULT_CONNECT_TIMEOUT, connect_client
 from aioxen.vchan.endpoint import DEFAULT_SIZE, Connection
-from aioxen.vchan.server import abandon, accept_one
+from aioxen.vchan.protocols import start_transport
+from aioxen.vchan.server import accept_one
 from aioxen.vchan.transport import VchanTransport, check_busy_poll
 
 MAX_DATAGRAM_HEADER = 4
@@ -206,20 +207,9 @@ async def create_datagram_endpoint(
             write_size=write_size,
             timeout=DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout,
         )
-    loop = asyncio.get_running_loop()
-    try:
-        protocol = protocol_factory()
-    except BaseException:
-        abandon(conn)
-        raise
-    waiter: asyncio.Future[None] = loop.create_future()
-    transport = VchanDatagramTransport(loop, conn, protocol, waiter, busy_poll=busy_poll)
-    try:
-        await waiter
-    except BaseException:
-        transport.abort()
-        raise
-    return transport, protocol
+    return await start_transport(
+        conn, protocol_factory, VchanDatagramTransport, busy_poll=busy_poll
+    )
 
 
 __all__ = ["MAX_DATAGRAM_HEADER", "VchanDatagramTransport", "create_datagram_endpoint"]

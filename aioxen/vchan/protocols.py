@@ -21,11 +21,12 @@ from typing import TypeVar
 from aioxen.platform import resolve
 from aioxen.platform.base import Platform
 from aioxen.vchan.client import DEFAULT_CONNECT_TIMEOUT, connect_client
-from aioxen.vchan.endpoint import DEFAULT_SIZE
+from aioxen.vchan.endpoint import DEFAULT_SIZE, Connection
 from aioxen.vchan.server import VchanServer, abandon
 from aioxen.vchan.transport import VchanTransport, check_busy_poll
 
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
+_T = TypeVar("_T", bound=VchanTransport)
 
 
 async def create_connection(
@@ -54,6 +55,19 @@ async def create_connection(
     conn = await connect_client(
         plat, domid, port, read_size=read_size, write_size=write_size, timeout=timeout
     )
+    return await start_transport(conn, protocol_factory, VchanTransport, busy_poll=busy_poll)
+
+
+async def start_transport(
+    conn: Connection,
+    protocol_factory: Callable[[], _P],
+    transport_class: Callable[..., _T],
+    *,
+    busy_poll: float | None,
+) -> tuple[_T, _P]:
+    """Put a live ``conn`` under a new transport and protocol; return once
+    ``connection_made`` ran.  ``conn`` is abandoned if the factory fails, the transport
+    aborted if the wait for ``connection_made`` is cancelled or fails."""
     loop = asyncio.get_running_loop()
     try:
         protocol = protocol_factory()
@@ -61,7 +75,7 @@ async def create_connection(
         abandon(conn)
         raise
     waiter: asyncio.Future[None] = loop.create_future()
-    transport = VchanTransport(loop, conn, protocol, waiter, busy_poll=busy_poll)
+    transport = transport_class(loop, conn, protocol, waiter, busy_poll=busy_poll)
     try:
         await waiter
     except BaseException:

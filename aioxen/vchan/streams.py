@@ -20,7 +20,7 @@ from aioxen.platform import resolve
 from aioxen.platform.base import Platform
 from aioxen.vchan.client import DEFAULT_CONNECT_TIMEOUT
 from aioxen.vchan.endpoint import DEFAULT_SIZE
-from aioxen.vchan.protocols import create_connection, create_server
+from aioxen.vchan.protocols import create_connection, create_server, start_transport
 from aioxen.vchan.server import VchanServer, accept_one
 from aioxen.vchan.transport import VchanTransport, check_busy_poll
 
@@ -165,13 +165,9 @@ async def accept(
     )
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    waiter: asyncio.Future[None] = loop.create_future()
-    transport = VchanTransport(loop, conn, protocol, waiter, busy_poll=busy_poll)
-    try:
-        await waiter
-    except BaseException:
-        transport.abort()
-        raise
+    transport, _ = await start_transport(
+        conn, lambda: protocol, VchanTransport, busy_poll=busy_poll
+    )
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return reader, writer
 
