@@ -60,6 +60,7 @@ from typing import Any
 
 from aioxen import native
 from aioxen.errors import ProtocolError
+from aioxen.flowcontrol import WriteFlowControl
 from aioxen.net.keys import (
     FRONTEND_RING_KEYS,
     VIF,
@@ -667,13 +668,15 @@ class FrontQueue:
                 obj.close()
 
 
-class NetfrontTransport(asyncio.DatagramTransport):
+class NetfrontTransport(WriteFlowControl, asyncio.DatagramTransport):
     """The DatagramTransport of one vif: ``sendto(frame, info=None)``.
 
     ``get_extra_info`` keys: ``mac`` (bytes), ``mtu``, ``devid``, ``backend_domid``,
     ``backend_features`` (:class:`BackendFeatures`), ``frontend_features``, ``platform``,
     ``stats`` (:class:`NetStats`).
     """
+
+    _protocol: asyncio.DatagramProtocol
 
     def __init__(
         self,
@@ -689,9 +692,9 @@ class NetfrontTransport(asyncio.DatagramTransport):
         self._protocol = protocol
         self._queue_obj: FrontQueue | None = None
         self._pending: deque[tuple[bytes, FrameInfo]] = deque()
-        self._buffer_size = 0
-        self._high = 64 * 1024
-        self._low = 16 * 1024
+        self._wlen = 0
+        self._high = self.default_high
+        self._low = self.default_high // 4
         self._protocol_paused = False
         self._closing = False
         self._lost = False
@@ -743,7 +746,7 @@ class NetfrontTransport(asyncio.DatagramTransport):
         q = self._queue_obj
         assert q is not None
         self._pending.append((bytes(data), info))
-        self._buffer_size += n
+        self._wlen += n
         if len(self._pending) == 1:
             q.flush()
             q.want_tx_space()
@@ -760,51 +763,13 @@ class NetfrontTransport(asyncio.DatagramTransport):
                 q.want_tx_space()
                 break
             pending.popleft()
-            self._buffer_size -= len(frame)
+            self._wlen -= len(frame)
         self._maybe_resume_protocol()
         if self._closing and not pending:
             self._start_teardown(None)
 
     def get_write_buffer_size(self) -> int:
-        return self._buffer_size
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return (self._low, self._high)
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is None:
-            high = 64 * 1024 if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high, self._low = high, low
-        self._maybe_pause_protocol()
-
-    def _maybe_pause_protocol(self) -> None:
-        if self._buffer_size <= self._high or self._protocol_paused:
-            return
-        self._protocol_paused = True
-        try:
-            self._protocol.pause_writing()
-        except Exception as exc:
-            self._loop.call_exception_handler(
-                {"message": "protocol.pause_writing() failed", "exception": exc, "transport": self}
-            )
-
-    def _maybe_resume_protocol(self) -> None:
-        if self._protocol_paused and self._buffer_size <= self._low:
-            self._protocol_paused = False
-            try:
-                self._protocol.resume_writing()
-            except Exception as exc:
-                self._loop.call_exception_handler(
-                    {
-                        "message": "protocol.resume_writing() failed",
-                        "exception": exc,
-                        "transport": self,
-                    }
-                )
+        return self._wlen
 
     def pause_reading(self) -> None:
         if self._queue_obj is not None:
@@ -838,7 +803,7 @@ class NetfrontTransport(asyncio.DatagramTransport):
             return
         self._closing = True
         self._pending.clear()
-        self._buffer_size = 0
+        self._wlen = 0
         self._start_teardown(None)
 
     async def wait_closed(self) -> None:
@@ -850,7 +815,7 @@ class NetfrontTransport(asyncio.DatagramTransport):
             exc = ConnectionResetError(repr(exc))
         """The queue died or the backend left: tear down and report ``exc``."""
         self._pending.clear()
-        self._buffer_size = 0
+        self._wlen = 0
         self._start_teardown(exc)
 
     def _start_teardown(self, exc: Exception | None) -> None:

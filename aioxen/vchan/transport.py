@@ -85,6 +85,7 @@ from time import perf_counter
 from typing import Any
 
 from aioxen.errors import ProtocolError
+from aioxen.flowcontrol import WriteFlowControl
 from aioxen.native import ffi
 from aioxen.vchan import wire
 from aioxen.vchan.endpoint import Connection
@@ -155,7 +156,7 @@ def check_busy_poll(busy_poll: float | None, platform_name: str) -> float:
     return float(busy_poll)
 
 
-class VchanTransport(asyncio.Transport):
+class VchanTransport(WriteFlowControl, asyncio.Transport):
     """A bidirectional byte-stream transport over one vchan.
 
     ``busy_poll``: the maximum busy-poll window in seconds (``None`` =
@@ -166,6 +167,8 @@ class VchanTransport(asyncio.Transport):
     ``"client"``), ``read_size``/``write_size`` (ring sizes in bytes), ``peername``
     (``(peer_domid, port)``), ``sockname`` (``(own domid, port)``) and ``busy_poll``.
     """
+
+    default_high = DEFAULT_HIGH_WATER
 
     def __init__(
         self,
@@ -710,54 +713,10 @@ class VchanTransport(asyncio.Transport):
         if not self._wbuf:
             self._send_eof()
 
-    # -- write flow control ------------------------------------------------------------------
+    # -- write flow control (limits and pause/resume: WriteFlowControl) --------------------
     def get_write_buffer_size(self) -> int:
         """Bytes queued in the transport (not yet in the ring)."""
         return self._wlen
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return (self._low, self._high)
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is None:
-            high = DEFAULT_HIGH_WATER if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high, self._low = high, low
-        self._maybe_pause_protocol()
-
-    def _maybe_pause_protocol(self) -> None:
-        if self._wlen <= self._high or self._protocol_paused:
-            return
-        self._protocol_paused = True
-        try:
-            self._protocol.pause_writing()
-        except Exception as exc:
-            self._loop.call_exception_handler(
-                {
-                    "message": "protocol.pause_writing() failed",
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )
-
-    def _maybe_resume_protocol(self) -> None:
-        if self._protocol_paused and self._wlen <= self._low:
-            self._protocol_paused = False
-            try:
-                self._protocol.resume_writing()
-            except Exception as exc:
-                self._loop.call_exception_handler(
-                    {
-                        "message": "protocol.resume_writing() failed",
-                        "exception": exc,
-                        "transport": self,
-                        "protocol": self._protocol,
-                    }
-                )
 
     # -- closing ---------------------------------------------------------------------------
     def is_closing(self) -> bool:
