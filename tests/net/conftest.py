@@ -2,24 +2,4 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
-
-import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "platform"))
-
-from platform_harness import HARNESSES, harness_names  # type: ignore[import-not-found]
-
-
-@pytest.fixture(params=harness_names())
-async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    h = HARNESSES[request.param](tmp_path)
-    yield h
-    test_leaks = h.leaks()
-    await h.close()
-    world_leaks = h.world_leaks()
-    assert not test_leaks, f"{h.name}: test left open: {test_leaks}"
-    assert not world_leaks, f"{h.name}: still open after close: {world_leaks}"
+from support.harness import harness  # noqa: F401  (the fixture)
