@@ -105,6 +105,7 @@ from aioxen.net.netif import (
     parse_tx,
 )
 from aioxen.net.offload import locate_l4, resolve_offloads
+from aioxen.net.ringend import RingEnd
 from aioxen.platform.base import EventChannel, GrantTable, Platform
 from aioxen.platform.base import Mapping as GrantMapping
 from aioxen.rings.rpc import BackRing
@@ -209,7 +210,7 @@ class GrantCache:
         self.clear()
 
 
-class Vif:
+class Vif(RingEnd):
     """One connected vif (data path only; see :func:`serve_vif` for the handshake).
 
     ``deliver(frame, info)`` receives frames the frontend sent.  :meth:`send` gives the
@@ -238,6 +239,8 @@ class Vif:
         self.frontend_domid = frontend_domid
         self.devid = devid
         self._name = name or f"vif{frontend_domid}.{devid}"
+        self._peer_role = "frontend"
+        self._peer_domid = frontend_domid
         self._tx = tx_ring
         self._rx = rx_ring
         self._channel = channel
@@ -310,25 +313,10 @@ class Vif:
         self._loop.call_soon(self._on_event)
 
     # -- events ------------------------------------------------------------------------------
-    def _on_event(self) -> None:
-        if self._dead:
-            return
-        self.stats.events += 1
-        try:
-            self._poll_tx()
-            if self._rx_queue:
-                self._drain_rx_queue()
-            self._flush()
-        except ProtocolError as exc:
-            self._fail(exc)
-            return
-        if self._channel.peer_lost:
-            self._fail(
-                ConnectionResetError(
-                    f"{self._name}: frontend domain {self.frontend_domid} went away "
-                    f"(event channel port {self._channel.port})"
-                )
-            )
+    def _service(self) -> None:
+        self._poll_tx()
+        if self._rx_queue:
+            self._drain_rx_queue()
 
     def _fail(self, exc: BaseException) -> None:
         if self._dead:
@@ -570,8 +558,7 @@ class Vif:
                     if len(self._rx_rsps) >= PUSH_EVERY:
                         self._flush()
                     elif not self._flush_scheduled:
-                        self._flush_scheduled = True
-                        self._loop.call_soon(self._scheduled_flush)
+                        self._schedule_flush()
                     return True
             elif self._rx_put(frame, info):
                 if len(self._rx_rsps) >= PUSH_EVERY:
@@ -721,21 +708,7 @@ class Vif:
             if self.rx_resume is not None:
                 self.rx_resume()
 
-    # -- publishing ------------------------------------------------------------------------
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
-        if self._dead:
-            return
-        try:
-            self._flush()
-        except ProtocolError as exc:
-            self._fail(exc)
-
+    # -- publishing (scheduling and guarded flushes: RingEnd) ---------------------------
     def _flush(self) -> None:
         notify = False
         if self._tx_rsps:
@@ -760,14 +733,6 @@ class Vif:
         if notify:
             self.stats.notifies += 1
             self._channel.notify()
-
-    def flush(self) -> None:
-        """Publish pending responses now (normally done once per loop iteration)."""
-        if not self._dead:
-            try:
-                self._flush()
-            except ProtocolError as exc:
-                self._fail(exc)
 
     def close(self) -> None:
         """Publish what was answered, then release mappings, rings and channel."""

@@ -93,6 +93,7 @@ from aioxen.net.netif import (
     info_from_rx_flags,
     parse_rx,
 )
+from aioxen.net.ringend import RingEnd
 from aioxen.platform.base import EventChannel, Platform, Share
 from aioxen.rings.formats import RawFormat
 from aioxen.rings.rpc import FrontRing
@@ -146,7 +147,7 @@ class NetStats:
     events: int = 0
 
 
-class FrontQueue:
+class FrontQueue(RingEnd):
     """One netfront queue: rings, pools, event channel and the data path (no XenStore).
 
     ``deliver(frame, info)`` receives frames; ``tx_space()`` is called when TX pages were
@@ -166,6 +167,8 @@ class FrontQueue:
     ) -> None:
         self._plat = platform
         self._be = backend_domid
+        self._peer_role = "backend"
+        self._peer_domid = backend_domid
         self._deliver = deliver
         self._tx_space = tx_space
         self._fail_cb = fail
@@ -289,8 +292,7 @@ class FrontQueue:
         if len(self._tx_pending) >= PUSH_EVERY:
             self.flush()  # let the backend start on these while we fill the rest
         elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._scheduled_flush)
+            self._schedule_flush()
         return True
 
     def _send_multi(self, frame: bytes | bytearray | memoryview, info: FrameInfo) -> bool:
@@ -582,36 +584,11 @@ class FrontQueue:
             {"message": f"{self.name}: exception in protocol callback", "exception": exc}
         )
 
-    # -- events and flushing ----------------------------------------------------------------
-    def _on_event(self) -> None:
-        if self._dead:
-            return
-        self.stats.events += 1
-        try:
-            if self._want_tx_space:
-                self._check_tx_space()
-            self._poll_rx()
-            self._flush()
-        except ProtocolError as exc:
-            self._fail(exc)
-            return
-        channel = self._channel
-        if channel is not None and channel.peer_lost:
-            self._fail(
-                ConnectionResetError(
-                    f"{self.name}: backend domain {self._be} went away "
-                    f"(event channel port {channel.port})"
-                )
-            )
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
-        if self._dead:
-            return
-        try:
-            self._flush()
-        except ProtocolError as exc:
-            self._fail(exc)
+    # -- events and flushing (event handling and guarded flushes: RingEnd) -------------------
+    def _service(self) -> None:
+        if self._want_tx_space:
+            self._check_tx_space()
+        self._poll_rx()
 
     def _flush(self) -> None:
         """Publish queued TX requests and re-posted RX buffers; notify if asked to."""
@@ -631,13 +608,6 @@ class FrontQueue:
         if notify:
             self.stats.notifies += 1
             channel.notify()
-
-    def flush(self) -> None:
-        if not self._dead:
-            try:
-                self._flush()
-            except ProtocolError as exc:
-                self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
         if self._dead:
