@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import struct
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -196,22 +196,37 @@ def packets(refs: list[int], foreign: int) -> st.SearchStrategy[list[list[bytes]
 # --------------------------------------------------------------------------- tests
 
 
-@pytest.fixture
-async def hostile_front(harness: Any) -> AsyncIterator[RawFront]:
+_End = TypeVar("_End", RawFront, RawBack)
+
+
+@contextlib.asynccontextmanager
+async def raw_end(harness: Any, kind: type[_End]) -> AsyncIterator[_End]:
+    """A raw ring end of ``kind`` (frontend domain 1, backend domain 0), closed after."""
     be = await harness.platform(0)
     fe = await harness.platform(1)
-    front = await RawFront.create(fe, be)
+    end = await kind.create(fe, be)
     try:
-        yield front
+        yield end
     finally:
-        front.close()
+        end.close()
 
 
-@settings(
-    max_examples=100,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+def hostile_settings(max_examples: int) -> Any:
+    """Hypothesis settings of the hostile-peer tests (a fixture per test, no deadline)."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+
+
+@pytest.fixture
+async def hostile_front(harness: Any) -> AsyncIterator[RawFront]:
+    async with raw_end(harness, RawFront) as front:
+        yield front
+
+
+@hostile_settings(max_examples=100)
 @given(data=st.data())
 async def test_tx_matches_model(hostile_front: RawFront, data: st.DataObject) -> None:
     front = hostile_front
@@ -437,20 +452,11 @@ def rx_garbage(draw: st.DrawFn) -> list[bytes]:
 
 @pytest.fixture
 async def hostile_back(harness: Any) -> AsyncIterator[RawBack]:
-    be = await harness.platform(0)
-    fe = await harness.platform(1)
-    back = await RawBack.create(fe, be)
-    try:
+    async with raw_end(harness, RawBack) as back:
         yield back
-    finally:
-        back.close()
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@hostile_settings(max_examples=40)
 @given(data=st.data())
 async def test_front_rx_matches_model(hostile_back: RawBack, data: st.DataObject) -> None:
     back = hostile_back
