@@ -53,7 +53,9 @@ CACHE = Path(os.environ.get("XENLAB_CACHE", TREE / "lab-cache"))
 XEN_GZ = Path("/boot/xen-4.17-amd64.gz")
 XEN_BIN = Path("/usr/lib/xen-4.17/bin")
 # The hypothesis plugin alone costs ~10 s of start-up under TCG; guest tests do not use it.
-GUEST_SELECTION = ["-p", "no:hypothesispytest", "tests/xenlab/guest"]
+# A hung test is cut off after 200 s (the domU module's set-up, the slowest, takes 40-110 s),
+# so one hang cannot use up the guest's whole pytest time limit.
+GUEST_SELECTION = ["-p", "no:hypothesispytest", "--timeout", "200", "tests/xenlab/guest"]
 # Linux's own netfront/blkfront in a PV domU against aioxen's backends (test_domu.py) run
 # in the same boot; XENLAB_DOMU=0 leaves them out (a quicker run while working on dom0 tests).
 DOMU_TESTS = "tests/xenlab/guest/test_domu.py"
