@@ -22,13 +22,7 @@ from pathlib import Path
 
 import pytest
 from peer_process import PeerProcess
-from platform_harness import HARNESSES, Harness, harness_names, leak_checked
-
-
-@pytest.fixture(params=harness_names())
-async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
-    async with leak_checked(HARNESSES[request.param](tmp_path)) as h:
-        yield h
+from support.harness import harness  # noqa: F401 - the leak-checked fixture
 
 
 @pytest.fixture

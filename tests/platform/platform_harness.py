@@ -11,7 +11,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import pytest
 
@@ -60,21 +60,36 @@ def applies(test: object, harness: Harness) -> bool:
     return "needs_peer_loss_reports" not in marks or harness.reports_peer_loss
 
 
+class LeakChecked(Protocol):
+    """What :func:`leak_checked` needs: a harness, or any world of platforms."""
+
+    name: str
+
+    def leaks(self) -> list[str]: ...
+
+    async def close(self) -> None: ...
+
+    def world_leaks(self) -> list[str]: ...
+
+
+W = TypeVar("W", bound=LeakChecked)
+
+
 @contextlib.asynccontextmanager
-async def leak_checked(harness: Harness) -> AsyncIterator[Harness]:
-    """Yield ``harness``; afterwards fail the test if it left anything open, or if closing
-    its platforms left anything bound/shared/mapped in the world."""
-    yield harness
-    test_leaks = harness.leaks()
-    await harness.close()
-    world_leaks = harness.world_leaks()
+async def leak_checked(world: W) -> AsyncIterator[W]:
+    """Yield ``world``; afterwards fail the test if it left anything open, or if closing
+    its platforms left anything bound/shared/mapped."""
+    yield world
+    test_leaks = world.leaks()
+    await world.close()
+    world_leaks = world.world_leaks()
     problems = []
     if test_leaks:
         problems.append("test left open:\n  " + "\n  ".join(test_leaks))
     if world_leaks:
         problems.append("still bound/shared/mapped after close:\n  " + "\n  ".join(world_leaks))
     if problems:
-        pytest.fail(f"{harness.name} platform leaks\n" + "\n".join(problems), pytrace=False)
+        pytest.fail(f"{world.name} platform leaks\n" + "\n".join(problems), pytrace=False)
 
 
 class _Base:

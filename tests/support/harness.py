@@ -9,15 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from platform_harness import HARNESSES, harness_names  # type: ignore[import-not-found]
+from platform_harness import (  # type: ignore[import-not-found]
+    HARNESSES,
+    harness_names,
+    leak_checked,
+)
 
 
 @pytest.fixture(params=harness_names())
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    h = HARNESSES[request.param](tmp_path)
-    yield h
-    test_leaks = h.leaks()
-    await h.close()
-    world_leaks = h.world_leaks()
-    assert not test_leaks, f"{h.name}: test left open: {test_leaks}"
-    assert not world_leaks, f"{h.name}: still open after close: {world_leaks}"
+    async with leak_checked(HARNESSES[request.param](tmp_path)) as h:
+        yield h

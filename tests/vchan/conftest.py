@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from platform_harness import leak_checked
 from vchan_harness import InHeapWorld, UnixWorld, World, Xenstored
 
 
@@ -24,14 +25,5 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[World]:
         w: World = InHeapWorld()
     else:
         w = UnixWorld(request.getfixturevalue("xenstored"))
-    yield w
-    test_leaks = w.leaks()
-    await w.close()
-    world_leaks = w.world_leaks()
-    problems = []
-    if test_leaks:
-        problems.append("test left open:\n  " + "\n  ".join(test_leaks))
-    if world_leaks:
-        problems.append("still bound/shared/mapped after close:\n  " + "\n  ".join(world_leaks))
-    if problems:
-        pytest.fail(f"{w.name} leaks\n" + "\n".join(problems), pytrace=False)
+    async with leak_checked(w):
+        yield w
