@@ -11,10 +11,15 @@ for death, the *survivor* does it on the dead process's behalf:
 
 * While a byte-clearing notification is registered on a channel end, the registering
   process keeps a record file ``$XEN_ROOT/evtchn/<domid>/<port>.clear`` beside its ports:
-  one line per registration, ``<granting domid> <ref> <offset within the page>`` (the
+  one line per registration, ``<granting domid> <ref> <offset within the page>\n`` (the
   page is named by its grant, so the record means the same thing to every process).  The
   file is replaced atomically (write + ``rename``) whenever the set changes and removed
-  once it is empty, and before the channel end closes.
+  once it is empty, and before the channel end closes.  The common case -- the first
+  registration on a channel end, no record yet -- skips the temporary file: the record is
+  created exclusively (``O_EXCL``) and written with one ``write``.  A reader that finds
+  it empty or cut short is safe because only newline-terminated lines count (a record
+  cut mid-line yields the complete lines before the cut, and the first write holds
+  every line).
 * The peer of that channel sees EOF on its socket when the process dies (its sockets close
   with it).  Before it reports the peer gone, it reads the dead end's record, finds each
   page through the granting domain's grant table (share id and page index), writes 0 at
@@ -50,21 +55,34 @@ def write_record(path: str, specs: list[ClearSpec]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         return
-    text = "".join(f"{domid} {ref} {offset}\n" for domid, ref, offset in specs)
+    data = "".join(f"{domid} {ref} {offset}\n" for domid, ref, offset in specs).encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        pass  # replace the existing record atomically (below)
+    else:
+        # No record yet: write it in place (see the module docstring for why a reader
+        # never takes a partial record for more than it says).
+        try:
+            if os.write(fd, data) == len(data):
+                return
+        finally:
+            os.close(fd)
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, text.encode())
+        os.write(fd, data)
     finally:
         os.close(fd)
     os.rename(tmp, path)
 
 
 def read_record(path: str) -> list[ClearSpec]:
-    """The specs in the record at ``path``; malformed lines are ignored."""
+    """The specs in the record at ``path``; malformed lines, and a last line without its
+    newline (a record being written), are ignored."""
     try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            lines = f.read().splitlines()
+        with open(path, encoding="ascii", errors="replace", newline="") as f:
+            lines = f.read().split("\n")[:-1]  # only newline-terminated lines
     except FileNotFoundError:
         return []
     specs = []
