@@ -377,11 +377,14 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
         sources: list[tuple[int, int]] = []
         try:
             with _flock(tfd, exclusive=False):
-                entries = _read_refs(tfd, refs)
-                for ref in refs:
-                    share_id, page = self._check_entry(
-                        entries.get(ref, b""), remote_domid, ref, writable
-                    )
+                checked = self._check_run(tfd, refs, remote_domid, writable)
+                if checked is None:  # not one ascending run: entry by entry
+                    entries = _read_refs(tfd, refs)
+                    checked = [
+                        self._check_entry(entries.get(ref, b""), remote_domid, ref, writable)
+                        for ref in refs
+                    ]
+                for ref, (share_id, page) in zip(refs, checked, strict=True):
                     fd = fds.get(share_id)
                     if fd is None:
                         fd = fds[share_id] = self._open_backing(
@@ -401,6 +404,31 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
             raise
         pages = ComposedPages(sources, writable, list(fds.values()))
         return UnixMapping(self, remote_domid, refs, writable, pages)
+
+    def _check_run(
+        self, tfd: int, refs: list[int], remote_domid: int, writable: bool
+    ) -> list[tuple[int, int]] | None:
+        """Fast path for ``refs`` that are one run of consecutive ascending refs (a vchan
+        ring, a share mapped whole): one ``pread`` and one pass over the records, each
+        checked as :meth:`_check_entry` does.  ``None`` if ``refs`` is not such a run, or
+        anything is wrong (the caller then takes the entry-by-entry path, which raises the
+        precise error)."""
+        first, n = refs[0], len(refs)
+        if first < FIRST_REF or refs[-1] != first + n - 1 or (n > 1 and refs[1] != first + 1):
+            return None
+        if n > 2 and refs != list(range(first, first + n)):
+            return None
+        raw = os.pread(tfd, n * ENTRY_SIZE, first * ENTRY_SIZE)
+        if len(raw) != n * ENTRY_SIZE:
+            return None
+        bad = F_READONLY if writable else 0
+        me = self.domid
+        out = []
+        for flags, grantee, share_id, page, _pid in ENTRY.iter_unpack(raw):
+            if not flags & F_IN_USE or flags & bad or grantee != me:
+                return None
+            out.append((share_id, page))
+        return out
 
     def _check_entry(
         self, raw: bytes, remote_domid: int, ref: int, writable: bool

@@ -1,0 +1,59 @@
+"""Mapping a run of consecutive grant refs on the ``unix`` platform (one table read for the
+whole run): the same memory and the same precise errors as entry-by-entry mapping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aioxen import PAGE_SIZE
+from aioxen.platform.unix import UnixPlatform
+
+
+async def test_run_maps_the_granted_pages_in_order(tmp_path: Path) -> None:
+    async with UnixPlatform(1, tmp_path) as a, UnixPlatform(2, tmp_path) as b:
+        share = a.grants.share(2, 6)
+        for i in range(6):
+            share.buf[i * PAGE_SIZE] = i + 1
+        refs = share.refs
+        assert refs == list(range(refs[0], refs[0] + 6))
+        m = b.grants.map(1, refs[1:5], writable=False)
+        assert [m.buf[i * PAGE_SIZE] for i in range(4)] == [2, 3, 4, 5]
+        m.close()
+        w = b.grants.map(1, refs, writable=True)
+        w.buf[3 * PAGE_SIZE + 1] = 0x5A
+        assert share.buf[3 * PAGE_SIZE + 1] == 0x5A
+        w.close()
+        r = b.grants.map(1, list(reversed(refs[:3])), writable=False)  # not ascending
+        assert [r.buf[i * PAGE_SIZE] for i in range(3)] == [3, 2, 1]
+        r.close()
+        share.close()
+
+
+async def test_run_with_a_bad_entry_raises_the_precise_error(tmp_path: Path) -> None:
+    async with (
+        UnixPlatform(1, tmp_path) as a,
+        UnixPlatform(2, tmp_path) as b,
+        UnixPlatform(3, tmp_path) as c,
+    ):
+        s1 = a.grants.share(2, 2)
+        ro = a.grants.share(2, 2, writable=False)
+        other = a.grants.share(3, 2)
+        refs = s1.refs + ro.refs + other.refs
+        assert refs == list(range(refs[0], refs[0] + 6))
+        with pytest.raises(PermissionError, match="read-only"):
+            b.grants.map(1, refs[:4], writable=True)
+        with pytest.raises(PermissionError, match="granted to domain 3"):
+            b.grants.map(1, refs[2:6], writable=False)
+        m = b.grants.map(1, refs[:4], writable=False)  # read-only run over both shares
+        m.close()
+        revoked = s1.refs[1]
+        s1.close()
+        with pytest.raises(FileNotFoundError, match=f"grant ref {revoked} "):
+            b.grants.map(1, refs[1:4], writable=False)
+        with pytest.raises(FileNotFoundError):
+            b.grants.map(1, [refs[-1] + 1, refs[-1] + 2], writable=False)  # beyond the table
+        ro.close()
+        other.close()
+        assert c.grants.live() == []
