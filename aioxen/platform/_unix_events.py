@@ -360,6 +360,7 @@ class UnixEventChannels:
         self._platform = platform
         self._live: set[UnixEventChannel] = set()
         self._counter_fd: int | None = None
+        self._dirs: dict[int, str] = {}  # domid -> domain_dir (the root never changes)
 
     @property
     def domid(self) -> int:
@@ -370,7 +371,10 @@ class UnixEventChannels:
         return self._platform.root
 
     def domain_dir(self, domid: int) -> str:
-        return os.path.join(self._platform.root, "evtchn", str(domid))
+        d = self._dirs.get(domid)
+        if d is None:
+            d = self._dirs[domid] = os.path.join(self._platform.root, "evtchn", str(domid))
+        return d
 
     def _own_dir(self) -> str:
         d = self.domain_dir(self.domid)

@@ -272,13 +272,17 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
         self._platform = platform
         self._table_fd: int | None = None
         self._remote_tables: dict[int, int] = {}  # domid -> read-only table fd (maps)
+        self._dirs: dict[int, str] = {}  # domid -> domain_dir (the root never changes)
 
     @property
     def domid(self) -> int:
         return self._platform.domid
 
     def domain_dir(self, domid: int) -> str:
-        return os.path.join(self._platform.root, "grants", str(domid))
+        d = self._dirs.get(domid)
+        if d is None:
+            d = self._dirs[domid] = os.path.join(self._platform.root, "grants", str(domid))
+        return d
 
     def _own_table(self) -> int:
         if self._table_fd is None:
@@ -343,6 +347,12 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
         holds LOCK_EX): one ``pread`` and at most one ``pwrite`` per run of refs."""
         for first, count in ref_runs(sorted(refs)):
             raw = bytearray(os.pread(tfd, count * ENTRY_SIZE, first * ENTRY_SIZE))
+            if len(raw) == count * ENTRY_SIZE and all(
+                flags & F_IN_USE and sid == share_id
+                for flags, _, sid, _, _ in ENTRY.iter_unpack(raw)
+            ):  # the usual case: the whole run is still ours
+                os.pwrite(tfd, _FREE_ENTRY * count, first * ENTRY_SIZE)
+                continue
             changed = False
             for off in range(0, len(raw) - ENTRY_SIZE + 1, ENTRY_SIZE):
                 flags, _, sid, _, _ = ENTRY.unpack_from(raw, off)

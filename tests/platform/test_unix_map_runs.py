@@ -57,3 +57,32 @@ async def test_run_with_a_bad_entry_raises_the_precise_error(tmp_path: Path) -> 
         ro.close()
         other.close()
         assert c.grants.live() == []
+
+
+async def test_revoke_frees_only_entries_still_owned_by_the_share(tmp_path: Path) -> None:
+    import os
+
+    from aioxen.platform._unix_grants import ENTRY, ENTRY_SIZE, TABLE_NAME, read_entries
+
+    async with UnixPlatform(1, tmp_path) as a:
+        keep = a.grants.share(2, 3)
+        gone = a.grants.share(2, 4)
+        table = os.path.join(a.grants.domain_dir(1), TABLE_NAME)
+        gone.close()  # the whole run is still its own: cleared in one write
+        entries = read_entries(table)
+        assert sorted(entries) == keep.refs
+        third = a.grants.share(2, 4)  # reuses the freed refs
+        assert third.refs == gone.refs
+        # An entry of `third` taken over by another share id (as after a crash and a
+        # reallocation): revoking `third` must leave it alone.
+        foreign = ENTRY.pack(1, 2, 999, 0, 0)
+        fd = os.open(table, os.O_RDWR)
+        try:
+            os.pwrite(fd, foreign, third.refs[2] * ENTRY_SIZE)
+        finally:
+            os.close(fd)
+        third.close()
+        entries = read_entries(table)
+        assert sorted(entries) == sorted([*keep.refs, third.refs[2]])
+        assert entries[third.refs[2]][2] == 999
+        keep.close()
