@@ -624,7 +624,10 @@ async def test_net_connects_to_linux_netback(
         assert await state_of(plat, v.backend_dir) == XenbusState.CONNECTED
         driver = (SYSFS_BACKEND / f"vif-0-{v.devid}" / "driver").resolve().name
         assert driver == "vif", f"bound to {driver!r}"
-        assert Path(f"/sys/class/net/{v.ifname}/operstate").read_text().strip() == "up"
+        # Linux's link watch marks the carrier "up" asynchronously (a workqueue, up to ~1 s
+        # after netback connects): wait for it, the timeout only a hang guard.
+        operstate = Path(f"/sys/class/net/{v.ifname}/operstate")
+        await wait_for(lambda: operstate.read_text().strip() == "up", f"{v.ifname} up")
 
 
 async def test_net_frames_both_ways(plat: XenPlatform, linux_backends: LinuxBackends) -> None:
