@@ -46,6 +46,7 @@ from typing import Self, cast
 
 from aioxen.errors import ProtocolError
 from aioxen.xenstore import persist
+from aioxen.xenstore._cork import CorkedOutput
 from aioxen.xenstore.engine import Engine, EngineConnection, Quotas
 from aioxen.xenstore.wire import HEADER_SIZE, XENSTORE_PAYLOAD_MAX, Decoder, Message
 
@@ -177,8 +178,7 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._conn: EngineConnection | None = None
         self._decoder = Decoder()
-        self._out: list[bytes] = []
-        self._out_bytes = 0
+        self._out = CorkedOutput()
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -195,7 +195,7 @@ class _Connection(asyncio.Protocol):
             limit = quotas.watch_event_backlog
             if conn.privileged:
                 limit *= PRIVILEGED_BACKLOG_FACTOR
-            ok = transport.get_write_buffer_size() + self._out_bytes < limit
+            ok = transport.get_write_buffer_size() + self._out.nbytes < limit
             if not ok and conn.dropped_events % 1000 == 0:
                 log.warning(
                     "xenstored: dropping watch events for domid %d (unread output backlog)",
@@ -237,7 +237,6 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._out.clear()
-        self._out_bytes = 0
         if self._conn is not None:
             self._conn.close()
         self._server._conns.discard(self)
@@ -261,18 +260,9 @@ class _Connection(asyncio.Protocol):
         if not self._out:
             self._server._corked(self)
         self._out.append(data)
-        self._out_bytes += len(data)
 
     def flush(self) -> None:
-        out = self._out
-        if not out:
-            return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        self._out_bytes = 0
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
+        self._out.write_to(self._transport)
 
     def abort(self) -> None:
         if self._transport is not None:

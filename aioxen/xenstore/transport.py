@@ -6,9 +6,10 @@ A transport moves whole :class:`~aioxen.xenstore.wire.Message` objects.  The cli
 it with two callbacks -- ``on_message(msg)`` for every reply or watch event, and
 ``on_lost(exc)`` once when the connection ends -- and then calls ``send(msg)``.
 
-* :class:`SocketTransport` -- xenstored's Unix stream socket, through the stdlib streams
-  (``asyncio.open_unix_connection``).  Replies are matched to requests by ``req_id``, so
-  any number of requests may be in flight.
+* :class:`SocketTransport` -- xenstored's Unix stream socket, read by a plain
+  :class:`asyncio.Protocol` (messages, not a byte stream, so no StreamReader) with corked
+  writes (:class:`~aioxen.xenstore._cork.CorkedOutput`).  Replies are matched to requests
+  by ``req_id``, so any number of requests may be in flight.
 * :class:`XenbusTransport` -- the Linux ``/dev/xen/xenbus`` character device.  Each
   ``write`` must carry whole messages of at most 4096 bytes including the header.  The
   kernel answers WATCH/UNWATCH itself and its WATCH_EVENT headers carry garbage
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 from aioxen.errors import ProtocolError
+from aioxen.xenstore._cork import CorkedOutput
 from aioxen.xenstore.wire import HEADER_SIZE, XENSTORE_PAYLOAD_MAX, Decoder, Message, XsType
 
 if TYPE_CHECKING:
@@ -139,8 +141,7 @@ class _SocketProtocol(asyncio.Protocol):
         self._on_lost: OnLost | None = on_lost
         self._decoder = Decoder()
         self._transport: asyncio.Transport | None = None
-        self._out: list[bytes] = []
-        self._out_bytes = 0
+        self._out = CorkedOutput()
         self._flush_handle: asyncio.Handle | None = None
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -177,7 +178,6 @@ class _SocketProtocol(asyncio.Protocol):
         self.closing = True
         self._cancel_flush()
         self._out.clear()
-        self._out_bytes = 0
         self._wake_drainers()
         if not self._lost.done():
             self._lost.set_result(None)
@@ -201,19 +201,10 @@ class _SocketProtocol(asyncio.Protocol):
                 transport.write(data)
             return
         self._out.append(data)
-        self._out_bytes += len(data)
 
     def _flush(self) -> None:
         self._flush_handle = None
-        out = self._out
-        if not out:
-            return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        self._out_bytes = 0
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
+        self._out.write_to(self._transport)
 
     def _cancel_flush(self) -> None:
         if self._flush_handle is not None:
@@ -223,7 +214,7 @@ class _SocketProtocol(asyncio.Protocol):
     def backlog(self) -> int:
         transport = self._transport
         queued = transport.get_write_buffer_size() if transport is not None else 0
-        return queued + self._out_bytes
+        return queued + self._out.nbytes
 
     async def drain(self) -> None:
         self._cancel_flush()
