@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 import pytest
-from vchan_harness import World
+from vchan_harness import World, echo
 
 from aioxen import vchan
 from aioxen.vchan import wire
@@ -29,14 +29,6 @@ SERVER, CLIENT = 1, 2
 pytestmark = pytest.mark.timeout(60)
 
 POLL_SETTINGS = [0.0, vchan.DEFAULT_BUSY_POLL, vchan.MAX_BUSY_POLL]
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(1 << 16):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
-    await writer.wait_closed()
 
 
 @pytest.mark.parametrize("busy_poll", POLL_SETTINGS)

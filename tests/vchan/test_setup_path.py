@@ -12,7 +12,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from vchan_harness import World
+from vchan_harness import World, echo
 
 from aioxen import vchan
 from aioxen.vchan import advertise
@@ -20,14 +20,6 @@ from aioxen.vchan.endpoint import vchan_path
 
 SERVER, CLIENT = 1, 2
 pytestmark = pytest.mark.timeout(60)
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(1 << 16):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
-    await writer.wait_closed()
 
 
 async def wait_for(predicate: Any) -> None:

@@ -6,21 +6,13 @@ import asyncio
 import random
 
 import pytest
-from vchan_harness import World
+from vchan_harness import World, echo
 
 from aioxen import vchan
 from aioxen.platform.base import Platform
 
 SERVER, CLIENT = 1, 2
 pytestmark = pytest.mark.timeout(60)
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(1 << 16):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
-    await writer.wait_closed()
 
 
 async def test_roundtrip_and_eof(world: World) -> None:

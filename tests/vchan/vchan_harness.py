@@ -7,6 +7,7 @@ engine for ``inheap``, a real ``aioxen xenstored`` process for ``unix``).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,15 @@ from aioxen.xenstore import XenStoreClient
 from aioxen.xenstore.engine import Engine, Quotas
 
 HERE = Path(__file__).resolve().parent
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A stream server handler that echoes everything, then closes."""
+    while data := await reader.read(1 << 16):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+    await writer.wait_closed()
 
 
 class StoreWired(Platform):
