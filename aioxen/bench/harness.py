@@ -272,15 +272,17 @@ def write_json(path: str, measurements: list[Measurement], machine: dict[str, An
         f.write("\n")
 
 
-def end_process(proc: subprocess.Popen[Any], timeout: float) -> None:
+def end_process(proc: subprocess.Popen[Any], timeout: float) -> int:
     """SIGTERM a helper process and reap it; SIGKILL it if it is still there after
-    ``timeout`` seconds."""
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    ``timeout`` seconds.  Returns its exit status (also if it had already exited)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 __all__ = [

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import IO
 
+from aioxen.bench.harness import end_process
+
 RUN_CLI = str(Path(__file__).with_name("run_cli.py"))
 _counter = itertools.count()
 
@@ -90,20 +92,8 @@ class Xenstored:
         }
 
     def stop(self) -> None:
-        stop_process(self.proc)
+        end_process(self.proc, 15)
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def stop_process(proc: subprocess.Popen[str], timeout: float = 15) -> int:
-    """SIGTERM, wait, SIGKILL as a last resort; returns the exit status."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 class CliProcess:
@@ -150,7 +140,7 @@ class CliProcess:
         return result[0]
 
     def stop(self) -> int:
-        code = stop_process(self.proc)
+        code = end_process(self.proc, 15)
         self._err.join(2)
         return code
 

@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from netns_harness import Xenstored, stop_process
+from netns_harness import Xenstored
 from test_front_api import Proto, until
 
 import aioxen
+from aioxen.bench.harness import end_process
 from aioxen.net.front import create_frontend
 from aioxen.platform.base import Platform
 
@@ -50,7 +51,7 @@ def netback(xenstored: Xenstored) -> Iterator[subprocess.Popen[str]]:
     try:
         yield proc
     finally:
-        stop_process(proc)
+        end_process(proc, 15)
 
 
 @pytest.fixture
@@ -76,7 +77,7 @@ async def test_backend_killed_is_connection_reset(
         exc = await asyncio.wait_for(p.lost, 15)
         assert isinstance(exc, ConnectionResetError)
     finally:
-        stop_process(peer)
+        end_process(peer, 15)
 
 
 async def test_frontend_killed_then_replaced(

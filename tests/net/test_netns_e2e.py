@@ -18,7 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns_harness import CliProcess, NetNs, Xenstored, stop_process
+from netns_harness import CliProcess, NetNs, Xenstored
+
+from aioxen.bench.harness import end_process
 
 pytestmark = [pytest.mark.crossprocess, pytest.mark.timeout(240)]
 
@@ -142,7 +144,7 @@ def _http_transfer(server_ns: NetNs, client_ns: NetNs, server_ip: str, tmp: Path
         assert dst.stat().st_size == 100 * MIB
         assert hashlib.sha256(dst.read_bytes()).hexdigest() == want
     finally:
-        stop_process(server)  # type: ignore[arg-type]
+        end_process(server, 15)  # type: ignore[arg-type]
 
 
 def test_tcp_100mib_both_ways(
