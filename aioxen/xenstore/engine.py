@@ -45,8 +45,11 @@ A new watch fires once immediately.  Relative watches report relative paths.
 Quotas (defaults of Xen 4.17's C xenstored; unprivileged domains only): 1000 nodes per
 domain and 2048-byte values (``ENOSPC``), 128 watches (``E2BIG``), 10 open transactions
 (``ENOSPC``), 5 permission entries per node (``ENOSPC``), 1024 nodes touched per
-transaction (``ENOSPC``).  Per-connection output limits are the transport's business (see
-:class:`Quotas`).
+transaction (``ENOSPC``).  Inside a transaction each request checks the transaction's own
+view; the commit checks the node, node-size, permission and transaction-size quotas again
+against the live tree (other transactions of the domain may have committed meanwhile) and
+fails with ``ENOSPC``, nothing applied, if one would be exceeded.  Per-connection output
+limits are the transport's business (see :class:`Quotas`).
 """
 
 from __future__ import annotations
@@ -189,6 +192,13 @@ class _View:
         """Nodes owned by ``domid`` as this view sees them (for the node quota)."""
         raise NotImplementedError
 
+    def events(self, evs: list[_Event]) -> None:
+        """Several events of one operation (duplicates reach a watch once)."""
+        raise NotImplementedError
+
+    def note_perms(self, path: str) -> None:
+        """``path``'s permission list was set (re-checked against the quota at commit)."""
+
 
 class _LiveView(_View):
     def __init__(self, engine: Engine) -> None:
@@ -204,7 +214,10 @@ class _LiveView(_View):
         self.engine._unstore(path)
 
     def event(self, ev: _Event) -> None:
-        self.engine._fire(ev)
+        self.engine._fire_all([ev])
+
+    def events(self, evs: list[_Event]) -> None:
+        self.engine._fire_all(evs)
 
     def new_nodes(self, domid: int) -> int:
         return self.engine._owned.get(domid, 0)
@@ -220,8 +233,9 @@ class Transaction(_View):
         self.seen: dict[str, int] = {}
         self.overlay: dict[str, Node | None] = {}
         self.dirty: set[str] = set()
-        self.events: list[_Event] = []
+        self.pending: list[_Event] = []
         self.owned_delta: dict[int, int] = {}
+        self.perms_set: set[str] = set()
 
     def _limit(self) -> None:
         quota = self.engine.quotas.transaction_nodes
@@ -255,7 +269,13 @@ class Transaction(_View):
         self.dirty.add(path)
 
     def event(self, ev: _Event) -> None:
-        self.events.append(ev)
+        self.pending.append(ev)
+
+    def events(self, evs: list[_Event]) -> None:
+        self.pending.extend(evs)
+
+    def note_perms(self, path: str) -> None:
+        self.perms_set.add(path)
 
     def new_nodes(self, domid: int) -> int:
         return self.engine._owned.get(domid, 0) + self.owned_delta.get(domid, 0)
@@ -368,7 +388,7 @@ class EngineConnection:
         if handler is None:
             if msg.type in _UNSUPPORTED:
                 raise _Fail(errno.ENOSYS, f"{msg.type_name} not supported")
-            raise _Fail(errno.EINVAL, f"unknown message type {msg.type}")
+            raise _Fail(errno.ENOSYS, f"unknown message type {msg.type}")
         return handler(self, msg)
 
     # -- node access ------------------------------------------------------------------
@@ -440,10 +460,11 @@ class EngineConnection:
                 child = view.get(child_path)
                 if child is not None:
                     stack.append((child_path, child))
+        evs: list[_Event] = []
         for cpath, cnode in reversed(doomed):
             view.delete(cpath)
             if cpath != path:
-                view.event(_Event(cpath, True, (cnode.perms,)))
+                evs.append(_Event(cpath, True, (cnode.perms,)))
         ppath = P.parent(path)
         pnode = view.get(ppath)
         if pnode is not None:
@@ -454,7 +475,11 @@ class EngineConnection:
                     self.engine._next_gen(), children=tuple(c for c in pnode.children if c != name)
                 ),
             )
-        view.event(_Event(path, False, (node.perms,)))
+        # The top's event reaches a watch below it as the watch's own path, which an
+        # existing watched descendant's exact event already reported: sent once (see
+        # _fire_all).
+        evs.append(_Event(path, False, (node.perms,)))
+        view.events(evs)
 
     # -- operations -------------------------------------------------------------------
 
@@ -535,13 +560,9 @@ class EngineConnection:
         return msg.reply(XsType.DIRECTORY_PART, head + chunk + NUL)
 
     def op_get_perms(self, msg: Message) -> Message:
+        # GET_PERMS takes a <path>; "@name" is one only for WATCH and SET_PERMS (EINVAL,
+        # as Xen's C xenstored answers).
         raw = split(msg.payload, 1, what="path")[0]
-        if raw.startswith(b"@"):
-            name = P.canonicalize_watch(raw, self.domid)[0]
-            perms = self.engine._special_perms(name)
-            if not perm_for(self, perms) & PERM_READ:
-                raise _Fail(errno.EACCES, f"{name}: not readable")
-            return msg.reply(XsType.GET_PERMS, encode_perms(perms))
         view = self._view(msg)
         node = self._get(view, self._path(raw), PERM_READ)
         return msg.reply(XsType.GET_PERMS, encode_perms(node.perms))
@@ -556,7 +577,13 @@ class EngineConnection:
         raw = parts[0]
         if raw.startswith(b"@"):
             name = P.canonicalize_watch(raw, self.domid)[0]
-            self._require_privileged(f"SET_PERMS on {name}")
+            if name not in P.SPECIAL_WATCHES:
+                raise _Fail(errno.EINVAL, f"{name} is not a special node")
+            current = self.engine._special_perms(name)
+            if not perm_for(self, current) & PERM_OWNER:
+                raise _Fail(errno.EACCES, f"SET_PERMS on {name}: not its owner")
+            if not self.privileged and perms[0].domid != current[0].domid:
+                raise _Fail(errno.EPERM, f"{name}: only a privileged domain may change the owner")
             self.engine._special[name] = perms
             return msg.ok_reply()
         view = self._view(msg)
@@ -565,6 +592,7 @@ class EngineConnection:
         if not self.privileged and perms[0].domid != node.owner:
             raise _Fail(errno.EPERM, f"{path}: only a privileged domain may change the owner")
         view.put(path, node.replace(self.engine._next_gen(), perms=perms))
+        view.note_perms(path)
         view.event(_Event(path, False, (node.perms, perms)))
         return msg.ok_reply()
 
@@ -626,6 +654,7 @@ class EngineConnection:
         return msg.reply(XsType.GET_DOMAIN_PATH, P.home(domid).encode() + NUL)
 
     def op_is_domain_introduced(self, msg: Message) -> Message:
+        self._require_privileged("IS_DOMAIN_INTRODUCED")
         domid = parse_domid(split(msg.payload, 1, what="domid")[0])
         return msg.reply(
             XsType.IS_DOMAIN_INTRODUCED, b"T\x00" if self.engine.is_introduced(domid) else b"F\x00"
@@ -801,44 +830,110 @@ class Engine:
         return self._special.get(name, (Perm(0, "n"),))
 
     def _commit(self, tx: Transaction) -> None:
+        """Apply ``tx`` whole, or fail with nothing applied.
+
+        Conflicts fail with ``EAGAIN``.  Then every quota is checked again against the
+        tree as it is *now* and the quotas in force now, because each request inside the
+        transaction could only check its own view (other transactions of the same domain
+        may have committed meanwhile): ``ENOSPC`` if the commit would leave a domain
+        owning more than ``nodes`` nodes, or a value written (permission list set) by
+        the transaction over ``node_size`` (``permissions``), or the transaction touching
+        more than ``transaction_nodes`` nodes.  Nothing is changed before all checks
+        passed.
+        """
         if tx.conflicts():
             raise _Fail(errno.EAGAIN, f"transaction {tx.tx_id} conflicts")
+        if not tx.conn.privileged:
+            self._check_commit_quotas(tx)
         for path in sorted(tx.dirty, key=len):
             node = tx.overlay[path]
             if node is None:
                 self._unstore(path)
             else:
                 self._store(path, node.replace(self._next_gen()))
-        for ev in tx.events:
-            self._fire(ev)
+        self._fire_all(tx.pending)
+
+    def _check_commit_quotas(self, tx: Transaction) -> None:
+        q = self.quotas
+        where = f"transaction {tx.tx_id} of domain {tx.conn.domid}"
+        for domid, delta in sorted(tx.owned_delta.items()):
+            if domid == 0 or delta <= 0:
+                continue
+            total = self._owned.get(domid, 0) + delta
+            if total > q.nodes:
+                raise _Fail(
+                    errno.ENOSPC,
+                    f"{where}: commit would leave domain {domid} owning {total} nodes "
+                    f"(quota {q.nodes})",
+                )
+        if len(tx.overlay) > q.transaction_nodes:
+            raise _Fail(
+                errno.ENOSPC,
+                f"{where} touches {len(tx.overlay)} nodes (quota {q.transaction_nodes})",
+            )
+        for path in tx.dirty:
+            node = tx.overlay[path]
+            if node is None:
+                continue
+            live = self._nodes.get(path)
+            if len(node.value) > q.node_size and (live is None or live.value != node.value):
+                raise _Fail(
+                    errno.ENOSPC,
+                    f"{where}: {path} value of {len(node.value)} bytes exceeds node-size "
+                    f"quota {q.node_size}",
+                )
+            if path in tx.perms_set and len(node.perms) > q.permissions:
+                raise _Fail(
+                    errno.ENOSPC,
+                    f"{where}: {path} has {len(node.perms)} permissions (quota {q.permissions})",
+                )
 
     def _fire(self, ev: _Event) -> None:
-        special = ev.path.startswith("@")
-        for conn in list(self._conns):
-            if not conn.watches:
-                continue
-            if not conn.privileged and not any(
-                perm_for(conn, perms) & PERM_READ for perms in ev.perms
-            ):
-                continue
-            for watch in list(conn.watches.values()):
-                if special:
-                    if watch.path != ev.path:
+        self._fire_all([ev])
+
+    def _fire_all(self, evs: list[_Event]) -> None:
+        """Deliver the events of one operation (a request, or a commit).
+
+        A watch hears about a path at most once per operation: a recursive removal
+        reports a watch below the removed node as the watch's own path, and an existing
+        watched node's exact removal event says the same.  Special watches (``@name``)
+        match only special events, never operations on ``/``.
+        """
+        sent: set[tuple[int, str, bytes, str]] = set()
+        for ev in evs:
+            special = ev.path.startswith("@")
+            for conn in list(self._conns):
+                if not conn.watches:
+                    continue
+                if not conn.privileged and not any(
+                    perm_for(conn, perms) & PERM_READ for perms in ev.perms
+                ):
+                    continue
+                for watch in list(conn.watches.values()):
+                    if special != watch.path.startswith("@"):
                         continue
-                    report = ev.path
-                elif P.is_child(ev.path, watch.path):
-                    report = ev.path
-                elif not ev.exact and P.is_child(watch.path, ev.path):
-                    report = watch.path
-                else:
-                    continue
-                if watch.relative:
-                    report = P.relativize(report, conn.domid)
-                payload = report.encode() + NUL + watch.token + NUL
-                if len(payload) > XENSTORE_PAYLOAD_MAX:
-                    conn.dropped_events += 1
-                    continue
-                conn.deliver_event(Message(XsType.WATCH_EVENT, 0, 0, payload))
+                    if special:
+                        if watch.path != ev.path:
+                            continue
+                        report = ev.path
+                    elif P.is_child(ev.path, watch.path):
+                        report = ev.path
+                    elif not ev.exact and P.is_child(watch.path, ev.path):
+                        report = watch.path
+                    else:
+                        continue
+                    if len(evs) > 1:
+                        key = (id(conn), watch.path, watch.token, report)
+                        if key in sent:
+                            continue
+                        sent.add(key)
+                    if watch.relative:
+                        report = P.relativize(report, conn.domid)
+                    payload = report.encode("latin-1") + NUL + watch.token + NUL
+                    if len(payload) > XENSTORE_PAYLOAD_MAX:
+                        conn.dropped_events += 1
+                        continue
+                    conn.deliver_event(Message(XsType.WATCH_EVENT, 0, 0, payload))
 
     # -- public API ------------------------------------------------------------------
 

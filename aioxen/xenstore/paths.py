@@ -7,8 +7,9 @@ A node path is absolute (``/local/domain/3/data``) or relative to the caller's h
 doubled slashes, trailing slashes (except the root ``/``) and the empty path are forbidden,
 and so is anything longer than ``XENSTORE_ABS_PATH_MAX`` (3072) after resolution or
 ``XENSTORE_REL_PATH_MAX`` (2048) as sent.  ``.`` is not an allowed character, so ``..``
-can never climb out of a subtree.  Watch paths may instead be ``@<name>``
-(``@introduceDomain``, ``@releaseDomain``).
+can never climb out of a subtree.  Watch paths may instead be ``@<wspecial>`` of any
+syntax (the spec: "<wspecial> may have any syntax"); only ``@introduceDomain`` and
+``@releaseDomain`` ever fire (besides a new watch's first event).
 
 A path is a *child* of another if it is identical to it, or the other is ``/``, or the
 other followed by ``/`` is a prefix of it (so ``/a`` is a child of itself).
@@ -89,13 +90,20 @@ def validate_absolute(text: str) -> None:
 
 def canonicalize_watch(raw: bytes | str, domid: int) -> tuple[str, bool]:
     """As :func:`canonicalize`, but also accepts special ``@name`` watch paths."""
-    text = _decode(raw)
-    if text.startswith("@"):
-        if len(text) < 2 or "/" in text or len(text) > XENSTORE_ABS_PATH_MAX:
-            raise ProtocolError(f"special watch path {text!r} is malformed", field="path")
-        _check_chars(text)
+    if (raw[:1] == b"@") if isinstance(raw, bytes) else raw.startswith("@"):
+        # xenstore.txt: "<wspecial> may have any syntax" -- any bytes but NUL, kept as
+        # latin-1 so that events give back exactly the bytes the watcher sent.
+        text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+        if len(text) > XENSTORE_ABS_PATH_MAX:
+            raise ProtocolError(
+                f"special watch path of {len(text)} bytes exceeds XENSTORE_ABS_PATH_MAX "
+                f"({XENSTORE_ABS_PATH_MAX})",
+                field="path",
+            )
+        if "\0" in text:
+            raise ProtocolError("special watch path contains a NUL byte", field="path")
         return text, False
-    return canonicalize(text, domid)
+    return canonicalize(_decode(raw), domid)
 
 
 def relativize(path: str, domid: int) -> str:

@@ -231,8 +231,11 @@ def test_paths() -> None:
     with pytest.raises(ProtocolError, match="REL_PATH_MAX"):
         paths.canonicalize("a" * (XENSTORE_REL_PATH_MAX + 1), 0)
     assert paths.canonicalize_watch("@releaseDomain", 5) == ("@releaseDomain", False)
+    # xenstore.txt: "<wspecial> may have any syntax"
+    assert paths.canonicalize_watch(b"@", 5) == ("@", False)
+    assert paths.canonicalize_watch(b"@releaseDomain/10", 5) == ("@releaseDomain/10", False)
     with pytest.raises(ProtocolError):
-        paths.canonicalize_watch("@", 5)
+        paths.canonicalize_watch("@" + "x" * XENSTORE_ABS_PATH_MAX, 5)
     assert paths.is_child("/a/b", "/a") and paths.is_child("/a", "/a")
     assert paths.is_child("/a", "/") and not paths.is_child("/ab", "/a")
     assert paths.ancestors("/a/b") == ["/a", "/"]
