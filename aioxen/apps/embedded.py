@@ -4,8 +4,10 @@ Theory of operation
 -------------------
 ``aioxen cat -l`` without ``$XEN_ROOT`` and the demo need a world of their own, the way
 MirageOS's ``unixcat -l`` made one: :class:`EmbeddedRoot` creates a fresh root directory
-(mode 0700), serves :class:`~aioxen.xenstore.server.XenStoreServer` on
-``ROOT/xenstored/socket`` in the caller's event loop, and renders the shell export lines
+(``mkdtemp``: unpredictable name, mode 0700, in ``$XDG_RUNTIME_DIR`` when that is a private
+directory of ours, else in the system's temporary directory), serves
+:class:`~aioxen.xenstore.server.XenStoreServer` on ``ROOT/xenstored/socket`` in the caller's
+event loop, and renders the shell export lines
 another process evaluates to join that world as some domain (:meth:`EmbeddedRoot.exports`).
 Closing stops the server (dropping its clients) and removes the whole root.
 """
@@ -19,6 +21,7 @@ import tempfile
 from types import TracebackType
 from typing import Self
 
+from aioxen.platform._rootdir import default_parent, ensure_private_dir
 from aioxen.platform.unix import UnixPlatform
 from aioxen.xenstore.server import XenStoreServer
 
@@ -33,9 +36,12 @@ class EmbeddedRoot:
         self._server: XenStoreServer | None = None
 
     async def start(self) -> None:
-        self.root = tempfile.mkdtemp(prefix=self._prefix)
+        # A fresh, unpredictable, private directory (mkdtemp makes it 0700), in
+        # $XDG_RUNTIME_DIR when that is ours, never a fixed shared path; checked like any
+        # root before use.
+        self.root = tempfile.mkdtemp(prefix=self._prefix, dir=default_parent())
         try:
-            os.chmod(self.root, 0o700)
+            ensure_private_dir(self.root)
             self.socket = os.path.join(self.root, "xenstored", "socket")
             server = XenStoreServer(self.socket)
             await server.start()

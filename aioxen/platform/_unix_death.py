@@ -28,7 +28,9 @@ for death, the *survivor* does it on the dead process's behalf:
   Xen: the byte cleared and an event, then (a ``unix`` bonus) ``peer_lost``.
 
 A record that names a revoked ref or a vanished file is skipped: a clean close already
-did the clearing.  Records are trusted no more than the rest of ``$XEN_ROOT`` (one user).
+did the clearing.  Records are trusted no more than the rest of ``$XEN_ROOT`` (one user),
+and are opened, created and replaced with :mod:`aioxen.platform._rootdir`'s rules (never
+through a link, ``O_EXCL`` when new, replaced by ``rename``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+from aioxen.platform._rootdir import open_file, replace_file
 from aioxen.platform.base import PAGE_SIZE
 
 RECORD_SUFFIX = ".clear"
@@ -57,7 +60,7 @@ def write_record(path: str, specs: list[ClearSpec]) -> None:
         return
     data = "".join(f"{domid} {ref} {offset}\n" for domid, ref, offset in specs).encode()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     except FileExistsError:
         pass  # replace the existing record atomically (below)
     else:
@@ -68,23 +71,18 @@ def write_record(path: str, specs: list[ClearSpec]) -> None:
                 return
         finally:
             os.close(fd)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+    replace_file(path, data)  # a temporary file beside it (O_EXCL), then rename
 
 
 def read_record(path: str) -> list[ClearSpec]:
     """The specs in the record at ``path``; malformed lines, and a last line without its
     newline (a record being written), are ignored."""
     try:
-        with open(path, encoding="ascii", errors="replace", newline="") as f:
-            lines = f.read().split("\n")[:-1]  # only newline-terminated lines
+        fd = open_file(path, os.O_RDONLY)  # never through a link
     except FileNotFoundError:
         return []
+    with open(fd, encoding="ascii", errors="replace", newline="") as f:
+        lines = f.read().split("\n")[:-1]  # only newline-terminated lines
     specs = []
     for line in lines:
         fields = line.split()

@@ -50,6 +50,7 @@ import fcntl
 import itertools
 import os
 import socket
+import stat
 import struct
 import threading
 from collections.abc import Iterator
@@ -57,6 +58,7 @@ from typing import TYPE_CHECKING
 
 from aioxen.errors import PortNotOfferedError
 from aioxen.platform._channel import ChannelCore
+from aioxen.platform._rootdir import RootPermissionError, describe, open_file
 from aioxen.platform._unix_death import ClearSpec, clear_for_dead_peer, record_path, write_record
 from aioxen.platform.base import check_domid
 
@@ -99,7 +101,7 @@ def socket_address(path: str) -> Iterator[str]:
         yield path
         return
     dirname, name = os.path.split(path)
-    dfd = os.open(dirname, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    dfd = os.open(dirname, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         yield f"/proc/self/fd/{dfd}/{name}"
     finally:
@@ -109,9 +111,7 @@ def socket_address(path: str) -> Iterator[str]:
 def open_port_counter(domain_dir: str) -> int:
     """Open (creating it) the port counter of the domain whose evtchn directory is
     ``domain_dir``; pass the fd to :func:`take_port`."""
-    return os.open(
-        os.path.join(domain_dir, PORT_COUNTER), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-    )
+    return open_file(os.path.join(domain_dir, PORT_COUNTER), os.O_RDWR | os.O_CREAT)
 
 
 def take_port(counter_fd: int) -> int:
@@ -147,6 +147,25 @@ def listening_offers(domain_dir: str, port: int) -> list[int]:
         if name.startswith(prefix) and name[len(prefix) :].isdigit():
             out.append(int(name[len(prefix) :]))
     return out
+
+
+def _check_is_socket(path: str, name: str) -> None:
+    """Refuse to connect through ``path`` (the claimed ``name``) unless it is a socket:
+    ``connect`` follows links, and the root holds nothing but our own sockets."""
+    st = os.lstat(path)
+    if not stat.S_ISSOCK(st.st_mode):
+        raise RootPermissionError(
+            errno.EPERM,
+            f"refusing to connect to {name}: not a socket ({describe(st)}"
+            f"{', a symbolic link' if stat.S_ISLNK(st.st_mode) else ''}); "
+            f"nothing but event channel sockets belongs there",
+        )
+
+
+def _chmod_socket(path: str) -> None:
+    """``chmod 0600`` the socket we just bound at ``path`` -- never through a link."""
+    if stat.S_ISSOCK(os.lstat(path).st_mode):
+        os.chmod(path, 0o600)
 
 
 class UnixEventChannel(ChannelCore):
@@ -377,9 +396,7 @@ class UnixEventChannels:
         return d
 
     def _own_dir(self) -> str:
-        d = self.domain_dir(self.domid)
-        self._platform._ensure_dir(d)
-        return d
+        return self._platform._ensure_dir("evtchn", str(self.domid))
 
     def _allocate_port(self, own_dir: str | None = None) -> int:
         """The next own port, through the port counter kept open after the first use."""
@@ -399,8 +416,8 @@ class UnixEventChannels:
             try:
                 sock.setblocking(False)
                 with socket_address(path) as addr:
-                    sock.bind(addr)
-                os.chmod(path, 0o600)
+                    sock.bind(addr)  # never follows a link: one in its place -> EADDRINUSE
+                _chmod_socket(path)
                 sock.listen(LISTEN_BACKLOG)
             except OSError as exc:
                 sock.close()
@@ -421,11 +438,14 @@ class UnixEventChannels:
         path = os.path.join(rdir, f"{remote_port}.{self.domid}")
         where = f"event channel port {remote_port} of domain {remote_domid}"
         claimed = f"{path}.claimed-{os.getpid()}-{next(_claims)}"
+        with contextlib.suppress(FileNotFoundError):  # not there yet: reported below
+            self._platform._check_dir("evtchn", str(remote_domid))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             try:
                 os.rename(path, claimed)  # the atomic claim: one connector wins
+                _check_is_socket(claimed, path)  # connect(2) would follow a link
                 with socket_address(claimed) as addr:
                     sock.connect(addr)
             except FileNotFoundError:

@@ -20,6 +20,8 @@ Concurrency: several processes may play one domid and any process may map.  Allo
 revocation hold an exclusive ``flock`` on ``table``; ``map`` holds a shared one while it
 reads the entries *and opens the backing files*, so a ref cannot be revoked between the check
 and the open.  Every record read is validated (flags, page index within the file).
+Every file is opened with :func:`~aioxen.platform._rootdir.open_file` (``O_NOFOLLOW``,
+regular files only; ``O_EXCL`` for new share files) in directories checked to be private.
 
 ``share`` creates the backing file, writes the entries and ``mmap``\\ s the whole file for the
 owner.  ``share.close()`` clears the entries and unlinks the file: new maps fail with
@@ -48,6 +50,7 @@ from typing import TYPE_CHECKING
 from aioxen.errors import ProtocolError
 from aioxen.platform._grants_common import ComposedMapping, FileShare, GrantTableBase
 from aioxen.platform._pagemap import ComposedPages
+from aioxen.platform._rootdir import open_file
 from aioxen.platform._unix_events import UnixEventChannel
 from aioxen.platform.base import PAGE_SIZE, EventChannel
 
@@ -100,7 +103,7 @@ def _read_header(fd: int, path: str) -> tuple[int, int]:
 
 def read_entries(path: str) -> dict[int, tuple[int, int, int, int, int]]:
     """All in-use entries of a table file: ``{ref: (flags, grantee, share, page, pid)}``."""
-    with open(path, "rb") as f:
+    with open(open_file(path, os.O_RDONLY), "rb") as f:
         data = f.read()
     out = {}
     for ref in range(FIRST_REF, len(data) // ENTRY_SIZE):
@@ -181,7 +184,7 @@ def clear_granted_byte(root: str, granter: int, ref: int, offset: int) -> None:
     :mod:`aioxen.platform._unix_death`).  A revoked ref or a vanished file is skipped."""
     d = os.path.join(root, "grants", str(granter))
     try:
-        tfd = os.open(os.path.join(d, TABLE_NAME), os.O_RDONLY | os.O_CLOEXEC)
+        tfd = open_file(os.path.join(d, TABLE_NAME), os.O_RDONLY)
     except FileNotFoundError:
         return
     try:
@@ -195,7 +198,7 @@ def clear_granted_byte(root: str, granter: int, ref: int, offset: int) -> None:
     if not flags & F_IN_USE:
         return
     try:
-        fd = os.open(os.path.join(d, share_file_name(share_id)), os.O_WRONLY | os.O_CLOEXEC)
+        fd = open_file(os.path.join(d, share_file_name(share_id)), os.O_WRONLY)
     except FileNotFoundError:
         return
     try:
@@ -286,11 +289,8 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
 
     def _own_table(self) -> int:
         if self._table_fd is None:
-            d = self.domain_dir(self.domid)
-            self._platform._ensure_dir(d)
-            self._table_fd = os.open(
-                os.path.join(d, TABLE_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
+            d = self._platform._ensure_dir("grants", str(self.domid))
+            self._table_fd = open_file(os.path.join(d, TABLE_NAME), os.O_RDWR | os.O_CREAT)
         return self._table_fd
 
     # -- export --------------------------------------------------------------------------
@@ -308,7 +308,7 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
                 raise OSError(f"grant table {table_path} is full ({MAX_REFS} refs)")
             os.pwrite(tfd, HEADER.pack(HEADER_MAGIC, HEADER_VERSION, 0, share_id + 1, 0), 0)
             path = os.path.join(d, share_file_name(share_id))
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = open_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
             try:
                 os.ftruncate(fd, npages * PAGE_SIZE)
                 pack = ENTRY.pack
@@ -370,7 +370,8 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
         if tfd is None:
             table_path = os.path.join(d, TABLE_NAME)
             try:
-                tfd = os.open(table_path, os.O_RDONLY | os.O_CLOEXEC)
+                self._platform._check_dir("grants", str(remote_domid))
+                tfd = open_file(table_path, os.O_RDONLY)
             except FileNotFoundError:
                 raise FileNotFoundError(
                     f"grant ref {first_ref} of domain {remote_domid} does not exist "
@@ -461,7 +462,7 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
     def _open_backing(d: str, remote_domid: int, ref: int, share_id: int, writable: bool) -> int:
         path = os.path.join(d, share_file_name(share_id))
         try:
-            return os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            return open_file(path, os.O_RDWR if writable else os.O_RDONLY)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"grant ref {ref} of domain {remote_domid} was revoked ({path} is gone)"

@@ -21,15 +21,23 @@ Every process that plays a domain names the same root directory (``root=`` or
   :mod:`aioxen.xenstore`.
 
 Nothing needs root privileges; all processes must run as the same user.
+
+Security: whoever can open the root's files can play any domain, so the root's permissions
+are the trust boundary.  The root must be a real directory (never a link) owned by the
+effective user with no group/other access, below directories only root or we can change;
+everything under it is created 0700/0600 with ``O_NOFOLLOW`` (``O_EXCL`` when new) and
+rewritten by rename (:mod:`aioxen.platform._rootdir`); anything else is refused with a
+``PermissionError`` naming path, owner and mode.  Before connecting to the xenstored socket
+the platform checks its directory the same way.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import TYPE_CHECKING
 
 from aioxen.errors import PlatformError
+from aioxen.platform import _rootdir
 from aioxen.platform._leaks import ClosesAllOpened
 from aioxen.platform._unix_events import UnixEventChannel, UnixEventChannels
 from aioxen.platform._unix_grants import (
@@ -58,21 +66,14 @@ def resolve_root(root: str | os.PathLike[str] | None) -> str:
 
 
 def ensure_private_dir(path: str) -> None:
-    """Create ``path`` and any missing parents with mode 0700; error if not a directory."""
-    missing: list[str] = []
-    p = path
-    while not os.path.lexists(p):
-        missing.append(p)
-        parent = os.path.dirname(p)
-        if parent == p:
-            break
-        p = parent
-    for d in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(d, 0o700)
-            os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
-    if not os.path.isdir(path):
-        raise PlatformError(f"{path} exists but is not a directory")
+    """Create ``path`` (and missing parents) with mode 0700, or check an existing one: a real
+    directory owned by us, no group/other access, trusted ancestors.  ``RootPermissionError``
+    (a ``PermissionError``) naming the path, owner and mode otherwise
+    (:mod:`aioxen.platform._rootdir`)."""
+    try:
+        _rootdir.ensure_private_dir(path)
+    except NotADirectoryError as exc:
+        raise PlatformError(f"{path} exists but is not a directory ({exc.strerror})") from None
 
 
 class UnixPlatform(ClosesAllOpened, Platform):
@@ -89,6 +90,7 @@ class UnixPlatform(ClosesAllOpened, Platform):
         super().__init__(domid)
         self.root = resolve_root(root)
         ensure_private_dir(self.root)
+        self._private_dirs: set[tuple[str, ...]] = set()
         if xenstored_path is None:
             xenstored_path = os.environ.get("XENSTORED_PATH") or os.path.join(
                 self.root, "xenstored", "socket"
@@ -97,8 +99,21 @@ class UnixPlatform(ClosesAllOpened, Platform):
         self._events = UnixEventChannels(self)
         self._grants = UnixGrantTable(self)
 
-    def _ensure_dir(self, path: str) -> None:
-        ensure_private_dir(path)
+    def _ensure_dir(self, *parts: str) -> str:
+        """Make (if missing) and check the private directory ``root/parts...`` (once per
+        platform object); returns its path."""
+        if parts not in self._private_dirs:
+            _rootdir.ensure_private_subdirs(self.root, *parts)
+            self._private_dirs.add(parts)
+        return os.path.join(self.root, *parts)
+
+    def _check_dir(self, *parts: str) -> str:
+        """Check, without creating it, the directory ``root/parts...`` another domain made;
+        ``FileNotFoundError`` if it does not exist yet."""
+        if parts not in self._private_dirs:
+            _rootdir.ensure_private_subdirs(self.root, *parts, create=False)
+            self._private_dirs.add(parts)
+        return os.path.join(self.root, *parts)
 
     @property
     def events(self) -> UnixEventChannels:
@@ -111,7 +126,11 @@ class UnixPlatform(ClosesAllOpened, Platform):
     def _create_store(self) -> XenStoreClient:
         from aioxen.xenstore.client import XenStoreClient
 
-        return XenStoreClient.for_unix_socket(self.xenstored_path, self.domid)
+        # Inside our root the socket's directory must be private (another user's directory
+        # there is the socket-hijack of issue 13); elsewhere it must be trusted.
+        path = self.xenstored_path
+        _rootdir.check_socket(path, private=_rootdir.inside(path, self.root))
+        return XenStoreClient.for_unix_socket(path, self.domid)
 
     def __repr__(self) -> str:
         return f"<UnixPlatform domid={self.domid} root={self.root}>"

@@ -14,6 +14,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aioxen.errors import ProtocolError
+from aioxen.platform._rootdir import (
+    check_socket,
+    ensure_private_dir,
+    ensure_private_subdirs,
+    inside,
+)
 from aioxen.xenstore.client import XenStoreClient
 from aioxen.xenstore.engine import Quotas
 from aioxen.xenstore.transport import default_socket_path
@@ -46,7 +52,12 @@ def _register_xenstored(subparsers: Any) -> None:
     p.add_argument(
         "--root",
         default=os.environ.get("XEN_ROOT"),
-        help="the unix platform's root directory (created 0700; default $XEN_ROOT)",
+        help=(
+            "the unix platform's root directory (default $XEN_ROOT): a private directory "
+            "of yours, created 0700 if missing; a link, another user's directory or one "
+            "group/other can access is refused.  Never a shared fixed path such as "
+            '/tmp/NAME: use e.g. "$(mktemp -d)" or a directory in $XDG_RUNTIME_DIR'
+        ),
     )
     p.add_argument("--socket", help="socket path (default ROOT/xenstored/socket)")
     p.add_argument(
@@ -81,9 +92,14 @@ async def _run_xenstored(args: argparse.Namespace) -> int:
         print("aioxen xenstored: --root DIR is required (or set $XEN_ROOT)", file=sys.stderr)
         return 2
     root = os.path.abspath(args.root)
-    os.makedirs(root, mode=0o700, exist_ok=True)
-    rundir = os.path.join(root, "xenstored")
-    os.makedirs(rundir, mode=0o700, exist_ok=True)
+    try:
+        # A private root: a real directory of ours, no group/other access, never a link
+        # (created 0700 if missing); anything else is refused, nothing is repaired.
+        ensure_private_dir(root)
+        rundir = ensure_private_subdirs(root, "xenstored")
+    except OSError as exc:
+        print(f"aioxen xenstored: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     sock = os.path.abspath(args.socket) if args.socket else os.path.join(rundir, "socket")
     state_file = args.state_file or (
         os.path.join(rundir, STATE_FILE_NAME) if args.persist else None
@@ -181,9 +197,14 @@ Op = Callable[[XenStoreClient, argparse.Namespace], Coroutine[Any, Any, int]]
 
 def _cmd(op: Op) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
     async def run(args: argparse.Namespace) -> int:
-        client = XenStoreClient.for_unix_socket(
-            args.socket or default_socket_path(), args.domid, timeout=args.timeout
-        )
+        path = args.socket or default_socket_path()
+        try:
+            # Never talk to a socket another user could have put there (issue 13).
+            check_socket(path, private=_in_own_root(path))
+        except OSError as exc:
+            print(f"aioxen xenstore {args.xs_command}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        client = XenStoreClient.for_unix_socket(path, args.domid, timeout=args.timeout)
         try:
             return await op(client, args)
         except (OSError, ValueError, TimeoutError, ProtocolError) as exc:
@@ -194,6 +215,12 @@ def _cmd(op: Op) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
                 await client.close()
 
     return run
+
+
+def _in_own_root(path: str) -> bool:
+    """Whether the socket ``path`` is in ``$XEN_ROOT`` (whose directories must be private)."""
+    root = os.environ.get("XEN_ROOT")
+    return root is not None and root != "" and inside(path, root)
 
 
 def _out(data: bytes) -> None:

@@ -115,7 +115,8 @@ async def test_long_root_path(tmp_path: Path) -> None:
 async def test_stale_socket_is_refused(tmp_path: Path) -> None:
     async with UnixPlatform(2, tmp_path) as b:
         d = tmp_path / "evtchn" / "1"
-        d.mkdir(parents=True)
+        d.mkdir(parents=True, mode=0o700)  # private, like everything in a root
+        d.parent.chmod(0o700)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.bind(str(d / "7.2"))
         s.close()  # the socket file stays: as after a SIGKILL
@@ -171,7 +172,8 @@ async def test_corrupt_table_entry_is_a_protocol_error(tmp_path: Path) -> None:
 
 async def test_table_with_wrong_magic(tmp_path: Path) -> None:
     d = tmp_path / "grants" / "1"
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, mode=0o700)  # private, like everything in a root
+    d.parent.chmod(0o700)
     (d / "table").write_bytes(b"GARBAGE!" * 16)
     async with UnixPlatform(1, tmp_path) as a:
         with pytest.raises(ProtocolError, match="magic"):

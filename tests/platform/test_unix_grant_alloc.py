@@ -210,6 +210,7 @@ async def test_exhaustion_and_the_last_refs(tmp_path: Path) -> None:
     then the table is full (OSError naming it) and nothing is left behind."""
     d = tmp_path / "grants" / "1"
     d.mkdir(parents=True, mode=0o700)
+    d.parent.chmod(0o700)  # parents=True makes the parent with the default mode
     table = d / "table"
     nused = MAX_REFS - 2 - FIRST_REF
     header = HEADER.pack(HEADER_MAGIC, HEADER_VERSION, 0, 100, 0).ljust(
