@@ -24,7 +24,8 @@ Two mechanisms use the record:
   permissions, and whatever ``then(tx, stale_owner)`` writes) in the *same* transaction,
   so two racing claimants cannot both win (the loser's transaction conflicts, is retried,
   and then sees the winner).  :func:`release_key` removes paths only if the owner key
-  still holds *our* claim, again in one transaction.  :func:`holder_of` reads a record.
+  still holds *our* claim, again in one transaction.  :func:`holder_of` reads a record;
+  :func:`claim_in` / :func:`release_in` do the same inside a caller's open transaction.
 * **Files** -- :class:`FileLock` takes an ``flock`` on a lock file (created ``O_NOFOLLOW``,
   mode 0600, must be a regular file of ours); the kernel drops it when the process dies,
   so liveness is exact.  :class:`UnixSocketClaim` uses ``PATH.lock`` to claim a Unix
@@ -65,8 +66,10 @@ __all__ = [
     "Owner",
     "ResourceBusy",
     "UnixSocketClaim",
+    "claim_in",
     "claim_key",
     "holder_of",
+    "release_in",
     "release_key",
 ]
 
@@ -249,6 +252,30 @@ async def _holder_in(tx: Any, key: str, what: str) -> Owner | None:
         ) from None
 
 
+async def claim_in(
+    tx: Any,
+    key: str,
+    owner: Owner,
+    *,
+    what: str | None = None,
+    perms: Sequence[Any] | None = None,
+    then: Callable[[Any, Owner | None], Awaitable[None]] | None = None,
+) -> Owner | None:
+    """:func:`claim_key`'s work inside an open transaction ``tx`` (the caller commits)."""
+    label = what or f"XenStore key {key}"
+    holder = await _holder_in(tx, key, label)
+    if holder is not None and holder.claim == owner.claim:
+        holder = None  # ours already
+    if holder is not None and holder.alive():
+        raise ResourceBusy(f"{label} is in use by {holder.describe()}", holder)
+    await tx.write(key, owner.encode())
+    if perms is not None:
+        await tx.set_perms(key, list(perms))
+    if then is not None:
+        await then(tx, holder)
+    return holder
+
+
 async def claim_key(
     store: Any,
     key: str,
@@ -262,22 +289,33 @@ async def claim_key(
     conflict).  ``ResourceBusy`` naming the holder if another live claim holds it --
     nothing is written then.  ``perms`` are set on the key; ``then(tx, stale)`` runs inside
     the same transaction (e.g. to clear a dead owner's leftovers).  Returns the dead
-    owner's record that was replaced, or ``None``."""
-    label = what or f"XenStore key {key}"
+    owner's record that was replaced, or ``None``.  :func:`claim_in` does the same inside
+    a transaction of the caller's."""
 
     async def body(tx: Any) -> Owner | None:
-        holder = await _holder_in(tx, key, label)
-        if holder is not None and holder.claim != owner.claim and holder.alive():
-            raise ResourceBusy(f"{label} is in use by {holder.describe()}", holder)
-        await tx.write(key, owner.encode())
-        if perms is not None:
-            await tx.set_perms(key, list(perms))
-        if then is not None:
-            await then(tx, holder if holder is not None and holder.claim != owner.claim else None)
-        return holder if holder is not None and holder.claim != owner.claim else None
+        return await claim_in(tx, key, owner, what=what, perms=perms, then=then)
 
     result: Owner | None = await store.transact(body)
     return result
+
+
+async def release_in(
+    tx: Any, key: str, owner: Owner, *, remove: Sequence[str] | None = None
+) -> bool:
+    """:func:`release_key`'s work inside an open transaction ``tx``."""
+    try:
+        raw = await tx.read(key)
+    except FileNotFoundError:
+        return False
+    try:
+        if Owner.decode(raw).claim != owner.claim:
+            return False
+    except ValueError:
+        return False
+    for p in list(remove) if remove is not None else [key]:
+        with contextlib.suppress(FileNotFoundError):
+            await tx.rm(p)
+    return True
 
 
 async def release_key(
@@ -285,22 +323,9 @@ async def release_key(
 ) -> bool:
     """If ``key`` still holds ``owner``'s claim, remove ``remove`` (default: ``key``) in one
     transaction and return True; otherwise touch nothing and return False."""
-    paths = list(remove) if remove is not None else [key]
 
     async def body(tx: Any) -> bool:
-        try:
-            raw = await tx.read(key)
-        except FileNotFoundError:
-            return False
-        try:
-            if Owner.decode(raw).claim != owner.claim:
-                return False
-        except ValueError:
-            return False
-        for p in paths:
-            with contextlib.suppress(FileNotFoundError):
-                await tx.rm(p)
-        return True
+        return await release_in(tx, key, owner, remove=remove)
 
     result: bool = await store.transact(body)
     return result

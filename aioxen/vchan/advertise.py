@@ -10,6 +10,18 @@ unbound port), written in *one transaction* together with permissions ``n<server
 same keys (:func:`republish`: ``ring-ref`` first, ``event-channel`` last, no transaction,
 one round trip); closing the server removes the directory.
 
+Ownership.  One server per path: the first :func:`publish` also claims the path with an
+``owner`` key (an :class:`aioxen.ownership.Owner` record: pid, process start time, boot id;
+permission ``n<server>``, so only the server domain reads it) *in the same transaction*.  A
+second server finds a live owner there and fails with
+:class:`~aioxen.ownership.ResourceBusy` (``EADDRINUSE``) naming it, having written
+nothing; a dead owner's advertisement (process gone, or pid reused) is taken over.
+libxenvchan clients read only ``ring-ref`` and ``event-channel`` and never see the extra
+key.  :func:`withdraw` removes the directory only while the owner key still holds our
+claim (one transaction), so a server never removes another's advertisement.  An
+advertisement without an owner key (a libxenvchan server, or aioxen before 0.2) cannot be
+checked for liveness; it is replaced, with a warning.
+
 A client watches ``<path>/event-channel`` (the key, not the directory: the client may
 only read the keys) and, on every change, reads ``event-channel``, ``ring-ref`` and
 ``event-channel`` again (the three requests pipelined: one round trip).  Without a
@@ -35,14 +47,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import weakref
 from typing import Any
 
 from aioxen.errors import ProtocolError
+from aioxen.ownership import Owner, ResourceBusy, claim_in, release_key
 from aioxen.platform.base import Platform
+
+logger = logging.getLogger("aioxen.vchan")
 
 RING_REF = "ring-ref"
 EVENT_CHANNEL = "event-channel"
+OWNER = "owner"
+"""Key of the owner record (not part of libxenvchan's wire format; clients ignore it)."""
 
 MAX_CONCURRENT_TRANSACTIONS = 4
 """Advertisement transactions in flight per store client (Xen's quota is 10)."""
@@ -67,16 +85,28 @@ def _tx_limit(store: Any) -> asyncio.Semaphore:
     return sem
 
 
+def server_owner(platform: Platform, path: str) -> Owner:
+    """A fresh owner record for a server of this process advertising at ``path``."""
+    return Owner.current(f"vchan server at {path}", domid=platform.domid)
+
+
 async def publish(
-    platform: Platform, path: str, peer_domid: int, ring_ref: int, event_channel: int
+    platform: Platform,
+    path: str,
+    peer_domid: int,
+    ring_ref: int,
+    event_channel: int,
+    owner: Owner | None = None,
 ) -> None:
-    """Write (or overwrite) the advertisement at ``path`` in one transaction."""
+    """Write (or overwrite) the advertisement at ``path`` in one transaction; with
+    ``owner``, claim the path in that same transaction (``ResourceBusy`` naming the live
+    holder, nothing written; see the module docstring)."""
     from aioxen.xenstore import Perm
 
     store = _store(platform)
     perms = [Perm(platform.domid, "n"), Perm(peer_domid, "r")]
 
-    async def body(tx: Any) -> None:
+    async def write_keys(tx: Any) -> None:
         # Pipelined: xenstored handles one connection's requests in order, so the four
         # requests go out back to back and cost one round trip instead of four.
         ops = []
@@ -85,11 +115,40 @@ async def publish(
             ops.append(tx.set_perms(f"{path}/{key}", perms))
         await _all(ops)
 
+    async def body(tx: Any) -> None:
+        if owner is None:
+            await write_keys(tx)
+            return
+
+        async def then(tx: Any, stale: Owner | None) -> None:
+            if stale is not None:
+                logger.info("vchan %s: taking over from dead %s", path, stale.describe())
+            else:
+                with contextlib.suppress(FileNotFoundError, PermissionError):
+                    await tx.read(f"{path}/{EVENT_CHANNEL}")
+                    logger.warning(
+                        "vchan %s: replacing an advertisement without an owner record "
+                        "(a libxenvchan server, or a leftover)",
+                        path,
+                    )
+            await write_keys(tx)
+
+        await claim_in(
+            tx,
+            f"{path}/{OWNER}",
+            owner,
+            what=f"vchan advertisement {path}",
+            perms=[Perm(platform.domid, "n")],
+            then=then,
+        )
+
     async with _tx_limit(store):
         for attempt in range(50):
             try:
                 await store.transact(body)
                 return
+            except ResourceBusy:
+                raise
             except OSError as exc:
                 # Transaction quota exhausted by someone else: back off and retry.
                 if exc.errno not in _RETRYABLE_ERRNOS or attempt == 49:
@@ -112,10 +171,16 @@ async def republish(platform: Platform, path: str, ring_ref: int, event_channel:
     )
 
 
-async def withdraw(platform: Platform, path: str) -> None:
-    """Remove the advertisement directory (missing is fine)."""
-    with contextlib.suppress(FileNotFoundError):
-        await _store(platform).rm(path)
+async def withdraw(platform: Platform, path: str, owner: Owner | None = None) -> None:
+    """Remove the advertisement directory (missing is fine) -- with ``owner``, only while
+    its owner key still holds that claim (checked in the same transaction)."""
+    store = _store(platform)
+    if owner is None:
+        with contextlib.suppress(FileNotFoundError):
+            await store.rm(path)
+        return
+    if not await release_key(store, f"{path}/{OWNER}", owner, remove=[path]):
+        logger.debug("vchan %s: not removed, no longer ours", path)
 
 
 async def _all(coros: list[Any]) -> list[Any]:
@@ -263,4 +328,14 @@ async def watch_key(platform: Platform, key: str) -> Any:
         sw.release()
 
 
-__all__ = ["EVENT_CHANNEL", "RING_REF", "publish", "read", "republish", "watch_key", "withdraw"]
+__all__ = [
+    "EVENT_CHANNEL",
+    "OWNER",
+    "RING_REF",
+    "publish",
+    "read",
+    "republish",
+    "server_owner",
+    "watch_key",
+    "withdraw",
+]

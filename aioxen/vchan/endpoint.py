@@ -23,6 +23,11 @@ platform's binding guarantees); only then register the unmap notification on
 ``srv_notify = NOTIFY_WRITE`` and ``cli_live = 1`` and signal.  Our server treats the
 transient 3 as "still connecting"; a libxenvchan server just sees a non-zero live byte.
 
+A server that gives up on an endpoint nobody completed (:meth:`PendingServer.retire`)
+first ORs a RETIRED bit into ``cli_live`` (2 -> 6): from then on no client can claim it,
+so a slow client never goes live on an endpoint that is being torn down; if a client had
+claimed it already (3), the server keeps it for one more bound instead.
+
 Both produce a :class:`Connection`: the :class:`~aioxen.vchan.wire.VchanCore` plus the
 channel and the grant objects, released in the right order by
 :meth:`Connection.release`.  Every failure path releases what it acquired, so a cancelled
@@ -74,6 +79,11 @@ def check_size(size: int, what: str) -> int:
 def vchan_path(server_domid: int, client_domid: int, port: str) -> str:
     """XenStore directory of an advertisement (libxenvchan's convention)."""
     return f"/local/domain/{server_domid}/data/vchan/{client_domid}/{port}"
+
+
+RETIRED = 0x04
+"""Bit a server ORs into ``cli_live`` to retire an unclaimed endpoint (see
+:meth:`PendingServer.retire`); never visible to a libxenvchan peer as a live value."""
 
 
 class StaleAdvertisement(ConnectionRefusedError):
@@ -294,6 +304,36 @@ class PendingServer:
         self._done = True
         self._channel = None
         return conn
+
+    def maybe_bound(self) -> bool:
+        """False only if the platform shows that no client has bound our port yet (the
+        ``unix`` platform's channels report ``state == "listening"``); True where it cannot
+        tell (Xen gives no sign of a bind)."""
+        channel = self._channel
+        if channel is None:
+            return False
+        return getattr(channel, "state", None) != "listening"
+
+    def retire(self) -> bool:
+        """Withdraw an endpoint no client has claimed, atomically with respect to clients.
+
+        Sets bit :data:`RETIRED` in ``cli_live`` with one atomic OR.  If the old value was
+        ``LIVE_WAITING`` (2) no client claimed it and none can any more (a claimant's OR
+        of 1 now reads 6, not 2, and it backs off): returns True and the caller
+        :meth:`close` must follow.  Otherwise (a client claimed it, is connected, or left) the bit
+        is cleared again with an atomic AND -- whatever the client wrote meanwhile is kept
+        -- and False is returned."""
+        if self._done:
+            return False
+        sb = SharedBuffer(self._ctrl)
+        try:
+            old = sb.fetch_or_u8(wire.CLI_LIVE, RETIRED)
+            if old == wire.LIVE_WAITING:
+                return True
+            sb.fetch_and_u8(wire.CLI_LIVE, 0xFF & ~RETIRED)
+            return False
+        finally:
+            sb.release()
 
     def close(self) -> None:
         """Give up waiting: unshare the pages (``srv_live`` drops to 0) and unbind."""

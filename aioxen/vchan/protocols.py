@@ -22,7 +22,7 @@ from aioxen.platform import resolve
 from aioxen.platform.base import Platform
 from aioxen.vchan.client import DEFAULT_CONNECT_TIMEOUT, connect_client
 from aioxen.vchan.endpoint import DEFAULT_SIZE, Connection
-from aioxen.vchan.server import VchanServer, abandon
+from aioxen.vchan.server import DEFAULT_HANDSHAKE_TIMEOUT, VchanServer, abandon
 from aioxen.vchan.transport import VchanTransport, check_busy_poll
 
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
@@ -95,6 +95,7 @@ async def create_server(
     start_serving: bool = True,
     initial_index: int = 0,
     busy_poll: float | None = None,
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
 ) -> VchanServer:
     """Serve vchan ``port`` to clients of domain ``domid``; one protocol per connection.
 
@@ -104,7 +105,10 @@ async def create_server(
     With ``start_serving`` (default) this returns once the first endpoint is advertised.
     ``initial_index`` seeds the ring indices of every connection (any u32 is wire-legal;
     tests use values near 2**32).  ``busy_poll``: as for :func:`create_connection`, for
-    every accepted connection.
+    every accepted connection.  ``handshake_timeout``: a client that binds the advertised
+    endpoint and does not complete the handshake within it is dropped and a fresh endpoint
+    advertised (see :class:`~aioxen.vchan.server.VchanServer`).  A second server for the
+    same port raises :class:`~aioxen.ownership.ResourceBusy` (``EADDRINUSE``).
     """
     plat = await resolve(platform)
     server = VchanServer(
@@ -116,6 +120,7 @@ async def create_server(
         write_size=write_size,
         initial_index=initial_index,
         busy_poll=busy_poll,
+        handshake_timeout=handshake_timeout,
     )
     if start_serving:
         try:

@@ -18,6 +18,23 @@ endpoint is ever advertised per path, as libxenvchan expects.  Clients that race
 taken endpoint fail to bind its port and retry on the watch event the re-advertisement
 fires.  A client that binds and leaves without connecting just causes a re-advertisement.
 
+One owner per path: the first advertisement claims the XenStore path for this server
+(:mod:`aioxen.vchan.advertise`, "Ownership"); a second server on the same (own domid,
+client domid, port) fails in :meth:`VchanServer.start_serving` with
+:class:`~aioxen.ownership.ResourceBusy` (``EADDRINUSE``) naming the holder and touches
+nothing; closing removes the advertisement only while it is still ours.
+
+Bounded handshakes.  The advertised endpoint is given ``handshake_timeout`` seconds at a
+time.  When they pass without a connection and the port may have been bound (the
+``unix`` platform shows whether it was; Xen cannot), the server stops waiting for it: an
+endpoint no client claimed is retired atomically
+(:meth:`~aioxen.vchan.endpoint.PendingServer.retire`) and released at once -- this is
+what drops a client that bound the port and stalled -- while one a client claimed is set
+aside with one more ``handshake_timeout`` to go live (served like any other client if it
+does, released otherwise).  Either way a fresh endpoint is advertised at once, so other
+clients wait at most one bound for a stalled one.  On Xen an idle server therefore
+re-advertises every ``handshake_timeout`` seconds (one XenStore write).
+
 ``close()`` stops accepting: the waiting endpoint is unshared and unbound and the XenStore
 directory removed; established connections stay open (asyncio 3.11 semantics) --
 :meth:`VchanServer.close_clients` / :meth:`VchanServer.abort_clients` end them too.
@@ -50,6 +67,10 @@ logger = logging.getLogger("aioxen.vchan")
 SPARE_MAX_PAGES = 64
 """Largest endpoint (control page + ring pages) for which a spare is kept ready."""
 
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+"""Seconds an advertised endpoint may stay bound by a client that does not complete the
+handshake before the server drops it and advertises a fresh one (``None``: no bound)."""
+
 
 def endpoint_pages(read_size: int, write_size: int) -> int:
     """Pages a server endpoint grants: the control page plus both rings' own pages."""
@@ -78,8 +99,10 @@ class VchanServer(asyncio.AbstractServer):
         write_size: int = DEFAULT_SIZE,
         initial_index: int = 0,
         busy_poll: float | None = None,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
         check_domid(domid)
+        _check_handshake_timeout(handshake_timeout)
         check_port(port)
         check_size(read_size, "read_size")
         check_size(write_size, "write_size")
@@ -94,6 +117,12 @@ class VchanServer(asyncio.AbstractServer):
         self._busy_poll = check_busy_poll(busy_poll, platform.name)
         self.path = vchan_path(platform.domid, domid, port)
         """The XenStore directory of the advertisement."""
+        self._handshake_timeout = handshake_timeout
+        self._owner = advertise.server_owner(platform, self.path)
+        self._aside: set[asyncio.Task[None]] = set()  # claimed endpoints given one more bound
+        self.dropped = 0
+        """Endpoints dropped because a client bound them and did not complete the handshake
+        within ``handshake_timeout``."""
         self._pending: PendingServer | None = None
         self._spare: PendingServer | None = None  # made ahead, not yet published
         self._keep_spare = endpoint_pages(read_size, write_size) <= SPARE_MAX_PAGES
@@ -179,7 +208,12 @@ class VchanServer(asyncio.AbstractServer):
                 )
             else:
                 await advertise.publish(
-                    self._platform, self.path, self._domid, pending.ring_ref, pending.event_channel
+                    self._platform,
+                    self.path,
+                    self._domid,
+                    pending.ring_ref,
+                    pending.event_channel,
+                    owner=self._owner,
                 )
                 self._ad_written = True
         except BaseException:
@@ -194,7 +228,15 @@ class VchanServer(asyncio.AbstractServer):
                 pending = self._pending
                 assert pending is not None
                 try:
-                    conn = await pending.wait_connected()
+                    conn = await pending.wait_connected(timeout=self._handshake_timeout)
+                except TimeoutError:
+                    if not pending.maybe_bound():
+                        continue  # nobody bound it: keep it advertised
+                    self._pending = None
+                    self._give_up_on(pending)
+                    self._pending = await self._advertise()
+                    await self._prepare_spare()
+                    continue
                 except (ConnectionError, ProtocolError) as exc:
                     logger.debug("%r: discarding endpoint: %s", self, exc)
                     self._pending = None
@@ -203,8 +245,7 @@ class VchanServer(asyncio.AbstractServer):
                     await self._prepare_spare()
                     continue
                 self._pending = None
-                self.accepted += 1
-                self._start_connection(conn)
+                self._accepted(conn)
                 self._pending = await self._advertise()
                 await self._prepare_spare()
         except asyncio.CancelledError:
@@ -216,7 +257,57 @@ class VchanServer(asyncio.AbstractServer):
             self._release_waiting()
             await self._withdraw()
 
+    def _accepted(self, conn: Connection) -> None:
+        self.accepted += 1
+        self._start_connection(conn)
+
+    def _give_up_on(self, pending: PendingServer) -> None:
+        """The handshake bound passed on a possibly bound endpoint: retire and release it
+        if unclaimed, else give the claimant one more bound aside."""
+        if pending.retire():
+            logger.info(
+                "%r: dropping %s: bound, no handshake within %s s",
+                self,
+                pending.describe(),
+                self._handshake_timeout,
+            )
+            self.dropped += 1
+            pending.close()
+            return
+        task = self._loop.create_task(self._finish_aside(pending))
+        self._aside.add(task)
+        task.add_done_callback(self._aside.discard)
+
+    async def _finish_aside(self, pending: PendingServer) -> None:
+        try:
+            conn = await pending.wait_connected(timeout=self._handshake_timeout)
+        except TimeoutError:
+            logger.info(
+                "%r: dropping %s: claimed, not connected within %s s",
+                self,
+                pending.describe(),
+                self._handshake_timeout,
+            )
+            self.dropped += 1
+            pending.close()
+        except (ConnectionError, ProtocolError) as exc:
+            logger.debug("%r: discarding endpoint: %s", self, exc)
+            pending.close()
+        except BaseException:
+            pending.close()
+            raise
+        else:
+            if self._closed:
+                abandon(conn)
+            else:
+                try:
+                    self._accepted(conn)
+                except Exception as exc:
+                    logger.error("%r: could not start a connection: %r", self, exc)
+
     def _release_waiting(self) -> None:
+        for task in list(self._aside):
+            task.cancel()  # _finish_aside releases its endpoint
         for pending in (self._pending, self._spare):
             if pending is not None:
                 pending.close()
@@ -227,7 +318,7 @@ class VchanServer(asyncio.AbstractServer):
             self._published = False
             self._ad_written = False
             try:
-                await advertise.withdraw(self._platform, self.path)
+                await advertise.withdraw(self._platform, self.path, self._owner)
             except Exception as exc:
                 logger.warning("%r: could not remove %s: %r", self, self.path, exc)
 
@@ -315,19 +406,26 @@ async def accept_one(
     write_size: int = DEFAULT_SIZE,
     timeout: float | None = None,
     initial_index: int = 0,
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
 ) -> Connection:
     """Serve exactly one client (libxenvchan's model): advertise an endpoint, wait up to
     ``timeout`` for a client to go live, withdraw the advertisement, return the
     :class:`~aioxen.vchan.endpoint.Connection`.  A client that binds and leaves without
-    connecting gets a fresh endpoint advertised.  Cancellation or timeout releases
-    everything and removes the XenStore entries."""
+    connecting, or stalls for ``handshake_timeout`` (see :class:`VchanServer`), gets a
+    fresh endpoint advertised.  The path is claimed as in :class:`VchanServer`
+    (``ResourceBusy`` if another live server holds it).  Cancellation or timeout
+    releases everything and removes the XenStore entries."""
     check_domid(domid)
     check_port(port)
     check_size(read_size, "read_size")
     check_size(write_size, "write_size")
+    _check_handshake_timeout(handshake_timeout)
     path = vchan_path(platform.domid, domid, port)
+    owner = advertise.server_owner(platform, path)
+    claimed = False
 
     async def fresh() -> PendingServer:
+        nonlocal claimed
         p = await PendingServer.create(
             platform,
             domid,
@@ -337,7 +435,13 @@ async def accept_one(
             initial_index=initial_index,
         )
         try:
-            await advertise.publish(platform, path, domid, p.ring_ref, p.event_channel)
+            if claimed:
+                await advertise.republish(platform, path, p.ring_ref, p.event_channel)
+            else:
+                await advertise.publish(
+                    platform, path, domid, p.ring_ref, p.event_channel, owner=owner
+                )
+                claimed = True
         except BaseException:
             p.close()
             raise
@@ -349,13 +453,26 @@ async def accept_one(
     try:
         async with deadline:
             pending = await fresh()
+            second_chance = False
             while conn is None:
                 try:
-                    conn = await pending.wait_connected()
+                    conn = await pending.wait_connected(timeout=handshake_timeout)
+                except TimeoutError:
+                    if not second_chance and not pending.maybe_bound():
+                        continue
+                    if not second_chance and not pending.retire():
+                        second_chance = True  # claimed: one more bound to go live
+                        continue
+                    logger.info("vchan %s: dropping a client that did not connect", path)
+                    pending.close()
+                    pending = None
+                    second_chance = False
+                    pending = await fresh()
                 except (ConnectionAbortedError, ProtocolError) as exc:
                     logger.debug("vchan %s: discarding endpoint: %s", path, exc)
                     pending.close()
                     pending = None
+                    second_chance = False
                     pending = await fresh()
     except TimeoutError:
         if not deadline.expired():
@@ -367,12 +484,17 @@ async def accept_one(
         if pending is not None:
             pending.close()  # no-op once connected
         try:
-            await asyncio.shield(advertise.withdraw(platform, path))
+            await asyncio.shield(advertise.withdraw(platform, path, owner))
         except BaseException:
             if conn is not None:  # cancelled while withdrawing: do not leak the connection
                 abandon(conn)
             raise
     return conn
+
+
+def _check_handshake_timeout(value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"handshake_timeout must be > 0 or None, not {value!r}")
 
 
 def abandon(conn: Connection) -> None:
@@ -384,4 +506,4 @@ def abandon(conn: Connection) -> None:
         conn.release()
 
 
-__all__ = ["VchanServer", "abandon", "accept_one"]
+__all__ = ["DEFAULT_HANDSHAKE_TIMEOUT", "VchanServer", "abandon", "accept_one"]

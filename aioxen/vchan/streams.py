@@ -21,7 +21,7 @@ from aioxen.platform.base import Platform
 from aioxen.vchan.client import DEFAULT_CONNECT_TIMEOUT
 from aioxen.vchan.endpoint import DEFAULT_SIZE
 from aioxen.vchan.protocols import create_connection, create_server, start_transport
-from aioxen.vchan.server import VchanServer, accept_one
+from aioxen.vchan.server import DEFAULT_HANDSHAKE_TIMEOUT, VchanServer, accept_one
 from aioxen.vchan.transport import VchanTransport, check_busy_poll
 
 STREAM_LIMIT = 2**16
@@ -110,6 +110,7 @@ async def start_server(
     start_serving: bool = True,
     initial_index: int = 0,
     busy_poll: float | None = None,
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
 ) -> VchanServer:
     """Serve vchan ``port`` to clients of domain ``domid``, like
     :func:`asyncio.start_server`: ``client_connected_cb(reader, writer)`` runs for every
@@ -133,6 +134,7 @@ async def start_server(
         start_serving=start_serving,
         initial_index=initial_index,
         busy_poll=busy_poll,
+        handshake_timeout=handshake_timeout,
     )
 
 
@@ -147,6 +149,7 @@ async def accept(
     timeout: float | None = None,
     initial_index: int = 0,
     busy_poll: float | None = None,
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Serve exactly one client (a libxenvchan-style single-connection server): advertise,
     wait up to ``timeout`` for the client, withdraw the advertisement, return its
@@ -162,6 +165,7 @@ async def accept(
         write_size=write_size,
         timeout=timeout,
         initial_index=initial_index,
+        handshake_timeout=handshake_timeout,
     )
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
