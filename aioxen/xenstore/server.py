@@ -84,15 +84,34 @@ class XenStoreServer:
         self._saved_at = -1
 
     async def start(self) -> None:
+        import errno
+        import stat
+
+        from aioxen.platform._rootdir import RootPermissionError, describe, ensure_private_dir
+
         path = self.socket_path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-        if os.path.exists(path):
+        # Whoever can reach the socket is dom0, so its directory is the trust boundary: a
+        # real directory of ours with no group/other access (created 0700 if missing);
+        # another user's, or a link, is refused (issue 13: a socket hijacked by renaming).
+        ensure_private_dir(
+            os.path.dirname(os.path.abspath(path)), what="the directory of a xenstored socket"
+        )
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):  # never remove (or follow) anything else
+                raise RootPermissionError(
+                    errno.EEXIST, f"{path} exists and is not a socket ({describe(st)})"
+                )
             if _socket_alive(path):
-                raise OSError(f"a xenstored is already listening on {path}")
+                raise OSError(errno.EADDRINUSE, f"a xenstored is already listening on {path}")
             os.unlink(path)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _Connection(self), path)
-        os.chmod(path, 0o600)
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.chmod(path, 0o600)
         if self.state_file is not None:
             self._saved_at = self.engine.modified
             self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
