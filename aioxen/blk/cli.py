@@ -9,8 +9,14 @@ interrupted (SIGINT/SIGTERM), then closes in order and removes what it created.
 ``aioxen blkfront nbd --listen HOST:PORT DEVICE...`` connects this domain's virtual block
 devices (``xvda``, ``51712``, ...) and exports each over NBD under its name (the first
 one is also the default export), so that any NBD client — ``nbdcopy``, ``qemu-img``,
-``qemu-io``, ``nbd-client`` — can use it.  ``aioxen blkfront info DEVICE`` prints what the
-backend offers and what was negotiated.
+``qemu-io``, ``nbd-client`` — can use it.  ``aioxen blkfront info DEVICE`` prints what
+XenStore says about a device (states, owners, what the backend offers and what a connected
+frontend negotiated) without touching it.
+
+Each command claims the device end it serves before writing anything
+(:mod:`aioxen.xenbus.claim`): a second ``blkback`` for the same vbd, or a second
+``blkfront`` for the same device, fails with ``aioxen blkback: ... is held by pid N``
+(rc 1) and leaves the running one alone; a killed holder's claim is reclaimed.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import logging
 import signal
 import sys
 from typing import Any
+
+from aioxen.errors import ProtocolError
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -41,11 +49,29 @@ def _logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
 
 
+def _fail(cmd: str, exc: BaseException) -> int:
+    """A runtime failure: one line on stderr, rc 1 (no traceback)."""
+    print(f"aioxen {cmd}: {exc}", file=sys.stderr)
+    return 1
+
+
+_FAILURES = (OSError, ValueError, ProtocolError)
+
+
 async def run_blkback(args: argparse.Namespace) -> int:
+    try:
+        return await _blkback(args)
+    except _FAILURES as exc:
+        return _fail("blkback", exc)
+
+
+async def _blkback(args: argparse.Namespace) -> int:
     import aioxen
     from aioxen.blk.back import BackendConfig
     from aioxen.blk.source import FileSource
-    from aioxen.blk.vbd import TYPE, Blkback, parse_vdev
+    from aioxen.blk.vbd import TYPE, parse_vdev
+    from aioxen.xenbus.claim import Claim
+    from aioxen.xenbus.driver import backend_dir
     from aioxen.xenbus.toolstack import add_device, remove_device
 
     _logging(args.verbose)
@@ -68,40 +94,71 @@ async def run_blkback(args: argparse.Namespace) -> int:
     plat = aioxen.platform()
     try:
         async with plat:
-            if not args.no_create:
-                await add_device(
-                    plat.store, TYPE, args.frontend, plat.domid, devid,
-                    backend_keys={"mode": "r" if args.readonly else "w", "type": "aioxen",
-                                  "params": source.path},
-                    frontend_keys={"virtual-device": str(devid), "device-type": "disk"},
-                    replace=True,
-                )  # fmt: skip
-            bk = Blkback(source, args.frontend, devid, platform=plat, config=config)
-            task = asyncio.ensure_future(bk.run())
-            print(
-                f"READY blkback domain {plat.domid} serving {source.path} "
-                f"({source.size} bytes{', read-only' if source.readonly else ''}) "
-                f"as vbd {devid} of domain {args.frontend}",
-                flush=True,
-            )
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if not task.done():
-                await bk.close(timeout=10)
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            if not args.no_create:
-                with contextlib.suppress(FileNotFoundError):
-                    await remove_device(plat.store, TYPE, args.frontend, plat.domid, devid,
-                                        force=True)  # fmt: skip
+            # One owner per device: claimed before anything is written (with the device
+            # itself when we create it), so a second blkback fails here, touching nothing.
+            claim = Claim(
+                plat.store, backend_dir(plat.domid, TYPE, args.frontend, devid),
+                f"vbd {devid} of domain {args.frontend}",
+            )  # fmt: skip
+            try:
+                if not args.no_create:
+                    await add_device(
+                        plat.store, TYPE, args.frontend, plat.domid, devid,
+                        backend_keys={"mode": "r" if args.readonly else "w", "type": "aioxen",
+                                      "params": source.path},
+                        frontend_keys={"virtual-device": str(devid), "device-type": "disk"},
+                        replace=True, claim=claim,
+                    )  # fmt: skip
+                else:
+                    await claim.acquire()
+            except BaseException:
+                claim.abandon()
+                raise
+            try:
+                await _serve_blkback(args, plat, source, config, devid, claim, stop)
+            finally:
+                if not args.no_create:  # remove the device only while it is still ours
+                    with contextlib.suppress(FileNotFoundError):
+                        await remove_device(plat.store, TYPE, args.frontend, plat.domid, devid,
+                                            force=True, claim=claim)  # fmt: skip
+                await claim.release()
     finally:
         await source.close()
     return 0
 
 
+async def _serve_blkback(
+    args: argparse.Namespace, plat: Any, source: Any, config: Any, devid: int, claim: Any,
+    stop: asyncio.Event,
+) -> None:  # fmt: skip
+    from aioxen.blk.vbd import Blkback
+
+    bk = Blkback(source, args.frontend, devid, platform=plat, config=config, claim=claim)
+    task = asyncio.ensure_future(bk.run())
+    print(
+        f"READY blkback domain {plat.domid} serving {source.path} "
+        f"({source.size} bytes{', read-only' if source.readonly else ''}) "
+        f"as vbd {devid} of domain {args.frontend}",
+        flush=True,
+    )
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not task.done():
+        await bk.close(timeout=10)
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def run_blkfront_nbd(args: argparse.Namespace) -> int:
+    try:
+        return await _blkfront_nbd(args)
+    except _FAILURES as exc:
+        return _fail("blkfront", exc)
+
+
+async def _blkfront_nbd(args: argparse.Namespace) -> int:
     import aioxen
     from aioxen.blk.device import BlockDevice
     from aioxen.blk.nbd import start_server
@@ -128,9 +185,11 @@ async def run_blkfront_nbd(args: argparse.Namespace) -> int:
             + ", ".join(f"{n} ({d.size} bytes)" for n, d in exports.items()),
             flush=True,
         )
-        async with server:
+        try:
             await stop.wait()
-        server.close()
+        finally:
+            # stop listening and end every session before the devices close under them
+            await server.shutdown()
     return 0
 
 
@@ -147,17 +206,18 @@ def _front_config(args: argparse.Namespace) -> Any:
 
 
 async def run_blkfront_info(args: argparse.Namespace) -> int:
+    """Read-only: print what XenStore says about the device; never connects it, never
+    changes its state (a live device stays as it is)."""
     import aioxen
-    from aioxen.blk.front import describe
-    from aioxen.blk.vbd import open_blkfront
+    from aioxen.blk.vbd import vbd_info
 
     _logging(args.verbose)
-    plat = aioxen.platform()
-    async with plat, open_blkfront(
-        args.device, platform=plat, config=_front_config(args), backend_domid=args.backend,
-        timeout=args.timeout,
-    ) as dev:  # fmt: skip
-        print(json.dumps(describe(dev), indent=2))
+    try:
+        async with aioxen.platform() as plat:
+            info = await vbd_info(plat, args.device)
+    except _FAILURES as exc:
+        return _fail("blkfront info", exc)
+    print(json.dumps(info, indent=2))
     return 0
 
 
@@ -259,7 +319,10 @@ def register(subparsers: Any) -> None:
                      help="device number or xvd name; also the export name")  # fmt: skip
     _front_options(nbd)
     nbd.set_defaults(func=run_blkfront_nbd)
-    info = fsub.add_parser("info", help="connect a device and print what was negotiated")
+    info = fsub.add_parser(
+        "info",
+        help="print a device's state, owners and disk (read-only: never connects it)",
+    )
     info.add_argument("device", metavar="DEVICE")
     _front_options(info)
     info.set_defaults(func=run_blkfront_info)

@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-:func:`start_server` listens on TCP or a Unix socket; each connection runs
+:func:`start_server` listens on TCP or a Unix socket (a path a live server holds is
+refused, a dead server's replaced); each connection runs
 :class:`NBDConnection`: the fixed-newstyle handshake (``NBD_OPT_GO``/``INFO``/``LIST``/
 ``EXPORT_NAME``/``ABORT``/``STRUCTURED_REPLY`` and the ``base:allocation`` meta context),
 then the transmission phase.  Wire encoding lives in :mod:`aioxen.blk.nbdwire`.
@@ -23,6 +24,11 @@ and never send partial sectors.
 Errors in a request become an NBD error for that request (``EINVAL`` for bad ranges,
 ``EPERM`` for writes to a read-only export, ``EIO`` for device errors, ...) and the session
 continues; a malformed message ends the session.
+
+Shutdown (:meth:`NBDServer.shutdown`, what ``aioxen blkfront nbd`` does on SIGINT/SIGTERM)
+stops listening, lets each session's requests in flight finish and their replies go out,
+then closes the connections, before the devices close: a request that got no reply is
+one the client sees fail (the connection closed under it), never a silent success.
 """
 
 from __future__ import annotations
@@ -129,6 +135,7 @@ class NBDConnection:
         self.export: Export | None = None
         self.peer = writer.get_extra_info("peername")
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
         self._in_flight = 0
         self._in_flight_bytes = 0
         self._room = asyncio.Condition()
@@ -317,8 +324,9 @@ class NBDConnection:
                         log.warning("nbd %s: connection closed mid-request", self.peer)
                     return
                 req = W.parse_request(header)
-                if req.type == W.CMD_DISC:
-                    return
+                if req.type == W.CMD_DISC or self._stopping:
+                    return  # (stopping: the request gets no reply; the client sees the
+                    # connection close, an error -- never a silent success)
                 payload_len = req.length if req.type == W.CMD_WRITE else 0
                 cost = req.length if req.type in (W.CMD_READ, W.CMD_WRITE) else 0
                 if payload_len > MAX_REQUEST:
@@ -437,6 +445,27 @@ class NBDConnection:
             await dev.flush()
         return None
 
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Orderly end of the session (server shutdown): take no new request, let the
+        requests in flight finish and their replies go out (bounded by ``timeout``), then
+        close the connection.  A client with a request still unanswered sees the
+        connection close -- an error, never a silent success."""
+        self._stopping = True
+        transport = self.writer.transport
+        with contextlib.suppress(Exception):
+            transport.pause_reading()  # type: ignore[attr-defined]  # a socket transport
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                await self.writer.drain()
+        if transport.is_closing():
+            return
+        if self._tasks:
+            transport.abort()  # replies still missing: cut, do not look finished
+        else:
+            self.writer.close()
+
     async def serve(self) -> None:
         try:
             if await self.handshake():
@@ -527,15 +556,105 @@ def parse_listen(spec: str) -> tuple[str, str | int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+class NBDServer:
+    """A listening NBD server: asyncio's ``Server`` (``sockets``, ``close``,
+    ``wait_closed``, ``async with``, ``serve_forever``) plus :meth:`shutdown`, and
+    ownership of its Unix socket path (removed on close only while it is still ours)."""
+
+    def __init__(self, server: asyncio.AbstractServer, unix_path: str | None = None) -> None:
+        self._server = server
+        self.connections: set[NBDConnection] = set()
+        self._unix: tuple[str, int, int] | None = None
+        if unix_path is not None:
+            st = os.lstat(unix_path)
+            self._unix = (unix_path, st.st_dev, st.st_ino)
+
+    @property
+    def sockets(self) -> tuple[object, ...]:
+        return tuple(getattr(self._server, "sockets", None) or ())
+
+    def is_serving(self) -> bool:
+        return self._server.is_serving()
+
+    def close(self) -> None:
+        """Stop listening (sessions go on; see :meth:`shutdown`)."""
+        self._server.close()
+        unix, self._unix = self._unix, None
+        if unix is not None:
+            path, dev, ino = unix
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino) == (dev, ino):
+                    os.unlink(path)
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+
+    async def serve_forever(self) -> None:
+        await self._server.serve_forever()
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop listening, then end every session in order (:meth:`NBDConnection.stop`):
+        requests in flight are answered, nothing new is taken, connections close."""
+        self.close()
+        conns = list(self.connections)
+        if conns:
+            await asyncio.gather(*(c.stop(timeout) for c in conns), return_exceptions=True)
+        await self.wait_closed()
+
+    async def __aenter__(self) -> NBDServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+def _check_unix_path(path: str) -> None:
+    """A Unix socket path may be bound only if nothing is there, or a dead server's socket
+    (nobody accepts on it: removed).  A live server's socket is ``OSError(EADDRINUSE)``
+    naming its pid where the kernel tells it (``SO_PEERCRED``); anything else at the path
+    is ``FileExistsError``."""
+    import socket
+    import stat as _stat
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not _stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(_errno.EEXIST, f"NBD listen path {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(5)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale: its server is gone
+        return
+    except OSError:
+        pass  # e.g. a full backlog: someone is listening
+    else:
+        holder = ""
+        with contextlib.suppress(OSError, AttributeError):
+            cred = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            holder = f" by pid {struct.unpack('3i', cred)[0]}"
+        raise OSError(_errno.EADDRINUSE, f"NBD listen path {path} is in use{holder}")
+    finally:
+        probe.close()
+    raise OSError(_errno.EADDRINUSE, f"NBD listen path {path} is in use")
+
+
 async def start_server(
     exports: Mapping[str, BlockDevice] | list[Export],
     listen: str = "127.0.0.1:10809",
     *,
     default_export: str | None = None,
     on_connection: Callable[[NBDConnection], Awaitable[None]] | None = None,
-) -> asyncio.AbstractServer:
+) -> NBDServer:
     """Serve ``exports`` (name -> device) over NBD on ``listen``.  The empty export name
-    selects ``default_export`` (default: the first export)."""
+    selects ``default_export`` (default: the first export).  A Unix socket path held by a
+    live server is refused with ``OSError(EADDRINUSE)``; a dead server's is replaced."""
     table: dict[str, Export] = {}
     if isinstance(exports, list):
         table = {e.name: e for e in exports}
@@ -546,24 +665,35 @@ async def start_server(
     if default_export is None:
         default_export = next(iter(table))
 
+    conns: set[NBDConnection] = set()
+
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = NBDConnection(table, reader, writer, default_export=default_export)
-        if on_connection is not None:
-            await on_connection(conn)
-        await conn.serve()
+        conns.add(conn)
+        try:
+            if on_connection is not None:
+                await on_connection(conn)
+            await conn.serve()
+        finally:
+            conns.discard(conn)
 
     host, addr = parse_listen(listen)
     if isinstance(addr, str):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(addr)
-        return await asyncio.start_unix_server(client, addr, limit=1 << 20)
-    return await asyncio.start_server(client, host, addr, limit=1 << 20, reuse_address=True)
+        _check_unix_path(addr)
+        server = NBDServer(await asyncio.start_unix_server(client, addr, limit=1 << 20), addr)
+    else:
+        server = NBDServer(
+            await asyncio.start_server(client, host, addr, limit=1 << 20, reuse_address=True)
+        )
+    server.connections = conns
+    return server
 
 
 __all__ = [
     "MAX_REQUEST",
     "Export",
     "NBDConnection",
+    "NBDServer",
     "RangeLock",
     "nbd_errno",
     "parse_listen",

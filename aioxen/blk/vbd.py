@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping
@@ -49,6 +50,7 @@ from aioxen.blk.source import BlockSource
 from aioxen.errors import ProtocolError
 from aioxen.platform.base import Platform
 from aioxen.rings.aio import AsyncBackRing
+from aioxen.xenbus.claim import Claim, read_holder
 from aioxen.xenbus.driver import (
     BackendDriver,
     DeviceRunner,
@@ -57,8 +59,12 @@ from aioxen.xenbus.driver import (
     backend_device,
     feature,
     frontend_device,
+    frontend_dir,
+    read_int,
+    read_opt,
 )
 from aioxen.xenbus.multiqueue import STALE_KEYS, peer_queue_dirs, queue_keys
+from aioxen.xenbus.state import parse_state
 
 log = logging.getLogger("aioxen.blk.vbd")
 
@@ -216,7 +222,12 @@ class BlkbackDriver(BackendDriver):
 
 
 class Blkback:
-    """One served virtual block device: ``await Blkback(...).run()`` until closed."""
+    """One served virtual block device: ``await Blkback(...).run()`` until closed.
+
+    The device's back end is claimed (:mod:`aioxen.xenbus.claim`) before anything is
+    written: if another live process serves it, :meth:`run` raises
+    :class:`~aioxen.xenbus.claim.DeviceInUse` (``EADDRINUSE``) and changes nothing.
+    Pass ``claim`` when the caller claimed it already (it then also releases it)."""
 
     def __init__(
         self,
@@ -227,9 +238,11 @@ class Blkback:
         platform: Platform | None = None,
         config: BackendConfig | None = None,
         close_timeout: float = 5.0,
+        claim: Claim | None = None,
     ) -> None:
         self.source = source
         self.close_timeout = close_timeout
+        self.claim = claim  # the caller's claim on the device (else run() takes one)
         self.frontend_domid = frontend_domid
         self.devid = devid
         self.platform = platform
@@ -241,7 +254,9 @@ class Blkback:
 
         platform = self.platform or aioxen.platform()
         dev = await backend_device(platform, TYPE, self.frontend_domid, self.devid)
-        self.runner = DeviceRunner(dev, self.driver, close_timeout=self.close_timeout)
+        self.runner = DeviceRunner(
+            dev, self.driver, close_timeout=self.close_timeout, claim=self.claim
+        )
         await self.runner.run()
 
     async def close(self, timeout: float | None = 10) -> None:
@@ -344,7 +359,9 @@ async def open_blkfront(
 ) -> AsyncIterator[BlkFront]:
     """Connect to virtual block device ``devid`` of this domain and yield it as a
     :class:`~aioxen.blk.front.BlkFront`; on exit close the device in order (Closing,
-    Closed).  ``TimeoutError`` if the backend does not connect within ``timeout``."""
+    Closed).  ``TimeoutError`` if the backend does not connect within ``timeout``;
+    :class:`~aioxen.xenbus.claim.DeviceInUse` (``EADDRINUSE``), with nothing changed, if
+    another live process uses the device."""
     import aioxen
 
     platform = platform or aioxen.platform()
@@ -360,6 +377,77 @@ async def open_blkfront(
         yield driver.device
 
 
+async def vbd_info(platform: Platform, devid: int | str = DEFAULT_DEVID) -> dict[str, Any]:
+    """What XenStore says about virtual block device ``devid`` of this domain, read
+    without changing anything (``aioxen blkfront info``): both ends' states and owners,
+    the disk the backend offers and what the frontend negotiated (if it is connected).
+    ``FileNotFoundError`` if there is no such device."""
+    number = parse_vdev(devid)
+    store = platform.store
+    fdir = frontend_dir(platform.domid, TYPE, number)
+    raw_be = await read_opt(store, f"{fdir}/backend")
+    if raw_be is None:
+        raise FileNotFoundError(
+            errno.ENOENT, f"no vbd {devid} ({number}) in domain {platform.domid}: "
+            f"{fdir}/backend is missing",
+        )  # fmt: skip
+    bdir = raw_be.decode(errors="replace").rstrip("\0")
+    be = read_int(await read_opt(store, f"{fdir}/backend-id"), f"{fdir}/backend-id", -1,
+                  -1, 0x7FEF)  # fmt: skip
+    dev = XenbusDevice(platform, "frontend", TYPE, number, fdir, bdir, be)
+
+    async def state(d: str) -> str | None:
+        try:
+            st = parse_state(await read_opt(store, f"{d}/state"), f"{d}/state")
+        except (ProtocolError, PermissionError):
+            return "?"
+        return None if st is None else str(st)
+
+    async def holder(d: str) -> dict[str, Any] | None:
+        rec = await read_holder(store, d)
+        if rec is None:
+            return None
+        return {"pid": rec.pid, "cmd": rec.cmd, "alive": rec.alive()}
+
+    async def own_int(key: str, default: int) -> int:
+        return read_int(await dev.read(key), f"{fdir}/{key}", default)
+
+    out: dict[str, Any] = {
+        "device": number,
+        "frontend_path": fdir,
+        "backend_path": bdir,
+        "backend_domid": be,
+        "frontend_state": await state(fdir),
+        "backend_state": await state(bdir),
+        "frontend_owner": await holder(fdir),
+        "backend_owner": await holder(bdir),
+    }
+    try:
+        info = await read_backend_info(dev)
+    except (ProtocolError, PermissionError) as exc:
+        out["backend_error"] = str(exc)
+        return out
+    out.update(
+        size=info.sectors * 512,
+        sector_size=info.sector_size,
+        readonly=info.readonly,
+        flush=info.flush,
+        discard=info.discard,
+        backend_persistent=info.persistent,
+        backend_max_indirect_segments=info.max_indirect_segments,
+        backend_max_ring_page_order=info.max_ring_page_order,
+        backend_max_queues=info.max_queues,
+    )
+    if out["frontend_state"] in ("Initialised", "Connected"):
+        out.update(
+            queues=await own_int("multi-queue-num-queues", 1),
+            ring_page_order=await own_int(B.KEY_RING_PAGE_ORDER, 0),
+            persistent=info.persistent and feature(await dev.read(B.KEY_FEATURE_PERSISTENT)),
+            protocol=((await dev.read(B.KEY_PROTOCOL)) or b"").decode(errors="replace"),
+        )
+    return out
+
+
 __all__ = [
     "DEFAULT_DEVID",
     "TYPE",
@@ -373,4 +461,5 @@ __all__ = [
     "parse_vdev",
     "read_backend_info",
     "read_frontend_keys",
+    "vbd_info",
 ]

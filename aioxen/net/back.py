@@ -109,11 +109,13 @@ from aioxen.net.ringend import RingEnd
 from aioxen.platform.base import EventChannel, GrantTable, Platform
 from aioxen.platform.base import Mapping as GrantMapping
 from aioxen.rings.rpc import BackRing
+from aioxen.xenbus.claim import Claim
 from aioxen.xenbus.driver import (
     BackendDriver,
     DeviceRunner,
     XenbusDevice,
     backend_device,
+    backend_dir,
     frontend_dir,
     read_opt,
 )
@@ -896,6 +898,7 @@ async def serve_vif(
     on_disconnect: Callable[[Vif], None] | None = None,
     features: BackendFeatures | None = None,
     once: bool = False,
+    claim: Claim | None = None,
 ) -> None:
     """Serve vif ``devid`` of ``frontend_domid`` until its backend directory disappears
     or the toolstack sets ``online=0`` (or, with ``once``, until the first connection
@@ -903,11 +906,13 @@ async def serve_vif(
 
     ``on_connect(vif)`` is called for every connection and returns the function that
     receives the frontend's frames; ``on_disconnect(vif)`` when it ends.  Cancelling
-    disconnects and publishes ``Closed``.
+    disconnects and publishes ``Closed``.  The vif is claimed first (``claim``: the
+    caller's, else one taken here): :class:`~aioxen.xenbus.claim.DeviceInUse` if another
+    live process serves it, and then nothing was changed.
     """
     dev = await backend_device(platform, VIF, frontend_domid, devid)
     driver = NetbackDriver(features or DEFAULT_FEATURES, on_connect, on_disconnect)
-    runner = DeviceRunner(dev, driver)
+    runner = DeviceRunner(dev, driver, claim=claim)
     if once:
         driver._on_end = runner.request_close
     await runner.run()
@@ -920,11 +925,14 @@ async def create_vif_device(
     *,
     mac: bytes | None = None,
     mtu: int = DEFAULT_MTU,
+    claim: Claim | None = None,
 ) -> None:
     """The toolstack's part (``xl network-attach``): create vif ``devid`` of
     ``frontend_domid`` with this domain as its backend (:func:`aioxen.xenbus.add_device`
     plus ``mac``, ``mtu`` and ``handle`` in both directories).  An existing device is
-    replaced (state Initialising again), keeping its MAC unless ``mac`` is given."""
+    replaced (state Initialising again), keeping its MAC unless ``mac`` is given.  With
+    ``claim`` (on the backend directory) the device is created claimed, or
+    :class:`~aioxen.xenbus.claim.DeviceInUse` raised with nothing changed."""
     if mac is None:
         fdir = frontend_dir(frontend_domid, VIF, devid)
         old = await read_opt(platform.store, f"{fdir}/mac")
@@ -932,14 +940,18 @@ async def create_vif_device(
     link = link_keys(mac, mtu, devid)
     await add_device(
         platform.store, VIF, frontend_domid, platform.domid, devid,
-        frontend_keys=link, backend_keys=link, replace=True,
+        frontend_keys=link, backend_keys=link, replace=True, claim=claim,
     )  # fmt: skip
 
 
-async def destroy_vif_device(platform: Platform, frontend_domid: int, devid: int = 0) -> None:
-    """Remove both directories of a vif (``xl network-detach`` after the ends closed)."""
+async def destroy_vif_device(
+    platform: Platform, frontend_domid: int, devid: int = 0, *, claim: Claim | None = None
+) -> None:
+    """Remove both directories of a vif (``xl network-detach`` after the ends closed);
+    with ``claim``, only while the claim still holds."""
     with contextlib.suppress(FileNotFoundError):
-        await remove_device(platform.store, VIF, frontend_domid, platform.domid, devid, force=True)
+        await remove_device(platform.store, VIF, frontend_domid, platform.domid, devid,
+                            force=True, claim=claim)  # fmt: skip
 
 
 def _drop(frame: bytes, info: FrameInfo) -> None:
@@ -950,8 +962,10 @@ class Netback:
     """Serve several vifs of this (backend) domain.
 
     ``connect(vif) -> deliver`` decides where each vif's frames go (a TAP, a switch, a
-    callback); ``disconnect(vif)`` undoes it.  :meth:`add` creates the device (toolstack
-    role) unless ``create=False`` and starts serving it.
+    callback); ``disconnect(vif)`` undoes it.  :meth:`add` claims the vif's backend
+    (:class:`~aioxen.xenbus.claim.DeviceInUse` if another live process serves it:
+    nothing is changed), creates the device (toolstack role) unless ``create=False`` and
+    starts serving it.  :meth:`close` removes only devices this instance still owns.
     """
 
     def __init__(
@@ -967,6 +981,7 @@ class Netback:
         self._disconnect = disconnect
         self._features = features
         self._tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._claims: dict[tuple[int, int], Claim] = {}
         self.vifs: dict[tuple[int, int], Vif] = {}
 
     async def add(
@@ -981,8 +996,22 @@ class Netback:
         key = (frontend_domid, devid)
         if key in self._tasks:
             raise ValueError(f"vif {frontend_domid}/{devid} is already served")
-        if create:
-            await create_vif_device(self.platform, frontend_domid, devid, mac=mac, mtu=mtu)
+        claim = Claim(
+            self.platform.store,
+            backend_dir(self.platform.domid, VIF, frontend_domid, devid),
+            f"vif {frontend_domid}/{devid}",
+        )
+        try:
+            if create:
+                await create_vif_device(
+                    self.platform, frontend_domid, devid, mac=mac, mtu=mtu, claim=claim
+                )
+            else:
+                await claim.acquire()
+        except BaseException:
+            claim.abandon()
+            raise
+        self._claims[key] = claim
 
         def on_connect(vif: Vif) -> Deliver:
             self.vifs[key] = vif
@@ -1001,6 +1030,7 @@ class Netback:
                 on_connect=on_connect,
                 on_disconnect=on_disconnect,
                 features=self._features,
+                claim=claim,
             )
         )
         self._tasks[key] = task
@@ -1018,17 +1048,24 @@ class Netback:
 
     async def close(self, *, remove: bool = False) -> None:
         """Stop serving: disconnect every vif, backends go Closed (and remove the devices
-        with ``remove``)."""
+        with ``remove`` -- only those still ours); then release the claims."""
         tasks = list(self._tasks.items())
         for _, t in tasks:
             t.cancel()
         for _, t in tasks:
             with contextlib.suppress(BaseException):
                 await t
-        if remove:
-            for (fe, devid), _ in tasks:
+        claims, self._claims = self._claims, {}
+        for (fe, devid), claim in claims.items():
+            if remove:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(destroy_vif_device(self.platform, fe, devid), 2)
+                    await asyncio.wait_for(
+                        destroy_vif_device(self.platform, fe, devid, claim=claim), 2
+                    )
+            try:
+                await asyncio.wait_for(claim.release(), 2)
+            except Exception:
+                claim.abandon()
 
 
 __all__ = [

@@ -19,6 +19,7 @@ import signal
 import sys
 from typing import Any
 
+from aioxen.errors import ProtocolError
 from aioxen.net import keys
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -40,7 +41,23 @@ def _mac(text: str) -> bytes:
         raise argparse.ArgumentTypeError(f"invalid MAC address {text!r}") from None
 
 
+def _fail(cmd: str, exc: BaseException) -> int:
+    """A runtime failure: one line on stderr, rc 1 (no traceback)."""
+    print(f"aioxen {cmd}: {exc}", file=sys.stderr)
+    return 1
+
+
+_FAILURES = (OSError, ValueError, ProtocolError)
+
+
 async def run_netback(args: argparse.Namespace) -> int:
+    try:
+        return await _netback(args)
+    except _FAILURES as exc:
+        return _fail("netback", exc)
+
+
+async def _netback(args: argparse.Namespace) -> int:
     import aioxen
     from aioxen.net.back import Netback, Vif
     from aioxen.net.bridge import attach_tap_to_vif
@@ -83,8 +100,16 @@ async def run_netback(args: argparse.Namespace) -> int:
                 switch.remove_port(vif)
 
         netback = Netback(plat, connect=connect, disconnect=disconnect)
-        for fe in frontends:
-            await netback.add(fe, args.devid, create=not args.no_create, mac=args.mac, mtu=args.mtu)
+        try:  # each vif is claimed first: one another process serves fails here, untouched
+            for fe in frontends:
+                await netback.add(
+                    fe, args.devid, create=not args.no_create, mac=args.mac, mtu=args.mtu
+                )
+        except BaseException:
+            await netback.close(remove=not args.no_create)
+            if tap is not None:
+                tap.close()
+            raise
         print(
             f"READY netback domain {plat.domid} serving "
             + ", ".join(f"vif {fe}/{args.devid}" for fe in frontends),
@@ -102,45 +127,78 @@ async def run_netback(args: argparse.Namespace) -> int:
 
 
 async def run_netfront(args: argparse.Namespace) -> int:
+    try:
+        return await _netfront(args)
+    except _FAILURES as exc:
+        return _fail("netfront", exc)
+
+
+async def _netfront(args: argparse.Namespace) -> int:
     import aioxen
-    from aioxen.net.bridge import TapFrontend
-    from aioxen.net.front import create_frontend
-    from aioxen.net.tap import TapDevice, format_mac
+    from aioxen.net.keys import VIF
+    from aioxen.xenbus.claim import Claim
+    from aioxen.xenbus.driver import frontend_device
 
     stop = _stop_event()
     plat = aioxen.platform()
     async with plat:
-        tap = TapDevice(args.tap)
+        # wait (read-only) for the toolstack's device, then claim it before the TAP is
+        # touched: a second netfront for this vif fails here and changes nothing
+        dev = await frontend_device(plat, VIF, args.devid, timeout=args.timeout)
+        claim = Claim(plat.store, dev.own_dir, f"vif {plat.domid}/{args.devid}")
         try:
-            transport, protocol = await create_frontend(
-                lambda: TapFrontend(tap, configure_link=not args.keep_link),
-                args.backend,
-                args.devid,
-                platform=plat,
-                offload=not args.no_offload,
-                timeout=args.timeout,
-            )
-            assert isinstance(protocol, TapFrontend)
-            print(
-                f"READY netfront vif {plat.domid}/{args.devid} on {tap.name} "
-                f"mac {format_mac(transport.get_extra_info('mac'))} "
-                f"mtu {transport.get_extra_info('mtu')}",
-                flush=True,
-            )
-            stopper = asyncio.ensure_future(stop.wait())
-            waits: list[asyncio.Future[Any]] = [stopper, protocol.closed]
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if protocol.closed.done():
-                exc = protocol.closed.result()
-                if exc is not None:
-                    print(f"netfront: disconnected: {exc}", file=sys.stderr)
-                    return 1
-                return 0
-            transport.close()
-            await transport.wait_closed()
+            await claim.acquire()
+        except BaseException:
+            claim.abandon()
+            raise
+        try:
+            return await _netfront_claimed(args, plat, claim, stop)
         finally:
-            tap.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await claim.release()
+            claim.abandon()
+
+
+async def _netfront_claimed(
+    args: argparse.Namespace, plat: Any, claim: Any, stop: asyncio.Event
+) -> int:
+    from aioxen.net.bridge import TapFrontend
+    from aioxen.net.front import create_frontend
+    from aioxen.net.tap import TapDevice, format_mac
+
+    tap = TapDevice(args.tap)
+    try:
+        transport, protocol = await create_frontend(
+            lambda: TapFrontend(tap, configure_link=not args.keep_link),
+            args.backend,
+            args.devid,
+            platform=plat,
+            offload=not args.no_offload,
+            timeout=args.timeout,
+            claim=claim,
+        )
+        assert isinstance(protocol, TapFrontend)
+        print(
+            f"READY netfront vif {plat.domid}/{args.devid} on {tap.name} "
+            f"mac {format_mac(transport.get_extra_info('mac'))} "
+            f"mtu {transport.get_extra_info('mtu')}",
+            flush=True,
+        )
+        stopper = asyncio.ensure_future(stop.wait())
+        waits: list[asyncio.Future[Any]] = [stopper, protocol.closed]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if protocol.closed.done():
+            exc = protocol.closed.result()
+            if exc is not None:
+                print(f"aioxen netfront: disconnected: {exc}", file=sys.stderr)
+                return 1
+            return 0
+        transport.close()
+        await transport.wait_closed()
+    finally:
+        tap.close()
     return 0
 
 

@@ -97,6 +97,7 @@ from aioxen.net.ringend import RingEnd
 from aioxen.platform.base import EventChannel, Platform, Share
 from aioxen.rings.formats import RawFormat
 from aioxen.rings.rpc import FrontRing
+from aioxen.xenbus.claim import Claim, DeviceInUse
 from aioxen.xenbus.driver import DeviceRunner, FrontendDriver, XenbusDevice, frontend_device
 from aioxen.xenbus.state import XenbusState
 
@@ -926,6 +927,7 @@ async def create_frontend(
     offload: bool = False,
     sg: bool = True,
     timeout: float = 10.0,
+    claim: Claim | None = None,
 ) -> tuple[NetfrontTransport, asyncio.DatagramProtocol]:
     """Connect vif ``devid`` of this domain to its backend and return ``(transport,
     protocol)``.
@@ -937,6 +939,11 @@ async def create_frontend(
     every received frame has complete checksums and is at most MTU-sized.  ``sg`` allows
     frames larger than a page (needed for GSO and for MTUs above 4082).  ``timeout``
     bounds the whole handshake (``TimeoutError``).
+
+    The vif is claimed before anything is written (:mod:`aioxen.xenbus.claim`; pass
+    ``claim`` if the caller holds one, which it then releases): if another live process
+    uses it, :class:`~aioxen.xenbus.claim.DeviceInUse` (``EADDRINUSE``) is raised and
+    nothing is changed.
     """
     from aioxen.platform import resolve
 
@@ -953,10 +960,14 @@ async def create_frontend(
                 )
             mac, mtu = parse_link(await dev.read("mac"), await dev.read("mtu"), dev.own_dir)
             driver = NetfrontDriver(offload=offload, sg=sg)
-            runner = DeviceRunner(dev, driver, reconnect=False, close_timeout=CLOSE_TIMEOUT)
+            runner = DeviceRunner(
+                dev, driver, reconnect=False, close_timeout=CLOSE_TIMEOUT, claim=claim
+            )
             task = runner.start()
             await asyncio.wait([driver.ready, task], return_when=asyncio.FIRST_COMPLETED)
             if not driver.ready.done():
+                if isinstance(runner.error, DeviceInUse):
+                    raise runner.error  # another live netfront has this vif: untouched
                 raise ConnectionResetError(
                     f"netfront {dev.own_dir}: handshake ended before the backend connected"
                 ) from runner.error

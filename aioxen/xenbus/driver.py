@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from aioxen.errors import ProtocolError
 from aioxen.platform.base import Platform, check_domid
+from aioxen.xenbus.claim import Claim
 from aioxen.xenbus.state import (
     Action,
     Step,
@@ -292,11 +293,17 @@ class DeviceRunner:
         *,
         reconnect: bool = True,
         close_timeout: float = 10.0,
+        claim: Claim | None = None,
+        exclusive: bool = True,
     ) -> None:
         self.dev = dev
         self.driver = driver
         self.reconnect = reconnect
         self.close_timeout = close_timeout
+        self.claim = claim  # held by the caller (who releases it), or taken by run()
+        self.exclusive = exclusive
+        self._run_task: asyncio.Task[Any] | None = None  # the task in run(), while it runs
+        self._finished = asyncio.Event()  # run() has cleaned up (claim released)
         self._wakeup = asyncio.Event()
         dev._wakeup = self._wakeup
         self._closing = False
@@ -392,6 +399,11 @@ class DeviceRunner:
         self.request_close()
         with contextlib.suppress(ConnectionResetError):
             await self.wait_state(S.CLOSED, timeout=timeout)
+        run_task = self._run_task
+        if run_task is not None and run_task is not asyncio.current_task():
+            # run() returns right after Closed; its cleanup (the owner record) follows
+            async with asyncio.timeout(timeout):
+                await self._finished.wait()
 
     # -- the loop ----------------------------------------------------------------
     async def run(self) -> None:
@@ -399,8 +411,11 @@ class DeviceRunner:
         toolstack sets ``online=0`` and the close completes."""
         dev = self.dev
         store = dev.store
+        own_claim = await self._claim() if self.claim is None and self.exclusive else None
         watches = [store.watch(dev.own_dir), store.watch(f"{dev.peer_dir}/state")]
         pumps: list[asyncio.Task[None]] = []
+        self._run_task = asyncio.current_task()
+        self._finished.clear()
         try:
             for w in watches:
                 await w.start()
@@ -430,6 +445,42 @@ class DeviceRunner:
             for w in watches:
                 with contextlib.suppress(Exception):
                     await w.close()
+            try:
+                if own_claim is not None:
+                    await self._release(own_claim)
+            finally:
+                self._run_task = None
+                self._finished.set()
+
+    async def _claim(self) -> Claim:
+        """Claim our directory before anything is written (``DeviceInUse`` if another
+        live process serves this end: then nothing was touched)."""
+        dev = self.dev
+        what = (
+            f"{dev.role} of {dev.type} {dev.devid} (domain {dev.platform.domid}, peer "
+            f"domain {dev.peer_domid})"
+        )
+        claim = Claim(dev.store, dev.own_dir, what)
+        try:
+            return await claim.acquire()
+        except BaseException as exc:
+            claim.abandon()
+            self.error = exc
+            self._stopped = True
+            self._state_changed.set()
+            raise
+
+    @staticmethod
+    async def _release(claim: Claim) -> None:
+        try:
+            async with asyncio.timeout(2):
+                await asyncio.shield(claim.release())
+        except Exception as exc:
+            claim.abandon()
+            log.info("%r: could not remove the owner record: %r", claim, exc)
+        except asyncio.CancelledError:
+            claim.abandon()  # the shielded release goes on
+            raise
 
     async def _pump(self, watch: Any, peer_state: bool = False) -> None:
         try:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from aioxen.errors import ProtocolError
 from aioxen.platform.base import check_domid
+from aioxen.xenbus.claim import Claim
 from aioxen.xenbus.driver import backend_dir, frontend_dir, read_int, read_opt
 from aioxen.xenbus.state import XenbusState, parse_state
 
@@ -79,10 +80,16 @@ async def add_device(
     frontend_keys: Mapping[str, str] | None = None,
     backend_keys: Mapping[str, str] | None = None,
     replace: bool = False,
+    claim: Claim | None = None,
 ) -> DeviceInfo:
     """Create device ``type_/devid`` between the two domains (both directories, their
     permissions and the toolstack keys).  ``FileExistsError`` if it exists, unless
-    ``replace`` (which resets it to state Initialising)."""
+    ``replace`` (which resets it to state Initialising).
+
+    With ``claim`` (a :class:`~aioxen.xenbus.claim.Claim` on the back end directory) the
+    device is created already claimed, in the same transaction: if a live process holds
+    the back end, :class:`~aioxen.xenbus.claim.DeviceInUse` is raised and nothing is
+    changed (a dead holder's device is replaced)."""
     _check_type(type_)
     check_domid(frontend_domid, "frontend_domid")
     check_domid(backend_domid, "backend_domid")
@@ -97,7 +104,12 @@ async def add_device(
     front.update(frontend_keys or {})
     back.update(backend_keys or {})
 
+    if claim is not None and claim.directory != bdir:
+        raise ValueError(f"{claim!r} is not a claim on {bdir}")
+
     async def body(tx: Any) -> None:
+        if claim is not None:
+            await claim.take_in(tx, require_dir=False)  # DeviceInUse: nothing written
         if not replace:
             for d in (fdir, bdir):
                 if await read_opt(tx, d) is not None:
@@ -112,6 +124,8 @@ async def add_device(
             for k, v in keys.items():
                 await tx.write(f"{d}/{k}", v)
                 await tx.set_perms(f"{d}/{k}", [f"n{owner}", f"r{peer}"])
+        if claim is not None:
+            await tx.write(claim.key, claim.record.encode())
 
     await store.transact(body)
     return DeviceInfo(type_, devid, fe, be, fdir, bdir, S.INITIALISING, S.INITIALISING, True)
@@ -126,13 +140,22 @@ async def remove_device(
     *,
     force: bool = False,
     timeout: float = 10.0,
+    claim: Claim | None = None,
 ) -> bool:
     """Remove device ``type_/devid``.  Unless ``force``, ask the back end to close first
     (``online=0``, ``state=Closing``) and wait up to ``timeout`` seconds for ``Closed``.
-    Returns whether the close was orderly; ``FileNotFoundError`` if there is no device."""
+    Returns whether the close was orderly; ``FileNotFoundError`` if there is no device.
+
+    With ``claim`` (the caller's claim on the back end directory) the device is removed
+    only while the claim still holds: one that another process took over is left alone
+    (and ``False`` returned)."""
     _check_type(type_)
     fdir = frontend_dir(frontend_domid, type_, devid)
     bdir = backend_dir(backend_domid, type_, frontend_domid, devid)
+    if claim is not None:
+        if claim.directory != bdir:
+            raise ValueError(f"{claim!r} is not a claim on {bdir}")
+        return await _remove_claimed(store, claim, fdir, bdir)
     if await read_opt(store, fdir) is None and await read_opt(store, bdir) is None:
         raise FileNotFoundError(
             f"no {type_} device {devid} between front end domain {frontend_domid} and back "
@@ -156,6 +179,20 @@ async def remove_device(
         with contextlib.suppress(FileNotFoundError):
             await store.rm(d)
     return orderly
+
+
+async def _remove_claimed(store: XenStoreClient, claim: Claim, fdir: str, bdir: str) -> bool:
+    """Remove both directories in one transaction, if ``claim`` still holds ``bdir``."""
+
+    async def body(tx: Any) -> bool:
+        if not await claim.held_in(tx):
+            return False
+        for d in (bdir, fdir):
+            with contextlib.suppress(FileNotFoundError):
+                await tx.rm(d)
+        return True
+
+    return await store.transact(body)
 
 
 async def _ints(store: XenStoreClient, path: str) -> list[int]:
