@@ -118,7 +118,12 @@ def _pid_ns(pid: int | str = "self") -> str | None:
 
 
 def _command_line() -> str:
-    text = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
+    argv = list(sys.argv)
+    if argv and os.path.basename(argv[0]) == "__main__.py":  # python -m PACKAGE
+        argv[0] = "-m " + os.path.basename(os.path.dirname(argv[0]))
+    elif argv:
+        argv[0] = os.path.basename(argv[0])
+    text = " ".join(argv)
     exe = os.path.basename(sys.executable or "python")
     text = f"{exe} {text}".strip()
     return text if len(text) <= 160 else text[:157] + "..."

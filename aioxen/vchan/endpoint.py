@@ -305,14 +305,20 @@ class PendingServer:
         self._channel = None
         return conn
 
-    def maybe_bound(self) -> bool:
-        """False only if the platform shows that no client has bound our port yet (the
-        ``unix`` platform's channels report ``state == "listening"``); True where it cannot
-        tell (Xen gives no sign of a bind)."""
+    def maybe_bound(self) -> bool | None:
+        """Has a client bound our port?  ``False``/``True`` where the platform shows it
+        (``unix`` channels report ``state``, ``inheap`` ones ``bound``), ``None`` where it
+        cannot tell (Xen gives no sign of a bind)."""
         channel = self._channel
         if channel is None:
             return False
-        return getattr(channel, "state", None) != "listening"
+        state = getattr(channel, "state", None)
+        if isinstance(state, str):
+            return state != "listening"
+        bound = getattr(channel, "bound", None)
+        if isinstance(bound, bool):
+            return bound
+        return None
 
     def retire(self) -> bool:
         """Withdraw an endpoint no client has claimed, atomically with respect to clients.

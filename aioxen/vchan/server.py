@@ -26,7 +26,8 @@ nothing; closing removes the advertisement only while it is still ours.
 
 Bounded handshakes.  The advertised endpoint is given ``handshake_timeout`` seconds at a
 time.  When they pass without a connection and the port may have been bound (the
-``unix`` platform shows whether it was; Xen cannot), the server stops waiting for it: an
+``unix`` and ``inheap`` platforms show whether it was; Xen cannot), the server stops
+waiting for it: an
 endpoint no client claimed is retired atomically
 (:meth:`~aioxen.vchan.endpoint.PendingServer.retire`) and released at once -- this is
 what drops a client that bound the port and stalled -- while one a client claimed is set
@@ -121,8 +122,9 @@ class VchanServer(asyncio.AbstractServer):
         self._owner = advertise.server_owner(platform, self.path)
         self._aside: set[asyncio.Task[None]] = set()  # claimed endpoints given one more bound
         self.dropped = 0
-        """Endpoints dropped because a client bound them and did not complete the handshake
-        within ``handshake_timeout``."""
+        """Endpoints dropped because a client bound (or claimed) them and did not complete
+        the handshake within ``handshake_timeout`` (on Xen, where a bind is invisible, only
+        claimed ones are counted)."""
         self._pending: PendingServer | None = None
         self._spare: PendingServer | None = None  # made ahead, not yet published
         self._keep_spare = endpoint_pages(read_size, write_size) <= SPARE_MAX_PAGES
@@ -230,10 +232,11 @@ class VchanServer(asyncio.AbstractServer):
                 try:
                     conn = await pending.wait_connected(timeout=self._handshake_timeout)
                 except TimeoutError:
-                    if not pending.maybe_bound():
+                    bound = pending.maybe_bound()
+                    if bound is False:
                         continue  # nobody bound it: keep it advertised
                     self._pending = None
-                    self._give_up_on(pending)
+                    self._give_up_on(pending, bound)
                     self._pending = await self._advertise()
                     await self._prepare_spare()
                     continue
@@ -261,17 +264,20 @@ class VchanServer(asyncio.AbstractServer):
         self.accepted += 1
         self._start_connection(conn)
 
-    def _give_up_on(self, pending: PendingServer) -> None:
-        """The handshake bound passed on a possibly bound endpoint: retire and release it
-        if unclaimed, else give the claimant one more bound aside."""
+    def _give_up_on(self, pending: PendingServer, bound: bool | None) -> None:
+        """The handshake bound passed on a (possibly) bound endpoint: retire and release
+        it if unclaimed, else give the claimant one more bound aside."""
         if pending.retire():
-            logger.info(
-                "%r: dropping %s: bound, no handshake within %s s",
-                self,
-                pending.describe(),
-                self._handshake_timeout,
-            )
-            self.dropped += 1
+            if bound:
+                logger.info(
+                    "%r: dropping %s: bound, no handshake within %s s",
+                    self,
+                    pending.describe(),
+                    self._handshake_timeout,
+                )
+                self.dropped += 1
+            else:  # Xen: cannot tell an idle endpoint from a stalled binder
+                logger.debug("%r: re-advertising %s", self, pending.describe())
             pending.close()
             return
         task = self._loop.create_task(self._finish_aside(pending))
@@ -458,7 +464,7 @@ async def accept_one(
                 try:
                     conn = await pending.wait_connected(timeout=handshake_timeout)
                 except TimeoutError:
-                    if not second_chance and not pending.maybe_bound():
+                    if not second_chance and pending.maybe_bound() is False:
                         continue
                     if not second_chance and not pending.retire():
                         second_chance = True  # claimed: one more bound to go live

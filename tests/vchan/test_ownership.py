@@ -1,0 +1,368 @@
+"""One owner per vchan port, and bounded handshakes (issue 13, findings 2 and 3).
+
+* A second server on the same (server domid, client domid, port) fails at once with
+  ``EADDRINUSE`` naming the holder; the first keeps serving and its advertisement
+  survives the second's exit; a SIGKILLed server's advertisement is taken over.
+* A half-open client -- one that binds the advertised event channel (and maybe maps the
+  page and claims it) and then stalls -- does not stop other clients, and is dropped
+  after ``handshake_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from vchan_harness import StoreWired, World, Xenstored, echo
+
+from aioxen import vchan
+from aioxen.native import SharedBuffer
+from aioxen.ownership import ResourceBusy
+from aioxen.platform.base import EventChannel, Mapping, Platform
+from aioxen.platform.unix import UnixPlatform
+from aioxen.vchan import advertise, wire
+from aioxen.vchan.endpoint import vchan_path
+from aioxen.xenstore import XenStoreClient
+
+SERVER, CLIENT = 1, 2
+HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.timeout(120)
+
+
+async def talk(client: Platform, port: str, message: bytes) -> bytes:
+    async with vchan.connect(SERVER, port, platform=client, timeout=30) as (reader, writer):
+        writer.write(message)
+        writer.write_eof()
+        return await reader.read()
+
+
+async def read_key(world: World, path: str) -> bytes | None:
+    try:
+        return await world.read_store(path)  # type: ignore[attr-defined,no-any-return]
+    except FileNotFoundError:
+        return None
+
+
+# -- one owner per port ------------------------------------------------------------------
+
+
+async def test_second_server_on_the_same_port_is_refused(world: World) -> None:
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    path = vchan_path(SERVER, CLIENT, "owned")
+    first = await vchan.start_server(echo, CLIENT, "owned", platform=srv)
+    ring_ref = await read_key(world, f"{path}/ring-ref")
+    assert ring_ref is not None
+    for start in (vchan.start_server, vchan.create_server):
+        with pytest.raises(ResourceBusy) as info:
+            await start(echo, CLIENT, "owned", platform=srv)  # type: ignore[operator]
+        assert info.value.errno == errno.EADDRINUSE
+        assert isinstance(info.value, OSError)
+        assert path in str(info.value) and f"pid {os.getpid()}" in str(info.value)
+    # the single-connection server claims the same way
+    with pytest.raises(ResourceBusy):
+        await vchan.accept(CLIENT, "owned", platform=srv, timeout=30)
+    # the refused servers touched nothing: same advertisement, still served
+    assert await read_key(world, f"{path}/ring-ref") == ring_ref
+    assert await talk(cli, "owned", b"still mine") == b"still mine"
+    assert first.is_serving()
+    first.close()
+    await first.wait_closed()
+    assert await read_key(world, f"{path}/ring-ref") is None
+    # once released the port can be served again
+    again = await vchan.start_server(echo, CLIENT, "owned", platform=srv)
+    assert await talk(cli, "owned", b"again") == b"again"
+    again.close()
+    await again.wait_closed()
+
+
+async def test_other_ports_and_clients_are_independent(world: World) -> None:
+    srv = await world.platform(SERVER)
+    servers = [
+        await vchan.start_server(echo, CLIENT, "indep", platform=srv),
+        await vchan.start_server(echo, CLIENT, "indep2", platform=srv),
+        await vchan.start_server(echo, 3, "indep", platform=srv),
+    ]
+    for s in servers:
+        s.close()
+        await s.wait_closed()
+
+
+async def test_owner_record_is_hidden_from_the_client(world: World) -> None:
+    """The extra key is readable by the server domain only; clients read the two
+    libxenvchan keys as before."""
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    path = vchan_path(SERVER, CLIENT, "hidden")
+    server = await vchan.start_server(echo, CLIENT, "hidden", platform=srv)
+    record = json.loads(await srv.store.read(f"{path}/{advertise.OWNER}"))
+    assert record["pid"] == os.getpid() and record["domid"] == SERVER
+    with pytest.raises(PermissionError):
+        await cli.store.read(f"{path}/{advertise.OWNER}")
+    assert await advertise.read(cli, path) is not None
+    server.close()
+    await server.wait_closed()
+
+
+async def test_dead_owner_is_taken_over_and_live_foreign_one_is_not(world: World) -> None:
+    """Owner records of a dead process (pid gone / pid reused) are reclaimed."""
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    path = vchan_path(SERVER, CLIENT, "stale")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await proc.wait()
+    gone = advertise.server_owner(srv, path)
+    boot = gone.boot
+    dead_records = [
+        {"pid": proc.pid, "start": gone.start, "boot": boot, "claim": "x1"},  # pid gone
+        {"pid": 1, "start": 10**12, "boot": boot, "claim": "x2"},  # pid 1, other start time
+    ]
+    for record in dead_records:
+        await srv.store.write(f"{path}/ring-ref", b"77")
+        await srv.store.write(f"{path}/event-channel", b"77")
+        await srv.store.write(f"{path}/{advertise.OWNER}", json.dumps(record).encode())
+        server = await vchan.start_server(echo, CLIENT, "stale", platform=srv)
+        assert await talk(cli, "stale", b"reclaimed") == b"reclaimed"
+        server.close()
+        await server.wait_closed()
+        assert await read_key(world, path) is None
+    # a live foreign owner (pid 1, its real start time) is not
+    live = json.dumps({"pid": 1, "start": None, "boot": boot, "claim": "x3"}).encode()
+    await srv.store.write(f"{path}/{advertise.OWNER}", live)
+    with pytest.raises(ResourceBusy, match="pid 1"):
+        await vchan.start_server(echo, CLIENT, "stale", platform=srv)
+    assert await srv.store.read(f"{path}/{advertise.OWNER}") == live
+    await srv.store.rm(path)
+
+
+# -- half-open clients -------------------------------------------------------------------
+
+
+class HalfOpen:
+    """A raw client that binds the advertised port (and with ``claim``, maps the control
+    page and claims it, 2 -> 3) and then does nothing more."""
+
+    def __init__(self, channel: EventChannel, mapping: Mapping | None) -> None:
+        self.channel = channel
+        self.mapping = mapping
+
+    @classmethod
+    async def attach(cls, plat: Platform, port: str, *, claim: bool) -> HalfOpen:
+        path = vchan_path(SERVER, plat.domid, port)
+        async with asyncio.timeout(30):
+            while True:  # the server may re-advertise between our read and our bind
+                ad = await advertise.read(plat, path)
+                if ad is None:
+                    await asyncio.sleep(0.01)
+                    continue
+                ring_ref, port_no = ad
+                try:
+                    channel = await plat.events.connect(SERVER, port_no)
+                except ConnectionError:
+                    continue
+                if not claim:
+                    return cls(channel, None)
+                try:
+                    mapping = plat.grants.map(SERVER, [ring_ref], writable=True)
+                except (FileNotFoundError, PermissionError):
+                    channel.close()
+                    continue
+                sb = SharedBuffer(mapping.buf)
+                try:
+                    old = sb.fetch_or_u8(wire.CLI_LIVE, 1)
+                finally:
+                    sb.release()
+                if old == wire.LIVE_WAITING:
+                    return cls(channel, mapping)
+                mapping.close()
+                channel.close()
+
+    async def wait_dropped(self) -> None:
+        """Until the server released the endpoint: the channel's peer is gone."""
+        async with asyncio.timeout(60):
+            while True:
+                try:
+                    await self.channel.wait()
+                except ConnectionResetError:
+                    return
+
+    def close(self) -> None:
+        if self.mapping is not None:
+            self.mapping.close()
+        self.channel.close()
+
+
+@pytest.mark.parametrize("claim", [False, True], ids=["bound", "claimed"])
+async def test_half_open_client_does_not_block_others(world: World, claim: bool) -> None:
+    srv = await world.platform(SERVER)
+    evil = await world.platform(CLIENT)
+    good = await world.platform(CLIENT)
+    server = await vchan.start_server(echo, CLIENT, "halfopen", platform=srv, handshake_timeout=0.3)
+    attacker = await HalfOpen.attach(evil, "halfopen", claim=claim)
+    try:
+        # a well-behaved client connects and exchanges data while the attacker stalls
+        for i in range(3):
+            msg = f"hello {i}".encode() * 1000
+            assert await talk(good, "halfopen", msg) == msg
+        await attacker.wait_dropped()
+        assert server.dropped >= 1
+        assert server.accepted == 3
+    finally:
+        attacker.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_half_open_client_does_not_block_accept(world: World) -> None:
+    """The single-connection server (``vchan.accept``) is bounded the same way."""
+    srv = await world.platform(SERVER)
+    evil = await world.platform(CLIENT)
+    good = await world.platform(CLIENT)
+    accepting = asyncio.ensure_future(
+        vchan.accept(CLIENT, "halfone", platform=srv, timeout=60, handshake_timeout=0.3)
+    )
+    attacker = await HalfOpen.attach(evil, "halfone", claim=False)
+    try:
+        async with vchan.connect(SERVER, "halfone", platform=good, timeout=30) as (r, _w):
+            _reader, writer = await accepting
+            writer.write(b"served")
+            writer.write_eof()
+            assert await r.read() == b"served"
+            writer.close()
+            await writer.wait_closed()
+        await attacker.wait_dropped()
+    finally:
+        attacker.close()
+        if not accepting.done():
+            accepting.cancel()
+        await asyncio.gather(accepting, return_exceptions=True)
+
+
+async def test_idle_server_keeps_its_endpoint_until_bound(world: World) -> None:
+    """Nobody bound the port: the bound does not churn the advertisement on unix (the
+    platform shows the port unbound); clients connect normally after several bounds."""
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    path = vchan_path(SERVER, CLIENT, "idle")
+    server = await vchan.start_server(echo, CLIENT, "idle", platform=srv, handshake_timeout=0.1)
+    first = await advertise.read(srv, path)
+    await asyncio.sleep(0.5)
+    assert await advertise.read(srv, path) == first
+    assert server.dropped == 0
+    assert await talk(cli, "idle", b"x") == b"x"
+    server.close()
+    await server.wait_closed()
+
+
+async def test_handshake_timeout_is_validated(world: World) -> None:
+    srv = await world.platform(SERVER)
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="handshake_timeout"):
+            await vchan.start_server(echo, CLIENT, "p", platform=srv, handshake_timeout=bad)
+        with pytest.raises(ValueError, match="handshake_timeout"):
+            await vchan.accept(CLIENT, "p", platform=srv, handshake_timeout=bad)
+
+
+# -- real processes ----------------------------------------------------------------------
+
+PARENT = 10
+
+
+@pytest.fixture
+async def parent(xenstored: Xenstored) -> AsyncIterator[StoreWired]:
+    inner = UnixPlatform(domid=PARENT, root=str(xenstored.root))
+    p = StoreWired(inner, XenStoreClient.for_unix_socket(xenstored.socket, PARENT, timeout=10))
+    await p.open()
+    yield p
+    leaks = p.leaks()
+    await p.close()
+    assert leaks == [], leaks
+
+
+async def spawn_server(xenstored: Xenstored, port: str) -> asyncio.subprocess.Process:
+    loop_name = "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(HERE / "vchan_peer.py"),
+        loop_name,
+        "serve-echo",
+        str(PARENT),
+        port,
+        "4096",
+        "4096",
+        "0",
+        env=xenstored.env(SERVER),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def first_line(proc: asyncio.subprocess.Process) -> bytes:
+    assert proc.stdout is not None
+    async with asyncio.timeout(60):
+        return await proc.stdout.readline()
+
+
+@pytest.mark.crossprocess
+async def test_second_server_process_refused_and_killed_server_reclaimed(
+    xenstored: Xenstored, parent: StoreWired
+) -> None:
+    port = f"proc{os.getpid()}{id(parent) % 1000}"
+    path = vchan_path(SERVER, PARENT, port)
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        first = await spawn_server(xenstored, port)
+        procs.append(first)
+        assert await first_line(first) == b"READY\n"
+        second = await spawn_server(xenstored, port)
+        procs.append(second)
+        async with asyncio.timeout(60):
+            out, err = await second.communicate()
+        assert second.returncode != 0 and out == b""
+        text = err.decode()
+        assert "ResourceBusy" in text and f"is in use by pid {first.pid}" in text, text
+        assert path in text
+        # the second's exit removed nothing: the first still serves at its advertisement
+        assert await advertise.read(parent, path) is not None
+        async with vchan.connect(SERVER, port, platform=parent, timeout=30) as (r, w):
+            w.write(b"first")
+            w.write_eof()
+            assert await r.read() == b"first"
+        # killed: its advertisement stays behind, and a new server takes it over
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        assert await xenstored_has(xenstored, f"{path}/{advertise.OWNER}")
+        third = await spawn_server(xenstored, port)
+        procs.append(third)
+        assert await first_line(third) == b"READY\n"
+        async with vchan.connect(SERVER, port, platform=parent, timeout=30) as (r, w):
+            w.write(b"third")
+            w.write_eof()
+            assert await r.read() == b"third"
+        assert third.stdin is not None
+        third.stdin.close()
+        async with asyncio.timeout(60):
+            out, _ = await third.communicate()
+        assert third.returncode == 0 and out == b"ACCEPTED 1\n"
+        assert not await xenstored_has(xenstored, path)
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+
+
+async def xenstored_has(xenstored: Xenstored, path: str) -> bool:
+    c = XenStoreClient.for_unix_socket(xenstored.socket, 0, timeout=10)
+    try:
+        return bool(await c.exists(path))
+    finally:
+        await c.close()
