@@ -36,11 +36,13 @@ parent, two transactions creating siblings conflict -- as in Xen.
 
 Watches.  A change at ``P`` fires every watch whose path is ``P`` or an ancestor of it.  For
 writes, mkdir, set-perms and the top of a removal (non-exact changes) it also fires watches
-*below* ``P``, reporting the watch path.  Each removed descendant fires exactly.  A domain is
+*below* ``P``, reporting the watch path.  Each removed descendant fires exactly.  One
+operation (a request, or a commit) tells a watch about a path at most once.  A domain is
 only told about nodes it may read.  ``@introduceDomain`` and ``@releaseDomain`` fire on
-INTRODUCE and RELEASE (and when a Unix-socket domain first identifies itself); by default
-only privileged connections receive them (their permissions can be changed with SET_PERMS).
-A new watch fires once immediately.  Relative watches report relative paths.
+INTRODUCE and RELEASE (and when a Unix-socket domain first identifies itself) and reach
+only watches on exactly that name; a special watch path may be any ``@...``; by default
+only privileged connections receive them (the owner of one can change its permissions with
+SET_PERMS).  A new watch fires once immediately.  Relative watches report relative paths.
 
 Quotas (defaults of Xen 4.17's C xenstored; unprivileged domains only): 1000 nodes per
 domain and 2048-byte values (``ENOSPC``), 128 watches (``E2BIG``), 10 open transactions
