@@ -131,7 +131,7 @@ class _Fail(Exception):
 class Node:
     """One immutable tree node."""
 
-    __slots__ = ("children", "generation", "perms", "value")
+    __slots__ = ("_listing", "children", "generation", "perms", "value")
 
     def __init__(
         self, value: bytes, perms: tuple[Perm, ...], children: tuple[str, ...], generation: int
@@ -140,6 +140,16 @@ class Node:
         self.perms = perms
         self.children = children
         self.generation = generation
+        self._listing: bytes | None = None
+
+    def listing(self) -> bytes:
+        """The children's names, each NUL-terminated: the DIRECTORY payload.  Built once
+        per node (a node is immutable: a new child makes a new node with a new generation),
+        so pipelined DIRECTORY/DIRECTORY_PART requests cost no more than a READ."""
+        listing = self._listing
+        if listing is None:
+            listing = self._listing = b"".join(name.encode() + NUL for name in self.children)
+        return listing
 
     @property
     def owner(self) -> int:
@@ -538,7 +548,7 @@ class EngineConnection:
     def op_directory(self, msg: Message) -> Message:
         view = self._view(msg)
         node = self._get(view, self._one_path(msg), PERM_READ)
-        payload = b"".join(name.encode() + NUL for name in node.children)
+        payload = node.listing()
         if len(payload) > XENSTORE_PAYLOAD_MAX:
             raise _Fail(errno.E2BIG, "directory listing too long; use DIRECTORY_PART")
         return msg.reply(XsType.DIRECTORY, payload)
@@ -548,7 +558,7 @@ class EngineConnection:
         raw_path, raw_off = split(msg.payload, 2, what="DIRECTORY_PART payload")
         node = self._get(view, self._path(raw_path), PERM_READ)
         offset = parse_u32(raw_off, "offset")
-        listing = b"".join(name.encode() + NUL for name in node.children)
+        listing = node.listing()
         if offset > len(listing) or (offset and listing[offset - 1] != 0):
             raise _Fail(errno.EINVAL, f"offset {offset} is not at a name boundary")
         head = str(node.generation).encode() + NUL
@@ -769,6 +779,8 @@ class Engine:
         self._targets: dict[int, int] = {}
         self._special: dict[str, tuple[Perm, ...]] = {}
         self._live = _LiveView(self)
+        self.stats_extra: Callable[[], dict[str, Any]] | None = None
+        """A transport's own counters for ``aioxen-stats`` (the server's budgets)."""
         self.modified = 0
         """Counts committed changes (persistence polls it)."""
         root = (Perm(0, "n"),)
@@ -996,7 +1008,8 @@ class Engine:
         dom0._remove_tree(self._live, path, node)
 
     def stats(self) -> dict[str, Any]:
-        return {
+        extra = self.stats_extra() if self.stats_extra is not None else {}
+        return extra | {
             "nodes": len(self._nodes),
             "generation": self._gen,
             "connections": [

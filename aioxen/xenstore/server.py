@@ -22,12 +22,27 @@ may identify, so a connection cannot change identity twice; the trust boundary i
 socket's file permissions (its directory is 0700), exactly as with Xen's root-only socket.
 
 Hostile clients.  A header announcing more than 4096 payload bytes kills that connection
-(Xen does the same); anything else malformed gets an ERROR reply.  Nothing one connection
-does stops the others being served.  Flow control: the server stops reading a connection's
-requests while ``outstanding`` maximum-size replies are unsent (the writer's high-water
-mark) and drops watch events for a connection whose unsent output exceeds
-``watch_event_backlog`` bytes (64 times that for privileged connections), counting them in
-``aioxen-stats``.
+(Xen does the same); anything else malformed gets an ERROR reply.  Watch events for a
+connection whose unsent output exceeds ``watch_event_backlog`` bytes (64 times that for
+privileged connections) are dropped and counted in ``aioxen-stats``.
+
+Budgets (memory).  A connection's *unsent* output is what its transport still buffers plus
+what is corked.  The *budget* is ``outstanding`` maximum-size replies (``Quotas``).  Before
+each request the server checks that the connection's unsent output -- and, for an
+unprivileged domain, the sum over all of that domain's connections -- is within the budget;
+if not, the request stays in the connection's input buffer, unparsed, and the connection is
+*blocked*: reading pauses, and it is re-checked when its transport drains
+(``resume_writing``) or on a short timer.  Reading also pauses while more than
+``input_limit`` request bytes are buffered.  So one domain holds at most its budget plus one
+reply of output, and each connection at most ``input_limit`` plus one read of input,
+however many requests one read brought in.
+
+Fairness (time).  Requests are handled in *turns*: at most ``turn_requests`` requests or
+``turn_seconds`` of work per connection per turn.  A connection with requests left over
+joins a round-robin queue served by one loop callback that gives every queued connection one
+turn and then yields to the event loop (so newly readable sockets are read, and a newly
+active connection is served in its own ``data_received``, before the next round).  Output is
+flushed after each turn, one ``write`` per connection.
 
 Persistence.  With a state file, the tree is loaded at start, saved every
 ``sync_interval`` seconds when changed, and saved on close -- so a clean shutdown
@@ -41,6 +56,8 @@ import contextlib
 import logging
 import os
 import socket
+import time
+from collections import deque
 from types import TracebackType
 from typing import Self, cast
 
@@ -48,11 +65,20 @@ from aioxen.errors import ProtocolError
 from aioxen.xenstore import persist
 from aioxen.xenstore._cork import CorkedOutput
 from aioxen.xenstore.engine import Engine, EngineConnection, Quotas
-from aioxen.xenstore.wire import HEADER_SIZE, XENSTORE_PAYLOAD_MAX, Decoder, Message
+from aioxen.xenstore.wire import HEADER, HEADER_SIZE, XENSTORE_PAYLOAD_MAX, Message
 
 log = logging.getLogger(__name__)
 
 PRIVILEGED_BACKLOG_FACTOR = 64
+MAX_FRAME = HEADER_SIZE + XENSTORE_PAYLOAD_MAX
+TURN_REQUESTS = 64
+"""Default: at most this many requests of one connection per turn."""
+TURN_SECONDS = 0.002
+"""Default: a connection's turn ends after this much work (checked after each request)."""
+INPUT_LIMIT = 64 * 1024
+"""Default: reading a connection pauses while this many request bytes are buffered."""
+RECHECK_SECONDS = 0.01
+"""How often blocked connections are re-checked (besides their transports' drain calls)."""
 
 
 class XenStoreServer:
@@ -66,8 +92,18 @@ class XenStoreServer:
         state_file: str | None = None,
         sync_interval: float = 1.0,
         quotas: Quotas | None = None,
+        turn_requests: int = TURN_REQUESTS,
+        turn_seconds: float = TURN_SECONDS,
+        input_limit: int = INPUT_LIMIT,
     ) -> None:
+        if turn_requests < 1 or turn_seconds <= 0 or input_limit < MAX_FRAME:
+            raise ValueError(
+                f"turn_requests must be >= 1, turn_seconds > 0 and input_limit >= {MAX_FRAME}"
+            )
         self.socket_path = socket_path
+        self.turn_requests = turn_requests
+        self.turn_seconds = turn_seconds
+        self.input_limit = input_limit
         self.state_file = state_file
         self.sync_interval = sync_interval
         if engine is None:
@@ -80,6 +116,13 @@ class XenStoreServer:
         self._conns: set[_Connection] = set()
         self._dirty: list[_Connection] = []  # connections with corked output
         self._flush_handle: asyncio.Handle | None = None
+        self._ready: deque[_Connection] = deque()  # connections owed a turn, in order
+        self._service_handle: asyncio.Handle | None = None
+        self._blocked: set[_Connection] = set()  # over budget, waiting for output to drain
+        self._recheck_handle: asyncio.TimerHandle | None = None
+        self._domains: dict[int, set[_Connection]] = {}  # unprivileged domid -> connections
+        self._peak_unsent: dict[int, int] = {}  # domid -> most unsent output seen at once
+        self.engine.stats_extra = self._stats
         self._sync_task: asyncio.Task[None] | None = None
         self._saved_at = -1
 
@@ -136,6 +179,12 @@ class XenStoreServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
+        for handle in (self._service_handle, self._recheck_handle):
+            if handle is not None:
+                handle.cancel()
+        self._service_handle = self._recheck_handle = None
+        self._ready.clear()
+        self._blocked.clear()
         conns = list(self._conns)
         for conn in conns:
             conn.abort()
@@ -158,6 +207,83 @@ class XenStoreServer:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    # -- budgets and turns -------------------------------------------------------------
+    @property
+    def budget(self) -> int:
+        """Unsent output bytes allowed per connection and per unprivileged domain."""
+        return max(1, self.engine.quotas.outstanding) * MAX_FRAME
+
+    def _domain_unsent(self, domid: int) -> int:
+        return sum(c.unsent() for c in self._domains.get(domid, ()))
+
+    def _set_domain(self, conn: _Connection, old: int | None, new: int | None) -> None:
+        """``conn`` now acts as unprivileged domain ``new`` (None: privileged/gone)."""
+        if old is not None:
+            members = self._domains.get(old)
+            if members is not None:
+                members.discard(conn)
+                if not members:
+                    del self._domains[old]
+        if new is not None:
+            self._domains.setdefault(new, set()).add(conn)
+
+    def _note_unsent(self, domid: int, unsent: int) -> None:
+        if unsent > self._peak_unsent.get(domid, 0):
+            self._peak_unsent[domid] = unsent
+
+    def _enqueue(self, conn: _Connection) -> None:
+        """Give ``conn`` a turn in the next round."""
+        if conn.queued:
+            return
+        conn.queued = True
+        self._ready.append(conn)
+        if self._service_handle is None:
+            self._service_handle = asyncio.get_running_loop().call_soon(self._service)
+
+    def _service(self) -> None:
+        """One round: a turn for each connection queued before it began; then yield."""
+        self._service_handle = None
+        ready = self._ready
+        for _ in range(len(ready)):
+            conn = ready.popleft()
+            conn.queued = False
+            conn.turn()
+        if ready and self._service_handle is None:
+            self._service_handle = asyncio.get_running_loop().call_soon(self._service)
+
+    def _block(self, conn: _Connection) -> None:
+        self._blocked.add(conn)
+        if self._recheck_handle is None:
+            self._recheck_handle = asyncio.get_running_loop().call_later(
+                RECHECK_SECONDS, self._recheck
+            )
+
+    def _recheck(self, domid: int | None = None) -> None:
+        """Unblock the blocked connections (of ``domid``, or all) that are within budget."""
+        if domid is None:
+            self._recheck_handle = None
+        for conn in list(self._blocked):
+            if domid is None or conn.domid == domid:
+                conn.recheck()
+        if self._blocked and self._recheck_handle is None:
+            self._recheck_handle = asyncio.get_running_loop().call_later(
+                RECHECK_SECONDS, self._recheck
+            )
+
+    def _stats(self) -> dict[str, object]:
+        """The server's part of ``aioxen-stats``: budgets and what is held against them."""
+        return {
+            "budget": self.budget,
+            "input_limit": self.input_limit,
+            "turn_requests": self.turn_requests,
+            "turn_seconds": self.turn_seconds,
+            "unsent": {str(d): self._domain_unsent(d) for d in self._domains},
+            "peak_unsent": {str(d): n for d, n in self._peak_unsent.items()},
+            "buffered_input": sum(len(c.inbuf) for c in self._conns),
+            "blocked": len(self._blocked),
+            "queued": len(self._ready),
+        }
 
     # -- output batching -------------------------------------------------------------
     def _corked(self, conn: _Connection) -> None:
@@ -183,31 +309,33 @@ class XenStoreServer:
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: requests are decoded in ``data_received`` and handled at
-    once; replies and watch events are corked and written once per batch of requests
-    (one ``write`` for all the replies to requests that arrived together).
-
-    Flow control: writing is paused above ``outstanding`` maximum-size replies of unsent
-    output (the transport's high-water mark); reading is then paused too, until the
-    output drains below the low-water mark.
-    """
+    """One client connection: request bytes are buffered in ``data_received`` and handled in
+    turns (see the module docstring); replies and watch events are corked and written once
+    per turn."""
 
     def __init__(self, server: XenStoreServer) -> None:
         self._server = server
         self._transport: asyncio.Transport | None = None
         self._conn: EngineConnection | None = None
-        self._decoder = Decoder()
+        self.inbuf = bytearray()
         self._out = CorkedOutput()
+        self._domain: int | None = None  # the unprivileged domain it counts against
+        self.queued = False  # in the server's round-robin queue
+        self._reading_paused = False
+        self._eof = False
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def domid(self) -> int | None:
+        return self._domain
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         transport = self._transport = cast(asyncio.Transport, base)  # uvloop: no subclass
         server = self._server
         quotas = server.engine.quotas
-        transport.set_write_buffer_limits(
-            high=max(1, quotas.outstanding) * (HEADER_SIZE + XENSTORE_PAYLOAD_MAX)
-        )
+        budget = server.budget
+        transport.set_write_buffer_limits(high=budget, low=budget // 2)
         conn = server.engine.connect(0, self._send)
 
         def backlog_ok(msg: Message) -> bool:
@@ -229,46 +357,160 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         conn = self._conn
-        transport = self._transport
-        if conn is None or transport is None or conn.closed:
+        if conn is None or conn.closed:
             return
-        decoder = self._decoder
-        decoder.feed(data)
-        try:
-            messages = decoder.messages()
-        except ProtocolError as exc:
-            log.info("xenstored: closing connection of domid %d: %s", conn.domid, exc)
-            self._server._flush_all()
-            transport.abort()
-            return
-        try:
-            for msg in messages:
-                conn.handle(msg)
-                if conn.closed:
-                    break
-        finally:
-            self._server._flush_all(last=self)
-        if conn.closed:
-            transport.close()
+        self.inbuf += data
+        if not self.queued and self not in self._server._blocked:
+            self.turn()  # an idle connection is served at once (no added latency)
+        else:
+            self._update_reading()
 
     def eof_received(self) -> bool:
-        return False
+        # Requests still buffered are answered before the connection closes.
+        self._eof = True
+        return self.queued or self in self._server._blocked
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._out.clear()
+        self.inbuf.clear()
         if self._conn is not None:
             self._conn.close()
-        self._server._conns.discard(self)
+        server = self._server
+        server._conns.discard(self)
+        server._blocked.discard(self)
+        server._set_domain(self, self._domain, None)
+        self._domain = None
         if not self.lost.done():
             self.lost.set_result(None)
 
     def pause_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.pause_reading()
+        pass  # turns check the unsent output before each request
 
     def resume_writing(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
+        self.recheck()
+        if self._domain is not None:
+            self._server._recheck(self._domain)
+
+    # -- budgets and turns ---------------------------------------------------------------
+    def unsent(self) -> int:
+        transport = self._transport
+        queued = transport.get_write_buffer_size() if transport is not None else 0
+        return queued + self._out.nbytes
+
+    def _limit(self) -> int:
+        """How much unsent output this connection may hold before its next request."""
+        server = self._server
+        budget = server.budget
+        if self._domain is None:
+            return budget
+        others = server._domain_unsent(self._domain) - self.unsent()
+        return min(budget, budget - others)
+
+    def _frame_end(self, pos: int) -> int:
+        """End offset of the request starting at ``pos``; 0 if it is not all here yet.
+        Raises ProtocolError for an oversized header."""
+        buf = self.inbuf
+        if len(buf) - pos < HEADER_SIZE:
+            return 0
+        length = HEADER.unpack_from(buf, pos)[3]
+        if length > XENSTORE_PAYLOAD_MAX:
+            raise ProtocolError(
+                f"XenStore payload length {length} exceeds XENSTORE_PAYLOAD_MAX "
+                f"({XENSTORE_PAYLOAD_MAX})",
+                field="len",
+            )
+        end = pos + HEADER_SIZE + length
+        return end if end <= len(buf) else 0
+
+    def turn(self) -> None:
+        """Handle up to one turn's worth of buffered requests, within budget; flush."""
+        conn = self._conn
+        transport = self._transport
+        if conn is None or transport is None or conn.closed or transport.is_closing():
+            return
+        server = self._server
+        buf = self.inbuf
+        pos = 0
+        handled = 0
+        over = False
+        limit = self._limit()
+        deadline = time.perf_counter() + server.turn_seconds
+        try:
+            while True:
+                end = self._frame_end(pos)
+                if not end:
+                    break
+                if self.unsent() > limit:
+                    over = True
+                    break
+                if handled >= server.turn_requests or (handled and time.perf_counter() > deadline):
+                    break
+                typ, req_id, tx_id, _ = HEADER.unpack_from(buf, pos)
+                msg = Message(typ, req_id, tx_id, bytes(buf[pos + HEADER_SIZE : end]))
+                pos = end
+                handled += 1
+                conn.handle(msg)
+                if conn.closed:
+                    break
+        except ProtocolError as exc:
+            log.info("xenstored: closing connection of domid %d: %s", conn.domid, exc)
+            server._flush_all()
+            transport.abort()
+            return
+        finally:
+            if pos:
+                del buf[:pos]
+            if handled:
+                server._flush_all(last=self)
+        if conn.closed:
+            transport.close()
+            return
+        domain = None if conn.privileged else conn.domid
+        if domain != self._domain:
+            server._set_domain(self, self._domain, domain)
+            self._domain = domain
+        if domain is not None:
+            server._note_unsent(domain, server._domain_unsent(domain))
+        self._after_turn(over)
+
+    def _after_turn(self, over: bool) -> None:
+        server = self._server
+        try:
+            more = bool(self._frame_end(0))
+        except ProtocolError:
+            more = True  # the next turn kills the connection
+        if more:
+            if over or self.unsent() > self._limit():
+                server._block(self)
+            else:
+                server._blocked.discard(self)
+                server._enqueue(self)
+        else:
+            server._blocked.discard(self)
+            if self._eof and self._transport is not None:
+                self._transport.close()
+        self._update_reading()
+
+    def recheck(self) -> None:
+        """A blocked connection whose output drained below its limit is queued again."""
+        server = self._server
+        if self in server._blocked and self.unsent() <= self._limit():
+            server._blocked.discard(self)
+            server._enqueue(self)
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        server = self._server
+        pause = self in server._blocked or len(self.inbuf) >= server.input_limit
+        if pause != self._reading_paused:
+            self._reading_paused = pause
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     # -- output --------------------------------------------------------------------------
     def _send(self, msg: Message) -> None:
