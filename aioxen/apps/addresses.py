@@ -7,20 +7,22 @@ makes one protocol per accepted connection) and how to *connect* (return the tra
 one new connection) -- the same two calls, ``create_server`` and ``create_connection``,
 that asyncio offers for TCP and Unix sockets and :mod:`aioxen.vchan` offers for vchans.
 :func:`parse_address` turns the command-line spelling into one; ``str()`` gives it back.
+
+Listeners are exclusive: a ``unix:PATH`` listener claims PATH through
+:class:`aioxen.ownership.UnixSocketClaim` and removes only the socket it bound; a
+``vchan:D/P`` listener claims the advertisement (:mod:`aioxen.vchan.advertise`); a TCP
+port in use fails in ``bind``.  All three fail with ``OSError(EADDRINUSE)``.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
-import os
-import socket
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from aioxen import vchan
+from aioxen.ownership import UnixSocketClaim
 from aioxen.platform.base import Platform
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
@@ -97,11 +99,24 @@ class UnixAddress(Address):
     async def listen(
         self, factory: ProtocolFactory, *, platform: Platform | None, buffer_size: int
     ) -> asyncio.AbstractServer:
+        """Claim the path (:class:`~aioxen.ownership.UnixSocketClaim`: ``PATH.lock``; a live
+        socket is ``ResourceBusy``, a link/non-socket/foreign socket is refused, only a
+        stale socket of ours is replaced), bind it ourselves and serve on that socket
+        (asyncio would otherwise unlink whatever socket is at the path)."""
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.stat(self.path).st_mode) and not _socket_alive(self.path):
-                os.unlink(self.path)  # a stale socket from a process that died
-        return await loop.create_unix_server(factory, self.path)
+        claim = UnixSocketClaim.acquire(self.path)
+        try:
+            sock = claim.bind()
+            try:
+                server = await loop.create_unix_server(factory, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+        except BaseException:
+            claim.release()
+            raise
+        _unix_claims[server] = claim
+        return server
 
     async def connect(
         self, factory: ProtocolFactory, *, platform: Platform | None, timeout: float | None
@@ -119,18 +134,15 @@ class UnixAddress(Address):
         return transport
 
     def cleanup(self, server: asyncio.AbstractServer) -> None:
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.stat(self.path).st_mode):
-                os.unlink(self.path)
+        """Unlink the socket we bound (only if the path still is that socket) and drop
+        the claim."""
+        claim = _unix_claims.pop(server, None)
+        if claim is not None:
+            claim.release()
 
 
-def _socket_alive(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-        return True
+_unix_claims: dict[asyncio.AbstractServer, UnixSocketClaim] = {}
+"""The claim behind each Unix listener :meth:`UnixAddress.listen` made, until cleanup."""
 
 
 @dataclass(frozen=True)

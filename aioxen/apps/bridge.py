@@ -559,7 +559,10 @@ async def run_bridge_command(
             )
             try:
                 await bridge.start()
-            except (OSError, ProtocolError) as exc:
+            except OSError as exc:
+                # strerror alone: "[Errno 98]" adds nothing to a message naming the holder
+                raise _Fatal(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+            except ProtocolError as exc:
                 raise _Fatal(f"cannot listen on {listen}: {exc}") from exc
             print(f"aioxen bridge: listening on {bridge.listen_address}", flush=True)
             serving = asyncio.ensure_future(bridge.serve_forever())
