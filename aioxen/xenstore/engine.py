@@ -88,6 +88,8 @@ log = logging.getLogger(__name__)
 ABSENT = -1
 IDENTIFY_COMMAND = b"aioxen-identify"
 STATS_COMMAND = b"aioxen-stats"
+QUOTA_COMMAND = b"quota"
+"""``CONTROL quota`` as in Xen 4.17 (``xenstore-control quota [set NAME VALUE|DOMID]``)."""
 
 
 @dataclass
@@ -721,10 +723,43 @@ class EngineConnection:
         if command == b"print":
             log.info("xenstore print: %s", b" ".join(args).decode("ascii", "replace"))
             return msg.ok_reply()
+        if command == QUOTA_COMMAND:
+            return msg.reply(XsType.CONTROL, self._control_quota(args))
         if command == b"help":
-            names = (IDENTIFY_COMMAND, STATS_COMMAND, b"print", b"help")
+            names = (IDENTIFY_COMMAND, STATS_COMMAND, QUOTA_COMMAND, b"print", b"help")
             return msg.reply(XsType.CONTROL, b"\n".join(names) + b"\n\x00")
         raise _Fail(errno.EINVAL, f"unknown CONTROL command {command!r}")
+
+    def _control_quota(self, args: list[bytes]) -> bytes:
+        """``quota``: the settings; ``quota set NAME VALUE``: change one (VALUE >= 1, as
+        Xen; it applies from the next request on, and to commits of open transactions);
+        ``quota DOMID``: what that domain holds against its quotas."""
+        engine = self.engine
+        if not args:
+            lines = ["Quota settings:"]
+            for f in fields(engine.quotas):
+                name = f.name.replace("_", "-")
+                lines.append(f"{name:<19}: {getattr(engine.quotas, f.name):8d}")
+            return ("\n".join(lines) + "\n").encode() + NUL
+        if args[0] == b"set":
+            if len(args) != 3 or not args[2].isdigit() or int(args[2]) < 1:
+                raise _Fail(errno.EINVAL, "quota set takes a name and a value >= 1")
+            try:
+                engine.quotas.set(args[1].decode("ascii", "replace"), int(args[2]))
+            except ValueError as exc:
+                raise _Fail(errno.EINVAL, str(exc)) from None
+            log.info("quota %s set to %s", args[1].decode("ascii", "replace"), int(args[2]))
+            return b"OK" + NUL
+        if len(args) != 1:
+            raise _Fail(errno.EINVAL, "quota takes no argument, set NAME VALUE, or a domid")
+        domid = parse_domid(args[0])
+        text = (
+            f"Domain {domid}:\n"
+            f"nodes: {engine._owned.get(domid, 0)}\n"
+            f"watches: {engine._domain_watches(domid)}\n"
+            f"transactions: {engine._domain_transactions(domid)}\n"
+        )
+        return text.encode() + NUL
 
     def identify(self, domid: int) -> None:
         """Make this connection act as ``domid`` (see :mod:`aioxen.xenstore.server`)."""

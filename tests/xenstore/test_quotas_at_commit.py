@@ -178,6 +178,62 @@ def test_transaction_quota_is_per_domain_across_connections(xs: Xenstored) -> No
 # -------------------------------------------- quotas lowered under an open transaction ---
 
 
+def set_quota(r: Raw, name: str, value: int) -> None:
+    """``CONTROL quota set NAME VALUE`` (Xen 4.17's ``xenstore-control quota set``)."""
+    assert r.call(XsType.CONTROL, join("quota", "set", name, str(value))).payload == b"OK\x00"
+
+
+def test_control_quota_shows_sets_and_reports(xs: Xenstored) -> None:
+    with Raw(xs.socket) as root, Raw(xs.socket) as dom:
+        dom.identify(80)
+        text = root.call(XsType.CONTROL, join("quota")).payload.decode()
+        assert text.startswith("Quota settings:\n") and text.endswith("\n\x00")
+        assert {line.split(":")[0].strip() for line in text.splitlines()[1:-1]} >= {
+            "nodes",
+            "node-size",
+            "watches",
+            "transactions",
+            "permissions",
+            "transaction-nodes",
+            "outstanding",
+        }
+        assert "nodes              :     1000" in text
+        report = root.call(XsType.CONTROL, join("quota", "80")).payload
+        assert report == b"Domain 80:\nnodes: 2\nwatches: 0\ntransactions: 0\n\x00"
+        for bad in (("set", "bogus", "3"), ("set", "nodes", "0"), ("set", "nodes"), ("x", "y")):
+            assert root.error(XsType.CONTROL, join("quota", *bad)) == "EINVAL"
+        assert dom.error(XsType.CONTROL, join("quota")) == "EACCES"  # dom0 only
+
+
+@pytest.mark.parametrize("quota", ["node-size", "permissions", "transaction-nodes", "nodes"])
+def test_quota_lowered_under_an_open_transaction(xs: Xenstored, quota: str) -> None:
+    """The commit checks the quotas in force when it commits: lowering one (CONTROL quota
+    set) while a transaction is open makes its commit fail with ENOSPC, nothing applied."""
+    domid = {"node-size": 81, "permissions": 82, "transaction-nodes": 83, "nodes": 84}[quota]
+    with Raw(xs.socket) as root, Raw(xs.socket) as r:
+        r.identify(domid)
+        assert r.call(XsType.WRITE, b"p\x00old").type == XsType.WRITE
+        perms_before = r.call(XsType.GET_PERMS, b"p\x00").payload
+        tx = start_tx(r)
+        r.send(XsType.WRITE, b"p\x00" + b"v" * 1500, tx_id=tx)
+        r.send(XsType.SET_PERMS, join("p", f"n{domid}", "r1", "r2", "r3", "r4"), tx_id=tx)
+        for i in range(20):
+            r.send(XsType.WRITE, f"many/n{i}\x00".encode(), tx_id=tx)
+        for _ in range(22):
+            reply = r.reply()
+            assert reply is not None and reply.type != XsType.ERROR, reply
+        lowered = {"node-size": 1000, "permissions": 3, "transaction-nodes": 10, "nodes": 10}
+        default = {"node-size": 2048, "permissions": 5, "transaction-nodes": 1024, "nodes": 1000}
+        set_quota(root, quota, lowered[quota])
+        try:
+            assert r.error(XsType.TRANSACTION_END, b"T\x00", tx_id=tx) == "ENOSPC"
+        finally:
+            set_quota(root, quota, default[quota])
+        assert r.call(XsType.READ, b"p\x00").payload == b"old"
+        assert r.call(XsType.GET_PERMS, b"p\x00").payload == perms_before
+        assert r.error(XsType.READ, b"many\x00") == "ENOENT"
+
+
 async def test_node_size_quota_at_commit(engine: Engine, inproc: ClientFactory) -> None:
     dom, root = inproc(5), inproc(0)
     await dom.write("home-made", "")
