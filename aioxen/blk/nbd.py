@@ -136,6 +136,7 @@ class NBDConnection:
         self.peer = writer.get_extra_info("peername")
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._done = asyncio.Event()  # serve() has finished
         self._in_flight = 0
         self._in_flight_bytes = 0
         self._room = asyncio.Condition()
@@ -324,9 +325,12 @@ class NBDConnection:
                         log.warning("nbd %s: connection closed mid-request", self.peer)
                     return
                 req = W.parse_request(header)
-                if req.type == W.CMD_DISC or self._stopping:
-                    return  # (stopping: the request gets no reply; the client sees the
-                    # connection close, an error -- never a silent success)
+                if req.type == W.CMD_DISC:
+                    return
+                if self._stopping:  # no reply: the client sees the connection end under
+                    # the request, an error -- never a silent success
+                    await self._skip(req.length if req.type == W.CMD_WRITE else 0)
+                    continue
                 payload_len = req.length if req.type == W.CMD_WRITE else 0
                 cost = req.length if req.type in (W.CMD_READ, W.CMD_WRITE) else 0
                 if payload_len > MAX_REQUEST:
@@ -452,19 +456,29 @@ class NBDConnection:
         connection close -- an error, never a silent success."""
         self._stopping = True
         transport = self.writer.transport
-        with contextlib.suppress(Exception):
-            transport.pause_reading()  # type: ignore[attr-defined]  # a socket transport
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
         with contextlib.suppress(Exception):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 await self.writer.drain()
         if transport.is_closing():
             return
         if self._tasks:
             transport.abort()  # replies still missing: cut, do not look finished
-        else:
-            self.writer.close()
+            return
+        # Every reply is out: end our direction (the client reads them all, then EOF) and
+        # keep reading -- and ignoring -- until the client closes, so that no unread
+        # request makes the kernel reset the connection over replies not yet read.
+        with contextlib.suppress(Exception):
+            if transport.can_write_eof():
+                transport.write_eof()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._done.wait()
+        except TimeoutError:
+            transport.abort()
 
     async def serve(self) -> None:
         try:
@@ -480,6 +494,7 @@ class NBDConnection:
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
+            self._done.set()
 
 
 # ---------------------------------------------------------------------- byte-level I/O
@@ -598,6 +613,8 @@ class NBDServer:
         requests in flight are answered, nothing new is taken, connections close."""
         self.close()
         conns = list(self.connections)
+        for c in conns:
+            c._stopping = True  # at once: no request read from now on is started
         if conns:
             await asyncio.gather(*(c.stop(timeout) for c in conns), return_exceptions=True)
         await self.wait_closed()

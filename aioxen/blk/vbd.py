@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping
@@ -388,9 +387,8 @@ async def vbd_info(platform: Platform, devid: int | str = DEFAULT_DEVID) -> dict
     raw_be = await read_opt(store, f"{fdir}/backend")
     if raw_be is None:
         raise FileNotFoundError(
-            errno.ENOENT, f"no vbd {devid} ({number}) in domain {platform.domid}: "
-            f"{fdir}/backend is missing",
-        )  # fmt: skip
+            f"no vbd {devid} ({number}) in domain {platform.domid}: {fdir}/backend is missing"
+        )
     bdir = raw_be.decode(errors="replace").rstrip("\0")
     be = read_int(await read_opt(store, f"{fdir}/backend-id"), f"{fdir}/backend-id", -1,
                   -1, 0x7FEF)  # fmt: skip

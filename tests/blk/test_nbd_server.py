@@ -273,3 +273,119 @@ def test_os_error_mapping() -> None:
     assert nbd_errno(OSError(errno.ENOSPC, "full")) == W.ENOSPC
     assert nbd_errno(OSError(errno.EOPNOTSUPP, "no")) == W.ENOTSUP
     assert nbd_errno(RuntimeError()) == W.EIO
+
+
+# ---------------------------------------------------------------------------- shutdown
+
+
+class GatedDevice(SourceDevice):
+    """Reads wait until ``gate`` opens (a request kept in flight on purpose)."""
+
+    def __init__(self, source: MemorySource) -> None:
+        super().__init__(source)
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def read_into(self, sector: int, buf: memoryview | bytearray) -> None:
+        self.waiting.set()
+        await self.gate.wait()
+        await super().read_into(sector, buf)
+
+
+async def test_shutdown_answers_in_flight_then_closes() -> None:
+    """Server shutdown (what ``blkfront nbd`` does on SIGTERM): a request in flight is
+    answered in full, a request sent after the shutdown began gets no reply and the
+    client sees the connection close -- never a clean-looking success."""
+    source = MemorySource(1 << 20)
+    source.data[:4096] = bytes(range(256)) * 16
+    dev = GatedDevice(source)
+    server = await start_server({"disk": dev}, "127.0.0.1:0")
+    port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        c = RawClient(reader, writer)
+        await c.greet()
+        await c.go()
+        c.w.write(W.request(W.CMD_READ, 1, 0, 4096))
+        await asyncio.wait_for(dev.waiting.wait(), 10)
+        stopping = asyncio.ensure_future(server.shutdown(timeout=30))
+        await asyncio.sleep(0)
+        c.w.write(W.request(W.CMD_READ, 2, 0, 512))  # after the shutdown began
+        dev.gate.set()
+        reply = await asyncio.wait_for(c.r.readexactly(16), 10)
+        _, err, cookie = W.SIMPLE_REPLY.unpack(reply)
+        assert (err, cookie) == (0, 1)
+        assert await c.r.readexactly(4096) == bytes(source.data[:4096])
+        assert await asyncio.wait_for(c.r.read(), 10) == b""  # no reply to cookie 2: closed
+        writer.close()  # as an NBD client does at the server's EOF
+        await asyncio.wait_for(stopping, 30)
+        assert not server.is_serving()
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+        server.close()
+
+
+async def test_shutdown_cuts_a_request_that_does_not_finish() -> None:
+    """A request still running when the shutdown's bound expires: the connection is
+    aborted, so the client gets an error (reset / EOF without the reply)."""
+    dev = GatedDevice(MemorySource(1 << 20))
+    server = await start_server({"disk": dev}, "127.0.0.1:0")
+    port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        c = RawClient(reader, writer)
+        await c.greet()
+        await c.go()
+        c.w.write(W.request(W.CMD_READ, 1, 0, 4096))
+        await asyncio.wait_for(dev.waiting.wait(), 10)
+        await asyncio.wait_for(server.shutdown(timeout=0.2), 30)
+        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(c.r.readexactly(16), 10)
+    finally:
+        dev.gate.set()
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+        server.close()
+
+
+async def test_unix_listen_path_is_owned(tmp_path: Path) -> None:
+    """A Unix socket path a live server listens on is refused (EADDRINUSE naming the pid,
+    the live socket untouched); a dead server's socket is replaced; close removes only
+    the server's own socket."""
+    import os
+
+    path = str(tmp_path / "nbd.sock")
+    dev = SourceDevice(MemorySource(1 << 20))
+    first = await start_server({"disk": dev}, f"unix:{path}")
+    try:
+        inode = os.lstat(path).st_ino
+        with pytest.raises(OSError) as info:
+            await start_server({"disk": dev}, f"unix:{path}")
+        assert info.value.errno == errno.EADDRINUSE
+        assert path in str(info.value) and f"pid {os.getpid()}" in str(info.value)
+        assert os.lstat(path).st_ino == inode
+        r, w = await asyncio.open_unix_connection(path)  # the first still answers
+        assert (await r.readexactly(8)) == struct.pack(">Q", W.NBDMAGIC)
+        w.close()
+    finally:
+        first.close()
+        await first.wait_closed()
+    assert not os.path.exists(path)  # its own socket, removed on close
+    import socket
+
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)  # a socket nobody listens on any more: a dead server's
+    stale.close()
+    second = await start_server({"disk": dev}, f"unix:{path}")
+    try:
+        assert os.path.exists(path)
+    finally:
+        second.close()
+        await second.wait_closed()
+    with pytest.raises(FileExistsError):  # not a socket: never removed
+        (tmp_path / "plain").write_text("keep")
+        await start_server({"disk": dev}, f"unix:{tmp_path / 'plain'}")
+    assert (tmp_path / "plain").read_text() == "keep"
