@@ -432,7 +432,6 @@ class _Connection(asyncio.Protocol):
         buf = self.inbuf
         pos = 0
         handled = 0
-        over = False
         limit = self._limit()
         deadline = time.perf_counter() + server.turn_seconds
         try:
@@ -441,8 +440,7 @@ class _Connection(asyncio.Protocol):
                 if not end:
                     break
                 if self.unsent() > limit:
-                    over = True
-                    break
+                    break  # over budget: the request stays buffered
                 if handled >= server.turn_requests or (handled and time.perf_counter() > deadline):
                     break
                 typ, req_id, tx_id, _ = HEADER.unpack_from(buf, pos)
@@ -471,16 +469,16 @@ class _Connection(asyncio.Protocol):
             self._domain = domain
         if domain is not None:
             server._note_unsent(domain, server._domain_unsent(domain))
-        self._after_turn(over)
+        self._after_turn()
 
-    def _after_turn(self, over: bool) -> None:
+    def _after_turn(self) -> None:
         server = self._server
         try:
             more = bool(self._frame_end(0))
         except ProtocolError:
             more = True  # the next turn kills the connection
         if more:
-            if over or self.unsent() > self._limit():
+            if self.unsent() > self._limit():  # after the flush: what the kernel refused
                 server._block(self)
             else:
                 server._blocked.discard(self)
