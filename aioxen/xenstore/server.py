@@ -263,9 +263,15 @@ class XenStoreServer:
         """Unblock the blocked connections (of ``domid``, or all) that are within budget."""
         if domid is None:
             self._recheck_handle = None
+        totals: dict[int, int] = {}  # each domain's unsent output, summed once per pass
         for conn in list(self._blocked):
             if domid is None or conn.domid == domid:
-                conn.recheck()
+                total = None
+                if conn.domid is not None:
+                    total = totals.get(conn.domid)
+                    if total is None:
+                        total = totals[conn.domid] = self._domain_unsent(conn.domid)
+                conn.recheck(total)
         if self._blocked and self._recheck_handle is None:
             self._recheck_handle = asyncio.get_running_loop().call_later(
                 RECHECK_SECONDS, self._recheck
@@ -397,13 +403,16 @@ class _Connection(asyncio.Protocol):
         queued = transport.get_write_buffer_size() if transport is not None else 0
         return queued + self._out.nbytes
 
-    def _limit(self) -> int:
-        """How much unsent output this connection may hold before its next request."""
+    def _limit(self, domain_total: int | None = None) -> int:
+        """How much unsent output this connection may hold before its next request
+        (``domain_total``: its domain's unsent output, if the caller has summed it)."""
         server = self._server
         budget = server.budget
         if self._domain is None:
             return budget
-        others = server._domain_unsent(self._domain) - self.unsent()
+        if domain_total is None:
+            domain_total = server._domain_unsent(self._domain)
+        others = domain_total - self.unsent()
         return min(budget, budget - others)
 
     def _frame_end(self, pos: int) -> int:
@@ -489,10 +498,10 @@ class _Connection(asyncio.Protocol):
                 self._transport.close()
         self._update_reading()
 
-    def recheck(self) -> None:
+    def recheck(self, domain_total: int | None = None) -> None:
         """A blocked connection whose output drained below its limit is queued again."""
         server = self._server
-        if self in server._blocked and self.unsent() <= self._limit():
+        if self in server._blocked and self.unsent() <= self._limit(domain_total):
             server._blocked.discard(self)
             server._enqueue(self)
             self._update_reading()

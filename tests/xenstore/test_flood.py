@@ -295,3 +295,34 @@ def test_mixed_flood_is_bounded_and_fair(server: Xenstored) -> None:
         finally:
             for c in [*silent, reading]:
                 c.close()
+
+
+def test_the_budget_follows_the_outstanding_quota(tmp_path: Path) -> None:
+    """``--quota outstanding=N``: a domain's unsent output stays within N maximum-size
+    replies (plus the one reply in hand), as ``aioxen-stats`` reports."""
+    xs = start_xenstored(tmp_path / "root", "--quota", "outstanding=2")
+    try:
+        with Raw(xs.socket, timeout=HANG_GUARD) as dom0, flood_conn(xs) as flood:
+            budget = stats(dom0)["budget"]
+            assert budget == 2 * (HEADER_SIZE + XENSTORE_PAYLOAD_MAX)
+            assert flood.call(XsType.WRITE, b"big\0" + b"v" * 2000).type == XsType.WRITE
+            sent = push([flood.sock], frame(XsType.READ, b"big\0") * 20_000)
+            assert sent[0] > 0
+            assert dom0.call(XsType.READ, b"/local/domain/5/domid\0").payload == b"5"
+            assert 0 < peak_unsent(dom0, FLOOD_DOMID) <= budget + HEADER_SIZE + XENSTORE_PAYLOAD_MAX
+    finally:
+        assert xs.alive()
+        assert xs.stop() == 0
+
+
+def test_requests_before_a_half_close_are_all_answered(server: Xenstored) -> None:
+    """Requests still buffered (waiting for their turn) when the client shuts down its
+    sending side are answered before the server closes the connection."""
+    with flood_conn(server) as raw:
+        raw.send_bytes(frame(XsType.READ, b"domid\0") * 2000)
+        raw.sock.shutdown(socket.SHUT_WR)
+        replies = 0
+        while (msg := raw.recv()) is not None:
+            assert msg.type == XsType.READ and msg.payload == b"5"
+            replies += 1
+        assert replies == 2000
