@@ -110,14 +110,14 @@ def check_private(st: os.stat_result, path: str, what: str = "a root") -> None:
     if st.st_uid != euid:
         raise RootPermissionError(
             errno.EPERM,
-            f"refusing {what} {path}: it belongs to another user ({describe(st)}), not to "
+            f"refusing {path} as {what}: it belongs to another user ({describe(st)}), not to "
             f"{_user(euid)}; whoever owns it can read and replace everything in it -- "
             f"choose a directory of your own (e.g. a fresh one from `mktemp -d`)",
         )
     if st.st_mode & 0o077:
         raise RootPermissionError(
             errno.EPERM,
-            f"refusing {what} {path}: group/other have access to it ({describe(st)}); "
+            f"refusing {path} as {what}: group/other have access to it ({describe(st)}); "
             f"anyone who can open the files in it can act as any domain -- run "
             f"`chmod 700 {path}` (if nobody else has used it) or choose a private directory",
         )

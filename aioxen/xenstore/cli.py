@@ -98,7 +98,7 @@ async def _run_xenstored(args: argparse.Namespace) -> int:
         ensure_private_dir(root)
         rundir = ensure_private_subdirs(root, "xenstored")
     except OSError as exc:
-        print(f"aioxen xenstored: {exc.strerror or exc}", file=sys.stderr)
+        print(f"aioxen xenstored: {_message(exc)}", file=sys.stderr)
         return 1
     sock = os.path.abspath(args.socket) if args.socket else os.path.join(rundir, "socket")
     state_file = args.state_file or (
@@ -116,7 +116,7 @@ async def _run_xenstored(args: argparse.Namespace) -> int:
         server = XenStoreServer(sock, state_file=state_file, quotas=quotas)
         await server.start()
     except (OSError, ValueError) as exc:
-        print(f"aioxen xenstored: {exc}", file=sys.stderr)
+        print(f"aioxen xenstored: {_message(exc)}", file=sys.stderr)
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -202,7 +202,7 @@ def _cmd(op: Op) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
             # Never talk to a socket another user could have put there (issue 13).
             check_socket(path, private=_in_own_root(path))
         except OSError as exc:
-            print(f"aioxen xenstore {args.xs_command}: {exc.strerror or exc}", file=sys.stderr)
+            print(f"aioxen xenstore {args.xs_command}: {_message(exc)}", file=sys.stderr)
             return 1
         client = XenStoreClient.for_unix_socket(path, args.domid, timeout=args.timeout)
         try:
@@ -215,6 +215,13 @@ def _cmd(op: Op) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
                 await client.close()
 
     return run
+
+
+def _message(exc: Exception) -> str:
+    """``exc`` for people: an ``OSError``'s own sentence without the ``[Errno N]`` prefix."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is None:
+        return exc.strerror
+    return str(exc)
 
 
 def _in_own_root(path: str) -> bool:
