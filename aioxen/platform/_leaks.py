@@ -70,10 +70,14 @@ class ClosesAllOpened(LeakChecks):
 
         async def _close_store(self) -> None: ...
 
+        async def end_users(self) -> None: ...
+
     async def close(self) -> None:
-        """Close every mapping, share and channel opened through this object (in that
-        order, so unmap notifications still reach their channels), then the XenStore
-        connection.  Idempotent."""
+        """End the transports running over this object (``Platform.end_users``: flush a
+        ``close()`` in progress, bounded, else abort), then close every mapping, share and
+        channel opened through it (in that order, so unmap notifications still reach their
+        channels), then the XenStore connection.  Idempotent."""
+        await self.end_users()
         self.grants.close_all()
         self.events.close_all()
         await self._close_store()

@@ -20,17 +20,31 @@ Protocol code (vchan, rings, xenbus devices) never imports a backend.  It receiv
 
 Three implementations exist — ``inheap``, ``unix`` and ``xen`` — and
 :func:`aioxen.platform` picks one.
+
+Closing a platform ends what runs over it first.  Transports register as *users*
+(:meth:`Platform.add_user`); ``close()`` begins with :meth:`Platform.end_users`, which gives
+each of them (concurrently) at most :attr:`Platform.close_timeout` seconds to finish -- a
+vchan transport being closed flushes its queued bytes, anything else is aborted so that its
+peer sees ``ConnectionResetError`` -- and only then unmaps and unshares the memory.  A stream
+is never cut short silently, and no ``BufferError`` comes from memory still in use.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 if TYPE_CHECKING:
     from aioxen.xenstore.client import XenStoreClient
+
+logger = logging.getLogger("aioxen.platform")
+
+DEFAULT_CLOSE_TIMEOUT = 10.0
+"""Seconds a closing platform gives its users to finish (:attr:`Platform.close_timeout`)."""
 
 PAGE_SIZE = 4096
 """Grant and ring page size: always 4 KiB (``XEN_PAGE_SHIFT`` 12), on every platform."""
@@ -176,15 +190,33 @@ class GrantTable(Protocol):
         ...
 
 
+@runtime_checkable
+class PlatformUser(Protocol):
+    """Something running over a platform that must end before its memory goes away (a
+    transport): see :meth:`Platform.end_users`."""
+
+    async def platform_closing(self, timeout: float) -> None:
+        """Finish within ``timeout`` seconds (flush what a ``close()`` still has queued),
+        else abort, so that the peer never mistakes a cut stream for a clean end.
+        Afterwards the user must hold no views of the platform's memory."""
+        ...
+
+
 class Platform(abc.ABC):
     """A domain's view of the hypervisor services: ``events``, ``grants``, ``store``.
 
     Use as an async context manager (``async with plat:``) so that everything it opened is
     closed on exit.  ``domid`` is this domain's own id.
+
+    ``close_timeout`` (seconds, default :data:`DEFAULT_CLOSE_TIMEOUT`; settable per object)
+    bounds how long ``close()`` waits for transports that are still flushing a ``close()``
+    (see :meth:`end_users`).
     """
 
     name: str = "abstract"
     _store: XenStoreClient | None = None
+    _users: dict[PlatformUser, None] | None = None
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT
 
     def __init__(self, domid: int) -> None:
         self._domid = check_domid(domid)
@@ -218,6 +250,35 @@ class Platform(abc.ABC):
         if store is not None:
             await store.close()
 
+    def add_user(self, user: PlatformUser) -> None:
+        """Register ``user`` (a transport) to be ended by :meth:`end_users` on close."""
+        if self._users is None:
+            self._users = {}
+        self._users[user] = None
+
+    def remove_user(self, user: PlatformUser) -> None:
+        """Forget ``user`` (it released its memory).  Idempotent."""
+        if self._users is not None:
+            self._users.pop(user, None)
+
+    async def end_users(self) -> None:
+        """End every registered user, concurrently, before the memory goes: each gets
+        ``close_timeout`` seconds to flush a ``close()`` in progress and is then aborted
+        (its peer sees ``ConnectionResetError``, never a clean EOF after a cut).  Every
+        platform's ``close()`` calls this first."""
+        users = list(self._users or ())
+        if not users:
+            return
+        timeout = max(0.0, float(self.close_timeout))
+        results = await asyncio.gather(
+            *(u.platform_closing(timeout) for u in users), return_exceptions=True
+        )
+        for user, result in zip(users, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                logger.warning("%r: ending %r failed", self, user, exc_info=result)
+
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Acquire resources that need a running loop; called by ``__aenter__``."""
 
@@ -242,6 +303,7 @@ class Platform(abc.ABC):
 
 
 __all__ = [
+    "DEFAULT_CLOSE_TIMEOUT",
     "DOMID_FIRST_RESERVED",
     "PAGE_SIZE",
     "EventChannel",
@@ -249,6 +311,7 @@ __all__ = [
     "GrantTable",
     "Mapping",
     "Platform",
+    "PlatformUser",
     "Share",
     "check_domid",
 ]

@@ -129,6 +129,7 @@ class XenPlatform(LeakChecks, Platform):
         if self._closed:
             return
         self._closed = True
+        await self.end_users()  # transports first: flush (bounded) or abort
         self._events.close()
         self._grants.close()
         await self._close_store()

@@ -21,7 +21,8 @@ A header announcing more than ``read ring size - 4`` bytes is a
 (write buffering, flow control, close and error handling) and replaces the read side.
 The protocol is an :class:`asyncio.DatagramProtocol`: ``datagram_received(data, addr)``
 with ``addr = (peer_domid, port)``; there is no ``eof_received`` (the peer's EOF or close
-ends the transport: ``connection_lost(None)``).
+ends the transport: ``connection_lost(None)``; a peer that aborted or died without its EOF
+bit: ``connection_lost(ConnectionResetError)``, see :mod:`aioxen.vchan.transport`).
 """
 
 from __future__ import annotations
@@ -156,12 +157,15 @@ class VchanDatagramTransport(VchanTransport, asyncio.DatagramTransport):
             self.close()
 
     def _peer_gone(self) -> None:
+        exc: Exception | None = None
         if not self._peer_eof and not self._closing:
             self._pump(True)
+            if not self._peer_eof and not self._conn_lost:
+                exc = self._cut_error()  # gone without its EOF bit: datagrams may be lost
         self._closing = True
         self._peer_eof = True
         self._clear_queue()
-        self._teardown(None, set_live=True)
+        self._teardown(exc, set_live=True, eof=exc is None)
 
 
 async def create_datagram_endpoint(

@@ -71,6 +71,22 @@ delivered (even while reading is paused: at most one ring, 1 MiB) and
 ``StreamWriter.drain()`` raise ``ConnectionResetError``.  A corrupt control page is a
 :class:`~aioxen.ProtocolError`: the connection is torn down and the error is passed to
 ``connection_lost``.
+
+A cut stream is never a clean EOF.  Each transport announces
+:data:`~aioxen.vchan.wire.NOTIFY_ENDS` to its peer when it starts (see
+:mod:`aioxen.vchan.wire`); ``close()`` ends the stream with the EOF bit, ``abort()``, a
+fatal error and a process that dies do not.  So when a peer that announced it goes away
+without the EOF bit, the reader gets ``connection_lost(ConnectionResetError)`` (a stream
+reader raises it) instead of ``eof_received()``.  (A libxenvchan peer announces nothing;
+its close stays an EOF.)
+
+Closing the platform under a live transport.  Each transport registers with its platform
+(:meth:`~aioxen.platform.base.Platform.end_users`): when the platform closes, a transport
+whose ``close()`` was called but whose queued bytes are not all in the ring yet gets up to
+the platform's ``close_timeout`` to flush them (the peer must read); a transport that was
+never closed, or whose flush does not finish in time, is aborted -- the peer sees
+``ConnectionResetError``, the local protocol ``connection_lost(ConnectionAbortedError)``.
+Only then is the shared memory released.
 """
 
 from __future__ import annotations
@@ -233,6 +249,12 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
         self._window_score = 1.0  # moving share of recent windows that found something
         self._poll_cooldown = 0.0  # no growing the window before this time
         self._rleft = 0  # bytes the last pump left in the read ring (a partial datagram)
+        self._lost_waiters: list[asyncio.Future[None]] = []  # resolved by _teardown
+        # We end our stream with the EOF bit: a close without it is a cut (wire docstring).
+        self._core.announce_ends()
+        plat = conn.platform
+        plat.add_user(self)
+        conn.on_release.append(lambda: plat.remove_user(self))
         loop.call_soon(self._start, waiter)
 
     # -- setup -----------------------------------------------------------------------------
@@ -557,16 +579,31 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
             self.close()
 
     def _peer_gone(self) -> None:
-        """The peer closed or died: deliver what it wrote, EOF, then lose the connection."""
+        """The peer closed or died: deliver what it wrote, EOF, then lose the connection
+        -- or, if its stream was cut (:meth:`_cut_error`), ``ConnectionResetError``."""
         logger.debug("%r: peer gone", self)
+        exc: Exception | None = None
         if not self._peer_eof and not self._closing:
             self._pump(True)
             if not self._peer_eof and not self._conn_lost:
-                self._peer_eof = True
-                self._protocol.eof_received()  # type: ignore[attr-defined]
+                exc = self._cut_error()
+                if exc is None:
+                    self._peer_eof = True
+                    self._protocol.eof_received()  # type: ignore[attr-defined]
         self._closing = True
         self._clear_queue()
-        self._teardown(None, set_live=True)
+        self._teardown(exc, set_live=True, eof=exc is None)
+
+    def _cut_error(self) -> ConnectionResetError | None:
+        """The peer is gone without the EOF bit: a ``ConnectionResetError`` if it had
+        announced :data:`~aioxen.vchan.wire.NOTIFY_ENDS` (its stream was cut), else
+        ``None`` (a libxenvchan peer: its close is the end of its stream)."""
+        if self._conn.released or not self._core.peer_announced_ends():
+            return None
+        return ConnectionResetError(
+            f"{self._conn.describe()}: the peer went away without ending its stream "
+            "(aborted, failed or died); data it wrote may be missing"
+        )
 
     # -- reading flow control ----------------------------------------------------------------
     def is_reading(self) -> bool:
@@ -781,8 +818,41 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
                 logger.debug("%r: could not mark the close on the wire", self, exc_info=True)
         if self._protocol_paused:
             self._protocol_paused = False
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
         self._loop.call_soon(self._call_connection_lost, exc)
         self._maybe_release()
+
+    async def platform_closing(self, timeout: float) -> None:
+        """The platform is closing (:meth:`~aioxen.platform.base.Platform.end_users`):
+        give a ``close()`` in progress up to ``timeout`` seconds to move its queued bytes
+        into the ring (the peer must read them), then abort whatever is still open, so the
+        peer sees ``ConnectionResetError`` rather than a short stream and a clean EOF."""
+        if self._conn_lost:
+            return
+        if self._closing and self._wbuf and timeout > 0:
+            fut = self._loop.create_future()
+            self._lost_waiters.append(fut)
+            try:
+                async with asyncio.timeout(timeout):
+                    await fut
+            except TimeoutError:
+                pass
+            finally:
+                if fut in self._lost_waiters:
+                    self._lost_waiters.remove(fut)
+        if self._conn_lost:
+            return
+        what = "closing" if self._closing else "open"
+        logger.debug("%r: aborted by the platform's close", self)
+        self._force_close(
+            ConnectionAbortedError(
+                f"{self._conn.describe()}: platform closed with the stream still {what}"
+                + (f" ({self._wlen} bytes not sent)" if self._wlen else "")
+            )
+        )
 
     def _maybe_release(self) -> None:
         """Release the shared memory as soon as the connection is over and none of our

@@ -47,6 +47,18 @@ survives and a libxenvchan reader simply ignores it.  Our reader loads its notif
 has been consumed.  A peer's live byte dropping to 0 is handled the same way: load live,
 then drain up to the ``prod`` read afterwards.
 
+Clean end or cut stream.  libxenvchan marks a close only by its live byte going to 0, which
+is also what the unmap notification does when a process dies -- on the wire the two look the
+same.  So that a reader can tell "the writer closed after all its data" from "the writer went
+away with data unsent", an aioxen endpoint ORs :data:`NOTIFY_ENDS` (0x40) into the *peer's*
+notify byte once it is connected, before it writes anything: "I end my stream with
+:data:`NOTIFY_EOF`".  A reader whose own byte carries :data:`NOTIFY_ENDS` and whose peer is
+gone without :data:`NOTIFY_EOF` has been cut off (the peer aborted, failed or died): that is
+``ConnectionResetError``, never EOF.  Without :data:`NOTIFY_ENDS` (a libxenvchan peer) a
+close stays an EOF, as libxenvchan's readers see it.  Like the EOF bit, it is set with an
+atomic OR after the client's one plain store of ``srv_notify`` (at connect), and libxenvchan
+only ever ORs or clears bits 0x1/0x2, so it survives and is ignored there.
+
 Nothing here does I/O or touches asyncio: atomics and copies go through the native helper
 (:mod:`aioxen.native`) on pinned ``memoryview``\\ s.
 """
@@ -80,6 +92,9 @@ NOTIFY_WRITE: Final = 0x1
 NOTIFY_READ: Final = 0x2
 NOTIFY_EOF: Final = 0x80
 """aioxen's end-of-stream bit (see the module docstring); ignored by libxenvchan."""
+NOTIFY_ENDS: Final = 0x40
+"""aioxen's "I mark my clean end with :data:`NOTIFY_EOF`" bit, set by the peer in our
+notify byte (see the module docstring); ignored by libxenvchan."""
 
 LIVE_CLOSED: Final = 0
 LIVE_CONNECTED: Final = 1
@@ -588,6 +603,16 @@ class VchanCore:
         """Bytes we wrote that the peer has not consumed yet (validated)."""
         return self._wsize - self.writable()
 
+    def announce_ends(self) -> None:
+        """Tell the peer that we end our stream with :data:`NOTIFY_EOF`: OR
+        :data:`NOTIFY_ENDS` into its notify byte (once connected, before writing)."""
+        lib.ax_fetch_or_u8(self._ctrl, self._peer_notify, NOTIFY_ENDS)
+
+    def peer_announced_ends(self) -> bool:
+        """True if the peer set :data:`NOTIFY_ENDS` in our notify byte: its close without
+        :data:`NOTIFY_EOF` means its stream was cut."""
+        return bool(lib.ax_load_u8(self._ctrl, self._own_notify) & NOTIFY_ENDS)
+
     def shutdown_write(self) -> None:
         """Mark our write direction finished: OR :data:`NOTIFY_EOF` into the peer's notify
         byte (after every ``prod`` update) and always signal."""
@@ -671,6 +696,7 @@ __all__ = [
     "MAX_ORDER",
     "MAX_RING_SIZE",
     "MIN_ORDER",
+    "NOTIFY_ENDS",
     "NOTIFY_EOF",
     "NOTIFY_READ",
     "NOTIFY_WRITE",

@@ -324,6 +324,9 @@ def test_terminal_stdin_is_abandoned_when_the_peer_closes(
             assert chunk, "client ended its output early"
             received += chunk
         assert received == data
+        # the client closes its output once it saw the listener's EOF (all input sent);
+        # a listener stopped before that would have cut its stream: a reset, not rc 0
+        assert client.stdout.read() == b""
         listener.send_signal(signal.SIGTERM)  # the peer goes away for good
         assert listener.wait(30) == 143
         assert client.wait(30) == 0

@@ -179,14 +179,18 @@ async def test_write_flow_control_and_pause_reading(world: World) -> None:
         await cp.done
 
 
-async def test_abort_discards_queue_peer_sees_close(world: World) -> None:
+async def test_abort_discards_queue_peer_sees_reset(world: World) -> None:
     server, sp, ct, cp = await _pair(world, "abort", Recorder, Recorder, read_size=1024)
     async with server:
         ct.write(b"x" * 5000)  # 1024 into the ring, the rest queued
         ct.abort()
         assert await cp.done is None
-        await sp.done
-        assert sp.events[-2:] == ["eof", "lost"]
+        # the stream was cut: the peer never sees a clean EOF (issue 13, finding 4)
+        exc = await sp.done
+        assert isinstance(exc, ConnectionResetError), exc
+        assert "without ending its stream" in str(exc)
+        assert "eof" not in sp.events
+        assert sp.events[-1] == "lost"
         assert len(sp.data) <= 5000
 
 
