@@ -49,7 +49,7 @@ from aioxen.blk.source import BlockSource
 from aioxen.errors import ProtocolError
 from aioxen.platform.base import Platform
 from aioxen.rings.aio import AsyncBackRing
-from aioxen.xenbus.claim import Claim, read_holder
+from aioxen.xenbus.claim import Claim, holder_alive, read_holder
 from aioxen.xenbus.driver import (
     BackendDriver,
     DeviceRunner,
@@ -405,7 +405,7 @@ async def vbd_info(platform: Platform, devid: int | str = DEFAULT_DEVID) -> dict
         rec = await read_holder(store, d)
         if rec is None:
             return None
-        return {"pid": rec.pid, "cmd": rec.cmd, "alive": rec.alive()}
+        return {"pid": rec.pid, "cmd": rec.cmd, "alive": holder_alive(rec)}
 
     async def own_int(key: str, default: int) -> int:
         return read_int(await dev.read(key), f"{fdir}/{key}", default)

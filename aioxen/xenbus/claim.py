@@ -3,46 +3,40 @@
 Theory of operation
 -------------------
 A process that serves one end of a device (a blkback, a netback vif, a blkfront, a
-netfront) writes an *owner record* into that end's own directory -- the back end's
+netfront) writes an owner record (:class:`aioxen.ownership.Owner`: pid, process start
+time from ``/proc/PID/stat``, boot id, pid namespace, a random claim nonce, what and the
+command line) into that end's own directory -- the back end's
 ``/local/domain/B/backend/T/F/N`` or the front end's ``/local/domain/F/device/T/N``, which
-only that domain (and the toolstack) may write on Xen too -- under :data:`OWNER_KEY`::
-
-    pid=1234
-    start=8812345          (field 22 of /proc/1234/stat: the process start time)
-    boot=<boot id>         (/proc/sys/kernel/random/boot_id)
-    token=<random hex>     (this claim, unique even within one process)
-    cmd=aioxen blkback
+only that domain (and the toolstack) may write on Xen too -- under :data:`OWNER_KEY`.
 
 The record is read, judged and written in one XenStore transaction
 (:meth:`Claim.take_in`), so of two claimants racing for a free device exactly one commits
 (the other's transaction conflicts, is retried, and then finds the winner's record).  A
 record whose holder is alive makes the claim fail with :class:`DeviceInUse`
-(``OSError(EADDRINUSE)``) naming the holder, before anything was written.
+(``OSError(EADDRINUSE)``, a :class:`~aioxen.ownership.ResourceBusy`) naming the holder,
+before anything was written; so does a record that cannot be parsed (never guess).
 
-*Alive* is decided by liveness, not by age: a record from another boot is dead; a record
-naming this process is alive while its token is held here (:meth:`Claim.release` drops
-it); otherwise the pid must exist and its start time in ``/proc/PID/stat`` must equal the
-recorded one (a recycled pid has another start time).  Where ``/proc`` is missing
-(macOS) the pid's existence alone decides.  A record that cannot be parsed is treated as
-stale.  A dead holder's record is simply overwritten: the new owner takes over (and the
-device's drivers clean up what the dead one left, as they do for a crashed peer).
+*Alive* is :meth:`Owner.alive <aioxen.ownership.Owner.alive>` (liveness, not age: another
+boot is dead, the pid must exist with the recorded start time), with one addition for
+claims of this very process (several platforms in one process, the ``inheap`` world,
+tests that play a crashed process by dropping its XenStore connection): such a record is
+alive only while its :class:`Claim` is held here (:func:`holder_alive`).  A dead holder's
+record is simply overwritten: the new owner takes over, and the device's drivers clean up
+what the dead one left, as they do for a crashed peer.
 
 :meth:`Claim.release` removes the record only if it is still ours, and
 :meth:`Claim.held_in` lets a caller remove more (a whole device it created) only if it
-still owns it.  :func:`read_holder` is the read-only view used by ``info``/``ls`` commands.
-Pid and start time are only meaningful in the domain that wrote them; a record is only
-ever judged by a claimant of the same end, which runs in that same domain.
+still owns it.  :func:`read_holder` is the read-only view used by ``info`` commands.
+A record is only ever judged by a claimant of the same end, which runs in the domain that
+wrote it (pids mean nothing across domains).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import secrets
-import sys
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from aioxen.ownership import Owner, ResourceBusy, release_in
 
 if TYPE_CHECKING:
     from aioxen.xenstore.client import XenStoreClient
@@ -50,116 +44,45 @@ if TYPE_CHECKING:
 OWNER_KEY = "aioxen-owner"
 """The key, in a device end's own directory, that holds its owner record."""
 
-_live_tokens: set[str] = set()  # claims held by this process
+_held: set[str] = set()  # claim nonces of the claims this process holds
 
 
-class DeviceInUse(OSError):
+class DeviceInUse(ResourceBusy):
     """A device end is held by another live process (errno ``EADDRINUSE``)."""
-
-    def __init__(self, message: str, holder: OwnerRecord | None = None) -> None:
-        super().__init__(errno.EADDRINUSE, message)
-        self.holder = holder
 
     def __str__(self) -> str:
         return str(self.strerror)
 
 
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return None
+_own: dict[int, int | None] = {}  # pid -> its start time (a forked child has a new pid)
 
 
-def process_start_time(pid: int) -> str | None:
-    """Field 22 (``starttime``) of ``/proc/PID/stat``; ``None`` if there is no such
-    process (or no ``/proc``)."""
-    text = _read_text(f"/proc/{pid}/stat")
-    if text is None:
-        return None
-    fields = text.rpartition(")")[2].split()  # after "pid (comm)": field 3 onwards
-    return fields[19] if len(fields) > 19 else None
+def _own_start() -> int | None:
+    pid = os.getpid()
+    if pid not in _own:
+        _own[pid] = Owner.current().start
+    return _own[pid]
 
 
-def boot_id() -> str:
-    return (_read_text("/proc/sys/kernel/random/boot_id") or "").strip()
+def holder_alive(rec: Owner) -> bool:
+    """Whether the holder recorded in ``rec`` still holds the device: a claim of this
+    process only while it is held here, any other by :meth:`Owner.alive`."""
+    if rec.pid == os.getpid() and rec.start == _own_start():
+        return rec.claim in _held
+    return rec.alive()
 
 
-def _have_proc() -> bool:
-    return os.path.isdir("/proc/self")
-
-
-@dataclass(frozen=True)
-class OwnerRecord:
-    """Who holds a device end."""
-
-    pid: int
-    start: str
-    boot: str
-    token: str
-    cmd: str = ""
-
-    @classmethod
-    def mine(cls) -> OwnerRecord:
-        """A fresh record for this process (its token is held until released)."""
-        pid = os.getpid()
-        cmd = " ".join(os.path.basename(a) for a in sys.argv[:2]) if sys.argv else ""
-        rec = cls(pid, process_start_time(pid) or "", boot_id(), secrets.token_hex(8), cmd)
-        _live_tokens.add(rec.token)
-        return rec
-
-    def encode(self) -> str:
-        cmd = self.cmd.replace("\n", " ")[:80]
-        return (
-            f"pid={self.pid}\nstart={self.start}\nboot={self.boot}\ntoken={self.token}\ncmd={cmd}\n"
-        )
-
-    @classmethod
-    def parse(cls, raw: bytes) -> OwnerRecord | None:
-        """The record in ``raw``, or ``None`` if it is not one."""
-        fields: dict[str, str] = {}
-        for line in raw.decode(errors="replace").rstrip("\0").splitlines():
-            k, sep, v = line.partition("=")
-            if sep:
-                fields[k.strip()] = v.strip()
-        pid = fields.get("pid", "")
-        if not pid.isdigit() or not fields.get("token"):
-            return None
-        return cls(int(pid), fields.get("start", ""), fields.get("boot", ""),
-                   fields["token"], fields.get("cmd", ""))  # fmt: skip
-
-    def alive(self) -> bool:
-        """Whether the holder still runs (see the module docstring)."""
-        mine = boot_id()
-        if self.boot and mine and self.boot != mine:
-            return False  # written before this machine (domain) last booted
-        if self.pid == os.getpid() and self.start == (process_start_time(self.pid) or ""):
-            return self.token in _live_tokens
-        if _have_proc():
-            start = process_start_time(self.pid)
-            return start is not None and start == self.start
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def describe(self) -> str:
-        cmd = f" ({self.cmd})" if self.cmd else ""
-        return f"pid {self.pid}{cmd}"
-
-
-async def read_holder(store: Any, directory: str) -> OwnerRecord | None:
+async def read_holder(store: Any, directory: str) -> Owner | None:
     """The owner record of a device end (via a client or a transaction), or ``None`` if
     there is none (or it is unreadable).  Reads only."""
     try:
         raw = await store.read(f"{directory}/{OWNER_KEY}")
     except (FileNotFoundError, PermissionError):
         return None
-    return OwnerRecord.parse(raw)
+    try:
+        return Owner.decode(raw)
+    except ValueError:
+        return None
 
 
 class Claim:
@@ -169,7 +92,8 @@ class Claim:
         self.store = store
         self.directory = directory
         self.what = what or directory
-        self.record = OwnerRecord.mine()
+        self.record = Owner.current(self.what)
+        _held.add(self.record.claim)
         self.released = False
 
     @property
@@ -190,15 +114,24 @@ class Claim:
             try:
                 await tx.read(self.directory)
             except FileNotFoundError:
-                raise FileNotFoundError(
-                    errno.ENOENT, f"{self.what}: {self.directory} does not exist"
+                raise FileNotFoundError(f"{self.what}: {self.directory} does not exist") from None
+        try:
+            raw = await tx.read(self.key)
+        except FileNotFoundError:
+            raw = None
+        if raw is not None:
+            try:
+                holder = Owner.decode(raw)
+            except ValueError:
+                raise DeviceInUse(
+                    f"{self.what}: {self.key} holds an unreadable owner record ({raw[:60]!r}); "
+                    f"remove it (aioxen xenstore rm {self.key}) if nothing uses the device"
                 ) from None
-        holder = await read_holder(tx, self.directory)
-        if holder is not None and holder.token != self.record.token and holder.alive():
-            raise DeviceInUse(
-                f"{self.what} is in use: {self.directory} is held by {holder.describe()}",
-                holder,
-            )
+            if holder.claim != self.record.claim and holder_alive(holder):
+                raise DeviceInUse(
+                    f"{self.what} is in use: {self.directory} is held by {holder.describe()}",
+                    holder,
+                )
         await tx.write(self.key, self.record.encode())
 
     async def acquire(self) -> Claim:
@@ -209,18 +142,14 @@ class Claim:
     async def held_in(self, tx: Any) -> bool:
         """Whether the record in ``directory`` is still ours (inside ``tx``)."""
         holder = await read_holder(tx, self.directory)
-        return holder is not None and holder.token == self.record.token
+        return holder is not None and holder.claim == self.record.claim
 
     async def release(self) -> bool:
         """Remove our record if it is still ours; afterwards the claim counts as dead even
         if XenStore could not be reached.  Returns whether a record was removed."""
 
         async def body(tx: Any) -> bool:
-            if not await self.held_in(tx):
-                return False
-            with contextlib.suppress(FileNotFoundError):
-                await tx.rm(self.key)
-            return True
+            return await release_in(tx, self.key, self.record)
 
         try:
             if self.released:
@@ -233,15 +162,7 @@ class Claim:
         """Count the claim as dead from now on without touching XenStore (a claim that
         was never taken, or whose store is gone)."""
         self.released = True
-        _live_tokens.discard(self.record.token)
+        _held.discard(self.record.claim)
 
 
-__all__ = [
-    "OWNER_KEY",
-    "Claim",
-    "DeviceInUse",
-    "OwnerRecord",
-    "boot_id",
-    "process_start_time",
-    "read_holder",
-]
+__all__ = ["OWNER_KEY", "Claim", "DeviceInUse", "holder_alive", "read_holder"]

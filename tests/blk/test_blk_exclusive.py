@@ -26,7 +26,8 @@ from blk_helpers import run
 from support.xenstored import XenstoredProcess
 from test_blk_nbd_e2e import FRONT, RUNNER, aioxen, loop_name
 
-from aioxen.xenbus.claim import OWNER_KEY, OwnerRecord
+from aioxen.ownership import Owner
+from aioxen.xenbus.claim import OWNER_KEY
 
 pytestmark = pytest.mark.crossprocess
 SIZE = 1 << 20
@@ -162,13 +163,13 @@ async def test_killed_blkback_is_reclaimed(xenstored: XenstoredProcess, tmp_path
     await be.proc.wait()
     with contextlib.suppress(AssertionError):
         await back.__aexit__(None, None, None)
-    stale = OwnerRecord.parse((await xs_read(xenstored, f"{BDIR}/{OWNER_KEY}")).encode())
+    stale = Owner.decode((await xs_read(xenstored, f"{BDIR}/{OWNER_KEY}")).encode())
     assert stale is not None and stale.pid == be.proc.pid and not stale.alive()
     # the next blkback recognises the dead holder and takes the device over
     back2 = aioxen(xenstored, 0, "blkback", "--image", str(b), "--frontend", str(FRONT))
     front = aioxen(xenstored, FRONT, "blkfront", "nbd", "--listen", "127.0.0.1:0", "xvda")
     async with back2 as be2, front as fe:
-        holder = OwnerRecord.parse((await xs_read(xenstored, f"{BDIR}/{OWNER_KEY}")).encode())
+        holder = Owner.decode((await xs_read(xenstored, f"{BDIR}/{OWNER_KEY}")).encode())
         assert holder is not None and holder.pid == be2.proc.pid
         where = fe.ready.split("listening on ", 1)[1].split()[0]
         assert await read_export(where, tmp_path, "out.img") == b.read_bytes()

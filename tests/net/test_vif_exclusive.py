@@ -24,8 +24,9 @@ from test_front_api import Proto, until
 import aioxen
 from aioxen.bench.harness import end_process
 from aioxen.net.front import create_frontend
+from aioxen.ownership import Owner
 from aioxen.platform.base import Platform
-from aioxen.xenbus.claim import OWNER_KEY, DeviceInUse, OwnerRecord
+from aioxen.xenbus.claim import OWNER_KEY, DeviceInUse
 
 pytestmark = [pytest.mark.crossprocess, pytest.mark.timeout(120)]
 PEER = str(Path(__file__).with_name("net_peer.py"))
@@ -100,9 +101,9 @@ async def cli(xs: Xenstored, domid: int, *args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
-async def holder(plat: Platform, directory: str) -> OwnerRecord | None:
+async def holder(plat: Platform, directory: str) -> Owner | None:
     try:
-        return OwnerRecord.parse(await plat.store.read(f"{directory}/{OWNER_KEY}"))
+        return Owner.decode(await plat.store.read(f"{directory}/{OWNER_KEY}"))
     except FileNotFoundError:
         return None
 

@@ -6,6 +6,7 @@ and changes nothing; a process removes only what it owns; a dead holder is recla
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import subprocess
@@ -15,30 +16,29 @@ from collections.abc import Mapping
 import pytest
 from xenbus_world import World
 
+from aioxen.ownership import Owner
 from aioxen.platform.base import Platform
 from aioxen.xenbus import BackendDriver, DeviceRunner, XenbusDevice, XenbusState, backend_device
-from aioxen.xenbus.claim import (
-    OWNER_KEY,
-    Claim,
-    DeviceInUse,
-    OwnerRecord,
-    boot_id,
-    process_start_time,
-)
+from aioxen.xenbus.claim import OWNER_KEY, Claim, DeviceInUse, holder_alive
 from aioxen.xenbus.toolstack import add_device, remove_device
 
 S = XenbusState
 TYPE = "claimtest"
 
 
-def dead_record() -> OwnerRecord:
-    """The record a process that has since been SIGKILLed would have left."""
+def sleeper_record() -> tuple[subprocess.Popen[bytes], Owner]:
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with open(f"/proc/{proc.pid}/stat", "rb") as f:
+        start = int(f.read().rpartition(b")")[2].split()[19])
+    own = Owner.current()
+    return proc, Owner(proc.pid, start, own.boot, own.pidns, "deadbeef", "sleeper")
+
+
+def dead_record() -> Owner:
+    """The record a process that has since been SIGKILLed would have left."""
+    proc, rec = sleeper_record()
     try:
-        start = process_start_time(proc.pid)
-        assert start is not None
-        rec = OwnerRecord(proc.pid, start, boot_id(), "deadbeef", "python sleeper")
-        assert rec.alive()  # alive while it runs
+        assert holder_alive(rec)  # alive while it runs
     finally:
         proc.kill()
         proc.wait()
@@ -46,31 +46,30 @@ def dead_record() -> OwnerRecord:
 
 
 def test_liveness_is_pid_plus_start_time() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    proc, live = sleeper_record()
     try:
-        start = process_start_time(proc.pid)
-        assert start is not None
-        live = OwnerRecord(proc.pid, start, boot_id(), "t1")
-        assert live.alive()
+        assert holder_alive(live)
+        assert live.start is not None
         # same pid, another start time: a recycled pid, not the holder
-        assert not OwnerRecord(proc.pid, str(int(start) + 1), boot_id(), "t1").alive()
+        assert not holder_alive(dataclasses.replace(live, start=live.start + 1))
         # another boot: dead whatever the pid
-        assert not OwnerRecord(proc.pid, start, "another-boot", "t1").alive()
+        assert not holder_alive(dataclasses.replace(live, boot="another-boot"))
     finally:
         proc.kill()
         proc.wait()
-    assert not live.alive()  # killed: dead
-    assert not dead_record().alive()
+    assert not holder_alive(live)  # killed: dead
+    assert not holder_alive(dead_record())
 
 
 def test_own_records_live_while_held() -> None:
-    mine = OwnerRecord.mine()
-    assert mine.alive() and mine.pid == os.getpid()
-    assert OwnerRecord.parse(mine.encode().encode()) == mine
-    stranger = OwnerRecord(os.getpid(), mine.start, mine.boot, "not-a-token-of-ours")
-    assert not stranger.alive()  # this process, but no claim of ours: left by an old one
-    assert OwnerRecord.parse(b"garbage") is None
-    assert OwnerRecord.parse(b"pid=x\ntoken=1\n") is None
+    claim = Claim(None, "/nowhere")  # type: ignore[arg-type]  # (no store needed here)
+    mine = claim.record
+    assert holder_alive(mine) and mine.pid == os.getpid()
+    assert Owner.decode(mine.encode()) == mine
+    # this process, but no claim of ours: left by a claim that was dropped
+    assert not holder_alive(dataclasses.replace(mine, claim="not-ours"))
+    claim.abandon()
+    assert not holder_alive(mine)
 
 
 async def _device(world: World) -> tuple[Platform, Platform, Platform, str]:
@@ -99,7 +98,7 @@ async def test_racing_claims_one_wins(world: World) -> None:
     assert f"pid {os.getpid()}" in str(exc) and bdir in str(exc)
     loser = claims[1] if won[0] is claims[0] else claims[0]
     assert await loser.release() is False  # not ours: nothing removed
-    assert OwnerRecord.parse(await be.store.read(f"{bdir}/{OWNER_KEY}")) == won[0].record
+    assert Owner.decode(await be.store.read(f"{bdir}/{OWNER_KEY}")) == won[0].record
     assert await won[0].release() is True
     with pytest.raises(FileNotFoundError):
         await be.store.read(f"{bdir}/{OWNER_KEY}")
@@ -149,8 +148,8 @@ async def test_dead_holder_is_reclaimed(world: World) -> None:
     runner = DeviceRunner(await backend_device(be, TYPE, fe.domid, 0), Idle(), close_timeout=0.2)
     async with runner:
         await runner.wait_state(S.INIT_WAIT, timeout=10)
-        rec = OwnerRecord.parse(await be.store.read(f"{bdir}/{OWNER_KEY}"))
-        assert rec is not None and rec.pid == os.getpid() and rec.alive()
+        rec = Owner.decode(await be.store.read(f"{bdir}/{OWNER_KEY}"))
+        assert rec.pid == os.getpid() and holder_alive(rec)
 
 
 async def test_toolstack_creates_claimed_and_removes_only_its_own(world: World) -> None:
@@ -158,7 +157,7 @@ async def test_toolstack_creates_claimed_and_removes_only_its_own(world: World) 
     fdir = f"/local/domain/{fe.domid}/device/{TYPE}/0"
     mine = Claim(tool.store, bdir, "device")
     await add_device(tool.store, TYPE, fe.domid, be.domid, 0, replace=True, claim=mine)
-    assert OwnerRecord.parse(await tool.store.read(f"{bdir}/{OWNER_KEY}")) == mine.record
+    assert Owner.decode(await tool.store.read(f"{bdir}/{OWNER_KEY}")) == mine.record
     before = await _snapshot(tool.store, bdir), await _snapshot(tool.store, fdir)
     other = Claim(tool.store, bdir, "device")
     with pytest.raises(DeviceInUse):  # replace=True does not override a live owner
