@@ -37,13 +37,13 @@ import asyncio
 import contextlib
 import errno as _errno
 import logging
-import os
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from aioxen.blk import nbdwire as W
 from aioxen.blk.device import BlockDevice
+from aioxen.ownership import UnixSocketClaim
 
 log = logging.getLogger("aioxen.blk.nbd")
 
@@ -574,15 +574,15 @@ def parse_listen(spec: str) -> tuple[str, str | int]:
 class NBDServer:
     """A listening NBD server: asyncio's ``Server`` (``sockets``, ``close``,
     ``wait_closed``, ``async with``, ``serve_forever``) plus :meth:`shutdown`, and
-    ownership of its Unix socket path (removed on close only while it is still ours)."""
+    ownership of its Unix socket path (:class:`~aioxen.ownership.UnixSocketClaim`: removed
+    on close only while it is still the one we bound)."""
 
-    def __init__(self, server: asyncio.AbstractServer, unix_path: str | None = None) -> None:
+    def __init__(
+        self, server: asyncio.AbstractServer, unix_claim: UnixSocketClaim | None = None
+    ) -> None:
         self._server = server
         self.connections: set[NBDConnection] = set()
-        self._unix: tuple[str, int, int] | None = None
-        if unix_path is not None:
-            st = os.lstat(unix_path)
-            self._unix = (unix_path, st.st_dev, st.st_ino)
+        self._unix = unix_claim
 
     @property
     def sockets(self) -> tuple[object, ...]:
@@ -596,11 +596,7 @@ class NBDServer:
         self._server.close()
         unix, self._unix = self._unix, None
         if unix is not None:
-            path, dev, ino = unix
-            with contextlib.suppress(OSError):
-                st = os.lstat(path)
-                if (st.st_dev, st.st_ino) == (dev, ino):
-                    os.unlink(path)
+            unix.release()  # unlinks the socket only if it is still the one we bound
 
     async def wait_closed(self) -> None:
         await self._server.wait_closed()
@@ -625,41 +621,6 @@ class NBDServer:
     async def __aexit__(self, *exc: object) -> None:
         self.close()
         await self.wait_closed()
-
-
-def _check_unix_path(path: str) -> None:
-    """A Unix socket path may be bound only if nothing is there, or a dead server's socket
-    (nobody accepts on it: removed).  A live server's socket is ``OSError(EADDRINUSE)``
-    naming its pid where the kernel tells it (``SO_PEERCRED``); anything else at the path
-    is ``FileExistsError``."""
-    import socket
-    import stat as _stat
-
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not _stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(_errno.EEXIST, f"NBD listen path {path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(5)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # stale: its server is gone
-        return
-    except OSError:
-        pass  # e.g. a full backlog: someone is listening
-    else:
-        holder = ""
-        with contextlib.suppress(OSError, AttributeError):
-            cred = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            holder = f" by pid {struct.unpack('3i', cred)[0]}"
-        raise OSError(_errno.EADDRINUSE, f"NBD listen path {path} is in use{holder}")
-    finally:
-        probe.close()
-    raise OSError(_errno.EADDRINUSE, f"NBD listen path {path} is in use")
 
 
 async def start_server(
@@ -696,8 +657,14 @@ async def start_server(
 
     host, addr = parse_listen(listen)
     if isinstance(addr, str):
-        _check_unix_path(addr)
-        server = NBDServer(await asyncio.start_unix_server(client, addr, limit=1 << 20), addr)
+        claim = UnixSocketClaim.acquire(addr, what="aioxen NBD server")  # live: EADDRINUSE
+        try:
+            sock = claim.bind()
+            unix = await asyncio.start_unix_server(client, sock=sock, limit=1 << 20)
+        except BaseException:
+            claim.release()
+            raise
+        server = NBDServer(unix, claim)
     else:
         server = NBDServer(
             await asyncio.start_server(client, host, addr, limit=1 << 20, reuse_address=True)
