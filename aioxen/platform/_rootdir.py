@@ -18,8 +18,8 @@ names the path, its owner (uid and name) and mode, and the fix (``chmod 700 DIR`
 a directory of your own).  Nothing is ever repaired silently: a root that was 0777 for a
 while may already hold another user's links.
 
-Creation.  A missing root (and any missing parent) is created with ``mkdir(0o700)`` relative
-to its parent's descriptor and then *opened and checked like an existing one*: if another
+Creation.  A missing root (and any missing parent) is created with ``mkdir(0o700)`` (never
+``exist_ok``-style trust) and then *opened and checked like an existing one*: if another
 user won the race and made the directory first, we refuse it rather than use it.
 Subdirectories (``evtchn/<domid>``, ``grants/<domid>``, ``xenstored``) are made and checked
 the same way, each relative to the descriptor of the checked directory above it

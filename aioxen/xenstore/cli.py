@@ -89,7 +89,11 @@ async def _run_xenstored(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     if not args.root:
-        print("aioxen xenstored: --root DIR is required (or set $XEN_ROOT)", file=sys.stderr)
+        print(
+            "aioxen xenstored: --root DIR is required (or set $XEN_ROOT), a private directory "
+            'such as --root "$(mktemp -d)"',
+            file=sys.stderr,
+        )
         return 2
     root = os.path.abspath(args.root)
     try:

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from support.unix_user import OtherUser, can_create_users, other_user
 
-from aioxen.platform._rootdir import RootPermissionError
+from aioxen.platform._rootdir import RootPermissionError, check_socket, replace_file
 from aioxen.platform.unix import UnixPlatform
 
 pytestmark = pytest.mark.crossprocess
@@ -461,3 +461,34 @@ async def test_link_at_a_death_record_is_never_followed(tmp_path: Path, outside:
         peer.close()
         ch.close()
         assert snapshot(outside) == before
+
+
+def test_replace_never_writes_through_a_leftover_temporary_link(
+    tmp_path: Path, outside: Path
+) -> None:
+    """A link at the temporary name of an atomic replace is removed, not written through."""
+    root = tmp_path / "root"
+    private_dirs(root)
+    target = root / "record"
+    target.write_bytes(b"old\n")
+    (root / f"record.{os.getpid()}.tmp").symlink_to(outside / "victim-record")
+    before = snapshot(outside)
+    replace_file(str(target), b"new\n")
+    assert target.read_bytes() == b"new\n" and sorted(os.listdir(root)) == ["record"]
+    assert snapshot(outside) == before
+
+
+def test_clients_accept_trusted_system_socket_directories(tmp_path: Path) -> None:
+    """Xen's layout -- root's /var/run/xenstored (0755) -- or a sticky shared directory is
+    fine for a client as long as the socket itself is root's or ours."""
+    system = tmp_path / "run"
+    system.mkdir(mode=0o755)
+    check_socket(str(system / "socket"), private=False)  # missing: connect reports it
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(str(system / "socket"))
+        check_socket(str(system / "socket"), private=False)
+        with pytest.raises(RootPermissionError, match="mode 0755"):
+            check_socket(str(system / "socket"), private=True)
+    finally:
+        s.close()
