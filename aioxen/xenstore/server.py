@@ -439,20 +439,26 @@ class _Connection(asyncio.Protocol):
             return
         server = self._server
         buf = self.inbuf
+        size = len(buf)
+        out = self._out
+        unpack = HEADER.unpack_from
         pos = 0
         handled = 0
         limit = self._limit()
+        turn_requests = server.turn_requests
         deadline = time.perf_counter() + server.turn_seconds
         try:
-            while True:
-                end = self._frame_end(pos)
-                if not end:
+            while size - pos >= HEADER_SIZE:
+                typ, req_id, tx_id, length = unpack(buf, pos)
+                if length > XENSTORE_PAYLOAD_MAX:
+                    self._frame_end(pos)  # raises the ProtocolError
+                end = pos + HEADER_SIZE + length
+                if end > size:
                     break
-                if self.unsent() > limit:
+                if transport.get_write_buffer_size() + out.nbytes > limit:
                     break  # over budget: the request stays buffered
-                if handled >= server.turn_requests or (handled and time.perf_counter() > deadline):
+                if handled >= turn_requests or (handled and time.perf_counter() > deadline):
                     break
-                typ, req_id, tx_id, _ = HEADER.unpack_from(buf, pos)
                 msg = Message(typ, req_id, tx_id, bytes(buf[pos + HEADER_SIZE : end]))
                 pos = end
                 handled += 1
@@ -483,7 +489,7 @@ class _Connection(asyncio.Protocol):
     def _after_turn(self) -> None:
         server = self._server
         try:
-            more = bool(self._frame_end(0))
+            more = len(self.inbuf) >= HEADER_SIZE and bool(self._frame_end(0))
         except ProtocolError:
             more = True  # the next turn kills the connection
         if more:
