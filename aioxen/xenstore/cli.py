@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shlex
 import signal
+import stat
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aioxen.errors import ProtocolError
 from aioxen.platform._rootdir import (
+    RootPermissionError,
     check_socket,
+    describe,
     ensure_private_dir,
     ensure_private_subdirs,
     inside,
@@ -95,6 +99,14 @@ async def _run_xenstored(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    quotas = Quotas()
+    try:
+        for item in args.quota:
+            name, _, value = item.partition("=")
+            quotas.set(name, int(value))
+    except ValueError as exc:
+        print(f"aioxen xenstored: bad --quota: {exc}", file=sys.stderr)
+        return 2
     root = os.path.abspath(args.root)
     try:
         # A private root: a real directory of ours, no group/other access, never a link
@@ -108,14 +120,12 @@ async def _run_xenstored(args: argparse.Namespace) -> int:
     state_file = args.state_file or (
         os.path.join(rundir, STATE_FILE_NAME) if args.persist else None
     )
-    quotas = Quotas()
-    try:
-        for item in args.quota:
-            name, _, value = item.partition("=")
-            quotas.set(name, int(value))
-    except ValueError as exc:
-        print(f"aioxen xenstored: bad --quota: {exc}", file=sys.stderr)
-        return 2
+    if args.state_file:
+        try:
+            _check_state_file(os.path.abspath(args.state_file))
+        except OSError as exc:
+            print(f"aioxen xenstored: {_message(exc)}", file=sys.stderr)
+            return 1
     try:
         server = XenStoreServer(sock, state_file=state_file, quotas=quotas)
         await server.start()
@@ -138,6 +148,22 @@ async def _run_xenstored(args: argparse.Namespace) -> int:
             loop.remove_signal_handler(sig)
         await server.close()
     return 0
+
+
+def _check_state_file(path: str) -> None:
+    """The state file holds the whole tree (secrets included) and is loaded as the truth at
+    start: it must live in a private directory of ours and, if present, be a regular file
+    of ours (not a link)."""
+    ensure_private_dir(os.path.dirname(path), what="the directory of a xenstored state file")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        raise RootPermissionError(
+            errno.EPERM,
+            f"refusing the state file {path}: not a regular file of yours ({describe(st)})",
+        )
 
 
 # -- aioxen xenstore ------------------------------------------------------------------

@@ -492,3 +492,29 @@ def test_clients_accept_trusted_system_socket_directories(tmp_path: Path) -> Non
             check_socket(str(system / "socket"), private=True)
     finally:
         s.close()
+
+
+def test_xenstored_refuses_a_state_file_others_could_plant(
+    shared: Path, tmp_path: Path, outside: Path
+) -> None:
+    """The state file is loaded as the whole tree at start: not from a shared directory,
+    not through a link."""
+    err = run_refused(
+        aioxen_cmd(
+            "xenstored", "--root", str(tmp_path / "r1"), "--state-file", str(shared / "s.json")
+        ),
+        env_without_world(),
+    )
+    assert str(shared) in err and "mode 1777" in err, err
+    private = tmp_path / "state"
+    private.mkdir(mode=0o700)
+    (private / "s.json").symlink_to(outside / "victim-record")
+    before = snapshot(outside)
+    err = run_refused(
+        aioxen_cmd(
+            "xenstored", "--root", str(tmp_path / "r2"), "--state-file", str(private / "s.json")
+        ),
+        env_without_world(),
+    )
+    assert str(private / "s.json") in err and "not a regular file" in err, err
+    assert snapshot(outside) == before
