@@ -14,6 +14,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,16 +81,22 @@ def other_user() -> Iterator[OtherUser]:
     import pwd
 
     name = f"aioxt{secrets.token_hex(5)}"
-    subprocess.run(
-        ["useradd", "--system", "--no-create-home", "--user-group", "--shell", "/bin/false", name],
-        check=True,
-        capture_output=True,
-    )
+    argv = ["useradd", "--system", "--no-create-home", "--user-group", "--shell", "/bin/false"]
+    for attempt in range(20):  # /etc/passwd may be locked by a concurrent useradd/userdel
+        proc = subprocess.run([*argv, name], capture_output=True, text=True)
+        if proc.returncode == 0:
+            break
+        if "lock" not in proc.stderr or attempt == 19:
+            raise AssertionError(f"useradd {name} failed: {proc.stderr}")
+        time.sleep(0.5)
     try:
         pw = pwd.getpwnam(name)
         yield OtherUser(name, pw.pw_uid, pw.pw_gid)
     finally:
-        subprocess.run(["userdel", name], check=False, capture_output=True)
+        for _ in range(20):
+            if subprocess.run(["userdel", name], capture_output=True).returncode in (0, 6):
+                break  # 6: no such user
+            time.sleep(0.5)
         try:
             grp.getgrnam(name)
         except KeyError:
