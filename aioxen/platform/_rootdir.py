@@ -153,7 +153,7 @@ def check_ancestors(path: str) -> None:
             try:
                 st = os.lstat(p)
             except FileNotFoundError:
-                return  # the rest is created by us (0700)
+                break  # the rest of this chain is created by us (0700)
             ok = (
                 st.st_uid in (0, os.geteuid())
                 if stat.S_ISLNK(st.st_mode)
