@@ -518,3 +518,18 @@ def test_xenstored_refuses_a_state_file_others_could_plant(
     )
     assert str(private / "s.json") in err and "not a regular file" in err, err
     assert snapshot(outside) == before
+
+
+def test_root_reached_through_a_link_into_another_users_directory_is_refused(
+    mallory: OtherUser, shared: Path, tmp_path: Path
+) -> None:
+    """Links above the root are followed (``/var/run`` -> ``/run`` is fine), but where they
+    lead is checked too, before anything is created there."""
+    theirs = shared / "theirs"
+    mallory.python("import os, sys; os.mkdir(sys.argv[1], 0o755)", str(theirs))
+    link = tmp_path / "via"
+    link.symlink_to(theirs)
+    with pytest.raises(RootPermissionError, match="not trusted") as ei:
+        UnixPlatform(1, root=link / "new" / "root")
+    assert str(theirs) in str(ei.value) and owner_text(mallory) in str(ei.value)
+    assert os.listdir(theirs) == []
