@@ -2,7 +2,18 @@
 
 Each module named in :data:`SUBCOMMAND_MODULES` defines ``register(subparsers)``, which adds
 its subcommand(s) with ``set_defaults(func=...)``; ``func(args)`` returns the exit status.
-A ``func`` may be a coroutine function: it then runs on uvloop when available.
+A ``func`` may be a coroutine function: it then runs on uvloop when available (or on the
+loop ``$AIOXEN_LOOP`` names: ``asyncio`` or ``uvloop``).
+
+Any stdio.  Cron, systemd units and ``nohup`` start commands with odd descriptors 0-2:
+closed, ``/dev/null``, a regular file, a pipe, a terminal.  A descriptor closed at exec
+time would be handed to the first file or socket the process opens (the event loop's epoll
+descriptor, a platform socket), which then gets read, written or closed as "stdin" --
+libuv even aborts the process when it closes a descriptor below 3.  So :func:`main` first
+points every closed one of 0, 1, 2 at ``/dev/null`` (:func:`guard_stdio`): a closed stdin
+reads as empty input, a closed stdout or stderr discards what is written.  The commands
+themselves read and write stdio through :mod:`aioxen.apps.stdio`, which serves every kind
+of descriptor (threads for those the loop cannot watch).
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ import argparse
 import asyncio
 import importlib
 import inspect
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -25,16 +37,58 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-def run_async(coro_fn: object, args: argparse.Namespace) -> int:
-    """Run ``coro_fn(args)`` on uvloop (if installed) or asyncio's default loop."""
-    assert callable(coro_fn)
-    factory: Callable[[], asyncio.AbstractEventLoop]
+LOOP_ENV = "AIOXEN_LOOP"
+"""Environment variable choosing the event loop of the command: ``uvloop`` (the default
+when installed) or ``asyncio``."""
+
+CLOSED_STDIO: frozenset[int] = frozenset()
+"""Which of descriptors 0, 1, 2 were closed when :func:`main` started (they now point at
+``/dev/null``)."""
+
+_STREAMS = (("stdin", "r"), ("stdout", "w"), ("stderr", "w"))
+
+
+def guard_stdio() -> frozenset[int]:
+    """Point each closed descriptor among 0, 1, 2 at ``/dev/null`` (inheritable, like a
+    normal stdio descriptor) and give Python a ``sys.stdin``/``stdout``/``stderr`` for it
+    (it leaves ``None`` for a descriptor closed at startup).  Returns the closed ones."""
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+    for fd in closed:
+        null = os.open(os.devnull, os.O_RDWR)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        else:
+            os.set_inheritable(fd, True)
+        name, mode = _STREAMS[fd]
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False, errors="backslashreplace"))  # noqa: SIM115
+    return frozenset(closed)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    name = os.environ.get(LOOP_ENV) or "uvloop"
+    if name == "asyncio":
+        return asyncio.new_event_loop
+    if name != "uvloop":
+        raise SystemExit(f"aioxen: ${LOOP_ENV}={name!r}: expected 'asyncio' or 'uvloop'")
     try:
         import uvloop
-
-        factory = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is an optional dependency
-        factory = asyncio.new_event_loop
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def run_async(coro_fn: object, args: argparse.Namespace) -> int:
+    """Run ``coro_fn(args)`` on uvloop (if installed) or asyncio's default loop
+    (``$AIOXEN_LOOP`` chooses)."""
+    assert callable(coro_fn)
+    factory = _loop_factory()
     with asyncio.Runner(loop_factory=factory) as runner:
         result = runner.run(coro_fn(args))
     return int(result or 0)
@@ -55,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global CLOSED_STDIO
+    CLOSED_STDIO = guard_stdio()  # before anything opens a descriptor
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

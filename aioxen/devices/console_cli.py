@@ -5,6 +5,10 @@ xenconsoled): it waits for the guest ``DOMID`` to connect its ``console/N`` and 
 stdin to the guest and the guest's output to stdout.  ``--frontend`` plays the guest
 instead (``DOMID`` is then the back end domain).  On a terminal, input is raw and
 ``Ctrl-]`` detaches.  SIGINT/SIGTERM close the device end in an orderly way.
+
+Stdin and stdout may be anything (:mod:`aioxen.apps.stdio`): a terminal, a pipe, a
+regular file, ``/dev/null`` or closed (the command then reads nothing / discards the
+output).  At the end of stdin the guest's output is still shown until the console ends.
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ import asyncio
 import contextlib
 import os
 import signal
-import stat
 import sys
 import termios
 import tty
 from typing import Any
 
+from aioxen.apps.stdio import ByteSink, ByteSource, open_sink, open_source
 from aioxen.devices.console import DEFAULT_DEVID, ConsoleBackend, ConsoleFrontend
 
 ESCAPE = 0x1D  # Ctrl-]
@@ -44,26 +48,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_run)
 
 
-async def _stdin() -> asyncio.StreamReader:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    mode = os.fstat(0).st_mode
-    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode):
-        proto = asyncio.StreamReaderProtocol(reader)
-        await loop.connect_read_pipe(lambda: proto, os.fdopen(os.dup(0), "rb", buffering=0))
-    else:  # a regular file: read it in a thread
-
-        def pump() -> None:
-            with os.fdopen(os.dup(0), "rb", buffering=0) as f:
-                while chunk := f.read(65536):
-                    loop.call_soon_threadsafe(reader.feed_data, chunk)
-            loop.call_soon_threadsafe(reader.feed_eof)
-
-        loop.run_in_executor(None, pump)
-    return reader
-
-
-async def _copy_in(src: asyncio.StreamReader, dst: asyncio.StreamWriter, raw: bool) -> None:
+async def _copy_in(src: ByteSource, dst: asyncio.StreamWriter, raw: bool) -> None:
     while True:
         data = await src.read(4096)
         if not data:
@@ -78,14 +63,12 @@ async def _copy_in(src: asyncio.StreamReader, dst: asyncio.StreamWriter, raw: bo
         await dst.drain()
 
 
-async def _copy_out(src: asyncio.StreamReader) -> None:
-    out = sys.stdout.buffer
+async def _copy_out(src: asyncio.StreamReader, out: ByteSink) -> None:
     while True:
         data = await src.read(65536)
         if not data:
             return
-        out.write(data)
-        out.flush()
+        await out.write(data)
 
 
 class _Detach(Exception):
@@ -95,11 +78,12 @@ class _Detach(Exception):
 async def _session(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    stdin: asyncio.StreamReader,
+    stdin: ByteSource,
+    stdout: ByteSink,
     raw: bool,
 ) -> bool:
     """Copy both ways until the console ends (True) or the user detaches (False)."""
-    out = asyncio.ensure_future(_copy_out(reader))
+    out = asyncio.ensure_future(_copy_out(reader, stdout))
     inp = asyncio.ensure_future(_copy_in(stdin, writer, raw))
     try:
         while True:
@@ -128,10 +112,14 @@ async def _run(args: argparse.Namespace) -> int:
     raw = sys.stdin.isatty()
     saved = termios.tcgetattr(0) if raw else None
     endpoint: ConsoleBackend | ConsoleFrontend | None = None
+    stdin: ByteSource | None = None
+    stdout: ByteSink | None = None
     try:
         if raw:
             tty.setraw(0)
-        stdin = await _stdin()
+        stdin = await open_source(os.dup(0))
+        sys.stdout.flush()
+        stdout = await open_sink(os.dup(1))
 
         async def body() -> int:
             nonlocal endpoint
@@ -140,7 +128,7 @@ async def _run(args: argparse.Namespace) -> int:
                     args.domid, args.devid, timeout=args.timeout
                 )
                 print(f"aioxen console: connected to domain {args.domid}", file=sys.stderr)
-                await _session(fe.reader, fe.writer, stdin, raw)
+                await _session(fe.reader, fe.writer, stdin, stdout, raw)
                 return 0
             be = endpoint = await ConsoleBackend.start(args.domid, args.devid, create=args.create)
             print(f"aioxen console: waiting for domain {args.domid} console/{args.devid}",
@@ -148,7 +136,7 @@ async def _run(args: argparse.Namespace) -> int:
             while True:
                 reader, writer = await be.accept(timeout=args.timeout)
                 print(f"aioxen console: domain {args.domid} connected", file=sys.stderr)
-                if not await _session(reader, writer, stdin, raw) or not args.follow:
+                if not await _session(reader, writer, stdin, stdout, raw) or not args.follow:
                     return 0
                 print(f"aioxen console: domain {args.domid} disconnected", file=sys.stderr)
 
@@ -168,5 +156,12 @@ async def _run(args: argparse.Namespace) -> int:
     finally:
         if endpoint is not None:
             await endpoint.close(timeout=5)
+        if stdout is not None:
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(5):  # what a pipe still queues (bounded)
+                    await stdout.close_write()
+            stdout.abort()
+        if stdin is not None:
+            stdin.close()
         if saved is not None:
             termios.tcsetattr(0, termios.TCSADRAIN, saved)
