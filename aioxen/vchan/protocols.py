@@ -10,11 +10,16 @@ client (:class:`~aioxen.vchan.server.VchanServer`).  ``connection_made`` is sche
 with ``call_soon`` like every asyncio transport, and ``create_connection`` returns after it
 ran.  ``platform=None`` means ``await aioxen.platform.resolve(None)`` (the loop's default
 platform).
+A server still serving when its platform closes is closed by the platform first (its
+waiting endpoint pins shared pages): :class:`_EndsWithPlatform`, a
+:class:`~aioxen.platform.base.PlatformUser` that holds the server weakly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -122,6 +127,7 @@ async def create_server(
         busy_poll=busy_poll,
         handshake_timeout=handshake_timeout,
     )
+    _EndsWithPlatform.attach(plat, server)
     if start_serving:
         try:
             await server.start_serving()
@@ -130,6 +136,29 @@ async def create_server(
             await server.wait_closed()
             raise
     return server
+
+
+class _EndsWithPlatform:
+    """Closes ``server`` (if it still exists) when its platform closes, waiting at most the
+    platform's ``close_timeout`` for it to withdraw and release its endpoints."""
+
+    def __init__(self, server: VchanServer) -> None:
+        self._server = weakref.ref(server)
+
+    @classmethod
+    def attach(cls, plat: Platform, server: VchanServer) -> None:
+        user = cls(server)
+        plat.add_user(user)
+        weakref.finalize(server, plat.remove_user, user)  # no registry growth
+
+    async def platform_closing(self, timeout: float) -> None:
+        server = self._server()
+        if server is None:
+            return
+        server.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await server.wait_closed()
 
 
 __all__ = ["create_connection", "create_server"]

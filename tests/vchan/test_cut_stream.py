@@ -211,3 +211,30 @@ async def test_inheap_leave_platform(mode: str, close_timeout: float) -> None:
         out.assert_complete()
     else:
         out.assert_cut()
+
+
+@pytest.mark.parametrize("kind", ["inheap", "unix"])
+async def test_leave_platform_with_a_server_still_serving(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """A server nobody closed: leaving the platform closes it first (its waiting endpoint
+    pins shared pages) -- no BufferError, nothing left shared or advertised."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    if kind == "inheap":
+        world = InHeapWorld()
+        plat: InHeapPlatform | UnixPlatform = InHeapPlatform(READER, world)
+    else:
+        xenstored: Xenstored = request.getfixturevalue("xenstored")
+        plat = UnixPlatform(domid=READER, root=str(xenstored.root))
+    async with plat:
+        server = await vchan.start_server(handler, WRITER, "left", platform=plat)
+        path = server.path
+    assert plat.leaks() == []
+    if kind == "inheap":
+        world.assert_cleaned_up()
+        async with InHeapPlatform(0, world) as dom0:
+            assert not await dom0.store.exists(path)
+    del server
