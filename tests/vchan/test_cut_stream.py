@@ -238,3 +238,44 @@ async def test_leave_platform_with_a_server_still_serving(
         async with InHeapPlatform(0, world) as dom0:
             assert not await dom0.store.exists(path)
     del server
+
+
+def test_ends_bit_is_set_in_the_peers_byte_and_survives_clears() -> None:
+    """The wire: ``announce_ends`` ORs 0x40 into the *peer's* notify byte; the reader sees
+    it in its own byte, and the notify traffic (bits 0x1/0x2, set and test-and-cleared
+    with atomics, as libxenvchan does) leaves it alone."""
+    import mmap
+
+    from aioxen.vchan import wire
+
+    page = 4096
+    mem = mmap.mmap(-1, page)
+    ctrl = memoryview(mem)
+    wire.init_server_page(ctrl, 10, 11, [], [])
+    untouched = bytes(ctrl[: wire.HEADER_SIZE])  # libxenvchan's fresh page, byte for byte
+    server = wire.VchanCore(ctrl, ctrl[1024:2048], ctrl[2048:4096], is_server=True)
+    client = wire.VchanCore(ctrl, ctrl[2048:4096], ctrl[1024:2048], is_server=False)
+    assert bytes(ctrl[: wire.HEADER_SIZE]) == untouched  # cores write nothing by themselves
+    ctrl[wire.CLI_LIVE] = 1
+    ctrl[wire.SRV_NOTIFY] = wire.NOTIFY_WRITE  # the client's one plain store, at connect
+    client.announce_ends()
+    assert ctrl[wire.SRV_NOTIFY] == wire.NOTIFY_WRITE | wire.NOTIFY_ENDS
+    assert server.peer_announced_ends() and not client.peer_announced_ends()
+    server.announce_ends()
+    assert client.peer_announced_ends()
+    for _ in range(3):  # data both ways with every notify request set: bits 0x1/0x2 cleared
+        ctrl[wire.SRV_NOTIFY] |= wire.NOTIFY_READ | wire.NOTIFY_WRITE
+        ctrl[wire.CLI_NOTIFY] |= wire.NOTIFY_READ | wire.NOTIFY_WRITE
+        assert client.send(b"ping", 4) == 4 and server.send(b"pong", 4) == 4
+        for core in (server, client):
+            _, n = core.read_span()
+            assert n == 4
+            core.consume(n)
+    assert ctrl[wire.SRV_NOTIFY] & wire.NOTIFY_ENDS and ctrl[wire.CLI_NOTIFY] & wire.NOTIFY_ENDS
+    assert not server.peer_eof()  # 0x40 is not the EOF bit
+    client.shutdown_write()
+    assert server.peer_eof() and server.peer_announced_ends()
+    server.release()
+    client.release()
+    ctrl.release()
+    mem.close()
