@@ -31,7 +31,8 @@ Two mechanisms use the record:
   so liveness is exact.  :class:`UnixSocketClaim` uses ``PATH.lock`` to claim a Unix
   socket path: a live socket at PATH (a connect succeeds) is ``ResourceBusy``; a stale
   socket of ours is replaced; a link, a non-socket or someone else's socket is refused.
-  On release it unlinks PATH only if it is still the socket it bound (same inode).
+  On release it unlinks PATH only if it is still the socket it bound (same device,
+  inode and change time).
 
 API summary::
 
@@ -439,13 +440,19 @@ def _probe_unix_socket(path: str) -> bool | None:
         return True
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    """What tells our socket file from a later one at the same path: device and inode
+    (an inode number is reused at once on tmpfs) plus the change time in ns."""
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
 class UnixSocketClaim:
     """Exclusive use of a Unix socket path (see the module docstring)."""
 
     def __init__(self, path: str, lock: FileLock | None) -> None:
         self.path = path
         self._lock = lock
-        self._ident: tuple[int, int] | None = None
+        self._ident: tuple[int, int, int] | None = None
 
     @classmethod
     def acquire(cls, path: str, *, what: str = "") -> UnixSocketClaim:
@@ -496,7 +503,7 @@ class UnixSocketClaim:
             sock.bind(self.path)
             if not self.path.startswith("\0"):
                 st = os.lstat(self.path)
-                self._ident = (st.st_dev, st.st_ino)
+                self._ident = _identity(st)
         except BaseException:
             sock.close()
             raise
@@ -508,8 +515,7 @@ class UnixSocketClaim:
         try:
             if ident is not None:
                 with contextlib.suppress(OSError):
-                    st = os.lstat(self.path)
-                    if (st.st_dev, st.st_ino) == ident:
+                    if _identity(os.lstat(self.path)) == ident:
                         os.unlink(self.path)
         finally:
             if self._lock is not None:

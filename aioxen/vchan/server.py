@@ -354,8 +354,8 @@ class VchanServer(asyncio.AbstractServer):
             fut.cancel()
 
     async def wait_closed(self) -> None:
-        """Wait until the advertisement is withdrawn and the waiting endpoint released."""
-        for task in (self._task, self._cleanup):
+        """Wait until the advertisement is withdrawn and the waiting endpoints released."""
+        for task in (self._task, self._cleanup, *self._aside):
             if task is not None:
                 try:
                     await asyncio.shield(task)

@@ -83,6 +83,23 @@ async def test_second_server_on_the_same_port_is_refused(world: World) -> None:
     await again.wait_closed()
 
 
+async def test_racing_servers_exactly_one_wins(world: World) -> None:
+    """Claims race through XenStore transactions (one store connection each)."""
+    platforms = [await world.platform(SERVER) for _ in range(6)]
+    results = await asyncio.gather(
+        *(vchan.start_server(echo, CLIENT, "race", platform=p) for p in platforms),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if isinstance(r, vchan.VchanServer)]
+    losers = [r for r in results if not isinstance(r, vchan.VchanServer)]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, ResourceBusy) for r in losers), losers
+    cli = await world.platform(CLIENT)
+    assert await talk(cli, "race", b"one") == b"one"
+    winners[0].close()
+    await winners[0].wait_closed()
+
+
 async def test_other_ports_and_clients_are_independent(world: World) -> None:
     srv = await world.platform(SERVER)
     servers = [
