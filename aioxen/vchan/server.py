@@ -344,14 +344,23 @@ class VchanServer(asyncio.AbstractServer):
         if self._closed:
             return
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
+        task = self._task
+        if task is not None:
+            task.cancel()
         else:
             self._release_waiting()
-            self._cleanup = self._loop.create_task(self._withdraw())
+        # Also after the accept task: a task cancelled before it ever ran skips its
+        # ``finally`` (and would leave our claimed advertisement behind).
+        self._cleanup = self._loop.create_task(self._finish_close(task))
         fut = self._serve_forever_fut
         if fut is not None and not fut.done():
             fut.cancel()
+
+    async def _finish_close(self, task: asyncio.Task[None] | None) -> None:
+        if task is not None:
+            await asyncio.wait([task])
+            self._release_waiting()
+        await self._withdraw()
 
     async def wait_closed(self) -> None:
         """Wait until the advertisement is withdrawn and the waiting endpoints released."""

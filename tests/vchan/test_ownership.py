@@ -100,6 +100,17 @@ async def test_racing_servers_exactly_one_wins(world: World) -> None:
     await winners[0].wait_closed()
 
 
+async def test_close_right_after_start_releases_the_claim(world: World) -> None:
+    """close() before the accept task ever ran still withdraws the advertisement."""
+    srv = await world.platform(SERVER)
+    path = vchan_path(SERVER, CLIENT, "quick")
+    for _ in range(5):
+        server = await vchan.start_server(echo, CLIENT, "quick", platform=srv)
+        server.close()
+        await server.wait_closed()
+        assert await read_key(world, path) is None
+
+
 async def test_other_ports_and_clients_are_independent(world: World) -> None:
     srv = await world.platform(SERVER)
     servers = [
