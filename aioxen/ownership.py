@@ -26,6 +26,10 @@ Two mechanisms use the record:
   and then sees the winner).  :func:`release_key` removes paths only if the owner key
   still holds *our* claim, again in one transaction.  :func:`holder_of` reads a record;
   :func:`claim_in` / :func:`release_in` do the same inside a caller's open transaction.
+  A record of this very process is judged by exact knowledge instead
+  (:func:`holder_active`): it holds only while its claim is held here (from
+  :func:`claim_in` until :func:`release_in` or :func:`forget`), so a server whose store
+  connection died before it removed its record does not block its own process.
 * **Files** -- :class:`FileLock` takes an ``flock`` on a lock file (created ``O_NOFOLLOW``,
   mode 0600, must be a regular file of ours); the kernel drops it when the process dies,
   so liveness is exact.  :class:`UnixSocketClaim` uses ``PATH.lock`` to claim a Unix
@@ -69,6 +73,8 @@ __all__ = [
     "UnixSocketClaim",
     "claim_in",
     "claim_key",
+    "forget",
+    "holder_active",
     "holder_of",
     "release_in",
     "release_key",
@@ -258,6 +264,29 @@ async def _holder_in(tx: Any, key: str, what: str) -> Owner | None:
         ) from None
 
 
+_held: set[str] = set()
+"""Claim nonces this process holds through :func:`claim_in` (until :func:`release_in` or
+:func:`forget`)."""
+
+
+def holder_active(holder: Owner) -> bool:
+    """Does ``holder`` still hold its claim?  For a record of *this* process (same pid and
+    start time) exact knowledge: only while the claim is held here (a server that was
+    closed, or whose XenStore connection died before it could remove its record, no
+    longer holds it); for any other process :meth:`Owner.alive`."""
+    if holder.pid == os.getpid():
+        start = _proc_start_time(holder.pid)
+        if holder.start is None or start is None or start < 0 or start == holder.start:
+            return holder.claim in _held
+    return holder.alive()
+
+
+def forget(owner: Owner) -> None:
+    """Give up ``owner``'s claim in this process without touching XenStore (e.g. when the
+    store connection is gone): its record then counts as dead for later claimants."""
+    _held.discard(owner.claim)
+
+
 async def claim_in(
     tx: Any,
     key: str,
@@ -272,8 +301,9 @@ async def claim_in(
     holder = await _holder_in(tx, key, label)
     if holder is not None and holder.claim == owner.claim:
         holder = None  # ours already
-    if holder is not None and holder.alive():
+    if holder is not None and holder_active(holder):
         raise ResourceBusy(f"{label} is in use by {holder.describe()}", holder)
+    _held.add(owner.claim)
     await tx.write(key, owner.encode())
     if perms is not None:
         await tx.set_perms(key, list(perms))
@@ -309,6 +339,7 @@ async def release_in(
     tx: Any, key: str, owner: Owner, *, remove: Sequence[str] | None = None
 ) -> bool:
     """:func:`release_key`'s work inside an open transaction ``tx``."""
+    forget(owner)
     try:
         raw = await tx.read(key)
     except FileNotFoundError:

@@ -52,7 +52,7 @@ import weakref
 from typing import Any
 
 from aioxen.errors import ProtocolError
-from aioxen.ownership import Owner, ResourceBusy, claim_in, release_key
+from aioxen.ownership import Owner, ResourceBusy, claim_in, forget, release_key
 from aioxen.platform.base import Platform
 
 logger = logging.getLogger("aioxen.vchan")
@@ -332,6 +332,7 @@ __all__ = [
     "EVENT_CHANNEL",
     "OWNER",
     "RING_REF",
+    "forget",
     "publish",
     "read",
     "republish",

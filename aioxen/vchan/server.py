@@ -326,6 +326,7 @@ class VchanServer(asyncio.AbstractServer):
             try:
                 await advertise.withdraw(self._platform, self.path, self._owner)
             except Exception as exc:
+                advertise.forget(self._owner)  # our record, if left behind, is dead now
                 logger.warning("%r: could not remove %s: %r", self, self.path, exc)
 
     def _start_connection(self, conn: Connection) -> None:
@@ -501,6 +502,7 @@ async def accept_one(
         try:
             await asyncio.shield(advertise.withdraw(platform, path, owner))
         except BaseException:
+            advertise.forget(owner)
             if conn is not None:  # cancelled while withdrawing: do not leak the connection
                 abandon(conn)
             raise

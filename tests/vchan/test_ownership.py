@@ -111,6 +111,25 @@ async def test_close_right_after_start_releases_the_claim(world: World) -> None:
         assert await read_key(world, path) is None
 
 
+async def test_record_left_by_a_lost_store_connection_does_not_block_us(world: World) -> None:
+    """The server could not remove its record (its XenStore connection died): this
+    process knows it no longer holds that claim, so its next server takes over."""
+    first_plat = await world.platform(SERVER)
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    path = vchan_path(SERVER, CLIENT, "lost")
+    first = await vchan.start_server(echo, CLIENT, "lost", platform=first_plat)
+    await first_plat.store.close()
+    first.close()
+    await first.wait_closed()
+    assert await read_key(world, f"{path}/{advertise.OWNER}") is not None  # left behind
+    second = await vchan.start_server(echo, CLIENT, "lost", platform=srv)
+    assert await talk(cli, "lost", b"taken over") == b"taken over"
+    second.close()
+    await second.wait_closed()
+    assert await read_key(world, path) is None
+
+
 async def test_other_ports_and_clients_are_independent(world: World) -> None:
     srv = await world.platform(SERVER)
     servers = [
