@@ -102,6 +102,8 @@ def _proc_start_time(pid: int) -> int | None:
         return None
     # comm (field 2) may hold spaces and parentheses: split after the last ')'.
     rest = data[data.rindex(b")") + 2 :].split()
+    if rest[0] in (b"Z", b"X"):
+        return None  # a zombie has exited: it holds nothing any more
     return int(rest[19])  # field 22: fields after comm start at field 3
 
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -56,6 +57,14 @@ def test_dead_records() -> None:
         Owner(pid=me.pid, start=me.start, boot="another-boot", pidns=me.pidns, claim="c"),
     ):
         assert not dead.alive(), dead
+    # an exited child that was not reaped yet (a zombie) holds nothing
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 60  # hang guard only
+    while Path(f"/proc/{zombie.pid}/stat").read_bytes().split(b") ")[1][:1] != b"Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not Owner(pid=zombie.pid, start=None, boot=me.boot, pidns=me.pidns, claim="e").alive()
+    zombie.wait()
     # another pid namespace cannot be checked: counted alive, never stolen
     hidden = Owner(pid=gone, start=1, boot=me.boot, pidns="pid:[1]", claim="d")
     assert hidden.alive()
