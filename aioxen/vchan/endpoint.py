@@ -273,7 +273,7 @@ class PendingServer:
                 return self._connected()
             if live == wire.LIVE_CLOSED:
                 raise ConnectionAbortedError(f"{self.describe()}: client closed before connecting")
-            if live not in (wire.LIVE_WAITING, wire.LIVE_CLAIMING):
+            if live not in (wire.LIVE_WAITING, wire.LIVE_CLAIMING, wire.LIVE_WAITING | RETIRED):
                 raise ProtocolError(
                     f"{self.describe()}: cli_live has invalid value {live}", field="cli_live"
                 )

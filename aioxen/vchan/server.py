@@ -34,7 +34,10 @@ what drops a client that bound the port and stalled -- while one a client claime
 aside with one more ``handshake_timeout`` to go live (served like any other client if it
 does, released otherwise).  Either way a fresh endpoint is advertised at once, so other
 clients wait at most one bound for a stalled one.  On Xen an idle server therefore
-re-advertises every ``handshake_timeout`` seconds (one XenStore write).
+re-advertises every ``handshake_timeout`` seconds (one XenStore write); there the retired
+endpoint, if small enough to have a spare, is also kept aside for one bound, because a
+libxenvchan client that read it just before may be half-way through its handshake (it
+does not claim; it goes live by storing 1, which the server accepts).
 
 ``close()`` stops accepting: the waiting endpoint is unshared and unbound and the XenStore
 directory removed; established connections stay open (asyncio 3.11 semantics) --
@@ -276,25 +279,35 @@ class VchanServer(asyncio.AbstractServer):
                     self._handshake_timeout,
                 )
                 self.dropped += 1
-            else:  # Xen: cannot tell an idle endpoint from a stalled binder
-                logger.debug("%r: re-advertising %s", self, pending.describe())
+            elif bound is None and self._keep_spare:
+                # Xen: an idle endpoint looks like one a binder stalls on, and a
+                # libxenvchan client (which does not claim) may be half-way through its
+                # handshake: give it the bound aside too (it goes live by storing 1 over
+                # the RETIRED value); aioxen clients no longer take it.
+                logger.debug("%r: re-advertising; %s kept aside", self, pending.describe())
+                self._set_aside(pending, stalled=False)
+                return
             pending.close()
             return
-        task = self._loop.create_task(self._finish_aside(pending))
+        self._set_aside(pending, stalled=True)
+
+    def _set_aside(self, pending: PendingServer, *, stalled: bool) -> None:
+        task = self._loop.create_task(self._finish_aside(pending, stalled))
         self._aside.add(task)
         task.add_done_callback(self._aside.discard)
 
-    async def _finish_aside(self, pending: PendingServer) -> None:
+    async def _finish_aside(self, pending: PendingServer, stalled: bool) -> None:
         try:
             conn = await pending.wait_connected(timeout=self._handshake_timeout)
         except TimeoutError:
-            logger.info(
-                "%r: dropping %s: claimed, not connected within %s s",
-                self,
-                pending.describe(),
-                self._handshake_timeout,
-            )
-            self.dropped += 1
+            if stalled:
+                logger.info(
+                    "%r: dropping %s: claimed, not connected within %s s",
+                    self,
+                    pending.describe(),
+                    self._handshake_timeout,
+                )
+                self.dropped += 1
             pending.close()
         except (ConnectionError, ProtocolError) as exc:
             logger.debug("%r: discarding endpoint: %s", self, exc)

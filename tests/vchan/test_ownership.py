@@ -28,7 +28,7 @@ from aioxen.ownership import ResourceBusy
 from aioxen.platform.base import EventChannel, Mapping, Platform
 from aioxen.platform.unix import UnixPlatform
 from aioxen.vchan import advertise, wire
-from aioxen.vchan.endpoint import vchan_path
+from aioxen.vchan.endpoint import RETIRED, PendingServer, vchan_path
 from aioxen.xenstore import XenStoreClient
 
 SERVER, CLIENT = 1, 2
@@ -265,6 +265,51 @@ async def test_half_open_client_does_not_block_others(world: World, claim: bool)
         attacker.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_libxenvchan_style_client_may_finish_on_a_retired_endpoint(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a bind is invisible (Xen), an idle endpoint is retired and re-advertised every
+    bound; a libxenvchan client (no claim) half-way through its handshake on it still goes
+    live by storing ``cli_live = 1``, and is served."""
+    monkeypatch.setattr(PendingServer, "maybe_bound", lambda self: None)
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    path = vchan_path(SERVER, CLIENT, "cstyle")
+    connected = asyncio.Event()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        await reader.read()
+        writer.close()
+
+    server = await vchan.start_server(
+        on_client, CLIENT, "cstyle", platform=srv, handshake_timeout=0.2
+    )
+    ad = await advertise.read(cli, path)
+    assert ad is not None
+    channel = await cli.events.connect(SERVER, ad[1])
+    mapping = cli.grants.map(SERVER, [ad[0]], writable=True)
+    try:
+        async with asyncio.timeout(30):  # until the server retired it
+            while wire.live_byte(mapping.buf, wire.CLI_LIVE) != wire.LIVE_WAITING | RETIRED:
+                await asyncio.sleep(0.02)
+        assert await advertise.read(cli, path) != ad  # a fresh endpoint is advertised
+        sb = SharedBuffer(mapping.buf)
+        sb.store_u8(wire.SRV_NOTIFY, wire.NOTIFY_WRITE)
+        sb.store_u8(wire.CLI_LIVE, wire.LIVE_CONNECTED)
+        sb.release()
+        channel.notify()
+        async with asyncio.timeout(30):
+            await connected.wait()
+        assert server.accepted == 1 and server.dropped == 0
+    finally:
+        mapping.close()
+        channel.close()
+        server.close()
+        await server.wait_closed()
+        server.abort_clients()
 
 
 async def test_half_open_client_does_not_block_accept(world: World) -> None:
