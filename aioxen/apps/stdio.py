@@ -9,7 +9,12 @@ descriptor's type picks one of three backends:
 * **pipe** -- FIFOs and character devices the selector accepts (terminals, ptys): the
   loop's own pipe transports (``connect_read_pipe`` / ``connect_write_pipe``), with a
   stdlib ``StreamReader`` bounding what is read ahead and the transport's write buffer
-  limits (``pause_writing``) bounding what is queued;
+  limits (``pause_writing``) bounding what is queued.  Output to a character device
+  (a terminal) is the exception: uvloop's write-pipe transport *reads* its descriptor to
+  notice a closed pipe, and on a terminal -- one open file for stdin and stdout -- that
+  swallows what the user types.  Such a sink writes with non-blocking ``os.write`` and
+  waits for ``loop.add_writer`` readiness when the device is full (back-pressure, no
+  reading);
 * **socket** -- ``loop.sock_recv`` / ``loop.sock_sendall`` (a write-pipe transport would
   mistake incoming data on a bidirectional socket for the reader hanging up), and
   ``shutdown(SHUT_WR)`` as the end of stream;
@@ -242,6 +247,51 @@ class _PipeSink(ByteSink):
         self._transport.abort()
 
 
+class _DeviceSink(ByteSink):
+    """A pollable character device (a terminal): non-blocking ``os.write``, waiting for
+    writability with ``loop.add_writer`` when it is full -- never reading from it."""
+
+    kind = PIPE
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        os.set_blocking(fd, False)
+
+    async def write(self, data: bytes) -> None:
+        if self._closed:
+            raise BrokenPipeError(32, "output already closed")
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except BlockingIOError:
+                await self._writable()
+                continue
+            view = view[n:]
+
+    async def _writable(self) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_writer(self.fd, ready)
+        try:
+            await fut
+        finally:
+            loop.remove_writer(self.fd)
+
+    async def close_write(self) -> None:
+        self.abort()  # nothing is queued: write() returns once the device took it all
+
+    def abort(self) -> None:
+        if self._start_close():
+            self._restore_blocking()
+            os.close(self.fd)
+
+
 # -- sockets ---------------------------------------------------------------------------------
 
 
@@ -358,6 +408,8 @@ async def open_sink(fd: int) -> ByteSink:
     if kind == SOCKET:
         return _SocketSink(fd)
     if kind == PIPE:
+        if stat.S_ISCHR(os.fstat(fd).st_mode):
+            return _DeviceSink(fd)
         sink = _PipeSink(fd)
         await sink.start()
         return sink

@@ -13,6 +13,7 @@ import os
 import pty
 import signal
 import subprocess
+import termios
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -336,3 +337,109 @@ def test_xenstore_read_and_watch_any_stdio(
         got = s.output()
         if got is not None:
             assert got == expected, name
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_console_back_end_on_a_terminal(xenstored: XenstoredProcess, loop: str) -> None:
+    """On a terminal the back end goes raw: what is typed reaches the guest, the guest's
+    output reaches the terminal, ``Ctrl-]`` detaches (rc 0), and the terminal's mode is
+    restored."""
+    guest = next(_guests)
+    env = env_for(xenstored, 0, loop)
+    add = subprocess.run(
+        [*AIOXEN, "device", "add", "console", str(guest), "--devid", "1"],
+        env=env,
+        capture_output=True,
+        timeout=T,
+    )
+    assert add.returncode == 0, add.stderr
+    master, slave = pty.openpty()
+    cooked = termios.tcgetattr(slave)
+    back = subprocess.Popen(
+        [*AIOXEN, "console", str(guest)], env=env, stdin=slave, stdout=slave, stderr=subprocess.PIPE
+    )
+    front = subprocess.Popen(
+        [*AIOXEN, "console", "--frontend", "0", "--timeout", str(T)],
+        env=env_for(xenstored, guest, loop),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert back.stderr is not None and front.stdout is not None and front.stdin is not None
+        seen = b""
+        while b"connected" not in seen:  # raw mode is set before the back end says this
+            line = back.stderr.readline()
+            assert line, f"the back end exited early: {seen!r}"
+            seen += line
+        front.stdin.write(b"from the guest\n")
+        front.stdin.flush()
+        out = b""
+        while b"from the guest" not in out:
+            chunk = os.read(master, 4096)
+            assert chunk
+            out += chunk
+        os.write(master, b"typed\n")  # raw: passed on as typed, no line editing
+        assert front.stdout.readline() == b"typed\n"
+        os.write(master, b"\x1d")  # Ctrl-]: detach
+        rc_b, err_b = finish(back)
+        assert rc_b == 0, err_b
+        assert "Traceback" not in err_b
+        assert termios.tcgetattr(slave) == cooked, "the terminal was left raw"
+        front.send_signal(signal.SIGTERM)
+        rc_f, err_f = finish(front)
+        assert rc_f == 0, err_f
+    finally:
+        for p in (front, back):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        os.close(master)
+        os.close(slave)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_cat_on_a_terminal_typed_after_output(xenstored: XenstoredProcess, loop: str) -> None:
+    """Interactive ``cat`` on a terminal (one open file for stdin and stdout): a line typed
+    after output has appeared reaches the peer (uvloop's write-pipe transport used to read
+    the terminal and swallow it)."""
+    port = f"stdio{next(_ports)}"
+    master, slave = pty.openpty()
+    listener = subprocess.Popen(
+        [*AIOXEN, "cat", "-l", "2", port],
+        env=env_for(xenstored, 0, loop),
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+    )
+    connector = subprocess.Popen(
+        [*AIOXEN, "cat", "0", port],
+        env=env_for(xenstored, 2, loop),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    os.close(slave)
+    try:
+        assert connector.stdin is not None and connector.stdout is not None
+        connector.stdin.write(b"from the connector\n")
+        connector.stdin.flush()
+        out = b""
+        while b"from the connector" not in out:  # the listener's output side is running
+            chunk = os.read(master, 4096)
+            assert chunk
+            out += chunk
+        os.write(master, b"typed later\n")
+        assert connector.stdout.readline() == b"typed later\n"
+        os.write(master, b"\x04")  # ^D: the listener's input ends
+        connector.stdin.close()
+        rc_c, err_c = finish(connector)
+        rc_l, err_l = finish(listener)
+        assert (rc_l, err_l) == (0, "")
+        assert (rc_c, err_c) == (0, "")
+    finally:
+        for p in (listener, connector):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        os.close(master)
