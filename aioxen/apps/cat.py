@@ -11,6 +11,11 @@ pipeline sees its end of input at once.  When both directions are done the vchan
 closed and the exit status is 0 -- the semantics of ``nc -N`` / ``socat``: half-close in
 each direction, exit when both are finished.
 
+A peer that aborts, fails or is killed before ending its stream (no EOF bit) cuts it:
+``down`` gets ``ConnectionResetError`` and ``cat`` fails with status 1 -- a cut stream
+never looks like a clean end.  Stdio may be anything, closed included (see
+:mod:`aioxen.cli` and :mod:`aioxen.apps.stdio`).
+
 The peer closing the whole vchan (not only its write side) ends ``down`` as EOF.  If stdin
 still has data after that, nothing can carry it: the next chunk read (or bytes still
 queued in the transport) is reported as ``connection reset`` -- like a pipe writer that
