@@ -89,14 +89,17 @@ async def test_second_blkback_is_refused_and_first_keeps_serving(
     a, b = images(tmp_path)
     back = aioxen(xenstored, 0, "blkback", "--image", str(a), "--frontend", str(FRONT))
     async with back as be:
-        before = {k: await xs_read(xenstored, f"{BDIR}/{k}") for k in ("params", OWNER_KEY)}
+        keys = ("params", "state", "frontend")
+        before = {k: await xs_read(xenstored, f"{BDIR}/{k}") for k in keys}
         rc, out, err = await once(
             xenstored, 0, "blkback", "--image", str(b), "--frontend", str(FRONT)
         )
         refused(rc, err, "blkback", be.proc.pid, BDIR)
         assert "READY" not in out
-        after = {k: await xs_read(xenstored, f"{BDIR}/{k}") for k in ("params", OWNER_KEY)}
+        after = {k: await xs_read(xenstored, f"{BDIR}/{k}") for k in keys}
         assert after == before and before["params"] == str(a)  # nothing touched
+        owner = Owner.decode((await xs_read(xenstored, f"{BDIR}/{OWNER_KEY}")).encode())
+        assert owner.pid == be.proc.pid
         # the first still serves, and serves its own image
         front = aioxen(xenstored, FRONT, "blkfront", "nbd", "--listen", "127.0.0.1:0", "xvda")
         async with front as fe:
@@ -176,3 +179,30 @@ async def test_killed_blkback_is_reclaimed(xenstored: XenstoredProcess, tmp_path
     # the orderly exit removed the device it owned
     rc, _, _ = await once(xenstored, 0, "xenstore", "read", f"{BDIR}/state")
     assert rc != 0
+
+
+async def test_backend_stopped_under_the_export_is_an_error(
+    xenstored: XenstoredProcess, tmp_path: Path
+) -> None:
+    """blkback stopped in order (SIGTERM) under a live NBD export: reads through the export
+    fail (EIO) from then on -- never zeros or a short copy that looks complete."""
+    a, _ = images(tmp_path)
+    front = aioxen(xenstored, FRONT, "blkfront", "nbd", "--listen", "127.0.0.1:0", "xvda")
+    back = aioxen(xenstored, 0, "blkback", "--image", str(a), "--frontend", str(FRONT))
+    be = await back.__aenter__()
+    try:
+        async with front as fe:
+            where = fe.ready.split("listening on ", 1)[1].split()[0]
+            assert await read_export(where, tmp_path, "ok.img") == a.read_bytes()
+            rc, err = await be.stop()
+            assert rc in (0, 143), err
+            proc = await asyncio.create_subprocess_exec(
+                "nbdcopy", f"nbd://{where}/xvda", str(tmp_path / "cut.img"),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            out, _ = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode != 0, out  # the copy fails loudly
+            assert b"Input/output error" in out or b"EIO" in out or b"error" in out.lower()
+    finally:
+        with contextlib.suppress(AssertionError):
+            await back.__aexit__(None, None, None)

@@ -200,3 +200,17 @@ async def test_killed_netback_is_reclaimed(xs: Xenstored) -> None:
             assert end_process(second, 15) == 0
     finally:
         end_process(first, 15)
+
+
+async def test_backend_stopped_is_connection_reset(
+    xs: Xenstored, back: subprocess.Popen[str]
+) -> None:
+    """netback stopped in order (SIGTERM) under a live netfront: the frontend's transport
+    ends with ConnectionResetError -- the connection was cut, not closed by its user."""
+    async with platform(xs, 2) as dom2:
+        _t2, p2 = await create_frontend(Proto, 0, 0, platform=dom2, timeout=20)
+        assert isinstance(p2, Proto)
+        back.send_signal(signal.SIGTERM)
+        exc = await asyncio.wait_for(p2.lost, 30)
+        assert isinstance(exc, ConnectionResetError), exc
+        assert await asyncio.to_thread(back.wait, 30) in (0, 143)
