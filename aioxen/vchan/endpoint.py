@@ -272,6 +272,8 @@ class PendingServer:
             if live == wire.LIVE_CONNECTED:
                 return self._connected()
             if live == wire.LIVE_CLOSED:
+                if wire.client_left_traces(self._ctrl):
+                    return self._connected()  # it connected, wrote and closed before we looked
                 raise ConnectionAbortedError(f"{self.describe()}: client closed before connecting")
             if live not in (wire.LIVE_WAITING, wire.LIVE_CLAIMING, wire.LIVE_WAITING | RETIRED):
                 raise ProtocolError(
@@ -281,7 +283,10 @@ class PendingServer:
                 await channel.wait()
             except ConnectionResetError:
                 # The binder went away; it may still have connected just before.
-                if wire.live_byte(self._ctrl, wire.CLI_LIVE) == wire.LIVE_CONNECTED:
+                live = wire.live_byte(self._ctrl, wire.CLI_LIVE)
+                if live == wire.LIVE_CONNECTED or (
+                    live == wire.LIVE_CLOSED and wire.client_left_traces(self._ctrl)
+                ):
                     return self._connected()
                 raise ConnectionAbortedError(
                     f"{self.describe()}: client unbound before connecting"

@@ -681,6 +681,23 @@ def live_byte(page: Buffer, offset: int) -> int:
         sb.release()
 
 
+def client_left_traces(page: Buffer) -> bool:
+    """Did a client that is now closed (``cli_live`` 0) ever go live and leave something?
+
+    True if its left ring holds bytes (``left.prod != left.cons``) or it set
+    :data:`NOTIFY_ENDS`/:data:`NOTIFY_EOF` in the server's notify byte.  A server that
+    finds ``cli_live`` already 0 must then deliver the connection (the reader drains the
+    bytes, then sees EOF or a reset) instead of dropping it as "closed before connecting".
+    """
+    sb = SharedBuffer(page)
+    try:
+        if sb.load_u8(SRV_NOTIFY) & (NOTIFY_ENDS | NOTIFY_EOF):
+            return True
+        return sb.load_u32(LEFT_PROD) != sb.load_u32(LEFT_CONS)
+    finally:
+        sb.release()
+
+
 __all__ = [
     "CLI_LIVE",
     "CLI_NOTIFY",
@@ -713,6 +730,7 @@ __all__ = [
     "Layout",
     "VchanCore",
     "check_orders",
+    "client_left_traces",
     "in_page_offset",
     "init_server_page",
     "live_byte",
