@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 # Debian packages the test-suite talks to (real xenstore tools, the Xen headers for layout
 # checks, NBD clients, iproute2 for network namespaces).
-TEST_DEBS := libxen-dev xenstore-utils gcc qemu-utils libnbd-bin iproute2 iputils-ping curl iperf3
+TEST_DEBS := python3 libxen-dev xenstore-utils gcc qemu-utils libnbd-bin iproute2 iputils-ping curl iperf3
 # The Xen lab (real Xen under QEMU).
 LAB_DEBS  := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 linux-image-amd64 busybox-static cpio
 

@@ -137,11 +137,13 @@ class XenPlatform(LeakChecks, Platform):
     def _create_store(self) -> XenStoreClient:
         """Xen's own rule (libxenstore): the xenstored socket if it exists (dom0 running
         xenstored), else the kernel's ``/dev/xen/xenbus``."""
+        from aioxen.platform._rootdir import check_socket
         from aioxen.xenstore.client import XenStoreClient
         from aioxen.xenstore.transport import default_socket_path
 
         sock = default_socket_path()
         if os.path.exists(sock):
+            check_socket(sock, private=False)  # a listener another user could have planted
             return XenStoreClient.for_unix_socket(sock, 0)
         return XenStoreClient.for_xenbus(os.path.join(self._device_dir, "xenbus"))
 

@@ -27,6 +27,7 @@ from support.unix_user import OtherUser, can_create_users, other_user
 
 from aioxen.platform._rootdir import RootPermissionError, check_socket, replace_file
 from aioxen.platform.unix import UnixPlatform
+from aioxen.platform.xen import XenPlatform
 
 pytestmark = pytest.mark.crossprocess
 
@@ -297,6 +298,12 @@ def test_socket_in_another_users_directory_is_refused_by_clients(
         plat = UnixPlatform(0, root=tmp_path / "mine", xenstored_path=sock)
         with pytest.raises(RootPermissionError, match="another user"):
             _ = plat.store
+        # The xen platform (dom0 with a xenstored socket) checks it the same way.
+        xen = XenPlatform(0, device_dir=str(tmp_path))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("XENSTORED_PATH", str(sock))
+            with pytest.raises(RootPermissionError, match="another user"):
+                xen._create_store()
     finally:
         report = listener.stop()
     assert report == "connections=0 bytes=0", report
