@@ -17,10 +17,11 @@ record whose holder is alive makes the claim fail with :class:`DeviceInUse`
 before anything was written; so does a record that cannot be parsed (never guess).
 
 *Alive* is :meth:`Owner.alive <aioxen.ownership.Owner.alive>` (liveness, not age: another
-boot is dead, the pid must exist with the recorded start time), with one addition for
-claims of this very process (several platforms in one process, the ``inheap`` world,
+boot is dead, the pid must exist with the recorded start time), except for claims of this
+very process (several platforms in one process, the ``inheap`` world,
 tests that play a crashed process by dropping its XenStore connection): such a record is
-alive only while its :class:`Claim` is held here (:func:`holder_alive`).  A dead holder's
+alive only while its :class:`Claim` is held here
+(:func:`aioxen.ownership.holder_active`).  A dead holder's
 record is simply overwritten: the new owner takes over, and the device's drivers clean up
 what the dead one left, as they do for a crashed peer.
 
@@ -33,18 +34,15 @@ wrote it (pids mean nothing across domains).
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
-from aioxen.ownership import Owner, ResourceBusy, release_in
+from aioxen.ownership import Owner, ResourceBusy, claim_in, forget, holder_active, release_in
 
 if TYPE_CHECKING:
     from aioxen.xenstore.client import XenStoreClient
 
 OWNER_KEY = "aioxen-owner"
 """The key, in a device end's own directory, that holds its owner record."""
-
-_held: set[str] = set()  # claim nonces of the claims this process holds
 
 
 class DeviceInUse(ResourceBusy):
@@ -54,22 +52,9 @@ class DeviceInUse(ResourceBusy):
         return str(self.strerror)
 
 
-_own: dict[int, int | None] = {}  # pid -> its start time (a forked child has a new pid)
-
-
-def _own_start() -> int | None:
-    pid = os.getpid()
-    if pid not in _own:
-        _own[pid] = Owner.current().start
-    return _own[pid]
-
-
-def holder_alive(rec: Owner) -> bool:
-    """Whether the holder recorded in ``rec`` still holds the device: a claim of this
-    process only while it is held here, any other by :meth:`Owner.alive`."""
-    if rec.pid == os.getpid() and rec.start == _own_start():
-        return rec.claim in _held
-    return rec.alive()
+holder_alive = holder_active
+"""Whether a recorded holder still holds its claim (:func:`aioxen.ownership.holder_active`:
+a claim of this process only while held here, any other by :meth:`Owner.alive`)."""
 
 
 async def read_holder(store: Any, directory: str) -> Owner | None:
@@ -93,7 +78,6 @@ class Claim:
         self.directory = directory
         self.what = what or directory
         self.record = Owner.current(self.what)
-        _held.add(self.record.claim)
         self.released = False
 
     @property
@@ -116,23 +100,11 @@ class Claim:
             except FileNotFoundError:
                 raise FileNotFoundError(f"{self.what}: {self.directory} does not exist") from None
         try:
-            raw = await tx.read(self.key)
-        except FileNotFoundError:
-            raw = None
-        if raw is not None:
-            try:
-                holder = Owner.decode(raw)
-            except ValueError:
-                raise DeviceInUse(
-                    f"{self.what}: {self.key} holds an unreadable owner record ({raw[:60]!r}); "
-                    f"remove it (aioxen xenstore rm {self.key}) if nothing uses the device"
-                ) from None
-            if holder.claim != self.record.claim and holder_alive(holder):
-                raise DeviceInUse(
-                    f"{self.what} is in use: {self.directory} is held by {holder.describe()}",
-                    holder,
-                )
-        await tx.write(self.key, self.record.encode())
+            await claim_in(tx, self.key, self.record, what=f"{self.what} ({self.directory})")
+        except DeviceInUse:
+            raise
+        except ResourceBusy as exc:  # the device flavour, same errno and message
+            raise DeviceInUse(str(exc.strerror), exc.holder) from None
 
     async def acquire(self) -> Claim:
         """Take the claim in its own transaction (see :meth:`take_in`); returns self."""
@@ -162,7 +134,7 @@ class Claim:
         """Count the claim as dead from now on without touching XenStore (a claim that
         was never taken, or whose store is gone)."""
         self.released = True
-        _held.discard(self.record.claim)
+        forget(self.record)
 
 
 __all__ = ["OWNER_KEY", "Claim", "DeviceInUse", "holder_alive", "read_holder"]

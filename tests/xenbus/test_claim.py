@@ -61,17 +61,6 @@ def test_liveness_is_pid_plus_start_time() -> None:
     assert not holder_alive(dead_record())
 
 
-def test_own_records_live_while_held() -> None:
-    claim = Claim(None, "/nowhere")  # type: ignore[arg-type]  # (no store needed here)
-    mine = claim.record
-    assert holder_alive(mine) and mine.pid == os.getpid()
-    assert Owner.decode(mine.encode()) == mine
-    # this process, but no claim of ours: left by a claim that was dropped
-    assert not holder_alive(dataclasses.replace(mine, claim="not-ours"))
-    claim.abandon()
-    assert not holder_alive(mine)
-
-
 async def _device(world: World) -> tuple[Platform, Platform, Platform, str]:
     tool = await world.platform(0)
     be = await world.platform(world.dom(1))
@@ -83,6 +72,20 @@ async def _device(world: World) -> tuple[Platform, Platform, Platform, str]:
 async def _snapshot(store: object, directory: str) -> dict[str, bytes]:
     names = await store.directory(directory)  # type: ignore[attr-defined]
     return {n: await store.read(f"{directory}/{n}") for n in names}  # type: ignore[attr-defined]
+
+
+async def test_own_records_live_while_held(world: World) -> None:
+    _tool, be, _fe, bdir = await _device(world)
+    claim = Claim(be.store, bdir, "the device")
+    mine = claim.record
+    assert not holder_alive(mine)  # not taken yet
+    await claim.acquire()
+    assert holder_alive(mine) and mine.pid == os.getpid()
+    assert Owner.decode(await be.store.read(f"{bdir}/{OWNER_KEY}")) == mine
+    # this process, but not a claim it holds: left by a claim that was dropped
+    assert not holder_alive(dataclasses.replace(mine, claim="not-ours"))
+    assert await claim.release() is True
+    assert not holder_alive(mine)
 
 
 async def test_racing_claims_one_wins(world: World) -> None:
