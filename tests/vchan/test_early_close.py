@@ -11,23 +11,17 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from vchan_harness import World
+from vchan_harness import World, raw_streams
 
 from aioxen.vchan import wire
-from aioxen.vchan.endpoint import Connection, PendingServer, attach_client
-from aioxen.vchan.transport import VchanTransport
+from aioxen.vchan.endpoint import PendingServer, attach_client
 
 SERVER, CLIENT = 1, 2
 PAYLOAD = bytes(range(256)) * 128  # 32 KiB: fits the 64 KiB ring, so close needs no reader
 pytestmark = pytest.mark.timeout(120)
 
 
-def streams(conn: Connection) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(loop=loop)
-    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    transport = VchanTransport(loop, conn, protocol)
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+streams = raw_streams
 
 
 @pytest.mark.parametrize("how", ["close", "abort"])

@@ -16,12 +16,11 @@ import pytest
 import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vchan_harness import InHeapWorld, World
+from vchan_harness import InHeapWorld, World, raw_streams
 
 from aioxen import ProtocolError
 from aioxen.vchan import wire
 from aioxen.vchan.endpoint import Connection, PendingServer, StaleAdvertisement, attach_client
-from aioxen.vchan.transport import VchanTransport
 
 SERVER, CLIENT = 1, 2
 pytestmark = pytest.mark.timeout(120)
@@ -40,12 +39,7 @@ async def raw_pair(
     return server, client
 
 
-def streams(conn: Connection) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(loop=loop)
-    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    transport = VchanTransport(loop, conn, protocol)
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+streams = raw_streams
 
 
 def ctrl_of(conn: Connection) -> memoryview:

@@ -15,10 +15,21 @@ from typing import Any
 from support.xenstored import Xenstored
 
 from aioxen.platform.base import Platform
+from aioxen.vchan.endpoint import Connection
+from aioxen.vchan.transport import VchanTransport
 from aioxen.xenstore import XenStoreClient
 from aioxen.xenstore.engine import Engine, Quotas
 
 HERE = Path(__file__).resolve().parent
+
+
+def raw_streams(conn: Connection) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Stdlib streams straight over a raw :class:`Connection` (no server/client helpers)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport = VchanTransport(loop, conn, protocol)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
