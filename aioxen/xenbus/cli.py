@@ -68,7 +68,7 @@ async def _add(args: argparse.Namespace) -> int:
             frontend_keys=_pairs(args.key, "--key"),
             backend_keys=_pairs(args.backend_key, "--backend-key"), replace=args.replace,
         )  # fmt: skip
-    except (FileExistsError, PermissionError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # FileExistsError, PermissionError, DeviceInUse
         print(f"aioxen device add: {exc}", file=sys.stderr)
         return 1
     print(f"{info.frontend_dir}\n{info.backend_dir}")

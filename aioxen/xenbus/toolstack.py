@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from aioxen.errors import ProtocolError
 from aioxen.platform.base import check_domid
-from aioxen.xenbus.claim import Claim
+from aioxen.xenbus.claim import OWNER_KEY, Claim, DeviceInUse, holder_alive, read_holder
 from aioxen.xenbus.driver import backend_dir, frontend_dir, read_int, read_opt
 from aioxen.xenbus.state import XenbusState, parse_state
 
@@ -89,7 +89,9 @@ async def add_device(
     With ``claim`` (a :class:`~aioxen.xenbus.claim.Claim` on the back end directory) the
     device is created already claimed, in the same transaction: if a live process holds
     the back end, :class:`~aioxen.xenbus.claim.DeviceInUse` is raised and nothing is
-    changed (a dead holder's device is replaced)."""
+    changed (a dead holder's device is replaced).  Without ``claim`` a back end held by a
+    live process is refused the same way.  A live front end's owner record survives a
+    replace (the front end sees its device reset, and still owns it)."""
     _check_type(type_)
     check_domid(frontend_domid, "frontend_domid")
     check_domid(backend_domid, "backend_domid")
@@ -110,6 +112,16 @@ async def add_device(
     async def body(tx: Any) -> None:
         if claim is not None:
             await claim.take_in(tx, require_dir=False)  # DeviceInUse: nothing written
+        else:  # replacing under a live back end would pull the device from under it
+            holder = await read_holder(tx, bdir)
+            if holder is not None and holder_alive(holder):
+                raise DeviceInUse(
+                    f"device {type_}/{devid}: {bdir} is held by {holder.describe()}; stop it first",
+                    holder,
+                )
+        front_holder = await read_holder(tx, fdir)  # a live front end keeps its claim
+        if front_holder is not None and not holder_alive(front_holder):
+            front_holder = None
         if not replace:
             for d in (fdir, bdir):
                 if await read_opt(tx, d) is not None:
@@ -126,6 +138,8 @@ async def add_device(
                 await tx.set_perms(f"{d}/{k}", [f"n{owner}", f"r{peer}"])
         if claim is not None:
             await tx.write(claim.key, claim.record.encode())
+        if front_holder is not None:
+            await tx.write(f"{fdir}/{OWNER_KEY}", front_holder.encode())
 
     await store.transact(body)
     return DeviceInfo(type_, devid, fe, be, fdir, bdir, S.INITIALISING, S.INITIALISING, True)

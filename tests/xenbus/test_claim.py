@@ -174,3 +174,21 @@ async def test_toolstack_creates_claimed_and_removes_only_its_own(world: World) 
         with pytest.raises(FileNotFoundError):
             await tool.store.read(d)
     await mine.release()
+
+
+async def test_toolstack_replace_respects_live_owners(world: World) -> None:
+    tool, be, fe, bdir = await _device(world)
+    fdir = f"/local/domain/{fe.domid}/device/{TYPE}/0"
+    back = await Claim(be.store, bdir, "back end").acquire()
+    front = await Claim(fe.store, fdir, "front end").acquire()
+    before = await _snapshot(tool.store, bdir), await _snapshot(tool.store, fdir)
+    with pytest.raises(DeviceInUse) as info:  # a live back end: refused, nothing changed
+        await add_device(tool.store, TYPE, fe.domid, be.domid, 0, replace=True)
+    assert f"pid {os.getpid()}" in str(info.value) and bdir in str(info.value)
+    assert (await _snapshot(tool.store, bdir), await _snapshot(tool.store, fdir)) == before
+    await back.release()
+    await fe.store.write(f"{fdir}/state", S.CONNECTED.wire)
+    await add_device(tool.store, TYPE, fe.domid, be.domid, 0, replace=True)
+    assert await tool.store.read(f"{fdir}/state") == S.INITIALISING.wire.encode()  # reset
+    assert Owner.decode(await tool.store.read(f"{fdir}/{OWNER_KEY}")) == front.record
+    assert await front.release() is True  # still its own record
