@@ -8,8 +8,8 @@ platforms: real Xen (``xen``), ordinary processes on one machine (``unix``) and 
 from __future__ import annotations
 
 from aioxen.errors import PlatformError, ProtocolError
-from aioxen.platform import Platform, default_platform, platform
-from aioxen.platform.base import PAGE_SIZE
+from aioxen.platforms import Platform, default_platform, platform
+from aioxen.platforms.base import PAGE_SIZE
 
 __version__ = "0.1.0"
 

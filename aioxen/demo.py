@@ -37,8 +37,8 @@ from typing import Any
 from aioxen import PAGE_SIZE, vchan
 from aioxen.apps.embedded import EmbeddedRoot
 from aioxen.native import SharedBuffer
-from aioxen.platform.base import EventChannel
-from aioxen.platform.unix import UnixPlatform
+from aioxen.platforms.base import EventChannel
+from aioxen.platforms.unix import UnixPlatform
 
 SERVER_DOMID = 0
 CLIENT_DOMID = 2

@@ -10,9 +10,9 @@ import pytest
 from support.xenstored import Xenstored, start_xenstored
 
 import aioxen
-from aioxen.platform import choose_platform_name, default_platform
-from aioxen.platform.inheap import InHeapWorld
-from aioxen.platform.unix import UnixPlatform
+from aioxen.platforms import choose_platform_name, default_platform
+from aioxen.platforms.inheap import InHeapWorld
+from aioxen.platforms.unix import UnixPlatform
 
 
 @pytest.fixture
@@ -101,3 +101,19 @@ async def test_unix_store_identifies_as_the_platform_domid(
     async with aioxen.platform("unix", domid=4, root=root, xenstored_path=sock) as again:
         with pytest.raises(FileNotFoundError):
             await again.store.read("data/x")
+
+
+def test_platform_modules_import_as_written() -> None:
+    """``aioxen.platform`` is the promised function; the implementations live in the
+    ``aioxen.platforms`` package, importable by their dotted paths (issue 15 item 9)."""
+    import importlib
+
+    import aioxen
+
+    assert callable(aioxen.platform)
+    for name in ("base", "unix", "inheap", "xen"):
+        module = importlib.import_module(f"aioxen.platforms.{name}")
+        assert module.__name__ == f"aioxen.platforms.{name}"
+    import aioxen.platforms.inheap as inheap
+
+    assert callable(inheap.default_world)

@@ -3,7 +3,7 @@
 A small C program is compiled against ``libxen-dev``'s ``/usr/include/xen/sys/*.h`` (the
 Linux evtchn/gntdev/gntalloc uapi) and prints every ioctl number, every struct's size and
 field offsets, and byte images of filled-in structs; each is compared with
-:mod:`aioxen.platform.xen_abi`.  No Xen is needed; the Xen lab (``tests/xenlab``) runs the
+:mod:`aioxen.platforms.xen_abi`.  No Xen is needed; the Xen lab (``tests/xenlab``) runs the
 same code against real devices.
 """
 
@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 
 import aioxen
 from aioxen.errors import PlatformError
-from aioxen.platform import xen_abi as abi
-from aioxen.platform._channel import ChannelCore
-from aioxen.platform._xen_dispatch import PortDispatcher
-from aioxen.platform.xen import XenPlatform
+from aioxen.platforms import xen_abi as abi
+from aioxen.platforms._channel import ChannelCore
+from aioxen.platforms._xen_dispatch import PortDispatcher
+from aioxen.platforms.xen import XenPlatform
 
 HEADERS = ("xen/sys/evtchn.h", "xen/sys/gntdev.h", "xen/sys/gntalloc.h")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from aioxen import vchan
 from aioxen.ownership import UnixSocketClaim
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 

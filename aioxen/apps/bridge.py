@@ -46,7 +46,7 @@ import aioxen
 from aioxen import vchan
 from aioxen.apps.addresses import Address, parse_address
 from aioxen.errors import PlatformError, ProtocolError
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 
 logger = logging.getLogger("aioxen.bridge")
 

@@ -50,8 +50,8 @@ from aioxen import vchan
 from aioxen.apps.embedded import EmbeddedRoot
 from aioxen.apps.stdio import ByteSink, ByteSource, open_sink, open_source
 from aioxen.errors import PlatformError, ProtocolError
-from aioxen.platform import EVTCHN_DEVICE
-from aioxen.platform.base import Platform
+from aioxen.platforms import EVTCHN_DEVICE
+from aioxen.platforms.base import Platform
 
 CHUNK = 65536
 """Bytes read from stdin / the vchan at a time."""

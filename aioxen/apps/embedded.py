@@ -21,8 +21,8 @@ import tempfile
 from types import TracebackType
 from typing import Self
 
-from aioxen.platform._rootdir import default_parent, ensure_private_dir
-from aioxen.platform.unix import UnixPlatform
+from aioxen.platforms._rootdir import default_parent, ensure_private_dir
+from aioxen.platforms.unix import UnixPlatform
 from aioxen.xenstore.server import XenStoreServer
 
 

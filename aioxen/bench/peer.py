@@ -248,7 +248,7 @@ async def serve(mech: str, api: str, fds: list[int]) -> None:
 @contextlib.asynccontextmanager
 async def _inheap_platforms() -> AsyncIterator[tuple[Any, Any]]:
     import aioxen
-    from aioxen.platform.inheap import InHeapWorld
+    from aioxen.platforms.inheap import InHeapWorld
 
     world = InHeapWorld()
     async with (

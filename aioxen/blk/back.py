@@ -66,7 +66,7 @@ from aioxen.blk.blkif import (
     response_operation,
 )
 from aioxen.blk.source import BlockSource
-from aioxen.platform.base import Mapping, Platform
+from aioxen.platforms.base import Mapping, Platform
 from aioxen.rings.aio import AsyncBackRing
 
 log = logging.getLogger("aioxen.blk.back")

@@ -76,7 +76,7 @@ from aioxen.blk.blkif import (
 from aioxen.blk.device import check_io
 from aioxen.blk.pool import PagePool
 from aioxen.blk.split import merge_runs, split
-from aioxen.platform.base import Platform, Share
+from aioxen.platforms.base import Platform, Share
 from aioxen.rings.aio import AsyncFrontRing
 
 log = logging.getLogger("aioxen.blk.front")

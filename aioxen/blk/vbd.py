@@ -47,7 +47,7 @@ from aioxen.blk.back import BackendConfig, RingServer, limits_for
 from aioxen.blk.front import BackendInfo, BlkFront, FrontendConfig
 from aioxen.blk.source import BlockSource
 from aioxen.errors import ProtocolError
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 from aioxen.rings.aio import AsyncBackRing
 from aioxen.xenbus.claim import Claim, holder_alive, read_holder
 from aioxen.xenbus.driver import (

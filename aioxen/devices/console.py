@@ -33,9 +33,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from aioxen.errors import ProtocolError
-from aioxen.platform import resolve
-from aioxen.platform.base import EventChannel, Platform, Share
-from aioxen.platform.base import Mapping as GrantMapping
+from aioxen.platforms import resolve
+from aioxen.platforms.base import EventChannel, Platform, Share
+from aioxen.platforms.base import Mapping as GrantMapping
 from aioxen.rings.byte import CONSOLE, ByteRing
 from aioxen.rings.stream import ByteRingTransport, open_streams
 from aioxen.xenbus.driver import (

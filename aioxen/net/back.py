@@ -106,8 +106,8 @@ from aioxen.net.netif import (
 )
 from aioxen.net.offload import locate_l4, resolve_offloads
 from aioxen.net.ringend import RingEnd
-from aioxen.platform.base import EventChannel, GrantTable, Platform
-from aioxen.platform.base import Mapping as GrantMapping
+from aioxen.platforms.base import EventChannel, GrantTable, Platform
+from aioxen.platforms.base import Mapping as GrantMapping
 from aioxen.rings.rpc import BackRing
 from aioxen.xenbus.claim import Claim
 from aioxen.xenbus.driver import (

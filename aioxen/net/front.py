@@ -94,7 +94,7 @@ from aioxen.net.netif import (
     parse_rx,
 )
 from aioxen.net.ringend import RingEnd
-from aioxen.platform.base import EventChannel, Platform, Share
+from aioxen.platforms.base import EventChannel, Platform, Share
 from aioxen.rings.formats import RawFormat
 from aioxen.rings.rpc import FrontRing
 from aioxen.xenbus.claim import Claim, DeviceInUse
@@ -945,7 +945,7 @@ async def create_frontend(
     uses it, :class:`~aioxen.xenbus.claim.DeviceInUse` (``EADDRINUSE``) is raised and
     nothing is changed.
     """
-    from aioxen.platform import resolve
+    from aioxen.platforms import resolve
 
     plat = await resolve(platform)
     runner: DeviceRunner | None = None

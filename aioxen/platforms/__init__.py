@@ -18,7 +18,7 @@ import weakref
 from typing import Any
 
 from aioxen.errors import PlatformError
-from aioxen.platform.base import (
+from aioxen.platforms.base import (
     PAGE_SIZE,
     EventChannel,
     EventChannels,
@@ -59,15 +59,15 @@ def platform(name: str | None = None, **options: Any) -> Platform:
     if "domid" not in options and name != "xen":
         options["domid"] = int(os.environ.get("AIOXEN_DOMID", "0"))
     if name == "inheap":
-        from aioxen.platform.inheap import InHeapPlatform
+        from aioxen.platforms.inheap import InHeapPlatform
 
         return InHeapPlatform(**options)
     if name == "unix":
-        from aioxen.platform.unix import UnixPlatform
+        from aioxen.platforms.unix import UnixPlatform
 
         return UnixPlatform(**options)
     if name == "xen":
-        from aioxen.platform.xen import XenPlatform
+        from aioxen.platforms.xen import XenPlatform
 
         return XenPlatform(**options)
     raise PlatformError(f"unknown platform {name!r}; expected one of {', '.join(PLATFORM_NAMES)}")

@@ -8,7 +8,7 @@ A backend (in-heap, Unix socket, ``/dev/xen/evtchn``) only has to tell a
 * :meth:`ChannelCore._events_arrived` — one *batch* of one or more notifications came in;
 * :meth:`ChannelCore._peer_gone` — the remote end disappeared (closed, died, EOF).
 
-The core turns that into the :class:`~aioxen.platform.base.EventChannel` semantics:
+The core turns that into the :class:`~aioxen.platforms.base.EventChannel` semantics:
 
 * Notifications coalesce into a single ``pending`` flag.  A batch that arrives while tasks
   wait wakes all of them (they all return); otherwise it sets the flag and the next ``wait()``

@@ -15,7 +15,7 @@ Two ways of holding the memory:
 
 * :class:`OwnedPages`: ``buf`` is the view of one ``mmap`` the object owns (a share's whole
   backing file on ``inheap``/``unix``; a gntalloc or gntdev range on ``xen``);
-* :class:`ComposedMapping`: ``buf`` is a :class:`~aioxen.platform._pagemap.ComposedPages`
+* :class:`ComposedMapping`: ``buf`` is a :class:`~aioxen.platforms._pagemap.ComposedPages`
   (``inheap``/``unix`` mappings: pages from any files, in any order).
 
 Two places where the unmap notification happens.  On ``xen`` the kernel does it, on
@@ -40,14 +40,14 @@ import os
 from collections.abc import MutableSet, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
-from aioxen.platform._pagemap import (
+from aioxen.platforms._pagemap import (
     ComposedPages,
     OwnedView,
     check_npages,
     check_refs,
     check_unmap_notify,
 )
-from aioxen.platform.base import PAGE_SIZE, EventChannel, check_domid
+from aioxen.platforms.base import PAGE_SIZE, EventChannel, check_domid
 
 # Plain classes, not abc.ABC: isinstance() and construction stay cheap on the map path.
 

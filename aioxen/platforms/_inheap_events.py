@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A port is an int, unique per domain within an :class:`~aioxen.platform.inheap.InHeapWorld`
+A port is an int, unique per domain within an :class:`~aioxen.platforms.inheap.InHeapWorld`
 (counters start at 1, like Xen, which reserves port 0).  ``listen(remote_domid)`` registers an
 *unbound* channel under ``(own domid, port)``; ``connect(remote_domid, port)`` looks that up,
 checks it was offered to the connector's domid, allocates the connector's own port and links
@@ -10,7 +10,7 @@ the two objects.  A port is bound at most once.
 
 ``notify()`` sets a flag on the peer object and schedules (once per loop iteration, so
 notifications coalesce) a flush on the peer's event loop, which hands the batch to
-:class:`~aioxen.platform._channel.ChannelCore`.  Closing one end schedules a "peer gone" on the
+:class:`~aioxen.platforms._channel.ChannelCore`.  Closing one end schedules a "peer gone" on the
 other the same way, after any notifications already sent, so nothing sent before the close is
 lost.  Notifying from another thread or loop goes through ``call_soon_threadsafe``.  Notifying
 an unbound port (nobody connected yet) is dropped, as Xen does.
@@ -22,11 +22,11 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from aioxen.errors import PortNotOfferedError
-from aioxen.platform._channel import ChannelCore
-from aioxen.platform.base import check_domid
+from aioxen.platforms._channel import ChannelCore
+from aioxen.platforms.base import check_domid
 
 if TYPE_CHECKING:
-    from aioxen.platform.inheap import InHeapPlatform, InHeapWorld
+    from aioxen.platforms.inheap import InHeapPlatform, InHeapWorld
 
 
 class InHeapEventChannel(ChannelCore):

@@ -6,7 +6,7 @@ Shared memory must really be shared: a write through a mapping is visible throug
 and vice versa, and a mapping may compose any refs, in any order, into one contiguous view.
 ``bytearray`` pages cannot do that without copying, so every share is backed by its own
 anonymous memory file (``os.memfd_create``): the owner's ``buf`` is an ``mmap`` of the whole
-memfd, and a mapping is a :class:`~aioxen.platform._pagemap.ComposedPages` — a reserved
+memfd, and a mapping is a :class:`~aioxen.platforms._pagemap.ComposedPages` — a reserved
 region with each page ``MAP_FIXED`` from its share's memfd, exactly as the ``unix`` platform
 does with files.  Read-only mappings map ``PROT_READ`` and hand out read-only memoryviews.
 
@@ -24,12 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from aioxen.platform._grants_common import ComposedMapping, FileShare, GrantTableBase
-from aioxen.platform._pagemap import MAX_REF, ComposedPages
-from aioxen.platform.base import PAGE_SIZE
+from aioxen.platforms._grants_common import ComposedMapping, FileShare, GrantTableBase
+from aioxen.platforms._pagemap import MAX_REF, ComposedPages
+from aioxen.platforms.base import PAGE_SIZE
 
 if TYPE_CHECKING:
-    from aioxen.platform.inheap import InHeapPlatform, InHeapWorld
+    from aioxen.platforms.inheap import InHeapPlatform, InHeapWorld
 
 FIRST_REF = 8
 """Xen reserves grant refs 0..7 (console, xenstore, ...)."""

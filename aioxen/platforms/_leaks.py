@@ -34,7 +34,7 @@ def assert_no_leaks(what: str, leaks: list[str]) -> None:
 
 
 class LeakChecks:
-    """Mixin for :class:`~aioxen.platform.base.Platform` subclasses whose ``events`` and
+    """Mixin for :class:`~aioxen.platforms.base.Platform` subclasses whose ``events`` and
     ``grants`` list what they have open (``live()``)."""
 
     if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class LeakChecks:
 
 
 class ClosesAllOpened(LeakChecks):
-    """Mixin for :class:`~aioxen.platform.base.Platform` subclasses whose ``events`` and
+    """Mixin for :class:`~aioxen.platforms.base.Platform` subclasses whose ``events`` and
     ``grants`` can close everything opened through them (``close_all()``)."""
 
     if TYPE_CHECKING:

@@ -33,7 +33,7 @@ import os
 from collections.abc import Sequence
 
 from aioxen import native
-from aioxen.platform.base import PAGE_SIZE
+from aioxen.platforms.base import PAGE_SIZE
 
 MAX_REF = 2**32 - 1
 """Grant refs are u32 on the wire."""

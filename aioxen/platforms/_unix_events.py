@@ -31,7 +31,7 @@ After that every notification is one byte (value irrelevant) sent with ``MSG_DON
 the socket buffer is full the peer has plenty of unread notifications already, so dropping the
 byte only coalesces.  The receiving fd is an asyncio reader; each readiness callback does one
 ``recv`` of everything available and reports one batch to
-:class:`~aioxen.platform._channel.ChannelCore`.  EOF — the peer closed, or its process died
+:class:`~aioxen.platforms._channel.ChannelCore`.  EOF — the peer closed, or its process died
 (SIGKILL closes its sockets too) — reports the peer gone, which wakes waiters with
 ``ConnectionResetError`` and calls the handler with ``peer_lost`` true.  A listener that
 ``notify``\\ s before its peer is accepted remembers it and sends one byte on acceptance.
@@ -57,13 +57,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from aioxen.errors import PortNotOfferedError
-from aioxen.platform._channel import ChannelCore
-from aioxen.platform._rootdir import RootPermissionError, describe, open_file
-from aioxen.platform._unix_death import ClearSpec, clear_for_dead_peer, record_path, write_record
-from aioxen.platform.base import check_domid
+from aioxen.platforms._channel import ChannelCore
+from aioxen.platforms._rootdir import RootPermissionError, describe, open_file
+from aioxen.platforms._unix_death import ClearSpec, clear_for_dead_peer, record_path, write_record
+from aioxen.platforms.base import check_domid
 
 if TYPE_CHECKING:
-    from aioxen.platform.unix import UnixPlatform
+    from aioxen.platforms.unix import UnixPlatform
 
 HELLO = struct.Struct("<4sHHI")
 HELLO_MAGIC = b"AXEV"
@@ -229,7 +229,7 @@ class UnixEventChannel(ChannelCore):
         elif self._state is not _State.CLOSED:
             self._deferred_notify = True
 
-    # -- unmap notification on process death (see aioxen.platform._unix_death) ----------
+    # -- unmap notification on process death (see aioxen.platforms._unix_death) ----------
     def add_death_clear(self, spec: ClearSpec) -> int:
         """Record that if this process dies, the peer is to clear the byte ``spec`` names
         (then deliver an event).  Returns a token for :meth:`withdraw_death_clear`."""

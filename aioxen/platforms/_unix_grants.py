@@ -20,20 +20,20 @@ Concurrency: several processes may play one domid and any process may map.  Allo
 revocation hold an exclusive ``flock`` on ``table``; ``map`` holds a shared one while it
 reads the entries *and opens the backing files*, so a ref cannot be revoked between the check
 and the open.  Every record read is validated (flags, page index within the file).
-Every file is opened with :func:`~aioxen.platform._rootdir.open_file` (``O_NOFOLLOW``,
+Every file is opened with :func:`~aioxen.platforms._rootdir.open_file` (``O_NOFOLLOW``,
 regular files only; ``O_EXCL`` for new share files) in directories checked to be private.
 
 ``share`` creates the backing file, writes the entries and ``mmap``\\ s the whole file for the
 owner.  ``share.close()`` clears the entries and unlinks the file: new maps fail with
 ``FileNotFoundError`` while existing mappings keep the (now anonymous) pages alive and valid on
 both sides.  ``map`` opens each distinct backing file (read-only for read-only maps) and
-composes the pages contiguously with :class:`~aioxen.platform._pagemap.ComposedPages`
+composes the pages contiguously with :class:`~aioxen.platforms._pagemap.ComposedPages`
 (``MAP_FIXED`` per page, ``PROT_READ`` for read-only maps).
 
 Unmap notification: a clean ``close`` of a share or writable mapping clears the byte (with
 ``pwrite`` on the backing file, visible through every mapping) and notifies the channel.  If
 the process dies instead, the channel's peer does it on its behalf from a record the process
-kept (:mod:`aioxen.platform._unix_death`, :func:`clear_granted_byte`), as Xen's kernel would.
+kept (:mod:`aioxen.platforms._unix_death`, :func:`clear_granted_byte`), as Xen's kernel would.
 Grants of a dead process stay in the table (with its pid) and its page files stay until the
 root is removed.
 """
@@ -48,14 +48,14 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from aioxen.errors import ProtocolError
-from aioxen.platform._grants_common import ComposedMapping, FileShare, GrantTableBase
-from aioxen.platform._pagemap import ComposedPages
-from aioxen.platform._rootdir import open_file
-from aioxen.platform._unix_events import UnixEventChannel
-from aioxen.platform.base import PAGE_SIZE, EventChannel
+from aioxen.platforms._grants_common import ComposedMapping, FileShare, GrantTableBase
+from aioxen.platforms._pagemap import ComposedPages
+from aioxen.platforms._rootdir import open_file
+from aioxen.platforms._unix_events import UnixEventChannel
+from aioxen.platforms.base import PAGE_SIZE, EventChannel
 
 if TYPE_CHECKING:
-    from aioxen.platform.unix import UnixPlatform
+    from aioxen.platforms.unix import UnixPlatform
 
 HEADER = struct.Struct("<4sHHII")
 HEADER_MAGIC = b"AXGT"
@@ -181,7 +181,7 @@ def _read_refs(tfd: int, refs: Sequence[int]) -> dict[int, bytes]:
 def clear_granted_byte(root: str, granter: int, ref: int, offset: int) -> None:
     """Write 0 at ``offset`` of the page behind grant ``ref`` of domain ``granter``, through
     its share's backing file (the unmap notification a dead process could not perform:
-    :mod:`aioxen.platform._unix_death`).  A revoked ref or a vanished file is skipped."""
+    :mod:`aioxen.platforms._unix_death`).  A revoked ref or a vanished file is skipped."""
     d = os.path.join(root, "grants", str(granter))
     try:
         tfd = open_file(os.path.join(d, TABLE_NAME), os.O_RDONLY)
@@ -211,7 +211,7 @@ def clear_granted_byte(root: str, granter: int, ref: int, offset: int) -> None:
 class _DeathNotify:
     """Mixin of :class:`UnixShare` and :class:`UnixMapping`: keep a byte-clearing unmap
     notification on record with its channel, so that the channel's peer performs it if
-    this process dies (:mod:`aioxen.platform._unix_death`)."""
+    this process dies (:mod:`aioxen.platforms._unix_death`)."""
 
     _refs: list[int]
     _death_channel: UnixEventChannel | None = None

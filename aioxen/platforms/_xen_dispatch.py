@@ -6,10 +6,10 @@ The kernel's evtchn device queues the number of every port that fired (a native 
 *masks* that port from then until user space writes the number back.  One fd serves every
 port a platform object binds, so the port numbers must be fanned out to the channels:
 :class:`PortDispatcher` maps each bound port to a :class:`PortSink` (in practice an
-:class:`~aioxen.platform._channel.ChannelCore`, which owns the coalescing flag, the
+:class:`~aioxen.platforms._channel.ChannelCore`, which owns the coalescing flag, the
 waiters and the handler).
 
-The I/O layer (:mod:`aioxen.platform._xen_events`) reads one port per readiness callback,
+The I/O layer (:mod:`aioxen.platforms._xen_events`) reads one port per readiness callback,
 :meth:`~PortDispatcher.parse`\\ s it, writes the *registered* ports back to unmask them
 (:meth:`~PortDispatcher.encode`), and only then calls :meth:`~PortDispatcher.dispatch`,
 so that an event arriving while the sink runs is queued again rather than lost.  A port
@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from aioxen.platform.xen_abi import EVTCHN_PORT
+from aioxen.platforms.xen_abi import EVTCHN_PORT
 
 
 class PortSink(Protocol):

@@ -6,12 +6,12 @@ A platform object opens the evtchn device once, makes the fd non-blocking (uvloo
 anyway) and watches it with ``loop.add_reader``.  :meth:`XenEventChannels.listen` binds an
 unbound port (``BIND_UNBOUND_PORT``), :meth:`XenEventChannels.connect` binds to a peer's
 (``BIND_INTERDOMAIN``); each bound port is registered with a pure
-:class:`~aioxen.platform._xen_dispatch.PortDispatcher`.
+:class:`~aioxen.platforms._xen_dispatch.PortDispatcher`.
 
 Each readiness callback reads *one* u32 port (``EAGAIN``: a spurious wake-up; the reader is
 level-triggered, so remaining ports call again), writes it straight back — the kernel keeps a
 port masked from the moment it fires until it is written back — and then dispatches it to
-its :class:`XenEventChannel`, whose :class:`~aioxen.platform._channel.ChannelCore` sets the
+its :class:`XenEventChannel`, whose :class:`~aioxen.platforms._channel.ChannelCore` sets the
 coalescing flag and wakes ``wait()`` or calls the handler.  ``EFBIG`` (the kernel's port ring
 overflowed) is answered with ``IOCTL_EVTCHN_RESET``, an unmask of every bound port (ports
 whose entries were lost would otherwise stay masked for ever) and one batch for every
@@ -38,11 +38,11 @@ import errno
 import os
 from collections.abc import Callable
 
-from aioxen.platform import xen_abi as abi
-from aioxen.platform._channel import ChannelCore
-from aioxen.platform._xen_device import Device
-from aioxen.platform._xen_dispatch import PortDispatcher
-from aioxen.platform.base import DOMID_SELF, check_domid
+from aioxen.platforms import xen_abi as abi
+from aioxen.platforms._channel import ChannelCore
+from aioxen.platforms._xen_device import Device
+from aioxen.platforms._xen_dispatch import PortDispatcher
+from aioxen.platforms.base import DOMID_SELF, check_domid
 
 
 class XenEventChannel(ChannelCore):

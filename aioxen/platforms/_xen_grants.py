@@ -35,11 +35,11 @@ import weakref
 from typing import ClassVar
 
 from aioxen import native
-from aioxen.platform import xen_abi as abi
-from aioxen.platform._grants_common import GrantTableBase, OwnedPages
-from aioxen.platform._xen_device import Device
-from aioxen.platform._xen_events import XenEventChannel
-from aioxen.platform.base import PAGE_SIZE, EventChannel
+from aioxen.platforms import xen_abi as abi
+from aioxen.platforms._grants_common import GrantTableBase, OwnedPages
+from aioxen.platforms._xen_device import Device
+from aioxen.platforms._xen_events import XenEventChannel
+from aioxen.platforms.base import PAGE_SIZE, EventChannel
 
 
 def _notify_args(

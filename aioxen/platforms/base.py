@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 if TYPE_CHECKING:
     from aioxen.xenstore.client import XenStoreClient
 
-logger = logging.getLogger("aioxen.platform")
+logger = logging.getLogger("aioxen.platforms")
 
 DEFAULT_CLOSE_TIMEOUT = 10.0
 """Seconds a closing platform gives its users to finish (:attr:`Platform.close_timeout`)."""

@@ -9,9 +9,9 @@ objects may play the same domid.  By default all platforms of a process share on
 (:func:`default_world`); tests pass a fresh ``InHeapWorld()`` for isolation and call
 :meth:`InHeapWorld.assert_cleaned_up` to prove nothing leaked.
 
-* Event channels (:mod:`aioxen.platform._inheap_events`): int ports per domain, linked Python
+* Event channels (:mod:`aioxen.platforms._inheap_events`): int ports per domain, linked Python
   objects, notifications scheduled on the receiving channel's event loop.
-* Grants (:mod:`aioxen.platform._inheap_grants`): every share is a memfd, mappings compose
+* Grants (:mod:`aioxen.platforms._inheap_grants`): every share is a memfd, mappings compose
   pages with ``MAP_FIXED`` so memory is truly shared, with grantee and read-only checks.
 
 Nothing here needs a file system or another process; it is the fastest platform and the one
@@ -23,16 +23,16 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from aioxen.platform._inheap_events import InHeapEventChannel, InHeapEventChannels
-from aioxen.platform._inheap_grants import (
+from aioxen.platforms._inheap_events import InHeapEventChannel, InHeapEventChannels
+from aioxen.platforms._inheap_grants import (
     InHeapGrantTable,
     InHeapMapping,
     InHeapShare,
     _Grant,
     _RefAllocator,
 )
-from aioxen.platform._leaks import ClosesAllOpened, assert_no_leaks
-from aioxen.platform.base import Platform
+from aioxen.platforms._leaks import ClosesAllOpened, assert_no_leaks
+from aioxen.platforms.base import Platform
 
 if TYPE_CHECKING:
     from aioxen.xenstore.client import XenStoreClient

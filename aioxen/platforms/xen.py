@@ -4,13 +4,13 @@ Theory of operation
 -------------------
 This module only assembles the pieces; each has its own module and docstring:
 
-* events — :mod:`aioxen.platform._xen_events`: one ``/dev/xen/evtchn`` fd per platform
+* events — :mod:`aioxen.platforms._xen_events`: one ``/dev/xen/evtchn`` fd per platform
   object, watched with ``loop.add_reader``; one port read, unmasked and dispatched per
-  wake-up (:mod:`aioxen.platform._xen_dispatch`); ``EFBIG`` overflow handled with
+  wake-up (:mod:`aioxen.platforms._xen_dispatch`); ``EFBIG`` overflow handled with
   ``IOCTL_EVTCHN_RESET``.
-* grants — :mod:`aioxen.platform._xen_grants`: ``/dev/xen/gntalloc`` to share,
+* grants — :mod:`aioxen.platforms._xen_grants`: ``/dev/xen/gntalloc`` to share,
   ``/dev/xen/gntdev`` to map, ``mmap`` of the offsets the ioctls return, unmap notifies.
-* ABI — :mod:`aioxen.platform.xen_abi`: every ioctl number and struct layout, checked
+* ABI — :mod:`aioxen.platforms.xen_abi`: every ioctl number and struct layout, checked
   against ``libxen-dev``'s headers by ``tests/test_xen_abi.py``.
 
 **Peer loss on Xen** is not reported by the hypervisor: a dead peer's interdomain port just
@@ -21,7 +21,7 @@ when the evtchn device itself reports an error.
 **Own domid.**  ``XenPlatform(domid=N)`` states it.  Without it :meth:`XenPlatform.open`
 learns it (:meth:`XenPlatform._discover_domid`): 0 when ``/proc/xen/capabilities`` says
 ``control_d`` (dom0), otherwise the relative XenStore key ``domid`` read through
-:attr:`~aioxen.platform.base.Platform.store`.  Until then :attr:`XenPlatform.domid` raises.
+:attr:`~aioxen.platforms.base.Platform.store`.  Until then :attr:`XenPlatform.domid` raises.
 
 Opening needs ``/dev/xen/evtchn``; without it :meth:`XenPlatform.open` raises
 ``FileNotFoundError`` naming the device.  gntalloc and gntdev are opened on first use.
@@ -34,10 +34,10 @@ import os
 from typing import TYPE_CHECKING
 
 from aioxen.errors import PlatformError
-from aioxen.platform._leaks import LeakChecks
-from aioxen.platform._xen_events import XenEventChannel, XenEventChannels
-from aioxen.platform._xen_grants import XenGrantTable, XenMapping, XenShare
-from aioxen.platform.base import Platform, check_domid
+from aioxen.platforms._leaks import LeakChecks
+from aioxen.platforms._xen_events import XenEventChannel, XenEventChannels
+from aioxen.platforms._xen_grants import XenGrantTable, XenMapping, XenShare
+from aioxen.platforms.base import Platform, check_domid
 
 if TYPE_CHECKING:
     from aioxen.xenstore.client import XenStoreClient
@@ -137,7 +137,7 @@ class XenPlatform(LeakChecks, Platform):
     def _create_store(self) -> XenStoreClient:
         """Xen's own rule (libxenstore): the xenstored socket if it exists (dom0 running
         xenstored), else the kernel's ``/dev/xen/xenbus``."""
-        from aioxen.platform._rootdir import check_socket
+        from aioxen.platforms._rootdir import check_socket
         from aioxen.xenstore.client import XenStoreClient
         from aioxen.xenstore.transport import default_socket_path
 

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 This module is pure data plus packing helpers: no file descriptors, no syscalls.  The
-``xen`` platform (:mod:`aioxen.platform.xen`) builds each ioctl argument as a
+``xen`` platform (:mod:`aioxen.platforms.xen`) builds each ioctl argument as a
 ``bytearray`` with the :class:`struct.Struct` objects defined here, passes it to
 :func:`aioxen.native.ioctl` (which lets the kernel write back into it), and unpacks the
 result with the same objects.

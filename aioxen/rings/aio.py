@@ -47,7 +47,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from typing import Any, Generic, Self, TypeVar, cast
 
 from aioxen.errors import ProtocolError
-from aioxen.platform.base import EventChannel, Mapping, Platform, Share
+from aioxen.platforms.base import EventChannel, Mapping, Platform, Share
 from aioxen.rings.formats import EntryFormat, batch_codec
 from aioxen.rings.rpc import BackRing, FrontRing, _Ring, ring_pages
 

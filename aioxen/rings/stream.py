@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aioxen.errors import ProtocolError
-from aioxen.platform.base import EventChannel
+from aioxen.platforms.base import EventChannel
 from aioxen.rings.byte import ByteRing
 
 HIGH_WATER = 64 * 1024

@@ -53,7 +53,7 @@ from typing import Any
 
 from aioxen.errors import ProtocolError
 from aioxen.ownership import Owner, ResourceBusy, claim_in, forget, release_key
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 
 logger = logging.getLogger("aioxen.vchan")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aioxen.platform.base import Platform, check_domid
+from aioxen.platforms.base import Platform, check_domid
 from aioxen.vchan import advertise
 from aioxen.vchan.endpoint import (
     Connection,

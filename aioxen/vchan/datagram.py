@@ -33,8 +33,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from aioxen.errors import ProtocolError
-from aioxen.platform import resolve
-from aioxen.platform.base import Platform
+from aioxen.platforms import resolve
+from aioxen.platforms.base import Platform
 from aioxen.vchan.client import DEFAULT_CONNECT_TIMEOUT, connect_client
 from aioxen.vchan.endpoint import DEFAULT_SIZE, Connection
 from aioxen.vchan.protocols import start_transport

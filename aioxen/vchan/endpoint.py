@@ -1,4 +1,4 @@
-"""Setting up a vchan over any :class:`~aioxen.platform.base.Platform`.
+"""Setting up a vchan over any :class:`~aioxen.platforms.base.Platform`.
 
 Theory of operation
 -------------------
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from aioxen.errors import PlatformError, ProtocolError
 from aioxen.native import SharedBuffer
-from aioxen.platform.base import (
+from aioxen.platforms.base import (
     PAGE_SIZE,
     EventChannel,
     Mapping,

@@ -8,11 +8,11 @@ The same shape as :meth:`asyncio.loop.create_connection` / ``create_server``, wi
 live; the server side (:func:`create_server`) shares pages and re-advertises after each
 client (:class:`~aioxen.vchan.server.VchanServer`).  ``connection_made`` is scheduled
 with ``call_soon`` like every asyncio transport, and ``create_connection`` returns after it
-ran.  ``platform=None`` means ``await aioxen.platform.resolve(None)`` (the loop's default
+ran.  ``platform=None`` means ``await aioxen.platforms.resolve(None)`` (the loop's default
 platform).
 A server still serving when its platform closes is closed by the platform first (its
 waiting endpoint pins shared pages): :class:`_EndsWithPlatform`, a
-:class:`~aioxen.platform.base.PlatformUser` that holds the server weakly.
+:class:`~aioxen.platforms.base.PlatformUser` that holds the server weakly.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
-from aioxen.platform import resolve
-from aioxen.platform.base import Platform
+from aioxen.platforms import resolve
+from aioxen.platforms.base import Platform
 from aioxen.vchan.client import DEFAULT_CONNECT_TIMEOUT, connect_client
 from aioxen.vchan.endpoint import DEFAULT_SIZE, Connection
 from aioxen.vchan.server import DEFAULT_HANDSHAKE_TIMEOUT, VchanServer, abandon

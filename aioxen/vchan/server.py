@@ -53,7 +53,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aioxen.errors import ProtocolError
-from aioxen.platform.base import Platform, check_domid
+from aioxen.platforms.base import Platform, check_domid
 from aioxen.vchan import advertise
 from aioxen.vchan.endpoint import (
     DEFAULT_SIZE,

@@ -16,8 +16,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from aioxen.platform import resolve
-from aioxen.platform.base import Platform
+from aioxen.platforms import resolve
+from aioxen.platforms.base import Platform
 from aioxen.vchan.client import DEFAULT_CONNECT_TIMEOUT
 from aioxen.vchan.endpoint import DEFAULT_SIZE
 from aioxen.vchan.protocols import create_connection, create_server, start_transport

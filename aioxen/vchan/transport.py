@@ -81,7 +81,7 @@ reader raises it) instead of ``eof_received()``.  (A libxenvchan peer announces 
 its close stays an EOF.)
 
 Closing the platform under a live transport.  Each transport registers with its platform
-(:meth:`~aioxen.platform.base.Platform.end_users`): when the platform closes, a transport
+(:meth:`~aioxen.platforms.base.Platform.end_users`): when the platform closes, a transport
 whose ``close()`` was called but whose queued bytes are not all in the ring yet gets up to
 the platform's ``close_timeout`` to flush them (the peer must read); a transport that was
 never closed, or whose flush does not finish in time, is aborted -- the peer sees
@@ -826,7 +826,7 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
         self._maybe_release()
 
     async def platform_closing(self, timeout: float) -> None:
-        """The platform is closing (:meth:`~aioxen.platform.base.Platform.end_users`):
+        """The platform is closing (:meth:`~aioxen.platforms.base.Platform.end_users`):
         give a ``close()`` in progress up to ``timeout`` seconds to move its queued bytes
         into the ring (the peer must read them), then abort whatever is still open, so the
         peer sees ``ConnectionResetError`` rather than a short stream and a clean EOF."""

@@ -72,7 +72,7 @@ from typing import Any, Final
 
 from aioxen.errors import ProtocolError
 from aioxen.native import Buffer, SharedBuffer, ffi, lib
-from aioxen.platform.base import PAGE_SIZE
+from aioxen.platforms.base import PAGE_SIZE
 
 # -- layout -------------------------------------------------------------------------------
 LEFT_CONS: Final = 0

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from aioxen.platform import resolve
+from aioxen.platforms import resolve
 from aioxen.xenbus.toolstack import add_device, list_devices, remove_device
 
 

@@ -63,7 +63,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from aioxen.errors import ProtocolError
-from aioxen.platform.base import Platform, check_domid
+from aioxen.platforms.base import Platform, check_domid
 from aioxen.xenbus.claim import Claim
 from aioxen.xenbus.state import (
     Action,

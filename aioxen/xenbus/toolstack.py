@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aioxen.errors import ProtocolError
-from aioxen.platform.base import check_domid
+from aioxen.platforms.base import check_domid
 from aioxen.xenbus.claim import OWNER_KEY, Claim, DeviceInUse, holder_alive, read_holder
 from aioxen.xenbus.driver import backend_dir, frontend_dir, read_int, read_opt
 from aioxen.xenbus.state import XenbusState, parse_state

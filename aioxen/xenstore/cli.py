@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aioxen.errors import ProtocolError
-from aioxen.platform._rootdir import (
+from aioxen.platforms._rootdir import (
     RootPermissionError,
     check_socket,
     describe,

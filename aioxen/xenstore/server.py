@@ -130,7 +130,7 @@ class XenStoreServer:
         import errno
         import stat
 
-        from aioxen.platform._rootdir import RootPermissionError, describe, ensure_private_dir
+        from aioxen.platforms._rootdir import RootPermissionError, describe, ensure_private_dir
 
         path = self.socket_path
         # Whoever can reach the socket is dom0, so its directory is the trust boundary: a

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from aioxen import bridge, vchan
-from aioxen.platform.inheap import InHeapPlatform, InHeapWorld
+from aioxen.platforms.inheap import InHeapPlatform, InHeapWorld
 
 SERVICE, CLIENT = 0, 2
 KiB, MiB = 1024, 1024 * 1024

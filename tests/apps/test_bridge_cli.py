@@ -13,7 +13,7 @@ import pytest
 from apps_harness import AIOXEN, random_file, sha256_file
 from support.xenstored import XenstoredProcess
 
-from aioxen.platform.unix import root_leaks
+from aioxen.platforms.unix import root_leaks
 
 pytestmark = pytest.mark.crossprocess
 

@@ -22,7 +22,7 @@ import pytest
 from apps_harness import AIOXEN
 from support.xenstored import XenstoredProcess
 
-from aioxen.platform.unix import root_leaks
+from aioxen.platforms.unix import root_leaks
 
 pytestmark = pytest.mark.crossprocess
 

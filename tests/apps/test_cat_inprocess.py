@@ -18,7 +18,7 @@ import pytest
 from aioxen import vchan
 from aioxen.apps.cat import CatOptions, run_cat
 from aioxen.apps.stdio import FILE, PIPE, SOCKET, fd_kind
-from aioxen.platform.inheap import InHeapPlatform, InHeapWorld
+from aioxen.platforms.inheap import InHeapPlatform, InHeapWorld
 
 SERVICE, CLIENT = 0, 2
 MiB = 1024 * 1024

@@ -13,7 +13,7 @@ from aioxen.blk.back import BackendConfig, RingServer, limits_for
 from aioxen.blk.blkif import request_format, response_format
 from aioxen.blk.front import BackendInfo, BlkFront, FrontendConfig
 from aioxen.blk.source import BlockSource
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 from aioxen.rings.aio import AsyncBackRing
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from aioxen.blk import blkif as B
 from aioxen.blk.back import BackendConfig, RingServer, limits_for
 from aioxen.blk.source import MemorySource
-from aioxen.platform.base import Share
+from aioxen.platforms.base import Share
 from aioxen.rings.aio import AsyncBackRing, AsyncFrontRing
 
 ABI = B.ABI_X86_64

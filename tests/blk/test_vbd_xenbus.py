@@ -18,7 +18,7 @@ from aioxen.blk.front import FrontendConfig
 from aioxen.blk.source import MemorySource
 from aioxen.blk.vbd import Blkback, FrontQueue, open_blkfront, parse_vdev, read_frontend_keys
 from aioxen.errors import ProtocolError
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 from aioxen.xenbus import XenbusState, backend_device
 from aioxen.xenbus.toolstack import add_device
 

@@ -18,7 +18,7 @@ from test_front_api import Proto, until
 import aioxen
 from aioxen.bench.harness import end_process
 from aioxen.net.front import create_frontend
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 
 pytestmark = [pytest.mark.crossprocess, pytest.mark.timeout(120)]
 PEER = str(Path(__file__).with_name("net_peer.py"))

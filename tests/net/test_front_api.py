@@ -17,8 +17,8 @@ from aioxen.net.front import NetfrontTransport, create_frontend
 from aioxen.net.netif import PLAIN, FrameInfo
 from aioxen.net.offload import fill_checksum
 from aioxen.net.switch import LearningSwitch
-from aioxen.platform.base import Platform
-from aioxen.platform.inheap import InHeapPlatform, InHeapWorld
+from aioxen.platforms.base import Platform
+from aioxen.platforms.inheap import InHeapPlatform, InHeapWorld
 
 
 class Proto(asyncio.DatagramProtocol):

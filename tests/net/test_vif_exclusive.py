@@ -25,7 +25,7 @@ import aioxen
 from aioxen.bench.harness import end_process
 from aioxen.net.front import create_frontend
 from aioxen.ownership import Owner
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 from aioxen.xenbus.claim import OWNER_KEY, DeviceInUse
 
 pytestmark = [pytest.mark.crossprocess, pytest.mark.timeout(120)]

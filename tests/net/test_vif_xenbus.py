@@ -19,7 +19,7 @@ from aioxen.net.back import Netback, Vif, create_vif_device, destroy_vif_device,
 from aioxen.net.front import create_frontend
 from aioxen.net.keys import BackendFeatures, FrontendFeatures, default_mac, mac_text
 from aioxen.net.netif import PLAIN, FrameInfo
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 from aioxen.xenbus import XenbusState, list_devices, remove_device
 from aioxen.xenbus.driver import backend_dir, frontend_dir
 

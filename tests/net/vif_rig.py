@@ -14,7 +14,7 @@ from aioxen.net.back import Vif, attach_vif
 from aioxen.net.front import RX_REQ_FMT, RX_RSP_FMT, TX_REQ_FMT, TX_RSP_FMT, FrontQueue
 from aioxen.net.keys import BackendFeatures, FrontendFeatures
 from aioxen.net.netif import FrameInfo
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 from aioxen.rings.rpc import BackRing, FrontRing
 
 START = 2**32 - 7

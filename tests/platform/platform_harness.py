@@ -15,7 +15,7 @@ from typing import Protocol, TypeVar
 
 import pytest
 
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 
 
 class Harness(Protocol):
@@ -117,12 +117,12 @@ class InHeapHarness(_Base):
 
     def __init__(self, tmp_path: Path) -> None:
         super().__init__()
-        from aioxen.platform.inheap import InHeapWorld
+        from aioxen.platforms.inheap import InHeapWorld
 
         self.world = InHeapWorld()
 
     async def platform(self, domid: int) -> Platform:
-        from aioxen.platform.inheap import InHeapPlatform
+        from aioxen.platforms.inheap import InHeapPlatform
 
         p = InHeapPlatform(domid=domid, world=self.world)
         await p.open()
@@ -141,7 +141,7 @@ class UnixHarness(_Base):
         self.root = tmp_path / "xenroot"
 
     async def platform(self, domid: int) -> Platform:
-        from aioxen.platform.unix import UnixPlatform
+        from aioxen.platforms.unix import UnixPlatform
 
         p = UnixPlatform(domid=domid, root=str(self.root))
         await p.open()
@@ -149,7 +149,7 @@ class UnixHarness(_Base):
         return p
 
     def world_leaks(self) -> list[str]:
-        from aioxen.platform.unix import root_leaks
+        from aioxen.platforms.unix import root_leaks
 
         return root_leaks(str(self.root))
 
@@ -166,7 +166,7 @@ class XenHarness(_Base):
         super().__init__()
 
     async def platform(self, domid: int) -> Platform:
-        from aioxen.platform.xen import XenPlatform
+        from aioxen.platforms.xen import XenPlatform
 
         p = XenPlatform(domid=domid)
         await p.open()

@@ -12,7 +12,7 @@ import pytest
 from platform_harness import Harness
 
 from aioxen import PAGE_SIZE, native
-from aioxen.platform.xen import XenPlatform
+from aioxen.platforms.xen import XenPlatform
 
 A, B = 1, 2
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aioxen import PAGE_SIZE, Platform
-from aioxen.platform.inheap import InHeapPlatform, InHeapWorld
-from aioxen.platform.unix import UnixPlatform, root_leaks
+from aioxen.platforms.inheap import InHeapPlatform, InHeapWorld
+from aioxen.platforms.unix import UnixPlatform, root_leaks
 
 
 @contextmanager

@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 from support.unix_user import OtherUser, can_create_users, other_user
 
-from aioxen.platform._rootdir import RootPermissionError, check_socket, replace_file
-from aioxen.platform.unix import UnixPlatform
-from aioxen.platform.xen import XenPlatform
+from aioxen.platforms._rootdir import RootPermissionError, check_socket, replace_file
+from aioxen.platforms.unix import UnixPlatform
+from aioxen.platforms.xen import XenPlatform
 
 pytestmark = pytest.mark.crossprocess
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import aioxen
-from aioxen.platform.inheap import InHeapPlatform, InHeapWorld, default_world
+from aioxen.platforms.inheap import InHeapPlatform, InHeapWorld, default_world
 
 
 def test_dispatch_and_default_world() -> None:

@@ -21,7 +21,7 @@ import pytest
 from platform_harness import Harness, needs_distinct_domains, needs_peer_loss_reports
 
 from aioxen import PAGE_SIZE, native
-from aioxen.platform.base import (
+from aioxen.platforms.base import (
     EventChannel,
     EventChannels,
     GrantTable,

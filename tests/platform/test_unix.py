@@ -12,9 +12,9 @@ import pytest
 
 import aioxen
 from aioxen import PAGE_SIZE, PlatformError, ProtocolError
-from aioxen.platform._unix_events import HELLO, HELLO_MAGIC, HELLO_VERSION
-from aioxen.platform._unix_grants import ENTRY, F_IN_USE, read_entries
-from aioxen.platform.unix import UnixPlatform, root_leaks
+from aioxen.platforms._unix_events import HELLO, HELLO_MAGIC, HELLO_VERSION
+from aioxen.platforms._unix_grants import ENTRY, F_IN_USE, read_entries
+from aioxen.platforms.unix import UnixPlatform, root_leaks
 
 
 def mode(path: Path | str) -> int:

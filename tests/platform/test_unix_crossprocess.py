@@ -11,7 +11,7 @@ import pytest
 from peer_process import PeerError, PeerProcess
 
 from aioxen import PAGE_SIZE
-from aioxen.platform.unix import UnixPlatform, root_leaks
+from aioxen.platforms.unix import UnixPlatform, root_leaks
 
 pytestmark = pytest.mark.crossprocess
 

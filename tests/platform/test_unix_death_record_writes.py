@@ -1,5 +1,5 @@
 """How the ``unix`` platform writes death-notification records
-(``aioxen.platform._unix_death.write_record``): the first record is created in place, later
+(``aioxen.platforms._unix_death.write_record``): the first record is created in place, later
 changes replace it atomically, and a record cut short (a writer caught mid-write) never
 yields more -- or other -- specs than were fully written."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aioxen.platform._unix_death import read_record, record_path, write_record
+from aioxen.platforms._unix_death import read_record, record_path, write_record
 
 
 def test_first_record_is_created_in_place_then_replaced_and_removed(tmp_path: Path) -> None:

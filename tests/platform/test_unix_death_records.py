@@ -1,4 +1,4 @@
-"""The death-notification records of the ``unix`` platform (``aioxen.platform._unix_death``):
+"""The death-notification records of the ``unix`` platform (``aioxen.platforms._unix_death``):
 what a survivor does with a record it finds, including records it must not trust."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aioxen import PAGE_SIZE
-from aioxen.platform._unix_death import (
+from aioxen.platforms._unix_death import (
     clear_for_dead_peer,
     read_record,
     record_path,
     write_record,
 )
-from aioxen.platform.unix import UnixPlatform
+from aioxen.platforms.unix import UnixPlatform
 
 
 def test_write_read_roundtrip_and_empty_removes(tmp_path: Path) -> None:

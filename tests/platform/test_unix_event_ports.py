@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from aioxen.platform._unix_events import allocate_port
-from aioxen.platform.unix import UnixPlatform
+from aioxen.platforms._unix_events import allocate_port
+from aioxen.platforms.unix import UnixPlatform
 
 T = 10.0
 
@@ -25,7 +25,7 @@ async def test_ports_unique_across_objects_and_processes(tmp_path: Path) -> None
         d = str(tmp_path / "evtchn" / "1")
         ports.append(allocate_port(d))
         code = (
-            "import sys; from aioxen.platform._unix_events import allocate_port as a; "
+            "import sys; from aioxen.platforms._unix_events import allocate_port as a; "
             "print(' '.join(str(a(sys.argv[1])) for _ in range(5)))"
         )
         out = subprocess.run(

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aioxen import PAGE_SIZE
-from aioxen.platform._unix_grants import (
+from aioxen.platforms._unix_grants import (
     ENTRY,
     ENTRY_SIZE,
     F_IN_USE,
@@ -33,7 +33,7 @@ from aioxen.platform._unix_grants import (
     read_entries,
     ref_runs,
 )
-from aioxen.platform.unix import UnixPlatform
+from aioxen.platforms.unix import UnixPlatform
 
 
 def reference_free_refs(table: bytes, npages: int) -> list[int]:

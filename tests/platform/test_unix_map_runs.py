@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from aioxen import PAGE_SIZE
-from aioxen.platform.unix import UnixPlatform
+from aioxen.platforms.unix import UnixPlatform
 
 
 async def test_run_maps_the_granted_pages_in_order(tmp_path: Path) -> None:
@@ -62,7 +62,7 @@ async def test_run_with_a_bad_entry_raises_the_precise_error(tmp_path: Path) -> 
 async def test_revoke_frees_only_entries_still_owned_by_the_share(tmp_path: Path) -> None:
     import os
 
-    from aioxen.platform._unix_grants import ENTRY, ENTRY_SIZE, TABLE_NAME, read_entries
+    from aioxen.platforms._unix_grants import ENTRY, ENTRY_SIZE, TABLE_NAME, read_entries
 
     async with UnixPlatform(1, tmp_path) as a:
         keep = a.grants.share(2, 3)

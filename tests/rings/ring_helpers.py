@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aioxen.platform.base import EventChannel
+from aioxen.platforms.base import EventChannel
 from aioxen.rings import formats as F
 from aioxen.rings.aio import AsyncBackRing, AsyncFrontRing
 from aioxen.rings.rpc import BackRing, FrontRing

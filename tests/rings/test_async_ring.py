@@ -23,7 +23,7 @@ from ring_helpers import (
 )
 
 from aioxen import ProtocolError
-from aioxen.platform.inheap import InHeapPlatform, InHeapWorld
+from aioxen.platforms.inheap import InHeapPlatform, InHeapWorld
 from aioxen.rings import formats as F
 from aioxen.rings.aio import AsyncBackRing, AsyncFrontRing, RingShutdown
 from aioxen.rings.rpc import REQ_PROD, RSP_PROD, BackRing, FrontRing

@@ -24,7 +24,7 @@ from ring_helpers import (
     until,
 )
 
-from aioxen.platform.inheap import InHeapPlatform, InHeapWorld
+from aioxen.platforms.inheap import InHeapPlatform, InHeapWorld
 from aioxen.rings import formats as F
 from aioxen.rings.aio import AsyncBackRing, AsyncFrontRing, RingShutdown
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from aioxen import native
-from aioxen.platform._channel import ChannelCore
-from aioxen.platform.base import PAGE_SIZE, EventChannel, Platform
+from aioxen.platforms._channel import ChannelCore
+from aioxen.platforms.base import PAGE_SIZE, EventChannel, Platform
 
 
 class ShimChannel(ChannelCore):

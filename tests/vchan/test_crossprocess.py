@@ -20,7 +20,7 @@ from vchan_harness import StoreWired, Xenstored
 from vchan_peer import BLOCK, pattern_block
 
 from aioxen import vchan
-from aioxen.platform.unix import UnixPlatform
+from aioxen.platforms.unix import UnixPlatform
 from aioxen.xenstore import XenStoreClient
 
 HERE = Path(__file__).resolve().parent

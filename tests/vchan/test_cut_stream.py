@@ -22,8 +22,8 @@ from cut_peer import pattern
 from vchan_harness import Xenstored
 
 from aioxen import vchan
-from aioxen.platform.inheap import InHeapPlatform, InHeapWorld
-from aioxen.platform.unix import UnixPlatform
+from aioxen.platforms.inheap import InHeapPlatform, InHeapWorld
+from aioxen.platforms.unix import UnixPlatform
 
 HERE = Path(__file__).resolve().parent
 READER, WRITER = 10, 3

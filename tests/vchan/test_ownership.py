@@ -25,8 +25,8 @@ from vchan_harness import StoreWired, World, Xenstored, echo
 from aioxen import vchan
 from aioxen.native import SharedBuffer
 from aioxen.ownership import ResourceBusy
-from aioxen.platform.base import EventChannel, Mapping, Platform
-from aioxen.platform.unix import UnixPlatform
+from aioxen.platforms.base import EventChannel, Mapping, Platform
+from aioxen.platforms.unix import UnixPlatform
 from aioxen.vchan import advertise, wire
 from aioxen.vchan.endpoint import RETIRED, PendingServer, vchan_path
 from aioxen.xenstore import XenStoreClient

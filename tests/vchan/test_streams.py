@@ -9,7 +9,7 @@ import pytest
 from vchan_harness import World, echo
 
 from aioxen import vchan
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 
 SERVER, CLIENT = 1, 2
 pytestmark = pytest.mark.timeout(60)
@@ -323,7 +323,7 @@ async def test_accept_timeout_withdraws(world: World) -> None:
 async def test_platform_none_uses_the_default_platform(monkeypatch: pytest.MonkeyPatch) -> None:
     """``platform=None``: the loop's default platform, chosen from the environment."""
     import aioxen
-    from aioxen.platform.inheap import default_world
+    from aioxen.platforms.inheap import default_world
 
     world = default_world()  # what aioxen.platform("inheap") uses without world=
     monkeypatch.setenv("AIOXEN_PLATFORM", "inheap")

@@ -14,7 +14,7 @@ from typing import Any
 
 from support.xenstored import Xenstored
 
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 from aioxen.vchan.endpoint import Connection
 from aioxen.vchan.transport import VchanTransport
 from aioxen.xenstore import XenStoreClient
@@ -103,13 +103,13 @@ class InHeapWorld(World):
 
     def __init__(self) -> None:
         super().__init__()
-        from aioxen.platform.inheap import InHeapWorld as _World
+        from aioxen.platforms.inheap import InHeapWorld as _World
 
         self.world = _World()
         self.engine = Engine(Quotas())
 
     async def platform(self, domid: int) -> StoreWired:
-        from aioxen.platform.inheap import InHeapPlatform
+        from aioxen.platforms.inheap import InHeapPlatform
 
         inner = InHeapPlatform(domid=domid, world=self.world)
         p = StoreWired(inner, XenStoreClient.in_process(self.engine, domid, timeout=10))
@@ -136,7 +136,7 @@ class UnixWorld(World):
         self.xenstored = xenstored
 
     async def platform(self, domid: int) -> StoreWired:
-        from aioxen.platform.unix import UnixPlatform
+        from aioxen.platforms.unix import UnixPlatform
 
         inner = UnixPlatform(domid=domid, root=str(self.xenstored.root))
         store = XenStoreClient.for_unix_socket(self.xenstored.socket, domid, timeout=10)
@@ -146,7 +146,7 @@ class UnixWorld(World):
         return p
 
     def world_leaks(self) -> list[str]:
-        from aioxen.platform.unix import root_leaks
+        from aioxen.platforms.unix import root_leaks
 
         return list(root_leaks(str(self.xenstored.root)))
 

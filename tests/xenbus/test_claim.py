@@ -17,7 +17,7 @@ import pytest
 from xenbus_world import World
 
 from aioxen.ownership import Owner
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 from aioxen.xenbus import BackendDriver, DeviceRunner, XenbusDevice, XenbusState, backend_device
 from aioxen.xenbus.claim import OWNER_KEY, Claim, DeviceInUse, holder_alive
 from aioxen.xenbus.toolstack import add_device, remove_device

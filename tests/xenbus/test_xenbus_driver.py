@@ -12,7 +12,7 @@ from typing import NamedTuple
 import pytest
 from xenbus_world import World, eventually
 
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 from aioxen.rings.aio import AsyncBackRing, AsyncFrontRing
 from aioxen.rings.formats import StructFormat
 from aioxen.xenbus import (

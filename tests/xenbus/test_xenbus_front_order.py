@@ -21,7 +21,7 @@ from test_xenbus_driver import (
 )
 from xenbus_world import World, eventually
 
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 from aioxen.rings.aio import AsyncFrontRing
 from aioxen.xenbus import DeviceRunner, XenbusDevice, XenbusState, backend_device, frontend_device
 

@@ -12,7 +12,7 @@ import pytest
 from xenbus_world import World, eventually
 
 from aioxen.errors import ProtocolError
-from aioxen.platform.base import Platform, Share
+from aioxen.platforms.base import Platform, Share
 from aioxen.xenbus import (
     BackendDriver,
     DeviceRunner,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from support.xenstored import XenstoredProcess
 
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 
 _ids = itertools.count(1)
 
@@ -54,12 +54,12 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[World]:
     n = next(_ids)
     w: World
     if request.param == "inheap":
-        from aioxen.platform.inheap import InHeapPlatform, InHeapWorld
+        from aioxen.platforms.inheap import InHeapPlatform, InHeapWorld
 
         hv = InHeapWorld()
         w = World("inheap", lambda d: InHeapPlatform(domid=d, world=hv), 10 + 10 * n)
     else:
-        from aioxen.platform.unix import UnixPlatform
+        from aioxen.platforms.unix import UnixPlatform
 
         server: XenstoredProcess = request.getfixturevalue("xenstored_proc")
         root = server.root

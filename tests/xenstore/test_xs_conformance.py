@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 from support.xenstored import Xenstored
 
-from aioxen.platform.base import Platform
+from aioxen.platforms.base import Platform
 from aioxen.xenstore import (
     Perm,
     TransactionConflict,
@@ -54,7 +54,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     platforms: list[Platform] = []
     make_platform: Callable[[int], Platform]
     if request.param == "inheap":
-        from aioxen.platform.inheap import InHeapPlatform, InHeapWorld
+        from aioxen.platforms.inheap import InHeapPlatform, InHeapWorld
 
         world = InHeapWorld()
 
@@ -62,7 +62,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
             return InHeapPlatform(domid=domid, world=world)
 
     else:
-        from aioxen.platform.unix import UnixPlatform
+        from aioxen.platforms.unix import UnixPlatform
 
         server: Xenstored = request.getfixturevalue("xenstored")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aioxen.platform.xen import XenPlatform
+from aioxen.platforms.xen import XenPlatform
 
 IN_GUEST = bool(os.environ.get("AIOXEN_XENLAB_GUEST"))
 

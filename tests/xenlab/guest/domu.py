@@ -280,7 +280,7 @@ def _ring_indices(domid: int, refs: dict[str, int]) -> str:
     import asyncio
     import struct
 
-    from aioxen.platform.xen import XenPlatform
+    from aioxen.platforms.xen import XenPlatform
 
     async def peek() -> str:
         lines = []

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 import aioxen
-from aioxen.platform.xen import XenEventChannel, XenPlatform
+from aioxen.platforms.xen import XenEventChannel, XenPlatform
 
 HANG = 20.0  # hang guard only
 

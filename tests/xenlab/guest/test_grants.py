@@ -11,8 +11,8 @@ import textwrap
 
 import pytest
 
-from aioxen.platform.base import PAGE_SIZE
-from aioxen.platform.xen import XenPlatform
+from aioxen.platforms.base import PAGE_SIZE
+from aioxen.platforms.xen import XenPlatform
 
 HANG = 20.0  # hang guard only
 
@@ -163,7 +163,7 @@ async def test_event_only_unmap_notify(plat: XenPlatform) -> None:
 CHILD = textwrap.dedent(
     """
     import asyncio, sys
-    from aioxen.platform.xen import XenPlatform
+    from aioxen.platforms.xen import XenPlatform
 
     async def main(port, ref):
         plat = XenPlatform(domid=0)

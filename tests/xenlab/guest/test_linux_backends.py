@@ -60,7 +60,7 @@ from linuxback import (
 from aioxen.blk.front import BlkFront, FrontendConfig
 from aioxen.blk.vbd import open_blkfront
 from aioxen.net.front import NetfrontTransport, create_frontend
-from aioxen.platform.xen import XenPlatform
+from aioxen.platforms.xen import XenPlatform
 from aioxen.xenbus.driver import read_opt
 from aioxen.xenbus.state import XenbusState, parse_state
 

@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from aioxen import vchan
-from aioxen.platform.xen import XenPlatform
+from aioxen.platforms.xen import XenPlatform
 
 HANG = 30.0  # hang guard only
 PROXY = "/usr/lib/xen-4.17/bin/vchan-socket-proxy"

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pytest
 
-from aioxen.platform.xen import XenPlatform
+from aioxen.platforms.xen import XenPlatform
 from aioxen.xenstore import (
     Perm,
     Transaction,
