@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aioxen.errors import ProtocolError
+from aioxen.platforms.base import PAGE_SIZE
 from aioxen.rings.formats import (
     ABI_X86_32,
     ABI_X86_64,
@@ -74,7 +75,6 @@ from aioxen.rings.formats import (
     blkif_response_format,
 )
 
-PAGE_SIZE = 4096
 SECTOR_SHIFT = 9
 SECTOR_SIZE = 512
 """Wire sector unit: ``sector_number``, ``first_sect``/``last_sect`` and ``sectors``."""

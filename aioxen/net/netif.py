@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from aioxen.errors import ProtocolError
+from aioxen.platforms.base import PAGE_SIZE
 from aioxen.rings.formats import (
     NETIF_EXTRA_INFO,
     NETIF_RSP_DROPPED,
@@ -60,8 +61,6 @@ from aioxen.rings.formats import (
     NetifTxRequest,
     NetifTxResponse,
 )
-
-PAGE_SIZE = 4096
 
 # The TX flags (frontend → backend), RX flags (backend → frontend; bits 0 and 1 swap
 # meaning with TX) and response statuses are defined with the slot layouts in
