@@ -108,7 +108,7 @@ from aioxen.net.offload import locate_l4, resolve_offloads
 from aioxen.net.ringend import RingEnd
 from aioxen.platforms.base import EventChannel, GrantTable, Platform
 from aioxen.platforms.base import Mapping as GrantMapping
-from aioxen.rings.rpc import BackRing
+from aioxen.rings.sring import BackRing
 from aioxen.xenbus.claim import Claim
 from aioxen.xenbus.driver import (
     BackendDriver,

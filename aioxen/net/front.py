@@ -96,7 +96,7 @@ from aioxen.net.netif import (
 from aioxen.net.ringend import RingEnd
 from aioxen.platforms.base import EventChannel, Platform, Share
 from aioxen.rings.formats import RawFormat
-from aioxen.rings.rpc import FrontRing
+from aioxen.rings.sring import FrontRing
 from aioxen.xenbus.claim import Claim, DeviceInUse
 from aioxen.xenbus.driver import DeviceRunner, FrontendDriver, XenbusDevice, frontend_device
 from aioxen.xenbus.state import XenbusState

@@ -1,7 +1,7 @@
 """Shared-memory rings: ``io/ring.h`` request/response rings, byte rings, async adapters.
 
 * :mod:`aioxen.rings.formats` — entry formats (netif, blkif, caller-defined).
-* :mod:`aioxen.rings.rpc` — pure front/back rings over a ``memoryview``.
+* :mod:`aioxen.rings.sring` — ``io/ring.h`` shared rings: pure front/back ends.
 * :mod:`aioxen.rings.byte` — console and XenStore byte-ring pages.
 * :mod:`aioxen.rings.aio` — :class:`AsyncFrontRing` / :class:`AsyncBackRing` on a platform.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from aioxen.rings.byte import CONSOLE, XENSTORE, ByteRing, ByteRingLayout
 from aioxen.rings.formats import EntryFormat, RawFormat, StructFormat, slot_size
-from aioxen.rings.rpc import BackRing, FrontRing, RingFull, ring_entries, ring_pages
+from aioxen.rings.sring import BackRing, FrontRing, RingFull, ring_entries, ring_pages
 
 __all__ = [
     "CONSOLE",

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Both adapters pair a pure ring (:mod:`aioxen.rings.rpc`) with an event channel from the
+Both adapters pair a pure ring (:mod:`aioxen.rings.sring`) with an event channel from the
 platform and receive events through :meth:`EventChannel.set_handler`, so no task sits in a
 ``wait()`` loop.
 
@@ -49,7 +49,7 @@ from typing import Any, Generic, Self, TypeVar, cast
 from aioxen.errors import ProtocolError
 from aioxen.platforms.base import EventChannel, Mapping, Platform, Share
 from aioxen.rings.formats import EntryFormat, batch_codec
-from aioxen.rings.rpc import BackRing, FrontRing, _Ring, ring_pages
+from aioxen.rings.sring import BackRing, FrontRing, _Ring, ring_pages
 
 Req = TypeVar("Req")
 Rsp = TypeVar("Rsp")

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 An ``io/ring.h`` ring slot is a C ``union`` of the request and the response type, so its
 size is the larger of the two rounded up to the stricter alignment.  The ring core
-(:mod:`aioxen.rings.rpc`) only needs three things from a format: its ``size``, its
+(:mod:`aioxen.rings.sring`) only needs three things from a format: its ``size``, its
 ``align``, and a way to pack a value into / unpack a value from a byte buffer.  The async
 layer (:mod:`aioxen.rings.aio`) additionally needs the ``id`` field, which the front end
 allocates and the back end echoes in the response: :meth:`EntryFormat.get_id` and

@@ -15,7 +15,7 @@ from aioxen.net.front import RX_REQ_FMT, RX_RSP_FMT, TX_REQ_FMT, TX_RSP_FMT, Fro
 from aioxen.net.keys import BackendFeatures, FrontendFeatures
 from aioxen.net.netif import FrameInfo
 from aioxen.platforms.base import Platform
-from aioxen.rings.rpc import BackRing, FrontRing
+from aioxen.rings.sring import BackRing, FrontRing
 
 START = 2**32 - 7
 POOL = 8

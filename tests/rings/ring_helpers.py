@@ -11,7 +11,7 @@ from typing import Any
 from aioxen.platforms.base import EventChannel
 from aioxen.rings import formats as F
 from aioxen.rings.aio import AsyncBackRing, AsyncFrontRing
-from aioxen.rings.rpc import BackRing, FrontRing
+from aioxen.rings.sring import BackRing, FrontRing
 
 FE, BE = 1, 0
 NEAR_WRAP = 2**32 - 100

@@ -1,5 +1,5 @@
 """Drive ring ends line by line: the C ``ringpeer`` (real ``io/ring.h`` macros) and the
-same command language implemented over :mod:`aioxen.rings.rpc`.
+same command language implemented over :mod:`aioxen.rings.sring`.
 
 Content rules mirror ``tests/c/ringpeer.c`` exactly: the k-th request and the response to a
 request are pure functions, so any pairing of C and Python ends must produce the same
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aioxen.rings import formats as F
-from aioxen.rings.rpc import BackRing, FrontRing
+from aioxen.rings.sring import BackRing, FrontRing
 
 C_DIR = Path(__file__).resolve().parent.parent / "c"
 U32 = 0xFFFFFFFF

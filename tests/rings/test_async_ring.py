@@ -26,7 +26,7 @@ from aioxen import ProtocolError
 from aioxen.platforms.inheap import InHeapPlatform, InHeapWorld
 from aioxen.rings import formats as F
 from aioxen.rings.aio import AsyncBackRing, AsyncFrontRing, RingShutdown
-from aioxen.rings.rpc import REQ_PROD, RSP_PROD, BackRing, FrontRing
+from aioxen.rings.sring import REQ_PROD, RSP_PROD, BackRing, FrontRing
 
 
 async def test_round_trip_with_back_pressure_and_index_wrap(harness: Any) -> None:

@@ -20,7 +20,7 @@ from ringpeer_driver import (
     scenario,
 )
 
-from aioxen.rings.rpc import ring_entries
+from aioxen.rings.sring import ring_entries
 
 
 @pytest.fixture(scope="module")

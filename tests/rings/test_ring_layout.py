@@ -18,7 +18,7 @@ import pytest
 
 from aioxen.rings import byte as B
 from aioxen.rings import formats as F
-from aioxen.rings.rpc import HEADER_SIZE, REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD, ring_entries
+from aioxen.rings.sring import HEADER_SIZE, REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD, ring_entries
 
 PRELUDE = """
 #include <stdint.h>

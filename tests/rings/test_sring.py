@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from aioxen import ProtocolError
 from aioxen.rings import formats as F
-from aioxen.rings.rpc import (
+from aioxen.rings.sring import (
     REQ_EVENT,
     REQ_PROD,
     RSP_EVENT,

@@ -1,5 +1,7 @@
 """``io/ring.h`` request/response rings over shared memory (pure, sans-I/O).
 
+The module is named after ring.h's ``struct *_sring``, the shared page these rings live in.
+
 Theory of operation
 -------------------
 A shared ring is one or more pages: a 64-byte header and ``nr_ents`` slots, where
@@ -63,7 +65,6 @@ REQ_EVENT = 4
 RSP_PROD = 8
 RSP_EVENT = 12
 PVT = 16
-PAGE_SIZE = 4096
 MAX_RING_PAGE_ORDER = 9
 """Largest order accepted (512 pages); Linux backends allow at most 4 (16 pages)."""
 U32 = 0xFFFFFFFF
