@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 An :class:`InHeapWorld` is the "hypervisor" shared by every :class:`InHeapPlatform` created
-with it: the table of bound event-channel ports, the grant table and (filled in by the
-XenStore code) ``xenstore_engine``.  Each platform object is one domain (``domid``); several
+with it: the table of bound event-channel ports, the grant table and ``xenstore_engine``,
+the in-process xenstored engine (:meth:`InHeapWorld.store_engine` creates it on first
+use).  Each platform object is one domain (``domid``); several
 objects may play the same domid.  By default all platforms of a process share one world
 (:func:`default_world`); tests pass a fresh ``InHeapWorld()`` for isolation and call
 :meth:`InHeapWorld.assert_cleaned_up` to prove nothing leaked.
@@ -36,13 +37,14 @@ from aioxen.platforms.base import Platform
 
 if TYPE_CHECKING:
     from aioxen.xenstore.client import XenStoreClient
+    from aioxen.xenstore.engine import Engine
 
 
 class InHeapWorld:
     """The shared "hypervisor" state of in-heap domains (ports, grants, xenstore engine)."""
 
-    xenstore_engine: object | None = None
-    """Slot for the in-process XenStore engine; the XenStore code fills it in."""
+    xenstore_engine: Engine | None = None
+    """The in-process XenStore engine, once :meth:`store_engine` created it."""
 
     def __init__(self) -> None:
         self.xenstore_engine = None
@@ -52,6 +54,16 @@ class InHeapWorld:
         self._ref_allocators: dict[int, _RefAllocator] = {}
         self._shares: set[InHeapShare] = set()
         self._mappings: set[InHeapMapping] = set()
+
+    def store_engine(self) -> Engine:
+        """The world's in-process xenstored engine (every domain's XenStore), created on
+        first use."""
+        engine = self.xenstore_engine
+        if engine is None:
+            from aioxen.xenstore.engine import Engine
+
+            engine = self.xenstore_engine = Engine()
+        return engine
 
     def _allocate_port(self, domid: int) -> int:
         port = self._next_port.get(domid, 1)
@@ -116,9 +128,8 @@ class InHeapPlatform(ClosesAllOpened, Platform):
 
     def _create_store(self) -> XenStoreClient:
         from aioxen.xenstore.client import XenStoreClient
-        from aioxen.xenstore.engine import get_or_create_engine
 
-        return XenStoreClient.in_process(get_or_create_engine(self.world), self.domid)
+        return XenStoreClient.in_process(self.world.store_engine(), self.domid)
 
 
 __all__ = [

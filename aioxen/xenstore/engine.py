@@ -59,8 +59,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
+from types import MappingProxyType
 from typing import Any
 
 from aioxen.errors import ProtocolError
@@ -219,22 +220,22 @@ class _LiveView(_View):
         self.engine = engine
 
     def get(self, path: str) -> Node | None:
-        return self.engine._nodes.get(path)
+        return self.engine.nodes.get(path)
 
     def put(self, path: str, node: Node) -> None:
-        self.engine._store(path, node)
+        self.engine.store(path, node)
 
     def delete(self, path: str) -> None:
-        self.engine._unstore(path)
+        self.engine.unstore(path)
 
     def event(self, ev: _Event) -> None:
-        self.engine._fire_all([ev])
+        self.engine.fire([ev])
 
     def events(self, evs: list[_Event]) -> None:
-        self.engine._fire_all(evs)
+        self.engine.fire(evs)
 
     def new_nodes(self, domid: int) -> int:
-        return self.engine._owned.get(domid, 0)
+        return self.engine.owned(domid)
 
 
 class Transaction(_View):
@@ -260,7 +261,7 @@ class Transaction(_View):
         if path in self.overlay:
             return self.overlay[path]
         self._limit()
-        node = self.engine._nodes.get(path)
+        node = self.engine.nodes.get(path)
         self.seen[path] = node.generation if node is not None else ABSENT
         self.overlay[path] = node
         return node
@@ -292,10 +293,10 @@ class Transaction(_View):
         self.perms_set.add(path)
 
     def new_nodes(self, domid: int) -> int:
-        return self.engine._owned.get(domid, 0) + self.owned_delta.get(domid, 0)
+        return self.engine.owned(domid) + self.owned_delta.get(domid, 0)
 
     def conflicts(self) -> bool:
-        nodes = self.engine._nodes
+        nodes = self.engine.nodes
         for path, gen in self.seen.items():
             node = nodes.get(path)
             if (node.generation if node is not None else ABSENT) != gen:
@@ -308,7 +309,7 @@ def perm_for(conn: EngineConnection, perms: tuple[Perm, ...]) -> int:
     if conn.privileged:
         return PERM_BOTH | PERM_OWNER
     me = conn.domid
-    target = conn.engine._targets.get(me)
+    target = conn.engine.targets.get(me)
     owner = perms[0].domid
     if owner == me or (target is not None and owner == target):
         return PERM_BOTH | PERM_OWNER
@@ -367,7 +368,7 @@ class EngineConnection:
         self.closed = True
         self.watches.clear()
         self.transactions.clear()
-        self.engine._conns.discard(self)
+        self.engine.disconnect(self)
 
     def deliver_event(self, msg: Message) -> None:
         if self.closed:
@@ -381,7 +382,7 @@ class EngineConnection:
 
     def _view(self, msg: Message) -> _View:
         if msg.tx_id == 0:
-            return self.engine._live
+            return self.engine.live
         tx = self.transactions.get(msg.tx_id)
         if tx is None:
             raise _Fail(errno.ENOENT, f"no transaction {msg.tx_id}")
@@ -452,12 +453,12 @@ class EngineConnection:
             perms = parent_node.perms
             if not self.privileged:
                 perms = (Perm(self.domid, perms[0].access), *perms[1:])
-            node = Node(value if npath == path else b"", perms, (), engine._next_gen())
+            node = Node(value if npath == path else b"", perms, (), engine.next_generation())
             view.put(npath, node)
             view.put(
                 parent_path,
                 parent_node.replace(
-                    engine._next_gen(), children=(*parent_node.children, P.basename(npath))
+                    engine.next_generation(), children=(*parent_node.children, P.basename(npath))
                 ),
             )
             parent_node, parent_path = node, npath
@@ -486,12 +487,13 @@ class EngineConnection:
             view.put(
                 ppath,
                 pnode.replace(
-                    self.engine._next_gen(), children=tuple(c for c in pnode.children if c != name)
+                    self.engine.next_generation(),
+                    children=tuple(c for c in pnode.children if c != name),
                 ),
             )
         # The top's event reaches a watch below it as the watch's own path, which an
         # existing watched descendant's exact event already reported: sent once (see
-        # _fire_all).
+        # Engine.fire).
         evs.append(_Event(path, False, (node.perms,)))
         view.events(evs)
 
@@ -514,7 +516,7 @@ class EngineConnection:
         else:
             if not perm_for(self, node.perms) & PERM_WRITE:
                 raise _Fail(errno.EACCES, f"{path}: not writable")
-            view.put(path, node.replace(self.engine._next_gen(), value=value))
+            view.put(path, node.replace(self.engine.next_generation(), value=value))
             perms = node.perms
         view.event(_Event(path, False, (perms,)))
         return msg.ok_reply()
@@ -593,19 +595,19 @@ class EngineConnection:
             name = P.canonicalize_watch(raw, self.domid)[0]
             if name not in P.SPECIAL_WATCHES:
                 raise _Fail(errno.EINVAL, f"{name} is not a special node")
-            current = self.engine._special_perms(name)
+            current = self.engine.special_perms(name)
             if not perm_for(self, current) & PERM_OWNER:
                 raise _Fail(errno.EACCES, f"SET_PERMS on {name}: not its owner")
             if not self.privileged and perms[0].domid != current[0].domid:
                 raise _Fail(errno.EPERM, f"{name}: only a privileged domain may change the owner")
-            self.engine._special[name] = perms
+            self.engine.set_special_perms(name, perms)
             return msg.ok_reply()
         view = self._view(msg)
         path = self._path(raw)
         node = self._get(view, path, PERM_OWNER)
         if not self.privileged and perms[0].domid != node.owner:
             raise _Fail(errno.EPERM, f"{path}: only a privileged domain may change the owner")
-        view.put(path, node.replace(self.engine._next_gen(), perms=perms))
+        view.put(path, node.replace(self.engine.next_generation(), perms=perms))
         view.note_perms(path)
         view.event(_Event(path, False, (node.perms, perms)))
         return msg.ok_reply()
@@ -618,7 +620,7 @@ class EngineConnection:
             raise _Fail(errno.EEXIST, f"watch {path} {token!r} exists")
         if not self.privileged:
             quota = self.engine.quotas.watches
-            if self.engine._domain_watches(self.domid) >= quota:
+            if self.engine.domain_watches(self.domid) >= quota:
                 raise _Fail(errno.E2BIG, f"domain {self.domid} has {quota} watches")
         self.watches[key] = _Watch(path, token, relative)
         return msg.ok_reply()
@@ -645,9 +647,9 @@ class EngineConnection:
         engine = self.engine
         if not self.privileged:
             quota = engine.quotas.transactions
-            if engine._domain_transactions(self.domid) >= quota:
+            if engine.domain_transactions(self.domid) >= quota:
                 raise _Fail(errno.ENOSPC, f"domain {self.domid} has {quota} transactions open")
-        tx_id = engine._next_tx_id()
+        tx_id = engine.new_transaction_id()
         self.transactions[tx_id] = Transaction(engine, self, tx_id)
         return msg.reply(XsType.TRANSACTION_START, str(tx_id).encode() + NUL)
 
@@ -660,7 +662,7 @@ class EngineConnection:
             raise _Fail(errno.EINVAL, f"TRANSACTION_END argument {arg!r} is not T or F")
         del self.transactions[msg.tx_id]
         if arg == b"T":
-            self.engine._commit(tx)
+            self.engine.commit(tx)
         return msg.ok_reply()
 
     def op_get_domain_path(self, msg: Message) -> Message:
@@ -704,7 +706,7 @@ class EngineConnection:
         self._require_privileged("SET_TARGET")
         raw_dom, raw_target = split(msg.payload, 2, what="SET_TARGET payload")
         domid, target = parse_domid(raw_dom), parse_domid(raw_target)
-        self.engine._targets[domid] = target
+        self.engine.set_target(domid, target)
         return msg.ok_reply()
 
     def op_control(self, msg: Message) -> Message:
@@ -755,9 +757,9 @@ class EngineConnection:
         domid = parse_domid(args[0])
         text = (
             f"Domain {domid}:\n"
-            f"nodes: {engine._owned.get(domid, 0)}\n"
-            f"watches: {engine._domain_watches(domid)}\n"
-            f"transactions: {engine._domain_transactions(domid)}\n"
+            f"nodes: {engine.owned(domid)}\n"
+            f"watches: {engine.domain_watches(domid)}\n"
+            f"transactions: {engine.domain_transactions(domid)}\n"
         )
         return text.encode() + NUL
 
@@ -801,9 +803,27 @@ _UNSUPPORTED = {XsType.GET_FEATURE, XsType.SET_FEATURE, XsType.GET_QUOTA, XsType
 
 
 class Engine:
-    """A complete XenStore (see the module docstring).  Not thread-safe; one event loop."""
+    """A complete XenStore (see the module docstring).  Not thread-safe; one event loop.
+
+    Its state is private; the rest of this module (:class:`EngineConnection`,
+    :class:`Transaction`) and :mod:`aioxen.xenstore.persist` use the *internal API* below
+    (public names, documented, for this package only): the read-only mappings
+    :attr:`nodes` and :attr:`targets`, and methods that change state while keeping the
+    ownership counts, :attr:`modified` and the generation counter consistent.
+    """
 
     def __init__(self, quotas: Quotas | None = None) -> None:
+        """A fresh store: ``/``, ``/local/domain/0`` and ``/tool/xenstored``."""
+        self._setup(quotas)
+        root = (Perm(0, "n"),)
+        self.store("/", Node(b"", root, (), self.next_generation()))
+        for path in ("/local", "/local/domain", "/tool", "/tool/xenstored"):
+            self._make(path, b"", root)
+        self._make("/local/domain/0/domid", b"0", root)
+        self._make("/local/domain/0/name", b"Domain-0", root)
+
+    def _setup(self, quotas: Quotas | None) -> None:
+        """The empty state (no nodes, not even ``/``)."""
         self.quotas = quotas or Quotas()
         self._gen = 0
         self._tx_counter = 0
@@ -813,25 +833,29 @@ class Engine:
         self._introduced: set[int] = set()
         self._targets: dict[int, int] = {}
         self._special: dict[str, tuple[Perm, ...]] = {}
-        self._live = _LiveView(self)
+        self.nodes: Mapping[str, Node] = MappingProxyType(self._nodes)
+        """The committed tree, ``path -> Node`` (read-only; change it with :meth:`store`
+        and :meth:`unstore`)."""
+        self.targets: Mapping[int, int] = MappingProxyType(self._targets)
+        """SET_TARGET: ``domid -> target domid`` (read-only; see :meth:`set_target`)."""
+        self.live: _View = _LiveView(self)
+        """The view of requests outside a transaction: straight on the committed tree."""
         self.stats_extra: Callable[[], dict[str, Any]] | None = None
         """A transport's own counters for ``aioxen-stats`` (the server's budgets)."""
         self.modified = 0
         """Counts committed changes (persistence polls it)."""
-        root = (Perm(0, "n"),)
-        self._store("/", Node(b"", root, (), self._next_gen()))
-        for path in ("/local", "/local/domain", "/tool", "/tool/xenstored"):
-            self._make(path, b"", root)
-        self._make("/local/domain/0/domid", b"0", root)
-        self._make("/local/domain/0/name", b"Domain-0", root)
 
-    # -- internal tree primitives ----------------------------------------------------
+    # -- internal API: the tree ------------------------------------------------------
 
-    def _next_gen(self) -> int:
+    def next_generation(self) -> int:
+        """A fresh generation number for a new or replaced node (a global counter)."""
         self._gen += 1
         return self._gen
 
-    def _store(self, path: str, node: Node) -> None:
+    def store(self, path: str, node: Node) -> None:
+        """Commit ``node`` at ``path`` (new or replacing), keeping the ownership counts.
+
+        No checks and no watch events: callers have done both."""
         old = self._nodes.get(path)
         if old is not None:
             self._owned[old.owner] -= 1
@@ -839,7 +863,8 @@ class Engine:
         self._owned[node.owner] = self._owned.get(node.owner, 0) + 1
         self.modified += 1
 
-    def _unstore(self, path: str) -> None:
+    def unstore(self, path: str) -> None:
+        """Remove the node at ``path`` alone (not its children, not the parent's list)."""
         old = self._nodes.pop(path, None)
         if old is not None:
             self._owned[old.owner] -= 1
@@ -853,32 +878,67 @@ class Engine:
         ppath = P.parent(path)
         if path not in self._nodes and path != "/":
             pnode = self._nodes[ppath]
-            self._store(
+            self.store(
                 ppath,
-                pnode.replace(self._next_gen(), children=(*pnode.children, P.basename(path))),
+                pnode.replace(self.next_generation(), children=(*pnode.children, P.basename(path))),
             )
-            self._store(path, Node(value, perms, (), self._next_gen()))
+            self.store(path, Node(value, perms, (), self.next_generation()))
         else:
-            self._store(path, self._nodes[path].replace(self._next_gen(), value=value))
-        self._fire(_Event(path, False, (perms,)))
+            self.store(path, self._nodes[path].replace(self.next_generation(), value=value))
+        self.fire([_Event(path, False, (perms,))])
 
-    def _next_tx_id(self) -> int:
+    def owned(self, domid: int) -> int:
+        """How many committed nodes ``domid`` owns (the node quota counts these)."""
+        return self._owned.get(domid, 0)
+
+    def owned_counts(self) -> dict[int, int]:
+        """``domid -> nodes owned`` for every domain owning at least one node."""
+        return {domid: n for domid, n in self._owned.items() if n}
+
+    # -- internal API: connections, transactions, domains -----------------------------
+
+    def disconnect(self, conn: EngineConnection) -> None:
+        """Forget ``conn`` (called by :meth:`EngineConnection.close`)."""
+        self._conns.discard(conn)
+
+    def new_transaction_id(self) -> int:
+        """A transaction id (1..2**32-1) no open transaction of any connection uses."""
         in_use = {tx for conn in self._conns for tx in conn.transactions}
         while True:
             self._tx_counter = (self._tx_counter % 0xFFFFFFFF) + 1
             if self._tx_counter not in in_use:
                 return self._tx_counter
 
-    def _domain_watches(self, domid: int) -> int:
+    def domain_watches(self, domid: int) -> int:
+        """Watches held by all connections of ``domid`` (the watch quota)."""
         return sum(len(c.watches) for c in self._conns if c.domid == domid)
 
-    def _domain_transactions(self, domid: int) -> int:
+    def domain_transactions(self, domid: int) -> int:
+        """Open transactions of all connections of ``domid`` (the transaction quota)."""
         return sum(len(c.transactions) for c in self._conns if c.domid == domid)
 
-    def _special_perms(self, name: str) -> tuple[Perm, ...]:
+    def special_perms(self, name: str) -> tuple[Perm, ...]:
+        """The permission list of the special watch node ``name`` (``@introduceDomain``,
+        ``@releaseDomain``); dom0-only by default."""
         return self._special.get(name, (Perm(0, "n"),))
 
-    def _commit(self, tx: Transaction) -> None:
+    def set_special_perms(self, name: str, perms: tuple[Perm, ...]) -> None:
+        """SET_PERMS on a special node (the caller checked ownership)."""
+        self._special[name] = perms
+
+    def special_perms_set(self) -> dict[str, tuple[Perm, ...]]:
+        """The special nodes whose permissions were set, with their lists."""
+        return dict(self._special)
+
+    def set_target(self, domid: int, target: int) -> None:
+        """SET_TARGET: ``domid`` acts with ``target``'s rights from now on."""
+        self._targets[domid] = target
+
+    def introduced(self) -> list[int]:
+        """The introduced domains, sorted (dom0 is always introduced, never listed)."""
+        return sorted(self._introduced)
+
+    def commit(self, tx: Transaction) -> None:
         """Apply ``tx`` whole, or fail with nothing applied.
 
         Conflicts fail with ``EAGAIN``.  Then every quota is checked again against the
@@ -897,10 +957,10 @@ class Engine:
         for path in sorted(tx.dirty, key=len):
             node = tx.overlay[path]
             if node is None:
-                self._unstore(path)
+                self.unstore(path)
             else:
-                self._store(path, node.replace(self._next_gen()))
-        self._fire_all(tx.pending)
+                self.store(path, node.replace(self.next_generation()))
+        self.fire(tx.pending)
 
     def _check_commit_quotas(self, tx: Transaction) -> None:
         q = self.quotas
@@ -937,10 +997,7 @@ class Engine:
                     f"{where}: {path} has {len(node.perms)} permissions (quota {q.permissions})",
                 )
 
-    def _fire(self, ev: _Event) -> None:
-        self._fire_all([ev])
-
-    def _fire_all(self, evs: list[_Event]) -> None:
+    def fire(self, evs: list[_Event]) -> None:
         """Deliver the events of one operation (a request, or a commit).
 
         A watch hears about a path at most once per operation: a recursive removal
@@ -1017,7 +1074,7 @@ class Engine:
         if domid in self._introduced:
             return
         self._introduced.add(domid)
-        self._fire(_Event(P.INTRODUCE_DOMAIN, True, (self._special_perms(P.INTRODUCE_DOMAIN),)))
+        self.fire([_Event(P.INTRODUCE_DOMAIN, True, (self.special_perms(P.INTRODUCE_DOMAIN),))])
 
     def release(self, domid: int) -> None:
         """Forget a domain: its connections die, its nodes go, others' ACLs drop it."""
@@ -1035,12 +1092,12 @@ class Engine:
         for path, node in list(self._nodes.items()):
             if any(p.domid == domid for p in node.perms[1:]):
                 perms = (node.perms[0], *(p for p in node.perms[1:] if p.domid != domid))
-                self._store(path, node.replace(self._next_gen(), perms=perms))
-        self._fire(_Event(P.RELEASE_DOMAIN, True, (self._special_perms(P.RELEASE_DOMAIN),)))
+                self.store(path, node.replace(self.next_generation(), perms=perms))
+        self.fire([_Event(P.RELEASE_DOMAIN, True, (self.special_perms(P.RELEASE_DOMAIN),))])
 
     def _remove_tree(self, path: str, node: Node) -> None:
         dom0 = EngineConnection(self, 0, lambda m: None)
-        dom0._remove_tree(self._live, path, node)
+        dom0._remove_tree(self.live, path, node)
 
     def stats(self) -> dict[str, Any]:
         extra = self.stats_extra() if self.stats_extra is not None else {}
@@ -1063,63 +1120,44 @@ class Engine:
         """All nodes, parents before children."""
         return iter(sorted(self._nodes.items(), key=lambda item: (item[0].count("/"), item[0])))
 
-    # -- persistence (the file I/O lives in aioxen.xenstore.persist) ------------------
-
-    def dump(self) -> dict[str, Any]:
-        """The committed state as JSON-able data (transactions and watches excluded)."""
-        return {
-            "format": "aioxen-xenstore-1",
-            "nodes": [
-                [path, node.value.decode("latin-1"), [str(p) for p in node.perms]]
-                for path, node in self.iter_nodes()
-            ],
-            "introduced": sorted(self._introduced),
-            "targets": sorted(self._targets.items()),
-            "special": {k: [str(p) for p in v] for k, v in self._special.items()},
-        }
-
     @classmethod
-    def restore(cls, data: dict[str, Any], quotas: Quotas | None = None) -> Engine:
-        if data.get("format") != "aioxen-xenstore-1":
-            raise ValueError("not an aioxen xenstore dump")
-        engine = cls(quotas)
-        engine._nodes.clear()
-        engine._owned.clear()
-        entries: Iterable[list[Any]] = data["nodes"]
-        for path, value, perm_strs in entries:
+    def from_tree(
+        cls,
+        nodes: Iterable[tuple[str, bytes, tuple[Perm, ...]]],
+        *,
+        introduced: Iterable[int] = (),
+        targets: Iterable[tuple[int, int]] = (),
+        special: Iterable[tuple[str, tuple[Perm, ...]]] = (),
+        quotas: Quotas | None = None,
+    ) -> Engine:
+        """An engine holding exactly ``nodes`` (``(path, value, perms)``, parents before
+        children, ``/`` first) and the given domain state: what
+        :func:`aioxen.xenstore.persist.restore` rebuilds from a saved file.  ``ValueError``
+        for a bad path, an empty permission list, a node before its parent, no root."""
+        engine = cls.__new__(cls)
+        engine._setup(quotas)
+        for path, value, perms in nodes:
             if path != "/":
                 P.validate_absolute(path)
-            perms = tuple(Perm.parse(s) for s in perm_strs)
             if not perms:
                 raise ValueError(f"node {path} has no permissions")
-            node = Node(value.encode("latin-1"), perms, (), engine._next_gen())
+            node = Node(value, perms, (), engine.next_generation())
             if path != "/":
                 ppath = P.parent(path)
                 pnode = engine._nodes.get(ppath)
                 if pnode is None:
                     raise ValueError(f"node {path} listed before its parent")
-                engine._store(
+                engine.store(
                     ppath,
                     pnode.replace(pnode.generation, children=(*pnode.children, P.basename(path))),
                 )
-            engine._store(path, node)
+            engine.store(path, node)
         if "/" not in engine._nodes:
             raise ValueError("dump has no root node")
-        engine._introduced = set(data.get("introduced", []))
-        engine._targets = {int(a): int(b) for a, b in data.get("targets", [])}
-        engine._special = {
-            k: tuple(Perm.parse(s) for s in v) for k, v in data.get("special", {}).items()
-        }
+        engine._introduced.update(introduced)
+        engine._targets.update(targets)
+        engine._special.update(special)
         return engine
-
-
-def get_or_create_engine(world: Any) -> Engine:
-    """The in-process engine of an ``inheap`` world, created on first use."""
-    engine: Engine | None = getattr(world, "xenstore_engine", None)
-    if engine is None:
-        engine = Engine()
-        world.xenstore_engine = engine
-    return engine
 
 
 __all__ = [
@@ -1129,6 +1167,5 @@ __all__ = [
     "Node",
     "Quotas",
     "Transaction",
-    "get_or_create_engine",
     "perm_for",
 ]

@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from support.xenstored import ClientFactory
 
+from aioxen.platforms.inheap import InHeapWorld
 from aioxen.xenstore import Perm, XenStoreClient, XenStoreError, persist
 from aioxen.xenstore import paths as P
-from aioxen.xenstore.engine import Engine, get_or_create_engine
+from aioxen.xenstore.engine import Engine
 from aioxen.xenstore.wire import Message, XsType, join
 
 
@@ -73,7 +74,7 @@ async def test_unix_identify_creates_home_once(engine: Engine) -> None:
     conn = engine.connect(0, out.append)
     conn.handle(Message(XsType.CONTROL, 1, 0, join("aioxen-identify", "21")))
     assert out[-1].payload == b"OK\x00"
-    assert engine._nodes["/local/domain/21/domid"].value == b"21"
+    assert engine.nodes["/local/domain/21/domid"].value == b"21"
     assert engine.is_introduced(21)
     conn.handle(Message(XsType.CONTROL, 2, 0, join("aioxen-identify", "0")))
     assert out[-1].type == XsType.ERROR  # no longer privileged
@@ -105,7 +106,8 @@ async def test_persistence_round_trip(
     f = tmp_path / "state.json"
     persist.save(engine, str(f))
     again = persist.load(str(f))
-    assert again.dump() == engine.dump()
+    assert persist.dump(again) == persist.dump(engine)
+    assert persist.dump(persist.restore(persist.dump(engine))) == persist.dump(engine)
     c = XenStoreClient.in_process(again, 0)
     assert await c.read("/a/b") == b"\x00\x01\xff\xfe"
     assert await c.get_perms("/a/b") == [Perm(3, "r"), Perm(4, "b")]
@@ -120,14 +122,24 @@ async def test_persistence_round_trip(
         raise AssertionError("a dump without its root loaded")
 
 
-def test_get_or_create_engine_is_lazy_and_cached() -> None:
-    class World:
-        xenstore_engine: object | None = None
-
-    w = World()
-    e = get_or_create_engine(w)
+def test_inheap_world_store_engine_is_lazy_and_cached() -> None:
+    w = InHeapWorld()
+    assert w.xenstore_engine is None
+    e = w.store_engine()
     assert isinstance(e, Engine) and w.xenstore_engine is e
-    assert get_or_create_engine(w) is e
+    assert w.store_engine() is e
+
+
+def test_engine_state_is_read_only_outside_its_api() -> None:
+    """The internal API hands out read-only views: the tree changes only via store()."""
+    engine = Engine()
+    with pytest.raises(TypeError):
+        engine.nodes["/x"] = engine.nodes["/"]  # type: ignore[index]
+    with pytest.raises(TypeError):
+        engine.targets[1] = 2  # type: ignore[index]
+    engine.set_target(3, 4)
+    assert dict(engine.targets) == {3: 4}
+    assert engine.owned_counts() == {0: len(engine.nodes)}
 
 
 # ----------------------------------------------------------------- model checking ------
@@ -207,17 +219,18 @@ class TreeModel(RuleBasedStateMachine):
 
     @invariant()
     def tree_matches(self) -> None:
-        nodes = {p: n.value for p, n in self.engine._nodes.items() if P.is_child(p, "/m")}
+        tree = self.engine.nodes
+        nodes = {p: n.value for p, n in tree.items() if P.is_child(p, "/m")}
         assert nodes == self.model
-        for p, node in self.engine._nodes.items():
+        for p, node in tree.items():
             if p != "/":
-                assert P.basename(p) in self.engine._nodes[P.parent(p)].children
+                assert P.basename(p) in tree[P.parent(p)].children
             for child in node.children:
-                assert P.join(p, child) in self.engine._nodes
+                assert P.join(p, child) in tree
         counted: dict[int, int] = {}
-        for node in self.engine._nodes.values():
+        for node in tree.values():
             counted[node.owner] = counted.get(node.owner, 0) + 1
-        assert {k: v for k, v in self.engine._owned.items() if v} == counted
+        assert self.engine.owned_counts() == counted
 
 
 TestTreeModel = TreeModel.TestCase
