@@ -40,8 +40,8 @@ in ``InitWait``: while ``Initialising`` it waits for it whatever else the back e
 ``Connected`` rather than ``Initialised`` (Linux netback connects only then); until the
 back end is ``Connected`` too, the driver passes ``INITIALISED`` as its own state.
 
-A local close (:func:`closing_steps`) goes ``Closing`` → wait for the peer to be
-``Closing``/``Closed`` → ``Closed``.  :func:`parse_state` turns a XenStore value into a
+A local close goes ``Closing`` → wait for the peer to be ``Closing``/``Closed`` (or gone)
+→ ``Closed``; :func:`close_done` says when the wait is over.  :func:`parse_state` turns a XenStore value into a
 state, and raises :class:`~aioxen.errors.ProtocolError` naming the path for garbage.
 """
 
