@@ -41,8 +41,9 @@ in ``InitWait``: while ``Initialising`` it waits for it whatever else the back e
 back end is ``Connected`` too, the driver passes ``INITIALISED`` as its own state.
 
 A local close goes ``Closing`` → wait for the peer to be ``Closing``/``Closed`` (or gone)
-→ ``Closed``; :func:`close_done` says when the wait is over.  :func:`parse_state` turns a XenStore value into a
-state, and raises :class:`~aioxen.errors.ProtocolError` naming the path for garbage.
+→ ``Closed``; :func:`close_done` says when the wait is over.  :func:`parse_state` turns
+a XenStore value into a state, and raises :class:`~aioxen.errors.ProtocolError` naming
+the path for garbage.
 """
 
 from __future__ import annotations
