@@ -18,8 +18,10 @@ layout of ``arm-abi``; ``u64`` aligned to 8) and ``x86_32-abi`` (``u64`` aligned
 ``id`` sits at offset 4 and a request is 108 bytes).  The frontend names its ABI in its
 ``protocol`` key; :func:`abi_for_protocol` maps that to a slot layout.
 
-The slot layouts themselves live in :mod:`aioxen.rings.formats` (shared with the ring
-core); this module adds what a block device needs on top of them:
+The slot layouts (:data:`BLKIF_REQUEST`, :data:`BLKIF_RESPONSE` and their ``x86_32``
+twins, :func:`blkif_request_format`) are defined here over the ring layer's
+:mod:`aioxen.rings.formats` machinery; on top of them this module adds what a block
+device needs:
 
 * :func:`check_request` turns a decoded slot into a validated :class:`BlkIO` (what the
   backend executes) or raises :class:`BadRequest` carrying the response status and a
@@ -41,39 +43,198 @@ import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from aioxen.errors import ProtocolError
 from aioxen.platforms.base import PAGE_SIZE
 from aioxen.rings.formats import (
-    ABI_X86_32,
-    ABI_X86_64,
-    BLKIF_DISCARD_SECURE,
-    BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
-    BLKIF_MAX_SEGMENTS_PER_REQUEST,
-    BLKIF_OP_DISCARD,
-    BLKIF_OP_FLUSH_DISKCACHE,
-    BLKIF_OP_INDIRECT,
-    BLKIF_OP_READ,
-    BLKIF_OP_RESERVED_1,
-    BLKIF_OP_WRITE,
-    BLKIF_OP_WRITE_BARRIER,
-    BLKIF_RSP_EOPNOTSUPP,
-    BLKIF_RSP_ERROR,
-    BLKIF_RSP_OKAY,
-    BLKIF_SEGMENT,
-    BlkifAnyRequest,
-    BlkifRequest,
-    BlkifRequestDiscard,
-    BlkifRequestFormat,
-    BlkifRequestIndirect,
-    BlkifResponse,
-    BlkifSegment,
+    FixedFormat,
     GenericCodec,
     RawFormat,
+    ReadableBuffer,
     StructFormat,
-    blkif_request_format,
-    blkif_response_format,
+    WritableBuffer,
 )
+
+# --------------------------------------------------------------------------- slot layouts
+# io/blkif.h request/response layouts, both ABIs (x86_64 also covers arm).
+
+BLKIF_OP_READ = 0
+BLKIF_OP_WRITE = 1
+BLKIF_OP_WRITE_BARRIER = 2
+BLKIF_OP_FLUSH_DISKCACHE = 3
+BLKIF_OP_RESERVED_1 = 4
+BLKIF_OP_DISCARD = 5
+BLKIF_OP_INDIRECT = 6
+BLKIF_MAX_SEGMENTS_PER_REQUEST = 11
+BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST = 8
+BLKIF_DISCARD_SECURE = 0x1
+BLKIF_RSP_EOPNOTSUPP = -2
+BLKIF_RSP_ERROR = -1
+BLKIF_RSP_OKAY = 0
+
+ABI_X86_64 = "x86_64-abi"
+ABI_X86_32 = "x86_32-abi"
+BLKIF_ABIS = (ABI_X86_64, ABI_X86_32)
+
+
+class BlkifSegment(NamedTuple):
+    gref: int
+    first_sect: int
+    last_sect: int
+
+
+class BlkifRequest(NamedTuple):
+    """Read, write, barrier and flush requests (``struct blkif_request``)."""
+
+    operation: int
+    nr_segments: int
+    handle: int
+    id: int
+    sector_number: int
+    seg: tuple[BlkifSegment, ...] = ()
+
+
+class BlkifRequestDiscard(NamedTuple):
+    operation: int  # BLKIF_OP_DISCARD
+    flag: int
+    handle: int
+    id: int
+    sector_number: int
+    nr_sectors: int
+
+
+class BlkifRequestIndirect(NamedTuple):
+    operation: int  # BLKIF_OP_INDIRECT
+    indirect_op: int
+    nr_segments: int
+    id: int
+    sector_number: int
+    handle: int
+    indirect_grefs: tuple[int, ...] = ()
+
+
+BlkifAnyRequest = BlkifRequest | BlkifRequestDiscard | BlkifRequestIndirect
+
+
+class BlkifResponse(NamedTuple):
+    id: int
+    operation: int
+    status: int
+
+
+_SEG = struct.Struct("<IBB2x")
+BLKIF_SEGMENT = _SEG
+"""``struct blkif_request_segment``: gref u32, first_sect u8, last_sect u8, 2 pad bytes."""
+
+
+class BlkifRequestFormat(FixedFormat):
+    """``struct blkif_request`` and its discard/indirect variants, chosen by ``operation``."""
+
+    def __init__(self, abi: str = ABI_X86_64) -> None:
+        if abi not in BLKIF_ABIS:
+            raise ValueError(f"unknown blkif ABI {abi!r}; expected one of {BLKIF_ABIS}")
+        self.abi = abi
+        wide = abi == ABI_X86_64
+        # header: operation u8, nr_segments/flag/indirect_op u8, handle/nr_segments u16, id
+        self._head = struct.Struct("<BBH4xQQ" if wide else "<BBHQQ")
+        self._seg_off = self._head.size  # 24 or 20
+        size = self._seg_off + BLKIF_MAX_SEGMENTS_PER_REQUEST * _SEG.size  # 112 / 108
+        super().__init__(f"blkif_request({abi})", size, 8 if wide else 4, 64)
+        self._id_off = 8 if wide else 4
+        self._discard_tail = struct.Struct("<Q")  # nr_sectors, right after the header
+        # indirect: handle u16, pad u16, grefs[8] u32 right after sector_number
+        self._ind_tail = struct.Struct("<H2x8I")
+
+    @property
+    def segments_offset(self) -> int:
+        return self._seg_off
+
+    @property
+    def id_offset(self) -> int:
+        """Byte offset of the 64-bit ``id`` (8 on x86_64, 4 on x86_32)."""
+        return self._id_off
+
+    @property
+    def header(self) -> struct.Struct:
+        """The common header: operation, u8 (nr_segments/flag/indirect_op), u16
+        (handle/nr_segments), id, sector_number."""
+        return self._head
+
+    def pack_into(self, buf: WritableBuffer, offset: int, value: BlkifAnyRequest) -> None:
+        buf[offset : offset + self._size] = bytes(self._size)
+        if isinstance(value, BlkifRequestDiscard):
+            self._head.pack_into(
+                buf, offset, value.operation, value.flag, value.handle, value.id,
+                value.sector_number,
+            )  # fmt: skip
+            self._discard_tail.pack_into(buf, offset + self._head.size, value.nr_sectors)
+        elif isinstance(value, BlkifRequestIndirect):
+            self._head.pack_into(
+                buf, offset, value.operation, value.indirect_op, value.nr_segments, value.id,
+                value.sector_number,
+            )  # fmt: skip
+            grefs = tuple(value.indirect_grefs)
+            if len(grefs) > BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST:
+                raise ValueError(f"at most {BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST} indirect grefs")
+            grefs += (0,) * (BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST - len(grefs))
+            self._ind_tail.pack_into(buf, offset + self._head.size, value.handle, *grefs)
+        else:
+            if len(value.seg) > BLKIF_MAX_SEGMENTS_PER_REQUEST:
+                raise ValueError(f"at most {BLKIF_MAX_SEGMENTS_PER_REQUEST} segments")
+            self._head.pack_into(
+                buf, offset, value.operation, value.nr_segments, value.handle, value.id,
+                value.sector_number,
+            )  # fmt: skip
+            at = offset + self._seg_off
+            for s in value.seg:
+                _SEG.pack_into(buf, at, s.gref, s.first_sect, s.last_sect)
+                at += _SEG.size
+
+    def unpack_from(self, buf: ReadableBuffer, offset: int = 0) -> BlkifAnyRequest:
+        op, b1, h16, ident, sector = self._head.unpack_from(buf, offset)
+        tail = offset + self._head.size
+        if op == BLKIF_OP_DISCARD:
+            (nr_sectors,) = self._discard_tail.unpack_from(buf, tail)
+            return BlkifRequestDiscard(op, b1, h16, ident, sector, nr_sectors)
+        if op == BLKIF_OP_INDIRECT:
+            handle, *grefs = self._ind_tail.unpack_from(buf, tail)
+            return BlkifRequestIndirect(op, b1, h16, ident, sector, handle, tuple(grefs))
+        nseg = min(b1, BLKIF_MAX_SEGMENTS_PER_REQUEST)
+        segs = tuple(
+            BlkifSegment(*_SEG.unpack_from(buf, offset + self._seg_off + i * _SEG.size))
+            for i in range(nseg)
+        )
+        return BlkifRequest(op, b1, h16, ident, sector, segs)
+
+    def get_id(self, value: BlkifAnyRequest) -> int:
+        return value.id
+
+    def with_id(self, value: BlkifAnyRequest, ident: int) -> BlkifAnyRequest:
+        return value._replace(id=ident)
+
+    def __repr__(self) -> str:
+        return f"<BlkifRequestFormat {self.abi} size={self._size}>"
+
+
+def blkif_request_format(abi: str = ABI_X86_64) -> BlkifRequestFormat:
+    return BlkifRequestFormat(abi)
+
+
+def blkif_response_format(abi: str = ABI_X86_64) -> StructFormat[BlkifResponse]:
+    """``struct blkif_response``: 16 bytes on x86_64 (tail-padded), 12 on x86_32."""
+    if abi == ABI_X86_64:
+        return StructFormat("blkif_response(x86_64-abi)", "<QBxh", BlkifResponse, size=16, align=8)
+    if abi == ABI_X86_32:
+        return StructFormat("blkif_response(x86_32-abi)", "<QBxh", BlkifResponse, align=4)
+    raise ValueError(f"unknown blkif ABI {abi!r}; expected one of {BLKIF_ABIS}")
+
+
+BLKIF_REQUEST = BlkifRequestFormat(ABI_X86_64)
+BLKIF_RESPONSE = blkif_response_format(ABI_X86_64)
+BLKIF_REQUEST_X86_32 = BlkifRequestFormat(ABI_X86_32)
+BLKIF_RESPONSE_X86_32 = blkif_response_format(ABI_X86_32)
+
 
 SECTOR_SHIFT = 9
 SECTOR_SIZE = 512
@@ -525,6 +686,7 @@ __all__ = [
     "ABI_ARM",
     "ABI_X86_32",
     "ABI_X86_64",
+    "BLKIF_ABIS",
     "BLKIF_DISCARD_SECURE",
     "BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST",
     "BLKIF_MAX_SEGMENTS_PER_REQUEST",
@@ -535,9 +697,14 @@ __all__ = [
     "BLKIF_OP_RESERVED_1",
     "BLKIF_OP_WRITE",
     "BLKIF_OP_WRITE_BARRIER",
+    "BLKIF_REQUEST",
+    "BLKIF_REQUEST_X86_32",
+    "BLKIF_RESPONSE",
+    "BLKIF_RESPONSE_X86_32",
     "BLKIF_RSP_EOPNOTSUPP",
     "BLKIF_RSP_ERROR",
     "BLKIF_RSP_OKAY",
+    "BLKIF_SEGMENT",
     "MAX_INDIRECT_SEGMENTS",
     "PAGE_SIZE",
     "SECTORS_PER_PAGE",
@@ -551,6 +718,7 @@ __all__ = [
     "BlkifAnyRequest",
     "BlkifRequest",
     "BlkifRequestDiscard",
+    "BlkifRequestFormat",
     "BlkifRequestIndirect",
     "BlkifResponse",
     "BlkifSegment",
@@ -559,6 +727,8 @@ __all__ = [
     "Limits",
     "RequestEncoder",
     "abi_for_protocol",
+    "blkif_request_format",
+    "blkif_response_format",
     "check_indirect_segments",
     "check_request",
     "encoded_request_format",

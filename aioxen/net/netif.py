@@ -37,34 +37,73 @@ from typing import NamedTuple
 
 from aioxen.errors import ProtocolError
 from aioxen.platforms.base import PAGE_SIZE
-from aioxen.rings.formats import (
-    NETIF_EXTRA_INFO,
-    NETIF_RSP_DROPPED,
-    NETIF_RSP_ERROR,
-    NETIF_RSP_NULL,
-    NETIF_RSP_OKAY,
-    NETIF_RX_REQUEST,
-    NETIF_RX_RESPONSE,
-    NETIF_TX_REQUEST,
-    NETIF_TX_RESPONSE,
-    NETRXF_CSUM_BLANK,
-    NETRXF_DATA_VALIDATED,
-    NETRXF_EXTRA_INFO,
-    NETRXF_GSO_PREFIX,
-    NETRXF_MORE_DATA,
-    NETTXF_CSUM_BLANK,
-    NETTXF_DATA_VALIDATED,
-    NETTXF_EXTRA_INFO,
-    NETTXF_MORE_DATA,
-    NetifRxRequest,
-    NetifRxResponse,
-    NetifTxRequest,
-    NetifTxResponse,
-)
+from aioxen.rings.formats import StructFormat
 
-# The TX flags (frontend → backend), RX flags (backend → frontend; bits 0 and 1 swap
-# meaning with TX) and response statuses are defined with the slot layouts in
-# aioxen.rings.formats and re-exported here.
+# The ring slot layouts (io/netif.h).  TX flags go frontend → backend, RX flags backend →
+# frontend (bits 0 and 1 swap meaning with TX).
+
+
+class NetifTxRequest(NamedTuple):
+    gref: int
+    offset: int
+    flags: int
+    id: int
+    size: int
+
+
+class NetifTxResponse(NamedTuple):
+    id: int
+    status: int
+
+
+class NetifRxRequest(NamedTuple):
+    id: int
+    gref: int
+
+
+class NetifRxResponse(NamedTuple):
+    id: int
+    offset: int
+    flags: int
+    status: int
+
+
+class NetifExtraInfo(NamedTuple):
+    type: int
+    flags: int
+    data: bytes  # the 6-byte union, interpreted by ``type``
+
+
+NETTXF_CSUM_BLANK = 0x1
+NETTXF_DATA_VALIDATED = 0x2
+NETTXF_MORE_DATA = 0x4
+NETTXF_EXTRA_INFO = 0x8
+NETRXF_DATA_VALIDATED = 0x1
+NETRXF_CSUM_BLANK = 0x2
+NETRXF_MORE_DATA = 0x4
+NETRXF_EXTRA_INFO = 0x8
+NETRXF_GSO_PREFIX = 0x10
+NETIF_RSP_DROPPED = -2
+NETIF_RSP_ERROR = -1
+NETIF_RSP_OKAY = 0
+NETIF_RSP_NULL = 1
+
+NETIF_TX_REQUEST: StructFormat[NetifTxRequest] = StructFormat(
+    "netif_tx_request", "<IHHHH", NetifTxRequest
+)
+NETIF_TX_RESPONSE: StructFormat[NetifTxResponse] = StructFormat(
+    "netif_tx_response", "<Hh", NetifTxResponse, align=2
+)
+# ``pad`` is not part of the record: it is written as zero and ignored on decode.
+NETIF_RX_REQUEST: StructFormat[NetifRxRequest] = StructFormat(
+    "netif_rx_request", "<H2xI", NetifRxRequest
+)
+NETIF_RX_RESPONSE: StructFormat[NetifRxResponse] = StructFormat(
+    "netif_rx_response", "<HHHh", NetifRxResponse, align=2
+)
+NETIF_EXTRA_INFO: StructFormat[NetifExtraInfo] = StructFormat(
+    "netif_extra_info", "<BB6s", NetifExtraInfo, id_field=None, align=2
+)
 
 XEN_NETIF_EXTRA_TYPE_NONE = 0
 XEN_NETIF_EXTRA_TYPE_GSO = 1
@@ -92,7 +131,7 @@ TX_RING_SIZE = 256  # entries in a one-page ring: (4096 - 64) // 12 rounded down
 RX_RING_SIZE = 256
 
 # Flat struct codecs for hot paths, built from the ring formats' layouts (records and
-# layouts live in aioxen.rings.formats).
+# layouts above).
 TX_REQ = struct.Struct(NETIF_TX_REQUEST.layout)
 TX_RSP = struct.Struct(NETIF_TX_RESPONSE.layout)
 TX_RSP_SLOT = struct.Struct(NETIF_TX_RESPONSE.layout + f"{TX_SLOT_SIZE - TX_RSP.size}x")
@@ -564,10 +603,15 @@ def parse_rx(
 __all__ = [
     "EXTRA_INFO",
     "MAX_EXTRA_SLOTS",
+    "NETIF_EXTRA_INFO",
     "NETIF_RSP_DROPPED",
     "NETIF_RSP_ERROR",
     "NETIF_RSP_NULL",
     "NETIF_RSP_OKAY",
+    "NETIF_RX_REQUEST",
+    "NETIF_RX_RESPONSE",
+    "NETIF_TX_REQUEST",
+    "NETIF_TX_RESPONSE",
     "NETRXF_CSUM_BLANK",
     "NETRXF_DATA_VALIDATED",
     "NETRXF_EXTRA_INFO",
@@ -577,6 +621,7 @@ __all__ = [
     "NETTXF_DATA_VALIDATED",
     "NETTXF_EXTRA_INFO",
     "NETTXF_MORE_DATA",
+    "PAGE_SIZE",
     "PLAIN",
     "RX_REQ",
     "RX_REQUEST",
@@ -603,6 +648,7 @@ __all__ = [
     "GsoExtra",
     "HashExtra",
     "McastExtra",
+    "NetifExtraInfo",
     "NetifRxRequest",
     "NetifRxResponse",
     "NetifTxRequest",

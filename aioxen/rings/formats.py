@@ -16,19 +16,12 @@ under its user.  Decoders never raise on odd field values (e.g. a ``nr_segments`
 11): validating request semantics is the device's job, and a device answers a bad request
 with an error response instead of tearing down the ring.
 
-Formats provided (layouts from ``xen/include/public/io/{netif,blkif}.h``; all Xen ABIs are
-little-endian):
-
-* netif: :data:`NETIF_TX_REQUEST` (12 B), :data:`NETIF_TX_RESPONSE` (4 B),
-  :data:`NETIF_RX_REQUEST` (8 B), :data:`NETIF_RX_RESPONSE` (8 B),
-  :data:`NETIF_EXTRA_INFO` (8 B; travels in TX request and RX response slots).
-* blkif: :func:`blkif_request_format` / :func:`blkif_response_format` for the
-  ``x86_64-abi`` (112/16 B) and ``x86_32-abi`` (108/12 B) layouts; requests decode to
-  :class:`BlkifRequest`, :class:`BlkifRequestDiscard` or :class:`BlkifRequestIndirect`
-  according to ``operation``.
-* caller-defined: :class:`StructFormat` over a :mod:`struct` layout and a ``NamedTuple``
-  class, and :class:`RawFormat` (values are the slot's ``bytes``, for protocols that
-  decide a slot's type from its neighbours, like netif extra-info slots).
+This module is the machinery only, like ``io/ring.h``: :class:`StructFormat` over a
+:mod:`struct` layout and a ``NamedTuple`` class, and :class:`RawFormat` (values are the
+slot's ``bytes``, for protocols that decide a slot's type from its neighbours, like netif
+extra-info slots).  Each device package owns its layouts, as ``netif.h``/``blkif.h`` do:
+:mod:`aioxen.net.netif` (``NETIF_TX_REQUEST`` ...) and :mod:`aioxen.blk.blkif`
+(``BLKIF_REQUEST`` ..., both ABIs).  All Xen ABIs are little-endian.
 """
 
 from __future__ import annotations
@@ -38,7 +31,7 @@ import itertools
 import operator
 import struct
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -162,7 +155,7 @@ def _no_id(name: str) -> TypeError:
     return TypeError(f"format {name} has no id field")
 
 
-class _FixedFormat:
+class FixedFormat:
     """The attributes every format here shares: ``name``, ``size``, ``align``, ``id_bits``."""
 
     def __init__(self, name: str, size: int, align: int, id_bits: int) -> None:
@@ -253,7 +246,7 @@ class _StructCodec(Generic[R]):
         return list(map(get, values))
 
 
-class StructFormat(_FixedFormat, Generic[R]):
+class StructFormat(FixedFormat, Generic[R]):
     """A flat C struct described by a :mod:`struct` layout and a ``NamedTuple`` class.
 
     ``layout`` uses explicit byte order and explicit padding (``x``), e.g. ``"<IHHHH"`` for
@@ -382,7 +375,7 @@ def _field_codes(layout: str) -> list[str]:
     return [code for code in _layout_items(layout)[1] if not code.endswith("x")]
 
 
-class RawFormat(_FixedFormat):
+class RawFormat(FixedFormat):
     """Opaque entries: values are ``bytes`` of exactly ``size``; ``id`` is a little-endian
     integer of ``id_bits`` at ``id_offset`` (default: none)."""
 
@@ -426,283 +419,13 @@ class RawFormat(_FixedFormat):
         return value[:o] + ident.to_bytes(width, "little") + value[o + width :]
 
 
-# --------------------------------------------------------------------------- netif
-
-
-class NetifTxRequest(NamedTuple):
-    gref: int
-    offset: int
-    flags: int
-    id: int
-    size: int
-
-
-class NetifTxResponse(NamedTuple):
-    id: int
-    status: int
-
-
-class NetifRxRequest(NamedTuple):
-    id: int
-    gref: int
-
-
-class NetifRxResponse(NamedTuple):
-    id: int
-    offset: int
-    flags: int
-    status: int
-
-
-class NetifExtraInfo(NamedTuple):
-    type: int
-    flags: int
-    data: bytes  # the 6-byte union, interpreted by ``type``
-
-
-NETTXF_CSUM_BLANK = 0x1
-NETTXF_DATA_VALIDATED = 0x2
-NETTXF_MORE_DATA = 0x4
-NETTXF_EXTRA_INFO = 0x8
-NETRXF_DATA_VALIDATED = 0x1
-NETRXF_CSUM_BLANK = 0x2
-NETRXF_MORE_DATA = 0x4
-NETRXF_EXTRA_INFO = 0x8
-NETRXF_GSO_PREFIX = 0x10
-NETIF_RSP_DROPPED = -2
-NETIF_RSP_ERROR = -1
-NETIF_RSP_OKAY = 0
-NETIF_RSP_NULL = 1
-
-NETIF_TX_REQUEST: StructFormat[NetifTxRequest] = StructFormat(
-    "netif_tx_request", "<IHHHH", NetifTxRequest
-)
-NETIF_TX_RESPONSE: StructFormat[NetifTxResponse] = StructFormat(
-    "netif_tx_response", "<Hh", NetifTxResponse, align=2
-)
-# ``pad`` is not part of the record: it is written as zero and ignored on decode.
-NETIF_RX_REQUEST: StructFormat[NetifRxRequest] = StructFormat(
-    "netif_rx_request", "<H2xI", NetifRxRequest
-)
-NETIF_RX_RESPONSE: StructFormat[NetifRxResponse] = StructFormat(
-    "netif_rx_response", "<HHHh", NetifRxResponse, align=2
-)
-NETIF_EXTRA_INFO: StructFormat[NetifExtraInfo] = StructFormat(
-    "netif_extra_info", "<BB6s", NetifExtraInfo, id_field=None, align=2
-)
-
-
-# --------------------------------------------------------------------------- blkif
-
-BLKIF_OP_READ = 0
-BLKIF_OP_WRITE = 1
-BLKIF_OP_WRITE_BARRIER = 2
-BLKIF_OP_FLUSH_DISKCACHE = 3
-BLKIF_OP_RESERVED_1 = 4
-BLKIF_OP_DISCARD = 5
-BLKIF_OP_INDIRECT = 6
-BLKIF_MAX_SEGMENTS_PER_REQUEST = 11
-BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST = 8
-BLKIF_DISCARD_SECURE = 0x1
-BLKIF_RSP_EOPNOTSUPP = -2
-BLKIF_RSP_ERROR = -1
-BLKIF_RSP_OKAY = 0
-
-ABI_X86_64 = "x86_64-abi"
-ABI_X86_32 = "x86_32-abi"
-BLKIF_ABIS = (ABI_X86_64, ABI_X86_32)
-
-
-class BlkifSegment(NamedTuple):
-    gref: int
-    first_sect: int
-    last_sect: int
-
-
-class BlkifRequest(NamedTuple):
-    """Read, write, barrier and flush requests (``struct blkif_request``)."""
-
-    operation: int
-    nr_segments: int
-    handle: int
-    id: int
-    sector_number: int
-    seg: tuple[BlkifSegment, ...] = ()
-
-
-class BlkifRequestDiscard(NamedTuple):
-    operation: int  # BLKIF_OP_DISCARD
-    flag: int
-    handle: int
-    id: int
-    sector_number: int
-    nr_sectors: int
-
-
-class BlkifRequestIndirect(NamedTuple):
-    operation: int  # BLKIF_OP_INDIRECT
-    indirect_op: int
-    nr_segments: int
-    id: int
-    sector_number: int
-    handle: int
-    indirect_grefs: tuple[int, ...] = ()
-
-
-BlkifAnyRequest = BlkifRequest | BlkifRequestDiscard | BlkifRequestIndirect
-
-
-class BlkifResponse(NamedTuple):
-    id: int
-    operation: int
-    status: int
-
-
-_SEG = struct.Struct("<IBB2x")
-BLKIF_SEGMENT = _SEG
-"""``struct blkif_request_segment``: gref u32, first_sect u8, last_sect u8, 2 pad bytes."""
-
-
-class BlkifRequestFormat(_FixedFormat):
-    """``struct blkif_request`` and its discard/indirect variants, chosen by ``operation``."""
-
-    def __init__(self, abi: str = ABI_X86_64) -> None:
-        if abi not in BLKIF_ABIS:
-            raise ValueError(f"unknown blkif ABI {abi!r}; expected one of {BLKIF_ABIS}")
-        self.abi = abi
-        wide = abi == ABI_X86_64
-        # header: operation u8, nr_segments/flag/indirect_op u8, handle/nr_segments u16, id
-        self._head = struct.Struct("<BBH4xQQ" if wide else "<BBHQQ")
-        self._seg_off = self._head.size  # 24 or 20
-        size = self._seg_off + BLKIF_MAX_SEGMENTS_PER_REQUEST * _SEG.size  # 112 / 108
-        super().__init__(f"blkif_request({abi})", size, 8 if wide else 4, 64)
-        self._id_off = 8 if wide else 4
-        self._discard_tail = struct.Struct("<Q")  # nr_sectors, right after the header
-        # indirect: handle u16, pad u16, grefs[8] u32 right after sector_number
-        self._ind_tail = struct.Struct("<H2x8I")
-
-    @property
-    def segments_offset(self) -> int:
-        return self._seg_off
-
-    @property
-    def id_offset(self) -> int:
-        """Byte offset of the 64-bit ``id`` (8 on x86_64, 4 on x86_32)."""
-        return self._id_off
-
-    @property
-    def header(self) -> struct.Struct:
-        """The common header: operation, u8 (nr_segments/flag/indirect_op), u16
-        (handle/nr_segments), id, sector_number."""
-        return self._head
-
-    def pack_into(self, buf: WritableBuffer, offset: int, value: BlkifAnyRequest) -> None:
-        buf[offset : offset + self._size] = bytes(self._size)
-        if isinstance(value, BlkifRequestDiscard):
-            self._head.pack_into(
-                buf, offset, value.operation, value.flag, value.handle, value.id,
-                value.sector_number,
-            )  # fmt: skip
-            self._discard_tail.pack_into(buf, offset + self._head.size, value.nr_sectors)
-        elif isinstance(value, BlkifRequestIndirect):
-            self._head.pack_into(
-                buf, offset, value.operation, value.indirect_op, value.nr_segments, value.id,
-                value.sector_number,
-            )  # fmt: skip
-            grefs = tuple(value.indirect_grefs)
-            if len(grefs) > BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST:
-                raise ValueError(f"at most {BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST} indirect grefs")
-            grefs += (0,) * (BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST - len(grefs))
-            self._ind_tail.pack_into(buf, offset + self._head.size, value.handle, *grefs)
-        else:
-            if len(value.seg) > BLKIF_MAX_SEGMENTS_PER_REQUEST:
-                raise ValueError(f"at most {BLKIF_MAX_SEGMENTS_PER_REQUEST} segments")
-            self._head.pack_into(
-                buf, offset, value.operation, value.nr_segments, value.handle, value.id,
-                value.sector_number,
-            )  # fmt: skip
-            at = offset + self._seg_off
-            for s in value.seg:
-                _SEG.pack_into(buf, at, s.gref, s.first_sect, s.last_sect)
-                at += _SEG.size
-
-    def unpack_from(self, buf: ReadableBuffer, offset: int = 0) -> BlkifAnyRequest:
-        op, b1, h16, ident, sector = self._head.unpack_from(buf, offset)
-        tail = offset + self._head.size
-        if op == BLKIF_OP_DISCARD:
-            (nr_sectors,) = self._discard_tail.unpack_from(buf, tail)
-            return BlkifRequestDiscard(op, b1, h16, ident, sector, nr_sectors)
-        if op == BLKIF_OP_INDIRECT:
-            handle, *grefs = self._ind_tail.unpack_from(buf, tail)
-            return BlkifRequestIndirect(op, b1, h16, ident, sector, handle, tuple(grefs))
-        nseg = min(b1, BLKIF_MAX_SEGMENTS_PER_REQUEST)
-        segs = tuple(
-            BlkifSegment(*_SEG.unpack_from(buf, offset + self._seg_off + i * _SEG.size))
-            for i in range(nseg)
-        )
-        return BlkifRequest(op, b1, h16, ident, sector, segs)
-
-    def get_id(self, value: BlkifAnyRequest) -> int:
-        return value.id
-
-    def with_id(self, value: BlkifAnyRequest, ident: int) -> BlkifAnyRequest:
-        return value._replace(id=ident)
-
-    def __repr__(self) -> str:
-        return f"<BlkifRequestFormat {self.abi} size={self._size}>"
-
-
-def blkif_request_format(abi: str = ABI_X86_64) -> BlkifRequestFormat:
-    return BlkifRequestFormat(abi)
-
-
-def blkif_response_format(abi: str = ABI_X86_64) -> StructFormat[BlkifResponse]:
-    """``struct blkif_response``: 16 bytes on x86_64 (tail-padded), 12 on x86_32."""
-    if abi == ABI_X86_64:
-        return StructFormat("blkif_response(x86_64-abi)", "<QBxh", BlkifResponse, size=16, align=8)
-    if abi == ABI_X86_32:
-        return StructFormat("blkif_response(x86_32-abi)", "<QBxh", BlkifResponse, align=4)
-    raise ValueError(f"unknown blkif ABI {abi!r}; expected one of {BLKIF_ABIS}")
-
-
-BLKIF_REQUEST = BlkifRequestFormat(ABI_X86_64)
-BLKIF_RESPONSE = blkif_response_format(ABI_X86_64)
-BLKIF_REQUEST_X86_32 = BlkifRequestFormat(ABI_X86_32)
-BLKIF_RESPONSE_X86_32 = blkif_response_format(ABI_X86_32)
-
-
 __all__ = [
-    "ABI_X86_32",
-    "ABI_X86_64",
-    "BLKIF_REQUEST",
-    "BLKIF_REQUEST_X86_32",
-    "BLKIF_RESPONSE",
-    "BLKIF_RESPONSE_X86_32",
-    "BLKIF_SEGMENT",
-    "NETIF_EXTRA_INFO",
-    "NETIF_RX_REQUEST",
-    "NETIF_RX_RESPONSE",
-    "NETIF_TX_REQUEST",
-    "NETIF_TX_RESPONSE",
     "BatchCodec",
-    "BlkifAnyRequest",
-    "BlkifRequest",
-    "BlkifRequestDiscard",
-    "BlkifRequestFormat",
-    "BlkifRequestIndirect",
-    "BlkifResponse",
-    "BlkifSegment",
     "EntryFormat",
+    "FixedFormat",
     "GenericCodec",
-    "NetifExtraInfo",
-    "NetifRxRequest",
-    "NetifRxResponse",
-    "NetifTxRequest",
-    "NetifTxResponse",
     "RawFormat",
     "StructFormat",
     "batch_codec",
-    "blkif_request_format",
-    "blkif_response_format",
     "slot_size",
 ]

@@ -8,23 +8,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aioxen.net import netif as N
 from aioxen.platforms.base import EventChannel
-from aioxen.rings import formats as F
 from aioxen.rings.aio import AsyncBackRing, AsyncFrontRing
 from aioxen.rings.sring import BackRing, FrontRing
 
 FE, BE = 1, 0
 NEAR_WRAP = 2**32 - 100
-TxFront = AsyncFrontRing[F.NetifTxRequest, F.NetifTxResponse]
-TxBack = AsyncBackRing[F.NetifTxRequest, F.NetifTxResponse]
+TxFront = AsyncFrontRing[N.NetifTxRequest, N.NetifTxResponse]
+TxBack = AsyncBackRing[N.NetifTxRequest, N.NetifTxResponse]
 
 
-def treq(size: int) -> F.NetifTxRequest:
-    return F.NetifTxRequest(gref=size * 3, offset=0, flags=0, id=0, size=size)
+def treq(size: int) -> N.NetifTxRequest:
+    return N.NetifTxRequest(gref=size * 3, offset=0, flags=0, id=0, size=size)
 
 
-def echo(req: F.NetifTxRequest) -> F.NetifTxResponse:
-    return F.NetifTxResponse(req.id, req.size)
+def echo(req: N.NetifTxRequest) -> N.NetifTxResponse:
+    return N.NetifTxResponse(req.id, req.size)
 
 
 async def until(cond: Callable[[], bool], what: str, spins: int = 10_000) -> None:
@@ -43,10 +43,10 @@ async def ring_pair(
     fp = await harness.platform(FE)
     bp = await harness.platform(BE)
     front = await AsyncFrontRing.create(
-        fp, BE, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE, start=start, order=order
+        fp, BE, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE, start=start, order=order
     )
     back = await AsyncBackRing.attach(
-        bp, FE, front.refs, front.port, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE,
+        bp, FE, front.refs, front.port, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE,
         check_ids=check_ids,
     )  # fmt: skip
     return front, back
@@ -91,7 +91,7 @@ async def counted_pair(harness: Any) -> CountedPair:
     mapping = bp.grants.map(FE, share.refs)
     bch = await bp.events.connect(FE, fch.port)
     fcount, bcount = CountingChannel(fch), CountingChannel(bch)
-    req, rsp = F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE
+    req, rsp = N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE
     front: TxFront = AsyncFrontRing(FrontRing(share.buf, req, rsp, start=NEAR_WRAP), fcount)
     back: TxBack = AsyncBackRing(BackRing(mapping.buf, req, rsp), bcount)
     return CountedPair(front, back, fcount, bcount, (mapping, share, fch, bch))

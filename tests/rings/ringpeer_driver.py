@@ -16,16 +16,17 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from aioxen.rings import formats as F
+from aioxen.blk import blkif as B
+from aioxen.net import netif as N
 from aioxen.rings.sring import BackRing, FrontRing
 
 C_DIR = Path(__file__).resolve().parent.parent / "c"
 U32 = 0xFFFFFFFF
 
 FORMATS: dict[str, tuple[Any, Any]] = {
-    "tx": (F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE),
-    "rx": (F.NETIF_RX_REQUEST, F.NETIF_RX_RESPONSE),
-    "blk": (F.BLKIF_REQUEST, F.BLKIF_RESPONSE),
+    "tx": (N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE),
+    "rx": (N.NETIF_RX_REQUEST, N.NETIF_RX_RESPONSE),
+    "blk": (B.BLKIF_REQUEST, B.BLKIF_RESPONSE),
 }
 
 
@@ -41,20 +42,20 @@ def build_ringpeer(out_dir: Path) -> Path:
 def request_for(kind: str, k: int) -> Any:
     k &= U32
     if kind == "tx":
-        return F.NetifTxRequest((k * 7 + 1) & U32, k & 0xFFF, k & 0xF, k & 0xFFFF, (k * 3) & 0xFFFF)
+        return N.NetifTxRequest((k * 7 + 1) & U32, k & 0xFFF, k & 0xF, k & 0xFFFF, (k * 3) & 0xFFFF)
     if kind == "rx":
-        return F.NetifRxRequest(k & 0xFFFF, (k * 5 + 3) & U32)
+        return N.NetifRxRequest(k & 0xFFFF, (k * 5 + 3) & U32)
     nseg = k % 12
-    segs = tuple(F.BlkifSegment((k * 16 + i) & U32, i % 8, 7) for i in range(nseg))
-    return F.BlkifRequest(k % 2, nseg, 0x1234, k * 0x100000001, k * 8, segs)
+    segs = tuple(B.BlkifSegment((k * 16 + i) & U32, i % 8, 7) for i in range(nseg))
+    return B.BlkifRequest(k % 2, nseg, 0x1234, k * 0x100000001, k * 8, segs)
 
 
 def response_for(kind: str, req: Any) -> Any:
     if kind == "tx":
-        return F.NetifTxResponse(req.id, req.id % 3 - 1)
+        return N.NetifTxResponse(req.id, req.id % 3 - 1)
     if kind == "rx":
-        return F.NetifRxResponse(req.id, req.id & 0xFF, 1, req.id % 1500)
-    return F.BlkifResponse(req.id, req.operation, -(req.id % 3))
+        return N.NetifRxResponse(req.id, req.id & 0xFF, 1, req.id % 1500)
+    return B.BlkifResponse(req.id, req.operation, -(req.id % 3))
 
 
 def fmt_request(kind: str, r: Any) -> str:

@@ -23,8 +23,8 @@ from ring_helpers import (
 )
 
 from aioxen import ProtocolError
+from aioxen.net import netif as N
 from aioxen.platforms.inheap import InHeapPlatform, InHeapWorld
-from aioxen.rings import formats as F
 from aioxen.rings.aio import AsyncBackRing, AsyncFrontRing, RingShutdown
 from aioxen.rings.sring import REQ_PROD, RSP_PROD, BackRing, FrontRing
 
@@ -46,7 +46,7 @@ async def test_round_trip_with_back_pressure_and_index_wrap(harness: Any) -> Non
 async def test_concurrent_requests_and_async_handler(harness: Any) -> None:
     front, back = await ring_pair(harness, order=1)
 
-    async def slow_echo(req: F.NetifTxRequest) -> F.NetifTxResponse:
+    async def slow_echo(req: N.NetifTxRequest) -> N.NetifTxResponse:
         await asyncio.sleep(0.001 * (req.size % 3))  # answers come back out of order
         return echo(req)
 
@@ -206,7 +206,7 @@ async def test_invented_and_duplicate_response_ids(harness: Any) -> None:
         tasks = [asyncio.create_task(front.request(treq(i))) for i in range(3)]
         batch = await asyncio.wait_for(back.next_batch(), 10)
         back.respond(echo(batch[0]))
-        back.respond(F.NetifTxResponse(batch[0].id if bad == "duplicate" else 999, 0))
+        back.respond(N.NetifTxResponse(batch[0].id if bad == "duplicate" else 999, 0))
         assert (await asyncio.wait_for(tasks[0], 10)).status == 0
         for t in tasks[1:]:
             with pytest.raises(ProtocolError) as e:
@@ -222,7 +222,7 @@ async def test_invented_and_duplicate_response_ids(harness: Any) -> None:
 async def test_rsp_prod_overflow_shuts_the_front_down(harness: Any) -> None:
     fp = await harness.platform(FE)
     bp = await harness.platform(BE)
-    front = await AsyncFrontRing.create(fp, BE, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE)
+    front = await AsyncFrontRing.create(fp, BE, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE)
     mapping = bp.grants.map(FE, front.refs)
     ch = await bp.events.connect(FE, front.port)
     task = asyncio.create_task(front.request(treq(1)))
@@ -242,24 +242,24 @@ async def _hostile_front(harness: Any) -> tuple[Any, Any, FrontRing[Any, Any], T
     bp = await harness.platform(BE)
     share = fp.grants.share(BE, 1)
     ch = await fp.events.listen(BE)
-    raw: FrontRing[Any, Any] = FrontRing(share.buf, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE)
+    raw: FrontRing[Any, Any] = FrontRing(share.buf, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE)
     back: TxBack = await AsyncBackRing.attach(
-        bp, FE, share.refs, ch.port, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE
+        bp, FE, share.refs, ch.port, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE
     )
     return share, ch, raw, back
 
 
 async def test_front_reusing_an_id_in_flight(harness: Any) -> None:
     share, ch, raw, back = await _hostile_front(harness)
-    raw.put_request(F.NetifTxRequest(1, 0, 0, 7, 60))
-    raw.put_request(F.NetifTxRequest(2, 0, 0, 7, 60))
+    raw.put_request(N.NetifTxRequest(1, 0, 0, 7, 60))
+    raw.put_request(N.NetifTxRequest(2, 0, 0, 7, 60))
     raw.push_requests()
     ch.notify()
     with pytest.raises(ProtocolError) as e:
         await asyncio.wait_for(back.next_batch(), 10)
     assert e.value.field == "id" and back.closed
     with pytest.raises(ProtocolError):
-        back.respond(F.NetifTxResponse(7, 0))
+        back.respond(N.NetifTxResponse(7, 0))
     back.close()
     raw.close()
     share.close()
@@ -307,13 +307,13 @@ async def _adversarial(actions: list[tuple[Any, ...]], start: int) -> None:
     world = InHeapWorld()
     async with InHeapPlatform(FE, world) as fp, InHeapPlatform(BE, world) as bp:
         front: TxFront = await AsyncFrontRing.create(
-            fp, BE, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE, start=start
+            fp, BE, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE, start=start
         )
         mapping = bp.grants.map(FE, front.refs)
         ch = await bp.events.connect(FE, front.port)
-        back = BackRing(mapping.buf, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE)
-        futs: dict[int, asyncio.Future[F.NetifTxResponse]] = {}  # size -> future
-        queue: list[F.NetifTxRequest] = []
+        back = BackRing(mapping.buf, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE)
+        futs: dict[int, asyncio.Future[N.NetifTxResponse]] = {}  # size -> future
+        queue: list[N.NetifTxRequest] = []
         answered: list[int] = []
         violated: str | None = None
         counter = 0
@@ -340,12 +340,12 @@ async def _adversarial(actions: list[tuple[Any, ...]], start: int) -> None:
             elif kind == "invent":
                 if any(r.id == action[1] for r in queue):
                     continue  # that would be a legitimate answer
-                back.put_response(F.NetifTxResponse(action[1], 0))
+                back.put_response(N.NetifTxResponse(action[1], 0))
                 violated = "id"
             elif kind == "duplicate":
                 if not answered:
                     continue
-                back.put_response(F.NetifTxResponse(front_id_of(answered[-1], futs), 0))
+                back.put_response(N.NetifTxResponse(front_id_of(answered[-1], futs), 0))
                 violated = "id"
             else:
                 mapping.buf[RSP_PROD : RSP_PROD + 4] = (
@@ -365,7 +365,7 @@ async def _adversarial(actions: list[tuple[Any, ...]], start: int) -> None:
         else:
             assert front.error is None
             for s in answered:
-                assert futs[s].result() == F.NetifTxResponse(futs[s].result().id, s)
+                assert futs[s].result() == N.NetifTxResponse(futs[s].result().id, s)
         front.close()
         for s, f in futs.items():
             if s not in answered or violated:
@@ -378,7 +378,7 @@ async def _adversarial(actions: list[tuple[Any, ...]], start: int) -> None:
     world.assert_cleaned_up()
 
 
-def front_id_of(size: int, futs: dict[int, asyncio.Future[F.NetifTxResponse]]) -> int:
+def front_id_of(size: int, futs: dict[int, asyncio.Future[N.NetifTxResponse]]) -> int:
     return futs[size].result().id
 
 
@@ -407,14 +407,14 @@ async def _adversarial_front(actions: list[tuple[Any, ...]], start: int) -> None
         share = fp.grants.share(BE, 1)
         ch = await fp.events.listen(BE)
         raw: FrontRing[Any, Any] = FrontRing(
-            share.buf, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE, start=start
+            share.buf, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE, start=start
         )
         back: TxBack = await AsyncBackRing.attach(
-            bp, FE, share.refs, ch.port, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE
+            bp, FE, share.refs, ch.port, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE
         )
         answered: list[int] = []
 
-        def handler(r: F.NetifTxRequest) -> F.NetifTxResponse:
+        def handler(r: N.NetifTxRequest) -> N.NetifTxResponse:
             answered.append(r.size)
             return echo(r)
 
@@ -426,14 +426,14 @@ async def _adversarial_front(actions: list[tuple[Any, ...]], start: int) -> None
             kind = action[0]
             if kind == "send":
                 n = min(action[1], raw.free_requests)
-                raw.put_requests(F.NetifTxRequest(0, 0, 0, (next_id + k) & 0xFFFF, sent + k)
+                raw.put_requests(N.NetifTxRequest(0, 0, 0, (next_id + k) & 0xFFFF, sent + k)
                                  for k in range(n))  # fmt: skip
                 next_id, sent = next_id + n, sent + n
                 raw.push_requests()
             elif kind == "reuse":
                 if raw.in_flight == 0 or raw.free_requests < 2:
                     continue
-                raw.put_requests([F.NetifTxRequest(0, 0, 0, 7777, 0)] * 2)
+                raw.put_requests([N.NetifTxRequest(0, 0, 0, 7777, 0)] * 2)
                 raw.push_requests()
                 violated = "id"
             else:

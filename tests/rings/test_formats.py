@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aioxen.blk import blkif as B
+from aioxen.net import netif as N
 from aioxen.rings import formats as F
 
 
@@ -31,29 +33,29 @@ CUSTOM = [
 
 def sample(fmt: Any, i: int) -> Any:
     rec = getattr(fmt, "record", None)
-    if fmt is F.NETIF_TX_REQUEST:
-        return F.NetifTxRequest(i * 3, i & 0xFFF, 1, 0, i & 0xFFFF)
-    if fmt is F.NETIF_RX_REQUEST:
-        return F.NetifRxRequest(0, i * 5)
-    if fmt is F.NETIF_TX_RESPONSE:
-        return F.NetifTxResponse(0, -1)
-    if fmt is F.NETIF_RX_RESPONSE:
-        return F.NetifRxResponse(0, i & 0xFFF, 4, 1500)
-    if rec is F.BlkifResponse:
-        return F.BlkifResponse(0, 1, -2)
+    if fmt is N.NETIF_TX_REQUEST:
+        return N.NetifTxRequest(i * 3, i & 0xFFF, 1, 0, i & 0xFFFF)
+    if fmt is N.NETIF_RX_REQUEST:
+        return N.NetifRxRequest(0, i * 5)
+    if fmt is N.NETIF_TX_RESPONSE:
+        return N.NetifTxResponse(0, -1)
+    if fmt is N.NETIF_RX_RESPONSE:
+        return N.NetifRxResponse(0, i & 0xFFF, 4, 1500)
+    if rec is B.BlkifResponse:
+        return B.BlkifResponse(0, 1, -2)
     if rec is Mid:
         return Mid(i & 0xFF, 0, i & 0xFFFF)
     if rec is Wide:
         return Wide(b"abcd", 0)
-    if isinstance(fmt, F.BlkifRequestFormat):
-        segs = tuple(F.BlkifSegment(i + k, 0, 7) for k in range(i % 12))
-        return F.BlkifRequest(i % 2, len(segs), 7, 0, i * 8, segs)
+    if isinstance(fmt, B.BlkifRequestFormat):
+        segs = tuple(B.BlkifSegment(i + k, 0, 7) for k in range(i % 12))
+        return B.BlkifRequest(i % 2, len(segs), 7, 0, i * 8, segs)
     raise AssertionError(fmt)
 
 
 FORMATS = [
-    F.NETIF_TX_REQUEST, F.NETIF_RX_REQUEST, F.NETIF_TX_RESPONSE, F.NETIF_RX_RESPONSE,
-    F.BLKIF_RESPONSE, F.BLKIF_RESPONSE_X86_32, F.BLKIF_REQUEST, F.BLKIF_REQUEST_X86_32, *CUSTOM,
+    N.NETIF_TX_REQUEST, N.NETIF_RX_REQUEST, N.NETIF_TX_RESPONSE, N.NETIF_RX_RESPONSE,
+    B.BLKIF_RESPONSE, B.BLKIF_RESPONSE_X86_32, B.BLKIF_REQUEST, B.BLKIF_REQUEST_X86_32, *CUSTOM,
 ]  # fmt: skip
 
 
@@ -89,29 +91,48 @@ def test_generic_codec_for_raw_format() -> None:
 
 def test_slot_too_small_and_bad_id_counts() -> None:
     with pytest.raises(ValueError):
-        F.batch_codec(F.NETIF_TX_REQUEST, 8)
-    codec = F.batch_codec(F.NETIF_TX_REQUEST, 12)
+        F.batch_codec(N.NETIF_TX_REQUEST, 8)
+    codec = F.batch_codec(N.NETIF_TX_REQUEST, 12)
     with pytest.raises(ValueError):
-        codec.pack_with_ids([sample(F.NETIF_TX_REQUEST, 0)], [1, 2])
+        codec.pack_with_ids([sample(N.NETIF_TX_REQUEST, 0)], [1, 2])
     with pytest.raises(TypeError):
-        F.batch_codec(F.NETIF_EXTRA_INFO, 8).ids([F.NetifExtraInfo(1, 0, bytes(6))])
+        F.batch_codec(N.NETIF_EXTRA_INFO, 8).ids([N.NetifExtraInfo(1, 0, bytes(6))])
 
 
 def test_blkif_variants_round_trip() -> None:
-    for abi in F.BLKIF_ABIS:
-        fmt = F.blkif_request_format(abi)
-        reqs: list[F.BlkifAnyRequest] = [
-            F.BlkifRequestDiscard(F.BLKIF_OP_DISCARD, F.BLKIF_DISCARD_SECURE, 3, 2**64 - 1, 8, 64),
-            F.BlkifRequestIndirect(F.BLKIF_OP_INDIRECT, F.BLKIF_OP_WRITE, 300, 5, 16, 3,
+    for abi in B.BLKIF_ABIS:
+        fmt = B.blkif_request_format(abi)
+        reqs: list[B.BlkifAnyRequest] = [
+            B.BlkifRequestDiscard(B.BLKIF_OP_DISCARD, B.BLKIF_DISCARD_SECURE, 3, 2**64 - 1, 8, 64),
+            B.BlkifRequestIndirect(B.BLKIF_OP_INDIRECT, B.BLKIF_OP_WRITE, 300, 5, 16, 3,
                                    (11, 12, 13, 0, 0, 0, 0, 0)),
-            F.BlkifRequest(F.BLKIF_OP_FLUSH_DISKCACHE, 0, 3, 9, 0, ()),
+            B.BlkifRequest(B.BLKIF_OP_FLUSH_DISKCACHE, 0, 3, 9, 0, ()),
         ]  # fmt: skip
         buf = bytearray(fmt.size)
         for r in reqs:
             fmt.pack_into(buf, 0, r)
             assert fmt.unpack_from(buf) == r
         # a hostile nr_segments decodes (clamped to 11 segments) instead of raising
-        fmt.pack_into(buf, 0, F.BlkifRequest(F.BLKIF_OP_READ, 0, 0, 1, 0, ()))
+        fmt.pack_into(buf, 0, B.BlkifRequest(B.BLKIF_OP_READ, 0, 0, 1, 0, ()))
         buf[1] = 200
         got = fmt.unpack_from(buf)
-        assert isinstance(got, F.BlkifRequest) and got.nr_segments == 200 and len(got.seg) == 11
+        assert isinstance(got, B.BlkifRequest) and got.nr_segments == 200 and len(got.seg) == 11
+
+
+def test_ring_layer_owns_no_device_layouts() -> None:
+    """Like io/ring.h vs netif.h/blkif.h: the ring layer is machinery only; the netif and
+    blkif slot layouts live in their device packages, which the ring layer never imports."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import aioxen.rings, aioxen.rings.aio, aioxen.rings.byte, aioxen.rings.formats\n"
+        "import aioxen.rings.sring, aioxen.rings.stream\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('aioxen.net', 'aioxen.blk')))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    device_names = [n for n in vars(F) if n.lower().startswith(("netif", "blkif", "abi_"))]
+    assert device_names == []
+    assert N.NETIF_TX_REQUEST.size == 12 and B.BLKIF_REQUEST.size == 112

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from aioxen.blk import blkif as BK
+from aioxen.net import netif as N
 from aioxen.rings import byte as B
 from aioxen.rings import formats as F
 from aioxen.rings.sring import HEADER_SIZE, REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD, ring_entries
@@ -72,33 +74,33 @@ def probe(fmt: Any, record: Any, field: str) -> tuple[int, int]:
 
 
 STRUCTS: list[tuple[str, Any, Any, list[str]]] = [
-    ("struct netif_tx_request", F.NETIF_TX_REQUEST, F.NetifTxRequest(0, 0, 0, 0, 0),
+    ("struct netif_tx_request", N.NETIF_TX_REQUEST, N.NetifTxRequest(0, 0, 0, 0, 0),
      ["gref", "offset", "flags", "id", "size"]),
-    ("struct netif_tx_response", F.NETIF_TX_RESPONSE, F.NetifTxResponse(0, 0), ["id", "status"]),
-    ("struct netif_rx_request", F.NETIF_RX_REQUEST, F.NetifRxRequest(0, 0), ["id", "gref"]),
-    ("struct netif_rx_response", F.NETIF_RX_RESPONSE, F.NetifRxResponse(0, 0, 0, 0),
+    ("struct netif_tx_response", N.NETIF_TX_RESPONSE, N.NetifTxResponse(0, 0), ["id", "status"]),
+    ("struct netif_rx_request", N.NETIF_RX_REQUEST, N.NetifRxRequest(0, 0), ["id", "gref"]),
+    ("struct netif_rx_response", N.NETIF_RX_RESPONSE, N.NetifRxResponse(0, 0, 0, 0),
      ["id", "offset", "flags", "status"]),
-    ("struct netif_extra_info", F.NETIF_EXTRA_INFO, F.NetifExtraInfo(0, 0, bytes(6)),
+    ("struct netif_extra_info", N.NETIF_EXTRA_INFO, N.NetifExtraInfo(0, 0, bytes(6)),
      ["type", "flags"]),
 ]  # fmt: skip
 
 
 def blkif_structs(abi: str) -> list[tuple[str, Any, Any, list[str]]]:
-    req, rsp = F.blkif_request_format(abi), F.blkif_response_format(abi)
+    req, rsp = BK.blkif_request_format(abi), BK.blkif_response_format(abi)
     return [
-        ("struct blkif_request", req, F.BlkifRequest(0, 0, 0, 0, 0, ()),
+        ("struct blkif_request", req, BK.BlkifRequest(0, 0, 0, 0, 0, ()),
          ["operation", "nr_segments", "handle", "id", "sector_number"]),
         ("struct blkif_request_discard", req,
-         F.BlkifRequestDiscard(F.BLKIF_OP_DISCARD, 0, 0, 0, 0, 0),
+         BK.BlkifRequestDiscard(BK.BLKIF_OP_DISCARD, 0, 0, 0, 0, 0),
          ["flag", "handle", "id", "sector_number", "nr_sectors"]),
         ("struct blkif_request_indirect", req,
-         F.BlkifRequestIndirect(F.BLKIF_OP_INDIRECT, 0, 0, 0, 0, 0, ()),
+         BK.BlkifRequestIndirect(BK.BLKIF_OP_INDIRECT, 0, 0, 0, 0, 0, ()),
          ["indirect_op", "nr_segments", "id", "sector_number", "handle"]),
-        ("struct blkif_response", rsp, F.BlkifResponse(0, 0, 0), ["id", "operation", "status"]),
+        ("struct blkif_response", rsp, BK.BlkifResponse(0, 0, 0), ["id", "operation", "status"]),
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("abi", [F.ABI_X86_64, F.ABI_X86_32])
+@pytest.mark.parametrize("abi", [BK.ABI_X86_64, BK.ABI_X86_32])
 def test_entry_fields_match_c(abi: str, tmp_path: Path) -> None:
     structs = STRUCTS + blkif_structs(abi)
     exprs: list[str] = []
@@ -113,27 +115,27 @@ def test_entry_fields_match_c(abi: str, tmp_path: Path) -> None:
             continue  # the variants share the request slot; their own sizes are below
         exprs.append(f"sizeof({cname})")
         expected.append((f"sizeof({cname})", fmt.size))
-    req = F.blkif_request_format(abi)
+    req = BK.blkif_request_format(abi)
     exprs += ["offsetof(struct blkif_request, seg)", "sizeof(struct blkif_request_segment)",
               "offsetof(struct blkif_request_indirect, indirect_grefs)"]  # fmt: skip
-    grefs_off = 28 if abi == F.ABI_X86_64 else 24
+    grefs_off = 28 if abi == BK.ABI_X86_64 else 24
     expected += [("seg", req.segments_offset), ("segment size", 8), ("grefs", grefs_off)]
-    got = c_constants(exprs, tmp_path, m32=abi == F.ABI_X86_32)
+    got = c_constants(exprs, tmp_path, m32=abi == BK.ABI_X86_32)
     for (what, want), value in zip(expected, got, strict=True):
         assert value == want, f"{abi}: {what}: C says {value}, aioxen says {want}"
 
 
 RINGS: list[tuple[str, Any, Any]] = [
-    ("netif_tx", F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE),
-    ("netif_rx", F.NETIF_RX_REQUEST, F.NETIF_RX_RESPONSE),
+    ("netif_tx", N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE),
+    ("netif_rx", N.NETIF_RX_REQUEST, N.NETIF_RX_RESPONSE),
 ]
 
 
-@pytest.mark.parametrize("abi", [F.ABI_X86_64, F.ABI_X86_32])
+@pytest.mark.parametrize("abi", [BK.ABI_X86_64, BK.ABI_X86_32])
 def test_ring_header_slot_and_entry_counts(abi: str, tmp_path: Path) -> None:
     rings: list[tuple[str, Any, Any]] = [
         *RINGS,
-        ("blkif", F.blkif_request_format(abi), F.blkif_response_format(abi)),
+        ("blkif", BK.blkif_request_format(abi), BK.blkif_response_format(abi)),
     ]
     exprs: list[str] = []
     expected: list[int] = []
@@ -148,14 +150,14 @@ def test_ring_header_slot_and_entry_counts(abi: str, tmp_path: Path) -> None:
             nbytes = 4096 << order
             exprs.append(f"__CONST_RING_SIZE({name}, {nbytes})")
             expected.append(ring_entries(nbytes, F.slot_size(req, rsp)))
-    got = c_constants(exprs, tmp_path, m32=abi == F.ABI_X86_32)
+    got = c_constants(exprs, tmp_path, m32=abi == BK.ABI_X86_32)
     assert dict(zip(exprs, got, strict=True)) == dict(zip(exprs, expected, strict=True))
 
 
 def test_documented_entry_counts() -> None:
-    assert ring_entries(4096, F.slot_size(F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE)) == 256
-    assert ring_entries(4096, F.slot_size(F.NETIF_RX_REQUEST, F.NETIF_RX_RESPONSE)) == 256
-    blk = F.slot_size(F.BLKIF_REQUEST, F.BLKIF_RESPONSE)
+    assert ring_entries(4096, F.slot_size(N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE)) == 256
+    assert ring_entries(4096, F.slot_size(N.NETIF_RX_REQUEST, N.NETIF_RX_RESPONSE)) == 256
+    blk = F.slot_size(BK.BLKIF_REQUEST, BK.BLKIF_RESPONSE)
     assert [ring_entries(4096 << o, blk) for o in range(5)] == [32, 64, 128, 256, 512]
 
 

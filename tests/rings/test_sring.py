@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from aioxen import ProtocolError
+from aioxen.blk import blkif as B
+from aioxen.net import netif as N
 from aioxen.rings import formats as F
 from aioxen.rings.sring import (
     REQ_EVENT,
@@ -35,28 +37,28 @@ def set_u32(buf: bytearray, off: int, v: int) -> None:
     struct.pack_into("<I", buf, off, v & U32)
 
 
-TxFront = FrontRing[F.NetifTxRequest, F.NetifTxResponse]
-TxBack = BackRing[F.NetifTxRequest, F.NetifTxResponse]
+TxFront = FrontRing[N.NetifTxRequest, N.NetifTxResponse]
+TxBack = BackRing[N.NetifTxRequest, N.NetifTxResponse]
 
 
 def tx_pair(start: int = NEAR_WRAP, pages: int = 1) -> tuple[bytearray, TxFront, TxBack]:
     buf = bytearray(4096 * pages)
-    front = FrontRing(buf, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE, start=start)
-    back = BackRing(buf, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE)
+    front = FrontRing(buf, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE, start=start)
+    back = BackRing(buf, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE)
     return buf, front, back
 
 
-def treq(i: int) -> F.NetifTxRequest:
-    return F.NetifTxRequest(gref=i, offset=0, flags=0, id=i & 0xFFFF, size=60)
+def treq(i: int) -> N.NetifTxRequest:
+    return N.NetifTxRequest(gref=i, offset=0, flags=0, id=i & 0xFFFF, size=60)
 
 
 def test_front_initialises_header_back_does_not() -> None:
     buf = bytearray(b"\xee" * 4096)
-    FrontRing(buf, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE, start=5)
+    FrontRing(buf, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE, start=5)
     assert [u32(buf, o) for o in (REQ_PROD, REQ_EVENT, RSP_PROD, RSP_EVENT)] == [5, 6, 5, 6]
     assert buf[16:64] == bytes(48)
     before = bytes(buf)
-    BackRing(buf, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE)
+    BackRing(buf, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE)
     assert bytes(buf) == before
 
 
@@ -69,7 +71,7 @@ def test_round_trip_across_index_wrap() -> None:
     reqs = back.take_requests()
     assert [r.id for r in reqs] == list(range(20))
     for r in reqs:
-        back.put_response(F.NetifTxResponse(r.id, F.NETIF_RSP_OKAY))
+        back.put_response(N.NetifTxResponse(r.id, N.NETIF_RSP_OKAY))
     assert back.push_responses()
     assert [r.id for r in front.take_responses()] == list(range(20))
     assert front.free_requests == front.nr_ents
@@ -85,23 +87,23 @@ def test_ring_full_and_respond_without_request() -> None:
         front.put_request(treq(0))
     assert front.put_requests([treq(1)]) == 0
     with pytest.raises(RingFull):
-        back.put_response(F.NetifTxResponse(0, 0))
+        back.put_response(N.NetifTxResponse(0, 0))
 
 
 def test_multi_page_blkif_ring() -> None:
     for order in range(4):
         buf = bytearray(4096 * ring_pages(order))
-        front = FrontRing(buf, F.BLKIF_REQUEST, F.BLKIF_RESPONSE, start=2**32 - 3)
-        back = BackRing(buf, F.BLKIF_REQUEST, F.BLKIF_RESPONSE)
+        front = FrontRing(buf, B.BLKIF_REQUEST, B.BLKIF_RESPONSE, start=2**32 - 3)
+        back = BackRing(buf, B.BLKIF_REQUEST, B.BLKIF_RESPONSE)
         assert front.nr_ents == back.nr_ents == 32 << order
-        seg = (F.BlkifSegment(77, 0, 7),)
+        seg = (B.BlkifSegment(77, 0, 7),)
         n = front.nr_ents
         for i in range(n):
-            front.put_request(F.BlkifRequest(F.BLKIF_OP_READ, 1, 0, 2**63 + i, i * 8, seg))
+            front.put_request(B.BlkifRequest(B.BLKIF_OP_READ, 1, 0, 2**63 + i, i * 8, seg))
         front.push_requests()
         reqs = back.take_requests()
         assert [r.id for r in reqs] == [2**63 + i for i in range(n)]
-        assert all(isinstance(r, F.BlkifRequest) and r.seg == seg for r in reqs)
+        assert all(isinstance(r, B.BlkifRequest) and r.seg == seg for r in reqs)
 
 
 def test_take_limit_and_batches() -> None:
@@ -151,7 +153,7 @@ def test_back_rejects_req_prod_past_ring_size() -> None:
     assert e.value.field == "req_prod"
     # the ring stays broken; every later call raises the same error
     with pytest.raises(ProtocolError) as again:
-        back.put_response(F.NetifTxResponse(0, 0))
+        back.put_response(N.NetifTxResponse(0, 0))
     assert again.value is e.value
 
 
@@ -212,7 +214,7 @@ def test_scribbled_producer_index_is_detected_on_push() -> None:
     front.push_requests()
     back.take_requests()
     set_u32(buf, RSP_PROD, 999)
-    back.put_response(F.NetifTxResponse(0, 0))
+    back.put_response(N.NetifTxResponse(0, 0))
     with pytest.raises(ProtocolError) as e:
         back.push_responses()
     assert e.value.field == "rsp_prod"
@@ -252,7 +254,7 @@ def test_hostile_header_never_breaks_anything_else(
             front.push_requests,
             back.take_requests,
             lambda: back.put_responses(
-                F.NetifTxResponse(0, 0) for _ in range(back.pending_responses)
+                N.NetifTxResponse(0, 0) for _ in range(back.pending_responses)
             ),
             back.push_responses,
             front.take_responses,
@@ -278,13 +280,13 @@ class FrontBackMachine(RuleBasedStateMachine):
     @initialize(start=st.integers(0, U32), pages=st.sampled_from([1, 2]))
     def setup(self, start: int, pages: int) -> None:
         self.buf = bytearray(4096 * pages)
-        self.front = FrontRing(self.buf, F.BLKIF_REQUEST, F.BLKIF_RESPONSE, start=start)
-        self.back = BackRing(self.buf, F.BLKIF_REQUEST, F.BLKIF_RESPONSE)
+        self.front = FrontRing(self.buf, B.BLKIF_REQUEST, B.BLKIF_RESPONSE, start=start)
+        self.back = BackRing(self.buf, B.BLKIF_REQUEST, B.BLKIF_RESPONSE)
         self.next_id = 0
         self.sent: list[int] = []  # ids in the order produced
         self.answered = 0  # ids answered by the back, in order
         self.received = 0  # responses seen by the front
-        self.back_queue: list[F.BlkifAnyRequest] = []
+        self.back_queue: list[B.BlkifAnyRequest] = []
         self.front_asleep = False
         self.back_asleep = False
         self.unpushed_reqs = 0
@@ -295,7 +297,7 @@ class FrontBackMachine(RuleBasedStateMachine):
         n = min(n, self.front.free_requests)
         for _ in range(n):
             self.front.put_request(
-                F.BlkifRequest(F.BLKIF_OP_WRITE, 0, 3, self.next_id, self.next_id * 8)
+                B.BlkifRequest(B.BLKIF_OP_WRITE, 0, 3, self.next_id, self.next_id * 8)
             )
             self.sent.append(self.next_id)
             self.next_id += 1
@@ -320,7 +322,7 @@ class FrontBackMachine(RuleBasedStateMachine):
     @rule(n=st.integers(1, 40))
     def back_put(self, n: int) -> None:
         for r in self.back_queue[:n]:
-            self.back.put_response(F.BlkifResponse(r.id, r.operation, F.BLKIF_RSP_OKAY))
+            self.back.put_response(B.BlkifResponse(r.id, r.operation, B.BLKIF_RSP_OKAY))
             self.unpushed_rsps += 1
         self.answered += len(self.back_queue[:n])
         del self.back_queue[:n]
@@ -379,7 +381,7 @@ def test_front_attach_without_init_and_put_encoded() -> None:
     before = bytes(buf[:64])
     # A second front object attaches to the live ring (FRONT_RING_ATTACH) at its index.
     again: TxFront = FrontRing(
-        buf, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE, init=False, start=front.req_prod_pvt
+        buf, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE, init=False, start=front.req_prod_pvt
     )
     assert bytes(buf[:64]) == before  # nothing written
     codec = again.request_codec

@@ -24,8 +24,8 @@ from ring_helpers import (
     until,
 )
 
+from aioxen.net import netif as N
 from aioxen.platforms.inheap import InHeapPlatform, InHeapWorld
-from aioxen.rings import formats as F
 from aioxen.rings.aio import AsyncBackRing, AsyncFrontRing, RingShutdown
 
 
@@ -143,10 +143,10 @@ def test_mixed_submitters_get_their_own_answers(
         await fp.open()
         await bp.open()
         front: TxFront = await AsyncFrontRing.create(
-            fp, BE, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE, start=start
+            fp, BE, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE, start=start
         )
         back: TxBack = await AsyncBackRing.attach(
-            bp, FE, front.refs, front.port, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE,
+            bp, FE, front.refs, front.port, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE,
             check_ids=True,
         )  # fmt: skip
         server = asyncio.create_task(back.serve(echo))

@@ -54,17 +54,17 @@ def _loop_factory(name: str) -> Any:
 
 async def _serve_ring(root: str, refs: list[int], port: int) -> None:
     import aioxen
-    from aioxen.rings import formats as F
+    from aioxen.net import netif as N
     from aioxen.rings.aio import AsyncBackRing
 
     async with aioxen.platform("unix", root=root, domid=BACK_DOMID) as plat:
         back = await AsyncBackRing.attach(
-            plat, FRONT_DOMID, refs, port, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE
+            plat, FRONT_DOMID, refs, port, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE
         )
         print("READY", flush=True)
 
-        def echo(req: F.NetifTxRequest) -> F.NetifTxResponse:
-            return F.NetifTxResponse(req.id, req.size)
+        def echo(req: N.NetifTxRequest) -> N.NetifTxResponse:
+            return N.NetifTxResponse(req.id, req.size)
 
         try:
             await back.serve(echo)
@@ -180,7 +180,7 @@ def _spawn(args: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[
 
 async def _measure(ctx: Context) -> list[Measurement]:
     import aioxen
-    from aioxen.rings import formats as F
+    from aioxen.net import netif as N
     from aioxen.rings.aio import AsyncFrontRing
 
     seconds = 0.25 if ctx.quick else 1.0
@@ -191,7 +191,7 @@ async def _measure(ctx: Context) -> list[Measurement]:
     try:
         async with aioxen.platform("unix", root=root, domid=FRONT_DOMID) as plat:
             front = await AsyncFrontRing.create(
-                plat, BACK_DOMID, F.NETIF_TX_REQUEST, F.NETIF_TX_RESPONSE
+                plat, BACK_DOMID, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE
             )
             refs = ",".join(map(str, front.refs))
             procs.append(_spawn(["serve-ring", root, refs, str(front.port), loop_name]))
@@ -201,12 +201,12 @@ async def _measure(ctx: Context) -> list[Measurement]:
             a.setblocking(False)
             client = _SeqpacketClient(a)
 
-            prebuilt: dict[int, list[F.NetifTxRequest]] = {}
+            prebuilt: dict[int, list[N.NetifTxRequest]] = {}
 
             async def ring_exchange(sizes: list[int]) -> list[int]:
                 reqs = prebuilt.get(len(sizes))
                 if reqs is None:  # ids are assigned by the ring: the same requests can go again
-                    reqs = prebuilt[len(sizes)] = [F.NetifTxRequest(0, 0, 0, 0, s) for s in sizes]
+                    reqs = prebuilt[len(sizes)] = [N.NetifTxRequest(0, 0, 0, 0, s) for s in sizes]
                 rsps = await front.request_many(reqs)
                 return [r.status for r in rsps]
 
