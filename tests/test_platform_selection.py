@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from support.xenstored import Xenstored, start_xenstored
 
 import aioxen
-from aioxen.platforms import choose_platform_name, default_platform
+from aioxen.platforms import EVTCHN_DEVICE, choose_platform_name, default_platform
 from aioxen.platforms.inheap import InHeapWorld
 from aioxen.platforms.unix import UnixPlatform
 
@@ -32,6 +33,39 @@ def xenstored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Xenstored]:
 def test_no_platform_is_a_clear_error(clean_env: pytest.MonkeyPatch) -> None:
     with pytest.raises(aioxen.PlatformError, match="XEN_ROOT"):
         choose_platform_name()
+
+
+def test_choice_from_a_given_environment_with_a_fallback(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The choice reads the mapping it is given; ``fallback`` replaces the "no platform"
+    error only (``aioxen cat -l`` uses it to decide on a private world)."""
+    assert choose_platform_name({"AIOXEN_PLATFORM": "inheap"}, fallback="unix") == "inheap"
+    with pytest.raises(aioxen.PlatformError, match="kvm"):
+        choose_platform_name({"AIOXEN_PLATFORM": "kvm"}, fallback="unix")
+    if os.path.exists(EVTCHN_DEVICE):  # inside a Xen domain the device decides
+        assert choose_platform_name({}, fallback="unix") == "xen"
+        return
+    assert choose_platform_name({}, fallback="unix") == "unix"
+    assert choose_platform_name({"XEN_ROOT": str(tmp_path)}) == "unix"
+    with pytest.raises(aioxen.PlatformError, match="XEN_ROOT"):
+        choose_platform_name({})
+    clean_env.setenv("XEN_ROOT", str(tmp_path))  # os.environ is not read when given one
+    with pytest.raises(aioxen.PlatformError, match="XEN_ROOT"):
+        choose_platform_name({})
+
+
+def test_cat_embeds_a_world_exactly_when_unix_has_no_root(tmp_path: Path) -> None:
+    """``aioxen cat -l`` uses the platforms' own choice, not a copy of it."""
+    from aioxen.apps.cat import needs_embedded_world
+
+    # nothing set: unix with no root -- unless this machine is a Xen domain
+    assert needs_embedded_world({}) is not os.path.exists(EVTCHN_DEVICE)
+    assert needs_embedded_world({"AIOXEN_PLATFORM": "unix"}) is True
+    assert needs_embedded_world({"XEN_ROOT": str(tmp_path)}) is False
+    assert needs_embedded_world({"AIOXEN_PLATFORM": "unix", "XEN_ROOT": "/x"}) is False
+    assert needs_embedded_world({"AIOXEN_PLATFORM": "inheap"}) is False
+    assert needs_embedded_world({"AIOXEN_PLATFORM": "kvm"}) is False
 
 
 def test_unknown_platform_name_is_rejected(clean_env: pytest.MonkeyPatch) -> None:

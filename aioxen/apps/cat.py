@@ -41,7 +41,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -50,7 +50,7 @@ from aioxen import vchan
 from aioxen.apps.embedded import EmbeddedRoot
 from aioxen.apps.stdio import ByteSink, ByteSource, open_sink, open_source
 from aioxen.errors import PlatformError, ProtocolError
-from aioxen.platforms import EVTCHN_DEVICE
+from aioxen.platforms import choose_platform_name
 from aioxen.platforms.base import Platform
 
 CHUNK = 65536
@@ -85,14 +85,16 @@ class CatError(Exception):
         self.status = status
 
 
-def needs_embedded_world(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
-    """True when the environment would select the ``unix`` platform but names no root."""
-    name = environ.get("AIOXEN_PLATFORM") or ""
+def needs_embedded_world(environ: Mapping[str, str] = os.environ) -> bool:
+    """True when the environment would select the ``unix`` platform but names no root
+    (the platforms' own choice, :func:`~aioxen.platforms.choose_platform_name`, with
+    ``unix`` where it would find nothing)."""
     if environ.get("XEN_ROOT"):
         return False
-    if name == "unix":
-        return True
-    return not name and not os.path.exists(EVTCHN_DEVICE)
+    try:
+        return choose_platform_name(environ, fallback="unix") == "unix"
+    except PlatformError:  # a bad $AIOXEN_PLATFORM: aioxen.platform() reports it
+        return False
 
 
 class _Up:
@@ -230,8 +232,6 @@ async def _run(
 ) -> int:
     stdin_fd, stdout_fd = owned
     world: EmbeddedRoot | None = None
-    if platform is None and os.environ.get("AIOXEN_PLATFORM") == "inheap":
-        raise CatError("the inheap platform lives in one process; use unix or xen")
     async with contextlib.AsyncExitStack() as stack:
         if platform is None:
             if opts.listen and needs_embedded_world():
@@ -254,6 +254,10 @@ async def _run(
                         "set; first eval the export lines printed by `aioxen cat -l DOMID "
                         "PORT` (or by `aioxen xenstored --root DIR`)"
                     ) from exc
+                if platform.single_process:  # no other program can be the peer
+                    raise CatError(
+                        f"the {platform.name} platform lives in one process; use unix or xen"
+                    )
             await stack.enter_async_context(platform)
         elif opts.env_fd is not None:
             _publish("", opts.env_fd)

@@ -85,7 +85,6 @@ MERGEABLE = frozenset({BLKIF_OP_READ, BLKIF_OP_WRITE})
 PAGE_SHIFT = 12
 _SEG_ENC = RequestEncoder.segment
 DEFAULT_POOL_PAGES = 2048
-XEN_POOL_PAGES = 640
 STRIPE_SHIFT = 11
 """Multi-queue striping: wire sectors ``>> 11`` (1 MiB) pick the queue."""
 
@@ -128,13 +127,15 @@ class FrontendConfig:
     queues: int = 1
     max_indirect_segments: int = 256
     pool_pages: int | None = None
-    """Granted data pages (``None``: 2048 = 8 MiB, or 640 on the ``xen`` platform, where
-    Linux's gntalloc lets a process grant at most 1024 pages by default)."""
+    """Granted data pages (``None``: 2048 = 8 MiB, or 5/8 of the platform's
+    :attr:`~aioxen.platforms.base.Platform.grant_share_limit` if it has one: 640 on
+    ``xen``, where Linux's gntalloc lets a process grant at most 1024 pages by default)."""
 
-    def resolved_pool_pages(self, platform_name: str) -> int:
+    def resolved_pool_pages(self, platform: Platform) -> int:
         if self.pool_pages is not None:
             return self.pool_pages
-        return XEN_POOL_PAGES if platform_name == "xen" else DEFAULT_POOL_PAGES
+        limit = platform.grant_share_limit  # stay well under a per-process grant limit
+        return DEFAULT_POOL_PAGES if limit is None else min(DEFAULT_POOL_PAGES, limit * 5 // 8)
 
     persistent: bool = True
 
@@ -261,7 +262,7 @@ class BlkFront:
         self._share: Share | None = None
         self._data: memoryview | None = None
         self._grefs: list[int] = []
-        pool_pages = config.resolved_pool_pages(platform.name)
+        pool_pages = config.resolved_pool_pages(platform)
         self.negotiated.max_segments = min(self.negotiated.max_segments, pool_pages)
         self.pool = PagePool(pool_pages)
         self._max_bytes = self.negotiated.max_segments * PAGE_SIZE

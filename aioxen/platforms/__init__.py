@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import weakref
+from collections.abc import Mapping as _Environ  # (Mapping here is the grant mapping)
 from typing import Any
 
 from aioxen.errors import PlatformError
@@ -32,9 +33,17 @@ PLATFORM_NAMES = ("xen", "unix", "inheap")
 EVTCHN_DEVICE = "/dev/xen/evtchn"
 
 
-def choose_platform_name() -> str:
-    """The platform name the environment selects (see module docstring)."""
-    name = os.environ.get("AIOXEN_PLATFORM")
+def choose_platform_name(
+    environ: _Environ[str, str] | None = None, *, fallback: str | None = None
+) -> str:
+    """The platform name the environment selects (see module docstring).
+
+    ``environ``: the environment to read (default ``os.environ``).  ``fallback``: the
+    name to return instead of raising :class:`PlatformError` when the environment selects
+    nothing (no ``$AIOXEN_PLATFORM``, not under Xen, no ``$XEN_ROOT``) -- e.g. ``"unix"``
+    for a command that then creates a root of its own, as ``aioxen cat -l`` does."""
+    env = os.environ if environ is None else environ
+    name = env.get("AIOXEN_PLATFORM")
     if name:
         if name not in PLATFORM_NAMES:
             raise PlatformError(
@@ -43,8 +52,10 @@ def choose_platform_name() -> str:
         return name
     if os.path.exists(EVTCHN_DEVICE):
         return "xen"
-    if os.environ.get("XEN_ROOT"):
+    if env.get("XEN_ROOT"):
         return "unix"
+    if fallback is not None:
+        return fallback
     raise PlatformError(
         "no aioxen platform available: not running under Xen (no /dev/xen/evtchn) and "
         "$XEN_ROOT is not set; start `aioxen xenstored --root DIR` and eval its output, "

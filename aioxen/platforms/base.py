@@ -214,9 +214,24 @@ class Platform(abc.ABC):
     """
 
     name: str = "abstract"
+    """For messages and repr only: callers never branch on it (they read the
+    capabilities below)."""
     _store: XenStoreClient | None = None
     _users: dict[PlatformUser, None] | None = None
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT
+
+    # -- capabilities: what protocol code may assume (each platform sets them) ----------
+    peer_runs_concurrently: bool = True
+    """Whether a peer domain runs while this one's event loop runs (another process or
+    a real domain).  ``False`` on ``inheap``, where both ends share one thread: busy
+    polling for the peer only delays it (vchan's ``busy_poll`` defaults to 0)."""
+    single_process: bool = False
+    """Whether every domain of this platform lives in this one process (``inheap``):
+    other programs cannot be its peers."""
+    grant_share_limit: int | None = None
+    """How many pages one process can have shared (granted) at a time by default, if the
+    platform has a fixed limit (``xen``: gntalloc's ``limit`` module parameter, 1024);
+    ``None``: only memory limits it.  Devices size their grant pools to stay below it."""
 
     def __init__(self, domid: int) -> None:
         self._domid = check_domid(domid)

@@ -111,6 +111,8 @@ class InHeapPlatform(ClosesAllOpened, Platform):
     """One in-heap domain.  ``world`` defaults to :func:`default_world`."""
 
     name = "inheap"
+    peer_runs_concurrently = False  # every domain of a world runs on one thread
+    single_process = True
 
     def __init__(self, domid: int, world: InHeapWorld | None = None) -> None:
         super().__init__(domid)

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 DEFAULT_DEVICE_DIR = "/dev/xen"
 CAPABILITIES_PATH = "/proc/xen/capabilities"
+GNTALLOC_DEFAULT_LIMIT = 1024
+"""Pages one process may have granted through gntalloc at a time (the Linux module
+parameter ``limit``, default 1024): :attr:`Platform.grant_share_limit`."""
 
 
 def is_control_domain(path: str = CAPABILITIES_PATH) -> bool:
@@ -63,6 +66,7 @@ class XenPlatform(LeakChecks, Platform):
     """
 
     name = "xen"
+    grant_share_limit = GNTALLOC_DEFAULT_LIMIT
 
     def __init__(self, domid: int | None = None, device_dir: str = DEFAULT_DEVICE_DIR) -> None:
         super().__init__(0 if domid is None else domid)

@@ -191,7 +191,7 @@ async def create_datagram_endpoint(
     :class:`~aioxen.vchan.VchanTransport`.
     """
     plat = await resolve(platform)
-    check_busy_poll(busy_poll, plat.name)
+    check_busy_poll(busy_poll, plat.peer_runs_concurrently)
     if listen:
         conn = await accept_one(
             plat,

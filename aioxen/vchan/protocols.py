@@ -56,7 +56,7 @@ async def create_connection(
     :data:`~aioxen.vchan.transport.DEFAULT_BUSY_POLL`; 0 disables polling).
     """
     plat = await resolve(platform)
-    check_busy_poll(busy_poll, plat.name)
+    check_busy_poll(busy_poll, plat.peer_runs_concurrently)
     conn = await connect_client(
         plat, domid, port, read_size=read_size, write_size=write_size, timeout=timeout
     )

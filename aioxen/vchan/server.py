@@ -118,7 +118,7 @@ class VchanServer(asyncio.AbstractServer):
         self._read_size = read_size
         self._write_size = write_size
         self._initial_index = initial_index
-        self._busy_poll = check_busy_poll(busy_poll, platform.name)
+        self._busy_poll = check_busy_poll(busy_poll, platform.peer_runs_concurrently)
         self.path = vchan_path(platform.domid, domid, port)
         """The XenStore directory of the advertisement."""
         self._handshake_timeout = handshake_timeout

@@ -155,7 +155,7 @@ async def accept(
     wait up to ``timeout`` for the client, withdraw the advertisement, return its
     ``(reader, writer)``.  (``aioxen cat -l`` semantics.)"""
     plat = await resolve(platform)
-    check_busy_poll(busy_poll, plat.name)
+    check_busy_poll(busy_poll, plat.peer_runs_concurrently)
     loop = asyncio.get_running_loop()
     conn = await accept_one(
         plat,

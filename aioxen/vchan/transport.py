@@ -20,40 +20,16 @@ appears.  asyncio's high/low water marks drive ``pause_writing``/``resume_writin
 read notification is requested when the ring is full, so the peer's next consumption
 wakes us.
 
-Busy polling.  Waking up through an event channel costs a system call on the writer, a
-wake-up of the reader's event loop and a callback; a ring can instead be *polled*.  After
-a message -- a write, or a delivery, of at most :data:`POLL_MAX_MESSAGE` bytes -- the
-transport polls its rings for a bounded window instead of asking the peer for
-notifications (bulk transfers stay on notifications: while one side sleeps the other
-moves big batches, and a delivery that big ends a window): one check per event-loop
-iteration, run as an ordinary ``call_soon`` callback, so other tasks, I/O and timers run in
-between (and after :data:`YIELD_AFTER` without a find, one poll first yields the CPU
-with ``sched_yield``, so a peer that shares our CPU is not kept waiting by the very loop
-that waits for it; if that makes the next poll late, see below).  Each find extends the
-window; when it runs out the transport falls back to the notify protocol: it sets the
-notify bit(s) and *re-checks* the rings (the atomic OR is a full barrier), exactly as
-without polling, then sleeps until the event.  While both ends poll, steady-state traffic
-needs no notify system call and no event-loop wake-up at all.
-
-The window adapts like a halt-polling governor: ``busy_poll`` (default
-:data:`DEFAULT_BUSY_POLL`) is its *maximum*.  When the peer's next activity arrives by
-event after a window ran out, the gap since the wait began decides: within ``busy_poll``
-(a longer window would have caught it) the window doubles, up to the maximum; more than
-:data:`SHRINK_GAP` times ``busy_poll`` later it halves, and below an eighth of the
-maximum polling stops, to resume (at an eighth) once an event again arrives within
-``busy_poll`` of the wait's start.  Contended CPUs end polling: two successive polls
-more than :data:`CONTENDED_GAP` apart mean that we were descheduled -- spinning then only
-takes CPU time from whoever waits for it, perhaps the peer.  If that poll found nothing
-(or more than :data:`LATE_FINDS` of the recent finds came after such a pause), the window
-is halved and, unless the poll found something, ends; once that drops it to 0, it may
-not grow again for :data:`POLL_COOLDOWN` seconds, twice as long each further time (up to
-:data:`MAX_POLL_COOLDOWN`) until polls find the CPUs free again (a one-off hiccup costs
-half a window; a busy machine turns polling off).  Likewise when fewer than
-:data:`MIN_WINDOW_SCORE` of the recent windows found anything at all (the peer answers
-later than a window lasts).  So an idle or slow peer, or a busy machine, costs at most a
-few short windows, and a chatty peer with CPUs to spare is polled.
-``busy_poll=0`` disables polling (the default on the single-process ``inheap`` platform,
-where the peer cannot run concurrently).
+Busy polling.  After a message (a write, or a delivery, of at most
+:data:`~aioxen.vchan.pollpolicy.POLL_MAX_MESSAGE` bytes) the transport may poll its rings
+for a bounded, adaptive window instead of asking the peer for notifications: one look per
+event-loop iteration (:meth:`_poll`, an ordinary ``call_soon`` callback); when the window
+runs out it arms notifications and re-checks, exactly as without polling.  *Whether* and
+*how long* to poll is decided by a :class:`~aioxen.vchan.pollpolicy.PollPolicy` (its
+module docstring is the theory of operation); the transport tells it each event with the
+time, and does what it answers.  ``busy_poll`` is the window's maximum; ``busy_poll=0``
+disables polling (the default where the peer cannot run concurrently, e.g. the
+single-process ``inheap`` platform: :attr:`~aioxen.platforms.base.Platform.peer_runs_concurrently`).
 
 Delivery.  A :class:`asyncio.BufferedProtocol` gets bytes copied once from the ring into
 the buffer it returns from ``get_buffer``.  The stdlib ``StreamReaderProtocol`` (which
@@ -105,6 +81,22 @@ from aioxen.flowcontrol import WriteFlowControl
 from aioxen.native import ffi
 from aioxen.vchan import wire
 from aioxen.vchan.endpoint import Connection
+from aioxen.vchan.pollpolicy import (
+    CONTENDED_GAP,
+    DEFAULT_BUSY_POLL,
+    LATE_FINDS,
+    MAX_BUSY_POLL,
+    MAX_POLL_COOLDOWN,
+    MIN_WINDOW_SCORE,
+    POLL_AGAIN,
+    POLL_COOLDOWN,
+    POLL_FOUND,
+    POLL_MAX_MESSAGE,
+    POLL_YIELD,
+    SHRINK_GAP,
+    YIELD_AFTER,
+    PollPolicy,
+)
 from aioxen.vchan.wire import (
     NOTIFY_WRITE,
     STEP_CONS_SHIFT,
@@ -119,34 +111,6 @@ _U32 = 0xFFFFFFFF
 logger = logging.getLogger("aioxen.vchan")
 
 DEFAULT_HIGH_WATER = 64 * 1024
-DEFAULT_BUSY_POLL = 100e-6
-"""Default maximum busy-poll window in seconds (see the module docstring); 0 on
-``inheap``."""
-MAX_BUSY_POLL = 1e-3
-"""Largest accepted ``busy_poll`` (seconds)."""
-SHRINK_GAP = 4
-"""The window halves only when the peer answered more than this many maximum windows
-after the wait began (see the module docstring)."""
-YIELD_AFTER = 20e-6
-CONTENDED_GAP = 50e-6
-"""Two polls this far apart (we were off the CPU): halve the window (and end it, unless
-the poll found something)."""
-LATE_FINDS = 0.25
-"""A find after a pause off the CPU counts as contention once more than this share of
-recent finds did (a fruitless poll after such a pause always does)."""
-MIN_WINDOW_SCORE = 0.25
-"""Polling stops for a while when fewer than this share of recent windows found
-anything."""
-POLL_COOLDOWN = 10e-3
-"""Seconds, after contention brought the window to 0, before it may grow again; doubled
-each time contention brings it to 0 again (up to :data:`MAX_POLL_COOLDOWN`), until
-polling finds the CPUs free again."""
-MAX_POLL_COOLDOWN = 1.0
-POLL_MAX_MESSAGE = 16 * 1024
-"""Polling is for messages: a write or a delivery of more bytes than this opens no poll
-window (and a delivery that big closes one).  Bulk transfers run on notifications, which
-let each side move big batches while the other sleeps."""
-"""Seconds of fruitless polling after which a poll yields the CPU (once per wait)."""
 _LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 
 
@@ -154,13 +118,14 @@ BUSY_POLL_ENV = "AIOXEN_VCHAN_BUSY_POLL"
 """Environment variable overriding the default ``busy_poll`` (seconds, e.g. ``0``)."""
 
 
-def check_busy_poll(busy_poll: float | None, platform_name: str) -> float:
+def check_busy_poll(busy_poll: float | None, peer_runs_concurrently: bool = True) -> float:
     """Resolve and validate a ``busy_poll`` argument: ``None`` means ``$AIOXEN_VCHAN_BUSY_POLL``
-    if set, else :data:`DEFAULT_BUSY_POLL` (0 on the ``inheap`` platform)."""
+    if set, else :data:`DEFAULT_BUSY_POLL` -- or 0 if the peer cannot run while we poll
+    (the platform's :attr:`~aioxen.platforms.base.Platform.peer_runs_concurrently`)."""
     if busy_poll is None:
         env = os.environ.get(BUSY_POLL_ENV)
         if not env:
-            return 0.0 if platform_name == "inheap" else DEFAULT_BUSY_POLL
+            return DEFAULT_BUSY_POLL if peer_runs_concurrently else 0.0
         try:
             busy_poll = float(env)
         except ValueError:
@@ -176,8 +141,8 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
     """A bidirectional byte-stream transport over one vchan.
 
     ``busy_poll``: the maximum busy-poll window in seconds (``None`` =
-    :data:`DEFAULT_BUSY_POLL`, or 0 on the ``inheap`` platform; 0 disables polling; at
-    most :data:`MAX_BUSY_POLL`).
+    :data:`DEFAULT_BUSY_POLL`, or 0 where the peer cannot run concurrently, e.g. on the
+    ``inheap`` platform; 0 disables polling; at most :data:`MAX_BUSY_POLL`).
 
     Extra info: ``peer_domid``, ``port``, ``platform``, ``role`` (``"server"`` or
     ``"client"``), ``read_size``/``write_size`` (ring sizes in bytes), ``peername``
@@ -196,7 +161,7 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
         *,
         busy_poll: float | None = None,
     ) -> None:
-        window = check_busy_poll(busy_poll, conn.platform.name)
+        window = check_busy_poll(busy_poll, conn.platform.peer_runs_concurrently)
         info: dict[str, Any] = {
             "peer_domid": conn.peer_domid,
             "port": conn.port,
@@ -234,20 +199,10 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
         self._service_scheduled = False
         self._in_service = False
         self._busy = 0  # >0 while our code runs with the core (release is deferred)
-        # busy polling (see the module docstring)
-        self._poll_max = window
-        self._poll_window = window  # current window, adapted in 0..max
-        self._polling = False  # a window is open (a _poll callback is scheduled)
-        self._poll_deadline = 0.0
-        self._idle_since = perf_counter()  # when we last started waiting for the peer
-        self._last_poll = 0.0  # when the previous poll of this window ran
-        self._yielded = False  # this wait already gave the CPU away once
-        self._late_finds = 0.0  # moving share of finds that followed a pause off the CPU
-        self._cooldown_len = 0.0  # the last cooldown (doubles while contention persists)
+        # busy polling: the policy decides, we look at the rings (see pollpolicy.py)
+        self._poll_max = window  # cached: write() tests it on every call
+        self._policy = PollPolicy(window, perf_counter())
         self._last_batch = 0  # bytes the last pump delivered
-        self._found_in_window = False  # the open window found something
-        self._window_score = 1.0  # moving share of recent windows that found something
-        self._poll_cooldown = 0.0  # no growing the window before this time
         self._rleft = 0  # bytes the last pump left in the read ring (a partial datagram)
         self._lost_waiters: list[asyncio.Future[None]] = []  # resolved by _teardown
         # We end our stream with the EOF bit: a close without it is a cut (wire docstring).
@@ -304,10 +259,10 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
             return
         if not self._poll_max:
             self._run_service(True)
-        elif self._polling:
+        elif self._policy.polling:
             self._run_service(False)  # a window is open: it goes on watching
         else:
-            self._adapt()
+            self._policy.woken(perf_counter())
             self._run_service(True)
             if 0 < self._last_batch <= POLL_MAX_MESSAGE and not self._conn_lost:
                 self._want_poll()  # a message came: its sequel may follow soon
@@ -343,50 +298,21 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
             if self._conn_lost:
                 self._maybe_release()
 
-    # -- busy polling ----------------------------------------------------------------------
-    def _adapt(self) -> None:
-        """The peer woke us by event after we had stopped polling: size the next window
-        by how long after the last wait began it came (see the module docstring)."""
-        now = perf_counter()
-        gap = now - self._idle_since
-        cap = self._poll_max
-        window = self._poll_window
-        if gap <= cap:
-            if self._poll_cooldown:
-                if now < self._poll_cooldown:
-                    return
-                # A pause is over: one more try with full windows, on probation.
-                self._poll_cooldown = 0.0
-                self._poll_window = cap
-                self._window_score = 2 * MIN_WINDOW_SCORE
-            else:
-                self._poll_window = min(cap, max(2 * window, cap / 8))
-        elif gap > SHRINK_GAP * cap and window:
-            window /= 2
-            self._poll_window = window if window >= cap / 8 else 0.0
-
-    def _want_poll(self) -> bool:
-        """An activity happened: keep the poll window open (extending it), or open one if
-        the current window is not 0.  False means: arm notifications."""
-        now = self._idle_since = perf_counter()
-        if self._polling:
-            self._poll_deadline = now + self._poll_window
-            return True
-        if not self._poll_window or self._conn_lost:
-            return False
-        self._polling = True
-        self._poll_deadline = now + self._poll_window
-        self._last_poll = 0.0  # the first poll of a window is never "late"
-        self._yielded = False
-        self._loop.call_soon(self._poll)
-        return True
+    # -- busy polling (the decisions are PollPolicy's) ----------------------------------
+    def _want_poll(self) -> None:
+        """A message went or came: extend the poll window, or open one (and schedule its
+        first poll) if the policy says so."""
+        if self._policy.activity(perf_counter(), not self._conn_lost):
+            self._loop.call_soon(self._poll)
 
     def _poll(self) -> None:
-        """One poll: a single look at both rings (no notify bits touched)."""
-        if not self._polling:
+        """One poll: a single look at both rings (no notify bits touched); the policy
+        says what next."""
+        policy = self._policy
+        if not policy.polling:
             return
         if self._conn_lost:
-            self._polling = False
+            policy.cancel()
             return
         core = self._core
         reading = not self._reading_paused and not self._peer_eof and not self._closing
@@ -398,81 +324,27 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
             if not found and self._wbuf:
                 found = core.writable() > 0
         except ProtocolError as exc:
-            self._polling = False
+            policy.cancel()
             self._fatal_error(exc)
             return
         now = perf_counter()
-        late = self._last_poll and now - self._last_poll > CONTENDED_GAP
-        self._last_poll = now
-        if found:
-            # How often finds come right after a pause off the CPU: now and then is a
-            # hiccup, mostly means the CPUs are contended (the peer's answer, too,
-            # waited for a CPU).
-            self._late_finds += ((1.0 if late else 0.0) - self._late_finds) / 8
-            late = late and self._late_finds > LATE_FINDS
-        if late:
-            # We were off the CPU between two polls: the CPUs are contended, and
-            # spinning only takes time from whoever (perhaps the peer) waits for one.
-            # Halve the window; if that leaves too little, sleep on notifications for a
-            # while.  (Polling pays only while both ends have a CPU to themselves.)
-            window = self._poll_window / 2
-            if window < self._poll_max / 8:
-                self._poll_off(now)  # off for a while, longer if contention persists
-            else:
-                self._poll_window = window
-        if found:
-            self._found_in_window = True
-            self._yielded = False
-            self._idle_since = now
-            self._poll_deadline = now + self._poll_window
-            if self._poll_window:
+        action = policy.polled(now, found, reading or bool(self._wbuf))
+        if action == POLL_AGAIN:
+            self._loop.call_soon(self._poll)
+        elif action == POLL_YIELD:
+            _sched_yield()  # perhaps the peer waits for our CPU: let it run
+            self._loop.call_soon(self._poll)
+        elif action == POLL_FOUND:
+            if policy.polling:
                 self._loop.call_soon(self._poll)
-            else:
-                self._polling = False
-                self._window_ended(now)
-            self._run_service(not self._polling)
-            if self._polling and self._last_batch > POLL_MAX_MESSAGE:
+            self._run_service(not policy.polling)
+            if policy.polling and self._last_batch > POLL_MAX_MESSAGE:
                 # Bulk data, not a message: batches grow while we sleep between events,
                 # and every delivery costs the protocol.  Back to notifications.
-                self._polling = False
-                self._window_ended(now)
+                policy.end_window(now)
                 self._run_service(True)
-            return
-        if late:
-            pass  # end this window now
-        elif (reading or self._wbuf) and now < self._poll_deadline:
-            if not self._yielded and now - self._idle_since > YIELD_AFTER:
-                # Nothing for a while: perhaps the peer waits for our CPU.  Let it run,
-                # once per wait (the next poll, if late and fruitless, ends the window).
-                self._yielded = True
-                _sched_yield()
-            self._loop.call_soon(self._poll)
-            return
-        # The window ran out: back to notifications (arm, re-check, sleep).
-        self._polling = False
-        self._window_ended(now)
-        self._run_service(True)
-
-    def _window_ended(self, now: float) -> None:
-        """Score the window that just ended: did it find anything?  When most recent
-        windows found nothing, polling costs more than it saves (the peer answers later
-        than a window lasts, or the CPUs are busy): turn it off for a while, twice as
-        long each further time."""
-        found = self._found_in_window
-        self._found_in_window = False
-        self._window_score += ((1.0 if found else 0.0) - self._window_score) / 8
-        if found:
-            if self._window_score > 0.5:
-                self._cooldown_len = 0.0  # polling works: forget past failures
-        elif self._window_score < MIN_WINDOW_SCORE and self._poll_window:
-            self._poll_off(now)
-
-    def _poll_off(self, now: float) -> None:
-        """Stop polling for a while -- twice as long as last time (up to the maximum)."""
-        pause = min(MAX_POLL_COOLDOWN, 2 * self._cooldown_len or POLL_COOLDOWN)
-        self._cooldown_len = pause
-        self._poll_cooldown = now + pause
-        self._poll_window = 0.0
+        else:  # POLL_ENDED: back to notifications (arm, re-check, sleep)
+            self._run_service(True)
 
     # -- reading ---------------------------------------------------------------------------
     def _pump(self, force: bool, arm: bool = True) -> int:
@@ -689,7 +561,7 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
     def _enqueue(self, view: memoryview, n: int) -> None:
         self._wbuf.append(view)
         self._wlen += n
-        self._flush(not self._polling)
+        self._flush(not self._policy.polling)
         self._maybe_pause_protocol()
 
     def writelines(self, list_of_data: Any) -> None:

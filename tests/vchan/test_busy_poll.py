@@ -150,14 +150,14 @@ async def test_window_is_bounded_yields_and_falls_back_to_notifications(world: W
             real_poll()
 
         transport._poll = counting_poll  # a spy: the real poll runs every time
-        while transport._polling:  # let any window from the connect run out
+        while transport._policy.polling:  # let any window from the connect run out
             await asyncio.sleep(0)
-        transport._poll_window = vchan.MAX_BUSY_POLL  # (a loaded machine may have shrunk it)
+        transport._policy.window = vchan.MAX_BUSY_POLL  # (a loaded machine may have shrunk it)
         writer.write(b"?")
-        assert transport._polling
+        assert transport._policy.polling
         # Other tasks keep running: at most one poll per event-loop iteration.
         ticks, most = 0, 0
-        while transport._polling:
+        while transport._policy.polling:
             before = polls
             await asyncio.sleep(0)
             ticks += 1
@@ -189,8 +189,8 @@ async def test_idle_peer_turns_polling_off(world: World) -> None:
             w.write(b"%d" % i)
             assert await r.readexactly(len(b"%d" % i)) == b"%d" % i
         # Every reply came long after the window opened: the window halved down to 0.
-        assert transport._poll_window == 0
-        assert not transport._polling
+        assert transport._policy.window == 0
+        assert not transport._policy.polling
         w.write(b"still works")
         assert await r.readexactly(11) == b"still works"
 
@@ -198,20 +198,22 @@ async def test_idle_peer_turns_polling_off(world: World) -> None:
 async def test_busy_poll_argument(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in (-1e-6, 2 * vchan.MAX_BUSY_POLL, float("nan")):
         with pytest.raises(ValueError, match="busy_poll"):
-            check_busy_poll(bad, "unix")
+            check_busy_poll(bad)
     for wrong in ("50us", True, [1e-5]):
         with pytest.raises(TypeError, match="busy_poll"):
-            check_busy_poll(wrong, "unix")  # type: ignore[arg-type]
-    assert check_busy_poll(None, "unix") == vchan.DEFAULT_BUSY_POLL
-    assert check_busy_poll(None, "xen") == vchan.DEFAULT_BUSY_POLL
-    assert check_busy_poll(None, "inheap") == 0.0
-    assert check_busy_poll(0, "unix") == 0.0
+            check_busy_poll(wrong)  # type: ignore[arg-type]
+    assert check_busy_poll(None) == vchan.DEFAULT_BUSY_POLL
+    assert check_busy_poll(None, True) == vchan.DEFAULT_BUSY_POLL
+    # a peer that cannot run while we poll (inheap: one thread): no polling by default
+    assert check_busy_poll(None, False) == 0.0
+    assert check_busy_poll(5e-5, False) == 5e-5
+    assert check_busy_poll(0) == 0.0
     monkeypatch.setenv(BUSY_POLL_ENV, "0.0002")
-    assert check_busy_poll(None, "unix") == 0.0002
-    assert check_busy_poll(1e-5, "unix") == 1e-5  # an explicit value wins
+    assert check_busy_poll(None) == 0.0002
+    assert check_busy_poll(1e-5) == 1e-5  # an explicit value wins
     monkeypatch.setenv(BUSY_POLL_ENV, "soon")
     with pytest.raises(ValueError, match=BUSY_POLL_ENV):
-        check_busy_poll(None, "unix")
+        check_busy_poll(None)
     monkeypatch.delenv(BUSY_POLL_ENV)
     srv = await world.platform(SERVER)
     with pytest.raises(ValueError, match="busy_poll"):
@@ -251,22 +253,22 @@ async def test_descheduled_poller_stops_polling(world: World) -> None:
             if hogging:
                 loop.call_soon(hog)
 
-        while transport._polling:  # let any window from the connect run out
+        while transport._policy.polling:  # let any window from the connect run out
             await asyncio.sleep(0)
-        transport._poll_window = vchan.MAX_BUSY_POLL  # (a loaded machine may have shrunk it)
+        transport._policy.window = vchan.MAX_BUSY_POLL  # (a loaded machine may have shrunk it)
         loop.call_soon(hog)
         windows = []
         for _ in range(40):  # each contended window halves the next; then polling stops
-            windows.append(transport._poll_window)
-            if not transport._poll_window:
+            windows.append(transport._policy.window)
+            if not transport._policy.window:
                 break
             writer.write(b"?")  # (the server reads one byte and then waits)
-            while transport._polling:
+            while transport._policy.polling:
                 await asyncio.sleep(0)
         hogging = False
         assert windows[0] > 0 and windows[-1] == 0.0
         assert all(b <= a for a, b in itertools.pairwise(windows))
-        assert transport._poll_cooldown > 0  # the window may not grow again for a while
+        assert transport._policy.cooldown_until > 0  # the window may not grow again for a while
         answer.set()
         assert await reader.read() == b"!"  # notifications carry on
         writer.close()
@@ -284,17 +286,17 @@ async def test_only_messages_open_poll_windows(world: World) -> None:
             SERVER, "msg", platform=cli, busy_poll=vchan.MAX_BUSY_POLL
         )
         transport: Any = writer.transport
-        while transport._polling:  # let any window from the connect run out
+        while transport._policy.polling:  # let any window from the connect run out
             await asyncio.sleep(0)
         big = random.randbytes(POLL_MAX_MESSAGE + 1)
         writer.write(big)
-        assert not transport._polling
+        assert not transport._policy.polling
         assert await reader.readexactly(len(big)) == big
-        while transport._polling:
+        while transport._policy.polling:
             await asyncio.sleep(0)
-        transport._poll_window = vchan.MAX_BUSY_POLL  # (the echo may have shrunk it)
+        transport._policy.window = vchan.MAX_BUSY_POLL  # (the echo may have shrunk it)
         writer.write(b"small")
-        assert transport._polling
+        assert transport._policy.polling
         assert await reader.readexactly(5) == b"small"
         writer.close()
         await writer.wait_closed()
