@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 from aioxen.net.back import Netback, Vif, create_vif_device, serve_vif
-from aioxen.net.front import NetfrontTransport, NetStats, create_frontend
-from aioxen.net.netif import PLAIN, FrameInfo
+from aioxen.net.front import NetfrontTransport, create_frontend
+from aioxen.net.netif import PLAIN, FrameInfo, NetStats
 
 __all__ = [
     "PLAIN",

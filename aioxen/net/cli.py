@@ -60,9 +60,9 @@ async def run_netback(args: argparse.Namespace) -> int:
 async def _netback(args: argparse.Namespace) -> int:
     import aioxen
     from aioxen.net.back import Netback, Vif
-    from aioxen.net.bridge import attach_tap_to_vif
     from aioxen.net.switch import FunctionPort, LearningSwitch
     from aioxen.net.tap import TapDevice, TapPort
+    from aioxen.net.tap_glue import attach_tap_to_vif
 
     frontends: list[int] = args.frontend
     if not args.switch and args.tap is None:
@@ -163,9 +163,9 @@ async def _netfront(args: argparse.Namespace) -> int:
 async def _netfront_claimed(
     args: argparse.Namespace, plat: Any, claim: Any, stop: asyncio.Event
 ) -> int:
-    from aioxen.net.bridge import TapFrontend
     from aioxen.net.front import create_frontend
     from aioxen.net.tap import TapDevice, format_mac
+    from aioxen.net.tap_glue import TapFrontend
 
     tap = TapDevice(args.tap)
     try:

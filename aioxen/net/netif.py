@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from aioxen.errors import ProtocolError
 from aioxen.platforms.base import PAGE_SIZE
-from aioxen.rings.formats import StructFormat
+from aioxen.rings.formats import RawFormat, StructFormat
 
 # The ring slot layouts (io/netif.h).  TX flags go frontend → backend, RX flags backend →
 # frontend (bits 0 and 1 swap meaning with TX).
@@ -600,6 +601,34 @@ def parse_rx(
     return RxFrame(tuple(frags), info, i), i
 
 
+# What both ends of a vif share (neither end imports the other).
+
+PUSH_EVERY = 64
+"""Slots after which a side publishes (push) without waiting for the end of its batch, so
+the peer can work in parallel; notifications still follow the peer's event index."""
+# Encoded-slot formats of the two rings (netif decides a slot's type from its neighbours).
+TX_REQ_FMT = RawFormat(TX_SLOT_SIZE, name="netif_tx_request")
+TX_RSP_FMT = RawFormat(4, name="netif_tx_response", align=2)
+RX_REQ_FMT = RawFormat(RX_SLOT_SIZE, name="netif_rx_request")
+RX_RSP_FMT = RawFormat(RX_SLOT_SIZE, name="netif_rx_response", align=2)
+
+
+@dataclass
+class NetStats:
+    """Counters of one vif end (both netfront and netback keep them)."""
+
+    tx_frames: int = 0
+    tx_bytes: int = 0
+    tx_errors: int = 0
+    tx_dropped: int = 0
+    rx_frames: int = 0
+    rx_bytes: int = 0
+    rx_errors: int = 0
+    rx_dropped: int = 0
+    notifies: int = 0
+    events: int = 0
+
+
 __all__ = [
     "EXTRA_INFO",
     "MAX_EXTRA_SLOTS",
@@ -623,14 +652,19 @@ __all__ = [
     "NETTXF_MORE_DATA",
     "PAGE_SIZE",
     "PLAIN",
+    "PUSH_EVERY",
     "RX_REQ",
     "RX_REQUEST",
+    "RX_REQ_FMT",
     "RX_RESPONSE",
     "RX_RSP",
+    "RX_RSP_FMT",
     "TX_REQ",
     "TX_REQUEST",
+    "TX_REQ_FMT",
     "TX_RESPONSE",
     "TX_RSP",
+    "TX_RSP_FMT",
     "XEN_NETIF_EXTRA_FLAG_MORE",
     "XEN_NETIF_EXTRA_TYPE_GSO",
     "XEN_NETIF_EXTRA_TYPE_HASH",
@@ -648,6 +682,7 @@ __all__ = [
     "GsoExtra",
     "HashExtra",
     "McastExtra",
+    "NetStats",
     "NetifExtraInfo",
     "NetifRxRequest",
     "NetifRxResponse",

@@ -21,7 +21,7 @@ from aioxen.errors import ProtocolError
 
 
 class RingEnd:
-    """Base of :class:`~aioxen.net.front.FrontQueue` and :class:`~aioxen.net.back.Vif`.
+    """Base of :class:`~aioxen.net.front_queue.NetfrontQueue` and :class:`~aioxen.net.vif.Vif`.
 
     A subclass sets ``_loop``, ``_channel``, ``stats``, ``_dead``, ``_flush_scheduled``,
     ``name``, ``_peer_role`` (``"backend"``/``"frontend"``) and ``_peer_domid``, and

@@ -49,9 +49,11 @@ and the ring index :meth:`FrontRing.take_encoded` reports for a response is the 
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
+from aioxen import native
 from aioxen.errors import ProtocolError
 from aioxen.native import Buffer, SharedBuffer, lib
 from aioxen.rings.formats import BatchCodec, EntryFormat, batch_codec, slot_size
@@ -575,6 +577,21 @@ class BackRing(_Ring[Req, Rsp]):
         return self._req_available(prod) > 0
 
 
+def byte_source(view: memoryview) -> Any:
+    """Something whose slices are ``bytes`` of ``view``'s memory in one step: the
+    underlying ``mmap`` when ``view`` is exactly all of it (slicing an mmap copies once,
+    where ``bytes(view[a:b])`` also builds a memoryview), else ``view`` itself (then
+    ``bytes()`` of a slice is the copy)."""
+    base = view.obj
+    if (
+        isinstance(base, mmap.mmap)
+        and len(base) == len(view)
+        and native.address_of(base) == native.address_of(view)
+    ):
+        return base
+    return view
+
+
 __all__ = [
     "HEADER_SIZE",
     "MAX_RING_PAGE_ORDER",
@@ -582,6 +599,7 @@ __all__ = [
     "Encoded",
     "FrontRing",
     "RingFull",
+    "byte_source",
     "init_shared_ring",
     "ring_entries",
     "ring_pages",

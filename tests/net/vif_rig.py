@@ -1,5 +1,5 @@
 """Hand-driven vif ends for hostile-input tests: a raw frontend facing a real :class:`Vif`,
-and a raw backend facing a real :class:`FrontQueue`.  No XenStore: rings, pools and the
+and a raw backend facing a real :class:`NetfrontQueue`.  No XenStore: rings, pools and the
 event channel are set up directly, indices start near 2**32."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aioxen.net import netif
-from aioxen.net.back import Vif, attach_vif
-from aioxen.net.front import RX_REQ_FMT, RX_RSP_FMT, TX_REQ_FMT, TX_RSP_FMT, FrontQueue
+from aioxen.net.front_queue import NetfrontQueue
 from aioxen.net.keys import BackendFeatures, FrontendFeatures
-from aioxen.net.netif import FrameInfo
+from aioxen.net.netif import RX_REQ_FMT, RX_RSP_FMT, TX_REQ_FMT, TX_RSP_FMT, FrameInfo
+from aioxen.net.vif import Vif, attach_vif
 from aioxen.platforms.base import Platform
 from aioxen.rings.sring import BackRing, FrontRing
 
@@ -159,11 +159,11 @@ class RawFront:
 
 @dataclass
 class RawBack:
-    """Backend side driven by hand; the frontend is a real :class:`FrontQueue`."""
+    """Backend side driven by hand; the frontend is a real :class:`NetfrontQueue`."""
 
     fe: Platform
     be: Platform
-    queue: FrontQueue
+    queue: NetfrontQueue
     tx: BackRing[bytes, bytes]
     rx: BackRing[bytes, bytes]
     channel: Any
@@ -175,7 +175,7 @@ class RawBack:
     async def create(cls, fe: Platform, be: Platform) -> RawBack:
         received: list[tuple[bytes, FrameInfo]] = []
         failures: list[BaseException] = []
-        queue = FrontQueue(
+        queue = NetfrontQueue(
             fe,
             be.domid,
             deliver=lambda f, i: received.append((f, i)),

@@ -1,4 +1,4 @@
-"""Glue between vifs and TAP devices: a backend vif or a netfront transport whose other
+"""TAP glue: a TAP device wired to a backend vif or a netfront transport, whose other
 side is the kernel's network stack.
 
 Theory of operation
@@ -22,11 +22,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from aioxen.net.back import Vif
 from aioxen.net.keys import BackendFeatures
 from aioxen.net.netif import XEN_NETIF_MAX_TX_SIZE, FrameInfo
 from aioxen.net.offload import split_gso
 from aioxen.net.tap import TapDevice, TapPort, set_mac, set_mtu
+from aioxen.net.vif import Vif
 
 log = logging.getLogger(__name__)
 
