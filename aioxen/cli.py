@@ -14,17 +14,24 @@ points every closed one of 0, 1, 2 at ``/dev/null`` (:func:`guard_stdio`): a clo
 reads as empty input, a closed stdout or stderr discards what is written.  The commands
 themselves read and write stdio through :mod:`aioxen.apps.stdio`, which serves every kind
 of descriptor (threads for those the loop cannot watch).
+
+Stopping.  A long-running command (``xenstored``, ``bridge``, ``netback``, ``blkback``,
+``console``, ...) stops in an orderly way on SIGINT/SIGTERM: :class:`StopSignals` turns
+them into an event the command awaits, then it closes what it opened.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import inspect
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from types import TracebackType
 
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "aioxen.bench.cli",
@@ -69,6 +76,69 @@ def guard_stdio() -> frozenset[int]:
         if getattr(sys, name) is None:
             setattr(sys, name, open(fd, mode, closefd=False, errors="backslashreplace"))  # noqa: SIM115
     return frozenset(closed)
+
+
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+"""The signals that ask a long-running command to stop."""
+
+
+class StopSignals:
+    """The one stop-on-signal helper of the commands.
+
+    Created inside the running loop, it installs a handler for each of ``signals`` (default
+    :data:`STOP_SIGNALS`): a signal sets :attr:`received` (the first one), wakes
+    :meth:`wait` and calls ``on_signal(signum)`` if given, instead of the default action.
+    :meth:`close` (or leaving a ``with`` block) removes the handlers again.  Where the loop
+    cannot handle signals (not the main thread), the signals keep their default action.
+    """
+
+    def __init__(
+        self,
+        signals: Sequence[int] = STOP_SIGNALS,
+        *,
+        on_signal: Callable[[int], object] | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+        self._on_signal = on_signal
+        self.received: int | None = None
+        """The first signal received, else ``None``."""
+        self._installed: list[int] = []
+        for sig in signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                self._loop.add_signal_handler(sig, self._handle, sig)
+                self._installed.append(sig)
+
+    def _handle(self, sig: int) -> None:
+        if self.received is None:
+            self.received = sig
+        self._event.set()
+        if self._on_signal is not None:
+            self._on_signal(sig)
+
+    def is_set(self) -> bool:
+        """Whether a stop signal arrived."""
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        """Return once a stop signal arrived."""
+        await self._event.wait()
+
+    def close(self) -> None:
+        """Remove the handlers (the signals get their previous action back).  Idempotent."""
+        while self._installed:
+            self._loop.remove_signal_handler(self._installed.pop())
+
+    def __enter__(self) -> StopSignals:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import signal
 import sys
 from dataclasses import dataclass
 from types import TracebackType
@@ -45,6 +44,7 @@ from typing import Self, cast
 import aioxen
 from aioxen import vchan
 from aioxen.apps.addresses import Address, parse_address
+from aioxen.cli import StopSignals
 from aioxen.errors import PlatformError, ProtocolError
 from aioxen.platforms.base import Platform
 
@@ -540,11 +540,7 @@ async def run_bridge_command(
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.propagate = False
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
+    stop = StopSignals()  # SIGINT/SIGTERM: orderly stop
     try:
         async with contextlib.AsyncExitStack() as stack:
             plat: Platform | None = None
@@ -583,8 +579,7 @@ async def run_bridge_command(
         print(f"aioxen bridge: {exc}", file=sys.stderr)
         return 1
     finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+        stop.close()
         logger.removeHandler(handler)
         logger.level, logger.propagate = saved
     return 0

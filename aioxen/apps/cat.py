@@ -49,6 +49,7 @@ import aioxen
 from aioxen import vchan
 from aioxen.apps.embedded import EmbeddedRoot
 from aioxen.apps.stdio import ByteSink, ByteSource, open_sink, open_source
+from aioxen.cli import StopSignals
 from aioxen.errors import PlatformError, ProtocolError
 from aioxen.platforms import choose_platform_name
 from aioxen.platforms.base import Platform
@@ -361,25 +362,17 @@ async def main(opts: CatOptions) -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.close(devnull)
-    loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    terminated = False
-
-    def on_sigterm() -> None:
-        nonlocal terminated
-        terminated = True
-        task.cancel()
-
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    stop = StopSignals((signal.SIGTERM,), on_signal=lambda _: task.cancel())
     try:
         return await run_cat(opts, stdin_fd, stdout_fd)
     except asyncio.CancelledError:
-        if terminated:
+        if stop.received is not None:
             return EXIT_SIGTERM
         raise
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+        stop.close()
 
 
 __all__ = ["CatError", "CatOptions", "main", "needs_embedded_world", "run_cat"]

@@ -26,22 +26,11 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import sys
 from typing import Any
 
+from aioxen.cli import StopSignals
 from aioxen.errors import ProtocolError
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def _stop_event() -> asyncio.Event:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in _STOP_SIGNALS:
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 def _logging(verbose: int) -> None:
@@ -90,7 +79,7 @@ async def _blkback(args: argparse.Namespace) -> int:
         sector_size=args.sector_size,
         workers=args.workers,
     )
-    stop = _stop_event()
+    stop = StopSignals()  # SIGINT/SIGTERM: orderly stop
     plat = aioxen.platform()
     try:
         async with plat:
@@ -129,7 +118,7 @@ async def _blkback(args: argparse.Namespace) -> int:
 
 async def _serve_blkback(
     args: argparse.Namespace, plat: Any, source: Any, config: Any, devid: int, claim: Any,
-    stop: asyncio.Event,
+    stop: StopSignals,
 ) -> None:  # fmt: skip
     from aioxen.blk.vbd import Blkback
 
@@ -165,7 +154,7 @@ async def _blkfront_nbd(args: argparse.Namespace) -> int:
     from aioxen.blk.vbd import open_blkfront
 
     _logging(args.verbose)
-    stop = _stop_event()
+    stop = StopSignals()  # SIGINT/SIGTERM: orderly stop
     plat = aioxen.platform()
     config = _front_config(args)
     async with plat, contextlib.AsyncExitStack() as stack:

@@ -17,13 +17,13 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import sys
 import termios
 import tty
 from typing import Any
 
 from aioxen.apps.stdio import ByteSink, ByteSource, open_sink, open_source
+from aioxen.cli import StopSignals
 from aioxen.devices.console import DEFAULT_DEVID, ConsoleBackend, ConsoleFrontend
 
 ESCAPE = 0x1D  # Ctrl-]
@@ -105,10 +105,7 @@ async def _session(
 
 
 async def _run(args: argparse.Namespace) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = StopSignals()  # SIGINT/SIGTERM: orderly stop
     raw = sys.stdin.isatty()
     saved = termios.tcgetattr(0) if raw else None
     endpoint: ConsoleBackend | ConsoleFrontend | None = None

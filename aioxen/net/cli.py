@@ -15,23 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import sys
 from typing import Any
 
+from aioxen.cli import StopSignals
 from aioxen.errors import ProtocolError
 from aioxen.net import keys
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def _stop_event() -> asyncio.Event:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in _STOP_SIGNALS:
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 def _mac(text: str) -> bytes:
@@ -71,7 +60,7 @@ async def _netback(args: argparse.Namespace) -> int:
     if not args.switch and len(frontends) != 1:
         print("netback: several frontends need --switch", file=sys.stderr)
         return 2
-    stop = _stop_event()
+    stop = StopSignals()  # SIGINT/SIGTERM: orderly stop
     plat = aioxen.platform()
     async with plat:
         switch = LearningSwitch() if args.switch else None
@@ -139,7 +128,7 @@ async def _netfront(args: argparse.Namespace) -> int:
     from aioxen.xenbus.claim import Claim
     from aioxen.xenbus.driver import frontend_device
 
-    stop = _stop_event()
+    stop = StopSignals()  # SIGINT/SIGTERM: orderly stop
     plat = aioxen.platform()
     async with plat:
         # wait (read-only) for the toolstack's device, then claim it before the TAP is
@@ -161,7 +150,7 @@ async def _netfront(args: argparse.Namespace) -> int:
 
 
 async def _netfront_claimed(
-    args: argparse.Namespace, plat: Any, claim: Any, stop: asyncio.Event
+    args: argparse.Namespace, plat: Any, claim: Any, stop: StopSignals
 ) -> int:
     from aioxen.net.front import create_frontend
     from aioxen.net.tap import TapDevice, format_mac

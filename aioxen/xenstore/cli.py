@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import errno
 import logging
 import os
 import shlex
-import signal
 import stat
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from aioxen.cli import StopSignals
 from aioxen.errors import ProtocolError
 from aioxen.platforms._rootdir import (
     RootPermissionError,
@@ -132,10 +131,7 @@ async def _run_xenstored(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"aioxen xenstored: {_message(exc)}", file=sys.stderr)
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = StopSignals()  # SIGINT/SIGTERM: orderly stop
     try:
         sys.stdout.write(
             f"XEN_ROOT={shlex.quote(root)}; export XEN_ROOT;\n"
@@ -144,8 +140,7 @@ async def _run_xenstored(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        stop.close()
         await server.close()
     return 0
 

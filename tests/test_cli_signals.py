@@ -1,0 +1,63 @@
+"""The commands' one stop-on-signal helper, :class:`aioxen.cli.StopSignals`.
+
+Real signals sent to this process (the handlers run on the test's loop, asyncio or uvloop);
+the commands' own SIGTERM/SIGINT behaviour is covered end to end by their tests (cat 143,
+xenstored/bridge/console/netback/blkback orderly stop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+from pathlib import Path
+
+from aioxen.cli import STOP_SIGNALS, StopSignals
+
+ROOT = Path(__file__).resolve().parent.parent / "aioxen"
+
+
+async def test_a_stop_signal_wakes_the_waiter_and_calls_back() -> None:
+    seen: list[int] = []
+    with StopSignals(on_signal=seen.append) as stop:
+        assert not stop.is_set() and stop.received is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        async with asyncio.timeout(30):
+            await stop.wait()
+        os.kill(os.getpid(), signal.SIGINT)
+        async with asyncio.timeout(30):
+            while len(seen) < 2:
+                await asyncio.sleep(0.01)
+    assert stop.is_set()
+    assert stop.received == signal.SIGTERM  # the first one
+    assert seen == [signal.SIGTERM, signal.SIGINT]
+
+
+async def test_close_gives_the_signals_their_default_action_back() -> None:
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    stop = StopSignals()
+    assert all(signal.getsignal(sig) != before[sig] for sig in STOP_SIGNALS)
+    stop.close()
+    stop.close()  # idempotent
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+
+
+async def test_only_the_given_signals() -> None:
+    sigint = signal.getsignal(signal.SIGINT)  # asyncio.Runner's own, or the default
+    with StopSignals((signal.SIGTERM,)):
+        assert signal.getsignal(signal.SIGINT) == sigint
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+
+
+def test_every_command_stops_through_the_one_helper() -> None:
+    """No command installs signal handlers of its own (five copies were there before)."""
+    own = [
+        str(p.relative_to(ROOT))
+        for p in ROOT.rglob("*.py")
+        if p.name != "cli.py" or p.parent != ROOT
+        if "bench" not in p.relative_to(ROOT).parts  # benchmark peers are not commands
+        if re.search(r"add_signal_handler|signal\.signal\(", p.read_text())
+    ]
+    assert own == []
