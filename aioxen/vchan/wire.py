@@ -111,14 +111,22 @@ SMALL_RING_SIZE: Final = 1024  # order 10, in the control page at offset 1024
 LARGE_RING_SIZE: Final = 2048  # order 11, in the control page at offset 2048
 
 _U32: Final = 0xFFFFFFFF
-_EOF_FLAG: Final = 1 << 53  # in ax_vchan_poll's result
 
+# The fields of a :meth:`VchanCore.step` result (``ax_vchan_step``, one int64).
 STEP_USED: Final = 0x1FFFFF
-"""Mask of the readable byte count in a :meth:`VchanCore.step` result."""
+"""Mask of the readable byte count (at most 1 MiB: 21 bits)."""
 STEP_CONS_SHIFT: Final = 21
+"""``(r >> STEP_CONS_SHIFT) & 0xFFFFFFFF`` is the read ring's ``cons`` the step saw."""
 STEP_EOF: Final = 1 << 53
+"""The peer's :data:`NOTIFY_EOF` was set (loaded before the indices)."""
 STEP_LIVE: Final = 1 << 54
+"""The peer's live byte is 1 (validated 0 or 1)."""
 STEP_NOTIFY: Final = 1 << 55
+"""Publishing ``new_cons`` found the peer's READ request: signal it."""
+# Negative step results: what was found corrupt (:meth:`VchanCore.step_error`).
+STEP_ERR_READ: Final = -1
+STEP_ERR_WRITE: Final = -2
+STEP_ERR_LIVE: Final = -3
 
 
 def _min_order(size: int) -> int:
@@ -269,6 +277,13 @@ class VchanCore:
 
     Methods that produce or consume may require an event to be sent to the peer: they set
     :attr:`notify_pending`, which the caller clears after one ``EventChannel.notify()``.
+
+    Reading has two families.  The stream transport's: :meth:`step` (and its unchecked
+    form :attr:`step_raw`), one native call that releases what was read, checks both rings
+    and the peer's live byte, and arms when empty, plus :meth:`recv_into` for
+    ``BufferedProtocol`` objects.  The datagram (framed) reader's: :meth:`peer_eof` then
+    :meth:`readable` / :meth:`request_readable`, :meth:`peek` (a header),
+    :meth:`read_span` + :meth:`consume`.
     """
 
     __slots__ = (
@@ -427,19 +442,6 @@ class VchanCore:
             raise self._corrupt(True)
         return n
 
-    def poll(self) -> tuple[bool, int, int]:
-        """``(eof, offset, count)``: the EOF bit of our notify byte (loaded *first*), then
-        the contiguous readable span, as :meth:`read_span` (one native call)."""
-        r: int = lib.ax_vchan_poll(
-            self._ctrl, self._rcons, self._rprod, self._own_notify, NOTIFY_EOF, self._rsize
-        )
-        if r < 0:
-            raise self._corrupt(True)
-        used = r & 0x1FFFFF
-        self._span_cons = cons = (r >> 21) & _U32
-        off = cons & self._rmask
-        return r >= _EOF_FLAG, off, min(used, self._rsize - off)
-
     def read_span(self) -> tuple[int, int]:
         """``(offset, count)`` of the contiguous readable bytes in the read ring.
 
@@ -455,41 +457,6 @@ class VchanCore:
         off = cons & self._rmask
         return off, min(used, self._rsize - off)
 
-    def poll_arm(self, arm: bool) -> tuple[bool, int, int, int]:
-        """The reader's check in one native call: ``(eof, peer_live, offset, count)``.
-
-        Loads our notify byte (the EOF bit), the peer's live byte, then the indices (each
-        once).  With ``arm`` and an empty ring (and no EOF), it also asks the peer for a
-        write notification and re-reads ``prod`` -- :meth:`request_readable` fused in.
-        ``peer_live`` is validated as in :meth:`peer_live`.
-        """
-        r = self._poll_arm(NOTIFY_WRITE if arm else 0)
-        self._span_cons = cons = (r >> 21) & _U32
-        off = cons & self._rmask
-        used = r & 0x1FFFFF
-        room = self._rsize - off
-        return r & _EOF_FLAG != 0, r >> 54, off, used if used < room else room
-
-    def _poll_arm(self, arm_bit: int) -> int:
-        """``ax_vchan_poll_arm`` with ``arm_bit`` as the notify request; the result with
-        the read ring and the peer's live byte validated."""
-        r: int = lib.ax_vchan_poll_arm(
-            self._ctrl,
-            self._rcons,
-            self._rprod,
-            self._own_notify,
-            NOTIFY_EOF,
-            self._peer_live,
-            self._peer_notify,
-            arm_bit,
-            self._rsize,
-        )
-        if r < 0:
-            raise self._corrupt(True)
-        if r >> 54 > 1:
-            raise self._bad_live(r >> 54)
-        return r
-
     def step(self, new_cons: int, arm: bool) -> int:
         """The reader's fused step (one native call, ``ax_vchan_step``): if ``new_cons``
         >= 0, publish it as the read ring's ``cons`` and test-and-clear our READ request
@@ -498,8 +465,9 @@ class VchanCore:
         the live byte (``ProtocolError``); with ``arm`` and an empty read ring (no EOF),
         ask the peer for a write notification and re-check.
 
-        Returns ``used | cons << 21 | EOF << 53 | live << 54 | notify << 55`` (see the
-        ``STEP_*`` constants).  ``new_cons`` must be ``cons`` from the previous step plus
+        Returns the fields :data:`STEP_USED` (readable count), ``cons`` at
+        :data:`STEP_CONS_SHIFT`, and the flags :data:`STEP_EOF`, :data:`STEP_LIVE`,
+        :data:`STEP_NOTIFY`.  ``new_cons`` must be ``cons`` from the previous step plus
         the bytes read (u32): the index is never re-read from shared memory to compute it.
         """
         r: int = lib.ax_vchan_step(self._ctrl, self._cfg, new_cons, NOTIFY_WRITE if arm else 0)
@@ -509,19 +477,13 @@ class VchanCore:
 
     def step_error(self, r: int) -> ProtocolError:
         """The ``ProtocolError`` for a negative :meth:`step` result."""
-        if r == -3:
+        if r == STEP_ERR_LIVE:
             return self._bad_live(lib.ax_load_u8(self._ctrl, self._peer_live))
-        return self._corrupt(r == -1)
+        return self._corrupt(r == STEP_ERR_READ)
 
     def write_error(self) -> ProtocolError:
         """The ``ProtocolError`` for a negative :attr:`send_raw` result."""
         return self._corrupt(False)
-
-    def peek_state(self) -> tuple[bool, int, int]:
-        """``(eof, peer_live, used)`` in one native call, touching no notify bit: the
-        busy-poll check.  ``used`` is the whole readable count (validated), not a span."""
-        r = self._poll_arm(0)
-        return r & _EOF_FLAG != 0, r >> 54, r & 0x1FFFFF
 
     def consume(self, n: int) -> None:
         """Release ``n`` bytes read through :meth:`read_span` (``cons += n``, release
@@ -598,10 +560,6 @@ class VchanCore:
         if 0 <= put <= _U32:
             return put
         return self._moved(put, False)
-
-    def write_pending(self) -> int:
-        """Bytes we wrote that the peer has not consumed yet (validated)."""
-        return self._wsize - self.writable()
 
     def announce_ends(self) -> None:
         """Tell the peer that we end our stream with :data:`NOTIFY_EOF`: OR
@@ -724,6 +682,9 @@ __all__ = [
     "SRV_NOTIFY",
     "STEP_CONS_SHIFT",
     "STEP_EOF",
+    "STEP_ERR_LIVE",
+    "STEP_ERR_READ",
+    "STEP_ERR_WRITE",
     "STEP_LIVE",
     "STEP_NOTIFY",
     "STEP_USED",

@@ -311,48 +311,14 @@ def test_release_unpins_memory() -> None:
     mem.close()
 
 
-@pytest.mark.parametrize("start", [0, 2**32 - 3])
-def test_poll_arm_reports_eof_live_span_and_arms_only_when_empty(start: int) -> None:
-    server, client, mem = make_pair(10, 11, start)
-    ctrl = memoryview(mem)[:PAGE]
-    ctrl[wire.CLI_NOTIFY] = 0
-    # empty: arms (ORs WRITE into the peer's byte) and reports nothing
-    assert server.poll_arm(True) == (False, 1, start % 1024, 0)
-    assert ctrl[wire.CLI_NOTIFY] & wire.NOTIFY_WRITE
-    ctrl[wire.CLI_NOTIFY] = 0
-    client.send(b"abcdef", 6)
-    eof, live, off, n = server.poll_arm(True)
-    assert (eof, live, off) == (False, 1, start % 1024)
-    assert n == min(6, 1024 - off)  # the span stops at the wrap
-    assert ctrl[wire.CLI_NOTIFY] == 0  # not empty: no arming
-    assert server.poll() == (False, off, n)
-    assert drain(server) == b"abcdef"
-    client.shutdown_write()
-    ctrl[wire.CLI_LIVE] = 0
-    assert server.poll_arm(True)[:2] == (True, 0)
-    assert not ctrl[wire.CLI_NOTIFY] & wire.NOTIFY_WRITE  # EOF: nothing more to wait for
-    ctrl[wire.CLI_LIVE] = 9
-    with pytest.raises(ProtocolError) as exc:
-        server.poll_arm(False)
-    assert exc.value.field == "cli_live"
-    ctrl[wire.CLI_LIVE] = 1
-    struct.pack_into("<I", ctrl, wire.LEFT_PROD, (start + 5000) % 2**32)
-    for call in (lambda: server.poll_arm(True), server.poll):
-        with pytest.raises(ProtocolError):
-            call()
-    ctrl.release()
-    server.release()
-    client.release()
-    mem.close()
-
-
 def test_released_core_is_inert() -> None:
     server, client, mem = make_pair(12, 12)
     server.release()
     client.release()
     mem.close()  # the memory is gone; stray calls must not touch it
     assert server.readable() == 0
-    assert server.poll_arm(False)[3] == 0
+    assert server.step(-1, True) & wire.STEP_USED == 0
+    assert server.read_span() == (0, 0)
 
 
 @pytest.mark.parametrize("start", [0, 2**32 - 3])
@@ -384,6 +350,19 @@ def test_step_consumes_checks_both_rings_and_arms_only_when_empty(start: int) ->
     r = server.step(-1, True)
     assert r & wire.STEP_EOF and not r & wire.STEP_LIVE
     assert not ctrl[wire.CLI_NOTIFY] & wire.NOTIFY_WRITE
+    # the negative results are named
+    ctrl[wire.CLI_LIVE] = 9
+    assert server.step_raw(-1, 0) == wire.STEP_ERR_LIVE
+    ctrl[wire.CLI_LIVE] = 1
+    (prod,) = struct.unpack_from("<I", ctrl, wire.LEFT_PROD)
+    struct.pack_into("<I", ctrl, wire.LEFT_PROD, (prod + 5000) % 2**32)
+    assert server.step_raw(-1, 0) == wire.STEP_ERR_READ
+    assert server.step_error(wire.STEP_ERR_READ).field == "left.prod"
+    struct.pack_into("<I", ctrl, wire.LEFT_PROD, prod)
+    (cons,) = struct.unpack_from("<I", ctrl, wire.RIGHT_CONS)
+    struct.pack_into("<I", ctrl, wire.RIGHT_CONS, (cons + 1) % 2**32)
+    assert server.step_raw(-1, 0) == wire.STEP_ERR_WRITE
+    assert server.step_error(wire.STEP_ERR_WRITE).field == "right.prod"
     ctrl.release()
     server.release()
     client.release()
