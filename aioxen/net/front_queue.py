@@ -141,7 +141,7 @@ class NetfrontQueue(RingEnd):
         self._channel: EventChannel | None = None
         self.stats = NetStats()
         self._reading = True
-        self._dead = False
+        self._closed = False
         self._active = True  # reading and not dead: checked once per received frame
         self._flush_scheduled = False
         # TX state
@@ -301,7 +301,7 @@ class NetfrontQueue(RingEnd):
         One unpack for the whole run; ids are checked and freed with C-level ``map``
         (responses for extra-info slots, status ``NULL``, carry no id)."""
         tx = self._tx
-        if tx is None or self._dead:
+        if tx is None or self._closed:
             return 0
         data, n, _ = tx.take_encoded()
         if not n:
@@ -336,7 +336,7 @@ class NetfrontQueue(RingEnd):
     def want_tx_space(self) -> None:
         """Ask for one ``tx_space()`` call once TX responses have freed pages."""
         tx = self._tx
-        if self._want_tx_space or tx is None or self._dead:
+        if self._want_tx_space or tx is None or self._closed:
             return
         self._want_tx_space = True
         try:
@@ -384,8 +384,8 @@ class NetfrontQueue(RingEnd):
     def resume_reading(self) -> None:
         if not self._reading:
             self._reading = True
-            self._active = not self._dead
-            if not self._dead:
+            self._active = not self._closed
+            if not self._closed:
                 self._loop.call_soon(self._on_event)
 
     def _poll_rx(self) -> None:
@@ -544,8 +544,9 @@ class NetfrontQueue(RingEnd):
             {"message": f"{self.name}: exception in protocol callback", "exception": exc}
         )
 
-    # -- events and flushing (event handling and guarded flushes: RingEnd) -------------------
+    # -- events and flushing (the cycle itself: aioxen.rings.service.RingService) ------------
     def _service(self) -> None:
+        self.stats.events += 1
         if self._want_tx_space:
             self._check_tx_space()
         self._poll_rx()
@@ -570,9 +571,9 @@ class NetfrontQueue(RingEnd):
             channel.notify()
 
     def _fail(self, exc: BaseException) -> None:
-        if self._dead:
+        if self._closed:
             return
-        self._dead = True
+        self._closed = True
         self._active = False
         if self._channel is not None:
             self._channel.set_handler(None)
@@ -580,11 +581,11 @@ class NetfrontQueue(RingEnd):
 
     @property
     def dead(self) -> bool:
-        return self._dead
+        return self._closed
 
     def close(self) -> None:
         """Stop and release rings, pools and the channel (idempotent)."""
-        self._dead = True
+        self._closed = True
         self._active = False
         if self._channel is not None and not self._channel.closed:
             self._channel.set_handler(None)

@@ -226,7 +226,7 @@ class Vif(RingEnd):
         self._owned = owned or []
         self._loop = asyncio.get_running_loop()
         self.stats = NetStats()
-        self._dead = False
+        self._closed = False
         self.error: BaseException | None = None
         persistent = features.persistent
         self._tx_pages = GrantCache(
@@ -277,7 +277,7 @@ class Vif(RingEnd):
 
     @property
     def dead(self) -> bool:
-        return self._dead
+        return self._closed
 
     def set_deliver(self, deliver: Deliver) -> None:
         """Where frames from the frontend go from now on."""
@@ -289,14 +289,15 @@ class Vif(RingEnd):
 
     # -- events ------------------------------------------------------------------------------
     def _service(self) -> None:
+        self.stats.events += 1
         self._poll_tx()
         if self._rx_queue:
             self._drain_rx_queue()
 
     def _fail(self, exc: BaseException) -> None:
-        if self._dead:
+        if self._closed:
             return
-        self._dead = True
+        self._closed = True
         self.error = exc
         self._channel.set_handler(None)
         if self._on_lost is not None:
@@ -501,7 +502,7 @@ class Vif(RingEnd):
     def send(self, frame: bytes | bytearray | memoryview, info: FrameInfo = PLAIN) -> bool:
         """Give the frontend one frame.  ``False`` if it was dropped (no room, too big,
         or offloads that cannot be resolved); queued frames count as sent."""
-        if self._dead:
+        if self._closed:
             self.stats.rx_dropped += 1
             return False
         if info is not PLAIN and not self._acceptable(info, frame):
@@ -683,7 +684,7 @@ class Vif(RingEnd):
             if self.rx_resume is not None:
                 self.rx_resume()
 
-    # -- publishing (scheduling and guarded flushes: RingEnd) ---------------------------
+    # -- publishing (scheduling and guarded flushes: aioxen.rings.service) ---------------
     def _flush(self) -> None:
         notify = False
         if self._tx_rsps:
@@ -711,10 +712,10 @@ class Vif(RingEnd):
 
     def close(self) -> None:
         """Publish what was answered, then release mappings, rings and channel."""
-        if not self._dead:
+        if not self._closed:
             with contextlib.suppress(Exception):
                 self._flush()
-        self._dead = True
+        self._closed = True
         self._channel.set_handler(None)
         self._tx_pages.close()
         self._rx_pages.close()
@@ -725,7 +726,7 @@ class Vif(RingEnd):
         self._owned = []
 
     def __repr__(self) -> str:
-        return f"<Vif {self._name} {'dead' if self._dead else 'connected'}>"
+        return f"<Vif {self._name} {'dead' if self._closed else 'connected'}>"
 
 
 async def attach_vif(

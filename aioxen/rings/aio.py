@@ -4,7 +4,9 @@ Theory of operation
 -------------------
 Both adapters pair a pure ring (:mod:`aioxen.rings.sring`) with an event channel from the
 platform and receive events through :meth:`EventChannel.set_handler`, so no task sits in a
-``wait()`` loop.
+``wait()`` loop.  The cycle (event → service → flush, one scheduled flush per loop
+iteration, a ring violation or a lost peer ends the adapter) is
+:class:`~aioxen.rings.service.RingService`'s, shared with netfront and netback.
 
 **Front.** The front owns the request ``id`` space: ids ``0 .. nr_ents - 1`` are handed out
 from a free list and written into each request (:meth:`EntryFormat.with_id`), so a slot and
@@ -49,6 +51,7 @@ from typing import Any, Generic, Self, TypeVar, cast
 from aioxen.errors import ProtocolError
 from aioxen.platforms.base import EventChannel, Mapping, Platform, Share
 from aioxen.rings.formats import EntryFormat, batch_codec
+from aioxen.rings.service import RingService
 from aioxen.rings.sring import BackRing, FrontRing, _Ring, ring_pages
 
 Req = TypeVar("Req")
@@ -73,10 +76,12 @@ def _release(resources: list[Any]) -> None:
         raise errors[0]
 
 
-class _Adapter:
-    """State shared by both adapters: channel, shutdown, owned resources."""
+class _Adapter(RingService):
+    """State shared by both adapters: channel, shutdown, owned resources; the event →
+    service → flush cycle and the once-per-iteration flush are :class:`RingService`'s."""
 
     _ring: _Ring[Any, Any]  # set by the subclass
+    _channel: EventChannel
 
     def __init__(self, channel: EventChannel, name: str) -> None:
         self._channel = channel
@@ -128,32 +133,14 @@ class _Adapter:
         if self._closed:
             raise self._shutdown_error()
 
-    def _peer_gone_error(self) -> RingShutdown:
+    def _peer_gone_error(self) -> RingShutdown:  # RingService: the peer check's error
         return RingShutdown(
             f"ring {self._name}: peer domain {self._channel.remote_domid} went away "
             f"(event channel port {self._channel.port})"
         )
 
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        if self._flush_scheduled:  # not already done by an explicit flush
-            self._run_flush()
-
-    def _run_flush(self) -> None:
-        self._flush_scheduled = False
-        if self._closed:
-            return
-        try:
-            self._flush()
-        except ProtocolError as exc:
-            self._shutdown(exc)
-
-    def _flush(self) -> None:
-        raise NotImplementedError
+    def _fail(self, exc: BaseException) -> None:
+        self._shutdown(exc)
 
     def _shutdown(self, exc: BaseException | None) -> None:
         raise NotImplementedError
@@ -411,19 +398,10 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
         self._check_open()
         self._run_flush()
 
-    # -- receiving -------------------------------------------------------------------
-    def _on_event(self) -> None:
-        if self._closed:
-            return
-        try:
-            self._poll()
-        except ProtocolError as exc:
-            self._shutdown(exc)
-            return
-        if self._channel.peer_lost:
-            self._shutdown(self._peer_gone_error())
+    # -- receiving (RingService._on_event runs the service step and the peer check) ---
+    flush_on_event = False  # requests go out with the scheduled flush of their iteration
 
-    def _poll(self) -> None:
+    def _service(self) -> None:
         ring, pending, free, ids_of = self._ring, self._pending, self._free_ids, self._rsp_codec.ids
         freed = False
         while True:
@@ -585,6 +563,8 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
 
     # -- events ----------------------------------------------------------------------
     def _on_event(self) -> None:
+        # The back's service step runs in its consumer (next_batch / serve), so an event
+        # only wakes it; serve() with a plain handler installs its own cycle.
         if self._closed:
             return
         self._event = True
