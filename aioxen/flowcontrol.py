@@ -14,7 +14,9 @@ stdlib's transports.
 ``_wlen`` (the count) up to date, sets ``_high``, ``_low`` and ``_protocol_paused`` in its
 constructor, has ``_loop`` and ``_protocol``, and calls :meth:`_maybe_pause_protocol`
 after queueing and :meth:`_maybe_resume_protocol` after draining.  This is an adapter
-utility: protocol cores do not import it.
+utility: protocol cores do not import it.  Users: netfront's
+:class:`~aioxen.net.transport.NetfrontTransport`, the byte-ring
+:class:`~aioxen.rings.stream.ByteRingTransport` and vchan's transports.
 """
 
 from __future__ import annotations

@@ -12,14 +12,17 @@ the ring, which is the back-pressure the peer sees.
 
 Writes go straight into the ring when there is room; the rest waits in a buffer, and the
 protocol is paused (``pause_writing``) above the high-water mark and resumed below the
-low-water mark, as asyncio's own transports do.  Byte rings have no end-of-stream marker:
+low-water mark, as asyncio's own transports do
+(:class:`~aioxen.flowcontrol.WriteFlowControl`; a failing callback goes to the loop's
+exception handler).  Byte rings have no end-of-stream marker:
 :meth:`peer_closed` (the device's xenbus peer went ``Closing``/``Closed``) and a lost event
 channel end the stream *after* draining what the peer had written (``eof_received``, then
 ``connection_lost``).  ``close()`` flushes the buffer first (bounded by the peer reading
 it); ``abort()`` does not.  A corrupt ring index is a
 :class:`~aioxen.errors.ProtocolError` given to ``connection_lost``.
 
-:func:`open_streams` wraps a transport in the stdlib ``StreamReader``/``StreamWriter``.
+:func:`open_streams` wraps a transport in the stdlib ``StreamReader``/``StreamWriter``
+once the protocol has seen ``connection_made`` (:meth:`ByteRingTransport.wait_started`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aioxen.errors import ProtocolError
+from aioxen.flowcontrol import WriteFlowControl
 from aioxen.platforms.base import EventChannel
 from aioxen.rings.byte import ByteRing
 
@@ -36,7 +40,7 @@ HIGH_WATER = 64 * 1024
 READ_CHUNK = 64 * 1024
 
 
-class ByteRingTransport(asyncio.Transport):
+class ByteRingTransport(WriteFlowControl, asyncio.Transport):
     """``asyncio.Transport`` over one byte-ring endpoint and its event channel."""
 
     def __init__(
@@ -55,9 +59,11 @@ class ByteRingTransport(asyncio.Transport):
         self._protocol: Any = protocol
         self._on_close = on_close
         self._buffer = bytearray()
+        self._wlen = 0  # len(self._buffer), for WriteFlowControl
         self._high = HIGH_WATER
         self._low = HIGH_WATER // 4
-        self._writing_paused = False
+        self._protocol_paused = False
+        self._started: asyncio.Future[None] = self._loop.create_future()
         self._reading_paused = False
         self._closing = False  # close() called: flush, then finish
         self._ending = False  # the peer is gone: drain input, then finish
@@ -68,10 +74,18 @@ class ByteRingTransport(asyncio.Transport):
 
     # -- plumbing --------------------------------------------------------------------
     def _start(self) -> None:
-        if self._finished:
-            return
-        self._protocol.connection_made(self)
-        self._on_event()  # whatever arrived before we listened
+        try:
+            if self._finished:
+                return
+            self._protocol.connection_made(self)
+            self._on_event()  # whatever arrived before we listened
+        finally:
+            if not self._started.done():
+                self._started.set_result(None)
+
+    async def wait_started(self) -> None:
+        """Return once ``protocol.connection_made`` ran (or the transport ended first)."""
+        await asyncio.shield(self._started)
 
     def _on_event(self) -> None:
         if self._finished:
@@ -98,9 +112,9 @@ class ByteRingTransport(asyncio.Transport):
         n = self._ring.write(self._buffer)
         if n:
             del self._buffer[:n]
-            if self._writing_paused and len(self._buffer) <= self._low:
-                self._writing_paused = False
-                self._protocol.resume_writing()
+            self._wlen = len(self._buffer)
+            if self._protocol_paused:
+                self._maybe_resume_protocol()
         return n > 0
 
     def _pump_in(self) -> bool:
@@ -126,6 +140,7 @@ class ByteRingTransport(asyncio.Transport):
         self._closing = True
         self._channel.set_handler(None)
         self._buffer.clear()
+        self._wlen = 0
         self._loop.call_soon(self._lost, exc)
 
     def _lost(self, exc: BaseException | None) -> None:
@@ -159,9 +174,9 @@ class ByteRingTransport(asyncio.Transport):
                 self._channel.notify()
             if n < len(data):
                 self._buffer += memoryview(data)[n:]
-        if not self._writing_paused and len(self._buffer) > self._high:
-            self._writing_paused = True
-            self._protocol.pause_writing()
+        self._wlen = len(self._buffer)
+        if self._wlen > self._high:  # inline test: no call per write below the mark
+            self._maybe_pause_protocol()
 
     def can_write_eof(self) -> bool:
         return False
@@ -171,18 +186,6 @@ class ByteRingTransport(asyncio.Transport):
 
     def get_write_buffer_size(self) -> int:
         return len(self._buffer)
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._low, self._high
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is None:
-            high = HIGH_WATER if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high}) must be >= low ({low}) must be >= 0")
-        self._high, self._low = high, low
 
     def pause_reading(self) -> None:
         self._reading_paused = True
@@ -223,7 +226,7 @@ async def open_streams(
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     transport = ByteRingTransport(ring, channel, protocol, extra=extra, on_close=on_close)
-    await asyncio.sleep(0)  # let connection_made run
+    await transport.wait_started()
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return reader, writer, transport
 
