@@ -124,8 +124,9 @@ def backend_keys(source: BlockSource, config: BackendConfig) -> dict[str, str]:
 
 
 @dataclass
-class FrontQueue:
-    """One queue as the frontend advertised it."""
+class AdvertisedQueue:
+    """One blkfront queue as the frontend advertised it in XenStore: its ring refs and
+    event channel port (a record, not a data path)."""
 
     refs: list[int]
     port: int
@@ -135,7 +136,7 @@ class FrontQueue:
 class FrontendKeys:
     abi: str
     persistent: bool
-    queues: list[FrontQueue]
+    queues: list[AdvertisedQueue]
 
 
 async def _required_int(dev: XenbusDevice, key: str) -> int:
@@ -162,7 +163,7 @@ async def read_frontend_keys(dev: XenbusDevice, config: BackendConfig) -> Fronte
             names = [f"{prefix}{B.KEY_RING_REF}{i}" for i in range(1 << order)]
         refs = [await _required_int(dev, name) for name in names]
         port = await _required_int(dev, prefix + B.KEY_EVENT_CHANNEL)
-        queues.append(FrontQueue(refs, port))
+        queues.append(AdvertisedQueue(refs, port))
     return FrontendKeys(abi, persistent, queues)
 
 
@@ -449,10 +450,10 @@ async def vbd_info(platform: Platform, devid: int | str = DEFAULT_DEVID) -> dict
 __all__ = [
     "DEFAULT_DEVID",
     "TYPE",
+    "AdvertisedQueue",
     "Blkback",
     "BlkbackDriver",
     "BlkfrontDriver",
-    "FrontQueue",
     "FrontendKeys",
     "backend_keys",
     "open_blkfront",

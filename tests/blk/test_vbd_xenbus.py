@@ -16,7 +16,7 @@ import pytest
 from aioxen.blk.back import BackendConfig
 from aioxen.blk.front import FrontendConfig
 from aioxen.blk.source import MemorySource
-from aioxen.blk.vbd import Blkback, FrontQueue, open_blkfront, parse_vdev, read_frontend_keys
+from aioxen.blk.vbd import AdvertisedQueue, Blkback, open_blkfront, parse_vdev, read_frontend_keys
 from aioxen.errors import ProtocolError
 from aioxen.platforms.base import Platform
 from aioxen.xenbus import XenbusState, backend_device
@@ -144,7 +144,7 @@ async def test_backend_reads_and_checks_frontend_keys(store_harness: Any) -> Non
     await _write_front(front, two)
     keys = await read_frontend_keys(dev, config)
     assert (keys.abi, keys.persistent) == ("x86_32-abi", True)
-    assert keys.queues == [FrontQueue([8, 9], 5), FrontQueue([10, 11], 6)]
+    assert keys.queues == [AdvertisedQueue([8, 9], 5), AdvertisedQueue([10, 11], 6)]
     bad = [
         ("queue-1/ring-ref1", None, "queue-1/ring-ref1"),
         ("queue-0/event-channel", None, "queue-0/event-channel"),
@@ -168,7 +168,7 @@ async def test_backend_reads_and_checks_frontend_keys(store_harness: Any) -> Non
     await _write_front(front, {"ring-ref": "12", "event-channel": "7"})  # one page, one queue
     keys = await read_frontend_keys(dev, config)
     assert (keys.abi, keys.persistent) == ("x86_64-abi", False)
-    assert keys.queues == [FrontQueue([12], 7)]
+    assert keys.queues == [AdvertisedQueue([12], 7)]
 
 
 async def test_dead_backend_closes_the_frontend(store_harness: Any) -> None:
