@@ -16,7 +16,7 @@ LAB_DEBS  := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 linux-imag
 
 all: test
 
-$(STAMP): pyproject.toml setup.py aioxen/_native_build.py
+$(STAMP): pyproject.toml setup.py aioxen/_native_build.py aioxen/_native_impl.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
