@@ -1,4 +1,6 @@
-"""``aioxen.bridge``: vchan <-> TCP / Unix socket bridging for programs.
+"""``aioxen.bridge``: the public API of vchan <-> TCP / Unix socket bridging, for programs.
+
+This is the documented import path (``docs/apps.md``, ``docs/api.md``); it only re-exports.
 
 ::
 
@@ -8,8 +10,10 @@
     async with b:
         await b.serve_forever()
 
-The implementation lives in :mod:`aioxen.apps.bridge` and :mod:`aioxen.apps.addresses`;
-see ``docs/apps.md``.
+The implementation is the ``aioxen bridge`` application, :mod:`aioxen.apps.bridge` (beside
+:mod:`aioxen.apps.cat` for ``aioxen cat``), with the address syntax in
+:mod:`aioxen.apps.addresses`.  (The TAP <-> vif glue of the network devices is
+:mod:`aioxen.net.tap_glue`, not a bridge of this kind.)
 """
 
 from __future__ import annotations

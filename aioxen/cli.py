@@ -40,7 +40,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "aioxen.net.cli",
     "aioxen.blk.cli",
     "aioxen.xenbus.cli",
-    "aioxen.devices.console_cli",
+    "aioxen.console.cli",
 )
 
 

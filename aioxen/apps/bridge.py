@@ -1,5 +1,8 @@
 """``aioxen bridge``: accept on one address, connect each client to another, pump both ways.
 
+The implementation of the ``aioxen bridge`` command; programs import the same classes from
+the public :mod:`aioxen.bridge`.
+
 Theory of operation
 -------------------
 A :class:`Bridge` listens on one :class:`~aioxen.apps.addresses.Address` and, for every

@@ -1,1 +1,3 @@
-"""Split devices built on the xenbus framework (:mod:`aioxen.devices.console`, ...)."""
+"""Former home of the PV console, now :mod:`aioxen.console` (one package per device, like
+:mod:`aioxen.net` and :mod:`aioxen.blk`).  ``aioxen.devices.console`` still imports, for
+code written against the old path; new devices get their own package."""

@@ -20,7 +20,7 @@ from support.xenstored import XenstoredProcess
 from xenbus_world import World, world, xenstored_proc
 
 from aioxen import ProtocolError
-from aioxen.devices.console import (
+from aioxen.console.device import (
     ConsoleBackend,
     ConsoleFrontend,
     create_console,
@@ -250,3 +250,24 @@ async def test_aioxen_console_between_processes(spawn: Spawn) -> None:
     assert await back.finish() == 0
     rm = await start(0, "device", "rm", "console", str(guest), "--devid", "1", "--force")
     assert await rm.finish(None) == 0
+
+
+def test_console_is_its_own_package_and_the_old_path_still_imports() -> None:
+    """Issue 15: the console moved from ``aioxen.devices`` (a folder holding only it) to
+    ``aioxen.console``; the documented ``aioxen.devices.console`` path keeps working."""
+    import aioxen.console as console
+    import aioxen.console.device as device
+    import aioxen.devices.console as old
+
+    for name in ("ConsoleBackend", "ConsoleFrontend", "create_console", "remove_console"):
+        assert getattr(console, name) is getattr(device, name) is getattr(old, name)
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-m", "aioxen", "console", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert out.startswith("usage: aioxen console") and "--frontend" in out

@@ -24,7 +24,7 @@ from typing import Any
 
 from aioxen.apps.stdio import ByteSink, ByteSource, open_sink, open_source
 from aioxen.cli import StopSignals
-from aioxen.devices.console import DEFAULT_DEVID, ConsoleBackend, ConsoleFrontend
+from aioxen.console.device import DEFAULT_DEVID, ConsoleBackend, ConsoleFrontend
 
 ESCAPE = 0x1D  # Ctrl-]
 
