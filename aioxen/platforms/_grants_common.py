@@ -258,6 +258,20 @@ class GrantTableBase(Generic[ShareT, MappingT]):
         self._track(mapping)
         return mapping
 
+    async def map_async(
+        self, remote_domid: int, refs: Sequence[int], writable: bool = True
+    ) -> MappingT:
+        """:meth:`map` for coroutines: the same result and errors, but any wait (``xen``:
+        a paged-out page being paged in) awaits instead of blocking the event loop."""
+        check_domid(remote_domid, "remote_domid")
+        mapping = await self._map_async(remote_domid, check_refs(refs, remote_domid), writable)
+        self._track(mapping)
+        return mapping
+
+    async def _map_async(self, remote_domid: int, refs: list[int], writable: bool) -> MappingT:
+        """:meth:`_map` for :meth:`map_async`; by default it never waits, so the same."""
+        return self._map(remote_domid, refs, writable)
+
     def _share(self, remote_domid: int, npages: int, writable: bool) -> ShareT:
         """Allocate ``npages`` zeroed pages granted to ``remote_domid`` (arguments checked)."""
         raise NotImplementedError

@@ -26,6 +26,7 @@ a ``weakref.finalize`` callback.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import mmap
 import os
@@ -145,6 +146,15 @@ class XenMapping(_XenGrant):
         return f"<XenMapping {mode} refs={self._refs} of domain {self._remote_domid}>"
 
 
+def _eagain_pause(attempt: int) -> float:
+    """Seconds to wait before retry ``attempt + 1`` of an mmap that failed with EAGAIN."""
+    return 0.001 * (attempt + 1)
+
+
+def _eagain_error() -> OSError:
+    return OSError(errno.EAGAIN, "grant mapping kept failing with EAGAIN (paged out)")
+
+
 class XenGrantTable(GrantTableBase[XenShare, XenMapping]):
     """The MEMORY signature over ``/dev/xen/gntalloc`` (share) and ``/dev/xen/gntdev`` (map).
 
@@ -154,6 +164,10 @@ class XenGrantTable(GrantTableBase[XenShare, XenMapping]):
     """
 
     MMAP_EAGAIN_RETRIES = 20
+    """``mmap`` of a grant fails with ``EAGAIN`` while Xen pages a paged-out granted page
+    back in: retry, pausing 1, 2, 3 ... ms (at most ~210 ms in all).  :meth:`map` waits
+    with ``time.sleep`` (bounded; a blocking call by contract); :meth:`map_async`, which
+    coroutines use, with ``asyncio.sleep`` -- it never blocks the event loop."""
 
     def __init__(self, device_dir: str) -> None:
         super().__init__(weakref.WeakSet())
@@ -193,6 +207,39 @@ class XenGrantTable(GrantTableBase[XenShare, XenMapping]):
         return XenShare(dev, remote_domid, refs, index, writable, mm)
 
     def _map(self, remote_domid: int, refs: list[int], writable: bool) -> XenMapping:
+        dev, index = self._reserve(remote_domid, refs)
+        try:
+            mm = self._mmap(dev, index, len(refs), writable)
+        except OSError as exc:
+            _end_grant(dev, _UNMAP_GRANT_REF, index, len(refs))
+            raise self._diagnose(dev, remote_domid, refs, writable, exc) from None
+        except BaseException:
+            _end_grant(dev, _UNMAP_GRANT_REF, index, len(refs))
+            raise
+        return XenMapping(dev, remote_domid, refs, index, writable, mm)
+
+    async def _map_async(self, remote_domid: int, refs: list[int], writable: bool) -> XenMapping:
+        """:meth:`_map` whose ``EAGAIN`` retries await instead of blocking the loop (and
+        which a cancellation cleans up after)."""
+        dev, index = self._reserve(remote_domid, refs)
+        try:
+            for attempt in range(self.MMAP_EAGAIN_RETRIES):
+                mm = self._try_mmap(dev, index, len(refs), writable)
+                if mm is not None:
+                    break
+                await asyncio.sleep(_eagain_pause(attempt))
+            else:
+                raise _eagain_error()
+        except OSError as exc:
+            _end_grant(dev, _UNMAP_GRANT_REF, index, len(refs))
+            raise self._diagnose(dev, remote_domid, refs, writable, exc) from None
+        except BaseException:
+            _end_grant(dev, _UNMAP_GRANT_REF, index, len(refs))
+            raise
+        return XenMapping(dev, remote_domid, refs, index, writable, mm)
+
+    def _reserve(self, remote_domid: int, refs: list[int]) -> tuple[Device, int]:
+        """``MAP_GRANT_REF``: reserve a range of gntdev for ``refs``; its mmap offset."""
         dev = self._device("gntdev")
         req = abi.map_grant_ref_request(remote_domid, refs)
         try:
@@ -206,26 +253,28 @@ class XenGrantTable(GrantTableBase[XenShare, XenMapping]):
             ) from None
         index = abi.map_grant_ref_index(req)
         dev.acquire()
-        try:
-            mm = self._mmap(dev, index, len(refs), writable)
-        except OSError as exc:
-            _end_grant(dev, _UNMAP_GRANT_REF, index, len(refs))
-            raise self._diagnose(dev, remote_domid, refs, writable, exc) from None
-        except BaseException:
-            _end_grant(dev, _UNMAP_GRANT_REF, index, len(refs))
-            raise
-        return XenMapping(dev, remote_domid, refs, index, writable, mm)
+        return dev, index
 
     def _mmap(self, dev: Device, index: int, count: int, writable: bool) -> mmap.mmap:
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        """mmap ``count`` pages at ``index``, waiting out ``EAGAIN`` (blocking, bounded:
+        see :attr:`MMAP_EAGAIN_RETRIES`)."""
         for attempt in range(self.MMAP_EAGAIN_RETRIES):
-            try:
-                return mmap.mmap(
-                    dev.fd, count * PAGE_SIZE, flags=mmap.MAP_SHARED, prot=prot, offset=index
-                )
-            except BlockingIOError:  # EAGAIN: a granted page is paged out; Xen pages it in
-                time.sleep(0.001 * (attempt + 1))
-        raise OSError(errno.EAGAIN, "grant mapping kept failing with EAGAIN (paged out)")
+            mm = self._try_mmap(dev, index, count, writable)
+            if mm is not None:
+                return mm
+            time.sleep(_eagain_pause(attempt))
+        raise _eagain_error()
+
+    @staticmethod
+    def _try_mmap(dev: Device, index: int, count: int, writable: bool) -> mmap.mmap | None:
+        """One mmap; ``None`` on ``EAGAIN`` (a granted page is paged out; Xen pages it in)."""
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        try:
+            return mmap.mmap(
+                dev.fd, count * PAGE_SIZE, flags=mmap.MAP_SHARED, prot=prot, offset=index
+            )
+        except BlockingIOError:
+            return None
 
     def _diagnose(
         self, dev: Device, domid: int, refs: list[int], writable: bool, exc: OSError

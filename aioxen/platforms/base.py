@@ -189,6 +189,14 @@ class GrantTable(Protocol):
         read-only refs mapped writable (messages name the domid and ref)."""
         ...
 
+    async def map_async(
+        self, remote_domid: int, refs: Sequence[int], writable: bool = True
+    ) -> Mapping:
+        """:meth:`map` for coroutines: never blocks the event loop (on ``xen``, mapping a
+        paged-out page waits, up to ~210 ms, for Xen to page it in: :meth:`map` sleeps,
+        this awaits).  Cancelling it leaves nothing mapped."""
+        ...
+
 
 @runtime_checkable
 class PlatformUser(Protocol):

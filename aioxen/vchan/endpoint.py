@@ -387,7 +387,7 @@ async def attach_client(
     views: list[memoryview] = []
     try:
         try:
-            ctrl_map = platform.grants.map(peer_domid, [ring_ref], writable=True)
+            ctrl_map = await platform.grants.map_async(peer_domid, [ring_ref], writable=True)
         except (FileNotFoundError, PermissionError) as exc:
             raise StaleAdvertisement(f"{where}: cannot map ring-ref: {exc}") from exc
         grants.append(ctrl_map)
@@ -430,7 +430,9 @@ async def attach_client(
                 ring = ctrl[offset : offset + (1 << order)]
             else:
                 try:
-                    ring_map = platform.grants.map(peer_domid, list(refs), writable=writable)
+                    ring_map = await platform.grants.map_async(
+                        peer_domid, list(refs), writable=writable
+                    )
                 except (FileNotFoundError, PermissionError) as exc:
                     if wire.live_byte(ctrl, wire.SRV_LIVE) != 1:
                         raise StaleAdvertisement(f"{where}: server closed: {exc}") from exc

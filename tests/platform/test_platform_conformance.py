@@ -420,6 +420,30 @@ async def test_map_refs_from_several_shares_and_repeats(harness: Harness) -> Non
     s2.close()
 
 
+async def test_map_async_maps_like_map_and_reports_the_same_errors(harness: Harness) -> None:
+    """``map_async`` (coroutines: never blocks the loop) = ``map``: same memory, same
+    errors, tracked and closed the same way."""
+    A, B = harness.domids[:2]
+    a = await harness.platform(A)
+    b = await harness.platform(B)
+    s = a.grants.share(B, 3)
+    s.buf[2 * PAGE_SIZE] = 7
+    m = await b.grants.map_async(A, [s.refs[2], s.refs[0]])
+    assert isinstance(m, Mapping) and len(m.buf) == 2 * PAGE_SIZE and m.buf[0] == 7
+    m.buf[PAGE_SIZE] = 8
+    assert s.buf[0] == 8
+    r = await b.grants.map_async(A, s.refs[:1], writable=False)
+    assert r.buf.readonly and r.buf[0] == 8
+    with pytest.raises(FileNotFoundError) as ei:
+        await b.grants.map_async(A, [s.refs[0], 999_999])
+    assert "999999" in str(ei.value) and str(A) in str(ei.value)
+    with pytest.raises(ValueError):
+        await b.grants.map_async(A, [])
+    r.close()
+    m.close()
+    s.close()
+
+
 async def test_readonly_mapping_gives_readonly_view(harness: Harness) -> None:
     A, B = harness.domids[:2]
     a = await harness.platform(A)

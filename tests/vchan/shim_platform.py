@@ -137,6 +137,9 @@ class _Grants:
         self._next += npages
         return _Region(self._plat.dir, refs, True, True)
 
+    async def map_async(self, remote_domid: int, refs: Sequence[int], writable: bool = True) -> Any:
+        return self.map(remote_domid, refs, writable)
+
     def map(self, remote_domid: int, refs: Sequence[int], writable: bool = True) -> Any:
         try:
             return _Region(self._plat.dir, refs, writable, False)
