@@ -54,6 +54,7 @@ from typing import Any
 from aioxen.errors import ProtocolError
 from aioxen.ownership import Owner, ResourceBusy, claim_in, forget, release_key
 from aioxen.platforms.base import Platform
+from aioxen.xenstore.errors import TransactionConflict
 
 logger = logging.getLogger("aioxen.vchan")
 
@@ -68,7 +69,11 @@ MAX_CONCURRENT_TRANSACTIONS = 4
 WATCH_LINGER = 2.0
 """Seconds a shared watch outlives its last user, so back-to-back connects reuse it."""
 
-_RETRYABLE_ERRNOS = frozenset({errno.EAGAIN, errno.ENOSPC, errno.EBUSY})
+_QUOTA_ERRNOS = frozenset({errno.ENOSPC, errno.EBUSY})
+"""Errors of a full transaction quota (other clients of our domain hold the transactions):
+:func:`publish` backs off and tries again.  Conflicts (``TransactionConflict``) are
+retried by ``store.transact`` itself, once."""
+QUOTA_RETRIES = 50
 
 
 def _store(platform: Platform) -> Any:
@@ -143,15 +148,17 @@ async def publish(
         )
 
     async with _tx_limit(store):
-        for attempt in range(50):
+        for attempt in range(QUOTA_RETRIES):
             try:
-                await store.transact(body)
+                await store.transact(body)  # retries conflicts itself
                 return
             except ResourceBusy:
                 raise
+            except TransactionConflict:
+                raise  # transact's own retries are spent: no second layer
             except OSError as exc:
                 # Transaction quota exhausted by someone else: back off and retry.
-                if exc.errno not in _RETRYABLE_ERRNOS or attempt == 49:
+                if exc.errno not in _QUOTA_ERRNOS or attempt == QUOTA_RETRIES - 1:
                     raise
                 await asyncio.sleep(min(0.2, 0.005 * 2**attempt))
 

@@ -18,6 +18,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from vchan_harness import StoreWired, World, Xenstored, echo
@@ -128,6 +129,43 @@ async def test_record_left_by_a_lost_store_connection_does_not_block_us(world: W
     second.close()
     await second.wait_closed()
     assert await read_key(world, path) is None
+
+
+async def test_publish_retries_conflicts_in_one_layer_only(world: World) -> None:
+    """``store.transact`` retries a conflicting advertisement transaction itself;
+    ``publish`` adds no second retry layer around it: every commit here conflicts (a
+    write outside the transaction lands just before it), and the conflict surfaces after
+    transact's own attempts (1 + 16), not 50 times as many."""
+    from aioxen.xenstore import TransactionConflict
+
+    srv = await world.platform(SERVER)
+    store: Any = srv.store
+    path = vchan_path(SERVER, CLIENT, "conflict")
+    real_transaction = store.transaction
+    starts = 0
+
+    class Interfered:  # a spy around the real transaction
+        def __init__(self, tx: Any) -> None:
+            self.tx = tx
+
+        async def __aenter__(self) -> Any:
+            nonlocal starts
+            starts += 1
+            return await self.tx.__aenter__()
+
+        async def __aexit__(self, *exc: Any) -> Any:
+            if exc[0] is None:  # outside the transaction: the commit must conflict
+                await store.write(f"{path}/{advertise.RING_REF}", b"1")
+            return await self.tx.__aexit__(*exc)
+
+    store.transaction = lambda **kw: Interfered(real_transaction(**kw))
+    owner = advertise.server_owner(srv, path)
+    try:
+        with pytest.raises(TransactionConflict):
+            await advertise.publish(srv, path, CLIENT, 8, 9, owner)
+    finally:
+        del store.transaction
+    assert starts == 17
 
 
 async def test_other_ports_and_clients_are_independent(world: World) -> None:
