@@ -87,8 +87,16 @@ class RingService:
             self._loop.call_soon(self._scheduled_flush)
 
     def _scheduled_flush(self) -> None:
-        if self._flush_scheduled:  # not already done by an explicit flush
-            self._run_flush()
+        # _run_flush written out: this runs once per loop iteration per busy end.
+        if not self._flush_scheduled:  # already done by an explicit _run_flush
+            return
+        self._flush_scheduled = False
+        if self._closed:
+            return
+        try:
+            self._flush()
+        except ProtocolError as exc:
+            self._fail(exc)
 
     def _run_flush(self) -> None:
         """Publish now; a ring violation ends the end."""
