@@ -52,6 +52,14 @@ view; the commit checks the node, node-size, permission and transaction-size quo
 against the live tree (other transactions of the domain may have committed meanwhile) and
 fails with ``ENOSPC``, nothing applied, if one would be exceeded.  Per-connection output
 limits are the transport's business (see :class:`Quotas`).
+
+Layout.  :class:`Engine` owns the state and offers an internal API (read-only
+:attr:`Engine.nodes`/:attr:`Engine.targets`, and methods that keep ownership counts and
+generations consistent); :class:`EngineConnection` implements the requests on top of it,
+through a view (the live tree, or a :class:`Transaction`'s overlay).  Serialisation is
+:mod:`aioxen.xenstore.persist`'s.  One module over 800 lines on purpose: the operations,
+views and the engine are one consistency argument (who may change which node, when
+events fire, what a commit validates) that reads best in one place.
 """
 
 from __future__ import annotations
