@@ -34,9 +34,7 @@ from aioxen.net.keys import (
     link_keys,
     parse_mac_value,
 )
-from aioxen.net.netif import (
-    FrameInfo,
-)
+from aioxen.net.netif import FrameInfo
 from aioxen.net.vif import Deliver, GrantCache, Vif, attach_vif
 from aioxen.platforms.base import Platform
 from aioxen.xenbus.claim import Claim

@@ -26,19 +26,8 @@ from collections.abc import Callable, Mapping
 
 from aioxen.errors import ProtocolError
 from aioxen.net.front_queue import NetfrontQueue
-from aioxen.net.keys import (
-    FRONTEND_RING_KEYS,
-    VIF,
-    BackendFeatures,
-    FrontendFeatures,
-    parse_link,
-)
-from aioxen.net.netif import (
-    PAGE_SIZE,
-    XEN_NETIF_MAX_TX_SIZE,
-    FrameInfo,
-    NetStats,
-)
+from aioxen.net.keys import FRONTEND_RING_KEYS, VIF, BackendFeatures, FrontendFeatures, parse_link
+from aioxen.net.netif import PAGE_SIZE, XEN_NETIF_MAX_TX_SIZE, FrameInfo, NetStats
 from aioxen.net.transport import NetfrontTransport
 from aioxen.platforms.base import Platform
 from aioxen.xenbus.claim import Claim, DeviceInUse

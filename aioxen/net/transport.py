@@ -24,9 +24,7 @@ from typing import Any
 
 from aioxen.flowcontrol import WriteFlowControl
 from aioxen.net.front_queue import NetfrontQueue
-from aioxen.net.keys import (
-    BackendFeatures,
-)
+from aioxen.net.keys import BackendFeatures
 from aioxen.net.netif import (
     PAGE_SIZE,
     PLAIN,

@@ -52,10 +52,7 @@ from operator import add, getitem, setitem
 from typing import Any, cast
 
 from aioxen.errors import ProtocolError
-from aioxen.net.keys import (
-    BackendFeatures,
-    FrontendFeatures,
-)
+from aioxen.net.keys import BackendFeatures, FrontendFeatures
 from aioxen.net.netif import (
     NETIF_RSP_ERROR,
     NETIF_RSP_NULL,
