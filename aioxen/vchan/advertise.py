@@ -27,7 +27,8 @@ only read the keys) and, on every change, reads ``event-channel``, ``ring-ref`` 
 ``event-channel`` again (the three requests pipelined: one round trip).  Without a
 transaction (the per-domain transaction quota is 10) the double read rejects a pair torn
 by a concurrent re-advertisement; a torn pair that slipped through is caught by the
-endpoint checks (:class:`~aioxen.vchan.endpoint.StaleAdvertisement`) and simply retried on the next change.
+endpoint checks (:class:`~aioxen.vchan.endpoint.StaleAdvertisement`) and simply retried
+on the next change.
 Values of 0 or non-decimal text are a :class:`~aioxen.ProtocolError` (libxenvchan treats
 0 as invalid too).
 
