@@ -19,8 +19,8 @@ from typing import Any
 
 import aioxen._native as _native
 
-ffi: Any = _native.ffi
-lib: Any = _native.lib
+ffi = _native.ffi  # typed by aioxen/_native.pyi
+lib = _native.lib
 
 Buffer = memoryview | bytearray | bytes | mmap.mmap
 
