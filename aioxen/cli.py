@@ -17,7 +17,14 @@ of descriptor (threads for those the loop cannot watch).
 
 Stopping.  A long-running command (``xenstored``, ``bridge``, ``netback``, ``blkback``,
 ``console``, ...) stops in an orderly way on SIGINT/SIGTERM: :class:`StopSignals` turns
-them into an event the command awaits, then it closes what it opened.
+them into an event the command awaits, then it closes what it opened; :func:`main` then
+exits ``128 + signal`` (130, 143) as a shell expects of a command a signal ended.
+
+The command-line standard (validators, addresses, error reporting, exit statuses,
+``--debug``, readiness for supervisors) is described and implemented in
+:mod:`aioxen.apps.clistd`; :func:`main` applies its reporting part to every command:
+``aioxen CMD: message`` on stderr, 2 for usage errors (argparse's too), 1 for runtime
+failures, a traceback only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ import inspect
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
+from typing import NoReturn
 
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "aioxen.bench.cli",
@@ -81,6 +90,10 @@ def guard_stdio() -> frozenset[int]:
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
 """The signals that ask a long-running command to stop."""
 
+_STOPPED_BY: int | None = None
+"""The first stop signal any :class:`StopSignals` received during :func:`main`'s command
+(main then exits ``128 + signal`` after the clean stop)."""
+
 
 class StopSignals:
     """The one stop-on-signal helper of the commands.
@@ -110,8 +123,11 @@ class StopSignals:
                 self._installed.append(sig)
 
     def _handle(self, sig: int) -> None:
+        global _STOPPED_BY
         if self.received is None:
             self.received = sig
+        if _STOPPED_BY is None:
+            _STOPPED_BY = sig
         self._event.set()
         if self._on_signal is not None:
             self._on_signal(sig)
@@ -164,37 +180,112 @@ def run_async(coro_fn: object, args: argparse.Namespace) -> int:
     return int(result or 0)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the standard's usage errors: ``PROG: message`` first on stderr (PROG
+    is ``aioxen CMD``), then the usage line, exit status 2.  Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: {message}\n")
+        self.print_usage(sys.stderr)
+        self.exit(2)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            seen: set[int] = set()
+            for sub in action.choices.values():
+                if id(sub) not in seen:  # aliases map to the same parser
+                    seen.add(id(sub))
+                    yield sub
+
+
+def walk_parsers(
+    parser: argparse.ArgumentParser,
+) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every (sub)subcommand parser below it, depth first."""
+    yield parser
+    for sub in _subparsers(parser):
+        yield from walk_parsers(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="aioxen",
         description="asyncio-native Xen inter-domain communication (vchan, rings, XenStore)",
     )
     from aioxen import __version__
 
     parser.add_argument("--version", action="version", version=f"aioxen {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show a traceback with an error message (also after COMMAND; $AIOXEN_DEBUG=1)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    for sub in walk_parsers(parser):
+        if sub is not parser:
+            # --debug after the subcommand too; SUPPRESS keeps a top-level --debug.
+            with contextlib.suppress(argparse.ArgumentError):
+                sub.add_argument(
+                    "--debug",
+                    action="store_true",
+                    default=argparse.SUPPRESS,
+                    help="show a traceback with an error message",
+                )
+        sub.set_defaults(_aioxen_prog=sub.prog)
     return parser
 
 
+def _debug_wanted(args: argparse.Namespace | None) -> bool:
+    if args is not None and getattr(args, "debug", False):
+        return True
+    return os.environ.get("AIOXEN_DEBUG", "") not in ("", "0")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    global CLOSED_STDIO
+    global CLOSED_STDIO, _STOPPED_BY
     CLOSED_STDIO = guard_stdio()  # before anything opens a descriptor
+    _STOPPED_BY = None
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:
-        parser.print_help(sys.stderr)
+        print("aioxen: a COMMAND is required (aioxen --help lists them)", file=sys.stderr)
+        parser.print_usage(sys.stderr)
         return 2
+    prog: str = getattr(args, "_aioxen_prog", "aioxen")
     try:
         if inspect.iscoroutinefunction(func):
-            return run_async(func, args)
-        return int(func(args) or 0)
+            status = run_async(func, args)
+        else:
+            status = int(func(args) or 0)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 141
+    except Exception as exc:
+        return _report(prog, exc, args)
+    if status == 0 and _STOPPED_BY is not None:
+        return 128 + _STOPPED_BY
+    return status
+
+
+def _report(prog: str, exc: BaseException, args: argparse.Namespace | None) -> int:
+    """Print ``exc`` the standard way and return its exit status."""
+    from aioxen.apps.clistd import CommandError, UsageError, describe
+
+    if _debug_wanted(args):
+        traceback.print_exception(exc, file=sys.stderr)
+    status = 1
+    if isinstance(exc, UsageError):
+        status = 2
+    elif isinstance(exc, CommandError):
+        status = exc.status
+    print(f"{prog}: {describe(exc)}", file=sys.stderr, flush=True)
+    return status
 
 
 if __name__ == "__main__":

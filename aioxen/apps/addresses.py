@@ -27,6 +27,20 @@ from aioxen.platforms.base import Platform
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
+MAX_VCHAN_PORT = 64
+"""The longest vchan port name the commands accept (XenStore paths are bounded; a port
+name is a name, not a payload)."""
+
+
+def check_vchan_port(name: str) -> str:
+    """A vchan port name for a command line: ``[A-Za-z0-9_-]+`` and at most
+    :data:`MAX_VCHAN_PORT` characters; ``ValueError`` saying which rule it breaks."""
+    if len(name) > MAX_VCHAN_PORT:
+        raise ValueError(
+            f"vchan port name of {len(name)} characters: at most {MAX_VCHAN_PORT} allowed"
+        )
+    return vchan.check_port(name)
+
 
 class Address(abc.ABC):
     """Somewhere to listen or to connect to."""
@@ -152,7 +166,7 @@ class VchanAddress(Address):
     port: str
 
     def __post_init__(self) -> None:
-        vchan.check_port(self.port)
+        check_vchan_port(self.port)
         if not 0 <= self.domid < 0x7FF0:
             raise ValueError(f"domid {self.domid} out of range 0..32751")
 
@@ -184,42 +198,67 @@ class VchanAddress(Address):
         return transport
 
 
-def parse_address(text: str) -> Address:
+def _shown(text: str) -> str:
+    """``text`` quoted for a message, cut short when long."""
+    return repr(text) if len(text) <= 80 else repr(text[:60]) + f"... ({len(text)} characters)"
+
+
+def parse_address(text: str, *, any_port: bool = True, bare_tcp: bool = False) -> Address:
     """``tcp:HOST:PORT`` (``tcp:[V6ADDR]:PORT``), ``unix:PATH`` or ``vchan:DOMID/PORT``;
-    ``ValueError`` naming what is wrong."""
+    with ``bare_tcp`` also ``HOST:PORT`` / ``[V6ADDR]:PORT``.  TCP port 0 ("any free
+    port", for listening) only with ``any_port``.  ``ValueError`` naming what is wrong."""
+    if len(text) > 4096:
+        raise ValueError(f"address {_shown(text)}: {len(text)} characters is too long")
     scheme, sep, rest = text.partition(":")
+    if bare_tcp and scheme not in ("tcp", "unix", "vchan") and sep:
+        scheme, rest = "tcp", text
     if not sep:
-        raise ValueError(f"address {text!r}: expected tcp:HOST:PORT, unix:PATH or vchan:DOMID/PORT")
+        raise ValueError(
+            f"address {_shown(text)}: expected tcp:HOST:PORT, unix:PATH or vchan:DOMID/PORT"
+        )
     if scheme == "tcp":
         host, sep, port = rest.rpartition(":")
         if not sep or not host:
-            raise ValueError(f"address {text!r}: expected tcp:HOST:PORT")
+            raise ValueError(f"address {_shown(text)}: expected tcp:HOST:PORT")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        try:
-            number = int(port)
-        except ValueError:
-            raise ValueError(f"address {text!r}: TCP port {port!r} is not a number") from None
-        if not 0 <= number <= 65535:
-            raise ValueError(f"address {text!r}: TCP port {number} out of range 0..65535")
+        elif ":" in host:
+            raise ValueError(
+                f"address {_shown(text)}: write an IPv6 host in brackets: tcp:[{host}]:PORT"
+            )
+        if not port.isdecimal():
+            raise ValueError(f"address {_shown(text)}: TCP port {port!r} is not a number")
+        number = int(port)
+        low = 0 if any_port else 1
+        if not low <= number <= 65535:
+            extra = " (0: any free port)" if any_port else ""
+            raise ValueError(
+                f"address {_shown(text)}: TCP port {number} out of range {low}..65535{extra}"
+            )
         return TcpAddress(host, number)
     if scheme == "unix":
         if not rest:
-            raise ValueError(f"address {text!r}: expected unix:PATH")
+            raise ValueError(f"address {_shown(text)}: expected unix:PATH")
         return UnixAddress(rest)
     if scheme == "vchan":
         domid, sep, port = rest.partition("/")
         if not sep:
-            raise ValueError(f"address {text!r}: expected vchan:DOMID/PORT")
+            raise ValueError(f"address {_shown(text)}: expected vchan:DOMID/PORT")
+        if not domid.isdecimal():
+            raise ValueError(f"address {_shown(text)}: domid {domid!r} is not a number")
         try:
-            number = int(domid)
-        except ValueError:
-            raise ValueError(f"address {text!r}: domid {domid!r} is not a number") from None
-        try:
-            return VchanAddress(number, port)
+            return VchanAddress(int(domid), port)
         except ValueError as exc:
-            raise ValueError(f"address {text!r}: {exc}") from None
-    raise ValueError(f"address {text!r}: unknown scheme {scheme!r} (tcp, unix or vchan)")
+            raise ValueError(f"address {_shown(text)}: {exc}") from None
+    raise ValueError(f"address {_shown(text)}: unknown scheme {scheme!r} (tcp, unix or vchan)")
 
 
-__all__ = ["Address", "TcpAddress", "UnixAddress", "VchanAddress", "parse_address"]
+__all__ = [
+    "MAX_VCHAN_PORT",
+    "Address",
+    "TcpAddress",
+    "UnixAddress",
+    "VchanAddress",
+    "check_vchan_port",
+    "parse_address",
+]

@@ -4,11 +4,20 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 from aioxen import vchan
-from aioxen.apps.addresses import Address, parse_address
+from aioxen.apps.clistd import (
+    connect_address,
+    domid,
+    inherited_fd,
+    int_range,
+    listen_address,
+    seconds,
+    vchan_port,
+)
+
+_size = int_range(1, vchan.MAX_RING_SIZE, "ring size")
 
 HELP_CAT = """\
 Copy stdin to a vchan and the vchan to stdout (xencat/unixcat).  DOMID is always the peer:
@@ -36,59 +45,6 @@ stop it, closing every bridged connection.
 """
 
 
-def _domid(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid domid {text!r}") from None
-    if not 0 <= value < 0x7FF0:
-        raise argparse.ArgumentTypeError(f"domid {value} out of range 0..32751")
-    return value
-
-
-def _port(text: str) -> str:
-    try:
-        return vchan.check_port(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _size(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
-    if not 0 < value <= vchan.MAX_RING_SIZE:
-        raise argparse.ArgumentTypeError(f"size {value} out of range 1..{vchan.MAX_RING_SIZE}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("the timeout must be positive")
-    return value
-
-
-def _fd(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid file descriptor {text!r}") from None
-    if value < 3:
-        raise argparse.ArgumentTypeError("--env-fd must be 3 or above (0-2 carry data and errors)")
-    # Checked now, before the event loop opens descriptors of its own that could take the
-    # number of one the shell did not pass.
-    try:
-        os.fstat(value)
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"--env-fd {value}: {exc.strerror}") from None
-    return value
-
-
 def register(subparsers: Any) -> None:
     _register_cat(subparsers)
     _register_bridge(subparsers)
@@ -102,8 +58,8 @@ def _register_cat(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-l", "--listen", action="store_true", help="be the server (share the pages)")
-    p.add_argument("domid", type=_domid, metavar="DOMID", help="the peer domain")
-    p.add_argument("port", type=_port, metavar="PORT", help="vchan port name [A-Za-z0-9_-]+")
+    p.add_argument("domid", type=domid, metavar="DOMID", help="the peer domain")
+    p.add_argument("port", type=vchan_port, metavar="PORT", help="vchan port name [A-Za-z0-9_-]+")
     p.add_argument(
         "--buffer-size",
         type=_size,
@@ -113,7 +69,7 @@ def _register_cat(subparsers: Any) -> None:
     )
     p.add_argument(
         "--timeout",
-        type=_seconds,
+        type=seconds,
         metavar="SECONDS",
         help=(
             "how long to wait for the peer (default: a client "
@@ -122,7 +78,7 @@ def _register_cat(subparsers: Any) -> None:
     )
     p.add_argument(
         "--env-fd",
-        type=_fd,
+        type=inherited_fd,
         metavar="FD",
         help="with -l: write the export lines to this descriptor and close it",
     )
@@ -145,13 +101,6 @@ async def _run_cat(args: argparse.Namespace) -> int:
     return await cat.main(opts)
 
 
-def _address(text: str) -> Address:
-    try:
-        return parse_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _register_bridge(subparsers: Any) -> None:
     from aioxen.apps.bridge import DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE
 
@@ -161,9 +110,15 @@ def _register_bridge(subparsers: Any) -> None:
         description=HELP_BRIDGE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--listen", required=True, type=_address, metavar="ADDR", help="accept here")
     p.add_argument(
-        "--connect", required=True, type=_address, metavar="ADDR", help="and connect each to here"
+        "--listen", required=True, type=listen_address, metavar="ADDR", help="accept here"
+    )
+    p.add_argument(
+        "--connect",
+        required=True,
+        type=connect_address,
+        metavar="ADDR",
+        help="and connect each to here",
     )
     p.add_argument(
         "--buffer-size",
@@ -174,14 +129,14 @@ def _register_bridge(subparsers: Any) -> None:
     )
     p.add_argument(
         "--connect-timeout",
-        type=_seconds,
+        type=seconds,
         default=DEFAULT_CONNECT_TIMEOUT,
         metavar="SECONDS",
         help="give up on an outgoing connection after this long (default %(default)g)",
     )
     p.add_argument(
         "--grace",
-        type=_seconds,
+        type=seconds,
         default=DEFAULT_GRACE,
         metavar="SECONDS",
         help="on shutdown, let connections flush this long before aborting (default %(default)g)",

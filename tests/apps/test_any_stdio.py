@@ -290,7 +290,7 @@ def test_console_back_end_any_stdio(
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    assert rc_f == 0, err_f
+    assert rc_f == 143, err_f  # SIGTERM after a clean stop
     assert rc_b == 0, err_b
     assert "Traceback" not in err_b + err_f
     got = bs.output()
@@ -388,7 +388,7 @@ def test_console_back_end_on_a_terminal(xenstored: XenstoredProcess, loop: str) 
         assert termios.tcgetattr(slave) == cooked, "the terminal was left raw"
         front.send_signal(signal.SIGTERM)
         rc_f, err_f = finish(front)
-        assert rc_f == 0, err_f
+        assert rc_f in (0, 143), err_f  # ended by itself (back end gone) or by SIGTERM
     finally:
         for p in (front, back):
             if p.poll() is None:

@@ -240,7 +240,7 @@ def test_errors_are_one_line_with_status(xenstored: XenstoredProcess) -> None:
     assert out["badport"].returncode == 2
     assert b"invalid vchan port" in out["badport"].stderr
     assert out["badfd"].returncode == 2  # checked before the event loop opens its own fds
-    assert b"--env-fd 9: Bad file descriptor" in out["badfd"].stderr
+    assert b"--env-fd: file descriptor 9: Bad file descriptor" in out["badfd"].stderr
     assert all(o.stdout == b"" for o in out.values())
 
 

@@ -246,8 +246,8 @@ async def test_aioxen_console_between_processes(spawn: Spawn) -> None:
     await front2.send(b"again\n")
     assert await back.line() == b"again\n"
     # Orderly shutdown of both.
-    assert await front2.finish() == 0
-    assert await back.finish() == 0
+    assert await front2.finish() == 143  # 128 + SIGTERM after a clean stop
+    assert await back.finish() == 143
     rm = await start(0, "device", "rm", "console", str(guest), "--devid", "1", "--force")
     assert await rm.finish(None) == 0
 

@@ -1,0 +1,421 @@
+"""The one command-line standard of the ``aioxen`` commands, in one place.
+
+Every subcommand's module uses what is here; :func:`aioxen.cli.main` applies the rest
+(error reporting, exit statuses, ``--debug``) to every command, old or new, without the
+command doing anything.
+
+The standard
+------------
+* **Validation before any I/O.**  Arguments are checked by the ``type=`` validators below
+  while argparse parses them, before the command opens a file, a socket or XenStore.  A
+  bad value is a *usage error*: ``aioxen CMD: argument --x: what is wrong`` on stderr,
+  then the usage line, exit status 2 (:data:`EXIT_USAGE`).
+* **Errors.**  ``aioxen CMD: message`` on stderr (``CMD`` is the subcommand, e.g.
+  ``aioxen xenstore read``), exit status 1 (:data:`EXIT_FAILURE`) for a runtime failure,
+  2 for a usage error found later (raise :class:`UsageError`).  A command may simply let
+  an exception escape: ``main`` prints it the standard way (:func:`describe`).  No
+  traceback unless ``--debug`` (accepted before or after the subcommand) or
+  ``$AIOXEN_DEBUG=1``.
+* **Signals.**  Long-running commands stop through :class:`aioxen.cli.StopSignals`; after
+  a clean stop ``main`` exits ``128 + signal``: 130 for SIGINT, 143 for SIGTERM.
+* **Timeouts** say what was awaited (``TimeoutError("no answer from ... within 10 s")``);
+  a bare ``TimeoutError`` is still reported, as "timed out".
+* **Addresses**: ``tcp:HOST:PORT`` (``tcp:[V6]:PORT``), ``unix:PATH``,
+  ``vchan:DOMID/PORT``, and plain ``HOST:PORT`` where TCP is meant
+  (:func:`address`, :func:`listen_address`, :func:`connect_address`).
+* **Readiness** for shells and service managers (:func:`add_readiness_arguments`,
+  :func:`notify_ready`): ``--env-file PATH`` (the export lines, written atomically, mode
+  0600, once ready; removed again at a clean stop), ``--ready-fd N`` (the same text
+  written to descriptor N, which is then closed: s6-style) and systemd's
+  ``$NOTIFY_SOCKET`` (``READY=1``; ``Type=notify`` units).
+
+API
+---
+Validators (``parser.add_argument("--x", type=domid)``), each raising
+``argparse.ArgumentTypeError`` with a sentence:
+
+* :func:`domid` -- a domain id 0..32751 (Xen's ``DOMID_FIRST_RESERVED`` and above, such
+  as ``DOMID_SELF``, are not domains);
+* :func:`tcp_port` -- 1..65535; :func:`tcp_port_or_any` -- 0..65535, 0 = "any free port"
+  (use it only where that is meaningful and say so in the help);
+* :func:`vchan_port` -- ``[A-Za-z0-9_-]+``, at most :data:`MAX_VCHAN_PORT` characters;
+* :func:`positive_int`, :func:`nonnegative_int`, :func:`int_range` (a factory),
+  :func:`size` (bytes; accepts ``4096``, ``0x1000``, ``64k``, ``1M``, ``2G``),
+  :func:`seconds` (> 0), :func:`inherited_fd` (an open descriptor >= 3);
+* :func:`address`, :func:`listen_address` (TCP port 0 allowed: any free port),
+  :func:`connect_address` (TCP port 1..65535) -- :class:`aioxen.apps.addresses.Address`.
+
+Errors: :class:`UsageError` (exit 2), :class:`CommandError` (exit 1, optional ``status``),
+:func:`describe` (an exception as one line for people), :func:`fail` (print the standard
+line and return the status, for commands that report and carry on).
+
+Readiness: :func:`add_readiness_arguments`, :func:`notify_ready`, :func:`notify_stopping`,
+:func:`sd_notify`, :func:`export_lines`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import re
+import shlex
+import socket
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aioxen.apps.addresses import MAX_VCHAN_PORT, Address, check_vchan_port, parse_address
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+DEBUG_ENV = "AIOXEN_DEBUG"
+"""``$AIOXEN_DEBUG=1`` does what ``--debug`` does: tracebacks with the error messages."""
+
+FIRST_RESERVED_DOMID = 0x7FF0
+"""Xen's ``DOMID_FIRST_RESERVED``: ids from here on (``DOMID_SELF``, ``DOMID_IO``, ...)
+name no domain."""
+
+
+class UsageError(Exception):
+    """A usage error found after parsing: ``aioxen CMD: message``, exit status 2."""
+
+
+class CommandError(Exception):
+    """A runtime failure: ``aioxen CMD: message``, exit status :attr:`status` (1)."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def describe(exc: BaseException) -> str:
+    """``exc`` as one line for people: an ``OSError`` without ``[Errno N]`` (with its file
+    name), a ``TimeoutError`` with no text as "timed out", else ``str(exc)`` (or the class
+    name when empty)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+        if exc.filename is not None:
+            text = f"{os.fsdecode(exc.filename)}: {text}"
+            if exc.filename2 is not None:
+                text += f" -> {os.fsdecode(exc.filename2)}"
+        return text
+    text = str(exc)
+    if isinstance(exc, TimeoutError) and not text:
+        return "timed out"
+    return text or type(exc).__name__
+
+
+def fail(prog: str, message: str | BaseException, status: int = EXIT_FAILURE) -> int:
+    """Print ``prog: message`` on stderr the standard way and return ``status``."""
+    text = describe(message) if isinstance(message, BaseException) else message
+    print(f"{prog}: {text}", file=sys.stderr, flush=True)
+    return status
+
+
+# -- validators ------------------------------------------------------------------------
+
+
+def _validator(name: str) -> Callable[[Callable[[str], Any]], Callable[[str], Any]]:
+    def wrap(fn: Callable[[str], Any]) -> Callable[[str], Any]:
+        fn.__name__ = name  # argparse names it in "invalid NAME value" (not reached here)
+        return fn
+
+    return wrap
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: not a whole number") from None
+
+
+def domid(text: str) -> int:
+    """A domain id, 0..32751."""
+    value = _int(text, "domid")
+    if not 0 <= value < FIRST_RESERVED_DOMID:
+        raise argparse.ArgumentTypeError(
+            f"domid {value} out of range 0..{FIRST_RESERVED_DOMID - 1}"
+        )
+    return value
+
+
+def tcp_port(text: str) -> int:
+    """A TCP port, 1..65535."""
+    value = _int(text, "TCP port")
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"TCP port {value} out of range 1..65535")
+    return value
+
+
+def tcp_port_or_any(text: str) -> int:
+    """A TCP port to listen on, 0..65535 (0: any free port)."""
+    value = _int(text, "TCP port")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"TCP port {value} out of range 0..65535 (0: any)")
+    return value
+
+
+def vchan_port(text: str) -> str:
+    """A vchan port name: ``[A-Za-z0-9_-]+``, at most :data:`MAX_VCHAN_PORT` characters."""
+    try:
+        return check_vchan_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def int_range(lo: int, hi: int | None = None, what: str = "number") -> Callable[[str], int]:
+    """A validator for a whole number in ``lo..hi`` (``hi`` ``None``: no upper bound)."""
+
+    def check(text: str) -> int:
+        value = _int(text, what)
+        if value < lo or (hi is not None and value > hi):
+            bound = f"{lo}..{hi}" if hi is not None else f"{lo} or more"
+            raise argparse.ArgumentTypeError(f"{what} {value} out of range {bound}")
+        return value
+
+    check.__name__ = what
+    return check
+
+
+positive_int = int_range(1, what="number")
+nonnegative_int = int_range(0, what="number")
+
+_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``0x1000``, ``64k``, ``1M``, ``2G`` (binary units; ``KiB``/``kB`` too) ->
+    bytes; ``ValueError``."""
+    m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not m:
+        raise ValueError(f"invalid size {text!r}: expected bytes such as 4096, 64k or 1M")
+    return int(m.group(1), 0) * _SUFFIXES[m.group(2).lower()]
+
+
+def size(text: str) -> int:
+    """A size in bytes > 0 (``64k``, ``1M`` accepted)."""
+    try:
+        value = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A duration in seconds, > 0 (fractions allowed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} seconds: must be a positive number")
+    return value
+
+
+def inherited_fd(text: str) -> int:
+    """A descriptor the caller passed us open, >= 3 (0-2 carry data and messages)."""
+    value = _int(text, "file descriptor")
+    if value < 3:
+        raise argparse.ArgumentTypeError(
+            f"file descriptor {value}: must be 3 or above (0-2 carry data and messages)"
+        )
+    # Checked now, before the event loop opens descriptors of its own that could take the
+    # number of one the caller did not pass.
+    try:
+        os.fstat(value)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"file descriptor {value}: {describe(exc)}") from None
+    return value
+
+
+def _address(text: str, *, any_port: bool) -> Address:
+    try:
+        return parse_address(text, any_port=any_port, bare_tcp=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+@_validator("address")
+def address(text: str) -> Address:
+    """``tcp:HOST:PORT``, ``HOST:PORT``, ``unix:PATH`` or ``vchan:DOMID/PORT`` (TCP port
+    1..65535)."""
+    return _address(text, any_port=False)
+
+
+connect_address = address
+
+
+@_validator("address")
+def listen_address(text: str) -> Address:
+    """Like :func:`address`, where TCP port 0 means "any free port"."""
+    return _address(text, any_port=True)
+
+
+# -- readiness -------------------------------------------------------------------------
+
+
+def add_readiness_arguments(parser: argparse.ArgumentParser, *, env_file: bool = True) -> None:
+    """Add ``--ready-fd N`` (and ``--env-file PATH`` unless ``env_file`` is false) to a
+    long-running command; pass the parsed ``args`` to :func:`notify_ready` once ready."""
+    if env_file:
+        parser.add_argument(
+            "--env-file",
+            metavar="PATH",
+            help="once ready, write the shell export lines to PATH (atomically, mode 0600; "
+            "removed at a clean stop): start the daemon with & and source PATH",
+        )
+    parser.add_argument(
+        "--ready-fd",
+        type=inherited_fd,
+        metavar="N",
+        help="once ready, write the export lines (or a newline) to descriptor N and close "
+        "it (for supervisors; $NOTIFY_SOCKET is honoured too: systemd Type=notify)",
+    )
+
+
+def export_lines(exports: Mapping[str, str]) -> str:
+    """``NAME=value; export NAME;`` lines, quoted for any POSIX shell."""
+    return "".join(f"{k}={shlex.quote(v)}; export {k};\n" for k, v in exports.items())
+
+
+def write_env_file(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file in the same directory,
+    mode 0600, renamed over ``path``)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".env-", dir=directory)  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def sd_notify(message: str, environ: Mapping[str, str] = os.environ) -> bool:
+    """Send ``message`` (``READY=1``, ``STOPPING=1``, ``STATUS=...``) to systemd's
+    ``$NOTIFY_SOCKET`` (a Unix datagram socket; ``@name`` is the abstract namespace).
+    Returns whether it was sent; no socket set is not an error."""
+    where = environ.get("NOTIFY_SOCKET")
+    if not where:
+        return False
+    if where[0] == "@":
+        target = "\0" + where[1:]
+    elif where[0] == "/":
+        target = where
+    else:
+        raise OSError(errno.EAFNOSUPPORT, f"$NOTIFY_SOCKET={where!r}: not a Unix socket path")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.sendto(message.encode(), target)
+    return True
+
+
+class Readiness:
+    """What :func:`notify_ready` did, for :meth:`stopping` to undo (the env file)."""
+
+    def __init__(self, env_file: str | None, identity: tuple[int, int] | None) -> None:
+        self.env_file = env_file
+        self._identity = identity
+
+    def stopping(self) -> None:
+        """Tell systemd we are stopping and remove the env file (if still ours)."""
+        with contextlib.suppress(OSError):
+            sd_notify("STOPPING=1")
+        if self.env_file and self._identity:
+            with contextlib.suppress(OSError):
+                st = os.stat(self.env_file)
+                if (st.st_dev, st.st_ino) == self._identity:
+                    os.unlink(self.env_file)
+
+
+def notify_ready(
+    args: argparse.Namespace | None = None,
+    *,
+    exports: Mapping[str, str] | None = None,
+    status: str | None = None,
+) -> Readiness:
+    """Say "ready" every way the command was asked to: ``args.env_file`` (the export
+    lines), ``args.ready_fd`` (the export lines, or a newline without exports; then
+    closed) and ``$NOTIFY_SOCKET`` (``READY=1`` plus ``STATUS=status``).  An env file or
+    ready descriptor that cannot be written raises :class:`CommandError` (the caller stops);
+    a notify socket that cannot be reached is reported on stderr only.  Call
+    :meth:`Readiness.stopping` when stopping."""
+    text = export_lines(exports or {})
+    env_file = getattr(args, "env_file", None)
+    ready_fd = getattr(args, "ready_fd", None)
+    identity = None
+    if env_file:
+        try:
+            write_env_file(env_file, text)
+            st = os.stat(env_file)
+            identity = (st.st_dev, st.st_ino)
+        except OSError as exc:
+            raise CommandError(f"--env-file {env_file}: {describe(exc)}") from exc
+    if ready_fd is not None:
+        try:
+            data = (text or "\n").encode()
+            while data:
+                data = data[os.write(ready_fd, data) :]
+        except OSError as exc:
+            raise CommandError(f"--ready-fd {ready_fd}: {describe(exc)}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(ready_fd)
+    message = "READY=1" + (f"\nSTATUS={status}" if status else "")
+    try:
+        sd_notify(message)
+    except OSError as exc:
+        print(f"aioxen: $NOTIFY_SOCKET: {describe(exc)}", file=sys.stderr, flush=True)
+    return Readiness(env_file, identity)
+
+
+def notify_stopping() -> None:
+    """``STOPPING=1`` to ``$NOTIFY_SOCKET`` (if set; errors ignored)."""
+    with contextlib.suppress(OSError):
+        sd_notify("STOPPING=1")
+
+
+__all__ = [
+    "DEBUG_ENV",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "MAX_VCHAN_PORT",
+    "CommandError",
+    "Readiness",
+    "UsageError",
+    "add_readiness_arguments",
+    "address",
+    "check_vchan_port",
+    "connect_address",
+    "describe",
+    "domid",
+    "export_lines",
+    "fail",
+    "inherited_fd",
+    "int_range",
+    "listen_address",
+    "nonnegative_int",
+    "notify_ready",
+    "notify_stopping",
+    "parse_size",
+    "positive_int",
+    "sd_notify",
+    "seconds",
+    "size",
+    "tcp_port",
+    "tcp_port_or_any",
+    "vchan_port",
+    "write_env_file",
+]
