@@ -6,10 +6,20 @@ suite, ours and the baselines side by side, and writes the JSON the docs are mad
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from aioxen.bench.cli import SUITES
 from aioxen.bench.harness import Measurement, format_table, ratios
@@ -68,3 +78,106 @@ def test_quick_run_of_every_suite_writes_json_and_charts(tmp_path: Path) -> None
     pngs = sorted(p.name for p in charts.glob("*.png"))
     assert "streams-uvloop-throughput.png" in pngs and "streams-uvloop-latency.png" in pngs
     assert all((charts / p).read_bytes().startswith(b"\x89PNG") for p in pngs)
+
+
+# --------------------------------------------------------------------------------------
+# clean exits: no helper process and no temporary file outlives a run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _marked_processes(marker: str) -> dict[int, str]:
+    """pid -> command line of every live process whose environment holds ``marker``."""
+    needle = f"AIOXEN_TEST_MARKER={marker}".encode()
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if needle in environ.split(b"\0"):
+            found[int(entry)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+    return found
+
+
+def _leftovers(dirs: list[Path]) -> list[str]:
+    return [str(p) for d in dirs for p in d.iterdir()]
+
+
+PrivateRun = tuple[str, dict[str, str], list[Path]]
+
+
+@pytest.fixture
+def private_run(tmp_path: Path) -> Iterator[PrivateRun]:
+    """``(marker, env, dirs)`` for a benchmark run whose temporary files can only land in
+    ``dirs`` (its ``$TMPDIR`` and ``$AIOXEN_BENCH_SHM``, the latter on tmpfs as the default
+    is) and whose every descendant process carries ``marker`` in its environment."""
+    marker = uuid.uuid4().hex
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    shm_parent = "/dev/shm" if os.access("/dev/shm", os.W_OK) else str(tmp_path)
+    shm = Path(tempfile.mkdtemp(prefix="aioxen-test-bench-shm-", dir=shm_parent))
+    env = dict(os.environ, TMPDIR=str(tmpdir), AIOXEN_BENCH_SHM=str(shm), AIOXEN_TEST_MARKER=marker)
+    try:
+        yield marker, env, [tmpdir, shm]
+    finally:
+        for pid in _marked_processes(marker):  # only after a failure
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_quick_protocol_run_leaves_no_temporary_files(private_run: PrivateRun) -> None:
+    marker, env, dirs = private_run
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "protocol",
+         "--mechanisms", "unix-socket,vchan/unix"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _leftovers(dirs) == []
+    assert _marked_processes(marker) == {}
+
+
+def test_ctrl_c_stops_helpers_removes_temp_dirs_and_exits_130(private_run: PrivateRun) -> None:
+    marker, env, dirs = private_run
+    # A full-size streams run (minutes): it is interrupted as soon as both peers are up.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", "streams", "--reps", "1",
+         "--mechanisms", "vchan/unix,unix-socket"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell job has
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300  # a hang guard only
+        peers: list[str] = []
+        listening = False
+        while len(peers) < 2 or not listening:  # both peers up, the socket peer listening
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the benchmark peers never started"
+            time.sleep(0.1)
+            peers = [c for c in _marked_processes(marker).values() if "aioxen.bench.peer" in c]
+            listening = any(dirs[0].glob("aioxen-bench-*/sock"))
+        assert any("xenstored" in c for c in _marked_processes(marker).values())
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C at a terminal does
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert "interrupted" in err
+    assert _marked_processes(marker) == {}
+    assert _leftovers(dirs) == []

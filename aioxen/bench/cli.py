@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from aioxen.bench.harness import (
     Context,
     Measurement,
     Progress,
+    cleanup,
     format_markdown,
     format_table,
     write_json,
@@ -62,6 +64,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the selected suites; a Ctrl-C stops cleanly: the suites stop their helper
+    processes, :func:`~aioxen.bench.harness.cleanup` reaps any left and removes the
+    temporary directories, and the exit status is 130 (no traceback)."""
+    progress = Progress()
+    try:
+        rc = _run(args, progress)
+    except KeyboardInterrupt:
+        # a second Ctrl-C must not cut the clean-up short (and print a traceback)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        progress.done()
+        cleanup()
+        print(
+            "benchmarks interrupted (Ctrl-C): helper processes stopped, temporary files removed",
+            file=sys.stderr,
+        )
+        return 130
+    cleanup()
+    return rc
+
+
+def _run(args: argparse.Namespace, progress: Progress) -> int:
     names = args.suites or list(SUITES)
     unknown = [n for n in names if n not in SUITES]
     if unknown:
@@ -72,7 +95,6 @@ def run(args: argparse.Namespace) -> int:
     loops = ["uvloop", "asyncio"] if args.loop == "both" else [args.loop]
     reps = args.reps or (1 if args.quick else 3)
     selected = args.mechanisms.split(",") if args.mechanisms else None
-    progress = Progress()
     results: list[Measurement] = []
     t0 = time.monotonic()
     for loop in loops:

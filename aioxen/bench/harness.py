@@ -8,14 +8,23 @@ each repetition so that machine noise hits all of them alike.  Every :class:`Mea
 keeps all its samples; the report shows the median, min and max, and for each of our
 mechanisms the ratio to every baseline measuring the same case and metric ("× better", so
 latency ratios are inverted).  Speed is never asserted: the harness only reports.
+
+Helper processes and temporary directories go through :func:`spawn` and
+:func:`make_temp_dir`.  A helper runs in its own process group, so a Ctrl-C at the
+terminal reaches only the benchmark process; the suites' ``finally`` blocks then stop
+their helpers in order, and :func:`cleanup` (run by the CLI at the end, also after a
+Ctrl-C) stops and reaps any helper still running and removes any directory still there.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -272,6 +281,48 @@ def write_json(path: str, measurements: list[Measurement], machine: dict[str, An
         f.write("\n")
 
 
+_children: list[subprocess.Popen[Any]] = []
+_temp_dirs: list[str] = []
+
+
+def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen(args, **kwargs)`` for a benchmark helper: in a process group of
+    its own (a terminal's SIGINT reaches only the benchmark, which stops its helpers
+    itself) and tracked for :func:`cleanup`."""
+    _children[:] = [p for p in _children if p.returncode is None]
+    proc = subprocess.Popen(args, process_group=0, **kwargs)
+    _children.append(proc)
+    return proc
+
+
+def shm_dir() -> str | None:
+    """Where grant page files and images go: ``$AIOXEN_BENCH_SHM`` if set, else
+    ``/dev/shm`` (tmpfs, like real shared memory) if writable, else ``None`` (the default
+    temporary directory)."""
+    chosen = os.environ.get("AIOXEN_BENCH_SHM")
+    if chosen:
+        return chosen
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return "/dev/shm"
+    return None
+
+
+def make_temp_dir(prefix: str, dir: str | None = None) -> str:
+    """``tempfile.mkdtemp`` tracked for :func:`cleanup`."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=dir)
+    _temp_dirs.append(path)
+    return path
+
+
+def cleanup(timeout: float = 10) -> None:
+    """Stop and reap every helper :func:`spawn` started that is still running; remove every
+    directory :func:`make_temp_dir` made that is still there."""
+    while _children:
+        end_process(_children.pop(), timeout)
+    while _temp_dirs:
+        shutil.rmtree(_temp_dirs.pop(), ignore_errors=True)
+
+
 def end_process(proc: subprocess.Popen[Any], timeout: float) -> int:
     """SIGTERM a helper process and reap it; SIGKILL it if it is still there after
     ``timeout`` seconds.  Returns its exit status (also if it had already exited)."""
@@ -290,9 +341,13 @@ __all__ = [
     "Context",
     "Measurement",
     "Progress",
+    "cleanup",
     "end_process",
     "format_markdown",
     "format_table",
+    "make_temp_dir",
     "ratios",
+    "shm_dir",
+    "spawn",
     "write_json",
 ]

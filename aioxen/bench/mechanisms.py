@@ -23,12 +23,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aioxen.bench.harness import end_process
+from aioxen.bench.harness import end_process, make_temp_dir, shm_dir, spawn
 
 StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -68,33 +67,38 @@ class XenstoredProcess:
     def __init__(self) -> None:
         # Grant pages are files under the root: keep them in memory (tmpfs), as the
         # unix platform's docs recommend, so no disk writeback competes with the rings.
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        self.root = tempfile.mkdtemp(prefix="aioxen-bench-", dir=shm)
+        self.root = make_temp_dir("aioxen-bench-", shm_dir())
         self.proc: subprocess.Popen[str] | None = None
         self.env: dict[str, str] = {}
 
     def start(self) -> dict[str, str]:
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [sys.executable, "-m", "aioxen", "xenstored", "--root", self.root],
             stdout=subprocess.PIPE,
             text=True,
         )
         assert self.proc.stdout is not None
         env: dict[str, str] = {}
-        while len(env) < 2:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("aioxen xenstored exited before printing its exports")
-            assignment = line.split(";", 1)[0]
-            key, _, value = assignment.partition("=")
-            if key in ("XEN_ROOT", "XENSTORED_PATH"):
-                env[key] = value
+        try:
+            while len(env) < 2:
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise RuntimeError("aioxen xenstored exited before printing its exports")
+                assignment = line.split(";", 1)[0]
+                key, _, value = assignment.partition("=")
+                if key in ("XEN_ROOT", "XENSTORED_PATH"):
+                    env[key] = value
+        except BaseException:  # also a Ctrl-C while it starts: no orphan, no leftover root
+            self.stop()
+            raise
         self.env = env
         return env
 
     def stop(self) -> None:
         if self.proc is not None:
             end_process(self.proc, 10)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -117,13 +121,17 @@ class Peer:
             args += [str(c2s_r), str(s2c_w)]
             pass_fds = (c2s_r, s2c_w)
             self.pipe_fds = (s2c_r, c2s_w)
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, text=True, env=env, pass_fds=pass_fds
-        )
-        for fd in pass_fds:
-            os.close(fd)
+        try:
+            self.proc = spawn(args, stdout=subprocess.PIPE, text=True, env=env, pass_fds=pass_fds)
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()
+        try:
+            line = self.proc.stdout.readline().strip()
+        except BaseException:  # a Ctrl-C while it starts: no orphan
+            self.stop()
+            raise
         if not line.startswith("READY"):
             self.stop()
             raise RuntimeError(f"benchmark peer {self.mech}/{self.api} failed to start: {line!r}")
@@ -137,7 +145,15 @@ class Peer:
             self.pipe_fds = None
         if self.proc is not None:
             end_process(self.proc, 10)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
             self.proc = None
+        sock_dir = os.path.dirname(self.address)
+        if self.mech == "unix-socket" and os.path.basename(sock_dir).startswith("aioxen-bench-"):
+            # the peer removes its socket directory when it stops; this covers a peer that
+            # had to be killed
+            shutil.rmtree(sock_dir, ignore_errors=True)
+            self.address = ""
 
 
 # --------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -138,6 +139,7 @@ async def serve(mech: str, api: str, fds: list[int]) -> None:
     server: Any = None
     extra: Any = None
     plat: Any = None
+    sock_dir: str | None = None
     setup = api == "setup"
     if setup:
         api = "streams"
@@ -151,7 +153,8 @@ async def serve(mech: str, api: str, fds: list[int]) -> None:
         host, port = server.sockets[0].getsockname()[:2]
         address = f"{host}:{port}"
     elif mech == "unix-socket":
-        path = os.path.join(tempfile.mkdtemp(prefix="aioxen-bench-"), "sock")
+        sock_dir = tempfile.mkdtemp(prefix="aioxen-bench-")
+        path = os.path.join(sock_dir, "sock")
         if api == "streams":
             server = await asyncio.start_unix_server(
                 stream_handler, path, limit=1 << 20, backlog=BACKLOG
@@ -239,6 +242,8 @@ async def serve(mech: str, api: str, fds: list[int]) -> None:
                 await asyncio.sleep(0)
         if plat is not None:
             await plat.close()
+        if sock_dir is not None:  # the socket file and its private directory
+            shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aioxen.bench.harness import Context, Measurement, end_process
+from aioxen.bench.harness import Context, Measurement, end_process, make_temp_dir, shm_dir, spawn
 
 NAME = "blk"
 OURS = "blkfront/unix"
@@ -74,14 +74,18 @@ def _peer(loop: str, image: str) -> int:
 
 class _Backend:
     def __init__(self, loop: str, image: str, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
+        self.proc: subprocess.Popen[str] = spawn(
             [sys.executable, "-m", "aioxen.bench.suites.blk", "peer", loop, image],
             stdout=subprocess.PIPE,
             text=True,
             env=dict(os.environ, **env, AIOXEN_PLATFORM="unix", AIOXEN_DOMID="0"),
         )
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
+        try:
+            line = self.proc.stdout.readline()
+        except BaseException:  # a Ctrl-C while it starts: no orphan
+            self.stop()
+            raise
         if not line.startswith("READY"):
             self.stop()
             raise RuntimeError(f"blkback did not start: {line!r}")
@@ -209,7 +213,7 @@ def run(ctx: Context) -> list[Measurement]:
                 params={"kind": kind, "block": bs, "depth": depth},
                 loop=ctx.loop,
             )
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    shm = shm_dir()
     fd, image = tempfile.mkstemp(prefix="aioxen-bench-blk-", suffix=".img", dir=shm)
     os.close(fd)
     size = (64 if ctx.quick else 256) * MIB
@@ -219,7 +223,7 @@ def run(ctx: Context) -> list[Measurement]:
     xs = XenstoredProcess()
     if shm is not None:  # grant page files in memory too, like real grant pages
         shutil.rmtree(xs.root, ignore_errors=True)
-        xs.root = tempfile.mkdtemp(prefix="aioxen-bench-blk-root-", dir=shm)
+        xs.root = make_temp_dir("aioxen-bench-blk-root-", shm)
     backend: _Backend | None = None
     try:
         env = xs.start()

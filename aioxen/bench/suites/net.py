@@ -29,13 +29,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from aioxen.bench.harness import Context, Measurement, end_process
+from aioxen.bench.harness import Context, Measurement, end_process, make_temp_dir, shm_dir, spawn
 
 NAME = "net"
 SIZES = [(64, "64 B"), (1500, "1500 B"), (65535, "64 KiB SG")]
@@ -249,7 +248,7 @@ def peer_main(argv: list[str]) -> int:
 
 class _Proc:
     def __init__(self, args: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()):
-        self.proc = subprocess.Popen(
+        self.proc: subprocess.Popen[str] = spawn(
             args,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -319,9 +318,10 @@ def _xenstored() -> Any:
     from aioxen.bench.mechanisms import XenstoredProcess
 
     xs = XenstoredProcess()
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+    shm = shm_dir()
+    if shm is not None:
         shutil.rmtree(xs.root, ignore_errors=True)
-        xs.root = tempfile.mkdtemp(prefix="aioxen-bench-net-", dir="/dev/shm")
+        xs.root = make_temp_dir("aioxen-bench-net-", shm)
     return xs
 
 
@@ -403,7 +403,7 @@ def _ip(*args: str) -> None:
 
 
 def _iperf(client_ns: str, server_ns: str, address: str, seconds: int) -> float:
-    server = subprocess.Popen(
+    server = spawn(
         ["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", address],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -457,7 +457,7 @@ def _tcp_through_tap(ctx: Context) -> list[Measurement]:
             (nss[1], "0", ["netback", "--frontend", "1", "--tap", "vif0"]),
             (nss[0], "1", ["netfront", "--backend", "0", "--tap", "vif0"]),
         ):
-            p = subprocess.Popen(
+            p = spawn(
                 ["ip", "netns", "exec", ns, sys.executable, "-m", "aioxen", *args],
                 stdout=subprocess.PIPE,
                 text=True,

@@ -27,11 +27,10 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
-from aioxen.bench.harness import Context, Measurement
+from aioxen.bench.harness import Context, Measurement, make_temp_dir, spawn
 
 NAME = "rings"
 
@@ -164,7 +163,7 @@ async def _time_batches(exchange: Any, batch: int, seconds: float) -> float:
 
 
 def _spawn(args: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
+    proc: subprocess.Popen[str] = spawn(
         [sys.executable, "-m", "aioxen.bench.suites.rings", *args],
         stdout=subprocess.PIPE,
         text=True,
@@ -185,7 +184,7 @@ async def _measure(ctx: Context) -> list[Measurement]:
 
     seconds = 0.25 if ctx.quick else 1.0
     loop_name = ctx.loop
-    root = tempfile.mkdtemp(prefix="aioxen-rings-bench-")
+    root = make_temp_dir("aioxen-rings-bench-")
     samples: dict[tuple[str, int], list[float]] = {}
     procs: list[subprocess.Popen[str]] = []
     try:

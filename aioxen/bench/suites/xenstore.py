@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from aioxen.bench.harness import Context, Measurement, end_process
+from aioxen.bench.harness import Context, Measurement, end_process, spawn
 from aioxen.bench.mechanisms import XenstoredProcess
 
 NAME = "xenstore"
@@ -257,7 +257,7 @@ async def _flood_phase(
     flooder: subprocess.Popen[str] | None = None
     if phase != "unflooded":
         code = "import sys; from aioxen.bench.suites.xenstore import flood; flood(*sys.argv[1:])"
-        flooder = subprocess.Popen(
+        flooder = spawn(
             [sys.executable, "-c", code, sock_path, phase], stdout=subprocess.PIPE, text=True
         )
         assert flooder.stdout is not None
