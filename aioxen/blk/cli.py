@@ -17,6 +17,13 @@ Each command claims the device end it serves before writing anything
 (:mod:`aioxen.xenbus.claim`): a second ``blkback`` for the same vbd, or a second
 ``blkfront`` for the same device, fails with ``aioxen blkback: ... is held by pid N``
 (rc 1) and leaves the running one alone; a killed holder's claim is reclaimed.
+
+The commands follow the command-line standard (:mod:`aioxen.apps.clistd`): arguments are
+checked before any I/O (a missing, unreadable or unwritable image, a directory, a bad
+``--devid``/``--frontend``/``--listen`` are usage errors, rc 2); an image that is empty or
+not a whole number of sectors is refused (rc 1: blkback serves whole sectors only and
+would silently drop the tail); runtime failures print one line, rc 1; a stop by SIGINT or
+SIGTERM exits 130 or 143 after the orderly close.
 """
 
 from __future__ import annotations
@@ -24,13 +31,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
+import os
+import stat
 import sys
 from typing import Any
 
+from aioxen.apps import clistd as std
 from aioxen.cli import StopSignals
-from aioxen.errors import ProtocolError
 
 
 def _logging(verbose: int) -> None:
@@ -38,33 +48,94 @@ def _logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
 
 
-def _fail(cmd: str, exc: BaseException) -> int:
-    """A runtime failure: one line on stderr, rc 1 (no traceback)."""
-    print(f"aioxen {cmd}: {exc}", file=sys.stderr)
-    return 1
+def _vdev(text: str) -> int:
+    """``--devid``: a virtual device number or xvd name -> its number (usage error)."""
+    from aioxen.blk.vbd import parse_vdev
+
+    try:
+        return parse_vdev(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-_FAILURES = (OSError, ValueError, ProtocolError)
+def _vdev_name(text: str) -> str:
+    """A DEVICE argument: checked like ``--devid`` but kept as written (the export name)."""
+    _vdev(text)
+    return text
+
+
+def _listen(text: str) -> str:
+    """``--listen``: the standard address syntax, TCP (port 0: any free port) or Unix."""
+    from aioxen.apps.addresses import TcpAddress, UnixAddress
+
+    addr = std.listen_address(text)
+    if isinstance(addr, TcpAddress):
+        host = f"[{addr.host}]" if ":" in addr.host else addr.host
+        return f"tcp:{host}:{addr.port}"
+    if isinstance(addr, UnixAddress):
+        return str(addr)
+    raise argparse.ArgumentTypeError(f"{text!r}: NBD listens on tcp:HOST:PORT or unix:PATH")
+
+
+async def _open_image(args: argparse.Namespace) -> Any:
+    """The ``--image`` as a :class:`~aioxen.blk.source.FileSource`, after the checks of the
+    standard: a missing file, a directory, an unreadable or (without ``--readonly``)
+    unwritable one is a usage error; an empty image, or one that is not a whole number of
+    sectors (the tail could not be served), is refused."""
+    from aioxen.blk.source import FileSource
+
+    path = args.image
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise std.UsageError(f"--image {path}: {_reason(exc)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise std.UsageError(f"--image {path}: is a directory, not an image file")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise std.UsageError(f"--image {path}: not a regular file or block device")
+    try:
+        source = FileSource(
+            path, readonly=args.readonly, sector_size=args.sector_size, workers=args.workers
+        )
+    except OSError as exc:
+        if not args.readonly and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise std.UsageError(
+                f"--image {path}: not writable ({_reason(exc)}); "
+                "add --readonly to serve it read-only"
+            ) from None
+        raise std.UsageError(f"--image {path}: {_reason(exc)}") from None
+    raw = os.lseek(source.fd, 0, os.SEEK_END)
+    sector = args.sector_size
+    problem = None
+    if raw == 0:
+        problem = f"--image {path} is empty (0 bytes): there is nothing to serve"
+    elif raw % sector:
+        whole = raw - raw % sector
+        problem = (
+            f"--image {path} is {raw} bytes, not a whole number of {sector}-byte sectors: "
+            f"its last {raw % sector} bytes could not be served (pad it to "
+            f"{whole + sector} bytes, e.g. truncate -s {whole + sector} {path})"
+        )
+    if problem is not None:
+        await source.close()
+        raise std.CommandError(problem)
+    return source
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror.lower() if exc.strerror else str(exc)
 
 
 async def run_blkback(args: argparse.Namespace) -> int:
-    try:
-        return await _blkback(args)
-    except _FAILURES as exc:
-        return _fail("blkback", exc)
-
-
-async def _blkback(args: argparse.Namespace) -> int:
     import aioxen
     from aioxen.blk.back import BackendConfig
-    from aioxen.blk.source import FileSource
-    from aioxen.blk.vbd import TYPE, parse_vdev
+    from aioxen.blk.vbd import TYPE
     from aioxen.xenbus.claim import Claim
     from aioxen.xenbus.driver import backend_dir
     from aioxen.xenbus.toolstack import add_device, remove_device
 
     _logging(args.verbose)
-    devid = parse_vdev(args.devid)
+    devid: int = args.devid
     config = BackendConfig(
         max_indirect_segments=args.max_indirect_segments,
         max_ring_page_order=args.max_ring_page_order,
@@ -73,12 +144,7 @@ async def _blkback(args: argparse.Namespace) -> int:
         queue_depth=args.queue_depth,
         discard=not args.no_discard,
     )
-    source = FileSource(
-        args.image,
-        readonly=args.readonly,
-        sector_size=args.sector_size,
-        workers=args.workers,
-    )
+    source = await _open_image(args)
     stop = StopSignals()  # SIGINT/SIGTERM: orderly stop
     plat = aioxen.platform()
     try:
@@ -141,13 +207,6 @@ async def _serve_blkback(
 
 
 async def run_blkfront_nbd(args: argparse.Namespace) -> int:
-    try:
-        return await _blkfront_nbd(args)
-    except _FAILURES as exc:
-        return _fail("blkfront", exc)
-
-
-async def _blkfront_nbd(args: argparse.Namespace) -> int:
     import aioxen
     from aioxen.blk.device import BlockDevice
     from aioxen.blk.nbd import start_server
@@ -201,50 +260,66 @@ async def run_blkfront_info(args: argparse.Namespace) -> int:
     from aioxen.blk.vbd import vbd_info
 
     _logging(args.verbose)
-    try:
-        async with aioxen.platform() as plat:
-            info = await vbd_info(plat, args.device)
-    except _FAILURES as exc:
-        return _fail("blkfront info", exc)
+    async with aioxen.platform() as plat:
+        info = await vbd_info(plat, args.device)
     print(json.dumps(info, indent=2))
     return 0
+
+
+_MAX_INDIRECT = 4096  # aioxen.blk.blkif.MAX_INDIRECT_SEGMENTS (not imported: parser stays light)
+
+
+def _verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log progress on stderr (-v: info, -vv: debug)",
+    )
 
 
 def _front_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
-        type=int,
+        type=std.domid,
         default=None,
         metavar="DOMID",
         help="expected backend domain (default: whatever the toolstack wrote)",
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=std.seconds,
         default=30.0,
-        help="seconds to wait for each device to connect (default 30)",
+        metavar="SECONDS",
+        help="seconds to wait for each device to appear and connect (default 30)",
     )
-    p.add_argument("--queues", type=int, default=1, help="queues per device (default 1)")
+    p.add_argument(
+        "--queues",
+        type=std.int_range(1, 1024, "queue count"),
+        default=1,
+        help="queues per device (default 1, capped by the backend)",
+    )
     p.add_argument(
         "--ring-page-order",
-        type=int,
+        type=std.int_range(0, 16, "ring page order"),
         default=2,
         help="ring size as a power of two pages (default 2, capped by the backend)",
     )
     p.add_argument(
         "--max-indirect-segments",
-        type=int,
+        type=std.int_range(0, _MAX_INDIRECT, "segment count"),
         default=256,
-        help="segments per indirect request (default 256)",
+        help=f"segments per indirect request (default 256, at most {_MAX_INDIRECT})",
     )
     p.add_argument(
         "--pool-pages",
-        type=int,
+        type=std.positive_int,
         default=2048,
         help="granted data pages per device (default 2048 = 8 MiB)",
     )
     p.add_argument("--no-persistent", action="store_true", help="do not offer persistent grants")
-    p.add_argument("-v", "--verbose", action="count", default=0)  # fmt: skip
+    _verbose(p)
 
 
 def register(subparsers: Any) -> None:
@@ -252,16 +327,35 @@ def register(subparsers: Any) -> None:
         "blkback",
         help="serve a raw image file as a virtual block device",
         description="Serve a raw image file to a frontend domain as virtual block device "
-        "DEVID (blkif protocol), until interrupted.",
+        "DEVID (blkif protocol), until interrupted (SIGINT exits 130, SIGTERM 143, after "
+        "an orderly close).  The image must be a non-empty whole number of sectors.",
     )
-    p.add_argument("--image", required=True, metavar="FILE", help="raw image file to serve")
-    p.add_argument("--frontend", required=True, type=int, metavar="DOMID",
-                   help="the frontend domain")  # fmt: skip
     p.add_argument(
-        "--devid", default="xvda", help="virtual device: number or xvd name (default xvda = 51712)"
+        "--image",
+        required=True,
+        metavar="FILE",
+        help="raw image file (or block device) to serve; its size must be a non-zero "
+        "multiple of the sector size",
     )
-    p.add_argument("--readonly", action="store_true", help="serve read-only")
-    p.add_argument("--sector-size", type=int, default=512, choices=[512, 4096])
+    p.add_argument(
+        "--frontend", required=True, type=std.domid, metavar="DOMID", help="the frontend domain"
+    )
+    p.add_argument(
+        "--devid",
+        type=_vdev,
+        default="xvda",
+        help="virtual device: number or xvd name (default xvda = 51712)",
+    )
+    p.add_argument(
+        "--readonly", action="store_true", help="serve read-only (needed for an unwritable image)"
+    )
+    p.add_argument(
+        "--sector-size",
+        type=int,
+        default=512,
+        choices=[512, 4096],
+        help="logical sector size in bytes (default 512)",
+    )
     p.add_argument(
         "--no-create",
         action="store_true",
@@ -269,22 +363,35 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--max-indirect-segments",
-        type=int,
+        type=std.int_range(0, _MAX_INDIRECT, "segment count"),
         default=256,
-        help="advertised feature-max-indirect-segments (0: no indirect)",
+        help="advertised feature-max-indirect-segments (default 256; 0: no indirect)",
     )
-    p.add_argument("--max-ring-page-order", type=int, default=4)
-    p.add_argument("--max-queues", type=int, default=4)
+    p.add_argument(
+        "--max-ring-page-order",
+        type=std.int_range(0, 4, "ring page order"),
+        default=4,
+        help="largest ring a frontend may use, as a power of two pages (0..4, default 4)",
+    )
+    p.add_argument(
+        "--max-queues",
+        type=std.int_range(1, 1024, "queue count"),
+        default=4,
+        help="most queues (rings) a frontend may use (default 4)",
+    )
     p.add_argument(
         "--queue-depth",
-        type=int,
+        type=std.positive_int,
         default=64,
         help="requests served concurrently per queue (default 64)",
     )
-    p.add_argument("--workers", type=int, default=4, help="I/O threads (default 4)")
+    p.add_argument(
+        "--workers", type=std.int_range(1, 1024, "worker count"), default=4,
+        help="I/O threads (default 4)",
+    )  # fmt: skip
     p.add_argument("--no-persistent", action="store_true", help="do not offer persistent grants")
     p.add_argument("--no-discard", action="store_true", help="do not offer discard")
-    p.add_argument("-v", "--verbose", action="count", default=0)  # fmt: skip
+    _verbose(p)
     p.set_defaults(func=run_blkback)
 
     f = subparsers.add_parser(
@@ -292,27 +399,38 @@ def register(subparsers: Any) -> None:
         help="use virtual block devices (export them over NBD)",
         description="Connect this domain's virtual block devices.",
     )
-    fsub = f.add_subparsers(dest="blkfront_command", metavar="COMMAND", required=True)
+    fsub = f.add_subparsers(
+        dest="blkfront_command", metavar="COMMAND", required=True, help="what to do"
+    )
     nbd = fsub.add_parser(
         "nbd",
         help="export devices over NBD",
         description="Export virtual block devices as NBD exports (fixed newstyle; "
-        "NBD_OPT_GO/INFO, READ/WRITE/FLUSH/TRIM/WRITE_ZEROES, structured replies).",
+        "NBD_OPT_GO/INFO, READ/WRITE/FLUSH/TRIM/WRITE_ZEROES, structured replies), until "
+        "interrupted (SIGINT exits 130, SIGTERM 143, after an orderly close).",
     )
     nbd.add_argument(
         "--listen",
-        default="127.0.0.1:10809",
-        help="HOST:PORT or unix:PATH (default 127.0.0.1:10809; port 0 picks one)",
+        type=_listen,
+        default="tcp:127.0.0.1:10809",
+        metavar="ADDRESS",
+        help="tcp:HOST:PORT, HOST:PORT or unix:PATH (default tcp:127.0.0.1:10809; "
+        "port 0 picks a free one)",
     )
-    nbd.add_argument("devices", nargs="+", metavar="DEVICE",
-                     help="device number or xvd name; also the export name")  # fmt: skip
+    nbd.add_argument(
+        "devices", nargs="+", type=_vdev_name, metavar="DEVICE",
+        help="device number or xvd name; also the export name",
+    )  # fmt: skip
     _front_options(nbd)
     nbd.set_defaults(func=run_blkfront_nbd)
     info = fsub.add_parser(
         "info",
         help="print a device's state, owners and disk (read-only: never connects it)",
+        description="Print what XenStore says about a virtual block device of this domain "
+        "(states, owners, the disk offered, what a connected frontend negotiated) as JSON, "
+        "without connecting or changing it.",
     )
-    info.add_argument("device", metavar="DEVICE")
+    info.add_argument("device", metavar="DEVICE", type=_vdev_name, help="device number or xvd name")
     _front_options(info)
     info.set_defaults(func=run_blkfront_info)
 

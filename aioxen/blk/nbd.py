@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import errno as _errno
 import logging
+import os
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -561,14 +562,27 @@ async def trim_bytes(dev: BlockDevice, locks: RangeLock, offset: int, length: in
 
 
 def parse_listen(spec: str) -> tuple[str, str | int]:
-    """``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``unix:PATH`` -> ``(host, port)`` or
-    ``("unix", path)``."""
+    """``tcp:HOST:PORT``, ``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``unix:PATH`` ->
+    ``(host, port)`` or ``("unix", path)``; port 0 picks a free one.  ``ValueError``
+    naming what is wrong (a port above 65535 is refused, not wrapped around)."""
     if spec.startswith("unix:"):
+        if not spec[5:]:
+            raise ValueError(f"listen address {spec!r}: expected unix:PATH")
         return "unix", spec[5:]
-    host, sep, port = spec.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"listen address {spec!r}: expected HOST:PORT or unix:PATH")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    if spec.startswith("vchan:"):
+        raise ValueError(f"listen address {spec!r}: NBD listens on tcp:HOST:PORT or unix:PATH")
+    tcp = spec[4:] if spec.startswith("tcp:") else spec
+    host, sep, port = tcp.rpartition(":")
+    if not sep or not port.isdecimal():
+        raise ValueError(f"listen address {spec!r}: expected [tcp:]HOST:PORT or unix:PATH")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"listen address {spec!r}: write an IPv6 host in brackets: [{host}]:PORT")
+    number = int(port)
+    if number > 65535:
+        raise ValueError(f"listen address {spec!r}: TCP port {number} out of range 0..65535")
+    return host or "0.0.0.0", number
 
 
 class NBDServer:
@@ -666,9 +680,12 @@ async def start_server(
             raise
         server = NBDServer(unix, claim)
     else:
-        server = NBDServer(
-            await asyncio.start_server(client, host, addr, limit=1 << 20, reuse_address=True)
-        )
+        try:
+            tcp = await asyncio.start_server(client, host, addr, limit=1 << 20, reuse_address=True)
+        except OSError as exc:  # one line naming the address ("address already in use")
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(exc.errno, f"NBD listen address {listen}: {reason}") from exc
+        server = NBDServer(tcp)
     server.connections = conns
     return server
 

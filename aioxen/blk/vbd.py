@@ -366,15 +366,43 @@ async def open_blkfront(
 
     platform = platform or aioxen.platform()
     number = parse_vdev(devid)
-    dev = await frontend_device(
-        platform, TYPE, number, backend_domid=backend_domid, timeout=timeout
-    )
+    what = f"vbd {devid}" if str(devid) == str(number) else f"vbd {devid} ({number})"
+    fdir = frontend_dir(platform.domid, TYPE, number)
+    try:
+        dev = await frontend_device(
+            platform, TYPE, number, backend_domid=backend_domid, timeout=timeout
+        )
+    except TimeoutError:
+        raise TimeoutError(
+            f"{what} of domain {platform.domid}: no such device after {timeout:g} s "
+            f"(waited for {fdir}/backend and backend-id, which the toolstack or "
+            "aioxen blkback writes)"
+        ) from None
     driver = BlkfrontDriver(config)
     async with DeviceRunner(dev, driver, reconnect=False) as runner:
-        await runner.wait_connected(timeout)
+        try:
+            await runner.wait_connected(timeout)
+        except TimeoutError:
+            states = await _states(dev)
+            raise TimeoutError(
+                f"{what} of domain {platform.domid}: backend {dev.peer_dir} (domain "
+                f"{dev.peer_domid}) did not connect within {timeout:g} s ({states})"
+            ) from None
         if driver.device is None:
             raise ConnectionResetError(f"blkfront {dev.own_dir}: backend lost while connecting")
         yield driver.device
+
+
+async def _states(dev: XenbusDevice) -> str:
+    """``frontend state X, backend state Y`` as XenStore has them now (for messages)."""
+    out = []
+    for side, d in (("frontend", dev.own_dir), ("backend", dev.peer_dir)):
+        try:
+            st = parse_state(await read_opt(dev.store, f"{d}/state"), f"{d}/state")
+        except (ProtocolError, OSError):
+            st = None
+        out.append(f"{side} state {'missing' if st is None else st}")
+    return ", ".join(out)
 
 
 async def vbd_info(platform: Platform, devid: int | str = DEFAULT_DEVID) -> dict[str, Any]:

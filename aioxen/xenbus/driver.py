@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 S = XenbusState
 _FRESH = object()  # marker: the peer's state is not left over from a lost session
 _SESSION = (S.INITIALISED, S.CONNECTED, S.RECONFIGURING, S.RECONFIGURED)  # peer states of a session
+_IDLE = (None, S.UNKNOWN, S.INITIALISING, S.CLOSED)  # peer states with no front end at work
 
 
 def frontend_dir(frontend_domid: int, type_: str, devid: int) -> str:
@@ -622,7 +623,10 @@ class DeviceRunner:
             return False
         if dev.state != S.CLOSING:
             await self._publish(S.CLOSING)
-            if self.is_backend or self._attached or dev.connected:
+            # A back end waits for the front end's acknowledgement unless there is no
+            # front end at work (state absent, Unknown, Initialising, Closed) and it
+            # attached nothing: such a front end may never answer (blkback's prompt stop).
+            if self._attached or dev.connected or (self.is_backend and peer not in _IDLE):
                 loop = asyncio.get_running_loop()
                 self._close_timer = loop.call_later(self.close_timeout, self._close_timed_out)
                 return True
