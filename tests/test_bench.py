@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from aioxen.bench import plots
 from aioxen.bench.cli import SUITES
 from aioxen.bench.harness import Measurement, format_table, ratios
 
@@ -77,7 +78,77 @@ def test_quick_run_of_every_suite_writes_json_and_charts(tmp_path: Path) -> None
     assert "measurements in" in proc.stdout
     pngs = sorted(p.name for p in charts.glob("*.png"))
     assert "streams-uvloop-throughput.png" in pngs and "streams-uvloop-latency.png" in pngs
+    assert "ratio-uvloop-best-baseline.png" in pngs
+    for suite in SUITES:  # a chart for every suite
+        assert any(p.startswith(f"{suite}-") for p in pngs), (suite, pngs)
+    assert not [p for p in pngs if "--" in p or " " in p], pngs
     assert all((charts / p).read_bytes().startswith(b"\x89PNG") for p in pngs)
+
+
+def test_chart_names_and_titles_leave_out_a_loop_that_does_not_apply() -> None:
+    assert plots._file_name("memcpy", "-", "throughput") == "memcpy-throughput.png"
+    assert plots._title("memcpy: throughput vs chunk size", "-") == (
+        "memcpy: throughput vs chunk size"
+    )
+    assert plots._file_name("streams", "uvloop", "latency") == "streams-uvloop-latency.png"
+    assert plots._title("x", "asyncio") == "x (asyncio)"
+    assert plots._file_name("a b/c", "", "cases") == "a_b_c-cases.png"
+
+
+def test_best_baseline_ratio_picks_the_best_baseline_per_case() -> None:
+    thr = [
+        _m("ours", True, [6.0]),
+        _m("slow", False, [2.0]),
+        _m("fast", False, [3.0]),
+    ]
+    (r,) = plots.best_baseline_ratios(thr)
+    assert (r["ours"], r["baseline"], r["times_better"]) == ("ours", "fast", 2.0)
+    lat = [
+        _m("ours", True, [10.0], hib=False),
+        _m("slow", False, [40.0], hib=False),
+        _m("fast", False, [5.0], hib=False),
+    ]
+    (r,) = plots.best_baseline_ratios(lat)
+    assert (r["baseline"], r["times_better"]) == ("fast", 0.5)
+    assert plots.best_baseline_ratios([_m("ours", True, [1.0])]) == []
+
+
+def test_charts_from_a_json_file_cover_every_suite(tmp_path: Path) -> None:
+    """Every suite gets a chart; latency is drawn on a log axis; the ratio chart exists.
+    Drawn from a synthetic results file with one group of each kind the suites record."""
+    ms = []
+    for suite in SUITES:
+        for mech, ours, value in (("ours-" + suite, True, 2.0), ("base", False, 1.0)):
+            ms.append(
+                Measurement(suite, "c1", mech, "rate", "ops/s", True, ours, [value], {}, "uvloop")
+            )
+    for mech, ours in (("vchan", True), ("unix", False)):
+        for metric, value in (("p50", 20.0), ("p99.9", 4000.0)):
+            ms.append(
+                Measurement(
+                    "streams", "ping-pong 64 B", mech, metric, "µs", False, ours, [value], {},
+                    "uvloop",
+                )
+            )  # fmt: skip
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"measurements": [m.to_json() for m in ms]}))
+    charts = tmp_path / "charts"
+    assert plots.main([str(results), str(charts)]) == 0
+    names = {p.name for p in charts.glob("*.png")}
+    for suite in SUITES:
+        assert f"{suite}-uvloop-cases.png" in names, names
+    assert "streams-uvloop-latency.png" in names
+    assert "ratio-uvloop-best-baseline.png" in names
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lat = [m for m in ms if m.unit == "µs"]
+    fig = plots._latency_chart(plt, "streams", "uvloop", lat)
+    assert fig.axes[0].get_yscale() == "log"
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------
