@@ -14,11 +14,11 @@ XenStore says about a device (states, owners, what the backend offers and what a
 frontend negotiated) without touching it.
 
 Each command claims the device end it serves before writing anything
-(:mod:`aioxen.xenbus.claim`): a second ``blkback`` for the same vbd, or a second
+([`aioxen.xenbus.claim`][]): a second ``blkback`` for the same vbd, or a second
 ``blkfront`` for the same device, fails with ``aioxen blkback: ... is held by pid N``
 (rc 1) and leaves the running one alone; a killed holder's claim is reclaimed.
 
-The commands follow the command-line standard (:mod:`aioxen.apps.clistd`): arguments are
+The commands follow the command-line standard ([`aioxen.apps.clistd`][]): arguments are
 checked before any I/O (a missing, unreadable or unwritable image, a directory, a bad
 ``--devid``/``--frontend``/``--listen`` are usage errors, rc 2); an image that is empty or
 not a whole number of sectors is refused (rc 1: blkback serves whole sectors only and
@@ -78,7 +78,7 @@ def _listen(text: str) -> str:
 
 
 async def _open_image(args: argparse.Namespace) -> Any:
-    """The ``--image`` as a :class:`~aioxen.blk.source.FileSource`, after the checks of the
+    """The ``--image`` as a [`FileSource`][aioxen.blk.source.FileSource], after the checks of the
     standard: a missing file, a directory, an unreadable or (without ``--readonly``)
     unwritable one is a usage error; an empty image, or one that is not a whole number of
     sectors (the tail could not be served), is refused."""
@@ -297,24 +297,28 @@ def _front_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--queues",
         type=std.int_range(1, 1024, "queue count"),
+        metavar="N",
         default=1,
         help="queues per device (default 1, capped by the backend)",
     )
     p.add_argument(
         "--ring-page-order",
         type=std.int_range(0, 16, "ring page order"),
+        metavar="N",
         default=2,
         help="ring size as a power of two pages (default 2, capped by the backend)",
     )
     p.add_argument(
         "--max-indirect-segments",
         type=std.int_range(0, _MAX_INDIRECT, "segment count"),
+        metavar="N",
         default=256,
         help=f"segments per indirect request (default 256, at most {_MAX_INDIRECT})",
     )
     p.add_argument(
         "--pool-pages",
         type=std.positive_int,
+        metavar="N",
         default=2048,
         help="granted data pages per device (default 2048 = 8 MiB)",
     )
@@ -364,29 +368,33 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--max-indirect-segments",
         type=std.int_range(0, _MAX_INDIRECT, "segment count"),
+        metavar="N",
         default=256,
         help="advertised feature-max-indirect-segments (default 256; 0: no indirect)",
     )
     p.add_argument(
         "--max-ring-page-order",
         type=std.int_range(0, 4, "ring page order"),
+        metavar="N",
         default=4,
         help="largest ring a frontend may use, as a power of two pages (0..4, default 4)",
     )
     p.add_argument(
         "--max-queues",
         type=std.int_range(1, 1024, "queue count"),
+        metavar="N",
         default=4,
         help="most queues (rings) a frontend may use (default 4)",
     )
     p.add_argument(
         "--queue-depth",
         type=std.positive_int,
+        metavar="N",
         default=64,
         help="requests served concurrently per queue (default 64)",
     )
     p.add_argument(
-        "--workers", type=std.int_range(1, 1024, "worker count"), default=4,
+        "--workers", type=std.int_range(1, 1024, "worker count"), default=4, metavar="N",
         help="I/O threads (default 4)",
     )  # fmt: skip
     p.add_argument("--no-persistent", action="store_true", help="do not offer persistent grants")

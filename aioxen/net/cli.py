@@ -8,6 +8,13 @@ switch.  ``aioxen netfront --backend DOMID --tap NAME`` connects this domain's v
 cross-connects it with a TAP, so the kernel's own stack is the guest.  Both print one
 ``READY`` line when serving/connected and run until interrupted (SIGINT/SIGTERM), then
 disconnect cleanly.
+
+The commands follow the command-line standard ([`aioxen.apps.clistd`][]): arguments are
+checked before any I/O (a bad domid, device id, MAC, MTU or interface name, a missing
+``--tap``/``--switch``: usage errors, rc 2); a frontend whose device never appears or
+whose backend never connects fails after ``--timeout`` with a message naming the XenStore
+path and states it waited on (rc 1); a stop by SIGINT or SIGTERM exits 130 or 143 after
+the orderly disconnect.
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ import contextlib
 import sys
 from typing import Any
 
+from aioxen.apps import clistd as std
 from aioxen.cli import StopSignals
-from aioxen.errors import ProtocolError
 from aioxen.net import keys
 
 
@@ -30,23 +37,19 @@ def _mac(text: str) -> bytes:
         raise argparse.ArgumentTypeError(f"invalid MAC address {text!r}") from None
 
 
-def _fail(cmd: str, exc: BaseException) -> int:
-    """A runtime failure: one line on stderr, rc 1 (no traceback)."""
-    print(f"aioxen {cmd}: {exc}", file=sys.stderr)
-    return 1
+def _ifname(text: str) -> str:
+    """A network interface name: 1..15 bytes, no ``/`` or white space."""
+    from aioxen.net.tap import IFNAMSIZ
 
-
-_FAILURES = (OSError, ValueError, ProtocolError)
+    raw = text.encode()
+    if not raw or len(raw) >= IFNAMSIZ or "/" in text or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(
+            f"invalid interface name {text!r}: 1..{IFNAMSIZ - 1} bytes, no '/' or spaces"
+        )
+    return text
 
 
 async def run_netback(args: argparse.Namespace) -> int:
-    try:
-        return await _netback(args)
-    except _FAILURES as exc:
-        return _fail("netback", exc)
-
-
-async def _netback(args: argparse.Namespace) -> int:
     import aioxen
     from aioxen.net.back import Netback, Vif
     from aioxen.net.switch import FunctionPort, LearningSwitch
@@ -55,11 +58,9 @@ async def _netback(args: argparse.Namespace) -> int:
 
     frontends: list[int] = args.frontend
     if not args.switch and args.tap is None:
-        print("netback: give --tap NAME or --switch", file=sys.stderr)
-        return 2
+        raise std.UsageError("give --tap NAME, --switch, or both")
     if not args.switch and len(frontends) != 1:
-        print("netback: several frontends need --switch", file=sys.stderr)
-        return 2
+        raise std.UsageError("several --frontend domains need --switch")
     stop = StopSignals()  # SIGINT/SIGTERM: orderly stop
     plat = aioxen.platform()
     async with plat:
@@ -116,24 +117,25 @@ async def _netback(args: argparse.Namespace) -> int:
 
 
 async def run_netfront(args: argparse.Namespace) -> int:
-    try:
-        return await _netfront(args)
-    except _FAILURES as exc:
-        return _fail("netfront", exc)
-
-
-async def _netfront(args: argparse.Namespace) -> int:
     import aioxen
     from aioxen.net.keys import VIF
     from aioxen.xenbus.claim import Claim
-    from aioxen.xenbus.driver import frontend_device
+    from aioxen.xenbus.driver import frontend_device, frontend_dir
 
     stop = StopSignals()  # SIGINT/SIGTERM: orderly stop
     plat = aioxen.platform()
     async with plat:
         # wait (read-only) for the toolstack's device, then claim it before the TAP is
         # touched: a second netfront for this vif fails here and changes nothing
-        dev = await frontend_device(plat, VIF, args.devid, timeout=args.timeout)
+        try:
+            dev = await frontend_device(plat, VIF, args.devid, timeout=args.timeout)
+        except TimeoutError:
+            own = frontend_dir(plat.domid, VIF, args.devid)
+            raise TimeoutError(
+                f"vif {plat.domid}/{args.devid}: no such device after {args.timeout:g} s "
+                f"(waited for {own}/backend and backend-id, which the toolstack or "
+                "aioxen netback writes)"
+            ) from None
         claim = Claim(plat.store, dev.own_dir, f"vif {plat.domid}/{args.devid}")
         try:
             await claim.acquire()
@@ -195,21 +197,39 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "netback",
         help="serve netfront vifs: to a TAP device, a learning switch, or both",
-        description=run_netback.__doc__ or __doc__,
+        description="Create and serve vif --devid of each --frontend domain: with --tap the "
+        "single vif is cross-connected to the TAP interface, with --switch all vifs (and "
+        "the TAP, as an uplink) share a learning switch.  Prints one READY line when "
+        "serving and runs until interrupted (SIGINT exits 130, SIGTERM 143, after an "
+        "orderly disconnect).",
     )
     p.add_argument(
         "--frontend",
-        type=int,
+        type=std.domid,
         action="append",
         required=True,
         metavar="DOMID",
         help="frontend domain to serve (repeat for several)",
     )
-    p.add_argument("--devid", type=int, default=0, help="vif device id (default 0)")
-    p.add_argument("--tap", metavar="NAME", help="TAP interface (created if missing)")
+    p.add_argument(
+        "--devid",
+        type=std.nonnegative_int,
+        default=0,
+        metavar="N",
+        help="vif device id (default 0)",
+    )
+    p.add_argument("--tap", type=_ifname, metavar="NAME", help="TAP interface (created if missing)")
     p.add_argument("--switch", action="store_true", help="switch between all vifs (+ --tap)")
-    p.add_argument("--mac", type=_mac, default=None, help="frontend MAC (default 00:16:3e:..)")
-    p.add_argument("--mtu", type=int, default=keys.DEFAULT_MTU, help="vif MTU (default 1500)")
+    p.add_argument(
+        "--mac", type=_mac, default=None, help="frontend MAC address (default 00:16:3e:...)"
+    )
+    p.add_argument(
+        "--mtu",
+        type=std.int_range(68, 65535, "MTU"),
+        metavar="BYTES",
+        default=keys.DEFAULT_MTU,
+        help="vif MTU, 68..65535 (default 1500)",
+    )
     p.add_argument(
         "--no-create",
         action="store_true",
@@ -220,18 +240,45 @@ def register(subparsers: Any) -> None:
     f = subparsers.add_parser(
         "netfront",
         help="connect this domain's vif and cross-connect it with a TAP device",
-        description=__doc__,
+        description="Connect vif --devid of this domain (created by a toolstack or aioxen "
+        "netback) and cross-connect it with a TAP interface, so that the kernel's own "
+        "network stack is the guest.  Prints one READY line when connected and runs until "
+        "interrupted (SIGINT exits 130, SIGTERM 143, after an orderly disconnect).",
     )
-    f.add_argument("--backend", type=int, default=None, metavar="DOMID", help="backend domain")
-    f.add_argument("--devid", type=int, default=0, help="vif device id (default 0)")
-    f.add_argument("--tap", metavar="NAME", required=True, help="TAP interface")
+    f.add_argument(
+        "--backend",
+        type=std.domid,
+        default=None,
+        metavar="DOMID",
+        help="expected backend domain (default: whatever the toolstack wrote)",
+    )
+    f.add_argument(
+        "--devid",
+        type=std.nonnegative_int,
+        default=0,
+        metavar="N",
+        help="vif device id (default 0)",
+    )
+    f.add_argument(
+        "--tap",
+        type=_ifname,
+        metavar="NAME",
+        required=True,
+        help="TAP interface (created if missing)",
+    )
     f.add_argument(
         "--no-offload", action="store_true", help="refuse partial checksums and GSO on receive"
     )
     f.add_argument(
         "--keep-link", action="store_true", help="do not copy the vif's MAC/MTU to the TAP"
     )
-    f.add_argument("--timeout", type=float, default=30.0, help="connect timeout (s)")
+    f.add_argument(
+        "--timeout",
+        type=std.seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds to wait for the device to appear and connect (default 30)",
+    )
     f.set_defaults(func=run_netfront)
 
 

@@ -2,12 +2,12 @@
 
 Theory of operation
 -------------------
-netfront has three parts: the data path (:mod:`aioxen.net.front_queue`: rings, pools,
-batching, hostile-backend checks), the transport (:mod:`aioxen.net.transport`) and, here,
-the xenbus driver and :func:`create_frontend`, which ties them together.
+netfront has three parts: the data path ([`aioxen.net.front_queue`][]: rings, pools,
+batching, hostile-backend checks), the transport ([`aioxen.net.transport`][]) and, here,
+the xenbus driver and [`create_frontend`][], which ties them together.
 
-**XenStore** (:func:`create_frontend`): the xenbus handshake is
-:class:`~aioxen.xenbus.driver.DeviceRunner`'s; :class:`NetfrontDriver` adds what is
+**XenStore** ([`create_frontend`][]): the xenbus handshake is
+[`DeviceRunner`][aioxen.xenbus.driver.DeviceRunner]'s; [`NetfrontDriver`][] adds what is
 netif's.  ``mac``/``mtu`` come from the frontend directory the toolstack created; once the
 backend is in ``InitWait`` the driver reads its features, sets the queue up and the runner
 publishes ring refs, event channel and features with ``state=Connected`` (Linux netfront's
@@ -31,8 +31,15 @@ from aioxen.net.netif import PAGE_SIZE, XEN_NETIF_MAX_TX_SIZE, FrameInfo, NetSta
 from aioxen.net.transport import NetfrontTransport
 from aioxen.platforms.base import Platform
 from aioxen.xenbus.claim import Claim, DeviceInUse
-from aioxen.xenbus.driver import DeviceRunner, FrontendDriver, XenbusDevice, frontend_device
-from aioxen.xenbus.state import XenbusState
+from aioxen.xenbus.driver import (
+    DeviceRunner,
+    FrontendDriver,
+    XenbusDevice,
+    frontend_device,
+    frontend_dir,
+    read_opt,
+)
+from aioxen.xenbus.state import XenbusState, parse_state
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +51,12 @@ CLOSE_TIMEOUT = 2.0
 
 
 class NetfrontDriver(FrontendDriver):
-    """The vif's xenbus front end: a :class:`NetfrontQueue` per connection.
+    """The vif's xenbus front end: a [`NetfrontQueue`][] per connection.
 
-    :meth:`connect` reads the backend's features, sets the queue up and returns its keys,
+    [`connect`][] reads the backend's features, sets the queue up and returns its keys,
     which the runner publishes with ``Connected`` (Linux netback ignores ``Initialised``)
-    once the backend is in ``InitWait``; :meth:`connected` resolves :attr:`ready`.
-    :meth:`disconnect` releases the queue and ends the transport using it with
+    once the backend is in ``InitWait``; [`connected`][] resolves [`ready`][].
+    [`disconnect`][] releases the queue and ends the transport using it with
     ``ConnectionResetError`` (the backend closed, went away or was removed).
     """
 
@@ -160,9 +167,9 @@ async def create_frontend(
     frames larger than a page (needed for GSO and for MTUs above 4082).  ``timeout``
     bounds the whole handshake (``TimeoutError``).
 
-    The vif is claimed before anything is written (:mod:`aioxen.xenbus.claim`; pass
+    The vif is claimed before anything is written (`aioxen.xenbus.claim`; pass
     ``claim`` if the caller holds one, which it then releases): if another live process
-    uses it, :class:`~aioxen.xenbus.claim.DeviceInUse` (``EADDRINUSE``) is raised and
+    uses it, [`DeviceInUse`][aioxen.xenbus.claim.DeviceInUse] (``EADDRINUSE``) is raised and
     nothing is changed.
     """
     from aioxen.platforms import resolve
@@ -171,27 +178,30 @@ async def create_frontend(
     runner: DeviceRunner | None = None
     driver: NetfrontDriver | None = None
     try:
-        async with asyncio.timeout(timeout):
-            dev = await frontend_device(plat, VIF, devid, timeout=None)
-            if backend_domid is not None and dev.peer_domid != backend_domid:
-                raise ValueError(
-                    f"vif {devid} of domain {plat.domid} is served by domain "
-                    f"{dev.peer_domid}, not {backend_domid}"
+        try:
+            async with asyncio.timeout(timeout):
+                dev = await frontend_device(plat, VIF, devid, timeout=None)
+                if backend_domid is not None and dev.peer_domid != backend_domid:
+                    raise ValueError(
+                        f"vif {devid} of domain {plat.domid} is served by domain "
+                        f"{dev.peer_domid}, not {backend_domid}"
+                    )
+                mac, mtu = parse_link(await dev.read("mac"), await dev.read("mtu"), dev.own_dir)
+                driver = NetfrontDriver(offload=offload, sg=sg)
+                runner = DeviceRunner(
+                    dev, driver, reconnect=False, close_timeout=CLOSE_TIMEOUT, claim=claim
                 )
-            mac, mtu = parse_link(await dev.read("mac"), await dev.read("mtu"), dev.own_dir)
-            driver = NetfrontDriver(offload=offload, sg=sg)
-            runner = DeviceRunner(
-                dev, driver, reconnect=False, close_timeout=CLOSE_TIMEOUT, claim=claim
-            )
-            task = runner.start()
-            await asyncio.wait([driver.ready, task], return_when=asyncio.FIRST_COMPLETED)
-            if not driver.ready.done():
-                if isinstance(runner.error, DeviceInUse):
-                    raise runner.error  # another live netfront has this vif: untouched
-                raise ConnectionResetError(
-                    f"netfront {dev.own_dir}: handshake ended before the backend connected"
-                ) from runner.error
-            driver.ready.result()  # the connect error, if the backend was unusable
+                task = runner.start()
+                await asyncio.wait([driver.ready, task], return_when=asyncio.FIRST_COMPLETED)
+                if not driver.ready.done():
+                    if isinstance(runner.error, DeviceInUse):
+                        raise runner.error  # another live netfront has this vif: untouched
+                    raise ConnectionResetError(
+                        f"netfront {dev.own_dir}: handshake ended before the backend connected"
+                    ) from runner.error
+                driver.ready.result()  # the connect error, if the backend was unusable
+        except TimeoutError:  # say what was awaited
+            raise TimeoutError(await _timeout_message(plat, devid, timeout, runner)) from None
         return _open_transport(protocol_factory, runner, driver, mac, mtu)
     except BaseException:
         if runner is not None:
@@ -200,6 +210,31 @@ async def create_frontend(
         if driver is not None and driver.ready.done() and not driver.ready.cancelled():
             driver.ready.exception()  # retrieved (it may be what is being raised)
         raise
+
+
+async def _timeout_message(
+    plat: Platform, devid: int, timeout: float, runner: DeviceRunner | None
+) -> str:
+    """What [`create_frontend`][] waited for when its ``timeout`` expired."""
+    what = f"vif {plat.domid}/{devid}"
+    if runner is None:
+        own = frontend_dir(plat.domid, VIF, devid)
+        return (
+            f"{what}: no such device after {timeout:g} s (waited for {own}/backend and "
+            "backend-id, which the toolstack or aioxen netback writes)"
+        )
+    dev = runner.dev
+    states = []
+    for side, d in (("frontend", dev.own_dir), ("backend", dev.peer_dir)):
+        try:
+            st = parse_state(await read_opt(dev.store, f"{d}/state"), f"{d}/state")
+        except (ProtocolError, OSError):
+            st = None
+        states.append(f"{side} state {'missing' if st is None else st}")
+    return (
+        f"{what}: backend {dev.peer_dir} (domain {dev.peer_domid}) did not connect within "
+        f"{timeout:g} s ({', '.join(states)})"
+    )
 
 
 def _open_transport(

@@ -7,6 +7,7 @@ them.  Everything is torn down by the fixtures (processes terminated, namespaces
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -139,7 +140,13 @@ class CliProcess:
             )
         return result[0]
 
-    def stop(self) -> int:
+    def stop(self, sig: int = 15) -> int:
+        """Stop with signal ``sig`` (SIGTERM; the command exits 128 + sig after a clean
+        stop), SIGKILL after 15 s; the exit status."""
+        if sig != 15 and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(15)
         code = end_process(self.proc, 15)
         self._err.join(2)
         return code

@@ -1,30 +1,17 @@
 """Run one ``aioxen`` subcommand on a chosen event loop: ``run_cli.py LOOP ARGS...``.
 
-The ``aioxen`` entry point always prefers uvloop; tests use this to run the same command
+``aioxen.cli.main`` with ``$AIOXEN_LOOP`` set to LOOP: tests use this to run the same command
 on asyncio's default loop as well.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
+import os
 import sys
 
-import uvloop
-
-from aioxen.cli import build_parser
-
-
-def main() -> int:
-    loop, argv = sys.argv[1], sys.argv[2:]
-    args = build_parser().parse_args(argv)
-    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
-    func = args.func
-    if not inspect.iscoroutinefunction(func):
-        return int(func(args) or 0)
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return int(runner.run(func(args)) or 0)
-
+from aioxen.cli import LOOP_ENV, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # the real entry point (error reporting, exit statuses 2/1/130/143) on the chosen loop
+    os.environ[LOOP_ENV] = sys.argv[1]
+    sys.exit(main(sys.argv[2:]))
