@@ -2,7 +2,7 @@
 
 The same protocol code (vchan, shared-memory rings, XenStore/xenbus devices) runs on three
 platforms: real Xen (``xen``), ordinary processes on one machine (``unix``) and one process
-(``inheap``).  Start with :func:`aioxen.platform`.
+(``inheap``).  Start with [`aioxen.platform`][].
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """cffi (API mode) build script for ``aioxen._native``.
 
 The C lives in ``aioxen/_native_impl.c`` (a real C file: compilers, editors and linters
-read it as such); this script gives cffi its interface (:data:`CDEF`, the declarations
+read it as such); this script gives cffi its interface ([`CDEF`][], the declarations
 Python sees) and the source.  ``setup.py`` names ``ffibuilder`` in ``cffi_modules``, so
 ``pip install`` (editable or not) compiles the extension; ``python aioxen/_native_build.py``
 builds it by hand.

@@ -10,10 +10,10 @@ This is the documented import path (``docs/apps.md``, ``docs/api.md``); it only 
     async with b:
         await b.serve_forever()
 
-The implementation is the ``aioxen bridge`` application, :mod:`aioxen.apps.bridge` (beside
-:mod:`aioxen.apps.cat` for ``aioxen cat``), with the address syntax in
-:mod:`aioxen.apps.addresses`.  (The TAP <-> vif glue of the network devices is
-:mod:`aioxen.net.tap_glue`, not a bridge of this kind.)
+The implementation is the ``aioxen bridge`` application, `aioxen.apps.bridge` (beside
+`aioxen.apps.cat` for ``aioxen cat``), with the address syntax in
+`aioxen.apps.addresses`.  (The TAP <-> vif glue of the network devices is
+`aioxen.net.tap_glue`, not a bridge of this kind.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The ``aioxen`` command: one entry point, one module per subcommand group.
 
-Each module named in :data:`SUBCOMMAND_MODULES` defines ``register(subparsers)``, which adds
+Each module named in [`SUBCOMMAND_MODULES`][] defines ``register(subparsers)``, which adds
 its subcommand(s) with ``set_defaults(func=...)``; ``func(args)`` returns the exit status.
 A ``func`` may be a coroutine function: it then runs on uvloop when available (or on the
 loop ``$AIOXEN_LOOP`` names: ``asyncio`` or ``uvloop``).
@@ -9,20 +9,20 @@ Any stdio.  Cron, systemd units and ``nohup`` start commands with odd descriptor
 closed, ``/dev/null``, a regular file, a pipe, a terminal.  A descriptor closed at exec
 time would be handed to the first file or socket the process opens (the event loop's epoll
 descriptor, a platform socket), which then gets read, written or closed as "stdin" --
-libuv even aborts the process when it closes a descriptor below 3.  So :func:`main` first
-points every closed one of 0, 1, 2 at ``/dev/null`` (:func:`guard_stdio`): a closed stdin
+libuv even aborts the process when it closes a descriptor below 3.  So [`main`][] first
+points every closed one of 0, 1, 2 at ``/dev/null`` ([`guard_stdio`][]): a closed stdin
 reads as empty input, a closed stdout or stderr discards what is written.  The commands
-themselves read and write stdio through :mod:`aioxen.apps.stdio`, which serves every kind
+themselves read and write stdio through [`aioxen.apps.stdio`][], which serves every kind
 of descriptor (threads for those the loop cannot watch).
 
 Stopping.  A long-running command (``xenstored``, ``bridge``, ``netback``, ``blkback``,
-``console``, ...) stops in an orderly way on SIGINT/SIGTERM: :class:`StopSignals` turns
-them into an event the command awaits, then it closes what it opened; :func:`main` then
+``console``, ...) stops in an orderly way on SIGINT/SIGTERM: [`StopSignals`][] turns
+them into an event the command awaits, then it closes what it opened; [`main`][] then
 exits ``128 + signal`` (130, 143) as a shell expects of a command a signal ended.
 
 The command-line standard (validators, addresses, error reporting, exit statuses,
 ``--debug``, readiness for supervisors) is described and implemented in
-:mod:`aioxen.apps.clistd`; :func:`main` applies its reporting part to every command:
+[`aioxen.apps.clistd`][]; [`main`][] applies its reporting part to every command:
 ``aioxen CMD: message`` on stderr, 2 for usage errors (argparse's too), 1 for runtime
 failures, a traceback only with ``--debug``.
 """
@@ -58,7 +58,7 @@ LOOP_ENV = "AIOXEN_LOOP"
 when installed) or ``asyncio``."""
 
 CLOSED_STDIO: frozenset[int] = frozenset()
-"""Which of descriptors 0, 1, 2 were closed when :func:`main` started (they now point at
+"""Which of descriptors 0, 1, 2 were closed when [`main`][] started (they now point at
 ``/dev/null``)."""
 
 _STREAMS = (("stdin", "r"), ("stdout", "w"), ("stderr", "w"))
@@ -91,7 +91,7 @@ STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
 """The signals that ask a long-running command to stop."""
 
 _STOPPED_BY: int | None = None
-"""The first stop signal any :class:`StopSignals` received during :func:`main`'s command
+"""The first stop signal any [`StopSignals`][] received during [`main`][]'s command
 (main then exits ``128 + signal`` after the clean stop)."""
 
 
@@ -99,9 +99,9 @@ class StopSignals:
     """The one stop-on-signal helper of the commands.
 
     Created inside the running loop, it installs a handler for each of ``signals`` (default
-    :data:`STOP_SIGNALS`): a signal sets :attr:`received` (the first one), wakes
-    :meth:`wait` and calls ``on_signal(signum)`` if given, instead of the default action.
-    :meth:`close` (or leaving a ``with`` block) removes the handlers again.  Where the loop
+    [`STOP_SIGNALS`][]): a signal sets [`received`][] (the first one), wakes
+    [`wait`][] and calls ``on_signal(signum)`` if given, instead of the default action.
+    [`close`][] (or leaving a ``with`` block) removes the handlers again.  Where the loop
     cannot handle signals (not the main thread), the signals keep their default action.
     """
 

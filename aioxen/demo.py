@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 Domain 0 (this process) creates a private world -- a temporary ``$XEN_ROOT`` and an
-in-process xenstored (:class:`~aioxen.apps.embedded.EmbeddedRoot`) -- and serves an echo
-service on vchan port ``echo`` for domain 2 with :func:`aioxen.vchan.start_server`.  It
+in-process xenstored ([`EmbeddedRoot`][aioxen.apps.embedded.EmbeddedRoot]) -- and serves an echo
+service on vchan port ``echo`` for domain 2 with [`aioxen.vchan.start_server`][].  It
 then starts domain 2, a second Python process (``python -m aioxen.demo --child vchan``)
 whose environment holds the world's export lines, so that ``vchan.connect(0, "echo")``
 with no platform argument finds everything on its own.  Domain 2 measures

@@ -7,29 +7,29 @@ subclass the built-in one they refine, so ``except OSError`` (etc.) keeps workin
 
 Defined here, shared by every layer:
 
-- :class:`ProtocolError` -- a peer broke the wire protocol (corrupt shared indices,
+- [`ProtocolError`][] -- a peer broke the wire protocol (corrupt shared indices,
   malformed messages, out-of-range values); ``field`` names the offending field.
-- :class:`PortNotOfferedError` (``ConnectionRefusedError``, ``PermissionError``) -- an
+- [`PortNotOfferedError`][] (``ConnectionRefusedError``, ``PermissionError``) -- an
   event-channel port offered to another domain.
-- :class:`PlatformError` (``RuntimeError``) -- no usable platform, or a platform asked for
+- [`PlatformError`][] (``RuntimeError``) -- no usable platform, or a platform asked for
   something it cannot do.
 
 Defined beside the code that raises them:
 
-- :class:`aioxen.xenstore.errors.XenStoreError` (``OSError``) and its subclasses
+- [`aioxen.xenstore.errors.XenStoreError`][] (``OSError``) and its subclasses
   ``XenStoreNotFound`` (``FileNotFoundError``), ``XenStorePermissionError``
   (``PermissionError``), ``XenStoreExists`` (``FileExistsError``),
   ``TransactionConflict`` -- XenStore error replies.
-- :class:`aioxen.ownership.ResourceBusy` (``OSError``, ``errno.EADDRINUSE``) -- a
+- [`aioxen.ownership.ResourceBusy`][] (``OSError``, ``errno.EADDRINUSE``) -- a
   resource held by another live owner.
-- :class:`aioxen.platforms._rootdir.RootPermissionError` (``PermissionError``) -- an
+- [`aioxen.platforms._rootdir.RootPermissionError`][] (``PermissionError``) -- an
   unsafe root directory, file or socket.
-- :class:`aioxen.vchan.endpoint.StaleAdvertisement` (``ConnectionRefusedError``) -- a
+- [`aioxen.vchan.endpoint.StaleAdvertisement`][] (``ConnectionRefusedError``) -- a
   vchan advertisement that is gone or already taken.
-- :class:`aioxen.rings.aio.RingShutdown` (``ConnectionResetError``) -- a ring shut down
-  under a pending operation; ``RingFull`` (in :mod:`aioxen.rings`) -- a local usage
+- [`aioxen.rings.aio.RingShutdown`][] (``ConnectionResetError``) -- a ring shut down
+  under a pending operation; ``RingFull`` (in `aioxen.rings`) -- a local usage
   error, no free slot.
-- :class:`aioxen.blk.front.BlkError` (``OSError``) -- a failed blkif request;
+- [`aioxen.blk.front.BlkError`][] (``OSError``) -- a failed blkif request;
   ``aioxen.blk.nbdwire.NBDError`` -- a malformed NBD message; ``aioxen.blk.blkif.BadRequest``
   -- a request the back end refuses (internal to the back end).
 """

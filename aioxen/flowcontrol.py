@@ -6,17 +6,17 @@ asyncio's rule for a transport's write side: it counts the bytes it holds that h
 reached the wire yet; above the *high* water mark it calls ``protocol.pause_writing()``
 once, and when the count has fallen to the *low* mark, ``protocol.resume_writing()``
 once.  ``set_write_buffer_limits(high, low)`` follows the stdlib's defaults (``high`` is
-``4 * low`` or :attr:`WriteFlowControl.default_high`; ``low`` is ``high // 4``).  An
+``4 * low`` or [`WriteFlowControl.default_high`][]; ``low`` is ``high // 4``).  An
 exception raised by either callback goes to the loop's exception handler, as in the
 stdlib's transports.
 
-:class:`WriteFlowControl` is the mixin that implements this.  A transport using it keeps
+[`WriteFlowControl`][] is the mixin that implements this.  A transport using it keeps
 ``_wlen`` (the count) up to date, sets ``_high``, ``_low`` and ``_protocol_paused`` in its
-constructor, has ``_loop`` and ``_protocol``, and calls :meth:`_maybe_pause_protocol`
-after queueing and :meth:`_maybe_resume_protocol` after draining.  This is an adapter
+constructor, has ``_loop`` and ``_protocol``, and calls [`_maybe_pause_protocol`][]
+after queueing and [`_maybe_resume_protocol`][] after draining.  This is an adapter
 utility: protocol cores do not import it.  Users: netfront's
-:class:`~aioxen.net.transport.NetfrontTransport`, the byte-ring
-:class:`~aioxen.rings.stream.ByteRingTransport` and vchan's transports.
+[`NetfrontTransport`][aioxen.net.transport.NetfrontTransport], the byte-ring
+[`ByteRingTransport`][aioxen.rings.stream.ByteRingTransport] and vchan's transports.
 """
 
 from __future__ import annotations

@@ -2,13 +2,13 @@
 
 Shared memory in aioxen is a ``memoryview``.  Python cannot load or store a word of it
 atomically with acquire/release ordering, nor do an atomic read-modify-write on a byte that
-another domain also writes.  :class:`SharedBuffer` pins a buffer once (``ffi.from_buffer``)
+another domain also writes.  [`SharedBuffer`][] pins a buffer once (``ffi.from_buffer``)
 and offers exactly those operations by byte offset, plus the wrap-aware byte-ring copies
 used by vchan, the console and the xenstore ring.
 
 The pinned buffer is an export of the underlying object: ``mmap.close()`` refuses to run
-while a :class:`SharedBuffer` is alive, which is what keeps a pointer from dangling.  Call
-:meth:`SharedBuffer.release` before closing the memory it points into.
+while a [`SharedBuffer`][] is alive, which is what keeps a pointer from dangling.  Call
+[`SharedBuffer.release`][] before closing the memory it points into.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class SharedBuffer:
 
     @property
     def pointer(self) -> Any:
-        """The raw ``char *`` (cffi cdata); valid until :meth:`release`."""
+        """The raw ``char *`` (cffi cdata); valid until [`release`][]."""
         return self._cdata
 
     def _check(self, off: int, width: int) -> None:

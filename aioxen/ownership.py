@@ -2,13 +2,13 @@
 
 Theory of operation
 -------------------
-A claim is made by one *process* and recorded as an :class:`Owner`: the pid, the process
+A claim is made by one *process* and recorded as an [`Owner`][]: the pid, the process
 start time (field 22 of ``/proc/PID/stat``, clock ticks since boot), the kernel's boot id,
 the pid namespace, the domid the claimant plays (if any), a short description and a
 random *claim* nonce that tells two claims of one process apart.  Encoded as one line of
 JSON (``Owner.encode``), it is what a second claimant reads to name the holder.
 
-Liveness, not guesswork (:meth:`Owner.alive`): a record is dead when it was written under
+Liveness, not guesswork ([`Owner.alive`][]): a record is dead when it was written under
 another boot of this kernel (boot id differs), when its pid no longer exists, or when the
 pid now belongs to another process (start time differs).  A record written in another pid
 namespace cannot be checked and counts as alive (a claimant never steals what it cannot
@@ -18,21 +18,21 @@ platform every "domain" is a process of one host.
 
 Two mechanisms use the record:
 
-* **XenStore keys** -- :func:`claim_key` reads the owner key in a transaction and fails
-  with :class:`ResourceBusy` (an ``OSError`` with ``errno.EADDRINUSE``) naming the holder
+* **XenStore keys** -- [`claim_key`][] reads the owner key in a transaction and fails
+  with [`ResourceBusy`][] (an ``OSError`` with ``errno.EADDRINUSE``) naming the holder
   if a live owner other than us holds it; otherwise it writes our record (optionally
   permissions, and whatever ``then(tx, stale_owner)`` writes) in the *same* transaction,
   so two racing claimants cannot both win (the loser's transaction conflicts, is retried,
-  and then sees the winner).  :func:`release_key` removes paths only if the owner key
-  still holds *our* claim, again in one transaction.  :func:`holder_of` reads a record;
-  :func:`claim_in` / :func:`release_in` do the same inside a caller's open transaction.
+  and then sees the winner).  [`release_key`][] removes paths only if the owner key
+  still holds *our* claim, again in one transaction.  [`holder_of`][] reads a record;
+  [`claim_in`][] / [`release_in`][] do the same inside a caller's open transaction.
   A record of this very process is judged by exact knowledge instead
-  (:func:`holder_active`): it holds only while its claim is held here (from
-  :func:`claim_in` until :func:`release_in` or :func:`forget`), so a server whose store
+  ([`holder_active`][]): it holds only while its claim is held here (from
+  [`claim_in`][] until [`release_in`][] or [`forget`][]), so a server whose store
   connection died before it removed its record does not block its own process.
-* **Files** -- :class:`FileLock` takes an ``flock`` on a lock file (created ``O_NOFOLLOW``,
+* **Files** -- [`FileLock`][] takes an ``flock`` on a lock file (created ``O_NOFOLLOW``,
   mode 0600, must be a regular file of ours); the kernel drops it when the process dies,
-  so liveness is exact.  :class:`UnixSocketClaim` uses ``PATH.lock`` to claim a Unix
+  so liveness is exact.  [`UnixSocketClaim`][] uses ``PATH.lock`` to claim a Unix
   socket path: a live socket at PATH (a connect succeeds) is ``ResourceBusy``; a stale
   socket of ours is replaced; a link, a non-socket or someone else's socket is refused.
   On release it unlinks PATH only if it is still the socket it bound (same device,
@@ -82,8 +82,8 @@ __all__ = [
 
 
 class ResourceBusy(OSError):
-    """A resource is held by another live owner (``errno.EADDRINUSE``); :attr:`holder`
-    is its :class:`Owner` record if known.  The message names the resource and holder."""
+    """A resource is held by another live owner (``errno.EADDRINUSE``); `holder`
+    is its `Owner` record if known.  The message names the resource and holder."""
 
     def __init__(self, message: str, holder: Owner | None = None) -> None:
         super().__init__(errno.EADDRINUSE, message)
@@ -140,7 +140,7 @@ def _command_line() -> str:
 
 @dataclass(frozen=True)
 class Owner:
-    """Who holds a claim.  Build with :meth:`current`; compare claims by :attr:`claim`."""
+    """Who holds a claim.  Build with [`current`][]; compare claims by [`claim`][]."""
 
     pid: int
     start: int | None
@@ -175,7 +175,7 @@ class Owner:
 
     @classmethod
     def decode(cls, raw: bytes) -> Owner:
-        """Parse :meth:`encode`'s output; ``ValueError`` for anything else."""
+        """Parse [`encode`][]'s output; ``ValueError`` for anything else."""
         try:
             d = json.loads(raw.rstrip(b"\0").decode())
             pid = d["pid"]
@@ -267,15 +267,15 @@ async def _holder_in(tx: Any, key: str, what: str) -> Owner | None:
 
 
 _held: set[str] = set()
-"""Claim nonces this process holds through :func:`claim_in` (until :func:`release_in` or
-:func:`forget`)."""
+"""Claim nonces this process holds through [`claim_in`][] (until [`release_in`][] or
+[`forget`][])."""
 
 
 def holder_active(holder: Owner) -> bool:
     """Does ``holder`` still hold its claim?  For a record of *this* process (same pid and
     start time) exact knowledge: only while the claim is held here (a server that was
     closed, or whose XenStore connection died before it could remove its record, no
-    longer holds it); for any other process :meth:`Owner.alive`."""
+    longer holds it); for any other process [`Owner.alive`][]."""
     if holder.pid == os.getpid():
         start = _proc_start_time(holder.pid)
         if holder.start is None or start is None or start < 0 or start == holder.start:
@@ -298,7 +298,7 @@ async def claim_in(
     perms: Sequence[Any] | None = None,
     then: Callable[[Any, Owner | None], Awaitable[None]] | None = None,
 ) -> Owner | None:
-    """:func:`claim_key`'s work inside an open transaction ``tx`` (the caller commits)."""
+    """[`claim_key`][]'s work inside an open transaction ``tx`` (the caller commits)."""
     label = what or f"XenStore key {key}"
     holder = await _holder_in(tx, key, label)
     if holder is not None and holder.claim == owner.claim:
@@ -327,7 +327,7 @@ async def claim_key(
     conflict).  ``ResourceBusy`` naming the holder if another live claim holds it --
     nothing is written then.  ``perms`` are set on the key; ``then(tx, stale)`` runs inside
     the same transaction (e.g. to clear a dead owner's leftovers).  Returns the dead
-    owner's record that was replaced, or ``None``.  :func:`claim_in` does the same inside
+    owner's record that was replaced, or ``None``.  [`claim_in`][] does the same inside
     a transaction of the caller's."""
 
     async def body(tx: Any) -> Owner | None:
@@ -340,7 +340,7 @@ async def claim_key(
 async def release_in(
     tx: Any, key: str, owner: Owner, *, remove: Sequence[str] | None = None
 ) -> bool:
-    """:func:`release_key`'s work inside an open transaction ``tx``."""
+    """[`release_key`][]'s work inside an open transaction ``tx``."""
     forget(owner)
     try:
         raw = await tx.read(key)

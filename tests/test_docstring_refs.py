@@ -26,6 +26,8 @@ CHECKED = [
 ]
 
 _REF = re.compile(r":(?:func|class|meth|data|attr|exc):`~?([A-Za-z_][\w.]*)`")
+# The mkdocstrings/autorefs form the docstrings use now: [`name`][] or [`title`][target].
+_XREF = re.compile(r"\[`([A-Za-z_][\w.]*)`\]\[\]|\[`[^`]*`\]\[([A-Za-z_][\w.]*)\]")
 
 
 def broken_refs(source: str) -> list[str]:
@@ -42,9 +44,10 @@ def broken_refs(source: str) -> list[str]:
         elif isinstance(node, ast.Import | ast.ImportFrom):
             names.update((a.asname or a.name).split(".")[0] for a in node.names)
     doc = ast.get_docstring(tree) or ""
+    refs = _REF.findall(doc) + [a or b for a, b in _XREF.findall(doc)]
     return [
         ref
-        for ref in _REF.findall(doc)
+        for ref in refs
         if not ref.startswith(("aioxen.", "asyncio.")) and ref.split(".")[0] not in names
     ]
 
@@ -54,6 +57,11 @@ def test_the_check_finds_a_missing_name() -> None:
         "closing_steps"
     ]
     assert broken_refs('"""See :func:`close_done`."""\ndef close_done(): ...\n') == []
+    assert broken_refs('"""See [`closing_steps`][]."""\ndef close_done(): ...\n') == [
+        "closing_steps"
+    ]
+    assert broken_refs('"""See [`it`][closing_steps]."""\n') == ["closing_steps"]
+    assert broken_refs('"""See [`close_done`][]."""\ndef close_done(): ...\n') == []
 
 
 @pytest.mark.parametrize("module", CHECKED)

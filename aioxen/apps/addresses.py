@@ -2,15 +2,15 @@
 
 Theory of operation
 -------------------
-An :class:`Address` knows how to *listen* (return an :class:`asyncio.AbstractServer` that
+An [`Address`][] knows how to *listen* (return an `asyncio.AbstractServer` that
 makes one protocol per accepted connection) and how to *connect* (return the transport of
 one new connection) -- the same two calls, ``create_server`` and ``create_connection``,
-that asyncio offers for TCP and Unix sockets and :mod:`aioxen.vchan` offers for vchans.
-:func:`parse_address` turns the command-line spelling into one; ``str()`` gives it back.
+that asyncio offers for TCP and Unix sockets and [`aioxen.vchan`][] offers for vchans.
+[`parse_address`][] turns the command-line spelling into one; ``str()`` gives it back.
 
 Listeners are exclusive: a ``unix:PATH`` listener claims PATH through
-:class:`aioxen.ownership.UnixSocketClaim` and removes only the socket it bound; a
-``vchan:D/P`` listener claims the advertisement (:mod:`aioxen.vchan.advertise`); a TCP
+[`aioxen.ownership.UnixSocketClaim`][] and removes only the socket it bound; a
+``vchan:D/P`` listener claims the advertisement ([`aioxen.vchan.advertise`][]); a TCP
 port in use fails in ``bind``.  All three fail with ``OSError(EADDRINUSE)``.
 """
 
@@ -34,7 +34,7 @@ name is a name, not a payload)."""
 
 def check_vchan_port(name: str) -> str:
     """A vchan port name for a command line: ``[A-Za-z0-9_-]+`` and at most
-    :data:`MAX_VCHAN_PORT` characters; ``ValueError`` saying which rule it breaks."""
+    [`MAX_VCHAN_PORT`][] characters; ``ValueError`` saying which rule it breaks."""
     if len(name) > MAX_VCHAN_PORT:
         raise ValueError(
             f"vchan port name of {len(name)} characters: at most {MAX_VCHAN_PORT} allowed"
@@ -58,7 +58,7 @@ class Address(abc.ABC):
         """Open one connection driving ``factory()``; ``TimeoutError`` after ``timeout``."""
 
     def bound(self, server: asyncio.AbstractServer) -> Address:
-        """The address ``server`` (from :meth:`listen`) really listens on."""
+        """The address ``server`` (from [`listen`][]) really listens on."""
         return self
 
     def cleanup(self, server: asyncio.AbstractServer) -> None:  # noqa: B027 - optional hook
@@ -113,7 +113,7 @@ class UnixAddress(Address):
     async def listen(
         self, factory: ProtocolFactory, *, platform: Platform | None, buffer_size: int
     ) -> asyncio.AbstractServer:
-        """Claim the path (:class:`~aioxen.ownership.UnixSocketClaim`: ``PATH.lock``; a live
+        """Claim the path (`UnixSocketClaim`: ``PATH.lock``; a live
         socket is ``ResourceBusy``, a link/non-socket/foreign socket is refused, only a
         stale socket of ours is replaced), bind it ourselves and serve on that socket
         (asyncio would otherwise unlink whatever socket is at the path)."""
@@ -156,13 +156,13 @@ class UnixAddress(Address):
 
 
 _unix_claims: dict[asyncio.AbstractServer, UnixSocketClaim] = {}
-"""The claim behind each Unix listener :meth:`UnixAddress.listen` made, until cleanup."""
+"""The claim behind each Unix listener [`UnixAddress.listen`][] made, until cleanup."""
 
 
 @dataclass(frozen=True)
 class VchanAddress(Address):
     domid: int
-    """The peer domain: the server's for :meth:`connect`, the clients' for :meth:`listen`."""
+    """The peer domain: the server's for `connect`, the clients' for `listen`."""
     port: str
 
     def __post_init__(self) -> None:

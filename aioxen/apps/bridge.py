@@ -1,13 +1,13 @@
 """``aioxen bridge``: accept on one address, connect each client to another, pump both ways.
 
 The implementation of the ``aioxen bridge`` command; programs import the same classes from
-the public :mod:`aioxen.bridge`.
+the public [`aioxen.bridge`][].
 
 Theory of operation
 -------------------
-A :class:`Bridge` listens on one :class:`~aioxen.apps.addresses.Address` and, for every
-accepted connection, opens a new connection to the other; the pair is a :class:`_Link` of
-two :class:`_Side` protocols, each the other's *peer*.  Everything happens in protocol
+A [`Bridge`][] listens on one [`Address`][aioxen.apps.addresses.Address] and, for every
+accepted connection, opens a new connection to the other; the pair is a [`_Link`][] of
+two [`_Side`][] protocols, each the other's *peer*.  Everything happens in protocol
 callbacks -- no task per direction, no intermediate buffer:
 
 * ``data_received`` on one side writes the bytes to the peer's transport;
@@ -27,9 +27,9 @@ Until the outgoing connection is up, the accepted one is paused (bytes a transpo
 delivers while paused -- a vchan whose peer is gone hands over what is left in its ring --
 are held, at most one ring).  If connecting fails, the accepted connection is aborted.
 
-:meth:`Bridge.close` stops listening and closes every bridged connection; the bridge
+[`Bridge.close`][] stops listening and closes every bridged connection; the bridge
 tracks its links itself because ``asyncio.Server.wait_closed`` (3.11, uvloop) does not wait
-for connections.  :meth:`Bridge.aclose` waits ``grace`` seconds for the flushes, then
+for connections.  [`Bridge.aclose`][] waits ``grace`` seconds for the flushes, then
 aborts what is left.
 """
 
@@ -58,7 +58,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 handshake) before the accepted connection is aborted."""
 
 DEFAULT_GRACE = 5.0
-"""Seconds :meth:`Bridge.aclose` lets bridged connections flush before aborting them."""
+"""Seconds [`Bridge.aclose`][] lets bridged connections flush before aborting them."""
 
 
 def _peer_name(transport: asyncio.BaseTransport) -> str:
@@ -70,7 +70,7 @@ def _peer_name(transport: asyncio.BaseTransport) -> str:
 
 @dataclass(frozen=True)
 class ConnectionInfo:
-    """A snapshot of one bridged connection (:meth:`Bridge.connections`)."""
+    """A snapshot of one bridged connection ([`Bridge.connections`][])."""
 
     number: int
     origin: str
@@ -356,7 +356,7 @@ class Bridge:
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         self.listen_address = parse_address(listen) if isinstance(listen, str) else listen
-        """Where the bridge listens (after :meth:`start`: the bound address, e.g. the
+        """Where the bridge listens (after [`start`][]: the bound address, e.g. the
         real TCP port when 0 was asked for)."""
         self.connect_address = parse_address(connect) if isinstance(connect, str) else connect
         self.platform = platform
@@ -437,7 +437,7 @@ class Bridge:
                 self.close()
 
     async def serve_forever(self) -> None:
-        """Run until :meth:`close` or cancellation (which closes the bridge); raises the
+        """Run until [`close`][] or cancellation (which closes the bridge); raises the
         listener's error if it failed."""
         await self.start()
         stopped = self._stopped
@@ -466,7 +466,7 @@ class Bridge:
             self._stopped.set_result(None)
 
     def abort(self) -> None:
-        """Like :meth:`close`, discarding queued data."""
+        """Like [`close`][], discarding queued data."""
         self.close()
         for link in list(self._links):
             link.abort()
@@ -483,8 +483,8 @@ class Bridge:
             await asyncio.gather(*(link.done for link in list(self._links)))
 
     async def aclose(self, grace: float | None = DEFAULT_GRACE) -> None:
-        """:meth:`close`, wait up to ``grace`` seconds for the connections to flush, then
-        :meth:`abort` the rest and wait for them."""
+        """[`close`][], wait up to ``grace`` seconds for the connections to flush, then
+        [`abort`][] the rest and wait for them."""
         self.close()
         try:
             async with asyncio.timeout(grace):
@@ -515,7 +515,7 @@ async def start_bridge(
     buffer_size: int = vchan.DEFAULT_SIZE,
     connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
 ) -> Bridge:
-    """Create a :class:`Bridge` and start listening."""
+    """Create a [`Bridge`][] and start listening."""
     bridge = Bridge(
         listen,
         connect,

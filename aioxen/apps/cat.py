@@ -14,7 +14,7 @@ each direction, exit when both are finished.
 A peer that aborts, fails or is killed before ending its stream (no EOF bit) cuts it:
 ``down`` gets ``ConnectionResetError`` and ``cat`` fails with status 1 -- a cut stream
 never looks like a clean end.  Stdio may be anything, closed included (see
-:mod:`aioxen.cli` and :mod:`aioxen.apps.stdio`).
+[`aioxen.cli`][] and [`aioxen.apps.stdio`][]).
 
 The peer closing the whole vchan (not only its write side) ends ``down`` as EOF.  If stdin
 still has data after that, nothing can carry it: the next chunk read (or bytes still
@@ -26,9 +26,9 @@ killed by ``SIGPIPE`` would.
 Errors are one line on stderr, ``aioxen cat: ...``, with status 1 (no server within the
 timeout, connection reset, a protocol violation by the peer, no platform).
 
-Listening (``-l``) serves exactly one client (:func:`aioxen.vchan.accept`).  Without
+Listening (``-l``) serves exactly one client ([`aioxen.vchan.accept`][]).  Without
 ``$XEN_ROOT`` on the ``unix`` platform it first creates a private world
-(:class:`~aioxen.apps.embedded.EmbeddedRoot`: temporary root + xenstored in this process)
+([`EmbeddedRoot`][aioxen.apps.embedded.EmbeddedRoot]: temporary root + xenstored in this process)
 and prints the export lines that let a second shell join it as the peer domain -- to
 ``--env-fd`` (then closed, so ``eval "$(...)"`` returns) or else to stderr.  The world is
 removed when ``cat`` exits.
@@ -72,14 +72,14 @@ class CatOptions:
     """Ring size each way (the listener picks it)."""
     timeout: float | None = None
     """Seconds to wait for the peer; ``None``: a client waits
-    :data:`~aioxen.vchan.DEFAULT_CONNECT_TIMEOUT`, a listener forever."""
+    [`DEFAULT_CONNECT_TIMEOUT`][aioxen.vchan.DEFAULT_CONNECT_TIMEOUT], a listener forever."""
     verbose: bool = False
     env_fd: int | None = None
     """Where a listener with an embedded world writes the export lines (default stderr)."""
 
 
 class CatError(Exception):
-    """A failure reported as ``aioxen cat: <message>`` with exit status :attr:`status`."""
+    """A failure reported as ``aioxen cat: <message>`` with exit status [`status`][]."""
 
     def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
         super().__init__(message)
@@ -88,7 +88,7 @@ class CatError(Exception):
 
 def needs_embedded_world(environ: Mapping[str, str] = os.environ) -> bool:
     """True when the environment would select the ``unix`` platform but names no root
-    (the platforms' own choice, :func:`~aioxen.platforms.choose_platform_name`, with
+    (the platforms' own choice, [`aioxen.platforms.choose_platform_name`][], with
     ``unix`` where it would find nothing)."""
     if environ.get("XEN_ROOT"):
         return False
@@ -345,7 +345,7 @@ def _publish(text: str, env_fd: int | None) -> None:
 
 async def main(opts: CatOptions) -> int:
     """The command: take over fds 0 and 1 (fd 1 is pointed at ``/dev/null`` so that
-    closing our copy really ends the output) and run :func:`run_cat`; SIGTERM stops it
+    closing our copy really ends the output) and run [`run_cat`][]; SIGTERM stops it
     cleanly (status 143)."""
     try:
         stdin_fd = os.dup(0)

@@ -1,5 +1,5 @@
 """``aioxen cat`` and ``aioxen bridge``: argument parsing only; the work is in
-:mod:`aioxen.apps.cat` and :mod:`aioxen.apps.bridge`."""
+[`aioxen.apps.cat`][] and [`aioxen.apps.bridge`][]."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The one command-line standard of the ``aioxen`` commands, in one place.
 
-Every subcommand's module uses what is here; :func:`aioxen.cli.main` applies the rest
+Every subcommand's module uses what is here; [`aioxen.cli.main`][] applies the rest
 (error reporting, exit statuses, ``--debug``) to every command, old or new, without the
 command doing anything.
 
@@ -9,22 +9,22 @@ The standard
 * **Validation before any I/O.**  Arguments are checked by the ``type=`` validators below
   while argparse parses them, before the command opens a file, a socket or XenStore.  A
   bad value is a *usage error*: ``aioxen CMD: argument --x: what is wrong`` on stderr,
-  then the usage line, exit status 2 (:data:`EXIT_USAGE`).
+  then the usage line, exit status 2 ([`EXIT_USAGE`][]).
 * **Errors.**  ``aioxen CMD: message`` on stderr (``CMD`` is the subcommand, e.g.
-  ``aioxen xenstore read``), exit status 1 (:data:`EXIT_FAILURE`) for a runtime failure,
-  2 for a usage error found later (raise :class:`UsageError`).  A command may simply let
-  an exception escape: ``main`` prints it the standard way (:func:`describe`).  No
+  ``aioxen xenstore read``), exit status 1 ([`EXIT_FAILURE`][]) for a runtime failure,
+  2 for a usage error found later (raise [`UsageError`][]).  A command may simply let
+  an exception escape: ``main`` prints it the standard way ([`describe`][]).  No
   traceback unless ``--debug`` (accepted before or after the subcommand) or
   ``$AIOXEN_DEBUG=1``.
-* **Signals.**  Long-running commands stop through :class:`aioxen.cli.StopSignals`; after
+* **Signals.**  Long-running commands stop through [`aioxen.cli.StopSignals`][]; after
   a clean stop ``main`` exits ``128 + signal``: 130 for SIGINT, 143 for SIGTERM.
 * **Timeouts** say what was awaited (``TimeoutError("no answer from ... within 10 s")``);
   a bare ``TimeoutError`` is still reported, as "timed out".
 * **Addresses**: ``tcp:HOST:PORT`` (``tcp:[V6]:PORT``), ``unix:PATH``,
   ``vchan:DOMID/PORT``, and plain ``HOST:PORT`` where TCP is meant
-  (:func:`address`, :func:`listen_address`, :func:`connect_address`).
-* **Readiness** for shells and service managers (:func:`add_readiness_arguments`,
-  :func:`notify_ready`): ``--env-file PATH`` (the export lines, written atomically, mode
+  ([`address`][], [`listen_address`][], [`connect_address`][]).
+* **Readiness** for shells and service managers ([`add_readiness_arguments`][],
+  [`notify_ready`][]): ``--env-file PATH`` (the export lines, written atomically, mode
   0600, once ready; removed again at a clean stop), ``--ready-fd N`` (the same text
   written to descriptor N, which is then closed: s6-style) and systemd's
   ``$NOTIFY_SOCKET`` (``READY=1``; ``Type=notify`` units).
@@ -34,23 +34,23 @@ API
 Validators (``parser.add_argument("--x", type=domid)``), each raising
 ``argparse.ArgumentTypeError`` with a sentence:
 
-* :func:`domid` -- a domain id 0..32751 (Xen's ``DOMID_FIRST_RESERVED`` and above, such
+* [`domid`][] -- a domain id 0..32751 (Xen's ``DOMID_FIRST_RESERVED`` and above, such
   as ``DOMID_SELF``, are not domains);
-* :func:`tcp_port` -- 1..65535; :func:`tcp_port_or_any` -- 0..65535, 0 = "any free port"
+* [`tcp_port`][] -- 1..65535; [`tcp_port_or_any`][] -- 0..65535, 0 = "any free port"
   (use it only where that is meaningful and say so in the help);
-* :func:`vchan_port` -- ``[A-Za-z0-9_-]+``, at most :data:`MAX_VCHAN_PORT` characters;
-* :func:`positive_int`, :func:`nonnegative_int`, :func:`int_range` (a factory),
-  :func:`size` (bytes; accepts ``4096``, ``0x1000``, ``64k``, ``1M``, ``2G``),
-  :func:`seconds` (> 0), :func:`inherited_fd` (an open descriptor >= 3);
-* :func:`address`, :func:`listen_address` (TCP port 0 allowed: any free port),
-  :func:`connect_address` (TCP port 1..65535) -- :class:`aioxen.apps.addresses.Address`.
+* [`vchan_port`][] -- ``[A-Za-z0-9_-]+``, at most [`MAX_VCHAN_PORT`][] characters;
+* [`positive_int`][], [`nonnegative_int`][], [`int_range`][] (a factory),
+  [`size`][] (bytes; accepts ``4096``, ``0x1000``, ``64k``, ``1M``, ``2G``),
+  [`seconds`][] (> 0), [`inherited_fd`][] (an open descriptor >= 3);
+* [`address`][], [`listen_address`][] (TCP port 0 allowed: any free port),
+  [`connect_address`][] (TCP port 1..65535) -- [`aioxen.apps.addresses.Address`][].
 
-Errors: :class:`UsageError` (exit 2), :class:`CommandError` (exit 1, optional ``status``),
-:func:`describe` (an exception as one line for people), :func:`fail` (print the standard
+Errors: [`UsageError`][] (exit 2), [`CommandError`][] (exit 1, optional ``status``),
+[`describe`][] (an exception as one line for people), [`fail`][] (print the standard
 line and return the status, for commands that report and carry on).
 
-Readiness: :func:`add_readiness_arguments`, :func:`notify_ready`, :func:`notify_stopping`,
-:func:`sd_notify`, :func:`export_lines`.
+Readiness: [`add_readiness_arguments`][], [`notify_ready`][], [`notify_stopping`][],
+[`sd_notify`][], [`export_lines`][].
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class UsageError(Exception):
 
 
 class CommandError(Exception):
-    """A runtime failure: ``aioxen CMD: message``, exit status :attr:`status` (1)."""
+    """A runtime failure: ``aioxen CMD: message``, exit status [`status`][] (1)."""
 
     def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
         super().__init__(message)
@@ -162,7 +162,7 @@ def tcp_port_or_any(text: str) -> int:
 
 
 def vchan_port(text: str) -> str:
-    """A vchan port name: ``[A-Za-z0-9_-]+``, at most :data:`MAX_VCHAN_PORT` characters."""
+    """A vchan port name: ``[A-Za-z0-9_-]+``, at most [`MAX_VCHAN_PORT`][] characters."""
     try:
         return check_vchan_port(text)
     except ValueError as exc:
@@ -255,7 +255,7 @@ connect_address = address
 
 @_validator("address")
 def listen_address(text: str) -> Address:
-    """Like :func:`address`, where TCP port 0 means "any free port"."""
+    """Like [`address`][], where TCP port 0 means "any free port"."""
     return _address(text, any_port=True)
 
 
@@ -264,7 +264,7 @@ def listen_address(text: str) -> Address:
 
 def add_readiness_arguments(parser: argparse.ArgumentParser, *, env_file: bool = True) -> None:
     """Add ``--ready-fd N`` (and ``--env-file PATH`` unless ``env_file`` is false) to a
-    long-running command; pass the parsed ``args`` to :func:`notify_ready` once ready."""
+    long-running command; pass the parsed ``args`` to [`notify_ready`][] once ready."""
     if env_file:
         parser.add_argument(
             "--env-file",
@@ -322,7 +322,7 @@ def sd_notify(message: str, environ: Mapping[str, str] = os.environ) -> bool:
 
 
 class Readiness:
-    """What :func:`notify_ready` did, for :meth:`stopping` to undo (the env file)."""
+    """What [`notify_ready`][] did, for [`stopping`][] to undo (the env file)."""
 
     def __init__(self, env_file: str | None, identity: tuple[int, int] | None) -> None:
         self.env_file = env_file
@@ -348,9 +348,9 @@ def notify_ready(
     """Say "ready" every way the command was asked to: ``args.env_file`` (the export
     lines), ``args.ready_fd`` (the export lines, or a newline without exports; then
     closed) and ``$NOTIFY_SOCKET`` (``READY=1`` plus ``STATUS=status``).  An env file or
-    ready descriptor that cannot be written raises :class:`CommandError` (the caller stops);
+    ready descriptor that cannot be written raises [`CommandError`][] (the caller stops);
     a notify socket that cannot be reached is reported on stderr only.  Call
-    :meth:`Readiness.stopping` when stopping."""
+    [`Readiness.stopping`][] when stopping."""
     text = export_lines(exports or {})
     env_file = getattr(args, "env_file", None)
     ready_fd = getattr(args, "ready_fd", None)

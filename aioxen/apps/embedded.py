@@ -3,12 +3,12 @@
 Theory of operation
 -------------------
 ``aioxen cat -l`` without ``$XEN_ROOT`` and the demo need a world of their own, the way
-MirageOS's ``unixcat -l`` made one: :class:`EmbeddedRoot` creates a fresh root directory
+MirageOS's ``unixcat -l`` made one: [`EmbeddedRoot`][] creates a fresh root directory
 (``mkdtemp``: unpredictable name, mode 0700, in ``$XDG_RUNTIME_DIR`` when that is a private
 directory of ours, else in the system's temporary directory), serves
-:class:`~aioxen.xenstore.server.XenStoreServer` on ``ROOT/xenstored/socket`` in the caller's
+[`aioxen.xenstore.server.XenStoreServer`][] on ``ROOT/xenstored/socket`` in the caller's
 event loop, and renders the shell export lines
-another process evaluates to join that world as some domain (:meth:`EmbeddedRoot.exports`).
+another process evaluates to join that world as some domain ([`EmbeddedRoot.exports`][]).
 Closing stops the server (dropping its clients) and removes the whole root.
 """
 
@@ -82,7 +82,7 @@ class EmbeddedRoot:
         }
 
     def exports(self, domid: int) -> str:
-        """Shell lines (``NAME=value; export NAME;``) for :meth:`environ`, for ``eval``."""
+        """Shell lines (``NAME=value; export NAME;``) for [`environ`][], for ``eval``."""
         return "".join(
             f"{k}={shlex.quote(v)}; export {k};\n" for k, v in self.environ(domid).items()
         )

@@ -27,7 +27,7 @@ last descriptor of a pipe is what tells the reader at its other end that the str
 Non-blocking mode, which the first two backends set on the shared open file description
 (a terminal is shared with the shell), is restored before the descriptor is closed.
 
-A sink's :meth:`ByteSink.write` raises ``BrokenPipeError`` once the reader is gone (the
+A sink's [`ByteSink.write`][] raises ``BrokenPipeError`` once the reader is gone (the
 pipe transport alone would drop the bytes silently).
 """
 

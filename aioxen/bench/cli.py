@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the selected suites; a Ctrl-C stops cleanly: the suites stop their helper
-    processes, :func:`~aioxen.bench.harness.cleanup` reaps any left and removes the
+    processes, [`cleanup`][aioxen.bench.harness.cleanup] reaps any left and removes the
     temporary directories, and the exit status is 130 (no traceback)."""
     progress = Progress()
     try:

@@ -4,15 +4,15 @@ Theory of operation
 -------------------
 A *suite* is a function ``run(ctx) -> list[Measurement]``.  It measures aioxen's mechanism
 and the baselines users would otherwise pick *in the same run*, interleaving them inside
-each repetition so that machine noise hits all of them alike.  Every :class:`Measurement`
+each repetition so that machine noise hits all of them alike.  Every [`Measurement`][]
 keeps all its samples; the report shows the median, min and max, and for each of our
 mechanisms the ratio to every baseline measuring the same case and metric ("× better", so
 latency ratios are inverted).  Speed is never asserted: the harness only reports.
 
-Helper processes and temporary directories go through :func:`spawn` and
-:func:`make_temp_dir`.  A helper runs in its own process group, so a Ctrl-C at the
+Helper processes and temporary directories go through [`spawn`][] and
+[`make_temp_dir`][].  A helper runs in its own process group, so a Ctrl-C at the
 terminal reaches only the benchmark process; the suites' ``finally`` blocks then stop
-their helpers in order, and :func:`cleanup` (run by the CLI at the end, also after a
+their helpers in order, and [`cleanup`][] (run by the CLI at the end, also after a
 Ctrl-C) stops and reaps any helper still running and removes any directory still there.
 """
 
@@ -288,7 +288,7 @@ _temp_dirs: list[str] = []
 def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
     """``subprocess.Popen(args, **kwargs)`` for a benchmark helper: in a process group of
     its own (a terminal's SIGINT reaches only the benchmark, which stops its helpers
-    itself) and tracked for :func:`cleanup`."""
+    itself) and tracked for [`cleanup`][]."""
     _children[:] = [p for p in _children if p.returncode is None]
     proc = subprocess.Popen(args, process_group=0, **kwargs)
     _children.append(proc)
@@ -308,15 +308,15 @@ def shm_dir() -> str | None:
 
 
 def make_temp_dir(prefix: str, dir: str | None = None) -> str:
-    """``tempfile.mkdtemp`` tracked for :func:`cleanup`."""
+    """``tempfile.mkdtemp`` tracked for [`cleanup`][]."""
     path = tempfile.mkdtemp(prefix=prefix, dir=dir)
     _temp_dirs.append(path)
     return path
 
 
 def cleanup(timeout: float = 10) -> None:
-    """Stop and reap every helper :func:`spawn` started that is still running; remove every
-    directory :func:`make_temp_dir` made that is still there."""
+    """Stop and reap every helper [`spawn`][] started that is still running; remove every
+    directory [`make_temp_dir`][] made that is still there."""
     while _children:
         end_process(_children.pop(), timeout)
     while _temp_dirs:

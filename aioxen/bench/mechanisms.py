@@ -6,7 +6,7 @@ Each mechanism can be opened two ways by *identical* benchmark code:
 * protocols: ``transport, protocol = await mech.create_connection(factory)`` on the client,
   ``await mech.serve_protocol(factory)`` on the server.
 
-Two-process mechanisms run the server in a child process (:mod:`aioxen.bench.peer`) that
+Two-process mechanisms run the server in a child process ([`aioxen.bench.peer`][]) that
 prints ``READY <address>`` once it listens.  ``vchan-inheap`` runs both ends in one process
 on one loop (that is what the ``inheap`` platform is for).
 
@@ -34,7 +34,7 @@ StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable
 
 VCHAN_PORT = "bench"
 VCHAN_PORT_1M = "bench-1m"
-"""The ``setup`` peer serves default-size rings on :data:`VCHAN_PORT` and 1 MiB rings here."""
+"""The ``setup`` peer serves default-size rings on [`VCHAN_PORT`][] and 1 MiB rings here."""
 VCHAN_SERVER_DOMID = 0
 VCHAN_CLIENT_DOMID = 1
 RING_SIZE = 1 << 20
@@ -201,7 +201,7 @@ async def open_streams(
 ) -> AsyncIterator[StreamPair]:
     """Client-side streams to the peer of ``mech`` (or, for vchan/inheap, to an in-process
     echo/sink server started here).  For vchan/unix, ``platform`` (from
-    :func:`client_platform`) is used if given, else one is opened for this connection."""
+    [`client_platform`][]) is used if given, else one is opened for this connection."""
     if mech == "tcp":
         assert peer is not None
         host, port = peer.address.rsplit(":", 1)

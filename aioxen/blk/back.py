@@ -1,12 +1,12 @@
-"""blkback's data path: serve one blkif ring from a :class:`~aioxen.blk.source.BlockSource`.
+"""blkback's data path: serve one blkif ring from a [`BlockSource`][aioxen.blk.source.BlockSource].
 
 Theory of operation
 -------------------
-A :class:`RingServer` takes batches of requests from an
-:class:`~aioxen.rings.aio.AsyncBackRing` and answers every one of them, in whatever order
+A `RingServer` takes batches of requests from an
+[`AsyncBackRing`][aioxen.rings.aio.AsyncBackRing] and answers every one of them, in whatever order
 they finish:
 
-1. **Validate** (:func:`aioxen.blk.blkif.check_request`): operation, segment count and
+1. **Validate** (`aioxen.blk.blkif.check_request`): operation, segment count and
    bounds, sector range, alignment, features offered, read-only.  A bad request gets
    ``BLKIF_RSP_ERROR`` (or ``BLKIF_RSP_EOPNOTSUPP`` for operations not offered) and one
    log line; the ring keeps being served.

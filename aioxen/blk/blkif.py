@@ -16,21 +16,21 @@ Sector numbers on the wire are always 512-byte units, whatever the disk's ``sect
 I/O must still be aligned to ``sector-size``.  Two ABIs exist: ``x86_64-abi`` (also the
 layout of ``arm-abi``; ``u64`` aligned to 8) and ``x86_32-abi`` (``u64`` aligned to 4, so
 ``id`` sits at offset 4 and a request is 108 bytes).  The frontend names its ABI in its
-``protocol`` key; :func:`abi_for_protocol` maps that to a slot layout.
+``protocol`` key; [`abi_for_protocol`][] maps that to a slot layout.
 
-The slot layouts (:data:`BLKIF_REQUEST`, :data:`BLKIF_RESPONSE` and their ``x86_32``
-twins, :func:`blkif_request_format`) are defined here over the ring layer's
-:mod:`aioxen.rings.formats` machinery; on top of them this module adds what a block
+The slot layouts ([`BLKIF_REQUEST`][], [`BLKIF_RESPONSE`][] and their ``x86_32``
+twins, [`blkif_request_format`][]) are defined here over the ring layer's
+[`aioxen.rings.formats`][] machinery; on top of them this module adds what a block
 device needs:
 
-* :func:`check_request` turns a decoded slot into a validated :class:`BlkIO` (what the
-  backend executes) or raises :class:`BadRequest` carrying the response status and a
+* [`check_request`][] turns a decoded slot into a validated [`BlkIO`][] (what the
+  backend executes) or raises [`BadRequest`][] carrying the response status and a
   human-readable reason.  Nothing from the slot is trusted: segment counts, sector ranges,
   sector alignment, indirect page counts and feature use are all checked against
-  :class:`Limits`.
-* :func:`unpack_indirect_segments` / :func:`pack_indirect_segments` for indirect pages
+  [`Limits`][].
+* [`unpack_indirect_segments`][] / [`pack_indirect_segments`][] for indirect pages
   (decoded from a private copy, so the frontend cannot change them under us).
-* :func:`segment_layout`: the (first_sect, last_sect) of each page of a contiguous
+* [`segment_layout`][]: the (first_sect, last_sect) of each page of a contiguous
   transfer, used by the frontend to build requests.
 
 Everything here is pure: no asyncio, no syscalls, no platform imports.
@@ -291,7 +291,7 @@ def abi_for_protocol(protocol: str | None) -> str:
     """Map a frontend's ``protocol`` key (absent: ``None``) to a slot layout name.
 
     ``x86_64-abi``, ``arm-abi``, ``native`` and an absent key use the 64-bit layout;
-    ``x86_32-abi`` the 32-bit one.  Anything else is a :class:`ProtocolError`.
+    ``x86_32-abi`` the 32-bit one.  Anything else is a [`ProtocolError`][].
     """
     if protocol is None or protocol in (ABI_X86_64, ABI_ARM, ABI_NATIVE, ""):
         return ABI_X86_64
@@ -308,7 +308,7 @@ def request_format(abi: str) -> BlkifRequestFormat:
 
 def encoded_request_format(abi: str) -> EncodedRequestFormat:
     """The frontend's request format: values are pre-encoded slots (see
-    :class:`RequestEncoder`), the ring only splices in the ids."""
+    [`RequestEncoder`][]), the ring only splices in the ids."""
     return _ENCODED[abi]
 
 
@@ -367,7 +367,7 @@ _mkseg = functools.partial(tuple.__new__, BlkifSegment)
 
 
 class FastRequestFormat(BlkifRequestFormat):
-    """:class:`BlkifRequestFormat` plus a batch codec for the backend's hot path."""
+    """[`BlkifRequestFormat`][] plus a batch codec for the backend's hot path."""
 
     def batch_codec(self, slot: int) -> _DecodeCodec:
         return _DecodeCodec(self, slot)
@@ -403,9 +403,9 @@ class _DecodeCodec(GenericCodec[BlkifAnyRequest]):
 
 class EncodedRequestFormat(RawFormat):
     """Frontend requests as pre-encoded slot bytes (``size`` bytes, id field zero): a
-    :class:`RawFormat` with the blkif slot's size, alignment and 64-bit ``id``.
+    [`RawFormat`][] with the blkif slot's size, alignment and 64-bit ``id``.
 
-    :class:`RequestEncoder` builds them; the ring only splices in the request id."""
+    [`RequestEncoder`][] builds them; the ring only splices in the request id."""
 
     def __init__(self, abi: str) -> None:
         self.abi = abi
@@ -509,7 +509,7 @@ class BlkIO:
 
     ``kind`` is the effective operation (the ``indirect_op`` of an indirect request);
     ``rsp_operation`` is what the response echoes.  For an indirect request ``segments``
-    is empty until :func:`check_indirect_segments` has decoded the indirect pages named by
+    is empty until [`check_indirect_segments`][] has decoded the indirect pages named by
     ``indirect_grefs``.
     """
 
@@ -581,9 +581,9 @@ def _check_range(sector: int, nr_sectors: int, limits: Limits, what: str) -> Non
 def check_request(req: BlkifAnyRequest, limits: Limits) -> BlkIO:
     """Validate a decoded request slot against ``limits``.
 
-    Returns a :class:`BlkIO`; raises :class:`BadRequest` (``BLKIF_RSP_ERROR`` for malformed
+    Returns a [`BlkIO`][]; raises [`BadRequest`][] (``BLKIF_RSP_ERROR`` for malformed
     or forbidden requests, ``BLKIF_RSP_EOPNOTSUPP`` for operations not offered).  For an
-    indirect request, the segment list is checked later by :func:`check_indirect_segments`.
+    indirect request, the segment list is checked later by [`check_indirect_segments`][].
     """
     op = req.operation
     rsp_op = response_operation(req)
@@ -663,7 +663,7 @@ _SEVENS = bytes([SECTORS_PER_PAGE - 1]) * MAX_INDIRECT_SEGMENTS
 def check_indirect_segments(io: BlkIO, data: bytes, limits: Limits) -> None:
     """Decode and validate the segments of ``io`` from a private copy of its indirect
     pages and attach them.  Whole-page segments (the usual case) are recognised from the
-    raw bytes and kept as a list of grant refs in :attr:`BlkIO.full_grefs`."""
+    raw bytes and kept as a list of grant refs in [`BlkIO.full_grefs`][]."""
     n = io.nr_indirect_segments
     raw = data[: n * SEGMENT_SIZE]
     if len(raw) != n * SEGMENT_SIZE:

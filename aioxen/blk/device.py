@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A :class:`BlockDevice` addresses the disk in *logical sectors* of ``sector_size`` bytes:
+A [`BlockDevice`][] addresses the disk in *logical sectors* of ``sector_size`` bytes:
 ``await dev.read(sector, count)`` returns ``count * sector_size`` bytes,
 ``await dev.write(sector, data)`` writes a whole number of sectors, ``flush()`` makes
 every completed write durable, ``discard(sector, count)`` releases sectors.  ``size`` is
@@ -10,7 +10,7 @@ in bytes.  Calls may be issued concurrently; each completes independently (a dev
 many requests in flight), and overlapping concurrent writes have no defined order — as
 on any disk.
 
-:class:`SourceDevice` adapts a :class:`~aioxen.blk.source.BlockSource` to this interface,
+[`SourceDevice`][] adapts a [`BlockSource`][aioxen.blk.source.BlockSource] to this interface,
 so a local image can be exported over NBD (and the NBD server tested) without Xen.
 """
 
@@ -70,7 +70,7 @@ def check_io(dev: BlockDevice, sector: int, nbytes: int, *, write: bool = False)
 
 
 class SourceDevice:
-    """A :class:`BlockDevice` over a local :class:`BlockSource`."""
+    """A [`BlockDevice`][] over a local [`BlockSource`][]."""
 
     def __init__(self, source: BlockSource) -> None:
         self.source = source

@@ -2,28 +2,28 @@
 
 Theory of operation
 -------------------
-:class:`BlkFront` implements :class:`~aioxen.blk.device.BlockDevice`.  At connect time it
+[`BlkFront`][] implements [`BlockDevice`][aioxen.blk.device.BlockDevice].  At connect time it
 shares a fixed *pool* of data pages (plus one set of indirect-descriptor pages per ring
-slot) with the backend and creates its rings (:class:`~aioxen.rings.aio.AsyncFrontRing`,
+slot) with the backend and creates its rings ([`AsyncFrontRing`][aioxen.rings.aio.AsyncFrontRing],
 one per queue).  The xenbus handshake that advertises them lives in
-:mod:`aioxen.blk.vbd`; this module is the I/O engine.
+[`aioxen.blk.vbd`][]; this module is the I/O engine.
 
 A call such as ``await dev.read(sector, count)``:
 
 1. is validated (range, alignment, read-only) and converted to wire sectors (512 bytes);
-2. is cut into chunks of at most ``max_segments`` pages (:func:`aioxen.blk.split.split`):
+2. is cut into chunks of at most ``max_segments`` pages (`aioxen.blk.split.split`):
    11 for direct requests, or the negotiated indirect limit;
 3. each chunk takes a run of pool pages (waiting if the pool is exhausted), writes copy
    their data in, and the chunk goes to its queue (with several queues, 1 MiB stripes of
    the disk map to the queues in turn).  If that ring has a
    free slot the request is encoded at once and staged: the direct requests of one loop
    iteration go to the ring together (one
-   :meth:`~aioxen.rings.aio.AsyncFrontRing.submit_many_nowait`, one push, at most one
+   [`submit_many_nowait`][aioxen.rings.aio.AsyncFrontRing.submit_many_nowait], one push, at most one
    notify); otherwise the chunk waits in the queue's backlog, where a drain
    task merges neighbouring chunks that continue each other on disk into one request
-   (:func:`aioxen.blk.split.merge_runs`) as slots free up.  A flush or barrier is sent
+   (`aioxen.blk.split.merge_runs`) as slots free up.  A flush or barrier is sent
    after the requests staged before it;
-4. requests are encoded straight to slot bytes (:class:`~aioxen.blk.blkif.RequestEncoder`,
+4. requests are encoded straight to slot bytes (`RequestEncoder`,
    with each pool page's full-page segment encoded once); requests with more than 11
    segments become ``BLKIF_OP_INDIRECT`` requests whose descriptors are written into that
    slot's indirect pages;
@@ -128,7 +128,7 @@ class FrontendConfig:
     max_indirect_segments: int = 256
     pool_pages: int | None = None
     """Granted data pages (``None``: 2048 = 8 MiB, or 5/8 of the platform's
-    :attr:`~aioxen.platforms.base.Platform.grant_share_limit` if it has one: 640 on
+    [`grant_share_limit`][aioxen.platforms.base.Platform.grant_share_limit] if it has one: 640 on
     ``xen``, where Linux's gntalloc lets a process grant at most 1024 pages by default)."""
 
     def resolved_pool_pages(self, platform: Platform) -> int:
@@ -233,9 +233,9 @@ class FrontStats:
 class BlkFront:
     """An async block device backed by a blkback in ``backend_domid``.
 
-    Build it with :meth:`create` (which shares the pool and creates the rings), advertise
-    :meth:`queue_keys` to the backend, and :meth:`close` it when done.  Sectors in the API
-    are logical sectors of :attr:`sector_size` bytes.
+    Build it with [`create`][] (which shares the pool and creates the rings), advertise
+    [`queue_keys`][] to the backend, and [`close`][] it when done.  Sectors in the API
+    are logical sectors of `sector_size` bytes.
     """
 
     def __init__(
@@ -248,7 +248,7 @@ class BlkFront:
         handle: int = 0,
         name: str | None = None,
     ) -> None:
-        """Prefer :meth:`create`; a bare instance has no rings until :meth:`open`."""
+        """Prefer [`create`][]; a bare instance has no rings until `open`."""
         self.platform = platform
         self.backend_domid = backend_domid
         self.backend = backend
@@ -774,7 +774,7 @@ class BlkFront:
 
     def add_shutdown_callback(self, callback: Callable[[BaseException | None], None]) -> None:
         """Call ``callback(error)`` when any of the rings shuts down: ``None`` for our own
-        :meth:`close`, else why (the backend went away, or broke the protocol)."""
+        [`close`][], else why (the backend went away, or broke the protocol)."""
         for q in self._queues:
             q.ring.add_shutdown_callback(callback)
 

@@ -1,12 +1,12 @@
-"""An NBD server exporting :class:`~aioxen.blk.device.BlockDevice` objects.
+"""An NBD server exporting [`BlockDevice`][aioxen.blk.device.BlockDevice] objects.
 
 Theory of operation
 -------------------
-:func:`start_server` listens on TCP or a Unix socket (a path a live server holds is
+[`start_server`][] listens on TCP or a Unix socket (a path a live server holds is
 refused, a dead server's replaced); each connection runs
-:class:`NBDConnection`: the fixed-newstyle handshake (``NBD_OPT_GO``/``INFO``/``LIST``/
+`NBDConnection`: the fixed-newstyle handshake (``NBD_OPT_GO``/``INFO``/``LIST``/
 ``EXPORT_NAME``/``ABORT``/``STRUCTURED_REPLY`` and the ``base:allocation`` meta context),
-then the transmission phase.  Wire encoding lives in :mod:`aioxen.blk.nbdwire`.
+then the transmission phase.  Wire encoding lives in `aioxen.blk.nbdwire`.
 
 Transmission is concurrent: the connection's reader task parses one request at a time
 (reading a write's payload immediately, so the stream stays in sync) and starts a task per
@@ -17,7 +17,7 @@ flight per connection is bounded, which also bounds memory.
 The device works in sectors; NBD in bytes.  Reads of partial sectors read the covering
 sectors.  Writes of partial sectors read-modify-write the edge sectors; so that such a
 read-modify-write never undoes a concurrent write to the same sector, every write-type
-command holds a lock on the sector range it touches (:class:`RangeLock`).  Clients that
+command holds a lock on the sector range it touches (`RangeLock`).  Clients that
 asked for block sizes (``NBD_INFO_BLOCK_SIZE``) are told the sector size as the minimum
 and never send partial sectors.
 
@@ -25,7 +25,7 @@ Errors in a request become an NBD error for that request (``EINVAL`` for bad ran
 ``EPERM`` for writes to a read-only export, ``EIO`` for device errors, ...) and the session
 continues; a malformed message ends the session.
 
-Shutdown (:meth:`NBDServer.shutdown`, what ``aioxen blkfront nbd`` does on SIGINT/SIGTERM)
+Shutdown ([`NBDServer.shutdown`][], what ``aioxen blkfront nbd`` does on SIGINT/SIGTERM)
 stops listening, lets each session's requests in flight finish and their replies go out,
 then closes the connections, before the devices close: a request that got no reply is
 one the client sees fail (the connection closed under it), never a silent success.
@@ -587,8 +587,8 @@ def parse_listen(spec: str) -> tuple[str, str | int]:
 
 class NBDServer:
     """A listening NBD server: asyncio's ``Server`` (``sockets``, ``close``,
-    ``wait_closed``, ``async with``, ``serve_forever``) plus :meth:`shutdown`, and
-    ownership of its Unix socket path (:class:`~aioxen.ownership.UnixSocketClaim`: removed
+    ``wait_closed``, ``async with``, ``serve_forever``) plus [`shutdown`][], and
+    ownership of its Unix socket path (`UnixSocketClaim`: removed
     on close only while it is still the one we bound)."""
 
     def __init__(
@@ -606,7 +606,7 @@ class NBDServer:
         return self._server.is_serving()
 
     def close(self) -> None:
-        """Stop listening (sessions go on; see :meth:`shutdown`)."""
+        """Stop listening (sessions go on; see [`shutdown`][])."""
         self._server.close()
         unix, self._unix = self._unix, None
         if unix is not None:
@@ -619,7 +619,7 @@ class NBDServer:
         await self._server.serve_forever()
 
     async def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop listening, then end every session in order (:meth:`NBDConnection.stop`):
+        """Stop listening, then end every session in order (`NBDConnection.stop`):
         requests in flight are answered, nothing new is taken, connections close."""
         self.close()
         conns = list(self.connections)

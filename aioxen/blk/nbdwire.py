@@ -22,7 +22,7 @@ reply chunks* (magic, flags u16, type u16, cookie u64, length u32, payload).  Re
 come in any order; the cookie matches them to requests.
 
 All integers are big-endian.  This module only encodes and decodes; the server logic is
-in :mod:`aioxen.blk.nbd`.
+in [`aioxen.blk.nbd`][].
 """
 
 from __future__ import annotations

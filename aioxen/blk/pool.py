@@ -8,10 +8,10 @@ response.  Reusing the same grant refs is what makes *persistent grants* work (t
 maps each ref once and keeps it mapped); it also keeps grant-table traffic off the data path
 when the backend does not persist them.
 
-:class:`PageAllocator` hands out runs of page indices.  It prefers one contiguous run
+[`PageAllocator`][] hands out runs of page indices.  It prefers one contiguous run
 (first fit over a sorted list of free extents, so a transfer is a single ``memcpy`` and the
 backend can coalesce adjacent pages), and falls back to scattered pages when free space is
-fragmented.  :class:`PagePool` adds FIFO waiting: a caller that needs more pages than are
+fragmented.  [`PagePool`][] adds FIFO waiting: a caller that needs more pages than are
 free waits until enough come back; a request never needs more pages than the pool holds.
 """
 
@@ -114,7 +114,7 @@ class PageAllocator:
 
 
 class PagePool:
-    """A :class:`PageAllocator` whose callers wait, first come first served."""
+    """A [`PageAllocator`][] whose callers wait, first come first served."""
 
     def __init__(self, npages: int) -> None:
         self.allocator = PageAllocator(npages)

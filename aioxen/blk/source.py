@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A :class:`BlockSource` is a byte-addressed store with scatter/gather I/O: ``readv`` fills a
+A [`BlockSource`][] is a byte-addressed store with scatter/gather I/O: ``readv`` fills a
 list of buffers (for blkback: slices of granted pages, so data goes straight between the
 file and the frontend's memory, no intermediate copy), ``writev`` writes from them,
 ``flush`` makes every completed write durable, ``discard`` releases a range.  Offsets and
@@ -39,11 +39,11 @@ RBuf = memoryview | bytearray | bytes
 
 @runtime_checkable
 class BlockSource(Protocol):
-    """The storage behind a blkback (and behind :class:`aioxen.blk.device.SourceDevice`)."""
+    """The storage behind a blkback (and behind [`aioxen.blk.device.SourceDevice`][])."""
 
     @property
     def size(self) -> int:
-        """Capacity in bytes (a multiple of :attr:`sector_size`)."""
+        """Capacity in bytes (a multiple of [`sector_size`][])."""
         ...
 
     @property

@@ -5,14 +5,14 @@ Theory of operation
 Every blkif request moves data through granted 4 KiB pages, one segment per page.  The
 frontend stages each transfer in its own run of pool pages, starting at offset 0 of the first
 page, so a transfer of ``n`` bytes needs ``ceil(n / 4096)`` segments: full pages (sectors
-0..7) and a partial last page (:func:`aioxen.blk.blkif.segment_layout`).
+0..7) and a partial last page ([`aioxen.blk.blkif.segment_layout`][]).
 
 A request carries at most ``max_segments`` segments: 11 inline (a direct request), or up to
-the backend's ``feature-max-indirect-segments`` in an indirect request.  :func:`split`
+the backend's ``feature-max-indirect-segments`` in an indirect request.  [`split`][]
 cuts a transfer into chunks of at most ``max_segments`` pages; each chunk becomes one
 request (or part of one, see below).
 
-When the ring is full, chunks queue up.  Before a queued chunk goes out, :func:`merge_runs`
+When the ring is full, chunks queue up.  Before a queued chunk goes out, [`merge_runs`][]
 coalesces it with the chunks queued right behind it if they continue it on disk — same
 direction, next sector, and the combined segment count still fits one request — so a burst
 of small sequential I/O becomes a few large requests.  Merging never reorders: only

@@ -2,34 +2,34 @@
 
 Theory of operation
 -------------------
-The xenbus framework (:mod:`aioxen.xenbus.driver`) runs the handshake — states,
+The xenbus framework (`aioxen.xenbus.driver`) runs the handshake — states,
 watches, teardown, lost peers, restarts; this module only says what a ``vbd`` publishes
 and reads (``io/blkif.h``) and builds the data path:
 
-*Backend* (:class:`BlkbackDriver`).  With ``InitWait`` it advertises what it offers:
+*Backend* (`BlkbackDriver`).  With ``InitWait`` it advertises what it offers:
 ``feature-flush-cache``, ``feature-barrier``, ``feature-discard`` (+ ``discard-granularity``,
 ``discard-alignment``, ``discard-secure``), ``feature-persistent``,
 ``feature-max-indirect-segments``, ``max-ring-page-order``, ``multi-queue-max-queues`` and
 the disk's ``sectors``/``info``/``sector-size``/``physical-sector-size``.  When the front
 end is ``Initialised`` it reads ``protocol`` (the ABI), ``feature-persistent``,
-``ring-page-order`` and the queues (:func:`~aioxen.xenbus.multiqueue.peer_queue_dirs`: the
+``ring-page-order`` and the queues (`peer_queue_dirs`: the
 top level, or ``queue-N/`` when there are several), each with ``ring-ref`` or
 ``ring-refN`` and ``event-channel``; it maps each ring, binds each channel and starts a
-:class:`~aioxen.blk.back.RingServer` per queue (supervised: a ring that fails is a lost
+`RingServer` per queue (supervised: a ring that fails is a lost
 front end), and publishes the disk properties again together with ``Connected``.  Every
 value is validated; a bad one fails the connect with a log line naming the key, and the
 device stays unconnected.
 
-*Frontend* (:class:`BlkfrontDriver`).  At the backend's ``InitWait`` it reads
+*Frontend* (`BlkfrontDriver`).  At the backend's ``InitWait`` it reads
 ``max-ring-page-order``, ``multi-queue-max-queues`` and ``feature-persistent``, creates the
-rings and the data pool (:class:`~aioxen.blk.front.BlkFront`) and publishes the ring keys
-(:func:`~aioxen.xenbus.multiqueue.queue_keys`) with ``protocol=x86_64-abi`` and
+rings and the data pool ([`BlkFront`][aioxen.blk.front.BlkFront]) and publishes the ring keys
+(`queue_keys`) with ``protocol=x86_64-abi`` and
 ``feature-persistent``.  When the backend is ``Connected`` it reads the disk properties
 and data-path features and configures the device.  A ring that shuts down under it (the
 backend died or broke the protocol) is a lost backend.
 
-:class:`Blkback` and :func:`open_blkfront` run the drivers in a
-:class:`~aioxen.xenbus.driver.DeviceRunner` for applications and the command line.
+[`Blkback`][] and [`open_blkfront`][] run the drivers in a
+`DeviceRunner` for applications and the command line.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ async def read_frontend_keys(dev: XenbusDevice, config: BackendConfig) -> Fronte
 
 
 class BlkbackDriver(BackendDriver):
-    """Serve a :class:`BlockSource` to one frontend."""
+    """Serve a [`BlockSource`][] to one frontend."""
 
     type = TYPE
 
@@ -224,9 +224,9 @@ class BlkbackDriver(BackendDriver):
 class Blkback:
     """One served virtual block device: ``await Blkback(...).run()`` until closed.
 
-    The device's back end is claimed (:mod:`aioxen.xenbus.claim`) before anything is
-    written: if another live process serves it, :meth:`run` raises
-    :class:`~aioxen.xenbus.claim.DeviceInUse` (``EADDRINUSE``) and changes nothing.
+    The device's back end is claimed (`aioxen.xenbus.claim`) before anything is
+    written: if another live process serves it, `run` raises
+    [`DeviceInUse`][aioxen.xenbus.claim.DeviceInUse] (``EADDRINUSE``) and changes nothing.
     Pass ``claim`` when the caller claimed it already (it then also releases it)."""
 
     def __init__(
@@ -358,9 +358,9 @@ async def open_blkfront(
     timeout: float | None = 30.0,
 ) -> AsyncIterator[BlkFront]:
     """Connect to virtual block device ``devid`` of this domain and yield it as a
-    :class:`~aioxen.blk.front.BlkFront`; on exit close the device in order (Closing,
+    [`BlkFront`][aioxen.blk.front.BlkFront]; on exit close the device in order (Closing,
     Closed).  ``TimeoutError`` if the backend does not connect within ``timeout``;
-    :class:`~aioxen.xenbus.claim.DeviceInUse` (``EADDRINUSE``), with nothing changed, if
+    [`DeviceInUse`][aioxen.xenbus.claim.DeviceInUse] (``EADDRINUSE``), with nothing changed, if
     another live process uses the device."""
     import aioxen
 

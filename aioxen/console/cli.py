@@ -6,7 +6,7 @@ stdin to the guest and the guest's output to stdout.  ``--frontend`` plays the g
 instead (``DOMID`` is then the back end domain).  On a terminal, input is raw and
 ``Ctrl-]`` detaches.  SIGINT/SIGTERM close the device end in an orderly way.
 
-Stdin and stdout may be anything (:mod:`aioxen.apps.stdio`): a terminal, a pipe, a
+Stdin and stdout may be anything ([`aioxen.apps.stdio`][]): a terminal, a pipe, a
 regular file, ``/dev/null`` or closed (the command then reads nothing / discards the
 output).  At the end of stdin the guest's output is still shown until the console ends.
 """

@@ -8,19 +8,19 @@ front end (the guest) grants the page, allocates the channel and publishes them 
 ``ring-ref`` and ``port`` in its device directory (the keys Linux's ``hvc_xen`` uses for
 consoles other than the primary one), then goes ``Initialised``; the back end (the role of
 ``xenconsoled``) maps the page, binds the channel and goes ``Connected``.  The xenbus side
-is :class:`~aioxen.xenbus.driver.DeviceRunner`; this module supplies the two drivers and
-wraps each connection in a :class:`~aioxen.rings.stream.ByteRingTransport` with the
+is [`DeviceRunner`][aioxen.xenbus.driver.DeviceRunner]; this module supplies the two drivers and
+wraps each connection in a [`ByteRingTransport`][aioxen.rings.stream.ByteRingTransport] with the
 stdlib ``StreamReader``/``StreamWriter``:
 
-* :class:`ConsoleBackend` — ``await be.accept()`` returns ``(reader, writer)`` for the next
+* [`ConsoleBackend`][] — ``await be.accept()`` returns ``(reader, writer)`` for the next
   connection: the reader yields what the guest writes, the writer types into the guest.
   When the front end closes (or its process dies) the reader sees EOF and the back end
   waits for the next front end (a restarted guest reconnects).
-* :class:`ConsoleFrontend` — ``reader``/``writer`` the other way round; ``close()`` is
+* [`ConsoleFrontend`][] — ``reader``/``writer`` the other way round; ``close()`` is
   the orderly xenbus close (``Closing`` → ``Closed``).
 
 The device is created by the toolstack step (``aioxen device add console FRONT --devid N``
-or :func:`create_console`).  Device numbers default to 1: on Xen, console 0 is the
+or [`create_console`][]).  Device numbers default to 1: on Xen, console 0 is the
 primary console at ``/local/domain/<id>/console``, which is not a xenbus device.
 """
 
@@ -58,7 +58,7 @@ Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class _Session:
-    """One connection's resources, released in order by :meth:`close`."""
+    """One connection's resources, released in order by [`close`][]."""
 
     def __init__(self) -> None:
         self.ring: ByteRing | None = None

@@ -1,4 +1,4 @@
-"""Moved: the PV console lives in :mod:`aioxen.console` (:mod:`aioxen.console.device`).
+"""Moved: the PV console lives in [`aioxen.console`][] ([`aioxen.console.device`][]).
 
 This module only keeps the documented import path ``aioxen.devices.console`` working.
 """

@@ -1,9 +1,9 @@
 """Network devices: the netif codec, netfront (an asyncio DatagramTransport) and netback.
 
-* :func:`create_frontend` — connect a vif and get ``(transport, protocol)``;
-* :class:`~aioxen.net.back.Netback` — serve vifs, with frames going to a TAP
-  (:mod:`aioxen.net.tap`), a learning switch (:mod:`aioxen.net.switch`) or a callback;
-* :mod:`aioxen.net.netif` — the ``io/netif.h`` wire format.
+* [`create_frontend`][] — connect a vif and get ``(transport, protocol)``;
+* [`Netback`][aioxen.net.back.Netback] — serve vifs, with frames going to a TAP
+  (`aioxen.net.tap`), a learning switch (`aioxen.net.switch`) or a callback;
+* [`aioxen.net.netif`][] — the ``io/netif.h`` wire format.
 """
 
 from __future__ import annotations

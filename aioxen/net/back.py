@@ -2,17 +2,17 @@
 
 Theory of operation
 -------------------
-The data path of one vif (:class:`~aioxen.net.vif.Vif`: TX parsing, RX copy, notify
-batching, grant mapping) is :mod:`aioxen.net.vif`; this module is its xenbus side.
+The data path of one vif ([`Vif`][aioxen.net.vif.Vif]: TX parsing, RX copy, notify
+batching, grant mapping) is [`aioxen.net.vif`][]; this module is its xenbus side.
 
-**XenStore** (:func:`serve_vif`): the xenbus handshake is
-:class:`~aioxen.xenbus.driver.DeviceRunner`'s; :class:`NetbackDriver` adds what is
+**XenStore** ([`serve_vif`][]): the xenbus handshake is
+[`DeviceRunner`][aioxen.xenbus.driver.DeviceRunner]'s; [`NetbackDriver`][] adds what is
 netif's: features with InitWait; on the frontend's Connected (or Initialised), its ring
 refs, event channel and features (``request-rx-copy`` is required), rings mapped and
 channel bound before Connected.  When the frontend closes, dies (event channel lost) or
 breaks the protocol the vif is disconnected and the device waits for the next frontend.
-:class:`Netback` serves many vifs: the toolstack role (:func:`create_vif_device`, what
-``xl`` does on Xen, via :mod:`aioxen.xenbus.toolstack`) plus one :func:`serve_vif` task
+[`Netback`][] serves many vifs: the toolstack role ([`create_vif_device`][], what
+``xl`` does on Xen, via [`aioxen.xenbus.toolstack`][]) plus one [`serve_vif`][] task
 per device.
 """
 
@@ -56,14 +56,14 @@ log = logging.getLogger(__name__)
 
 
 class NetbackDriver(BackendDriver):
-    """The vif's xenbus back end: a :class:`Vif` per connection.
+    """The vif's xenbus back end: a [`Vif`][] per connection.
 
-    Advertises ``features`` with ``InitWait``; :meth:`connect` reads the frontend's
+    Advertises ``features`` with ``InitWait``; [`connect`][] reads the frontend's
     features, ring refs and event channel (``request-rx-copy`` is required, split event
-    channels were not offered), attaches the :class:`Vif` and starts it with the deliver
-    function ``on_connect(vif)`` returns; :meth:`disconnect` calls ``on_disconnect(vif)``
+    channels were not offered), attaches the [`Vif`][] and starts it with the deliver
+    function ``on_connect(vif)`` returns; [`disconnect`][] calls ``on_disconnect(vif)``
     and closes it.  A vif whose frontend dies or breaks the protocol reports it to the
-    runner (:meth:`~aioxen.xenbus.driver.XenbusDevice.peer_lost`), which disconnects and
+    runner ([`peer_lost`][aioxen.xenbus.driver.XenbusDevice.peer_lost]), which disconnects and
     waits for the next frontend.
     """
 
@@ -153,7 +153,7 @@ async def serve_vif(
     ``on_connect(vif)`` is called for every connection and returns the function that
     receives the frontend's frames; ``on_disconnect(vif)`` when it ends.  Cancelling
     disconnects and publishes ``Closed``.  The vif is claimed first (``claim``: the
-    caller's, else one taken here): :class:`~aioxen.xenbus.claim.DeviceInUse` if another
+    caller's, else one taken here): [`DeviceInUse`][aioxen.xenbus.claim.DeviceInUse] if another
     live process serves it, and then nothing was changed.
     """
     dev = await backend_device(platform, VIF, frontend_domid, devid)
@@ -174,11 +174,11 @@ async def create_vif_device(
     claim: Claim | None = None,
 ) -> None:
     """The toolstack's part (``xl network-attach``): create vif ``devid`` of
-    ``frontend_domid`` with this domain as its backend (:func:`aioxen.xenbus.add_device`
+    ``frontend_domid`` with this domain as its backend ([`aioxen.xenbus.add_device`][]
     plus ``mac``, ``mtu`` and ``handle`` in both directories).  An existing device is
     replaced (state Initialising again), keeping its MAC unless ``mac`` is given.  With
     ``claim`` (on the backend directory) the device is created claimed, or
-    :class:`~aioxen.xenbus.claim.DeviceInUse` raised with nothing changed."""
+    [`DeviceInUse`][aioxen.xenbus.claim.DeviceInUse] raised with nothing changed."""
     if mac is None:
         fdir = frontend_dir(frontend_domid, VIF, devid)
         old = await read_opt(platform.store, f"{fdir}/mac")
@@ -208,10 +208,10 @@ class Netback:
     """Serve several vifs of this (backend) domain.
 
     ``connect(vif) -> deliver`` decides where each vif's frames go (a TAP, a switch, a
-    callback); ``disconnect(vif)`` undoes it.  :meth:`add` claims the vif's backend
-    (:class:`~aioxen.xenbus.claim.DeviceInUse` if another live process serves it:
+    callback); ``disconnect(vif)`` undoes it.  `add` claims the vif's backend
+    ([`DeviceInUse`][aioxen.xenbus.claim.DeviceInUse] if another live process serves it:
     nothing is changed), creates the device (toolstack role) unless ``create=False`` and
-    starts serving it.  :meth:`close` removes only devices this instance still owns.
+    starts serving it.  [`close`][] removes only devices this instance still owns.
     """
 
     def __init__(

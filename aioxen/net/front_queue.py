@@ -9,7 +9,7 @@ page ``i`` of the TX pool, an RX request with ``id = i`` posts page ``i`` of the
 The pools are granted once for the life of the connection (advertised as
 ``feature-persistent``), so a backend may keep them mapped.
 
-**Sending** (:meth:`NetfrontQueue.try_send`, behind ``transport.sendto(frame, info)``). A
+**Sending** ([`NetfrontQueue.try_send`][], behind ``transport.sendto(frame, info)``). A
 frame is copied into as many free TX pages as it needs (one for anything up to 4096 bytes;
 up to 17 for a 64 KiB frame with ``feature-sg``), described by a chain of TX requests
 (plus a GSO extra slot for a TCP super-frame), and put in the ring. Requests put during
@@ -23,7 +23,7 @@ in order as responses free pages.
 pages and answers in the *same ring slots* (netif's rule), so the frontend finds the page
 of a response from the slot's ring index, never trusting the response ``id``.  Each frame
 is copied out of the pages into ``bytes``, handed to ``protocol.datagram_received(frame,
-info)`` with its :class:`~aioxen.net.netif.FrameInfo` as the "address", and the pages are
+info)`` with its [`FrameInfo`][aioxen.net.netif.FrameInfo] as the "address", and the pages are
 re-posted in one batch.  ``pause_reading`` stops consuming responses, so the backend runs
 out of buffers and holds or drops frames, as a NIC would.
 
@@ -34,7 +34,7 @@ that is not in flight, or an event channel that loses its peer, ends the transpo
 counted; the transport keeps going.
 
 This module is the data path only (no asyncio transport, no XenStore): the
-transport is :mod:`aioxen.net.transport`, the xenbus driver :mod:`aioxen.net.front`.
+transport is [`aioxen.net.transport`][], the xenbus driver [`aioxen.net.front`][].
 """
 
 from __future__ import annotations
@@ -497,7 +497,7 @@ class NetfrontQueue(RingEnd):
     ) -> tuple[int, bytes | None, FrameInfo] | None:
         """Fast path for a ``more_data`` chain with at most one GSO extra after its head:
         ``(used, frame, info)`` (``used`` 0: incomplete; ``frame`` None: bad response),
-        or ``None`` for other shapes (then :func:`parse_rx` decides).  A constant number
+        or ``None`` for other shapes (then [`parse_rx`][] decides).  A constant number
         of C-level operations per chain, as in netback's TX path."""
         _, off, flags, status = RX_RSP.unpack_from(data, i * RX_SLOT_SIZE)
         j = i + 1

@@ -3,11 +3,11 @@
 Theory of operation
 -------------------
 A vif ``devid`` between frontend domain ``fe`` and backend domain ``be`` is a xenbus
-device of type ``vif`` (:mod:`aioxen.xenbus`: directories, states and the toolstack step).
-On top of the generic keys the toolstack writes the link settings :func:`link_keys` into
+device of type ``vif`` ([`aioxen.xenbus`][]: directories, states and the toolstack step).
+On top of the generic keys the toolstack writes the link settings [`link_keys`][] into
 both directories (``mac``, ``mtu``, ``handle``); the backend advertises
-:class:`BackendFeatures` with ``InitWait``, and the frontend publishes its ring refs,
-event channel and :class:`FrontendFeatures` when it connects.
+[`BackendFeatures`][] with ``InitWait``, and the frontend publishes its ring refs,
+event channel and [`FrontendFeatures`][] when it connects.
 
 A feature is on iff its value is ``"1"`` (missing means off), except where netif.h gives a
 different default (IPv4 checksum offload is on unless ``feature-no-csum-offload=1``).

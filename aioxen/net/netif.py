@@ -5,27 +5,27 @@ Theory of operation
 A vif has two ``io/ring.h`` rings, both set up by the frontend:
 
 * **TX** (frontend → backend): 12-byte slots.  A packet is a *chain* of slots: the first
-  :data:`TX_REQUEST` carries the packet's ``NETTXF_*`` flags and its **total** size; if it
-  has ``NETTXF_extra_info`` it is followed by one or more 8-byte :class:`Extra` records
+  `TX_REQUEST` carries the packet's ``NETTXF_*`` flags and its **total** size; if it
+  has ``NETTXF_extra_info`` it is followed by one or more 8-byte `Extra` records
   (chained by ``XEN_NETIF_EXTRA_FLAG_MORE``), then by further fragments while the previous
   fragment has ``NETTXF_more_data``.  Later fragments carry their own size, so the first
   fragment's size is the total minus the rest.  Every slot is answered by one TX response:
   request slots with ``(id, status)``, extra slots with ``NETIF_RSP_NULL``.
 * **RX** (backend → frontend): 8-byte slots.  The frontend posts empty pages
-  (:data:`RX_REQUEST`: ``id``, ``gref``); the backend copies a packet into one or more of
-  them and answers with :data:`RX_RESPONSE` (``offset``, ``flags``, ``status`` = bytes in
+  (`RX_REQUEST`: ``id``, ``gref``); the backend copies a packet into one or more of
+  them and answers with `RX_RESPONSE` (``offset``, ``flags``, ``status`` = bytes in
   this fragment).  The RX response for a request goes **in the ring slot of that request**
   (Linux netfront ignores the id); an extra-info record (e.g. GSO) also occupies a response
   slot, which consumes one posted request.
 
 This module knows nothing about rings or memory: it encodes and decodes entries, turns a
-run of TX slots into :class:`TxPacket` values (validating everything a hostile frontend
+run of TX slots into `TxPacket` values (validating everything a hostile frontend
 controls: sizes, offsets, chain length, extra types), plans how a frame is laid out over
-posted RX buffers (:func:`plan_rx`), and reassembles RX responses into frames
-(:class:`RxAssembler`).  Invalid input never raises out of the TX parser: the packet comes
+posted RX buffers ([`plan_rx`][]), and reassembles RX responses into frames
+(`RxAssembler`).  Invalid input never raises out of the TX parser: the packet comes
 back with ``error`` set and the ids to answer with ``NETIF_RSP_ERROR``.
 
-Offload metadata travels with each frame as a :class:`FrameInfo` (checksum state and GSO
+Offload metadata travels with each frame as a [`FrameInfo`][] (checksum state and GSO
 type/size); it is what netfront/netback hand to protocols as the datagram "address".
 """
 
@@ -500,7 +500,7 @@ def build_rx_responses(
 ) -> list[bytes]:
     """The 8-byte RX response slots for a frame copied to offset 0 of pages from the
     posted requests ``ids`` (in ring order).  A GSO frame's extra slot follows the first
-    response.  ``len(ids)`` must be :func:`rx_slots_needed`."""
+    response.  ``len(ids)`` must be [`rx_slots_needed`][]."""
     frags = plan_rx(frame_len, page)
     need = len(frags) + (1 if info.is_gso else 0)
     if len(ids) != need:
@@ -524,7 +524,7 @@ def build_rx_responses(
 class RxFrame(NamedTuple):
     """A frame reassembled from RX responses: ``frags`` are ``(slot_index, offset, len)``
     (``slot_index`` counts from the first response of the frame); ``error`` as in
-    :class:`TxPacket`."""
+    [`TxPacket`][]."""
 
     frags: tuple[tuple[int, int, int], ...]
     info: FrameInfo

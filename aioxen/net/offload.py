@@ -2,19 +2,19 @@
 
 Theory of operation
 -------------------
-netif carries two kinds of offload with a frame (:class:`~aioxen.net.netif.FrameInfo`):
+netif carries two kinds of offload with a frame ([`FrameInfo`][aioxen.net.netif.FrameInfo]):
 
 * **partial checksum** (``csum_blank``): the TCP/UDP checksum field holds only the
   pseudo-header sum, as Linux leaves it for ``CHECKSUM_PARTIAL`` skbs; whoever puts the
   frame on a wire sums the bytes from the L4 header to the end (field included) and stores
   the complement.  netif does not say where the L4 header starts (virtio's ``csum_start``
   / ``csum_offset`` do), so the receiver finds it by parsing Ethernet/IP headers:
-  :func:`csum_location`.
+  [`csum_location`][].
 * **GSO** (``gso_type``/``gso_size``): one TCP super-frame of up to 64 KiB to be cut into
-  segments of ``gso_size`` payload bytes, each a valid frame: :func:`segment_tcp`.
+  segments of ``gso_size`` payload bytes, each a valid frame: [`segment_tcp`][].
 
 When a frame's destination accepts the offload (a TAP with ``IFF_VNET_HDR``, a frontend
-that negotiated it), the frame passes unchanged; otherwise :func:`resolve_offloads` does
+that negotiated it), the frame passes unchanged; otherwise [`resolve_offloads`][] does
 the work here.  The Internet checksum is computed with one big-integer remainder: since
 ``2**16 ≡ 1 (mod 0xFFFF)``, the ones'-complement sum of 16-bit big-endian words equals the
 bytes read as one big-endian integer modulo ``0xFFFF``.
@@ -61,7 +61,7 @@ def inet_sum(data: bytes | bytearray | memoryview, start: int = 0) -> int:
 
 
 def inet_checksum(data: bytes | bytearray | memoryview, start: int = 0) -> int:
-    """The Internet checksum (RFC 1071) of ``data``: the complement of :func:`inet_sum`."""
+    """The Internet checksum (RFC 1071) of ``data``: the complement of [`inet_sum`][]."""
     return ~inet_sum(data, start) & 0xFFFF
 
 

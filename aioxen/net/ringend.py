@@ -2,12 +2,12 @@
 
 Theory of operation
 -------------------
-Both ends of a vif run :class:`~aioxen.rings.service.RingService`'s cycle (event →
+Both ends of a vif run [`RingService`][aioxen.rings.service.RingService]'s cycle (event →
 service → flush → peer check; one scheduled flush per loop iteration), like the generic
-ring adapters.  :class:`RingEnd` adds what is a vif's: the peer is named by its role
+ring adapters.  [`RingEnd`][] adds what is a vif's: the peer is named by its role
 (``"backend"``/``"frontend"``) and domain in the ``ConnectionResetError`` that ends an end
 whose event channel lost its peer, events are counted in ``stats.events`` (by the
-``_service`` step), and :meth:`RingEnd.flush` publishes at once — used in the middle of a
+``_service`` step), and [`RingEnd.flush`][] publishes at once — used in the middle of a
 batch (every ``PUSH_EVERY`` slots) so the peer can start while the rest is filled; any
 scheduled flush still runs.
 """
@@ -21,9 +21,9 @@ from aioxen.rings.service import RingService
 
 
 class RingEnd(RingService):
-    """Base of :class:`~aioxen.net.front_queue.NetfrontQueue` and :class:`~aioxen.net.vif.Vif`.
+    """Base of [`aioxen.net.front_queue.NetfrontQueue`][] and [`aioxen.net.vif.Vif`][].
 
-    A subclass sets what :class:`~aioxen.rings.service.RingService` needs plus ``stats``,
+    A subclass sets what [`RingService`][aioxen.rings.service.RingService] needs plus ``stats``,
     ``name``, ``_peer_role`` and ``_peer_domid``, and implements ``_service`` (counting
     ``stats.events``), ``_flush`` and ``_fail``.
     """

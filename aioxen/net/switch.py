@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-Each attached :class:`Port` is a frame sink with the offloads it accepts.  For every frame
-a port delivers (:meth:`LearningSwitch.input`):
+Each attached [`Port`][] is a frame sink with the offloads it accepts.  For every frame
+a port delivers ([`LearningSwitch.input`][]):
 
 1. the source MAC, if unicast, is learned (or moved) to the ingress port, with a
    timestamp; the table is bounded (oldest entry evicted) and entries expire after
@@ -13,7 +13,7 @@ a port delivers (:meth:`LearningSwitch.input`):
    unknown unicast destinations are flooded to every other port;
 3. before a frame leaves on a port, offloads the port does not accept are resolved in
    software (checksum completed, GSO super-frame segmented) by
-   :func:`aioxen.net.offload.resolve_offloads`.
+   [`aioxen.net.offload.resolve_offloads`][].
 
 The switch has no I/O and no event loop: ports are plain objects with a ``send`` method,
 so it is tested directly and serves netback vifs, TAPs and callbacks alike.
@@ -68,7 +68,7 @@ class SwitchStats:
 
 @dataclass
 class FunctionPort:
-    """A :class:`Port` around a function (e.g. the user callback of ``aioxen netback``)."""
+    """A [`Port`][] around a function (e.g. the user callback of ``aioxen netback``)."""
 
     name: str
     func: Callable[[Frame, FrameInfo], object]
@@ -87,7 +87,7 @@ def is_multicast(mac: bytes | memoryview) -> bool:
 
 
 class LearningSwitch:
-    """A MAC-learning switch over :class:`Port` objects."""
+    """A MAC-learning switch over [`Port`][] objects."""
 
     def __init__(
         self,

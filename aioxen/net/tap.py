@@ -10,12 +10,12 @@ watched with ``loop.add_reader``; each readiness callback drains up to a batch o
 
 With ``vnet_hdr=True`` (``IFF_VNET_HDR``) each frame is preceded by a 10-byte
 ``struct virtio_net_hdr`` carrying the same offloads netif carries
-(:class:`~aioxen.net.netif.FrameInfo`): ``NEEDS_CSUM`` ↔ ``csum_blank``, ``DATA_VALID`` ↔
+([`FrameInfo`][aioxen.net.netif.FrameInfo]): ``NEEDS_CSUM`` ↔ ``csum_blank``, ``DATA_VALID`` ↔
 ``data_validated``, ``GSO_TCPV4/6`` + ``gso_size`` ↔ a GSO extra.  ``TUNSETOFFLOAD`` says
 which offloads *we* accept on reads (so the kernel only hands us super-frames and partial
 checksums when the vif on the other side negotiated them); writes with any offload are
 always accepted by the kernel.  Where netif has no ``csum_start`` the L4 header is located
-by parsing (:mod:`aioxen.net.offload`).
+by parsing ([`aioxen.net.offload`][]).
 
 A TAP port can also be paused (``pause_reading``): the kernel then queues and eventually
 drops, which is exactly how a NIC without free RX buffers behaves.
@@ -280,7 +280,7 @@ class TapDevice:
 
 
 class TapPort:
-    """A :class:`TapDevice` on an event loop: frames read are passed to ``on_frame``.
+    """A [`TapDevice`][] on an event loop: frames read are passed to ``on_frame``.
 
     ``batch`` bounds the frames handled per readiness callback so one busy TAP cannot
     starve the loop.  ``pause_reading``/``resume_reading`` are idempotent.

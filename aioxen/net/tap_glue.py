@@ -8,7 +8,7 @@ partial checksums and TCP super-frames go kernel → TAP → ring → TAP → ke
 finished (or segmented) by the receiving kernel, which is what makes a TCP stream through
 the pair fast.  The TAP is told (``TUNSETOFFLOAD``) to hand over only what the ring's far
 end negotiated; a super-frame longer than netif's 65535-byte limit is re-cut into several
-(:func:`aioxen.net.offload.split_gso`).
+([`aioxen.net.offload.split_gso`][]).
 
 Back-pressure: when the ring cannot take more (netfront's ``pause_writing``, a backend
 vif's full RX queue) the TAP stops being read, so the kernel queues and, eventually,

@@ -2,16 +2,16 @@
 
 Theory of operation
 -------------------
-:class:`NetfrontTransport` is the asyncio face of one
-:class:`~aioxen.net.front_queue.NetfrontQueue` (the data path).  ``sendto(frame, info)``
+[`NetfrontTransport`][] is the asyncio face of one
+[`NetfrontQueue`][aioxen.net.front_queue.NetfrontQueue] (the data path).  ``sendto(frame, info)``
 hands a frame to the queue; when the ring or the TX pages are full, frames wait in a FIFO
 whose size drives ``pause_writing``/``resume_writing`` (asyncio's high/low water marks,
-:class:`~aioxen.flowcontrol.WriteFlowControl`), and enter the ring in order as the queue
+[`WriteFlowControl`][aioxen.flowcontrol.WriteFlowControl]), and enter the ring in order as the queue
 reports freed pages.  Received frames go straight from the queue to
 ``protocol.datagram_received(frame, info)``.  ``pause_reading`` stops consuming
 responses, so the backend runs out of buffers, as with a NIC.  A queue that fails
 (protocol violation, backend gone) ends the transport with ``connection_lost(exc)``;
-``close()`` runs the xenbus teardown the driver gave (:mod:`aioxen.net.front`).
+``close()`` runs the xenbus teardown the driver gave ([`aioxen.net.front`][]).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ class NetfrontTransport(WriteFlowControl, asyncio.DatagramTransport):
     """The DatagramTransport of one vif: ``sendto(frame, info=None)``.
 
     ``get_extra_info`` keys: ``mac`` (bytes), ``mtu``, ``devid``, ``backend_domid``,
-    ``backend_features`` (:class:`BackendFeatures`), ``frontend_features``, ``platform``,
-    ``stats`` (:class:`NetStats`).
+    ``backend_features`` (`BackendFeatures`), ``frontend_features``, ``platform``,
+    ``stats`` ([`NetStats`][]).
     """
 
     _protocol: asyncio.DatagramProtocol
@@ -93,7 +93,7 @@ class NetfrontTransport(WriteFlowControl, asyncio.DatagramTransport):
         return self._extras.get(name, default)
 
     def sendto(self, data: Any, addr: Any = None) -> None:
-        """Send one Ethernet frame.  ``addr`` is ``None`` or a :class:`FrameInfo` (offload
+        """Send one Ethernet frame.  ``addr`` is ``None`` or a [`FrameInfo`][] (offload
         metadata).  ``ValueError`` for an empty frame or one larger than the vif allows."""
         if addr is None:
             info = PLAIN

@@ -2,11 +2,11 @@
 
 Theory of operation
 -------------------
-**One vif** (:class:`Vif`) is a frontend's TX ring, RX ring, event channel and the
-frontend's buffer pages, reached through a :class:`GrantCache`:
+**One vif** ([`Vif`][]) is a frontend's TX ring, RX ring, event channel and the
+frontend's buffer pages, reached through a [`GrantCache`][]:
 
 * *TX (frontend → backend).*  On an event, every published TX slot is copied out of the
-  ring in one run and framed into packets (:func:`aioxen.net.netif.parse_tx`; single-slot
+  ring in one run and framed into packets ([`aioxen.net.netif.parse_tx`][]; single-slot
   packets take an inline fast path).  The payload of a valid packet is copied out of the
   frontend's (read-only mapped) pages into ``bytes`` and given to ``deliver(frame, info)``;
   only then is the packet answered.  Every malformed packet — size 0 or above 64 KiB,
@@ -16,7 +16,7 @@ frontend's buffer pages, reached through a :class:`GrantCache`:
   ``stats.tx_errors`` and dropped; the vif keeps going.  A ring whose indices are corrupt
   (``req_prod`` claiming more than fits) cannot be answered at all: that is a
   ``ProtocolError`` and the vif disconnects.
-* *RX (backend → frontend), rx-copy mode.*  :meth:`Vif.send` takes posted RX requests in
+* *RX (backend → frontend), rx-copy mode.*  [`Vif.send`][] takes posted RX requests in
   ring order, copies the frame into the frontend's pages (a ``memcpy`` into the writable
   mapping; grant copy on Xen would do the same job) and writes the responses in the
   **same slots** as the requests they answer — guaranteed because requests are consumed
@@ -34,8 +34,8 @@ keeps its buffers granted for the whole connection, so each page is mapped once 
 (bounded LRU).  Other frontends (Linux) get their pages mapped for one batch and unmapped
 after it, so no grant stays in use once its request is answered.
 
-This module is the data path only; the xenbus driver and :class:`Netback` are in
-:mod:`aioxen.net.back`.
+This module is the data path only; the xenbus driver and [`Netback`][] are in
+[`aioxen.net.back`][].
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class GrantCache:
     """The frontend's buffer pages, by grant ref, as 4096-byte memoryviews.
 
     ``persistent``: keep each mapping (at most ``limit``, oldest evicted); otherwise mappings made
-    during a batch are unmapped by :meth:`end_batch`.  Mapping errors propagate
+    during a batch are unmapped by [`end_batch`][].  Mapping errors propagate
     (``FileNotFoundError``/``PermissionError`` naming the ref).
     """
 
@@ -144,7 +144,7 @@ class GrantCache:
         """``gref -> view`` of what is mapped now (hot paths look here first)."""
         self._maps: dict[int, GrantMapping] = {}
         self.sources: dict[int, Any] = {}
-        """``gref -> object whose slices are bytes`` (see :func:`~aioxen.net.front.byte_source`)."""
+        """``gref -> object whose slices are bytes`` (see [`aioxen.net.front.byte_source`][])."""
         self.maps_made = 0
 
     def view(self, gref: int) -> memoryview:
@@ -183,9 +183,9 @@ class GrantCache:
 
 
 class Vif(RingEnd):
-    """One connected vif (data path only; see :func:`serve_vif` for the handshake).
+    """One connected vif (data path only; see [`serve_vif`][] for the handshake).
 
-    ``deliver(frame, info)`` receives frames the frontend sent.  :meth:`send` gives the
+    ``deliver(frame, info)`` receives frames the frontend sent.  [`send`][] gives the
     frontend a frame.  A Vif is also a switch port (``name``, ``accept_csum``,
     ``accept_gso``, ``send``).
     """
@@ -388,7 +388,7 @@ class Vif(RingEnd):
     ) -> tuple[int, bytes | None, FrameInfo | None]:
         """Fast path for the usual multi-slot shapes: a ``more_data`` chain, optionally
         with one GSO extra after its head.  Returns ``used`` -1 for anything else (then
-        :meth:`_slow_tx` decides), 0 if incomplete, as :meth:`_slow_tx` otherwise.
+        [`_slow_tx`][] decides), 0 if incomplete, as [`_slow_tx`][] otherwise.
 
         The chain is handled with a constant number of C-level operations: its end is
         found in the strided flag bytes, its slots are unpacked by one ``Struct`` and its
@@ -741,7 +741,7 @@ async def attach_vif(
     start_index: int | None = None,
 ) -> Vif:
     """Map a frontend's rings, bind its event channel and return the (not yet started)
-    :class:`Vif`.  Errors name the domain and the ref or port."""
+    [`Vif`][].  Errors name the domain and the ref or port."""
     grants = platform.grants
     owned: list[Any] = []
     try:

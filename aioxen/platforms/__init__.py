@@ -2,7 +2,7 @@
 
 ``name`` is ``"xen"``, ``"unix"`` or ``"inheap"``.  Without a name the choice is
 ``$AIOXEN_PLATFORM`` if set, else ``"xen"`` when ``/dev/xen/evtchn`` exists, else
-``"unix"`` when ``$XEN_ROOT`` is set, else :class:`~aioxen.errors.PlatformError`.
+``"unix"`` when ``$XEN_ROOT`` is set, else [`PlatformError`][aioxen.errors.PlatformError].
 
 Options common to all platforms: ``domid`` (default ``$AIOXEN_DOMID``, else 0 — on ``xen``
 the real domid is read from XenStore).  ``unix`` also takes ``root`` (default ``$XEN_ROOT``)
@@ -39,7 +39,7 @@ def choose_platform_name(
     """The platform name the environment selects (see module docstring).
 
     ``environ``: the environment to read (default ``os.environ``).  ``fallback``: the
-    name to return instead of raising :class:`PlatformError` when the environment selects
+    name to return instead of raising [`PlatformError`][] when the environment selects
     nothing (no ``$AIOXEN_PLATFORM``, not under Xen, no ``$XEN_ROOT``) -- e.g. ``"unix"``
     for a command that then creates a root of its own, as ``aioxen cat -l`` does."""
     env = os.environ if environ is None else environ
@@ -64,7 +64,7 @@ def choose_platform_name(
 
 
 def platform(name: str | None = None, **options: Any) -> Platform:
-    """Create a :class:`Platform` (a new object on each call)."""
+    """Create a [`Platform`][] (a new object on each call)."""
     if name is None:
         name = choose_platform_name()
     if "domid" not in options and name != "xen":

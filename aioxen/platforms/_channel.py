@@ -3,12 +3,12 @@
 Theory of operation
 -------------------
 A backend (in-heap, Unix socket, ``/dev/xen/evtchn``) only has to tell a
-:class:`ChannelCore` two things, always on the channel's event loop:
+[`ChannelCore`][] two things, always on the channel's event loop:
 
-* :meth:`ChannelCore._events_arrived` — one *batch* of one or more notifications came in;
-* :meth:`ChannelCore._peer_gone` — the remote end disappeared (closed, died, EOF).
+* [`ChannelCore._events_arrived`][] — one *batch* of one or more notifications came in;
+* [`ChannelCore._peer_gone`][] — the remote end disappeared (closed, died, EOF).
 
-The core turns that into the :class:`~aioxen.platforms.base.EventChannel` semantics:
+The core turns that into the [`EventChannel`][aioxen.platforms.base.EventChannel] semantics:
 
 * Notifications coalesce into a single ``pending`` flag.  A batch that arrives while tasks
   wait wakes all of them (they all return); otherwise it sets the flag and the next ``wait()``
@@ -16,15 +16,15 @@ The core turns that into the :class:`~aioxen.platforms.base.EventChannel` semant
   (a waiter cancelled after being handed a batch puts the flag back).  ``wait()`` raises
   ``ConnectionResetError`` only once nothing is pending and the peer is gone (or the channel
   was closed), so a last notification sent just before the peer's close is still observed.
-* With a handler installed (:meth:`set_handler`) the batch is delivered by calling the handler
+* With a handler installed ([`set_handler`][]) the batch is delivered by calling the handler
   directly from the backend's callback instead; the flag is consumed by the call.  Loss of the
-  peer produces one further call with :attr:`peer_lost` true.  Installing a handler while events
+  peer produces one further call with [`peer_lost`][] true.  Installing a handler while events
   are pending (or after the peer vanished) schedules one call, so nothing that arrived between
   ``connect`` and ``set_handler`` is dropped.
 
-* The connecting end starts with one pending event (:meth:`_bound_by_connect`).  Xen sets a
+* The connecting end starts with one pending event ([`_bound_by_connect`][]).  Xen sets a
   port pending as ``BIND_INTERDOMAIN`` binds it; the ``unix`` and ``inheap`` backends call
-  :meth:`_bound_by_connect` so that every platform behaves alike (the ``xen`` backend gets
+  [`_bound_by_connect`][] so that every platform behaves alike (the ``xen`` backend gets
   the event from the kernel instead).
 
 Handler exceptions go to the loop's exception handler; delivery continues.

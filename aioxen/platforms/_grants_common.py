@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Every share and mapping, on every platform, is a :class:`GrantMemory`: its refs, the peer
+Every share and mapping, on every platform, is a [`GrantMemory`][]: its refs, the peer
 domain, whether it is writable, a ``closed`` flag and one close sequence:
 
 1. ``_unmap()`` takes the memory out of this process, all or nothing: while views derived
@@ -13,23 +13,23 @@ domain, whether it is writable, a ``closed`` flag and one close sequence:
 
 Two ways of holding the memory:
 
-* :class:`OwnedPages`: ``buf`` is the view of one ``mmap`` the object owns (a share's whole
+* [`OwnedPages`][]: ``buf`` is the view of one ``mmap`` the object owns (a share's whole
   backing file on ``inheap``/``unix``; a gntalloc or gntdev range on ``xen``);
-* :class:`ComposedMapping`: ``buf`` is a :class:`~aioxen.platforms._pagemap.ComposedPages`
+* [`ComposedMapping`][]: ``buf`` is a [`ComposedPages`][aioxen.platforms._pagemap.ComposedPages]
   (``inheap``/``unix`` mappings: pages from any files, in any order).
 
 Two places where the unmap notification happens.  On ``xen`` the kernel does it, on
 ``close`` or process death (the backend hands it over with an ioctl in
 ``set_unmap_notify``).  On ``inheap`` and ``unix`` ``close`` does it itself
-(:class:`NotifyOnClose`): once the grant has ended, clear the byte through the backing
+([`NotifyOnClose`][]): once the grant has ended, clear the byte through the backing
 file, close the files, then send the event, so a peer woken by it sees the byte cleared.
 
-:class:`GrantTableBase` is the MEMORY signature's common front: the same argument checks
+[`GrantTableBase`][] is the MEMORY signature's common front: the same argument checks
 (and errors) on every platform, then the backend's ``_share``/``_map`` (how pages are
 allocated, looked up and mapped), then bookkeeping of what is open: ``live()``, and
 ``close_all()``, which closes mappings before shares so their unmap notifications still
-reach open channels.  A table of :class:`NotifyOnClose` objects revokes a closed share's
-refs in :meth:`GrantTableBase._release`.
+reach open channels.  A table of [`NotifyOnClose`][] objects revokes a closed share's
+refs in [`GrantTableBase._release`][].
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class GrantMemory:
 
 
 class OwnedPages(OwnedView, GrantMemory):
-    """``buf`` is the view of one ``mmap`` this object owns (set with :meth:`_own`)."""
+    """``buf`` is the view of one ``mmap`` this object owns (set with [`_own`][])."""
 
     def _own(self, mm: mmap.mmap) -> None:
         self._mm = mm
@@ -141,7 +141,7 @@ TableT = TypeVar("TableT", bound="GrantTableBase[Any, Any]")
 
 class NotifyOnClose(GrantMemory, Generic[TableT]):
     """A share or mapping of ``_table`` (set by the subclass) that performs its unmap
-    notification in ``close``; the table revokes and forgets it (:meth:`_end`)."""
+    notification in ``close``; the table revokes and forgets it ([`_end`][])."""
 
     _table: TableT | None
     _notify_offset: int | None = None
@@ -237,8 +237,8 @@ MappingT = TypeVar("MappingT", bound=GrantMemory)
 class GrantTableBase(Generic[ShareT, MappingT]):
     """The MEMORY signature: checks and bookkeeping here, pages in the backend.
 
-    ``live`` is where created objects are tracked: a set (:class:`NotifyOnClose` objects
-    leave it through :meth:`_release` on close) or a ``WeakSet`` (objects dropped without
+    ``live`` is where created objects are tracked: a set ([`NotifyOnClose`][] objects
+    leave it through [`_release`][] on close) or a ``WeakSet`` (objects dropped without
     ``close`` end their grants in finalizers).
     """
 
@@ -261,7 +261,7 @@ class GrantTableBase(Generic[ShareT, MappingT]):
     async def map_async(
         self, remote_domid: int, refs: Sequence[int], writable: bool = True
     ) -> MappingT:
-        """:meth:`map` for coroutines: the same result and errors, but any wait (``xen``:
+        """`map` for coroutines: the same result and errors, but any wait (``xen``:
         a paged-out page being paged in) awaits instead of blocking the event loop."""
         check_domid(remote_domid, "remote_domid")
         mapping = await self._map_async(remote_domid, check_refs(refs, remote_domid), writable)
@@ -269,7 +269,7 @@ class GrantTableBase(Generic[ShareT, MappingT]):
         return mapping
 
     async def _map_async(self, remote_domid: int, refs: list[int], writable: bool) -> MappingT:
-        """:meth:`_map` for :meth:`map_async`; by default it never waits, so the same."""
+        """[`_map`][] for [`map_async`][]; by default it never waits, so the same."""
         return self._map(remote_domid, refs, writable)
 
     def _share(self, remote_domid: int, npages: int, writable: bool) -> ShareT:

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A port is an int, unique per domain within an :class:`~aioxen.platforms.inheap.InHeapWorld`
+A port is an int, unique per domain within an [`InHeapWorld`][aioxen.platforms.inheap.InHeapWorld]
 (counters start at 1, like Xen, which reserves port 0).  ``listen(remote_domid)`` registers an
 *unbound* channel under ``(own domid, port)``; ``connect(remote_domid, port)`` looks that up,
 checks it was offered to the connector's domid, allocates the connector's own port and links
@@ -10,7 +10,7 @@ the two objects.  A port is bound at most once.
 
 ``notify()`` sets a flag on the peer object and schedules (once per loop iteration, so
 notifications coalesce) a flush on the peer's event loop, which hands the batch to
-:class:`~aioxen.platforms._channel.ChannelCore`.  Closing one end schedules a "peer gone" on the
+[`aioxen.platforms._channel.ChannelCore`][].  Closing one end schedules a "peer gone" on the
 other the same way, after any notifications already sent, so nothing sent before the close is
 lost.  Notifying from another thread or loop goes through ``call_soon_threadsafe``.  Notifying
 an unbound port (nobody connected yet) is dropped, as Xen does.
@@ -96,7 +96,7 @@ class InHeapEventChannel(ChannelCore):
 
 
 class InHeapEventChannels:
-    """The EVENTS implementation of one :class:`InHeapPlatform`."""
+    """The EVENTS implementation of one [`InHeapPlatform`][]."""
 
     def __init__(self, platform: InHeapPlatform) -> None:
         self._platform = platform

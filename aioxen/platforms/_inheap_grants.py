@@ -6,7 +6,7 @@ Shared memory must really be shared: a write through a mapping is visible throug
 and vice versa, and a mapping may compose any refs, in any order, into one contiguous view.
 ``bytearray`` pages cannot do that without copying, so every share is backed by its own
 anonymous memory file (``os.memfd_create``): the owner's ``buf`` is an ``mmap`` of the whole
-memfd, and a mapping is a :class:`~aioxen.platforms._pagemap.ComposedPages` — a reserved
+memfd, and a mapping is a [`ComposedPages`][aioxen.platforms._pagemap.ComposedPages] — a reserved
 region with each page ``MAP_FIXED`` from its share's memfd, exactly as the ``unix`` platform
 does with files.  Read-only mappings map ``PROT_READ`` and hand out read-only memoryviews.
 
@@ -101,7 +101,7 @@ class InHeapMapping(ComposedMapping["InHeapGrantTable"]):
 
 
 class InHeapGrantTable(GrantTableBase[InHeapShare, InHeapMapping]):
-    """The MEMORY implementation of one :class:`InHeapPlatform`."""
+    """The MEMORY implementation of one [`InHeapPlatform`][]."""
 
     def __init__(self, platform: InHeapPlatform) -> None:
         super().__init__(set())

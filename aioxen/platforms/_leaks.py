@@ -3,12 +3,12 @@
 Theory of operation
 -------------------
 Each platform's event-channel and grant objects keep a list of what was opened through them
-and not closed yet (``live()``).  :class:`LeakChecks` turns those into ``leaks()`` — one
+and not closed yet (``live()``).  [`LeakChecks`][] turns those into ``leaks()`` — one
 ``repr`` per channel (in port order), then the shares and mappings (sorted) — and
 ``assert_cleaned_up()``, which raises ``AssertionError`` listing them.  Tests call these after
 closing everything, so a forgotten port, share or mapping fails the test that leaked it.
 
-:class:`ClosesAllOpened` adds the ``close()`` of the platforms that do their own unmap
+[`ClosesAllOpened`][] adds the ``close()`` of the platforms that do their own unmap
 notifications (``inheap``, ``unix``): mappings and shares first, then channels, so the
 notifications still reach open channels; then the XenStore client.
 """
@@ -34,7 +34,7 @@ def assert_no_leaks(what: str, leaks: list[str]) -> None:
 
 
 class LeakChecks:
-    """Mixin for :class:`~aioxen.platforms.base.Platform` subclasses whose ``events`` and
+    """Mixin for [`Platform`][aioxen.platforms.base.Platform] subclasses whose ``events`` and
     ``grants`` list what they have open (``live()``)."""
 
     if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class LeakChecks:
 
 
 class ClosesAllOpened(LeakChecks):
-    """Mixin for :class:`~aioxen.platforms.base.Platform` subclasses whose ``events`` and
+    """Mixin for [`Platform`][aioxen.platforms.base.Platform] subclasses whose ``events`` and
     ``grants`` can close everything opened through them (``close_all()``)."""
 
     if TYPE_CHECKING:

@@ -13,7 +13,7 @@ one mechanism serves both:
    ``memoryview``, and refuses to ``close`` it while views are exported (``BufferError``);
 2. ``MAP_FIXED`` each page (adjacent pages of one file are merged into one call) from its
    file over the reservation with ``PROT_READ`` or ``PROT_READ | PROT_WRITE``, through
-   :func:`aioxen.native.mmap_fixed`;
+   [`aioxen.native.mmap_fixed`][];
 3. ``close`` is Python's ``mmap.close`` — one ``munmap`` of the whole range.
 
 The object keeps the file descriptors it was given (it owns them) so that an unmap
@@ -21,9 +21,9 @@ notification can clear a byte with ``pwrite`` *after* the region is gone: the cl
 all-or-nothing — either the region is still mapped (``BufferError``) or every side effect ran.
 
 The all-or-nothing unmap of an ``mmap`` and the one view handed out of it is
-:class:`OwnedView`, which every share and mapping that owns its ``mmap`` uses too.  Argument
-checks shared by the grant backends (:func:`check_refs`, :func:`check_npages`,
-:func:`check_unmap_notify`) live here as well.
+[`OwnedView`][], which every share and mapping that owns its ``mmap`` uses too.  Argument
+checks shared by the grant backends ([`check_refs`][], [`check_npages`][],
+[`check_unmap_notify`][]) live here as well.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class OwnedView:
 class ComposedPages(OwnedView):
     """``len(sources)`` pages, page ``i`` being ``sources[i] = (fd, file_offset)``.
 
-    Takes ownership of every fd in ``fds`` (closed by :meth:`close_fds`, also on failure here).
+    Takes ownership of every fd in ``fds`` (closed by [`close_fds`][], also on failure here).
     """
 
     __slots__ = ("_fds", "_sources", "_writable")
@@ -150,11 +150,11 @@ class ComposedPages(OwnedView):
 
     unmap = OwnedView._unmap_view
     """Unmap the region; ``False`` if already done.  ``BufferError`` (nothing changed)
-    while views derived from :attr:`view` are alive."""
+    while views derived from [`view`][] are alive."""
 
     def clear_byte(self, offset: int) -> None:
         """Write 0 at ``offset`` of the composed range via the backing file (works after
-        :meth:`unmap`; needs a writable mapping)."""
+        [`unmap`][]; needs a writable mapping)."""
         fd, file_offset = self._sources[offset // PAGE_SIZE]
         os.pwrite(fd, b"\0", file_offset + offset % PAGE_SIZE)
 

@@ -13,7 +13,7 @@ decides whether a directory may serve as one.  A directory is *private* if
 * it is owned by the effective uid;
 * its mode grants nothing to group or other (``mode & 0o077 == 0``).
 
-Anything else raises :class:`RootPermissionError` (a :class:`PermissionError`) whose message
+Anything else raises [`RootPermissionError`][] (a `PermissionError`) whose message
 names the path, its owner (uid and name) and mode, and the fix (``chmod 700 DIR``, or choose
 a directory of your own).  Nothing is ever repaired silently: a root that was 0777 for a
 while may already hold another user's links.
@@ -23,27 +23,27 @@ Creation.  A missing root (and any missing parent) is created with ``mkdir(0o700
 user won the race and made the directory first, we refuse it rather than use it.
 Subdirectories (``evtchn/<domid>``, ``grants/<domid>``, ``xenstored``) are made and checked
 the same way, each relative to the descriptor of the checked directory above it
-(:func:`ensure_private_subdirs`), so a component swapped during the walk cannot redirect it.
+([`ensure_private_subdirs`][]), so a component swapped during the walk cannot redirect it.
 
 Ancestors.  The components *above* the root are resolved the ordinary way (``/tmp`` being a
 link, as ``/var/run`` -> ``/run`` is, is fine), but each must be trusted: owned by root or
 by us, and not writable by group/other unless it is sticky (``/tmp``: others cannot rename
 our entries there).  Otherwise another user could rename our checked root away and put a
 directory of theirs at its path between two of our path-based operations
-(:func:`check_ancestors`).
+([`check_ancestors`][]).
 
 Files.  Every file under a root is opened with ``O_NOFOLLOW`` (a link there is refused with
 a message naming it, never followed), ``O_NONBLOCK`` (a planted FIFO cannot hang us) and
-checked to be a regular file (:func:`open_file`); new files are created with ``O_EXCL``;
+checked to be a regular file ([`open_file`][]); new files are created with ``O_EXCL``;
 a file that is rewritten is written to a temporary file in the same directory and
 ``rename``\\ d over the old one.
 
 Clients.  A XenStore client checks the directory of the socket it is about to connect to
-(:func:`check_socket`): inside a root it must be private; elsewhere (Xen's
+([`check_socket`][]): inside a root it must be private; elsewhere (Xen's
 ``/var/run/xenstored``) it must be trusted as above, and the socket owned by us or root --
 otherwise another user could have put their own listener there.
 
-Defaults never name a predictable shared path: :func:`default_parent` is
+Defaults never name a predictable shared path: [`default_parent`][] is
 ``$XDG_RUNTIME_DIR`` when that is private, else the system's temporary directory, in which
 callers make a fresh directory with ``tempfile.mkdtemp`` (unpredictable, 0700).
 """
@@ -100,7 +100,7 @@ def _refuse_link(path: str, what: str) -> RootPermissionError:
 
 
 def check_private(st: os.stat_result, path: str, what: str = "a root") -> None:
-    """Raise :class:`RootPermissionError` unless ``st`` (from ``fstat`` of an ``O_NOFOLLOW``
+    """Raise [`RootPermissionError`][] unless ``st`` (from ``fstat`` of an ``O_NOFOLLOW``
     descriptor of ``path``) is a directory owned by us with no group/other access."""
     if stat.S_ISLNK(st.st_mode):
         raise _refuse_link(path, what)
@@ -131,7 +131,7 @@ def _trusted_dir(st: os.stat_result) -> bool:
 
 
 def check_ancestors(path: str) -> None:
-    """Raise :class:`RootPermissionError` unless every existing directory above ``path``
+    """Raise [`RootPermissionError`][] unless every existing directory above ``path``
     (as written and as resolved) is trusted: owned by root or us and not writable by others
     unless sticky.  Links among them must be owned by root or us."""
     path = os.path.abspath(path)
@@ -233,7 +233,7 @@ def open_private_dir(
 def ensure_private_dir(
     path: str | os.PathLike[str], *, create: bool = True, what: str = "a root"
 ) -> str:
-    """:func:`open_private_dir` without keeping the descriptor; returns the absolute path."""
+    """[`open_private_dir`][] without keeping the descriptor; returns the absolute path."""
     os.close(open_private_dir(path, create=create, what=what))
     return os.path.abspath(os.fspath(path))
 

@@ -6,7 +6,7 @@ On Xen, a share's or mapping's unmap notification (``set_unmap_notify(offset, ch
 happens when the object is closed *or when its process dies*: the kernel clears the byte
 and sends the event.  That is how protocols learn of a crashed peer (vchan's live bytes),
 since Xen tells nobody that the other end of an event channel went away.  On ``unix`` a
-clean ``close`` does it in-process (:class:`~aioxen.platforms._grants_common.NotifyOnClose`);
+clean ``close`` does it in-process ([`aioxen.platforms._grants_common.NotifyOnClose`][]);
 for death, the *survivor* does it on the dead process's behalf:
 
 * While a byte-clearing notification is registered on a channel end, the registering
@@ -29,7 +29,7 @@ for death, the *survivor* does it on the dead process's behalf:
 
 A record that names a revoked ref or a vanished file is skipped: a clean close already
 did the clearing.  Records are trusted no more than the rest of ``$XEN_ROOT`` (one user),
-and are opened, created and replaced with :mod:`aioxen.platforms._rootdir`'s rules (never
+and are opened, created and replaced with [`aioxen.platforms._rootdir`][]'s rules (never
 through a link, ``O_EXCL`` when new, replaced by ``rename``).
 """
 

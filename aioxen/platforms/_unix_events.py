@@ -31,7 +31,7 @@ After that every notification is one byte (value irrelevant) sent with ``MSG_DON
 the socket buffer is full the peer has plenty of unread notifications already, so dropping the
 byte only coalesces.  The receiving fd is an asyncio reader; each readiness callback does one
 ``recv`` of everything available and reports one batch to
-:class:`~aioxen.platforms._channel.ChannelCore`.  EOF — the peer closed, or its process died
+[`ChannelCore`][aioxen.platforms._channel.ChannelCore].  EOF — the peer closed, or its process died
 (SIGKILL closes its sockets too) — reports the peer gone, which wakes waiters with
 ``ConnectionResetError`` and calls the handler with ``peer_lost`` true.  A listener that
 ``notify``\\ s before its peer is accepted remembers it and sends one byte on acceptance.
@@ -110,7 +110,7 @@ def socket_address(path: str) -> Iterator[str]:
 
 def open_port_counter(domain_dir: str) -> int:
     """Open (creating it) the port counter of the domain whose evtchn directory is
-    ``domain_dir``; pass the fd to :func:`take_port`."""
+    ``domain_dir``; pass the fd to [`take_port`][]."""
     return open_file(os.path.join(domain_dir, PORT_COUNTER), os.O_RDWR | os.O_CREAT)
 
 
@@ -232,7 +232,7 @@ class UnixEventChannel(ChannelCore):
     # -- unmap notification on process death (see aioxen.platforms._unix_death) ----------
     def add_death_clear(self, spec: ClearSpec) -> int:
         """Record that if this process dies, the peer is to clear the byte ``spec`` names
-        (then deliver an event).  Returns a token for :meth:`withdraw_death_clear`."""
+        (then deliver an event).  Returns a token for [`withdraw_death_clear`][]."""
         token = next(_claims)
         self._death_clears[token] = spec
         self._write_death_record()
@@ -373,7 +373,7 @@ class UnixEventChannel(ChannelCore):
 
 
 class UnixEventChannels:
-    """The EVENTS implementation of one :class:`UnixPlatform`."""
+    """The EVENTS implementation of one [`UnixPlatform`][]."""
 
     def __init__(self, platform: UnixPlatform) -> None:
         self._platform = platform

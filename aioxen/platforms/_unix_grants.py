@@ -20,20 +20,20 @@ Concurrency: several processes may play one domid and any process may map.  Allo
 revocation hold an exclusive ``flock`` on ``table``; ``map`` holds a shared one while it
 reads the entries *and opens the backing files*, so a ref cannot be revoked between the check
 and the open.  Every record read is validated (flags, page index within the file).
-Every file is opened with :func:`~aioxen.platforms._rootdir.open_file` (``O_NOFOLLOW``,
+Every file is opened with [`open_file`][aioxen.platforms._rootdir.open_file] (``O_NOFOLLOW``,
 regular files only; ``O_EXCL`` for new share files) in directories checked to be private.
 
 ``share`` creates the backing file, writes the entries and ``mmap``\\ s the whole file for the
 owner.  ``share.close()`` clears the entries and unlinks the file: new maps fail with
 ``FileNotFoundError`` while existing mappings keep the (now anonymous) pages alive and valid on
 both sides.  ``map`` opens each distinct backing file (read-only for read-only maps) and
-composes the pages contiguously with :class:`~aioxen.platforms._pagemap.ComposedPages`
+composes the pages contiguously with [`ComposedPages`][aioxen.platforms._pagemap.ComposedPages]
 (``MAP_FIXED`` per page, ``PROT_READ`` for read-only maps).
 
 Unmap notification: a clean ``close`` of a share or writable mapping clears the byte (with
 ``pwrite`` on the backing file, visible through every mapping) and notifies the channel.  If
 the process dies instead, the channel's peer does it on its behalf from a record the process
-kept (:mod:`aioxen.platforms._unix_death`, :func:`clear_granted_byte`), as Xen's kernel would.
+kept ([`aioxen.platforms._unix_death`][], [`clear_granted_byte`][]), as Xen's kernel would.
 Grants of a dead process stay in the table (with its pid) and its page files stay until the
 root is removed.
 """
@@ -181,7 +181,7 @@ def _read_refs(tfd: int, refs: Sequence[int]) -> dict[int, bytes]:
 def clear_granted_byte(root: str, granter: int, ref: int, offset: int) -> None:
     """Write 0 at ``offset`` of the page behind grant ``ref`` of domain ``granter``, through
     its share's backing file (the unmap notification a dead process could not perform:
-    :mod:`aioxen.platforms._unix_death`).  A revoked ref or a vanished file is skipped."""
+    [`aioxen.platforms._unix_death`][]).  A revoked ref or a vanished file is skipped."""
     d = os.path.join(root, "grants", str(granter))
     try:
         tfd = open_file(os.path.join(d, TABLE_NAME), os.O_RDONLY)
@@ -209,9 +209,9 @@ def clear_granted_byte(root: str, granter: int, ref: int, offset: int) -> None:
 
 
 class _DeathNotify:
-    """Mixin of :class:`UnixShare` and :class:`UnixMapping`: keep a byte-clearing unmap
+    """Mixin of [`UnixShare`][] and [`UnixMapping`][]: keep a byte-clearing unmap
     notification on record with its channel, so that the channel's peer performs it if
-    this process dies (:mod:`aioxen.platforms._unix_death`)."""
+    this process dies ([`aioxen.platforms._unix_death`][])."""
 
     _refs: list[int]
     _death_channel: UnixEventChannel | None = None
@@ -268,7 +268,7 @@ class UnixMapping(_DeathNotify, ComposedMapping["UnixGrantTable"]):
 
 
 class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
-    """The MEMORY implementation of one :class:`UnixPlatform`."""
+    """The MEMORY implementation of one [`UnixPlatform`][]."""
 
     def __init__(self, platform: UnixPlatform) -> None:
         super().__init__(set())
@@ -421,7 +421,7 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
     ) -> list[tuple[int, int]] | None:
         """Fast path for ``refs`` that are one run of consecutive ascending refs (a vchan
         ring, a share mapped whole): one ``pread`` and one pass over the records, each
-        checked as :meth:`_check_entry` does.  ``None`` if ``refs`` is not such a run, or
+        checked as [`_check_entry`][] does.  ``None`` if ``refs`` is not such a run, or
         anything is wrong (the caller then takes the entry-by-entry path, which raises the
         precise error)."""
         first, n = refs[0], len(refs)

@@ -5,8 +5,8 @@ Theory of operation
 A grant must be ended with the fd it was created on (the kernel keys the ``index`` by
 file).  Shares and mappings can outlive the platform object that made them (a view still
 exported, a forgotten object whose finalizer runs later), so the fd is reference-counted:
-each share or mapping :meth:`~Device.acquire`\\ s it, releases it once its grant is ended,
-and :meth:`~Device.close` only closes the fd when nobody holds it any more.
+each share or mapping [`acquire`][Device.acquire]\\ s it, releases it once its grant is ended,
+and [`close`][Device.close] only closes the fd when nobody holds it any more.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Device:
             os.close(fd)
 
     def ioctl(self, request: int, arg: bytearray | None) -> int:
-        """:func:`aioxen.native.ioctl` on this device (``OSError`` with errno on failure)."""
+        """[`aioxen.native.ioctl`][] on this device (``OSError`` with errno on failure)."""
         if self.fd < 0:
             raise OSError(errno.EBADF, f"{self.path} is closed")
         return native.ioctl(self.fd, request, arg)

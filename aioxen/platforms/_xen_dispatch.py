@@ -5,16 +5,16 @@ Theory of operation
 The kernel's evtchn device queues the number of every port that fired (a native u32) and
 *masks* that port from then until user space writes the number back.  One fd serves every
 port a platform object binds, so the port numbers must be fanned out to the channels:
-:class:`PortDispatcher` maps each bound port to a :class:`PortSink` (in practice an
-:class:`~aioxen.platforms._channel.ChannelCore`, which owns the coalescing flag, the
+[`PortDispatcher`][] maps each bound port to a [`PortSink`][] (in practice an
+[`ChannelCore`][aioxen.platforms._channel.ChannelCore], which owns the coalescing flag, the
 waiters and the handler).
 
-The I/O layer (:mod:`aioxen.platforms._xen_events`) reads one port per readiness callback,
-:meth:`~PortDispatcher.parse`\\ s it, writes the *registered* ports back to unmask them
-(:meth:`~PortDispatcher.encode`), and only then calls :meth:`~PortDispatcher.dispatch`,
+The I/O layer ([`aioxen.platforms._xen_events`][]) reads one port per readiness callback,
+[`parse`][PortDispatcher.parse]\\ s it, writes the *registered* ports back to unmask them
+([`encode`][PortDispatcher.encode]), and only then calls [`dispatch`][PortDispatcher.dispatch],
 so that an event arriving while the sink runs is queued again rather than lost.  A port
 that is no longer registered (unbound after it fired) is a stale entry and is dropped.
-After a ring overflow the device is reset and :meth:`~PortDispatcher.fire_all` gives every
+After a ring overflow the device is reset and [`fire_all`][PortDispatcher.fire_all] gives every
 sink one (possibly spurious) batch, because the lost entries can no longer say which ports
 fired; a spurious wake-up is harmless, a lost one is not.
 """

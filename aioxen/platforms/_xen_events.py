@@ -3,15 +3,15 @@
 Theory of operation
 -------------------
 A platform object opens the evtchn device once, makes the fd non-blocking (uvloop would
-anyway) and watches it with ``loop.add_reader``.  :meth:`XenEventChannels.listen` binds an
-unbound port (``BIND_UNBOUND_PORT``), :meth:`XenEventChannels.connect` binds to a peer's
+anyway) and watches it with ``loop.add_reader``.  [`XenEventChannels.listen`][] binds an
+unbound port (``BIND_UNBOUND_PORT``), [`XenEventChannels.connect`][] binds to a peer's
 (``BIND_INTERDOMAIN``); each bound port is registered with a pure
-:class:`~aioxen.platforms._xen_dispatch.PortDispatcher`.
+[`PortDispatcher`][aioxen.platforms._xen_dispatch.PortDispatcher].
 
 Each readiness callback reads *one* u32 port (``EAGAIN``: a spurious wake-up; the reader is
 level-triggered, so remaining ports call again), writes it straight back — the kernel keeps a
 port masked from the moment it fires until it is written back — and then dispatches it to
-its :class:`XenEventChannel`, whose :class:`~aioxen.platforms._channel.ChannelCore` sets the
+its [`XenEventChannel`][], whose [`ChannelCore`][aioxen.platforms._channel.ChannelCore] sets the
 coalescing flag and wakes ``wait()`` or calls the handler.  ``EFBIG`` (the kernel's port ring
 overflowed) is answered with ``IOCTL_EVTCHN_RESET``, an unmask of every bound port (ports
 whose entries were lost would otherwise stay masked for ever) and one batch for every
@@ -19,7 +19,7 @@ channel.  Any other read/write failure of the device marks every channel's peer 
 
 **The connecting side starts with one event.**  Xen marks a port pending as it is bound
 with ``BIND_INTERDOMAIN`` (notifications sent to the still-unbound peer port may have been
-lost), so the first ``wait()`` after :meth:`XenEventChannels.connect` returns at once.
+lost), so the first ``wait()`` after [`XenEventChannels.connect`][] returns at once.
 Events are hints to re-check shared state, so this is harmless; it is not filtered out
 because it cannot be told apart from a real notification sent before the bind.
 
@@ -27,7 +27,7 @@ because it cannot be told apart from a real notification sent before the bind.
 its domain dies: the peer's port just reverts to *unbound* and notifications are dropped.
 On Xen a protocol learns of a dead peer from shared memory: the peer's unmap notify clears
 a "live" byte and sends one last event (vchan's crash detection).  So
-:attr:`XenEventChannel.peer_lost` stays false unless the device reports an error —
+[`XenEventChannel.peer_lost`][] stays false unless the device reports an error —
 ``NOTIFY`` failing (the port is no longer ours) or the fd failing.
 """
 

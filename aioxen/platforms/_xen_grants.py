@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-:meth:`XenGrantTable.share` uses ``/dev/xen/gntalloc``: ``ALLOC_GREF`` returns the grant
+[`XenGrantTable.share`][] uses ``/dev/xen/gntalloc``: ``ALLOC_GREF`` returns the grant
 references and an mmap offset (``index``), and one ``mmap`` (``MAP_SHARED``) of that offset
-gives the zeroed pages.  :meth:`XenGrantTable.map` uses ``/dev/xen/gntdev``: one
+gives the zeroed pages.  [`XenGrantTable.map`][] uses ``/dev/xen/gntdev``: one
 ``MAP_GRANT_REF`` with all the refs reserves a contiguous range of the fd, and one ``mmap``
 of it maps the refs in the order given (``PROT_READ`` only for read-only maps, which makes
 Python's memoryview read-only too).
@@ -111,7 +111,7 @@ class _XenGrant(OwnedPages):
         self._dev.ioctl(request, abi.pack_arg(fmt, self._index + byte, action, port))
 
     def _unmap(self) -> None:
-        """munmap first (the grant is ended after, in :meth:`_end`)."""
+        """munmap first (the grant is ended after, in [`_end`][])."""
         try:
             self._unmap_view()
         except BufferError:
@@ -165,8 +165,8 @@ class XenGrantTable(GrantTableBase[XenShare, XenMapping]):
 
     MMAP_EAGAIN_RETRIES = 20
     """``mmap`` of a grant fails with ``EAGAIN`` while Xen pages a paged-out granted page
-    back in: retry, pausing 1, 2, 3 ... ms (at most ~210 ms in all).  :meth:`map` waits
-    with ``time.sleep`` (bounded; a blocking call by contract); :meth:`map_async`, which
+    back in: retry, pausing 1, 2, 3 ... ms (at most ~210 ms in all).  `map` waits
+    with ``time.sleep`` (bounded; a blocking call by contract); [`map_async`][], which
     coroutines use, with ``asyncio.sleep`` -- it never blocks the event loop."""
 
     def __init__(self, device_dir: str) -> None:
@@ -219,7 +219,7 @@ class XenGrantTable(GrantTableBase[XenShare, XenMapping]):
         return XenMapping(dev, remote_domid, refs, index, writable, mm)
 
     async def _map_async(self, remote_domid: int, refs: list[int], writable: bool) -> XenMapping:
-        """:meth:`_map` whose ``EAGAIN`` retries await instead of blocking the loop (and
+        """[`_map`][] whose ``EAGAIN`` retries await instead of blocking the loop (and
         which a cancellation cleans up after)."""
         dev, index = self._reserve(remote_domid, refs)
         try:
@@ -257,7 +257,7 @@ class XenGrantTable(GrantTableBase[XenShare, XenMapping]):
 
     def _mmap(self, dev: Device, index: int, count: int, writable: bool) -> mmap.mmap:
         """mmap ``count`` pages at ``index``, waiting out ``EAGAIN`` (blocking, bounded:
-        see :attr:`MMAP_EAGAIN_RETRIES`)."""
+        see [`MMAP_EAGAIN_RETRIES`][])."""
         for attempt in range(self.MMAP_EAGAIN_RETRIES):
             mm = self._try_mmap(dev, index, count, writable)
             if mm is not None:

@@ -3,27 +3,27 @@
 Theory of operation
 -------------------
 Protocol code (vchan, rings, xenbus devices) never imports a backend.  It receives a
-:class:`Platform` and uses three objects hanging off it:
+[`Platform`][] and uses three objects hanging off it:
 
-* ``platform.events`` (:class:`EventChannels`): ``listen(remote_domid)`` allocates an
+* ``platform.events`` ([`EventChannels`][]): ``listen(remote_domid)`` allocates an
   unbound port that ``remote_domid`` may bind to; ``connect(remote_domid, remote_port)``
-  binds to a peer's unbound port.  Both return an :class:`EventChannel`.  An event carries no
+  binds to a peer's unbound port.  Both return an [`EventChannel`][].  An event carries no
   data; ``notify()`` sends one, ``await wait()`` returns once at least one arrived since the
   previous ``wait`` (events coalesce, none is lost).  Adapters that want a callback instead
-  of a waiting task use :meth:`EventChannel.set_handler`.
-* ``platform.grants`` (:class:`GrantTable`): ``share(remote_domid, npages)`` exports fresh
+  of a waiting task use [`EventChannel.set_handler`][].
+* ``platform.grants`` ([`GrantTable`][]): ``share(remote_domid, npages)`` exports fresh
   zeroed pages and returns their grant references; ``map(remote_domid, refs)`` maps any list
   of a domain's refs, in any order, into one contiguous ``memoryview``.  Either side can ask
   for an *unmap notification* (Linux's ``SET_UNMAP_NOTIFY``): when the memory goes away
   (cleanly or because the process died) a byte is cleared and/or an event is sent.
-* ``platform.store``: a XenStore client (see :mod:`aioxen.xenstore`).
+* ``platform.store``: a XenStore client (see `aioxen.xenstore`).
 
 Three implementations exist — ``inheap``, ``unix`` and ``xen`` — and
-:func:`aioxen.platform` picks one.
+[`aioxen.platform`][] picks one.
 
 Closing a platform ends what runs over it first.  Transports register as *users*
-(:meth:`Platform.add_user`); ``close()`` begins with :meth:`Platform.end_users`, which gives
-each of them (concurrently) at most :attr:`Platform.close_timeout` seconds to finish -- a
+([`Platform.add_user`][]); ``close()`` begins with [`Platform.end_users`][], which gives
+each of them (concurrently) at most `Platform.close_timeout` seconds to finish -- a
 vchan transport being closed flushes its queued bytes, anything else is aborted so that its
 peer sees ``ConnectionResetError`` -- and only then unmaps and unshares the memory.  A stream
 is never cut short silently, and no ``BufferError`` comes from memory still in use.
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("aioxen.platforms")
 
 DEFAULT_CLOSE_TIMEOUT = 10.0
-"""Seconds a closing platform gives its users to finish (:attr:`Platform.close_timeout`)."""
+"""Seconds a closing platform gives its users to finish (`Platform.close_timeout`)."""
 
 PAGE_SIZE = 4096
 """Grant and ring page size: always 4 KiB (``XEN_PAGE_SHIFT`` 12), on every platform."""
@@ -92,7 +92,7 @@ class EventChannel(Protocol):
     def set_handler(self, handler: Callable[[], None] | None) -> None:
         """Deliver events by calling ``handler()`` on the event loop instead of waking
         ``wait``.  ``handler`` is called once per batch of coalesced events, and once more
-        when the peer goes away (after which :attr:`peer_lost` is true).  ``None`` restores
+        when the peer goes away (after which [`peer_lost`][] is true).  ``None`` restores
         ``wait`` delivery; events that arrived while a handler was set are not replayed."""
         ...
 
@@ -117,7 +117,7 @@ class EventChannels(Protocol):
     async def connect(self, remote_domid: int, remote_port: int) -> EventChannel:
         """Bind to ``remote_port`` of ``remote_domid``.  ``ConnectionRefusedError`` if no
         such unbound port exists or it was not offered to us (where the platform can tell,
-        the latter is :class:`~aioxen.errors.PortNotOfferedError`, also a
+        the latter is [`PortNotOfferedError`][aioxen.errors.PortNotOfferedError], also a
         ``PermissionError``).
 
         The new channel starts with one pending event on every platform, as on Xen (which
@@ -166,7 +166,7 @@ class Mapping(Protocol):
     def writable(self) -> bool: ...
 
     def set_unmap_notify(self, offset: int | None, channel: EventChannel | None) -> None:
-        """As :meth:`Share.set_unmap_notify`; byte clearing needs a writable mapping
+        """As [`Share.set_unmap_notify`][]; byte clearing needs a writable mapping
         (``ValueError`` otherwise, as for an offset outside the mapping)."""
         ...
 
@@ -192,8 +192,8 @@ class GrantTable(Protocol):
     async def map_async(
         self, remote_domid: int, refs: Sequence[int], writable: bool = True
     ) -> Mapping:
-        """:meth:`map` for coroutines: never blocks the event loop (on ``xen``, mapping a
-        paged-out page waits, up to ~210 ms, for Xen to page it in: :meth:`map` sleeps,
+        """`map` for coroutines: never blocks the event loop (on ``xen``, mapping a
+        paged-out page waits, up to ~210 ms, for Xen to page it in: `map` sleeps,
         this awaits).  Cancelling it leaves nothing mapped."""
         ...
 
@@ -201,7 +201,7 @@ class GrantTable(Protocol):
 @runtime_checkable
 class PlatformUser(Protocol):
     """Something running over a platform that must end before its memory goes away (a
-    transport): see :meth:`Platform.end_users`."""
+    transport): see [`Platform.end_users`][]."""
 
     async def platform_closing(self, timeout: float) -> None:
         """Finish within ``timeout`` seconds (flush what a ``close()`` still has queued),
@@ -216,9 +216,9 @@ class Platform(abc.ABC):
     Use as an async context manager (``async with plat:``) so that everything it opened is
     closed on exit.  ``domid`` is this domain's own id.
 
-    ``close_timeout`` (seconds, default :data:`DEFAULT_CLOSE_TIMEOUT`; settable per object)
+    ``close_timeout`` (seconds, default [`DEFAULT_CLOSE_TIMEOUT`][]; settable per object)
     bounds how long ``close()`` waits for transports that are still flushing a ``close()``
-    (see :meth:`end_users`).
+    (see [`end_users`][]).
     """
 
     name: str = "abstract"
@@ -274,7 +274,7 @@ class Platform(abc.ABC):
             await store.close()
 
     def add_user(self, user: PlatformUser) -> None:
-        """Register ``user`` (a transport) to be ended by :meth:`end_users` on close."""
+        """Register ``user`` (a transport) to be ended by [`end_users`][] on close."""
         if self._users is None:
             self._users = {}
         self._users[user] = None

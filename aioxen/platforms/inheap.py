@@ -2,17 +2,17 @@
 
 Theory of operation
 -------------------
-An :class:`InHeapWorld` is the "hypervisor" shared by every :class:`InHeapPlatform` created
+An [`InHeapWorld`][] is the "hypervisor" shared by every [`InHeapPlatform`][] created
 with it: the table of bound event-channel ports, the grant table and ``xenstore_engine``,
-the in-process xenstored engine (:meth:`InHeapWorld.store_engine` creates it on first
+the in-process xenstored engine ([`InHeapWorld.store_engine`][] creates it on first
 use).  Each platform object is one domain (``domid``); several
 objects may play the same domid.  By default all platforms of a process share one world
-(:func:`default_world`); tests pass a fresh ``InHeapWorld()`` for isolation and call
-:meth:`InHeapWorld.assert_cleaned_up` to prove nothing leaked.
+([`default_world`][]); tests pass a fresh ``InHeapWorld()`` for isolation and call
+[`InHeapWorld.assert_cleaned_up`][] to prove nothing leaked.
 
-* Event channels (:mod:`aioxen.platforms._inheap_events`): int ports per domain, linked Python
+* Event channels ([`aioxen.platforms._inheap_events`][]): int ports per domain, linked Python
   objects, notifications scheduled on the receiving channel's event loop.
-* Grants (:mod:`aioxen.platforms._inheap_grants`): every share is a memfd, mappings compose
+* Grants ([`aioxen.platforms._inheap_grants`][]): every share is a memfd, mappings compose
   pages with ``MAP_FIXED`` so memory is truly shared, with grantee and read-only checks.
 
 Nothing here needs a file system or another process; it is the fastest platform and the one
@@ -44,7 +44,7 @@ class InHeapWorld:
     """The shared "hypervisor" state of in-heap domains (ports, grants, xenstore engine)."""
 
     xenstore_engine: Engine | None = None
-    """The in-process XenStore engine, once :meth:`store_engine` created it."""
+    """The in-process XenStore engine, once [`store_engine`][] created it."""
 
     def __init__(self) -> None:
         self.xenstore_engine = None
@@ -108,7 +108,7 @@ def default_world() -> InHeapWorld:
 
 
 class InHeapPlatform(ClosesAllOpened, Platform):
-    """One in-heap domain.  ``world`` defaults to :func:`default_world`."""
+    """One in-heap domain.  ``world`` defaults to [`default_world`][]."""
 
     name = "inheap"
     peer_runs_concurrently = False  # every domain of a world runs on one thread

@@ -13,12 +13,12 @@ Every process that plays a domain names the same root directory (``root=`` or
       grants/<domid>/share-<id>             backing pages of one share
       xenstored/socket                      the xenstored socket (default XENSTORED_PATH)
 
-* Event channels (:mod:`aioxen.platforms._unix_events`): one Unix stream socket per bound
+* Event channels ([`aioxen.platforms._unix_events`][]): one Unix stream socket per bound
   port; one byte per notification; EOF = the peer closed or died.
-* Grants (:mod:`aioxen.platforms._unix_grants`): page files, ``mmap``; maps compose any refs
+* Grants ([`aioxen.platforms._unix_grants`][]): page files, ``mmap``; maps compose any refs
   contiguously with ``MAP_FIXED`` and enforce grantee and read-only.
 * XenStore: ``xenstored_path`` is where ``aioxen xenstored`` listens; the client lives in
-  :mod:`aioxen.xenstore`.
+  [`aioxen.xenstore`][].
 
 Nothing needs root privileges; all processes must run as the same user.
 
@@ -26,7 +26,7 @@ Security: whoever can open the root's files can play any domain, so the root's p
 are the trust boundary.  The root must be a real directory (never a link) owned by the
 effective user with no group/other access, below directories only root or we can change;
 everything under it is created 0700/0600 with ``O_NOFOLLOW`` (``O_EXCL`` when new) and
-rewritten by rename (:mod:`aioxen.platforms._rootdir`); anything else is refused with a
+rewritten by rename ([`aioxen.platforms._rootdir`][]); anything else is refused with a
 ``PermissionError`` naming path, owner and mode.  Before connecting to the xenstored socket
 the platform checks its directory the same way.
 """
@@ -69,7 +69,7 @@ def ensure_private_dir(path: str) -> None:
     """Create ``path`` (and missing parents) with mode 0700, or check an existing one: a real
     directory owned by us, no group/other access, trusted ancestors.  ``RootPermissionError``
     (a ``PermissionError``) naming the path, owner and mode otherwise
-    (:mod:`aioxen.platforms._rootdir`)."""
+    ([`aioxen.platforms._rootdir`][])."""
     try:
         _rootdir.ensure_private_dir(path)
     except NotADirectoryError as exc:

@@ -4,13 +4,13 @@ Theory of operation
 -------------------
 This module only assembles the pieces; each has its own module and docstring:
 
-* events — :mod:`aioxen.platforms._xen_events`: one ``/dev/xen/evtchn`` fd per platform
+* events — [`aioxen.platforms._xen_events`][]: one ``/dev/xen/evtchn`` fd per platform
   object, watched with ``loop.add_reader``; one port read, unmasked and dispatched per
-  wake-up (:mod:`aioxen.platforms._xen_dispatch`); ``EFBIG`` overflow handled with
+  wake-up ([`aioxen.platforms._xen_dispatch`][]); ``EFBIG`` overflow handled with
   ``IOCTL_EVTCHN_RESET``.
-* grants — :mod:`aioxen.platforms._xen_grants`: ``/dev/xen/gntalloc`` to share,
+* grants — [`aioxen.platforms._xen_grants`][]: ``/dev/xen/gntalloc`` to share,
   ``/dev/xen/gntdev`` to map, ``mmap`` of the offsets the ioctls return, unmap notifies.
-* ABI — :mod:`aioxen.platforms.xen_abi`: every ioctl number and struct layout, checked
+* ABI — [`aioxen.platforms.xen_abi`][]: every ioctl number and struct layout, checked
   against ``libxen-dev``'s headers by ``tests/test_xen_abi.py``.
 
 **Peer loss on Xen** is not reported by the hypervisor: a dead peer's interdomain port just
@@ -18,12 +18,12 @@ stops delivering.  Protocols detect it through shared memory — the peer's unma
 clears a live byte and sends a last event — so ``EventChannel.peer_lost`` is only true here
 when the evtchn device itself reports an error.
 
-**Own domid.**  ``XenPlatform(domid=N)`` states it.  Without it :meth:`XenPlatform.open`
-learns it (:meth:`XenPlatform._discover_domid`): 0 when ``/proc/xen/capabilities`` says
+**Own domid.**  ``XenPlatform(domid=N)`` states it.  Without it [`XenPlatform.open`][]
+learns it ([`XenPlatform._discover_domid`][]): 0 when ``/proc/xen/capabilities`` says
 ``control_d`` (dom0), otherwise the relative XenStore key ``domid`` read through
-:attr:`~aioxen.platforms.base.Platform.store`.  Until then :attr:`XenPlatform.domid` raises.
+[`store`][aioxen.platforms.base.Platform.store].  Until then [`XenPlatform.domid`][] raises.
 
-Opening needs ``/dev/xen/evtchn``; without it :meth:`XenPlatform.open` raises
+Opening needs ``/dev/xen/evtchn``; without it [`XenPlatform.open`][] raises
 ``FileNotFoundError`` naming the device.  gntalloc and gntdev are opened on first use.
 """
 
@@ -46,7 +46,7 @@ DEFAULT_DEVICE_DIR = "/dev/xen"
 CAPABILITIES_PATH = "/proc/xen/capabilities"
 GNTALLOC_DEFAULT_LIMIT = 1024
 """Pages one process may have granted through gntalloc at a time (the Linux module
-parameter ``limit``, default 1024): :attr:`Platform.grant_share_limit`."""
+parameter ``limit``, default 1024): [`Platform.grant_share_limit`][]."""
 
 
 def is_control_domain(path: str = CAPABILITIES_PATH) -> bool:
@@ -61,7 +61,7 @@ def is_control_domain(path: str = CAPABILITIES_PATH) -> bool:
 class XenPlatform(LeakChecks, Platform):
     """The ``xen`` platform: this process runs in a Xen domain with ``/dev/xen`` devices.
 
-    ``domid``: this domain's id if known, else learned by :meth:`open`.
+    ``domid``: this domain's id if known, else learned by `open`.
     ``device_dir``: where the devices live (default ``/dev/xen``).
     """
 

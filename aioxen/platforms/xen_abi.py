@@ -3,14 +3,14 @@
 Theory of operation
 -------------------
 This module is pure data plus packing helpers: no file descriptors, no syscalls.  The
-``xen`` platform (:mod:`aioxen.platforms.xen`) builds each ioctl argument as a
-``bytearray`` with the :class:`struct.Struct` objects defined here, passes it to
-:func:`aioxen.native.ioctl` (which lets the kernel write back into it), and unpacks the
+``xen`` platform ([`aioxen.platforms.xen`][]) builds each ioctl argument as a
+``bytearray`` with the `struct.Struct` objects defined here, passes it to
+[`aioxen.native.ioctl`][] (which lets the kernel write back into it), and unpacks the
 result with the same objects.
 
 Every request number is computed the way the kernel headers do it,
 ``_IOC(_IOC_NONE, type, nr, sizeof(struct))``, from the ``size`` of the matching
-:class:`struct.Struct`; the values in the comments are the ones measured on x86_64 and are
+`struct.Struct`; the values in the comments are the ones measured on x86_64 and are
 asserted by ``tests/test_xen_abi.py`` together with ``sizeof``/``offsetof`` of each struct
 as compiled from ``libxen-dev``'s ``/usr/include/xen/sys/*.h``.
 

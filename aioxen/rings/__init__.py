@@ -1,9 +1,9 @@
 """Shared-memory rings: ``io/ring.h`` request/response rings, byte rings, async adapters.
 
-* :mod:`aioxen.rings.formats` — entry formats (netif, blkif, caller-defined).
-* :mod:`aioxen.rings.sring` — ``io/ring.h`` shared rings: pure front/back ends.
-* :mod:`aioxen.rings.byte` — console and XenStore byte-ring pages.
-* :mod:`aioxen.rings.aio` — :class:`AsyncFrontRing` / :class:`AsyncBackRing` on a platform.
+* [`aioxen.rings.formats`][] — entry formats (netif, blkif, caller-defined).
+* [`aioxen.rings.sring`][] — ``io/ring.h`` shared rings: pure front/back ends.
+* [`aioxen.rings.byte`][] — console and XenStore byte-ring pages.
+* [`aioxen.rings.aio`][] — [`AsyncFrontRing`][] / [`AsyncBackRing`][] on a platform.
 """
 
 from __future__ import annotations

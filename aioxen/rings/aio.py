@@ -1,40 +1,40 @@
-"""asyncio adapters for ``io/ring.h`` rings: :class:`AsyncFrontRing`, :class:`AsyncBackRing`.
+"""asyncio adapters for ``io/ring.h`` rings: [`AsyncFrontRing`][], [`AsyncBackRing`][].
 
 Theory of operation
 -------------------
-Both adapters pair a pure ring (:mod:`aioxen.rings.sring`) with an event channel from the
-platform and receive events through :meth:`EventChannel.set_handler`, so no task sits in a
+Both adapters pair a pure ring ([`aioxen.rings.sring`][]) with an event channel from the
+platform and receive events through [`EventChannel.set_handler`][], so no task sits in a
 ``wait()`` loop.  The cycle (event → service → flush, one scheduled flush per loop
 iteration, a ring violation or a lost peer ends the adapter) is
-:class:`~aioxen.rings.service.RingService`'s, shared with netfront and netback.
+[`RingService`][aioxen.rings.service.RingService]'s, shared with netfront and netback.
 
 **Front.** The front owns the request ``id`` space: ids ``0 .. nr_ents - 1`` are handed out
-from a free list and written into each request (:meth:`EntryFormat.with_id`), so a slot and
+from a free list and written into each request (`EntryFormat.with_id`), so a slot and
 an id are always taken together and a full ring simply means "no free id".  Callers wait in
 FIFO order for a free id (back-pressure).  Requests put during one event-loop iteration are
 published with one push and at most one notify (the push is scheduled with
-``call_soon``).  :meth:`~AsyncFrontRing.submit_many` (and its non-waiting form
-:meth:`~AsyncFrontRing.submit_many_nowait`) writes many requests with one copy and returns
-one future per request: what :meth:`~AsyncFrontRing.submit` does, at the cost of one call.
+``call_soon``).  [`submit_many`][AsyncFrontRing.submit_many] (and its non-waiting form
+[`AsyncFrontRing.submit_many_nowait`][]) writes many requests with one copy and returns
+one future per request: what [`submit`][AsyncFrontRing.submit] does, at the cost of one call.
 On an event the front takes every published response, matches it to its
-outstanding id (an unknown or already answered id is a :class:`ProtocolError` on field
+outstanding id (an unknown or already answered id is a [`ProtocolError`][] on field
 ``id``), resolves the caller's future, frees the id and runs the final check before going
 back to sleep.  A caller cancelled after its request was published keeps its id reserved
 until the response arrives, which is then dropped: ids are never reused while the back end
 may still answer them.
 
 **Back.** The back takes requests in batches (``async for batch in back.batches()``, or
-``async for req in back``, or :meth:`AsyncBackRing.serve` with a handler).  Responses
-given to :meth:`respond` are written into the ring at once and published together at the
+``async for req in back``, or [`AsyncBackRing.serve`][] with a handler).  Responses
+given to `respond` are written into the ring at once and published together at the
 end of the loop iteration: one push, at most one notify, per batch.  With
 ``check_ids=True`` the back also rejects a front that reuses an id still being served.
 
-**Shutdown.** :meth:`close` (or the peer's event channel going away, or a protocol
+**Shutdown.** `close` (or the peer's event channel going away, or a protocol
 violation) shuts the adapter down: every pending request, free-slot waiter and iterator is
 failed with a clear error (``ConnectionResetError`` naming the ring and domain, or the
-:class:`ProtocolError` itself), the event handler is removed, and later calls raise the same
-error.  Resources the adapter created itself (:meth:`AsyncFrontRing.create`,
-:meth:`AsyncBackRing.attach`) are released: ring pin, grant share/mapping, event channel.
+[`ProtocolError`][] itself), the event handler is removed, and later calls raise the same
+error.  Resources the adapter created itself ([`AsyncFrontRing.create`][],
+[`AsyncBackRing.attach`][]) are released: ring pin, grant share/mapping, event channel.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _release(resources: list[Any]) -> None:
 
 class _Adapter(RingService):
     """State shared by both adapters: channel, shutdown, owned resources; the event →
-    service → flush cycle and the once-per-iteration flush are :class:`RingService`'s."""
+    service → flush cycle and the once-per-iteration flush are [`RingService`][]'s."""
 
     _ring: _Ring[Any, Any]  # set by the subclass
     _channel: EventChannel
@@ -95,7 +95,7 @@ class _Adapter(RingService):
 
     def add_shutdown_callback(self, callback: Callable[[BaseException | None], None]) -> None:
         """Call ``callback(error)`` (soon, on the loop) once the adapter shuts down:
-        ``error`` is ``None`` for a local :meth:`close`, else why (peer gone, protocol
+        ``error`` is ``None`` for a local [`close`][], else why (peer gone, protocol
         violation).  Devices use it to tell their xenbus runner the peer was lost."""
         if self._closed:
             self._loop.call_soon(callback, self._error)
@@ -187,7 +187,7 @@ class _Batch:
 class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
     """Submit requests, await their responses.
 
-    Build one over an existing ring and channel, or let :meth:`create` share the pages and
+    Build one over an existing ring and channel, or let [`create`][] share the pages and
     allocate the channel.  Usable as an async context manager (closes on exit).
     """
 
@@ -229,7 +229,7 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
         name: str | None = None,
     ) -> AsyncFrontRing[Req, Rsp]:
         """Share ``2**order`` zeroed pages with ``remote_domid``, initialise the ring in
-        them and listen on a new event channel.  Advertise :attr:`refs` and :attr:`port`
+        them and listen on a new event channel.  Advertise `refs` and `port`
         to the back end (e.g. as ``ring-ref``/``event-channel`` in XenStore)."""
         label = name or f"front(to {remote_domid})"
         share: Share = platform.grants.share(remote_domid, ring_pages(order))
@@ -345,10 +345,10 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
 
     async def submit_many(self, reqs: Iterable[Req]) -> list[asyncio.Future[Rsp]]:
         """Queue all of ``reqs`` and return one response future per request, in order:
-        :meth:`submit` for many requests at the cost of one.  As many as there are free
+        [`submit`][] for many requests at the cost of one.  As many as there are free
         slots are written at once; the rest wait for slots (first come, first served).
         Cancelled while waiting, the requests already queued stay queued and their
-        responses are dropped, as with :meth:`request_many`."""
+        responses are dropped, as with [`request_many`][]."""
         batch = reqs if isinstance(reqs, Sequence) else list(reqs)
         futures = self.submit_many_nowait(batch)
         while len(futures) < len(batch):
@@ -463,8 +463,8 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
         self._run_shutdown_callbacks()
 
     def close(self) -> None:
-        """Shut down (failing pending requests with :class:`RingShutdown`) and release
-        the ring and whatever :meth:`create` allocated.  Idempotent."""
+        """Shut down (failing pending requests with [`RingShutdown`][]) and release
+        the ring and whatever [`create`][] allocated.  Idempotent."""
         super().close()
 
     def __repr__(self) -> str:
@@ -498,7 +498,7 @@ def _first_reused(ids: list[int], serving: set[int]) -> int:
 
 
 class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
-    """Serve requests: iterate over them and :meth:`respond`, or :meth:`serve` a handler."""
+    """Serve requests: iterate over them and [`respond`][], or [`serve`][] a handler."""
 
     _ring: BackRing[Req, Rsp]
 
@@ -620,8 +620,8 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
                 await self._wait_event()
 
     async def batches(self) -> AsyncIterator[list[Req]]:
-        """Yield batches of requests until :meth:`close`; raises when the peer goes away
-        (``ConnectionResetError``) or misbehaves (:class:`ProtocolError`)."""
+        """Yield batches of requests until [`close`][]; raises when the peer goes away
+        (``ConnectionResetError``) or misbehaves ([`ProtocolError`][])."""
         while True:
             try:
                 batch = await self.next_batch()
@@ -685,8 +685,8 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
         A plain function runs right in the event-channel callback: each batch is taken,
         answered and pushed (one push, at most one notify) before the loop moves on.  A
         coroutine function's calls run concurrently as tasks and their answers are pushed
-        together at the end of each loop iteration.  Returns after :meth:`close`; raises
-        ``ConnectionResetError`` when the peer goes away, :class:`ProtocolError` when it
+        together at the end of each loop iteration.  Returns after [`close`][]; raises
+        ``ConnectionResetError`` when the peer goes away, [`ProtocolError`][] when it
         misbehaves, and the handler's own exception (after shutting the ring down).
         Cancelling ``serve`` stops serving and leaves the ring open.
         """
@@ -804,7 +804,7 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
 
     def close(self) -> None:
         """Publish answered responses, stop iteration, release the ring and whatever
-        :meth:`attach` allocated.  Idempotent."""
+        [`attach`][] allocated.  Idempotent."""
         super().close()
 
     def __repr__(self) -> str:

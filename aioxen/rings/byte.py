@@ -9,7 +9,7 @@ store; a reader copies out ``prod - cons`` bytes and then releases the space by 
 ``cons``.  The copies (including the split at the end of the buffer) are done by the
 native helper (``ax_bring_write``/``ax_bring_read``), which loads each shared index once
 and reports a ring whose indices claim more than ``size`` bytes in flight; we turn that
-into :class:`~aioxen.errors.ProtocolError` naming the peer-written field.
+into [`ProtocolError`][aioxen.errors.ProtocolError] naming the peer-written field.
 
 Names follow the *front end* (guest) view, as in the C headers:
 
@@ -20,7 +20,7 @@ console     ``out[2048]`` ``out_cons/prod``  ``in[1024]`` ``in_cons/prod``
 xenstore    ``req[1024]`` ``req_cons/prod``  ``rsp[1024]`` ``rsp_cons/prod``
 =========== ================================ ==================================
 
-A :class:`ByteRing` is one endpoint (``side="front"`` or ``"back"``); the back end simply
+A [`ByteRing`][] is one endpoint (``side="front"`` or ``"back"``); the back end simply
 uses the two rings the other way round.  Nothing here waits or notifies: callers pair the
 ring with an event channel and notify after a read or write that changed an index.
 """

@@ -4,11 +4,11 @@ Theory of operation
 -------------------
 An ``io/ring.h`` ring slot is a C ``union`` of the request and the response type, so its
 size is the larger of the two rounded up to the stricter alignment.  The ring core
-(:mod:`aioxen.rings.sring`) only needs three things from a format: its ``size``, its
+([`aioxen.rings.sring`][]) only needs three things from a format: its ``size``, its
 ``align``, and a way to pack a value into / unpack a value from a byte buffer.  The async
-layer (:mod:`aioxen.rings.aio`) additionally needs the ``id`` field, which the front end
-allocates and the back end echoes in the response: :meth:`EntryFormat.get_id` and
-:meth:`EntryFormat.with_id`.
+layer ([`aioxen.rings.aio`][]) additionally needs the ``id`` field, which the front end
+allocates and the back end echoes in the response: [`EntryFormat.get_id`][] and
+[`EntryFormat.with_id`][].
 
 Values are ``NamedTuple`` records.  Decoding always works on a private copy of the slot
 (the ring core copies the bytes out of shared memory once), so a value never changes
@@ -16,11 +16,11 @@ under its user.  Decoders never raise on odd field values (e.g. a ``nr_segments`
 11): validating request semantics is the device's job, and a device answers a bad request
 with an error response instead of tearing down the ring.
 
-This module is the machinery only, like ``io/ring.h``: :class:`StructFormat` over a
-:mod:`struct` layout and a ``NamedTuple`` class, and :class:`RawFormat` (values are the
+This module is the machinery only, like ``io/ring.h``: [`StructFormat`][] over a
+[`struct`][] layout and a ``NamedTuple`` class, and [`RawFormat`][] (values are the
 slot's ``bytes``, for protocols that decide a slot's type from its neighbours, like netif
 extra-info slots).  Each device package owns its layouts, as ``netif.h``/``blkif.h`` do:
-:mod:`aioxen.net.netif` (``NETIF_TX_REQUEST`` ...) and :mod:`aioxen.blk.blkif`
+[`aioxen.net.netif`][] (``NETIF_TX_REQUEST`` ...) and [`aioxen.blk.blkif`][]
 (``BLKIF_REQUEST`` ..., both ABIs).  All Xen ABIs are little-endian.
 """
 
@@ -63,11 +63,11 @@ class EntryFormat(Protocol[T]):
         ...
 
     def pack_into(self, buf: WritableBuffer, offset: int, value: T) -> None:
-        """Write ``value`` at ``offset``; exactly :attr:`size` bytes are written."""
+        """Write ``value`` at ``offset``; exactly [`size`][] bytes are written."""
         ...
 
     def unpack_from(self, buf: ReadableBuffer, offset: int = 0) -> T:
-        """Decode the :attr:`size` bytes at ``offset``."""
+        """Decode the [`size`][] bytes at ``offset``."""
         ...
 
     def get_id(self, value: T) -> int: ...
@@ -86,7 +86,7 @@ class BatchCodec(Protocol[T]):
     """Whole-batch encoding of entries into consecutive ring slots of ``slot`` bytes.
 
     The ring core uses it to move a batch with a couple of C-level calls instead of one
-    Python call per entry; :func:`batch_codec` returns a generic (per-entry) codec for
+    Python call per entry; [`batch_codec`][] returns a generic (per-entry) codec for
     formats that do not provide a faster one.
     """
 
@@ -108,7 +108,7 @@ class BatchCodec(Protocol[T]):
 
 
 class GenericCodec(Generic[T]):
-    """The per-entry :class:`BatchCodec`: one ``fmt`` call per entry.
+    """The per-entry [`BatchCodec`][]: one ``fmt`` call per entry.
 
     Specialised codecs subclass it and override the methods they can do faster.
     """
@@ -182,7 +182,7 @@ class FixedFormat:
 
 
 class _StructCodec(Generic[R]):
-    """C-speed batches: ``starmap`` of one padded :class:`struct.Struct` to pack,
+    """C-speed batches: ``starmap`` of one padded `struct.Struct` to pack,
     ``iter_unpack`` to decode, ``tuple.__new__`` to build the records."""
 
     def __init__(self, fmt: StructFormat[R], slot: int) -> None:
@@ -247,7 +247,7 @@ class _StructCodec(Generic[R]):
 
 
 class StructFormat(FixedFormat, Generic[R]):
-    """A flat C struct described by a :mod:`struct` layout and a ``NamedTuple`` class.
+    """A flat C struct described by a [`struct`][] layout and a ``NamedTuple`` class.
 
     ``layout`` uses explicit byte order and explicit padding (``x``), e.g. ``"<IHHHH"`` for
     ``netif_tx_request``; ``size`` may exceed the layout's size to express C tail padding.
@@ -337,7 +337,7 @@ class StructFormat(FixedFormat, Generic[R]):
 
 
 def _layout_items(layout: str) -> tuple[str, list[str]]:
-    """Split a :mod:`struct` layout into its byte order prefix and its items: ``"2x"`` for
+    """Split a [`struct`][] layout into its byte order prefix and its items: ``"2x"`` for
     padding, ``"6s"``/``"6p"`` for a string, one code per repeated value (``"2H"`` gives
     ``"H", "H"``)."""
     order = layout[0] if layout[:1] in ("<", ">", "=", "!", "@") else ""

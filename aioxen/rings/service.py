@@ -2,26 +2,26 @@
 
 Theory of operation
 -------------------
-An end of an ``io/ring.h`` ring pair (an :class:`~aioxen.rings.aio.AsyncFrontRing`, an
-:class:`~aioxen.rings.aio.AsyncBackRing`, netfront's
-:class:`~aioxen.net.front_queue.NetfrontQueue`, netback's :class:`~aioxen.net.vif.Vif`)
-receives its event channel's notifications through :meth:`EventChannel.set_handler`,
+An end of an ``io/ring.h`` ring pair (an [`AsyncFrontRing`][aioxen.rings.aio.AsyncFrontRing], an
+[`AsyncBackRing`][aioxen.rings.aio.AsyncBackRing], netfront's
+`NetfrontQueue`, netback's [`Vif`][aioxen.net.vif.Vif])
+receives its event channel's notifications through `EventChannel.set_handler`,
 with no task waiting in a loop, and works in one cycle:
 
-1. **service** (:meth:`RingService._service`): the end's own work on an event —
+1. **service** (`RingService._service`): the end's own work on an event —
    consume responses or requests, move queued frames, answer what it can;
-2. **flush** (:meth:`RingService._flush`): publish everything produced with one push per
+2. **flush** (`RingService._flush`): publish everything produced with one push per
    ring and at most one notification (the peer's event index decides);
 3. **peer check**: an event channel whose peer is gone ends the end with the
-   ``ConnectionResetError`` from :meth:`RingService._peer_gone_error` (naming the peer
+   ``ConnectionResetError`` from `RingService._peer_gone_error` (naming the peer
    domain and the port), after what was already published was serviced.
 
 Work produced outside an event (a caller submitting, a transport sending) is published
-once per loop iteration: :meth:`RingService._schedule_flush` queues one
-:meth:`RingService._run_flush` with ``call_soon``, however many entries were put; callers
+once per loop iteration: `RingService._schedule_flush` queues one
+`RingService._run_flush` with ``call_soon``, however many entries were put; callers
 that must publish at once call ``_run_flush`` directly.  A
-:class:`~aioxen.errors.ProtocolError` raised by the peer's ring in any step ends the end
-with that error (:meth:`RingService._fail`, idempotent); nothing runs after ``_closed``.
+[`ProtocolError`][aioxen.errors.ProtocolError] raised by the peer's ring in any step ends the end
+with that error (`RingService._fail`, idempotent); nothing runs after ``_closed``.
 
 A subclass sets ``_loop``, ``_channel``, ``_closed`` and ``_flush_scheduled`` in its
 constructor and implements ``_service``, ``_flush``, ``_fail`` and ``_peer_gone_error``.

@@ -32,7 +32,7 @@ before it is used: the back end rejects a ``req_prod`` that claims more requests
 rejects a ``rsp_prod`` that claims more responses than it has requests outstanding; both
 sides notice when the peer overwrote the producer index they own.  Slots are copied out of
 shared memory once and decoded from the private copy.  A violation raises
-:class:`~aioxen.errors.ProtocolError` with ``field`` set, and the ring object stays broken
+[`ProtocolError`][aioxen.errors.ProtocolError] with ``field`` set, and the ring object stays broken
 (every later call raises the same error) so no caller can continue on corrupt state.
 
 Besides the decoded ``put_*``/``take_*`` calls, each side can move *encoded* slots in
@@ -43,8 +43,8 @@ index validation.  Responses are always written in ring order starting at
 ``rsp_prod_pvt``, which is the slot of the oldest request consumed and not yet answered:
 the ``k``-th response answers, and overwrites, the ``k``-th such request.  netif's RX
 ring depends on this (a response goes in the slot of the request whose buffer it filled),
-and the ring index :meth:`FrontRing.take_encoded` reports for a response is the index
-:meth:`FrontRing.put_encoded` returned for that request.
+and the ring index [`FrontRing.take_encoded`][] reports for a response is the index
+[`FrontRing.put_encoded`][] returned for that request.
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ class FrontRing(_Ring[Req, Rsp]):
 
     def put_request(self, value: Req) -> int:
         """Write ``value`` into the next free slot (not yet visible to the back end) and
-        return its ring index.  :class:`RingFull` if no slot is free."""
+        return its ring index.  [`RingFull`][] if no slot is free."""
         self._check()
         if self.free_requests == 0:
             raise RingFull(f"ring {self._name}: all {self.nr_ents} slots in use")
@@ -332,8 +332,8 @@ class FrontRing(_Ring[Req, Rsp]):
 
     def put_encoded(self, data: Encoded) -> int:
         """Put requests already encoded into whole slots (e.g. by
-        :meth:`BatchCodec.pack_with_ids`, or packed by hand), copied into the ring in one
-        step; :class:`RingFull` (nothing written) if they do not all fit, ``ValueError``
+        `BatchCodec.pack_with_ids`, or packed by hand), copied into the ring in one
+        step; [`RingFull`][] (nothing written) if they do not all fit, ``ValueError``
         unless ``data`` is whole slots.  Returns the ring index of the first (the ``k``-th
         is at ``(first + k) & 0xFFFFFFFF``)."""
         if not self._ok:
@@ -396,7 +396,7 @@ class FrontRing(_Ring[Req, Rsp]):
     def take_encoded(self, limit: int | None = None) -> tuple[bytes, int, int]:
         """Consume up to ``limit`` (default: all) published responses without decoding
         them: ``(slots, count, first)``, where ``slots`` is ``count`` whole slots copied
-        out of shared memory in one step (validated as :meth:`take_responses` does) and
+        out of shared memory in one step (validated as [`take_responses`][] does) and
         ``first`` the ring index of the first.  A response sits in the slot of the request
         it answers, so ``first`` is also that request's index."""
         if not self._ok:
@@ -502,7 +502,7 @@ class BackRing(_Ring[Req, Rsp]):
         """Consume up to ``limit`` (default: all) published requests without decoding
         them: ``(slots, count, first)``, where ``slots`` is ``count`` whole slots copied
         out of shared memory in one step (``req_prod`` validated as in
-        :meth:`take_requests`) and ``first`` the ring index of the first."""
+        [`take_requests`][]) and ``first`` the ring index of the first."""
         if not self._ok:
             self._check()
         n = self._req_available()
@@ -526,7 +526,7 @@ class BackRing(_Ring[Req, Rsp]):
         return idx
 
     def put_responses(self, values: Iterable[Rsp]) -> int:
-        """Write a batch of responses (one encode and copy); :class:`RingFull` (and
+        """Write a batch of responses (one encode and copy); [`RingFull`][] (and
         nothing written) if there are fewer consumed requests than responses."""
         if not self._ok:
             self._check()
@@ -543,7 +543,7 @@ class BackRing(_Ring[Req, Rsp]):
 
     def put_encoded(self, data: Encoded) -> int:
         """Write responses already encoded into whole slots, copied into the ring in one
-        step; :class:`RingFull` (nothing written) if there are fewer consumed requests than
+        step; [`RingFull`][] (nothing written) if there are fewer consumed requests than
         responses, ``ValueError`` unless ``data`` is whole slots.  Returns the ring index
         of the first: the ``k``-th response goes in the slot of the ``k``-th oldest
         unanswered request (see the module docstring)."""

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-:class:`ByteRingTransport` moves bytes between a :class:`~aioxen.rings.byte.ByteRing`
+[`ByteRingTransport`][] moves bytes between a [`ByteRing`][aioxen.rings.byte.ByteRing]
 endpoint and an ``asyncio.Protocol``.  It receives events through the channel's handler
 (no task): on each event it first moves buffered outgoing bytes into the ring (the peer
 may have made room), then, unless reading is paused, takes every waiting incoming byte
@@ -13,16 +13,16 @@ the ring, which is the back-pressure the peer sees.
 Writes go straight into the ring when there is room; the rest waits in a buffer, and the
 protocol is paused (``pause_writing``) above the high-water mark and resumed below the
 low-water mark, as asyncio's own transports do
-(:class:`~aioxen.flowcontrol.WriteFlowControl`; a failing callback goes to the loop's
+([`WriteFlowControl`][aioxen.flowcontrol.WriteFlowControl]; a failing callback goes to the loop's
 exception handler).  Byte rings have no end-of-stream marker:
-:meth:`peer_closed` (the device's xenbus peer went ``Closing``/``Closed``) and a lost event
+[`peer_closed`][] (the device's xenbus peer went ``Closing``/``Closed``) and a lost event
 channel end the stream *after* draining what the peer had written (``eof_received``, then
 ``connection_lost``).  ``close()`` flushes the buffer first (bounded by the peer reading
 it); ``abort()`` does not.  A corrupt ring index is a
-:class:`~aioxen.errors.ProtocolError` given to ``connection_lost``.
+[`ProtocolError`][aioxen.errors.ProtocolError] given to ``connection_lost``.
 
-:func:`open_streams` wraps a transport in the stdlib ``StreamReader``/``StreamWriter``
-once the protocol has seen ``connection_made`` (:meth:`ByteRingTransport.wait_started`).
+[`open_streams`][] wraps a transport in the stdlib ``StreamReader``/``StreamWriter``
+once the protocol has seen ``connection_made`` ([`ByteRingTransport.wait_started`][]).
 """
 
 from __future__ import annotations

@@ -13,10 +13,10 @@
 
 ``domid`` is always the *peer*; the server shares the pages (and picks the ring sizes),
 the client maps them.  Every call takes ``platform=None`` (the loop's default platform).
-Modules: :mod:`~aioxen.vchan.wire` (pure format), :mod:`~aioxen.vchan.endpoint` (setup
-over a Platform), :mod:`~aioxen.vchan.advertise` (XenStore), :mod:`~aioxen.vchan.transport`,
-:mod:`~aioxen.vchan.server`, :mod:`~aioxen.vchan.streams`, :mod:`~aioxen.vchan.protocols`,
-:mod:`~aioxen.vchan.datagram`.  See ``docs/vchan.md``.
+Modules: `wire` (pure format), `endpoint` (setup
+over a Platform), `advertise` (XenStore), `transport`,
+`server`, `streams`, `protocols`,
+`datagram`.  See ``docs/vchan.md``.
 """
 
 from __future__ import annotations

@@ -3,21 +3,21 @@
 Theory of operation
 -------------------
 A server advertises one waiting endpoint under
-``/local/domain/<server>/data/vchan/<client>/<port>`` (:func:`~aioxen.vchan.endpoint.vchan_path`)
+``/local/domain/<server>/data/vchan/<client>/<port>`` ([`aioxen.vchan.endpoint.vchan_path`][])
 as two decimal keys, ``ring-ref`` (grant of the control page) and ``event-channel`` (its
 unbound port), written in *one transaction* together with permissions ``n<server>``
 ``r<client>`` on each key (libxenvchan's ``init_xs_srv``).  Re-advertising overwrites the
-same keys (:func:`republish`: ``ring-ref`` first, ``event-channel`` last, no transaction,
+same keys ([`republish`][]: ``ring-ref`` first, ``event-channel`` last, no transaction,
 one round trip); closing the server removes the directory.
 
-Ownership.  One server per path: the first :func:`publish` also claims the path with an
-``owner`` key (an :class:`aioxen.ownership.Owner` record: pid, process start time, boot id;
+Ownership.  One server per path: the first [`publish`][] also claims the path with an
+``owner`` key (an [`aioxen.ownership.Owner`][] record: pid, process start time, boot id;
 permission ``n<server>``, so only the server domain reads it) *in the same transaction*.  A
 second server finds a live owner there and fails with
-:class:`~aioxen.ownership.ResourceBusy` (``EADDRINUSE``) naming it, having written
+[`ResourceBusy`][aioxen.ownership.ResourceBusy] (``EADDRINUSE``) naming it, having written
 nothing; a dead owner's advertisement (process gone, or pid reused) is taken over.
 libxenvchan clients read only ``ring-ref`` and ``event-channel`` and never see the extra
-key.  :func:`withdraw` removes the directory only while the owner key still holds our
+key.  [`withdraw`][] removes the directory only while the owner key still holds our
 claim (one transaction), so a server never removes another's advertisement.  An
 advertisement without an owner key (a libxenvchan server, or aioxen before 0.2) cannot be
 checked for liveness; it is replaced, with a warning.
@@ -27,16 +27,16 @@ only read the keys) and, on every change, reads ``event-channel``, ``ring-ref`` 
 ``event-channel`` again (the three requests pipelined: one round trip).  Without a
 transaction (the per-domain transaction quota is 10) the double read rejects a pair torn
 by a concurrent re-advertisement; a torn pair that slipped through is caught by the
-endpoint checks (:class:`~aioxen.vchan.endpoint.StaleAdvertisement`) and simply retried
+endpoint checks ([`aioxen.vchan.endpoint.StaleAdvertisement`][]) and simply retried
 on the next change.
-Values of 0 or non-decimal text are a :class:`~aioxen.ProtocolError` (libxenvchan treats
+Values of 0 or non-decimal text are a [`ProtocolError`][aioxen.ProtocolError] (libxenvchan treats
 0 as invalid too).
 
 Quotas and coordination.  Every concurrent connect in one process to the same path shares
-*one* XenStore watch (:class:`_SharedWatch`; Xen allows 128 watches per domain), which
-outlives its last user by :data:`WATCH_LINGER` seconds so that successive connects reuse
+*one* XenStore watch ([`_SharedWatch`][]; Xen allows 128 watches per domain), which
+outlives its last user by [`WATCH_LINGER`][] seconds so that successive connects reuse
 it (its task ends with the XenStore connection, when the platform closes), and they take
-turns (:attr:`_SharedWatch.turn`): one waiter at a time reads and tries the current
+turns ([`_SharedWatch.turn`][]): one waiter at a time reads and tries the current
 advertisement, and once it took one, the next waits for the watch to report the next
 advertisement instead of trying the taken one.  So N concurrent clients cost N reads, not
 N per advertisement.  Advertisement transactions are limited to a few at a time per store
@@ -72,7 +72,7 @@ WATCH_LINGER = 2.0
 
 _QUOTA_ERRNOS = frozenset({errno.ENOSPC, errno.EBUSY})
 """Errors of a full transaction quota (other clients of our domain hold the transactions):
-:func:`publish` backs off and tries again.  Conflicts (``TransactionConflict``) are
+[`publish`][] backs off and tries again.  Conflicts (``TransactionConflict``) are
 retried by ``store.transact`` itself, once."""
 QUOTA_RETRIES = 50
 
@@ -277,7 +277,7 @@ class _SharedWatch:
         await asyncio.shield(self._ready)
 
     async def wait_change(self, seen: int, timeout: float) -> bool:
-        """Return once :attr:`generation` moved past ``seen`` (True) or after ``timeout``
+        """Return once [`generation`][] moved past ``seen`` (True) or after ``timeout``
         (False)."""
         if self._error is not None:
             raise self._error
@@ -297,7 +297,7 @@ class _SharedWatch:
             self._linger = None
 
     def release(self) -> None:
-        """Drop one user; after the last one the watch lingers :data:`WATCH_LINGER` s
+        """Drop one user; after the last one the watch lingers [`WATCH_LINGER`][] s
         (a new user takes it over), then it is removed (UNWATCH)."""
         self._users -= 1
         if not self._users:
@@ -320,7 +320,7 @@ _watches: weakref.WeakKeyDictionary[Any, dict[str, _SharedWatch]] = weakref.Weak
 
 @contextlib.asynccontextmanager
 async def watch_key(platform: Platform, key: str) -> Any:
-    """``async with watch_key(plat, key) as sw``: a shared watch (see :class:`_SharedWatch`)."""
+    """``async with watch_key(plat, key) as sw``: a shared watch (see [`_SharedWatch`][])."""
     store = _store(platform)
     registry = _watches.get(store)
     if registry is None:

@@ -2,12 +2,12 @@
 
 Theory of operation
 -------------------
-:func:`connect_client` holds a (shared) watch on ``<path>/event-channel``, waits for its
-turn among the waiters of this process (see :mod:`~aioxen.vchan.advertise`) and loops: read
-the advertisement; if there is one, :func:`~aioxen.vchan.endpoint.attach_client`; if it
+[`connect_client`][] holds a (shared) watch on ``<path>/event-channel``, waits for its
+turn among the waiters of this process (see [`advertise`][aioxen.vchan.advertise]) and loops: read
+the advertisement; if there is one, [`attach_client`][aioxen.vchan.endpoint.attach_client]; if it
 was stale (endpoint already taken by a concurrent client, or gone), wait for the next
 change of the key -- the server re-advertises after every connect -- or, as a safety net,
-:data:`RETRY_INTERVAL` seconds.  The whole wait is bounded by ``timeout``; cancellation
+[`RETRY_INTERVAL`][] seconds.  The whole wait is bounded by ``timeout``; cancellation
 at any point releases whatever the current attempt acquired.
 """
 

@@ -14,15 +14,15 @@ as space appears), the receiver delivers a datagram only once the whole frame is
 takes header and payload).  A C peer speaks it with ``libxenvchan_send(hdr, 4)`` +
 ``libxenvchan_send(payload, n)`` and ``libxenvchan_recv(hdr, 4)`` + ``recv(payload, n)``.
 A header announcing more than ``read ring size - 4`` bytes is a
-:class:`~aioxen.ProtocolError`; a peer that closes in the middle of a frame makes
+[`ProtocolError`][aioxen.ProtocolError]; a peer that closes in the middle of a frame makes
 ``connection_lost`` get ``ConnectionResetError``.  Zero-length datagrams are allowed.
 
-:class:`VchanDatagramTransport` reuses :class:`~aioxen.vchan.transport.VchanTransport`
+[`VchanDatagramTransport`][] reuses [`VchanTransport`][aioxen.vchan.transport.VchanTransport]
 (write buffering, flow control, close and error handling) and replaces the read side.
-The protocol is an :class:`asyncio.DatagramProtocol`: ``datagram_received(data, addr)``
+The protocol is an `asyncio.DatagramProtocol`: ``datagram_received(data, addr)``
 with ``addr = (peer_domid, port)``; there is no ``eof_received`` (the peer's EOF or close
 ends the transport: ``connection_lost(None)``; a peer that aborted or died without its EOF
-bit: ``connection_lost(ConnectionResetError)``, see :mod:`aioxen.vchan.transport`).
+bit: ``connection_lost(ConnectionResetError)``, see [`aioxen.vchan.transport`][]).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class VchanDatagramTransport(VchanTransport, asyncio.DatagramTransport):
     ) -> None:
         super().__init__(loop, conn, protocol, waiter, busy_poll=busy_poll)
         self.max_datagram_size = conn.core.write_size - MAX_DATAGRAM_HEADER
-        """Largest payload :meth:`sendto` accepts (the peer's limit is its read ring)."""
+        """Largest payload [`sendto`][] accepts (the peer's limit is its read ring)."""
         self._addr = (conn.peer_domid, conn.port)
 
     def _set_protocol_kind(self, protocol: asyncio.BaseProtocol) -> None:
@@ -184,11 +184,11 @@ async def create_datagram_endpoint(
     """Open a datagram vchan to domain ``domid``: ``(transport, protocol)``.
 
     ``listen=False`` (client): wait up to ``timeout`` (default
-    :data:`~aioxen.vchan.client.DEFAULT_CONNECT_TIMEOUT`) for the server's advertisement;
+    `DEFAULT_CONNECT_TIMEOUT`) for the server's advertisement;
     sizes are minimums the server must offer.  ``listen=True`` (server): share the pages
     (sizes default to 64 KiB each), advertise, wait up to ``timeout`` (default: forever)
     for one client, withdraw the advertisement.  ``busy_poll``: see
-    :class:`~aioxen.vchan.VchanTransport`.
+    [`VchanTransport`][aioxen.vchan.VchanTransport].
     """
     plat = await resolve(platform)
     check_busy_poll(busy_poll, plat.peer_runs_concurrently)

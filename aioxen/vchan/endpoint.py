@@ -1,21 +1,21 @@
-"""Setting up a vchan over any :class:`~aioxen.platforms.base.Platform`.
+"""Setting up a vchan over any [`Platform`][aioxen.platforms.base.Platform].
 
 Theory of operation
 -------------------
 The *server* shares every page, the *client* maps them (libxenvchan's roles; ``domid``
 always names the peer).
 
-Server (:class:`PendingServer`): ``listen`` an unbound event-channel port for the client
+Server ([`PendingServer`][]): ``listen`` an unbound event-channel port for the client
 domain; share the control page with an unmap notification that clears ``srv_live`` and
 signals (so our death is visible on the wire); share the out-of-page ring pages; write the
-page (:func:`~aioxen.vchan.wire.init_server_page`).  The caller then advertises
+page ([`init_server_page`][aioxen.vchan.wire.init_server_page]).  The caller then advertises
 ``ring-ref`` (the control page's grant) and ``event-channel`` (the port) in XenStore
-(:mod:`aioxen.vchan.advertise`) and awaits :meth:`PendingServer.wait_connected`, which
+([`aioxen.vchan.advertise`][]) and awaits [`PendingServer.wait_connected`][], which
 returns once the client set ``cli_live = 1``.
 
-Client (:func:`attach_client`): bind the advertised port (on Xen only one binder can
+Client ([`attach_client`][]): bind the advertised port (on Xen only one binder can
 succeed); map the control page; check it is still waiting for a client (``cli_live == 2``,
-``srv_live == 1``) -- otherwise the advertisement was stale and :class:`StaleAdvertisement`
+``srv_live == 1``) -- otherwise the advertisement was stale and [`StaleAdvertisement`][]
 tells the caller to wait for the next one; validate the orders; *claim* the endpoint with
 an atomic OR of 1 into ``cli_live`` (2 -> 3; exactly one claimant sees 2, whatever the
 platform's binding guarantees); only then register the unmap notification on
@@ -23,14 +23,14 @@ platform's binding guarantees); only then register the unmap notification on
 ``srv_notify = NOTIFY_WRITE`` and ``cli_live = 1`` and signal.  Our server treats the
 transient 3 as "still connecting"; a libxenvchan server just sees a non-zero live byte.
 
-A server that gives up on an endpoint nobody completed (:meth:`PendingServer.retire`)
+A server that gives up on an endpoint nobody completed ([`PendingServer.retire`][])
 first ORs a RETIRED bit into ``cli_live`` (2 -> 6): from then on no client can claim it,
 so a slow client never goes live on an endpoint that is being torn down; if a client had
 claimed it already (3), the server keeps it for one more bound instead.
 
-Both produce a :class:`Connection`: the :class:`~aioxen.vchan.wire.VchanCore` plus the
+Both produce a [`Connection`][]: the [`VchanCore`][aioxen.vchan.wire.VchanCore] plus the
 channel and the grant objects, released in the right order by
-:meth:`Connection.release`.  Every failure path releases what it acquired, so a cancelled
+[`Connection.release`][].  Every failure path releases what it acquired, so a cancelled
 or failed setup leaves no port bound and no page shared or mapped.
 """
 
@@ -83,7 +83,7 @@ def vchan_path(server_domid: int, client_domid: int, port: str) -> str:
 
 RETIRED = 0x04
 """Bit a server ORs into ``cli_live`` to retire an unclaimed endpoint (see
-:meth:`PendingServer.retire`); never visible to a libxenvchan peer as a live value."""
+[`PendingServer.retire`][]); never visible to a libxenvchan peer as a live value."""
 
 
 class StaleAdvertisement(ConnectionRefusedError):
@@ -149,8 +149,8 @@ def _release_all(
 class PendingServer:
     """A server endpoint that is set up and waiting for its client.
 
-    Create with :meth:`create`; advertise :attr:`ring_ref` and :attr:`event_channel`;
-    ``await wait_connected()``; or :meth:`close` to give up (idempotent).
+    Create with [`create`][]; advertise [`ring_ref`][] and [`event_channel`][];
+    ``await wait_connected()``; or [`close`][] to give up (idempotent).
     """
 
     def __init__(
@@ -194,7 +194,7 @@ class PendingServer:
         """Bind a port and share and initialise the pages for one client of ``peer_domid``.
 
         ``read_size``/``write_size`` are minimum ring sizes (server -> client is the write
-        ring); orders follow libxenvchan (:func:`~aioxen.vchan.wire.select_orders`).
+        ring); orders follow libxenvchan ([`select_orders`][aioxen.vchan.wire.select_orders]).
         """
         check_domid(peer_domid)
         check_port(port)
@@ -253,12 +253,12 @@ class PendingServer:
         )
 
     async def wait_connected(self, timeout: float | None = None) -> Connection:
-        """Wait until the client sets ``cli_live = 1``; return the :class:`Connection`.
+        """Wait until the client sets ``cli_live = 1``; return the [`Connection`][].
 
         ``ConnectionAbortedError`` if the client went away before connecting (its live byte
         dropped to 0 or its end of the channel closed), ``ProtocolError`` for a live value
         other than 0/1/2, ``TimeoutError`` after ``timeout``.  On any failure the caller
-        still owns this object and should :meth:`close` it.
+        still owns this object and should [`close`][] it.
         """
         channel = self._channel
         if channel is None or self._done:
@@ -328,10 +328,10 @@ class PendingServer:
     def retire(self) -> bool:
         """Withdraw an endpoint no client has claimed, atomically with respect to clients.
 
-        Sets bit :data:`RETIRED` in ``cli_live`` with one atomic OR.  If the old value was
+        Sets bit [`RETIRED`][] in ``cli_live`` with one atomic OR.  If the old value was
         ``LIVE_WAITING`` (2) no client claimed it and none can any more (a claimant's OR
         of 1 now reads 6, not 2, and it backs off): returns True and the caller
-        :meth:`close` must follow.  Otherwise (a client claimed it, is connected, or left) the bit
+        [`close`][] must follow.  Otherwise (a client claimed it, is connected, or left) the bit
         is cleared again with an atomic AND -- whatever the client wrote meanwhile is kept
         -- and False is returned."""
         if self._done:
@@ -369,7 +369,7 @@ async def attach_client(
     domain ``peer_domid``.
 
     ``read_size``/``write_size``, if given, are minimums the server's rings must meet
-    (``ConnectionRefusedError`` otherwise).  :class:`StaleAdvertisement` when the
+    (``ConnectionRefusedError`` otherwise).  [`StaleAdvertisement`][] when the
     endpoint is gone or already taken; ``ProtocolError`` for a malformed control page or
     ring grants that cannot be mapped.
     """

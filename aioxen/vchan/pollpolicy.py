@@ -4,12 +4,12 @@ Theory of operation
 -------------------
 Waking up through an event channel costs a system call on the writer, a wake-up of the
 reader's event loop and a callback; a ring can instead be *polled*.  After a message --
-a write, or a delivery, of at most :data:`POLL_MAX_MESSAGE` bytes -- the transport polls
+a write, or a delivery, of at most [`POLL_MAX_MESSAGE`][] bytes -- the transport polls
 its rings for a bounded *window* instead of asking the peer for notifications (bulk
 transfers stay on notifications: while one side sleeps the other moves big batches, and
 a delivery that big ends a window): one look per event-loop iteration, run as an ordinary
 ``call_soon`` callback, so other tasks, I/O and timers run in between (and after
-:data:`YIELD_AFTER` without a find, one poll first yields the CPU with ``sched_yield``,
+[`YIELD_AFTER`][] without a find, one poll first yields the CPU with ``sched_yield``,
 so a peer that shares our CPU is not kept waiting by the very loop that waits for it).
 Each find extends the window; when it runs out the transport falls back to the notify
 protocol: it sets the notify bit(s) and *re-checks* the rings (the atomic OR is a full
@@ -19,36 +19,36 @@ steady-state traffic needs no notify system call and no event-loop wake-up at al
 This module is the *decision* half, and nothing else: a pure state machine with no
 asyncio, no rings and no clock of its own.  Like aioquic's ``recovery``/``congestion``
 code it is handed the time (``now``, seconds from any monotonic clock) with each event,
-and it answers what to do; the transport (:mod:`aioxen.vchan.transport`) does it --
+and it answers what to do; the transport ([`aioxen.vchan.transport`][]) does it --
 looks at the rings, schedules the next poll, arms notifications.  The events are:
 
-- :meth:`PollPolicy.activity` -- a message was written or delivered: extend the open
+- [`PollPolicy.activity`][] -- a message was written or delivered: extend the open
   window, or open one (``True``: the caller schedules the first poll);
-- :meth:`PollPolicy.woken` -- the peer woke us by event while no window was open: size
+- [`PollPolicy.woken`][] -- the peer woke us by event while no window was open: size
   the next window;
-- :meth:`PollPolicy.polled` -- one poll looked at the rings: poll again
-  (:data:`POLL_AGAIN`, or :data:`POLL_YIELD` after yielding the CPU once), the poll found
-  something (:data:`POLL_FOUND`; :attr:`PollPolicy.polling` says whether the window goes
-  on), or the window ended (:data:`POLL_ENDED`: arm notifications);
-- :meth:`PollPolicy.end_window` -- the transport ends the window itself (bulk data);
-- :meth:`PollPolicy.cancel` -- the connection is gone.
+- [`PollPolicy.polled`][] -- one poll looked at the rings: poll again
+  ([`POLL_AGAIN`][], or [`POLL_YIELD`][] after yielding the CPU once), the poll found
+  something ([`POLL_FOUND`][]; [`PollPolicy.polling`][] says whether the window goes
+  on), or the window ended ([`POLL_ENDED`][]: arm notifications);
+- [`PollPolicy.end_window`][] -- the transport ends the window itself (bulk data);
+- [`PollPolicy.cancel`][] -- the connection is gone.
 
-The window adapts like a halt-polling governor: :attr:`PollPolicy.max` (the transport's
+The window adapts like a halt-polling governor: [`PollPolicy.max`][] (the transport's
 ``busy_poll``) is its maximum.  When the peer's next activity arrives by event after a
 window ran out, the gap since the wait began decides: within ``max`` (a longer window
-would have caught it) the window doubles, up to the maximum; more than :data:`SHRINK_GAP`
+would have caught it) the window doubles, up to the maximum; more than [`SHRINK_GAP`][]
 times ``max`` later it halves, and below an eighth of the maximum polling stops, to
 resume (at an eighth) once an event again arrives within ``max`` of the wait's start.
 
-Contended CPUs end polling: two successive polls more than :data:`CONTENDED_GAP` apart
+Contended CPUs end polling: two successive polls more than [`CONTENDED_GAP`][] apart
 mean that we were descheduled -- spinning then only takes CPU time from whoever waits for
-it, perhaps the peer.  If that poll found nothing (or more than :data:`LATE_FINDS` of the
+it, perhaps the peer.  If that poll found nothing (or more than [`LATE_FINDS`][] of the
 recent finds came after such a pause), the window is halved and, unless the poll found
 something, ends; once that drops it below an eighth of the maximum it is 0 and may not
-grow again for :data:`POLL_COOLDOWN` seconds, twice as long each further time (up to
-:data:`MAX_POLL_COOLDOWN`) until polls find the CPUs free again (a one-off hiccup costs
+grow again for [`POLL_COOLDOWN`][] seconds, twice as long each further time (up to
+[`MAX_POLL_COOLDOWN`][]) until polls find the CPUs free again (a one-off hiccup costs
 half a window; a busy machine turns polling off).  Likewise when fewer than
-:data:`MIN_WINDOW_SCORE` of the recent windows found anything at all (the peer answers
+[`MIN_WINDOW_SCORE`][] of the recent windows found anything at all (the peer answers
 later than a window lasts).  After a cooldown, the next event within ``max`` of the
 wait's start restores the full window, on probation (a score just above the threshold).
 So an idle or slow peer, or a busy machine, costs at most a few short windows, and a
@@ -59,7 +59,7 @@ from __future__ import annotations
 
 DEFAULT_BUSY_POLL = 100e-6
 """Default maximum busy-poll window in seconds; 0 where the peer cannot run concurrently
-(:attr:`~aioxen.platforms.base.Platform.peer_runs_concurrently`)."""
+([`peer_runs_concurrently`][aioxen.platforms.base.Platform.peer_runs_concurrently])."""
 MAX_BUSY_POLL = 1e-3
 """Largest accepted ``busy_poll`` (seconds)."""
 SHRINK_GAP = 4
@@ -78,7 +78,7 @@ MIN_WINDOW_SCORE = 0.25
 anything."""
 POLL_COOLDOWN = 10e-3
 """Seconds, after contention brought the window to 0, before it may grow again; doubled
-each time contention brings it to 0 again (up to :data:`MAX_POLL_COOLDOWN`), until
+each time contention brings it to 0 again (up to [`MAX_POLL_COOLDOWN`][]), until
 polling finds the CPUs free again."""
 MAX_POLL_COOLDOWN = 1.0
 POLL_MAX_MESSAGE = 16 * 1024
@@ -92,7 +92,7 @@ POLL_AGAIN = 0
 POLL_YIELD = 1
 """Nothing found for a while: yield the CPU once (``sched_yield``), then poll again."""
 POLL_FOUND = 2
-"""The poll found something: service the rings (armed unless :attr:`PollPolicy.polling`);
+"""The poll found something: service the rings (armed unless [`PollPolicy.polling`][]);
 if the window is still open, schedule the next poll."""
 POLL_ENDED = 3
 """The window ended: arm notifications, re-check, sleep until the event."""
@@ -178,8 +178,8 @@ class PollPolicy:
     def polled(self, now: float, found: bool, waiting: bool) -> int:
         """One poll of the open window looked at the rings at ``now``.  ``found``: there
         was something to do; ``waiting``: we still wait for something (we are reading,
-        or have bytes queued for the write ring).  Returns :data:`POLL_AGAIN`,
-        :data:`POLL_YIELD`, :data:`POLL_FOUND` or :data:`POLL_ENDED`."""
+        or have bytes queued for the write ring).  Returns [`POLL_AGAIN`][],
+        [`POLL_YIELD`][], [`POLL_FOUND`][] or [`POLL_ENDED`][]."""
         late = self.last_poll != 0.0 and now - self.last_poll > CONTENDED_GAP
         self.last_poll = now
         if found:

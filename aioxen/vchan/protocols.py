@@ -2,17 +2,17 @@
 
 Theory of operation
 -------------------
-The same shape as :meth:`asyncio.loop.create_connection` / ``create_server``, with a vchan
-(:class:`~aioxen.vchan.transport.VchanTransport`) in place of a socket.  The client side
-(:func:`create_connection`) waits for the server's advertisement, maps its pages and goes
-live; the server side (:func:`create_server`) shares pages and re-advertises after each
-client (:class:`~aioxen.vchan.server.VchanServer`).  ``connection_made`` is scheduled
+The same shape as `asyncio.loop.create_connection` / ``create_server``, with a vchan
+([`VchanTransport`][aioxen.vchan.transport.VchanTransport]) in place of a socket.  The client side
+([`create_connection`][]) waits for the server's advertisement, maps its pages and goes
+live; the server side ([`create_server`][]) shares pages and re-advertises after each
+client ([`VchanServer`][aioxen.vchan.server.VchanServer]).  ``connection_made`` is scheduled
 with ``call_soon`` like every asyncio transport, and ``create_connection`` returns after it
 ran.  ``platform=None`` means ``await aioxen.platforms.resolve(None)`` (the loop's default
 platform).
 A server still serving when its platform closes is closed by the platform first (its
-waiting endpoint pins shared pages): :class:`_EndsWithPlatform`, a
-:class:`~aioxen.platforms.base.PlatformUser` that holds the server weakly.
+waiting endpoint pins shared pages): [`_EndsWithPlatform`][], a
+[`PlatformUser`][aioxen.platforms.base.PlatformUser] that holds the server weakly.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ async def create_connection(
     The *server* chose the ring sizes; ``read_size``/``write_size`` here are minimums
     (``ConnectionRefusedError`` if the server offers less).  ``timeout`` bounds the wait
     for the server to advertise (``TimeoutError``; ``None`` = until cancelled).
-    ``protocol_factory`` may build an :class:`asyncio.BufferedProtocol`, which then gets
+    ``protocol_factory`` may build an `asyncio.BufferedProtocol`, which then gets
     bytes copied once from the ring into its buffer.  ``busy_poll``: the transport's
     maximum busy-poll window in seconds (``None``: the default,
-    :data:`~aioxen.vchan.transport.DEFAULT_BUSY_POLL`; 0 disables polling).
+    `DEFAULT_BUSY_POLL`; 0 disables polling).
     """
     plat = await resolve(platform)
     check_busy_poll(busy_poll, plat.peer_runs_concurrently)
@@ -109,11 +109,11 @@ async def create_server(
     in-page rings of 1/2 KiB for small sizes, else a power of two of at least 4 KiB).
     With ``start_serving`` (default) this returns once the first endpoint is advertised.
     ``initial_index`` seeds the ring indices of every connection (any u32 is wire-legal;
-    tests use values near 2**32).  ``busy_poll``: as for :func:`create_connection`, for
+    tests use values near 2**32).  ``busy_poll``: as for [`create_connection`][], for
     every accepted connection.  ``handshake_timeout``: a client that binds the advertised
     endpoint and does not complete the handshake within it is dropped and a fresh endpoint
-    advertised (see :class:`~aioxen.vchan.server.VchanServer`).  A second server for the
-    same port raises :class:`~aioxen.ownership.ResourceBusy` (``EADDRINUSE``).
+    advertised (see [`VchanServer`][aioxen.vchan.server.VchanServer]).  A second server for the
+    same port raises [`ResourceBusy`][aioxen.ownership.ResourceBusy] (``EADDRINUSE``).
     """
     plat = await resolve(platform)
     server = VchanServer(

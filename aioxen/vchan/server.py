@@ -4,14 +4,14 @@ Theory of operation
 -------------------
 A libxenvchan endpoint serves exactly one client.  To serve successive *and* concurrent
 clients, the server keeps one waiting endpoint advertised at all times: an accept task
-creates a :class:`~aioxen.vchan.endpoint.PendingServer`, publishes it
-(:func:`~aioxen.vchan.advertise.publish`), waits for a client to go live, hands the
-:class:`~aioxen.vchan.endpoint.Connection` to a new
-:class:`~aioxen.vchan.transport.VchanTransport` and immediately re-advertises a fresh
+creates a [`PendingServer`][aioxen.vchan.endpoint.PendingServer], publishes it
+([`publish`][aioxen.vchan.advertise.publish]), waits for a client to go live, hands the
+[`Connection`][aioxen.vchan.endpoint.Connection] to a new
+[`VchanTransport`][aioxen.vchan.transport.VchanTransport] and immediately re-advertises a fresh
 endpoint (new pages, new port) under the same XenStore keys.  The fresh endpoint is made
 *ahead of time*: the server always holds one unpublished spare (pages shared, port bound),
 so re-advertising after a connect is only the XenStore write, and the next spare is made
-while the new client is served.  Only endpoints of at most :data:`SPARE_MAX_PAGES` granted
+while the new client is served.  Only endpoints of at most [`SPARE_MAX_PAGES`][] granted
 pages get a spare: on Xen a process may grant just 1,024 pages by default (gntalloc's
 ``limit``), and two 1 MiB endpoints (513 pages each) already exceed it.  Only one
 endpoint is ever advertised per path, as libxenvchan expects.  Clients that raced for the
@@ -19,9 +19,9 @@ taken endpoint fail to bind its port and retry on the watch event the re-adverti
 fires.  A client that binds and leaves without connecting just causes a re-advertisement.
 
 One owner per path: the first advertisement claims the XenStore path for this server
-(:mod:`aioxen.vchan.advertise`, "Ownership"); a second server on the same (own domid,
-client domid, port) fails in :meth:`VchanServer.start_serving` with
-:class:`~aioxen.ownership.ResourceBusy` (``EADDRINUSE``) naming the holder and touches
+([`aioxen.vchan.advertise`][], "Ownership"); a second server on the same (own domid,
+client domid, port) fails in [`VchanServer.start_serving`][] with
+[`ResourceBusy`][aioxen.ownership.ResourceBusy] (``EADDRINUSE``) naming the holder and touches
 nothing; closing removes the advertisement only while it is still ours.
 
 Bounded handshakes.  The advertised endpoint is given ``handshake_timeout`` seconds at a
@@ -29,7 +29,7 @@ time.  When they pass without a connection and the port may have been bound (the
 ``unix`` and ``inheap`` platforms show whether it was; Xen cannot), the server stops
 waiting for it: an
 endpoint no client claimed is retired atomically
-(:meth:`~aioxen.vchan.endpoint.PendingServer.retire`) and released at once -- this is
+([`retire`][aioxen.vchan.endpoint.PendingServer.retire]) and released at once -- this is
 what drops a client that bound the port and stalled -- while one a client claimed is set
 aside with one more ``handshake_timeout`` to go live (served like any other client if it
 does, released otherwise).  Either way a fresh endpoint is advertised at once, so other
@@ -41,7 +41,7 @@ does not claim; it goes live by storing 1, which the server accepts).
 
 ``close()`` stops accepting: the waiting endpoint is unshared and unbound and the XenStore
 directory removed; established connections stay open (asyncio 3.11 semantics) --
-:meth:`VchanServer.close_clients` / :meth:`VchanServer.abort_clients` end them too.
+[`VchanServer.close_clients`][] / [`VchanServer.abort_clients`][] end them too.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 
 class VchanServer(asyncio.AbstractServer):
-    """A vchan listener, used like :class:`asyncio.Server`::
+    """A vchan listener, used like `asyncio.Server`::
 
     async with server:
         await server.serve_forever()
@@ -439,9 +439,9 @@ async def accept_one(
 ) -> Connection:
     """Serve exactly one client (libxenvchan's model): advertise an endpoint, wait up to
     ``timeout`` for a client to go live, withdraw the advertisement, return the
-    :class:`~aioxen.vchan.endpoint.Connection`.  A client that binds and leaves without
-    connecting, or stalls for ``handshake_timeout`` (see :class:`VchanServer`), gets a
-    fresh endpoint advertised.  The path is claimed as in :class:`VchanServer`
+    [`Connection`][aioxen.vchan.endpoint.Connection].  A client that binds and leaves without
+    connecting, or stalls for ``handshake_timeout`` (see [`VchanServer`][]), gets a
+    fresh endpoint advertised.  The path is claimed as in [`VchanServer`][]
     (``ResourceBusy`` if another live server holds it).  Cancellation or timeout
     releases everything and removes the XenStore entries."""
     check_domid(domid)

@@ -2,10 +2,10 @@
 
 Theory of operation
 -------------------
-Exactly what :func:`asyncio.open_connection` / :func:`asyncio.start_server` do, over a
-:class:`~aioxen.vchan.transport.VchanTransport`: a stdlib :class:`asyncio.StreamReader`
-fed by a stdlib :class:`asyncio.StreamReaderProtocol`, and a stdlib
-:class:`asyncio.StreamWriter` (so ``drain()``, ``write_eof()``, ``wait_closed()`` and
+Exactly what `asyncio.open_connection` / `asyncio.start_server` do, over a
+[`VchanTransport`][aioxen.vchan.transport.VchanTransport]: a stdlib `asyncio.StreamReader`
+fed by a stdlib `asyncio.StreamReaderProtocol`, and a stdlib
+`asyncio.StreamWriter` (so ``drain()``, ``write_eof()``, ``wait_closed()`` and
 ``get_extra_info()`` behave as they do on sockets).  ``limit`` is the StreamReader's
 buffer limit (reading pauses above twice that, as for sockets).
 """
@@ -46,7 +46,7 @@ async def open_connection(
 
     ``read_size``/``write_size`` are minimum ring sizes the server must offer (it picks
     them); ``timeout`` bounds the wait for its advertisement; ``busy_poll`` is the
-    transport's maximum busy-poll window (see :class:`~aioxen.vchan.VchanTransport`).
+    transport's maximum busy-poll window (see [`VchanTransport`][aioxen.vchan.VchanTransport]).
     """
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=limit, loop=loop)
@@ -78,7 +78,7 @@ async def connect(
     busy_poll: float | None = None,
 ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     """``async with vchan.connect(domid, port) as (reader, writer):`` -- as
-    :func:`open_connection`; on exit the writer is closed (flushing what was written)
+    [`open_connection`][]; on exit the writer is closed (flushing what was written)
     and ``wait_closed()`` awaited."""
     reader, writer = await open_connection(
         domid,
@@ -113,10 +113,10 @@ async def start_server(
     handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
 ) -> VchanServer:
     """Serve vchan ``port`` to clients of domain ``domid``, like
-    :func:`asyncio.start_server`: ``client_connected_cb(reader, writer)`` runs for every
+    `asyncio.start_server`: ``client_connected_cb(reader, writer)`` runs for every
     client (a coroutine becomes a task).  Any number of successive and concurrent clients
     are served.  ``read_size``/``write_size``: see
-    :func:`~aioxen.vchan.protocols.create_server`.
+    [`create_server`][aioxen.vchan.protocols.create_server].
     """
     loop = asyncio.get_running_loop()
 

@@ -1,9 +1,9 @@
-"""``VchanTransport``: an :class:`asyncio.Transport` over a connected vchan.
+"""``VchanTransport``: an `asyncio.Transport` over a connected vchan.
 
 Theory of operation
 -------------------
-The transport owns one :class:`~aioxen.vchan.endpoint.Connection` (the wire core, its
-event channel and its grants).  Everything is driven by one callback, :meth:`_service`,
+The transport owns one [`Connection`][aioxen.vchan.endpoint.Connection] (the wire core, its
+event channel and its grants).  Everything is driven by one callback, [`_service`][],
 installed with ``EventChannel.set_handler``: it runs on every batch of events and after
 ``resume_reading``.  Each run
 
@@ -21,22 +21,22 @@ read notification is requested when the ring is full, so the peer's next consump
 wakes us.
 
 Busy polling.  After a message (a write, or a delivery, of at most
-:data:`~aioxen.vchan.pollpolicy.POLL_MAX_MESSAGE` bytes) the transport may poll its rings
+[`aioxen.vchan.pollpolicy.POLL_MAX_MESSAGE`][] bytes) the transport may poll its rings
 for a bounded, adaptive window instead of asking the peer for notifications: one look per
-event-loop iteration (:meth:`_poll`, an ordinary ``call_soon`` callback); when the window
+event-loop iteration ([`_poll`][], an ordinary ``call_soon`` callback); when the window
 runs out it arms notifications and re-checks, exactly as without polling.  *Whether* and
-*how long* to poll is decided by a :class:`~aioxen.vchan.pollpolicy.PollPolicy` (its
+*how long* to poll is decided by a [`PollPolicy`][aioxen.vchan.pollpolicy.PollPolicy] (its
 module docstring is the theory of operation); the transport tells it each event with the
 time, and does what it answers.  ``busy_poll`` is the window's maximum; ``busy_poll=0``
 disables polling (the default where the peer cannot run concurrently, e.g. the
-single-process ``inheap`` platform: :attr:`~aioxen.platforms.base.Platform.peer_runs_concurrently`).
+single-process ``inheap`` platform: [`aioxen.platforms.base.Platform.peer_runs_concurrently`][]).
 
-Delivery.  A :class:`asyncio.BufferedProtocol` gets bytes copied once from the ring into
+Delivery.  A `asyncio.BufferedProtocol` gets bytes copied once from the ring into
 the buffer it returns from ``get_buffer``.  The stdlib ``StreamReaderProtocol`` (which
 copies synchronously in ``data_received``) gets a ``memoryview`` of the ring itself, so
 the only copy is into the ``StreamReader`` buffer; any other protocol gets ``bytes``.
 
-End of stream.  ``write_eof()`` sets the EOF bit (:data:`~aioxen.vchan.wire.NOTIFY_EOF`)
+End of stream.  ``write_eof()`` sets the EOF bit ([`NOTIFY_EOF`][aioxen.vchan.wire.NOTIFY_EOF])
 once the buffered bytes are in the ring.  ``close()`` flushes, sets the EOF bit and our
 live byte to 0, signals, then unmaps.  On the reading side, seeing the EOF bit (or the
 peer's live byte at 0, or the channel's peer lost) is followed by draining up to the
@@ -45,19 +45,19 @@ peer's live byte at 0, or the channel's peer lost) is followed by draining up to
 delivered (even while reading is paused: at most one ring, 1 MiB) and
 ``connection_lost(None)`` follows; undeliverable queued writes make a later
 ``StreamWriter.drain()`` raise ``ConnectionResetError``.  A corrupt control page is a
-:class:`~aioxen.ProtocolError`: the connection is torn down and the error is passed to
+[`ProtocolError`][aioxen.ProtocolError]: the connection is torn down and the error is passed to
 ``connection_lost``.
 
 A cut stream is never a clean EOF.  Each transport announces
-:data:`~aioxen.vchan.wire.NOTIFY_ENDS` to its peer when it starts (see
-:mod:`aioxen.vchan.wire`); ``close()`` ends the stream with the EOF bit, ``abort()``, a
+[`NOTIFY_ENDS`][aioxen.vchan.wire.NOTIFY_ENDS] to its peer when it starts (see
+[`aioxen.vchan.wire`][]); ``close()`` ends the stream with the EOF bit, ``abort()``, a
 fatal error and a process that dies do not.  So when a peer that announced it goes away
 without the EOF bit, the reader gets ``connection_lost(ConnectionResetError)`` (a stream
 reader raises it) instead of ``eof_received()``.  (A libxenvchan peer announces nothing;
 its close stays an EOF.)
 
 Closing the platform under a live transport.  Each transport registers with its platform
-(:meth:`~aioxen.platforms.base.Platform.end_users`): when the platform closes, a transport
+([`end_users`][aioxen.platforms.base.Platform.end_users]): when the platform closes, a transport
 whose ``close()`` was called but whose queued bytes are not all in the ring yet gets up to
 the platform's ``close_timeout`` to flush them (the peer must read); a transport that was
 never closed, or whose flush does not finish in time, is aborted -- the peer sees
@@ -120,8 +120,8 @@ BUSY_POLL_ENV = "AIOXEN_VCHAN_BUSY_POLL"
 
 def check_busy_poll(busy_poll: float | None, peer_runs_concurrently: bool = True) -> float:
     """Resolve and validate a ``busy_poll`` argument: ``None`` means ``$AIOXEN_VCHAN_BUSY_POLL``
-    if set, else :data:`DEFAULT_BUSY_POLL` -- or 0 if the peer cannot run while we poll
-    (the platform's :attr:`~aioxen.platforms.base.Platform.peer_runs_concurrently`)."""
+    if set, else [`DEFAULT_BUSY_POLL`][] -- or 0 if the peer cannot run while we poll
+    (the platform's [`aioxen.platforms.base.Platform.peer_runs_concurrently`][])."""
     if busy_poll is None:
         env = os.environ.get(BUSY_POLL_ENV)
         if not env:
@@ -141,8 +141,8 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
     """A bidirectional byte-stream transport over one vchan.
 
     ``busy_poll``: the maximum busy-poll window in seconds (``None`` =
-    :data:`DEFAULT_BUSY_POLL`, or 0 where the peer cannot run concurrently, e.g. on the
-    ``inheap`` platform; 0 disables polling; at most :data:`MAX_BUSY_POLL`).
+    `DEFAULT_BUSY_POLL`, or 0 where the peer cannot run concurrently, e.g. on the
+    ``inheap`` platform; 0 disables polling; at most `MAX_BUSY_POLL`).
 
     Extra info: ``peer_domid``, ``port``, ``platform``, ``role`` (``"server"`` or
     ``"client"``), ``read_size``/``write_size`` (ring sizes in bytes), ``peername``
@@ -353,7 +353,7 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
         gone, deliver everything, no arming.  Returns the peer's live byte as seen by the
         last check.
 
-        Each step (:meth:`~aioxen.vchan.wire.VchanCore.step`, one native call that also
+        Each step ([`step`][aioxen.vchan.wire.VchanCore.step], one native call that also
         releases what the previous delivery consumed) loads the EOF bit *before* the
         indices: if it was set and the ring is then found empty, the stream is complete.
         If it gets set later, the writer's event brings us back here.
@@ -452,7 +452,7 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
 
     def _peer_gone(self) -> None:
         """The peer closed or died: deliver what it wrote, EOF, then lose the connection
-        -- or, if its stream was cut (:meth:`_cut_error`), ``ConnectionResetError``."""
+        -- or, if its stream was cut ([`_cut_error`][]), ``ConnectionResetError``."""
         logger.debug("%r: peer gone", self)
         exc: Exception | None = None
         if not self._peer_eof and not self._closing:
@@ -468,7 +468,7 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
 
     def _cut_error(self) -> ConnectionResetError | None:
         """The peer is gone without the EOF bit: a ``ConnectionResetError`` if it had
-        announced :data:`~aioxen.vchan.wire.NOTIFY_ENDS` (its stream was cut), else
+        announced [`NOTIFY_ENDS`][aioxen.vchan.wire.NOTIFY_ENDS] (its stream was cut), else
         ``None`` (a libxenvchan peer: its close is the end of its stream)."""
         if self._conn.released or not self._core.peer_announced_ends():
             return None
@@ -614,7 +614,7 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
 
     def write_eof(self) -> None:
         """Shut down the write direction: the peer reads everything written so far, then
-        EOF.  (Wire: the :data:`~aioxen.vchan.wire.NOTIFY_EOF` bit; a libxenvchan peer
+        EOF.  (Wire: the `NOTIFY_EOF` bit; a libxenvchan peer
         does not see it and only notices the final close.)"""
         if self._eof_requested or self._closing or self._conn_lost:
             return
@@ -698,7 +698,7 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
         self._maybe_release()
 
     async def platform_closing(self, timeout: float) -> None:
-        """The platform is closing (:meth:`~aioxen.platforms.base.Platform.end_users`):
+        """The platform is closing ([`end_users`][aioxen.platforms.base.Platform.end_users]):
         give a ``close()`` in progress up to ``timeout`` seconds to move its queued bytes
         into the ring (the peer must read them), then abort whatever is still open, so the
         peer sees ``ConnectionResetError`` rather than a short stream and a clean EOF."""
@@ -766,7 +766,7 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
 
     @property
     def connection(self) -> Connection:
-        """The underlying :class:`~aioxen.vchan.endpoint.Connection` (advanced use)."""
+        """The underlying `Connection` (advanced use)."""
         return self._conn
 
 

@@ -23,22 +23,22 @@ offset size field          meaning
 
 A ring of order 10 lives in the control page at offset 1024, order 11 at offset 2048,
 order 12..20 in ``2**(order-12)`` separately granted pages.  The *server* shares every
-page and picks the orders (:func:`select_orders`, exactly libxenvchan's rule); the
-*client* maps them and validates what it finds (:func:`read_client_layout`).
+page and picks the orders ([`select_orders`][], exactly libxenvchan's rule); the
+*client* maps them and validates what it finds ([`read_client_layout`][]).
 
 Indices are free-running ``u32``; the byte offset is ``idx & (size - 1)``,
 ``used = prod - cons`` and ``space = size - used`` in u32 arithmetic.  A peer that makes
-``used`` exceed ``size`` has corrupted the ring: :class:`~aioxen.ProtocolError`.
+``used`` exceed ``size`` has corrupted the ring: [`ProtocolError`][aioxen.ProtocolError].
 
 Notification (suppression) protocol.  Each side owns one notify byte.  To be woken, a side
 atomically ORs ``NOTIFY_WRITE`` ("tell me when you write") or ``NOTIFY_READ`` ("tell me
 when you consume") into the *peer's* byte, then re-checks the ring (the RMW is a full
 fence, closing the race with the peer's update).  After producing or consuming, a side
 atomically test-and-clears the matching bit in *its own* byte and signals the event
-channel only if the bit was set.  :class:`VchanCore` never signals itself: it sets
-:attr:`VchanCore.notify_pending` and the caller sends one event.
+channel only if the bit was set.  [`VchanCore`][] never signals itself: it sets
+[`VchanCore.notify_pending`][] and the caller sends one event.
 
-End of stream.  The wire has no EOF.  aioxen adds one bit, :data:`NOTIFY_EOF` (0x80): the
+End of stream.  The wire has no EOF.  aioxen adds one bit, [`NOTIFY_EOF`][] (0x80): the
 writer ORs it into the *reader's* own notify byte after its final ``prod`` update and then
 signals.  libxenvchan only ever ORs or clears bits 0x1/0x2 of these bytes (the client's one
 plain store of ``srv_notify = WRITE`` happens at connect, before any data), so the bit
@@ -50,17 +50,17 @@ then drain up to the ``prod`` read afterwards.
 Clean end or cut stream.  libxenvchan marks a close only by its live byte going to 0, which
 is also what the unmap notification does when a process dies -- on the wire the two look the
 same.  So that a reader can tell "the writer closed after all its data" from "the writer went
-away with data unsent", an aioxen endpoint ORs :data:`NOTIFY_ENDS` (0x40) into the *peer's*
+away with data unsent", an aioxen endpoint ORs [`NOTIFY_ENDS`][] (0x40) into the *peer's*
 notify byte once it is connected, before it writes anything: "I end my stream with
-:data:`NOTIFY_EOF`".  A reader whose own byte carries :data:`NOTIFY_ENDS` and whose peer is
-gone without :data:`NOTIFY_EOF` has been cut off (the peer aborted, failed or died): that is
-``ConnectionResetError``, never EOF.  Without :data:`NOTIFY_ENDS` (a libxenvchan peer) a
+[`NOTIFY_EOF`][]".  A reader whose own byte carries [`NOTIFY_ENDS`][] and whose peer is
+gone without [`NOTIFY_EOF`][] has been cut off (the peer aborted, failed or died): that is
+``ConnectionResetError``, never EOF.  Without [`NOTIFY_ENDS`][] (a libxenvchan peer) a
 close stays an EOF, as libxenvchan's readers see it.  Like the EOF bit, it is set with an
 atomic OR after the client's one plain store of ``srv_notify`` (at connect), and libxenvchan
 only ever ORs or clears bits 0x1/0x2, so it survives and is ignored there.
 
 Nothing here does I/O or touches asyncio: atomics and copies go through the native helper
-(:mod:`aioxen.native`) on pinned ``memoryview``\\ s.
+([`aioxen.native`][]) on pinned ``memoryview``\\ s.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ NOTIFY_READ: Final = 0x2
 NOTIFY_EOF: Final = 0x80
 """aioxen's end-of-stream bit (see the module docstring); ignored by libxenvchan."""
 NOTIFY_ENDS: Final = 0x40
-"""aioxen's "I mark my clean end with :data:`NOTIFY_EOF`" bit, set by the peer in our
+"""aioxen's "I mark my clean end with [`NOTIFY_EOF`][]" bit, set by the peer in our
 notify byte (see the module docstring); ignored by libxenvchan."""
 
 LIVE_CLOSED: Final = 0
@@ -118,7 +118,7 @@ STEP_USED: Final = 0x1FFFFF
 STEP_CONS_SHIFT: Final = 21
 """``(r >> STEP_CONS_SHIFT) & 0xFFFFFFFF`` is the read ring's ``cons`` the step saw."""
 STEP_EOF: Final = 1 << 53
-"""The peer's :data:`NOTIFY_EOF` was set (loaded before the indices)."""
+"""The peer's [`NOTIFY_EOF`][] was set (loaded before the indices)."""
 STEP_LIVE: Final = 1 << 54
 """The peer's live byte is 1 (validated 0 or 1)."""
 STEP_NOTIFY: Final = 1 << 55
@@ -273,17 +273,17 @@ class VchanCore:
 
     Built over the control page and the two ring buffers (``memoryview``\\ s the caller
     mapped or shared; in-page rings are slices of the control page).  It pins them with
-    :class:`~aioxen.native.SharedBuffer`; call :meth:`release` before unmapping.
+    [`SharedBuffer`][aioxen.native.SharedBuffer]; call [`release`][] before unmapping.
 
     Methods that produce or consume may require an event to be sent to the peer: they set
-    :attr:`notify_pending`, which the caller clears after one ``EventChannel.notify()``.
+    [`notify_pending`][], which the caller clears after one ``EventChannel.notify()``.
 
-    Reading has two families.  The stream transport's: :meth:`step` (and its unchecked
-    form :attr:`step_raw`), one native call that releases what was read, checks both rings
-    and the peer's live byte, and arms when empty, plus :meth:`recv_into` for
-    ``BufferedProtocol`` objects.  The datagram (framed) reader's: :meth:`peer_eof` then
-    :meth:`readable` / :meth:`request_readable`, :meth:`peek` (a header),
-    :meth:`read_span` + :meth:`consume`.
+    Reading has two families.  The stream transport's: [`step`][] (and its unchecked
+    form [`step_raw`][]), one native call that releases what was read, checks both rings
+    and the peer's live byte, and arms when empty, plus [`recv_into`][] for
+    ``BufferedProtocol`` objects.  The datagram (framed) reader's: [`peer_eof`][] then
+    [`readable`][] / [`request_readable`][], [`peek`][] (a header),
+    [`read_span`][] + [`consume`][].
     """
 
     __slots__ = (
@@ -381,8 +381,8 @@ class VchanCore:
         # C-level partials of the two hottest calls (no Python frame per call); rebound to
         # the dead page on release.
         self.step_raw: Any = functools.partial(lib.ax_vchan_step, self._ctrl, self._cfg)
-        """``step_raw(new_cons, arm_bit)``: :meth:`step` without the error check (a
-        negative result goes to :meth:`step_error`)."""
+        """``step_raw(new_cons, arm_bit)``: [`step`][] without the error check (a
+        negative result goes to [`step_error`][])."""
         self.send_raw: Any = functools.partial(
             lib.ax_vchan_send,
             self._ctrl,
@@ -392,7 +392,7 @@ class VchanCore:
             self._wring,
             self._wsize,
         )
-        """``send_raw(src, n)``: :meth:`send` unchecked: ``-1`` corrupt, else the count,
+        """``send_raw(src, n)``: [`send`][] unchecked: ``-1`` corrupt, else the count,
         plus ``1 << 32`` if the peer asked to be notified."""
 
     # -- sizes -----------------------------------------------------------------------------
@@ -434,7 +434,7 @@ class VchanCore:
         return n
 
     def request_readable(self) -> int:
-        """Ask the peer to signal its next write, then re-check: returns :meth:`readable`."""
+        """Ask the peer to signal its next write, then re-check: returns [`readable`][]."""
         n: int = lib.ax_vchan_arm(
             self._ctrl, self._peer_notify, NOTIFY_WRITE, self._rcons, self._rprod, self._rsize
         )
@@ -446,7 +446,7 @@ class VchanCore:
         """``(offset, count)`` of the contiguous readable bytes in the read ring.
 
         ``prod`` and ``cons`` are each loaded once (acquire) and validated; the span stops
-        at the end of the ring (the rest follows at offset 0).  Use with :meth:`consume`.
+        at the end of the ring (the rest follows at offset 0).  Use with [`consume`][].
         """
         prod: int = lib.ax_load_u32(self._ctrl, self._rprod)
         cons: int = lib.ax_load_u32(self._ctrl, self._rcons)
@@ -460,14 +460,14 @@ class VchanCore:
     def step(self, new_cons: int, arm: bool) -> int:
         """The reader's fused step (one native call, ``ax_vchan_step``): if ``new_cons``
         >= 0, publish it as the read ring's ``cons`` and test-and-clear our READ request
-        bit (result bit :data:`STEP_NOTIFY`: signal the peer); then load our notify byte,
+        bit (result bit [`STEP_NOTIFY`][]: signal the peer); then load our notify byte,
         the peer's live byte and both rings' indices, each once, validating both rings and
         the live byte (``ProtocolError``); with ``arm`` and an empty read ring (no EOF),
         ask the peer for a write notification and re-check.
 
-        Returns the fields :data:`STEP_USED` (readable count), ``cons`` at
-        :data:`STEP_CONS_SHIFT`, and the flags :data:`STEP_EOF`, :data:`STEP_LIVE`,
-        :data:`STEP_NOTIFY`.  ``new_cons`` must be ``cons`` from the previous step plus
+        Returns the fields [`STEP_USED`][] (readable count), ``cons`` at
+        [`STEP_CONS_SHIFT`][], and the flags [`STEP_EOF`][], [`STEP_LIVE`][],
+        [`STEP_NOTIFY`][].  ``new_cons`` must be ``cons`` from the previous step plus
         the bytes read (u32): the index is never re-read from shared memory to compute it.
         """
         r: int = lib.ax_vchan_step(self._ctrl, self._cfg, new_cons, NOTIFY_WRITE if arm else 0)
@@ -476,20 +476,20 @@ class VchanCore:
         return r
 
     def step_error(self, r: int) -> ProtocolError:
-        """The ``ProtocolError`` for a negative :meth:`step` result."""
+        """The ``ProtocolError`` for a negative [`step`][] result."""
         if r == STEP_ERR_LIVE:
             return self._bad_live(lib.ax_load_u8(self._ctrl, self._peer_live))
         return self._corrupt(r == STEP_ERR_READ)
 
     def write_error(self) -> ProtocolError:
-        """The ``ProtocolError`` for a negative :attr:`send_raw` result."""
+        """The ``ProtocolError`` for a negative [`send_raw`][] result."""
         return self._corrupt(False)
 
     def consume(self, n: int) -> None:
-        """Release ``n`` bytes read through :meth:`read_span` (``cons += n``, release
+        """Release ``n`` bytes read through [`read_span`][] (``cons += n``, release
         store) and arrange a READ notification if the peer asked for one.
 
-        The new index is computed from the ``cons`` that :meth:`read_span` validated, not
+        The new index is computed from the ``cons`` that [`read_span`][] validated, not
         from a second read of shared memory."""
         self._span_cons = cons = (self._span_cons + n) & _U32
         if lib.ax_vchan_consume(self._ctrl, self._rcons, self._own_notify, cons, NOTIFY_READ):
@@ -508,7 +508,7 @@ class VchanCore:
     def _moved(self, r: int, reading: bool) -> int:
         """The byte count of a native recv/send result ``r`` that is not a plain count:
         negative (corrupt ring: ``ProtocolError``) or with bit 32 set (the peer asked to be
-        notified: :attr:`notify_pending`)."""
+        notified: [`notify_pending`][])."""
         if r < 0:
             raise self._corrupt(reading)
         self.notify_pending = True
@@ -529,9 +529,9 @@ class VchanCore:
         return bytes(out)
 
     def peer_eof(self) -> bool:
-        """True once the peer set :data:`NOTIFY_EOF` in our notify byte (writer shut down).
+        """True once the peer set [`NOTIFY_EOF`][] in our notify byte (writer shut down).
 
-        Load this *before* :meth:`readable`: when it was true and the ring is then empty,
+        Load this *before* [`readable`][]: when it was true and the ring is then empty,
         the stream is complete.
         """
         return bool(lib.ax_load_u8(self._ctrl, self._own_notify) & NOTIFY_EOF)
@@ -545,7 +545,7 @@ class VchanCore:
         return self._wsize - n
 
     def request_writable(self) -> int:
-        """Ask the peer to signal when it consumes, then re-check: returns :meth:`writable`."""
+        """Ask the peer to signal when it consumes, then re-check: returns [`writable`][]."""
         n: int = lib.ax_vchan_arm(
             self._ctrl, self._peer_notify, NOTIFY_READ, self._wcons, self._wprod, self._wsize
         )
@@ -562,17 +562,17 @@ class VchanCore:
         return self._moved(put, False)
 
     def announce_ends(self) -> None:
-        """Tell the peer that we end our stream with :data:`NOTIFY_EOF`: OR
-        :data:`NOTIFY_ENDS` into its notify byte (once connected, before writing)."""
+        """Tell the peer that we end our stream with [`NOTIFY_EOF`][]: OR
+        [`NOTIFY_ENDS`][] into its notify byte (once connected, before writing)."""
         lib.ax_fetch_or_u8(self._ctrl, self._peer_notify, NOTIFY_ENDS)
 
     def peer_announced_ends(self) -> bool:
-        """True if the peer set :data:`NOTIFY_ENDS` in our notify byte: its close without
-        :data:`NOTIFY_EOF` means its stream was cut."""
+        """True if the peer set [`NOTIFY_ENDS`][] in our notify byte: its close without
+        [`NOTIFY_EOF`][] means its stream was cut."""
         return bool(lib.ax_load_u8(self._ctrl, self._own_notify) & NOTIFY_ENDS)
 
     def shutdown_write(self) -> None:
-        """Mark our write direction finished: OR :data:`NOTIFY_EOF` into the peer's notify
+        """Mark our write direction finished: OR [`NOTIFY_EOF`][] into the peer's notify
         byte (after every ``prod`` update) and always signal."""
         lib.ax_fetch_or_u8(self._ctrl, self._peer_notify, NOTIFY_EOF)
         self.notify_pending = True
@@ -643,7 +643,7 @@ def client_left_traces(page: Buffer) -> bool:
     """Did a client that is now closed (``cli_live`` 0) ever go live and leave something?
 
     True if its left ring holds bytes (``left.prod != left.cons``) or it set
-    :data:`NOTIFY_ENDS`/:data:`NOTIFY_EOF` in the server's notify byte.  A server that
+    [`NOTIFY_ENDS`][]/[`NOTIFY_EOF`][] in the server's notify byte.  A server that
     finds ``cli_live`` already 0 must then deliver the connection (the reader drains the
     bytes, then sees EOF or a reset) instead of dropping it as "closed before connecting".
     """

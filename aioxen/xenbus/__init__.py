@@ -1,10 +1,10 @@
 """xenbus: the device state machine, front/back end drivers and the toolstack step.
 
-* :mod:`aioxen.xenbus.state` — ``XenbusState`` and the pure transition rules.
-* :mod:`aioxen.xenbus.driver` — :class:`DeviceRunner`, :class:`BackendDriver`,
-  :class:`FrontendDriver`, feature helpers.
-* :mod:`aioxen.xenbus.multiqueue` — the ``multi-queue-*`` / ``queue-N/`` key layout.
-* :mod:`aioxen.xenbus.toolstack` — create / remove / list devices as ``xl`` does.
+* [`aioxen.xenbus.state`][] — ``XenbusState`` and the pure transition rules.
+* [`aioxen.xenbus.driver`][] — [`DeviceRunner`][], [`BackendDriver`][],
+  [`FrontendDriver`][], feature helpers.
+* [`aioxen.xenbus.multiqueue`][] — the ``multi-queue-*`` / ``queue-N/`` key layout.
+* [`aioxen.xenbus.toolstack`][] — create / remove / list devices as ``xl`` does.
 """
 
 from __future__ import annotations

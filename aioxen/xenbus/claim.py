@@ -3,31 +3,31 @@
 Theory of operation
 -------------------
 A process that serves one end of a device (a blkback, a netback vif, a blkfront, a
-netfront) writes an owner record (:class:`aioxen.ownership.Owner`: pid, process start
+netfront) writes an owner record ([`aioxen.ownership.Owner`][]: pid, process start
 time from ``/proc/PID/stat``, boot id, pid namespace, a random claim nonce, what and the
 command line) into that end's own directory -- the back end's
 ``/local/domain/B/backend/T/F/N`` or the front end's ``/local/domain/F/device/T/N``, which
-only that domain (and the toolstack) may write on Xen too -- under :data:`OWNER_KEY`.
+only that domain (and the toolstack) may write on Xen too -- under [`OWNER_KEY`][].
 
 The record is read, judged and written in one XenStore transaction
-(:meth:`Claim.take_in`), so of two claimants racing for a free device exactly one commits
+([`Claim.take_in`][]), so of two claimants racing for a free device exactly one commits
 (the other's transaction conflicts, is retried, and then finds the winner's record).  A
-record whose holder is alive makes the claim fail with :class:`DeviceInUse`
-(``OSError(EADDRINUSE)``, a :class:`~aioxen.ownership.ResourceBusy`) naming the holder,
+record whose holder is alive makes the claim fail with [`DeviceInUse`][]
+(``OSError(EADDRINUSE)``, a [`ResourceBusy`][aioxen.ownership.ResourceBusy]) naming the holder,
 before anything was written; so does a record that cannot be parsed (never guess).
 
-*Alive* is :meth:`Owner.alive <aioxen.ownership.Owner.alive>` (liveness, not age: another
+*Alive* is [`Owner.alive`][aioxen.ownership.Owner.alive] (liveness, not age: another
 boot is dead, the pid must exist with the recorded start time), except for claims of this
 very process (several platforms in one process, the ``inheap`` world,
 tests that play a crashed process by dropping its XenStore connection): such a record is
-alive only while its :class:`Claim` is held here
-(:func:`aioxen.ownership.holder_active`).  A dead holder's
+alive only while its [`Claim`][] is held here
+([`aioxen.ownership.holder_active`][]).  A dead holder's
 record is simply overwritten: the new owner takes over, and the device's drivers clean up
 what the dead one left, as they do for a crashed peer.
 
-:meth:`Claim.release` removes the record only if it is still ours, and
-:meth:`Claim.held_in` lets a caller remove more (a whole device it created) only if it
-still owns it.  :func:`read_holder` is the read-only view used by ``info`` commands.
+[`Claim.release`][] removes the record only if it is still ours, and
+[`Claim.held_in`][] lets a caller remove more (a whole device it created) only if it
+still owns it.  [`read_holder`][] is the read-only view used by ``info`` commands.
 A record is only ever judged by a claimant of the same end, which runs in the domain that
 wrote it (pids mean nothing across domains).
 """
@@ -53,8 +53,8 @@ class DeviceInUse(ResourceBusy):
 
 
 holder_alive = holder_active
-"""Whether a recorded holder still holds its claim (:func:`aioxen.ownership.holder_active`:
-a claim of this process only while held here, any other by :meth:`Owner.alive`)."""
+"""Whether a recorded holder still holds its claim ([`aioxen.ownership.holder_active`][]:
+a claim of this process only while held here, any other by [`Owner.alive`][])."""
 
 
 async def read_holder(store: Any, directory: str) -> Owner | None:
@@ -90,7 +90,7 @@ class Claim:
 
     async def take_in(self, tx: Any, *, require_dir: bool = True) -> None:
         """Judge the current record and write ours, inside transaction ``tx``:
-        :class:`DeviceInUse` if a live process holds it (nothing written),
+        [`DeviceInUse`][] if a live process holds it (nothing written),
         ``FileNotFoundError`` if ``require_dir`` and the directory does not exist."""
         if self.released:
             raise RuntimeError(f"{self!r} was released")
@@ -107,7 +107,7 @@ class Claim:
             raise DeviceInUse(str(exc.strerror), exc.holder) from None
 
     async def acquire(self) -> Claim:
-        """Take the claim in its own transaction (see :meth:`take_in`); returns self."""
+        """Take the claim in its own transaction (see [`take_in`][]); returns self."""
         await self.store.transact(self.take_in)
         return self
 

@@ -4,52 +4,52 @@ Theory of operation
 -------------------
 A device (type ``T``, number ``N``) between front end domain ``F`` and back end domain
 ``B`` lives in two XenStore directories written by the toolstack
-(:mod:`aioxen.xenbus.toolstack`)::
+([`aioxen.xenbus.toolstack`][])::
 
     /local/domain/F/device/T/N          backend, backend-id, state, + the front's keys
     /local/domain/B/backend/T/F/N       frontend, frontend-id, online, state, + the back's
 
-A :class:`DeviceRunner` drives one end.  It watches the peer's ``state`` key and its own
+A [`DeviceRunner`][] drives one end.  It watches the peer's ``state`` key and its own
 directory, and on every wake-up re-reads both (level-triggered: a burst of changes is one
-step) and asks the pure state machine (:mod:`aioxen.xenbus.state`) what to do.  The device
-specific work is a :class:`BackendDriver` or :class:`FrontendDriver` subclass:
+step) and asks the pure state machine ([`aioxen.xenbus.state`][]) what to do.  The device
+specific work is a [`BackendDriver`][] or [`FrontendDriver`][] subclass:
 
-* back end: :meth:`~BackendDriver.advertise` returns the feature keys written together
-  with ``InitWait``; :meth:`~BackendDriver.connect` reads the front's ring references and
+* back end: [`advertise`][BackendDriver.advertise] returns the feature keys written together
+  with ``InitWait``; [`connect`][BackendDriver.connect] reads the front's ring references and
   maps them before ``Connected`` is published (it may return keys, written in one
-  transaction with ``Connected``); :meth:`~BackendDriver.disconnect` unmaps.
-* front end: :meth:`~FrontendDriver.connect` creates the rings and returns the keys to
+  transaction with ``Connected``); [`disconnect`][BackendDriver.disconnect] unmaps.
+* front end: [`connect`][FrontendDriver.connect] creates the rings and returns the keys to
   publish (written in one transaction with ``Initialised``, and removed again when the
-  device resets); :meth:`~FrontendDriver.connected` runs when the back end reached
+  device resets); [`connected`][FrontendDriver.connected] runs when the back end reached
   ``Connected``.  A driver built like Linux netfront sets
-  :attr:`~FrontendDriver.connect_state` to ``CONNECTED`` (its keys go out with
+  [`connect_state`][FrontendDriver.connect_state] to ``CONNECTED`` (its keys go out with
   ``Connected``, which is not "connected" until the back end is ``Connected`` too) and
-  :attr:`~FrontendDriver.needs_init_wait` (it connects only to a back end in
+  [`needs_init_wait`][FrontendDriver.needs_init_wait] (it connects only to a back end in
   ``InitWait``).
 
 Once ``connect`` was called, ``disconnect`` is called before the next ``connect`` and when
 the runner stops, whichever way it stops (also when cancelled half way through a connect).
 
 A driver whose data path sees the peer die (the event channel reports it) calls
-:meth:`XenbusDevice.peer_lost` (or lets the runner notice by itself:
-:meth:`XenbusDevice.on_shutdown` as a ring's shutdown callback, :meth:`XenbusDevice.supervise`
+[`XenbusDevice.peer_lost`][] (or lets the runner notice by itself:
+[`XenbusDevice.on_shutdown`][] as a ring's shutdown callback, [`XenbusDevice.supervise`][]
 for a serving task): the runner disconnects and publishes ``Closed``, then waits for the
 peer to come back (a restarted front end writes ``Initialising``, a restarted back end
 ``InitWait``) and connects again; the dead session's state is ignored until the peer
-writes its state key again.  :meth:`DeviceRunner.close` is the orderly teardown:
+writes its state key again.  [`DeviceRunner.close`][] is the orderly teardown:
 ``Closing``, wait (bounded) for the peer to acknowledge (not for a front end that has
 advertised nothing yet), disconnect, ``Closed``.  The
 runner also stops when its own directory is removed, and a back end closes when the
-toolstack writes ``online=0``.  Cancelling :meth:`DeviceRunner.run` disconnects and
+toolstack writes ``online=0``.  Cancelling [`DeviceRunner.run`][] disconnects and
 publishes ``Closed`` (best effort) before re-raising.
 
 An application that owns a device runs the runner as an async context manager
-(``async with DeviceRunner(dev, driver) as runner``: :meth:`~DeviceRunner.start` on entry,
-:meth:`~DeviceRunner.stop` — orderly close, then cancel — on exit) and waits for the
-handshake with :meth:`~DeviceRunner.wait_connected`.
+(``async with DeviceRunner(dev, driver) as runner``: [`start`][DeviceRunner.start] on entry,
+[`stop`][DeviceRunner.stop] — orderly close, then cancel — on exit) and waits for the
+handshake with [`wait_connected`][DeviceRunner.wait_connected].
 
-Feature negotiation: :func:`feature` reads a ``feature-*`` style flag (on iff ``"1"``);
-:func:`read_int` reads a bounded integer; :func:`negotiate` combines what both ends offer.
+Feature negotiation: [`feature`][] reads a ``feature-*`` style flag (on iff ``"1"``);
+[`read_int`][] reads a bounded integer; [`negotiate`][] combines what both ends offer.
 """
 
 from __future__ import annotations
@@ -215,13 +215,13 @@ class XenbusDevice:
 
     def on_shutdown(self, exc: BaseException | None) -> None:
         """A data path shutdown callback (``ring.add_shutdown_callback(dev.on_shutdown)``):
-        ``None`` (our own close) is ignored, an error means :meth:`peer_lost`."""
+        ``None`` (our own close) is ignored, an error means [`peer_lost`][]."""
         if exc is not None:
             self.peer_lost(exc)
 
     def supervise(self, task: asyncio.Future[Any]) -> None:
         """Treat ``task`` (e.g. a ring's serving loop) ending with an exception as
-        :meth:`peer_lost`; a result or a cancellation (our own teardown) is ignored."""
+        [`peer_lost`][]; a result or a cancellation (our own teardown) is ignored."""
 
         def done(t: asyncio.Future[Any]) -> None:
             if not t.cancelled() and t.exception() is not None:
@@ -258,12 +258,12 @@ class FrontendDriver(abc.ABC):
 
     type: ClassVar[str]
     connect_state: ClassVar[XenbusState] = XenbusState.INITIALISED
-    """The state published with :meth:`connect`'s keys.  ``CONNECTED`` for drivers built
+    """The state published with [`connect`][]'s keys.  ``CONNECTED`` for drivers built
     like Linux netfront (Linux netback ignores ``Initialised``); the runner then treats
     the front end as ``Initialised`` until the back end is ``Connected`` too."""
     needs_init_wait: ClassVar[bool] = False
     """Connect only to a back end in ``InitWait``, whatever an earlier session left it in
-    (Linux netfront's rule; see :func:`~aioxen.xenbus.state.frontend_step`)."""
+    (Linux netfront's rule; see [`frontend_step`][aioxen.xenbus.state.frontend_step])."""
 
     @abc.abstractmethod
     async def connect(self, dev: XenbusDevice) -> Mapping[str, str]:
@@ -279,8 +279,8 @@ class FrontendDriver(abc.ABC):
     def published_keys(self) -> tuple[str, ...]:
         """Keys (or directories such as ``queue-0``) that a previous front end may have
         left behind, removed when the runner starts and on reset (default: none); entries
-        may be :mod:`fnmatch` patterns (``"ring-ref*"``) over our directory's children.
-        The keys the last :meth:`connect` returned are removed on reset in any case."""
+        may be [`fnmatch`][] patterns (``"ring-ref*"``) over our directory's children.
+        The keys the last [`connect`][] returned are removed on reset in any case."""
         return ()
 
 
@@ -340,7 +340,7 @@ class DeviceRunner:
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until the device is connected (a front end's
-        :meth:`~FrontendDriver.connected` has run; ``Connected`` is published).  If the
+        [`connected`][FrontendDriver.connected] has run; ``Connected`` is published).  If the
         runner failed first its error is raised; if it stopped otherwise,
         ``ConnectionResetError``; ``TimeoutError`` after ``timeout`` seconds."""
         try:
@@ -360,14 +360,14 @@ class DeviceRunner:
             raise
 
     def start(self) -> asyncio.Task[None]:
-        """Run :meth:`run` in a task (once; later calls return the same task)."""
+        """Run [`run`][] in a task (once; later calls return the same task)."""
         if self._task is None:
             self._task = asyncio.ensure_future(self.run())
         return self._task
 
     async def stop(self, timeout: float | None = 10.0) -> None:
-        """Orderly close (bounded by ``timeout``), then end :meth:`start`'s task and wait
-        for its cleanup.  Errors of the runner are not raised here (see :attr:`error`)."""
+        """Orderly close (bounded by ``timeout``), then end [`start`][]'s task and wait
+        for its cleanup.  Errors of the runner are not raised here (see [`error`][])."""
         task = self._task
         if task is None:
             return
@@ -391,7 +391,7 @@ class DeviceRunner:
         await self.stop()
 
     def request_close(self) -> None:
-        """Begin an orderly close (``Closing`` → ``Closed``); :meth:`run` returns after."""
+        """Begin an orderly close (``Closing`` → ``Closed``); [`run`][] returns after."""
         self._closing = True
         self._wakeup.set()
 

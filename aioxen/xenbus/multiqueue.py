@@ -15,9 +15,9 @@ directory, exactly as a front end that knows nothing of queues would; one that u
     queue-0/ring-ref0 = ...              queue-1/ring-ref0 = ...
     queue-0/event-channel = ...          queue-1/event-channel = ...
 
-:func:`queue_keys` builds that layout for the front end; :func:`peer_queue_dirs` reads it
+[`queue_keys`][] builds that layout for the front end; [`peer_queue_dirs`][] reads it
 back on the back end as one key prefix per queue (``""`` for a single queue), with the
-count validated against what the back end offered.  :data:`STALE_KEYS` are the names a
+count validated against what the back end offered.  [`STALE_KEYS`][] are the names a
 front end removes before it starts (a previous front end may have used more queues).
 """
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 KEY_MAX_QUEUES = "multi-queue-max-queues"
 KEY_NUM_QUEUES = "multi-queue-num-queues"
 STALE_KEYS = (KEY_NUM_QUEUES, "queue-*")
-"""Patterns for :meth:`~aioxen.xenbus.driver.FrontendDriver.published_keys`."""
+"""Patterns for [`published_keys`][aioxen.xenbus.driver.FrontendDriver.published_keys]."""
 
 
 def queue_dir(q: int, nqueues: int) -> str:
@@ -63,7 +63,7 @@ def queue_keys(
 async def peer_queue_dirs(dev: XenbusDevice, max_queues: int) -> list[str]:
     """Back end: the key prefix of each queue the front end set up (``[""]`` for one).
     A ``multi-queue-num-queues`` outside ``1..max_queues`` is a
-    :class:`~aioxen.errors.ProtocolError` naming the key."""
+    [`ProtocolError`][aioxen.errors.ProtocolError] naming the key."""
     n = await dev.peer_int(KEY_NUM_QUEUES, 1, 1, max(1, max_queues))
     return [queue_dir(q, n) for q in range(n)]
 

@@ -2,11 +2,11 @@
 
 Theory of operation
 -------------------
-Each end of a split device publishes its :class:`XenbusState` as a decimal string in
+Each end of a split device publishes its [`XenbusState`][] as a decimal string in
 ``<its dir>/state`` and reacts to the other end's.  This module decides the reaction; it
-knows nothing about XenStore, rings or asyncio.  A driver calls :func:`backend_step` or
-:func:`frontend_step` with its own state and the peer's (``None`` when the peer's
-directory or ``state`` key is missing) and gets a :class:`Step`: an :class:`Action` for
+knows nothing about XenStore, rings or asyncio.  A driver calls [`backend_step`][] or
+[`frontend_step`][] with its own state and the peer's (``None`` when the peer's
+directory or ``state`` key is missing) and gets a `Step`: an [`Action`][] for
 the driver to perform, and the state to publish once it is done.  The rules follow
 Linux's xenbus drivers (``netback``/``blkback`` ``frontend_changed``, ``netfront``/
 ``blkfront`` ``backend_changed``) and the handshake in ``blkif.h``:
@@ -41,8 +41,8 @@ in ``InitWait``: while ``Initialising`` it waits for it whatever else the back e
 back end is ``Connected`` too, the driver passes ``INITIALISED`` as its own state.
 
 A local close goes ``Closing`` → wait for the peer to be ``Closing``/``Closed`` (or gone)
-→ ``Closed``; :func:`close_done` says when the wait is over.  :func:`parse_state` turns
-a XenStore value into a state, and raises :class:`~aioxen.errors.ProtocolError` naming
+→ ``Closed``; [`close_done`][] says when the wait is over.  [`parse_state`][] turns
+a XenStore value into a state, and raises [`ProtocolError`][aioxen.errors.ProtocolError] naming
 the path for garbage.
 """
 
@@ -93,7 +93,7 @@ def parse_state(raw: bytes | None, path: str = "state") -> XenbusState | None:
     """The state stored at ``path`` (``None`` if the key is missing).
 
     Accepts optional surrounding whitespace and a trailing NUL (some writers add one);
-    anything else is a :class:`ProtocolError` naming ``path``."""
+    anything else is a [`ProtocolError`][] naming ``path``."""
     if raw is None:
         return None
     text = raw.strip().rstrip(b"\0").strip()
@@ -106,7 +106,7 @@ def parse_state(raw: bytes | None, path: str = "state") -> XenbusState | None:
 
 
 class Action(enum.Enum):
-    """What the driver must do before publishing :attr:`Step.state`."""
+    """What the driver must do before publishing `Step.state`."""
 
     NONE = "none"
     CONNECT = "connect"  # back: map the front's rings; front: create and advertise rings

@@ -12,7 +12,7 @@ other::
                                         perms: n<B> r<F>
 
 plus device specific keys on either side.  The two drivers then take it from there
-(:mod:`aioxen.xenbus.driver`).  The domains' home directories are created owned by their
+(`aioxen.xenbus.driver`).  The domains' home directories are created owned by their
 domain if missing (what building a domain does).  Removal follows libxl: set the back
 end's ``online=0`` and ``state=Closing``, wait (bounded) for the back end to reach
 ``Closed``, then remove both directories; ``force`` removes them at once.  The caller
@@ -86,9 +86,9 @@ async def add_device(
     permissions and the toolstack keys).  ``FileExistsError`` if it exists, unless
     ``replace`` (which resets it to state Initialising).
 
-    With ``claim`` (a :class:`~aioxen.xenbus.claim.Claim` on the back end directory) the
+    With ``claim`` (a `Claim` on the back end directory) the
     device is created already claimed, in the same transaction: if a live process holds
-    the back end, :class:`~aioxen.xenbus.claim.DeviceInUse` is raised and nothing is
+    the back end, [`DeviceInUse`][aioxen.xenbus.claim.DeviceInUse] is raised and nothing is
     changed (a dead holder's device is replaced).  Without ``claim`` a back end held by a
     live process is refused the same way.  A live front end's owner record survives a
     replace (the front end sees its device reset, and still owns it)."""

@@ -1,10 +1,10 @@
 """XenStore: wire codec, client, and the ``aioxen xenstored`` engine and server.
 
-* :mod:`aioxen.xenstore.wire` -- the pure ``xs_wire.h`` codec.
-* :mod:`aioxen.xenstore.client` -- :class:`XenStoreClient` (``Platform.store``).
-* :mod:`aioxen.xenstore.engine` -- the xenstored engine (tree, permissions, transactions,
+* [`aioxen.xenstore.wire`][] -- the pure ``xs_wire.h`` codec.
+* [`aioxen.xenstore.client`][] -- [`XenStoreClient`][] (``Platform.store``).
+* [`aioxen.xenstore.engine`][] -- the xenstored engine (tree, permissions, transactions,
   watches, quotas), usable in-process.
-* :mod:`aioxen.xenstore.server` -- the engine on a Unix socket (``aioxen xenstored``).
+* [`aioxen.xenstore.server`][] -- the engine on a Unix socket (``aioxen xenstored``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import asyncio
 
 
 class CorkedOutput:
-    """Encoded messages waiting for the next :meth:`write_to`."""
+    """Encoded messages waiting for the next [`write_to`][]."""
 
     __slots__ = ("_chunks", "nbytes")
 

@@ -2,15 +2,15 @@
 
 Theory of operation
 -------------------
-One :class:`XenStoreClient` owns one connection (opened lazily by the first call) over a
-transport from :mod:`aioxen.xenstore.transport`.  Each request gets a fresh 32-bit
+One [`XenStoreClient`][] owns one connection (opened lazily by the first call) over a
+transport from [`aioxen.xenstore.transport`][].  Each request gets a fresh 32-bit
 ``req_id`` and a future in a table; the transport's reader resolves futures as replies
 arrive, in any order, so any number of coroutines can have requests in flight at once.
 Every request has a timeout (constructor default, per-call override): a server that
 never answers raises ``TimeoutError`` naming the operation and path instead of hanging --
 the failure mode of pyxs, whose reader thread waits forever on a reply that is not coming.
 
-Watch events are routed by token to :class:`Watch` objects (unknown tokens are ignored).
+Watch events are routed by token to [`Watch`][] objects (unknown tokens are ignored).
 A watch queues changed paths, coalescing duplicates that have not been consumed yet, so a
 slow consumer costs memory proportional to the number of distinct paths, not of events.
 The first event, which xenstored fires as soon as the watch is registered, is delivered
@@ -18,7 +18,7 @@ like any other.
 
 Transactions: ``async with client.transaction() as tx`` starts one, routes ``tx``'s calls
 with its id, commits on normal exit and aborts if the body raises.  A commit that lost a
-race raises :class:`~aioxen.xenstore.errors.TransactionConflict`; :meth:`transact` runs a
+race raises [`aioxen.xenstore.errors.TransactionConflict`][]; [`transact`][] runs a
 body again until it commits (or the retries run out).
 
 If the connection is lost, waiting requests raise ``ConnectionResetError`` and watches
@@ -26,7 +26,7 @@ stop with it; the next request opens a new connection.
 
 Identity on the ``unix`` platform: a socket connection to ``aioxen xenstored`` acts as dom0
 until its first message, ``CONTROL "aioxen-identify\\0<domid>\\0"``, makes it act as
-``domid`` (see :mod:`aioxen.xenstore.server`).  For domid 0 nothing is sent, so the same
+``domid`` (see [`aioxen.xenstore.server`][]).  For domid 0 nothing is sent, so the same
 client works against Xen's own xenstored.
 """
 
@@ -298,7 +298,7 @@ class Watch:
 
     Use as ``async with client.watch(path) as w``.  Paths come back as strings, relative if
     the watch path was relative.  Iteration raises ``ConnectionResetError`` if the
-    connection is lost and ends after :meth:`close`.
+    connection is lost and ends after [`close`][].
     """
 
     def __init__(self, client: XenStoreClient, path: str | bytes, token: bytes | None) -> None:
@@ -435,7 +435,7 @@ class XenStoreClient(_Ops):
     def in_process(
         cls, engine: Engine, domid: int, *, timeout: float | None = DEFAULT_TIMEOUT
     ) -> XenStoreClient:
-        """A client of an in-process :class:`~aioxen.xenstore.engine.Engine`."""
+        """A client of an in-process `Engine`."""
         return cls(
             lambda: InProcessTransport(engine, domid),
             domid=domid,

@@ -3,13 +3,13 @@
 Theory of operation
 -------------------
 The engine is the whole of xenstored except the byte transport.  It has no sockets and no
-asyncio: a transport calls :meth:`Engine.connect` to obtain an :class:`EngineConnection`
+asyncio: a transport calls [`Engine.connect`][] to obtain an [`EngineConnection`][]
 with an output callback ``send(Message)``, then feeds each decoded request to
-:meth:`EngineConnection.handle`.  Everything a connection is owed -- the reply and any watch
+[`EngineConnection.handle`][].  Everything a connection is owed -- the reply and any watch
 events -- goes out through ``send``, in the order Xen's C xenstored produces it (events
 caused by a request precede its reply; the first event of a new watch follows the ``OK``).
-The Unix-socket server (:mod:`aioxen.xenstore.server`) and the in-process transport of the
-``inheap`` platform (:mod:`aioxen.xenstore.client`) are two such transports over the same
+The Unix-socket server ([`aioxen.xenstore.server`][]) and the in-process transport of the
+``inheap`` platform ([`aioxen.xenstore.client`][]) are two such transports over the same
 engine.
 
 Tree.  ``path -> Node``; a node has a value (bytes), a permission list and its children's
@@ -51,13 +51,13 @@ transaction (``ENOSPC``).  Inside a transaction each request checks the transact
 view; the commit checks the node, node-size, permission and transaction-size quotas again
 against the live tree (other transactions of the domain may have committed meanwhile) and
 fails with ``ENOSPC``, nothing applied, if one would be exceeded.  Per-connection output
-limits are the transport's business (see :class:`Quotas`).
+limits are the transport's business (see [`Quotas`][]).
 
-Layout.  :class:`Engine` owns the state and offers an internal API (read-only
-:attr:`Engine.nodes`/:attr:`Engine.targets`, and methods that keep ownership counts and
-generations consistent); :class:`EngineConnection` implements the requests on top of it,
-through a view (the live tree, or a :class:`Transaction`'s overlay).  Serialisation is
-:mod:`aioxen.xenstore.persist`'s.  One module over 800 lines on purpose: the operations,
+Layout.  [`Engine`][] owns the state and offers an internal API (read-only
+[`Engine.nodes`][]/[`Engine.targets`][], and methods that keep ownership counts and
+generations consistent); [`EngineConnection`][] implements the requests on top of it,
+through a view (the live tree, or a [`Transaction`][]'s overlay).  Serialisation is
+[`aioxen.xenstore.persist`][]'s.  One module over 800 lines on purpose: the operations,
 views and the engine are one consistency argument (who may change which node, when
 events fire, what a commit validates) that reads best in one place.
 """
@@ -772,7 +772,7 @@ class EngineConnection:
         return text.encode() + NUL
 
     def identify(self, domid: int) -> None:
-        """Make this connection act as ``domid`` (see :mod:`aioxen.xenstore.server`)."""
+        """Make this connection act as ``domid`` (see [`aioxen.xenstore.server`][])."""
         if domid >= 0x7FF0:
             raise _Fail(errno.EINVAL, f"domid {domid} is reserved")
         if self.watches or self.transactions:
@@ -813,11 +813,11 @@ _UNSUPPORTED = {XsType.GET_FEATURE, XsType.SET_FEATURE, XsType.GET_QUOTA, XsType
 class Engine:
     """A complete XenStore (see the module docstring).  Not thread-safe; one event loop.
 
-    Its state is private; the rest of this module (:class:`EngineConnection`,
-    :class:`Transaction`) and :mod:`aioxen.xenstore.persist` use the *internal API* below
+    Its state is private; the rest of this module ([`EngineConnection`][],
+    [`Transaction`][]) and [`aioxen.xenstore.persist`][] use the *internal API* below
     (public names, documented, for this package only): the read-only mappings
-    :attr:`nodes` and :attr:`targets`, and methods that change state while keeping the
-    ownership counts, :attr:`modified` and the generation counter consistent.
+    [`nodes`][] and [`targets`][], and methods that change state while keeping the
+    ownership counts, [`modified`][] and the generation counter consistent.
     """
 
     def __init__(self, quotas: Quotas | None = None) -> None:
@@ -842,10 +842,10 @@ class Engine:
         self._targets: dict[int, int] = {}
         self._special: dict[str, tuple[Perm, ...]] = {}
         self.nodes: Mapping[str, Node] = MappingProxyType(self._nodes)
-        """The committed tree, ``path -> Node`` (read-only; change it with :meth:`store`
-        and :meth:`unstore`)."""
+        """The committed tree, ``path -> Node`` (read-only; change it with [`store`][]
+        and [`unstore`][])."""
         self.targets: Mapping[int, int] = MappingProxyType(self._targets)
-        """SET_TARGET: ``domid -> target domid`` (read-only; see :meth:`set_target`)."""
+        """SET_TARGET: ``domid -> target domid`` (read-only; see [`set_target`][])."""
         self.live: _View = _LiveView(self)
         """The view of requests outside a transaction: straight on the committed tree."""
         self.stats_extra: Callable[[], dict[str, Any]] | None = None
@@ -906,7 +906,7 @@ class Engine:
     # -- internal API: connections, transactions, domains -----------------------------
 
     def disconnect(self, conn: EngineConnection) -> None:
-        """Forget ``conn`` (called by :meth:`EngineConnection.close`)."""
+        """Forget ``conn`` (called by [`EngineConnection.close`][])."""
         self._conns.discard(conn)
 
     def new_transaction_id(self) -> int:
@@ -1140,7 +1140,7 @@ class Engine:
     ) -> Engine:
         """An engine holding exactly ``nodes`` (``(path, value, perms)``, parents before
         children, ``/`` first) and the given domain state: what
-        :func:`aioxen.xenstore.persist.restore` rebuilds from a saved file.  ``ValueError``
+        [`aioxen.xenstore.persist.restore`][] rebuilds from a saved file.  ``ValueError``
         for a bad path, an empty permission list, a node before its parent, no root."""
         engine = cls.__new__(cls)
         engine._setup(quotas)

@@ -1,15 +1,15 @@
 """XenStore error replies as Python exceptions.
 
-Every error is a :class:`XenStoreError` (an ``OSError`` carrying ``errno``, the XenStore
+Every error is a [`XenStoreError`][] (an ``OSError`` carrying ``errno``, the XenStore
 error name, the operation and the path).  The common ones are *also* the matching built-in
 exception, so ``except FileNotFoundError`` works:
 
 =========  ===============================================
-ENOENT     :class:`XenStoreNotFound` (``FileNotFoundError``)
-EACCES     :class:`XenStorePermissionError` (``PermissionError``)
-EEXIST     :class:`XenStoreExists` (``FileExistsError``)
-EAGAIN     :class:`TransactionConflict` (commit lost a race: run the transaction again)
-others     :class:`XenStoreError` with ``errno`` set
+ENOENT     [`XenStoreNotFound`][] (``FileNotFoundError``)
+EACCES     [`XenStorePermissionError`][] (``PermissionError``)
+EEXIST     [`XenStoreExists`][] (``FileExistsError``)
+EAGAIN     [`TransactionConflict`][] (commit lost a race: run the transaction again)
+others     [`XenStoreError`][] with ``errno`` set
 =========  ===============================================
 """
 

@@ -89,7 +89,7 @@ def validate_absolute(text: str) -> None:
 
 
 def canonicalize_watch(raw: bytes | str, domid: int) -> tuple[str, bool]:
-    """As :func:`canonicalize`, but also accepts special ``@name`` watch paths."""
+    """As [`canonicalize`][], but also accepts special ``@name`` watch paths."""
     if (raw[:1] == b"@") if isinstance(raw, bytes) else raw.startswith("@"):
         # xenstore.txt: "<wspecial> may have any syntax" -- any bytes but NUL, kept as
         # latin-1 so that events give back exactly the bytes the watcher sent.

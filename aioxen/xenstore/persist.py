@@ -1,12 +1,12 @@
 """Saving and loading an engine's committed state: the serialisation and the file.
 
-:func:`dump` turns an :class:`~aioxen.xenstore.engine.Engine`'s committed state (nodes,
+[`dump`][] turns an [`Engine`][aioxen.xenstore.engine.Engine]'s committed state (nodes,
 introduced domains, SET_TARGET pairs, special-node permissions; never transactions or
 watches) into JSON-able data, format ``aioxen-xenstore-1``: values as latin-1 strings (every
-byte round-trips), permissions in their wire form (``r3``).  :func:`restore` is its inverse
-and checks what it reads (format tag, paths, parents before children, a root).  :func:`save`
+byte round-trips), permissions in their wire form (``r3``).  [`restore`][] is its inverse
+and checks what it reads (format tag, paths, parents before children, a root).  [`save`][]
 replaces the file atomically (written to a temporary file beside it, fsynced, renamed), so a
-crash mid-save leaves the previous state intact; :func:`load` reads it back.
+crash mid-save leaves the previous state intact; [`load`][] reads it back.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def dump(engine: Engine) -> dict[str, Any]:
 
 
 def restore(data: dict[str, Any], quotas: Quotas | None = None) -> Engine:
-    """The engine :func:`dump` described; ``ValueError`` (or ``KeyError``/``TypeError``
+    """The engine [`dump`][] described; ``ValueError`` (or ``KeyError``/``TypeError``
     for a malformed document) if ``data`` is not a valid dump."""
     if data.get("format") != FORMAT:
         raise ValueError("not an aioxen xenstore dump")
@@ -58,7 +58,7 @@ def restore(data: dict[str, Any], quotas: Quotas | None = None) -> Engine:
 
 
 def save(engine: Engine, path: str) -> None:
-    """Write :func:`dump` of ``engine`` to ``path``, atomically."""
+    """Write [`dump`][] of ``engine`` to ``path``, atomically."""
     data = json.dumps(dump(engine), separators=(",", ":")).encode()
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".xenstore-", dir=directory)

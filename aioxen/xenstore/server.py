@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 The socket speaks exactly the framing of Xen's ``/var/run/xenstored/socket``, so Xen's
-``xenstore-*`` tools, libxenstore, pyxs and :class:`~aioxen.xenstore.XenStoreClient` all
+``xenstore-*`` tools, libxenstore, pyxs and [`XenStoreClient`][aioxen.xenstore.XenStoreClient] all
 work against it.  Each accepted connection becomes an
-:class:`~aioxen.xenstore.engine.EngineConnection` behind a plain :class:`asyncio.Protocol`:
+[`EngineConnection`][aioxen.xenstore.engine.EngineConnection] behind a plain `asyncio.Protocol`:
 requests are decoded and handled in ``data_received`` itself (no reader task), and the
 output -- replies and the watch events they fire, for every connection -- is corked until
 the batch of requests that arrived together has been handled, then written with one
@@ -82,7 +82,7 @@ RECHECK_SECONDS = 0.01
 
 
 class XenStoreServer:
-    """Serve an :class:`Engine` on a Unix socket.  ``async with server: ...``"""
+    """Serve an [`Engine`][] on a Unix socket.  ``async with server: ...``"""
 
     def __init__(
         self,

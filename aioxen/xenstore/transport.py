@@ -2,22 +2,22 @@
 
 Theory of operation
 -------------------
-A transport moves whole :class:`~aioxen.xenstore.wire.Message` objects.  The client opens
+A transport moves whole [`Message`][aioxen.xenstore.wire.Message] objects.  The client opens
 it with two callbacks -- ``on_message(msg)`` for every reply or watch event, and
 ``on_lost(exc)`` once when the connection ends -- and then calls ``send(msg)``.
 
-* :class:`SocketTransport` -- xenstored's Unix stream socket, read by a plain
-  :class:`asyncio.Protocol` (messages, not a byte stream, so no StreamReader) with corked
-  writes (:class:`~aioxen.xenstore._cork.CorkedOutput`).  Replies are matched to requests
+* [`SocketTransport`][] -- xenstored's Unix stream socket, read by a plain
+  `asyncio.Protocol` (messages, not a byte stream, so no StreamReader) with corked
+  writes ([`CorkedOutput`][aioxen.xenstore._cork.CorkedOutput]).  Replies are matched to requests
   by ``req_id``, so any number of requests may be in flight.
-* :class:`XenbusTransport` -- the Linux ``/dev/xen/xenbus`` character device.  Each
+* [`XenbusTransport`][] -- the Linux ``/dev/xen/xenbus`` character device.  Each
   ``write`` must carry whole messages of at most 4096 bytes including the header.  The
   kernel answers WATCH/UNWATCH itself and its WATCH_EVENT headers carry garbage
   ``req_id``/``tx_id`` (reference §3.4); older kernels do not echo ``req_id`` faithfully
-  either.  This transport therefore allows one request in flight (:attr:`max_in_flight`)
+  either.  This transport therefore allows one request in flight ([`max_in_flight`][])
   and stamps the in-flight ``req_id`` onto whatever non-event message comes back.
-* :class:`InProcessTransport` -- no bytes at all: messages go straight to an
-  :class:`~aioxen.xenstore.engine.Engine` connection, and its output is delivered on the
+* [`InProcessTransport`][] -- no bytes at all: messages go straight to an
+  [`Engine`][aioxen.xenstore.engine.Engine] connection, and its output is delivered on the
   event loop with ``call_soon`` (never re-entrantly), so ``inheap`` behaves like a socket.
 """
 
@@ -78,7 +78,7 @@ class Transport(Protocol):
 class SocketTransport:
     """xenstored's Unix stream socket.
 
-    The reader is a plain :class:`asyncio.Protocol`: ``data_received`` decodes and hands
+    The reader is a plain `asyncio.Protocol`: ``data_received`` decodes and hands
     replies to ``on_message`` directly (no reader task, no extra loop iteration per reply).
     Sends are *corked* after the first: the first message goes out at once, and every
     message sent after it before the loop runs its next callbacks goes out in one more
@@ -349,7 +349,7 @@ class XenbusTransport:
 
 
 class InProcessTransport:
-    """Talks to an in-process :class:`~aioxen.xenstore.engine.Engine`."""
+    """Talks to an in-process [`Engine`][aioxen.xenstore.engine.Engine]."""
 
     max_in_flight: int | None = None
 

@@ -6,7 +6,7 @@ Every XenStore message, in either direction and on every transport (the xenstore
 socket, ``/dev/xen/xenbus``, the shared ring page), is a 16-byte header followed by
 ``len`` payload bytes::
 
-    offset 0  type    u32   an XS_* message type (:class:`XsType`)
+    offset 0  type    u32   an XS_* message type ([`XsType`][])
     offset 4  req_id  u32   chosen by the client, echoed in the reply
     offset 8  tx_id   u32   0, or a transaction id from TRANSACTION_START
     offset 12 len     u32   payload length, at most XENSTORE_PAYLOAD_MAX (4096)
@@ -20,9 +20,9 @@ and the ``READ`` reply (the raw value).  An ``ERROR`` reply carries the *name* o
 the letter is ``n`` (none), ``r`` (read), ``w`` (write) or ``b`` (both); the first entry
 names the owner and gives the default access of every domain not listed after it.
 
-This module turns bytes into :class:`Message` objects and back, splits and validates
+This module turns bytes into [`Message`][] objects and back, splits and validates
 payloads, and parses permission strings.  Anything malformed raises
-:class:`aioxen.ProtocolError` with ``field`` naming what is wrong.  :class:`Decoder` is an
+[`aioxen.ProtocolError`][] with ``field`` naming what is wrong.  [`Decoder`][] is an
 incremental framer for stream transports: feed it whatever arrived, take whole messages
 out; an oversized ``len`` is reported as soon as the header is complete, before any
 payload is buffered.
@@ -87,7 +87,7 @@ XS_TYPE_COUNT_4_17 = 23
 
 
 def msg_type(value: int) -> XsType:
-    """The :class:`XsType` for a header's ``type`` field, or ``ProtocolError``."""
+    """The [`XsType`][] for a header's ``type`` field, or ``ProtocolError``."""
     if value == XS_RESTRICT_REMOVED:
         raise ProtocolError("XenStore message type 20 (XS_RESTRICT) was removed", field="type")
     try:
@@ -221,11 +221,11 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
 
 
 class Decoder:
-    """Incremental framer: ``feed(bytes)`` then iterate :meth:`messages`.
+    """Incremental framer: ``feed(bytes)`` then iterate [`messages`][].
 
-    ``ProtocolError`` is raised by :meth:`messages` as soon as a header with an oversized
+    ``ProtocolError`` is raised by [`messages`][] as soon as a header with an oversized
     ``len`` is complete; the decoder is then unusable (the stream is out of sync).
-    :attr:`pending` tells how many bytes of an incomplete message are buffered, which lets
+    [`pending`][] tells how many bytes of an incomplete message are buffered, which lets
     a caller detect a truncated message at EOF.
     """
 

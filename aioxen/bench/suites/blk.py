@@ -4,7 +4,7 @@ Two processes on the ``unix`` platform (plus an ``aioxen xenstored``): a blkback
 run as ``python -m aioxen.bench.suites.blk peer LOOP IMAGE``) serving a raw image on tmpfs
 (``/dev/shm``; the ``unix`` platform root with its grant page files is on tmpfs too), and
 the benchmark process itself as domain 1 with a blkfront
-(:func:`aioxen.blk.vbd.open_blkfront`).  The baseline is what an asyncio program would
+([`aioxen.blk.vbd.open_blkfront`][]).  The baseline is what an asyncio program would
 otherwise do with the same file: ``os.preadv``/``os.pwritev`` through
 ``loop.run_in_executor`` on a thread pool, at the same queue depth, on the same loop.
 

@@ -1,13 +1,13 @@
 """``protocol``: bulk throughput and ping-pong through Protocol/BufferedProtocol on both sides.
 
-The server is :class:`aioxen.bench.peer.ServerProtocol` (a BufferedProtocol sink/echo).  The
+The server is [`aioxen.bench.peer.ServerProtocol`][] (a BufferedProtocol sink/echo).  The
 client writes with ``transport.write`` and honours ``pause_writing``/``resume_writing``.
 For our mechanisms the bulk figure is also reported as a fraction of single-core memcpy
 bandwidth for the same chunk size (``% of memcpy``: cache-hot, one core -- an upper bound
 no cross-process path reaches) and of the cross-process copy reference for the same
 chunk size (``% of cross-process copy``: two C processes moving the bytes through a
 shared 1 MiB ring, i.e. the same two copies with nothing else; see
-:mod:`aioxen.bench.suites.memcpy`).
+[`aioxen.bench.suites.memcpy`][]).
 """
 
 from __future__ import annotations

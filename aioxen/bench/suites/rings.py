@@ -1,7 +1,7 @@
 """``rings``: request/response round trips through an async ring pair across two processes.
 
-aioxen's :class:`~aioxen.rings.aio.AsyncFrontRing` (this process, domain 1) talks to an
-:class:`~aioxen.rings.aio.AsyncBackRing` echo server in a child process (domain 0) on the
+aioxen's [`AsyncFrontRing`][aioxen.rings.aio.AsyncFrontRing] (this process, domain 1) talks to an
+[`AsyncBackRing`][aioxen.rings.aio.AsyncBackRing] echo server in a child process (domain 0) on the
 ``unix`` platform: one shared page (netif TX request/response formats), one event channel.
 The baseline is the same exchange over a Unix ``SOCK_SEQPACKET`` socket pair: one message
 per request and per response, the server reading every waiting message before answering,

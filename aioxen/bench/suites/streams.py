@@ -1,7 +1,7 @@
 """``streams``: bulk throughput and 64-byte ping-pong through StreamReader/StreamWriter.
 
 Every mechanism runs the same client code against the same server code
-(:func:`aioxen.bench.peer.stream_handler`), two processes apart except ``vchan/inheap``.
+([`aioxen.bench.peer.stream_handler`][]), two processes apart except ``vchan/inheap``.
 Bulk: ``BULK n`` then ``n`` bytes in chunks of the given size, ``drain()`` after each, until
 the server's ``OK``.  Ping-pong: 64 bytes out, 64 bytes back, each round trip timed.
 """

@@ -2,7 +2,7 @@
 
 One ``aioxen xenstored`` process serves everything.  Mechanisms:
 
-* ``aioxen`` -- :class:`aioxen.xenstore.XenStoreClient` over the Unix socket, one request
+* ``aioxen`` -- [`aioxen.xenstore.XenStoreClient`][] over the Unix socket, one request
   in flight (each ``await`` finishes before the next starts);
 * ``aioxen x32`` -- the same client with 32 requests in flight (``asyncio.gather``), which
   its req_id matching allows on one connection;
@@ -251,7 +251,7 @@ async def _flood_phase(
     sock_path: str, pid: int, phase: str, seconds: float
 ) -> tuple[list[float], float, float]:
     """READ latencies (s) of the good client, the server's peak RSS (MB) and the flood's
-    rate (requests per second, see :func:`flood`) in one phase."""
+    rate (requests per second, see [`flood`][]) in one phase."""
     from aioxen.xenstore import XenStoreClient
 
     flooder: subprocess.Popen[str] | None = None
