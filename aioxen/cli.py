@@ -250,7 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     CLOSED_STDIO = guard_stdio()  # before anything opens a descriptor
     _STOPPED_BY = None
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser: "aioxen CMD: unrecognized arguments"
+        leaf = {p.prog: p for p in walk_parsers(parser)}.get(
+            getattr(args, "_aioxen_prog", "aioxen"), parser
+        )
+        leaf.error(f"unrecognized arguments: {' '.join(extra)}")
     func = getattr(args, "func", None)
     if func is None:
         print("aioxen: a COMMAND is required (aioxen --help lists them)", file=sys.stderr)

@@ -40,6 +40,7 @@ import contextlib
 import itertools
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self, cast
@@ -47,6 +48,7 @@ from typing import Self, cast
 import aioxen
 from aioxen import vchan
 from aioxen.apps.addresses import Address, parse_address
+from aioxen.apps.clistd import CommandError, check_root_env
 from aioxen.cli import StopSignals
 from aioxen.errors import PlatformError, ProtocolError
 from aioxen.platforms.base import Platform
@@ -535,8 +537,11 @@ async def run_bridge_command(
     connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     grace: float | None = DEFAULT_GRACE,
     verbose: bool = False,
+    on_ready: Callable[[Address], Callable[[], None] | None] | None = None,
 ) -> int:
-    """``aioxen bridge``: run until SIGTERM/SIGINT (exit 0) or a listener failure (1)."""
+    """``aioxen bridge``: run until SIGTERM/SIGINT (exit 0; the command exits 128 + the
+    signal) or a listener failure (1).  ``on_ready(address)`` is called once listening
+    (readiness for a supervisor); what it returns is called when stopping."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("aioxen bridge: %(message)s"))
     saved = logger.level, logger.propagate
@@ -548,6 +553,7 @@ async def run_bridge_command(
         async with contextlib.AsyncExitStack() as stack:
             plat: Platform | None = None
             if listen.uses_vchan or connect.uses_vchan:
+                check_root_env()  # a missing or non-directory $XEN_ROOT: before any I/O
                 plat = await stack.enter_async_context(aioxen.platform())
             bridge = Bridge(
                 listen,
@@ -564,6 +570,14 @@ async def run_bridge_command(
             except ProtocolError as exc:
                 raise _Fatal(f"cannot listen on {listen}: {exc}") from exc
             print(f"aioxen bridge: listening on {bridge.listen_address}", flush=True)
+            if on_ready is not None:
+                try:
+                    undo = on_ready(bridge.listen_address)
+                except Exception as exc:  # e.g. an --env-file that cannot be written
+                    await bridge.aclose(0)
+                    raise _Fatal(str(exc)) from exc
+                if undo is not None:
+                    stack.callback(undo)
             serving = asyncio.ensure_future(bridge.serve_forever())
             stopping = asyncio.ensure_future(stop.wait())
             try:
@@ -575,7 +589,7 @@ async def run_bridge_command(
                     raise _Fatal(f"listener {bridge.listen_address} failed: {serving.exception()}")
                 serving.cancel()
                 await asyncio.gather(serving, return_exceptions=True)
-    except _Fatal as exc:
+    except (_Fatal, CommandError) as exc:
         print(f"aioxen bridge: {exc}", file=sys.stderr)
         return 1
     except (PlatformError, OSError, ProtocolError) as exc:

@@ -47,6 +47,7 @@ from typing import TextIO
 
 import aioxen
 from aioxen import vchan
+from aioxen.apps.clistd import CommandError, check_root_env, describe
 from aioxen.apps.embedded import EmbeddedRoot
 from aioxen.apps.stdio import ByteSink, ByteSource, open_sink, open_source
 from aioxen.cli import StopSignals
@@ -184,10 +185,7 @@ async def _pump(
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    if isinstance(exc, OSError) and exc.strerror and not exc.filename and exc.errno:
-        text = exc.strerror
-    return text or type(exc).__name__
+    return describe(exc)
 
 
 async def run_cat(
@@ -246,14 +244,18 @@ async def _run(
                 if opts.env_fd is not None:
                     _publish("", opts.env_fd)
                 try:
+                    check_root_env()  # a missing or non-directory $XEN_ROOT: before any I/O
+                except CommandError as exc:
+                    raise CatError(str(exc)) from None
+                try:
                     platform = aioxen.platform()
                 except PlatformError as exc:
-                    if os.environ.get("AIOXEN_PLATFORM"):
-                        raise  # a bad name: the platform's own message says it
+                    if os.environ.get("AIOXEN_PLATFORM") or os.environ.get("XEN_ROOT"):
+                        raise  # the platform's own message says what is wrong
                     raise CatError(
                         "no aioxen platform available: not under Xen and $XEN_ROOT is not "
-                        "set; first eval the export lines printed by `aioxen cat -l DOMID "
-                        "PORT` (or by `aioxen xenstored --root DIR`)"
+                        "set; first eval the export lines printed by 'aioxen cat -l DOMID "
+                        "PORT' (or by 'aioxen xenstored --root DIR')"
                     ) from exc
                 if platform.single_process:  # no other program can be the peer
                     raise CatError(

@@ -8,11 +8,13 @@ from typing import Any
 
 from aioxen import vchan
 from aioxen.apps.clistd import (
+    add_readiness_arguments,
     connect_address,
     domid,
     inherited_fd,
     int_range,
     listen_address,
+    notify_ready,
     seconds,
     vchan_port,
 )
@@ -40,8 +42,9 @@ unix:PATH, vchan:DOMID/PORT (DOMID is the peer domain).  Examples:
   aioxen bridge --listen tcp:127.0.0.1:8080 --connect vchan:0/web   # use a vchan service
   aioxen bridge --listen vchan:2/web --connect tcp:127.0.0.1:8000   # offer a TCP service
 
-When listening it prints 'aioxen bridge: listening on ADDR' on stdout.  SIGTERM/SIGINT
-stop it, closing every bridged connection.
+When listening it prints 'aioxen bridge: listening on ADDR' on stdout (and, with
+--env-file, writes AIOXEN_BRIDGE_ADDRESS=ADDR there).  SIGTERM/SIGINT stop it, closing
+every bridged connection (exit status 143/130).
 """
 
 
@@ -142,6 +145,7 @@ def _register_bridge(subparsers: Any) -> None:
         help="on shutdown, let connections flush this long before aborting (default %(default)g)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection on stderr")
+    add_readiness_arguments(p)
     p.set_defaults(func=_run_bridge)
 
 
@@ -155,4 +159,9 @@ async def _run_bridge(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout,
         grace=args.grace,
         verbose=args.verbose,
+        on_ready=lambda where: (
+            notify_ready(
+                args, exports={"AIOXEN_BRIDGE_ADDRESS": str(where)}, status=f"listening on {where}"
+            ).stopping
+        ),
     )

@@ -62,6 +62,7 @@ import os
 import re
 import shlex
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -115,6 +116,17 @@ def fail(prog: str, message: str | BaseException, status: int = EXIT_FAILURE) ->
     text = describe(message) if isinstance(message, BaseException) else message
     print(f"{prog}: {text}", file=sys.stderr, flush=True)
     return status
+
+
+_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`~?([^`<]*?)(?:\s*<[^>]*>)?`")
+
+
+def plain(text: str) -> str:
+    """A docstring made fit for ``--help``: reST markup removed (````code```` -> code,
+    ``[`name`][]`` -> name, a trailing ``::`` -> ``:``)."""
+    text = _ROLE.sub(lambda m: m.group(1), text)
+    text = text.replace("``", "")
+    return re.sub(r"::$", ":", text, flags=re.MULTILINE)
 
 
 # -- validators ------------------------------------------------------------------------
@@ -259,6 +271,38 @@ def listen_address(text: str) -> Address:
     return _address(text, any_port=True)
 
 
+# -- the environment -------------------------------------------------------------------
+
+
+def check_root_env() -> None:
+    """Before a client command opens the platform the environment selects: when that is
+    the ``unix`` platform, ``$XEN_ROOT`` must name an existing directory.  A client never
+    creates a root (only ``aioxen xenstored --root`` and ``aioxen cat -l`` without
+    ``$XEN_ROOT`` do), so a typo makes nothing on disk.  [`CommandError`][] otherwise."""
+    from aioxen.errors import PlatformError
+    from aioxen.platforms import choose_platform_name
+
+    root = os.environ.get("XEN_ROOT")
+    if not root:
+        return
+    try:
+        if choose_platform_name() != "unix":
+            return
+    except PlatformError:
+        return  # a bad $AIOXEN_PLATFORM: opening the platform reports it
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        raise CommandError(
+            f"$XEN_ROOT={root}: no such directory (start 'aioxen xenstored --root {root}' "
+            "first and source the lines it prints)"
+        ) from None
+    except OSError as exc:
+        raise CommandError(f"$XEN_ROOT={root}: {describe(exc)}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CommandError(f"$XEN_ROOT={root} is not a directory")
+
+
 # -- readiness -------------------------------------------------------------------------
 
 
@@ -397,6 +441,7 @@ __all__ = [
     "UsageError",
     "add_readiness_arguments",
     "address",
+    "check_root_env",
     "check_vchan_port",
     "connect_address",
     "describe",
@@ -410,6 +455,7 @@ __all__ = [
     "notify_ready",
     "notify_stopping",
     "parse_size",
+    "plain",
     "positive_int",
     "sd_notify",
     "seconds",

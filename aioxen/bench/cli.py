@@ -45,7 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="small sizes and one repetition: every suite in well under a minute",
     )
-    parser.add_argument("--loop", choices=["uvloop", "asyncio", "both"], default="uvloop")
+    parser.add_argument(
+        "--loop",
+        choices=["uvloop", "asyncio", "both"],
+        default="uvloop",
+        help="event loop to measure on (default %(default)s; both: each in turn)",
+    )
     parser.add_argument(
         "--reps",
         type=int,
@@ -133,7 +138,12 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("bench", help="run the benchmark suites", description=__doc__)
+    parser = subparsers.add_parser(
+        "bench",
+        help="run the benchmark suites",
+        description="Run benchmark suites, print a table, write JSON, Markdown or charts "
+        "(also: python -m benchmarks).",
+    )
     add_arguments(parser)
     parser.add_argument(
         "--keep-going",

@@ -22,6 +22,7 @@ import termios
 import tty
 from typing import Any
 
+from aioxen.apps.clistd import check_root_env, describe, domid, nonnegative_int, plain, seconds
 from aioxen.apps.stdio import ByteSink, ByteSource, open_sink, open_source
 from aioxen.cli import StopSignals
 from aioxen.console.device import DEFAULT_DEVID, ConsoleBackend, ConsoleFrontend
@@ -33,18 +34,20 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "console",
         help="attach to a domain's PV console (back end), or act as the guest (--frontend)",
-        description=__doc__.split("\n\n")[1].replace("\n", " ") if __doc__ else None,
+        description=plain(__doc__.split("\n\n")[1].replace("\n", " ")) if __doc__ else None,
     )
-    p.add_argument("domid", type=int, help="the guest (default) or, with --frontend, the back end")
-    p.add_argument("--devid", type=int, default=DEFAULT_DEVID,
+    p.add_argument(
+        "domid", type=domid, help="the guest (default) or, with --frontend, the back end"
+    )
+    p.add_argument("--devid", type=nonnegative_int, default=DEFAULT_DEVID,
                    help=f"console device number (default {DEFAULT_DEVID})")  # fmt: skip
     p.add_argument("--frontend", action="store_true", help="be the guest side")
     p.add_argument("--create", action="store_true",
                    help="create the device first if missing (toolstack rights needed)")  # fmt: skip
     p.add_argument("--follow", action="store_true",
                    help="back end: wait for the guest to reconnect after it leaves")  # fmt: skip
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds to wait for the other end (default: forever)")  # fmt: skip
+    p.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
+                   help="how long to wait for the other end (default: forever)")  # fmt: skip
     p.set_defaults(func=_run)
 
 
@@ -105,6 +108,7 @@ async def _session(
 
 
 async def _run(args: argparse.Namespace) -> int:
+    check_root_env()  # a missing or non-directory $XEN_ROOT: before any I/O
     stop = StopSignals()  # SIGINT/SIGTERM: orderly stop
     raw = sys.stdin.isatty()
     saved = termios.tcgetattr(0) if raw else None
@@ -148,7 +152,7 @@ async def _run(args: argparse.Namespace) -> int:
             await work
         return 0
     except (ConnectionError, FileNotFoundError, PermissionError, TimeoutError) as exc:
-        print(f"aioxen console: {exc}", file=sys.stderr)
+        print(f"aioxen console: {describe(exc)}", file=sys.stderr)
         return 1
     finally:
         if endpoint is not None:

@@ -266,6 +266,9 @@ class _SharedWatch:
         except BaseException as exc:
             if not self._ready.done():
                 self._ready.set_exception(exc)
+                # Marked retrieved: its waiter may have timed out and gone (asyncio would
+                # log "Future exception was never retrieved"); later waiters still get it.
+                self._ready.exception()
             self._error = exc
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()

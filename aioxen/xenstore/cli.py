@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
-import shlex
 import stat
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from aioxen.apps.clistd import (
+    Readiness,
+    UsageError,
+    add_readiness_arguments,
+    domid,
+    export_lines,
+    nonnegative_int,
+    notify_ready,
+    seconds,
+)
 from aioxen.cli import StopSignals
 from aioxen.errors import ProtocolError
 from aioxen.platforms._rootdir import (
@@ -73,14 +83,32 @@ def _register_xenstored(subparsers: Any) -> None:
         "--quota",
         action="append",
         default=[],
+        type=_quota,
         metavar="NAME=N",
-        help=(
-            "override a quota: nodes, node-size, watches, transactions, permissions, "
-            "transaction-nodes, outstanding, watch-event-backlog"
-        ),
+        help=f"override a quota (repeatable); NAME is one of {', '.join(_QUOTA_NAMES)}",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log requests at debug level")
+    add_readiness_arguments(p)
     p.set_defaults(func=_run_xenstored)
+
+
+_QUOTA_NAMES = tuple(f.name.replace("_", "-") for f in dataclasses.fields(Quotas))
+"""The quota names as the command line spells them (``node-size``; ``node_size`` works too)."""
+
+
+def _quota(text: str) -> tuple[str, int]:
+    """``NAME=N`` -> ``(name, N)``, checked before anything is opened."""
+    name, sep, value = text.partition("=")
+    name = name.strip().replace("_", "-")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=N, e.g. node-size=4096")
+    if name not in _QUOTA_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"unknown quota {name!r}; known: {', '.join(_QUOTA_NAMES)}"
+        )
+    if not value.strip().isdecimal():
+        raise argparse.ArgumentTypeError(f"invalid quota {name}={value}: not a whole number >= 0")
+    return name, int(value)
 
 
 async def _run_xenstored(args: argparse.Namespace) -> int:
@@ -99,13 +127,8 @@ async def _run_xenstored(args: argparse.Namespace) -> int:
         )
         return 2
     quotas = Quotas()
-    try:
-        for item in args.quota:
-            name, _, value = item.partition("=")
-            quotas.set(name, int(value))
-    except ValueError as exc:
-        print(f"aioxen xenstored: bad --quota: {exc}", file=sys.stderr)
-        return 2
+    for name, value in args.quota:
+        quotas.set(name, value)
     root = os.path.abspath(args.root)
     try:
         # A private root: a real directory of ours, no group/other access, never a link
@@ -119,6 +142,8 @@ async def _run_xenstored(args: argparse.Namespace) -> int:
     state_file = args.state_file or (
         os.path.join(rundir, STATE_FILE_NAME) if args.persist else None
     )
+    if args.env_file:
+        args.env_file = os.path.abspath(args.env_file)
     if args.state_file:
         try:
             _check_state_file(os.path.abspath(args.state_file))
@@ -132,15 +157,17 @@ async def _run_xenstored(args: argparse.Namespace) -> int:
         print(f"aioxen xenstored: {_message(exc)}", file=sys.stderr)
         return 1
     stop = StopSignals()  # SIGINT/SIGTERM: orderly stop
+    ready: Readiness | None = None
     try:
-        sys.stdout.write(
-            f"XEN_ROOT={shlex.quote(root)}; export XEN_ROOT;\n"
-            f"XENSTORED_PATH={shlex.quote(sock)}; export XENSTORED_PATH;\n"
-        )
+        exports = {"XEN_ROOT": root, "XENSTORED_PATH": sock}
+        sys.stdout.write(export_lines(exports))
         sys.stdout.flush()
+        ready = notify_ready(args, exports=exports, status=f"serving {sock}")
         await stop.wait()
     finally:
         stop.close()
+        if ready is not None:
+            ready.stopping()
         await server.close()
     return 0
 
@@ -176,45 +203,76 @@ def _register_xenstore(subparsers: Any) -> None:
     p.add_argument("--socket", help="xenstored socket (default $XENSTORED_PATH)")
     p.add_argument(
         "--domid",
-        type=int,
-        default=int(os.environ.get("AIOXEN_DOMID", "0")),
+        type=domid,
+        default=os.environ.get("AIOXEN_DOMID", "0"),  # a string: checked by type= as well
         help="act as this domain (aioxen xenstored only; default $AIOXEN_DOMID or 0)",
     )
-    p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (seconds)")
+    p.add_argument(
+        "--timeout",
+        type=seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for each reply (default %(default)g)",
+    )
     sub = p.add_subparsers(dest="xs_command", metavar="OPERATION", required=True)
 
     s = sub.add_parser("read", help="print the value of each PATH")
-    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("paths", nargs="+", metavar="PATH", help="a node, e.g. /local/domain/0/name")
     s.set_defaults(func=_cmd(_read))
 
     s = sub.add_parser("write", help="write VALUE to PATH (pairs may repeat)")
-    s.add_argument("pairs", nargs="+", metavar="PATH VALUE")
+    s.add_argument("pairs", nargs="+", metavar="PATH VALUE", help="a node and its new value")
     s.set_defaults(func=_cmd(_write))
 
     s = sub.add_parser("mkdir", help="make sure each PATH exists")
-    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("paths", nargs="+", metavar="PATH", help="a node to create if missing")
     s.set_defaults(func=_cmd(_mkdir))
 
     s = sub.add_parser("ls", help="list the tree below PATH with values (like xenstore-ls)")
-    s.add_argument("path", nargs="?", default="/", metavar="PATH")
+    s.add_argument(
+        "path", nargs="?", default="/", metavar="PATH", help="where to start (default /)"
+    )
     s.add_argument("-p", "--perms", action="store_true", help="show permissions too")
     s.set_defaults(func=_cmd(_ls))
 
     s = sub.add_parser("rm", help="remove each PATH and everything below it")
-    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("paths", nargs="+", metavar="PATH", help="a node to remove")
     s.set_defaults(func=_cmd(_rm))
 
     s = sub.add_parser("watch", help="print each changed path below PATH")
-    s.add_argument("path", metavar="PATH")
-    s.add_argument("-n", "--count", type=int, default=0, help="exit after N events")
+    s.add_argument("path", metavar="PATH", help="the node to watch (with everything below it)")
+    s.add_argument(
+        "-n",
+        "--count",
+        type=nonnegative_int,
+        default=0,
+        metavar="N",
+        help="exit after N events (default 0: run until interrupted)",
+    )
     s.set_defaults(func=_cmd(_watch))
 
     s = sub.add_parser(
         "perms", help="show PATH's permissions, or set them (owner first: n0 r2 ...)"
     )
-    s.add_argument("path", metavar="PATH")
-    s.add_argument("perms", nargs="*", metavar="PERM")
+    s.add_argument("path", metavar="PATH", help="the node")
+    s.add_argument(
+        "perms",
+        nargs="*",
+        type=_perm,
+        metavar="PERM",
+        help="n, r, w or b followed by a domid (owner first, e.g. n0 r2); none: show them",
+    )
     s.set_defaults(func=_cmd(_perms))
+
+
+def _perm(text: str) -> Perm:
+    """A permission ``[nrwb]DOMID`` for the command line, checked before any I/O."""
+    if len(text) < 2 or text[0] not in "nrwb" or not text[1:].isdecimal():
+        raise argparse.ArgumentTypeError(
+            f"invalid permission {text!r}: expected n, r, w or b followed by a domid (e.g. r2)"
+        )
+    domid(text[1:])  # the range
+    return Perm.parse(text)
 
 
 Op = Callable[[XenStoreClient, argparse.Namespace], Coroutine[Any, Any, int]]
@@ -222,6 +280,8 @@ Op = Callable[[XenStoreClient, argparse.Namespace], Coroutine[Any, Any, int]]
 
 def _cmd(op: Op) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
     async def run(args: argparse.Namespace) -> int:
+        if args.xs_command == "write" and len(args.pairs) % 2:
+            raise UsageError("write takes PATH VALUE pairs (an odd number of words given)")
         path = args.socket or default_socket_path()
         try:
             # Never talk to a socket another user could have put there (issue 13).
@@ -233,7 +293,7 @@ def _cmd(op: Op) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
         try:
             return await op(client, args)
         except (OSError, ValueError, TimeoutError, ProtocolError) as exc:
-            print(f"aioxen xenstore {args.xs_command}: {exc}", file=sys.stderr)
+            print(f"aioxen xenstore {args.xs_command}: {_message(exc)}", file=sys.stderr)
             return 1
         finally:
             with contextlib.suppress(Exception):
@@ -243,10 +303,10 @@ def _cmd(op: Op) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
 
 
 def _message(exc: Exception) -> str:
-    """``exc`` for people: an ``OSError``'s own sentence without the ``[Errno N]`` prefix."""
-    if isinstance(exc, OSError) and exc.strerror and exc.filename is None:
-        return exc.strerror
-    return str(exc)
+    """``exc`` for people ([`aioxen.apps.clistd.describe`][]: no ``[Errno N]``)."""
+    from aioxen.apps.clistd import describe as describe_exc
+
+    return describe_exc(exc)
 
 
 def _in_own_root(path: str) -> bool:
@@ -337,7 +397,7 @@ async def _watch(client: XenStoreClient, args: argparse.Namespace) -> int:
 
 async def _perms(client: XenStoreClient, args: argparse.Namespace) -> int:
     if args.perms:
-        await client.set_perms(args.path, [Perm.parse(p) for p in args.perms])
+        await client.set_perms(args.path, args.perms)
     else:
         print(" ".join(str(p) for p in await client.get_perms(args.path)), flush=True)
     return 0
