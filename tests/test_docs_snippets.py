@@ -8,11 +8,12 @@ block.  Markers are HTML comments, which mkdocs renders as nothing:
 
 ``<!-- not-runnable: REASON -->``
     not run; REASON must say why (real Xen, root, placeholders, runs forever, ...).
-``<!-- run: session=NAME world=none timeout=SECONDS -->``
+``<!-- run: session=NAME world=none timeout=SECONDS output=next -->``
     all options optional.  Blocks of one file with the same ``session`` run one after the
     other in the same world and directory (shell blocks as one ``bash -e`` script, Python
     blocks as one program).  ``world=none`` runs without a prepared world (no
-    ``$XEN_ROOT``), for snippets that make their own.
+    ``$XEN_ROOT``), for snippets that make their own.  ``output=next``: the next fenced
+    block is the exact output the snippet must print (stdout; trailing blanks ignored).
 
 Each run gets a fresh world: a private directory as ``$XEN_ROOT`` with its own
 ``aioxen xenstored`` (waited for through its export lines), ``$XENSTORED_PATH`` set, the
@@ -78,6 +79,8 @@ class Block:
     session: str | None = None
     world: bool = True
     timeout: float = DEFAULT_TIMEOUT
+    output_next: bool = False
+    expected: str | None = None  # the output the snippet must print (output=next)
 
     @property
     def where(self) -> str:
@@ -145,9 +148,16 @@ def parse_blocks(path: Path) -> list[Block]:
                         block.world = value == "fresh"
                     elif key == "timeout" and value.replace(".", "", 1).isdigit():
                         block.timeout = float(value)
+                    elif key == "output" and value == "next":
+                        block.output_next = True
                     else:
                         raise SnippetError(f"{where}: unknown run option {opt!r}")
+        if blocks and blocks[-1].output_next and blocks[-1].expected is None:
+            blocks[-1].expected = block.code
         blocks.append(block)
+    for b in blocks:
+        if b.output_next and (b.expected is None or b.session is not None):
+            raise SnippetError(f"{b.where}: output=next needs a following block and no session")
     return blocks
 
 
@@ -270,8 +280,22 @@ def run_unit(unit: Unit, work: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _lines(text: str) -> list[str]:
+    return [line.rstrip() for line in text.rstrip().split("\n")]
+
+
+def check(unit: Unit, result: subprocess.CompletedProcess[str]) -> bool:
+    """Did the run succeed (rc 0 and, with output=next, exactly the documented output)?"""
+    expected = unit.blocks[0].expected
+    if result.returncode != 0:
+        return False
+    return expected is None or _lines(result.stdout) == _lines(expected)
+
+
 def describe_failure(unit: Unit, result: subprocess.CompletedProcess[str]) -> str:
     code = "\n".join(b.code for b in unit.blocks)
+    if unit.blocks[0].expected is not None:
+        code += f"--- documented output\n{unit.blocks[0].expected}"
     return (
         f"{unit.where}: exited {result.returncode}\n--- snippet\n{code}"
         f"--- stdout (tail)\n{result.stdout[-2000:]}\n--- stderr (tail)\n{result.stderr[-3000:]}"
@@ -297,7 +321,7 @@ def test_every_block_is_labelled_and_every_marker_well_formed() -> None:
 @pytest.mark.parametrize("unit", ALL_UNITS, ids=[u.where for u in ALL_UNITS])
 def test_snippet_runs_as_written(unit: Unit, tmp_path: Path) -> None:
     result = run_unit(unit, tmp_path)
-    assert result.returncode == 0, describe_failure(unit, result)
+    assert check(unit, result), describe_failure(unit, result)
 
 
 # -- the runner itself -----------------------------------------------------------------------
@@ -314,7 +338,8 @@ def _run_all(path: Path, tmp_path: Path) -> list[int]:
     for n, unit in enumerate(units([path])):
         work = tmp_path / f"run{n}"
         work.mkdir()
-        rcs.append(run_unit(unit, work).returncode)
+        result = run_unit(unit, work)
+        rcs.append(result.returncode if check(unit, result) or result.returncode else 99)
     return rcs
 
 
@@ -410,6 +435,32 @@ def test_runner_times_out_and_kills_background_daemons(tmp_path: Path) -> None:
     pid = int((tmp_path / "run0" / "daemon.pid").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_documented_output_is_checked(tmp_path: Path) -> None:
+    page = _doc(
+        tmp_path,
+        """\
+        <!-- run: output=next -->
+        ```python
+        print("vif", 1 + 1)
+        ```
+
+        ```text
+        vif 2
+        ```
+
+        <!-- run: output=next -->
+        ```sh
+        echo vif 3
+        ```
+
+        ```text
+        vif 2
+        ```
+        """,
+    )
+    assert _run_all(page, tmp_path) == [0, 99]  # 99: rc 0 but not the documented output
 
 
 @pytest.mark.parametrize(
