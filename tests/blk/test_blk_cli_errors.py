@@ -299,8 +299,13 @@ def test_blkback_without_frontend_stops_promptly(
 ) -> None:
     """No frontend ever came: nothing to wait for (it waited its 5 s close timeout)."""
     back = Daemon(xenstored.env(0), "blkback", "--image", images["ok"], "--frontend", "9")
+    state = "/local/domain/0/backend/vbd/9/51712/state"
     try:
-        start = time.monotonic()
+        deadline = time.monotonic() + 60  # hang guard
+        while run(xenstored.env(0), "xenstore", "read", state).stdout.strip() != "2":
+            assert time.monotonic() < deadline, "blkback never reached InitWait"
+            time.sleep(0.1)
+        start = time.monotonic()  # serving, in InitWait: the state the 5 s wait came from
         rc, err = back.stop(signal.SIGTERM)
         elapsed = time.monotonic() - start
     finally:
