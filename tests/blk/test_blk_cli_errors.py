@@ -314,3 +314,16 @@ def test_blkback_without_frontend_stops_promptly(
     assert elapsed < 4, f"blkback took {elapsed:.1f} s to stop"  # the old wait was 5 s
     proc = run(xenstored.env(0), "xenstore", "read", "/local/domain/0/backend/vbd/9/51712")
     assert proc.returncode != 0  # removed what it created
+
+
+def test_backend_that_never_connects_is_named(xenstored: XenstoredProcess) -> None:
+    """The device exists (a toolstack made it) but no blkback serves it: the message names
+    the backend directory and both ends' states."""
+    add = run(xenstored.env(0), "device", "add", "vbd", str(FRONT), "--devid", "51728")
+    assert add.returncode == 0, add.stderr
+    proc = run(xenstored.env(FRONT), *NBD, "--timeout", "1", "--listen", "127.0.0.1:0", "xvdb")
+    standard_error(
+        proc, 1, "aioxen blkfront nbd", "vbd xvdb (51728)", f"domain {FRONT}",
+        f"backend /local/domain/0/backend/vbd/{FRONT}/51728", "did not connect within 1 s",
+        "frontend state", "backend state",
+    )  # fmt: skip

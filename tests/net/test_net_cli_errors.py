@@ -157,3 +157,17 @@ def test_netback_signal_exit_status(xs: Xenstored, sig: signal.Signals) -> None:
     assert (proc.returncode, err) == (128 + sig, ""), err
     gone = run(xs.client_env(0), "xenstore", "read", "/local/domain/0/backend/vif/4/0/state")
     assert gone.returncode == 1, gone.stdout  # removed what it created
+
+
+def test_netfront_backend_that_never_connects_is_named(xs: Xenstored) -> None:
+    """The vif exists (a toolstack made it) but no netback serves it: the message names
+    the backend directory and both ends' states; the TAP (opened for the connect) is gone
+    after the exit."""
+    add = run(xs.client_env(0), "device", "add", "vif", "3", "--key", "mac=00:16:3e:00:00:03")
+    assert add.returncode == 0, add.stderr
+    proc = run(xs.client_env(3), "netfront", "--tap", TAP, "--timeout", "1")
+    standard_error(
+        proc, 1, "aioxen netfront", "vif 3/0", "backend /local/domain/0/backend/vif/3/0",
+        "did not connect within 1 s", "frontend state", "backend state",
+    )  # fmt: skip
+    assert not link_exists(TAP)
