@@ -34,7 +34,7 @@ keeps its buffers granted for the whole connection, so each page is mapped once 
 (bounded LRU).  Other frontends (Linux) get their pages mapped for one batch and unmapped
 after it, so no grant stays in use once its request is answered.
 
-This module is the data path only; the xenbus driver and [`Netback`][] are in
+This module is the data path only; the xenbus driver and [`Netback`][aioxen.net.back.Netback] are in
 [`aioxen.net.back`][].
 """
 

@@ -3,7 +3,8 @@
 * [`aioxen.rings.formats`][] — entry formats (netif, blkif, caller-defined).
 * [`aioxen.rings.sring`][] — ``io/ring.h`` shared rings: pure front/back ends.
 * [`aioxen.rings.byte`][] — console and XenStore byte-ring pages.
-* [`aioxen.rings.aio`][] — [`AsyncFrontRing`][] / [`AsyncBackRing`][] on a platform.
+* [`aioxen.rings.aio`][] — [`AsyncFrontRing`][aioxen.rings.aio.AsyncFrontRing] /
+  [`AsyncBackRing`][aioxen.rings.aio.AsyncBackRing] on a platform.
 """
 
 from __future__ import annotations
