@@ -62,3 +62,28 @@ def test_the_check_finds_a_missing_name() -> None:
 @pytest.mark.parametrize("module", CHECKED)
 def test_module_docstring_references_exist(module: str) -> None:
     assert broken_refs((ROOT / module).read_text()) == [], module
+
+
+_ROLE = re.compile(r":(?:func|class|meth|mod|data|attr|exc|obj|const):`")
+
+
+def sphinx_roles(source: str) -> list[str]:
+    """Sphinx roles left in the docstrings of ``source`` (mkdocs shows them as raw text)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            doc = ast.get_docstring(node, clean=False) or ""
+            found += [line.strip() for line in doc.splitlines() if _ROLE.search(line)]
+    return found
+
+
+def test_the_role_check_finds_a_role() -> None:
+    assert sphinx_roles('def f():\n    """See :func:`g`."""\n') == ["See :func:`g`."]
+    assert sphinx_roles('def f():\n    """See [`g`][]."""\n') == []
+
+
+@pytest.mark.parametrize("module", CHECKED)
+def test_no_sphinx_roles_in_docstrings(module: str) -> None:
+    """The docs site renders docstrings as Markdown: cross-references are written
+    ``[`name`][]`` (resolved in the docstring's scope) or ``[`title`][aioxen.full.path]``."""
+    assert sphinx_roles((ROOT / module).read_text()) == [], module
