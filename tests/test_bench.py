@@ -252,3 +252,38 @@ def test_ctrl_c_stops_helpers_removes_temp_dirs_and_exits_130(private_run: Priva
     assert "interrupted" in err
     assert _marked_processes(marker) == {}
     assert _leftovers(dirs) == []
+
+
+def test_ctrl_c_in_the_rings_suite_is_clean_too(private_run: PrivateRun) -> None:
+    """The rings suite holds a pinned ring when interrupted: it must release it before its
+    platform closes (it raised ``BufferError`` with a traceback)."""
+    marker, env, dirs = private_run
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", "rings", "--reps", "3"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300  # a hang guard only
+        servers: list[str] = []
+        while len(servers) < 2:  # the ring server and the seqpacket server are up
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the rings servers never started"
+            time.sleep(0.1)
+            servers = [
+                c for c in _marked_processes(marker).values() if "aioxen.bench.suites.rings" in c
+            ]
+        os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert _marked_processes(marker) == {}
+    assert _leftovers(dirs) == []

@@ -192,32 +192,39 @@ async def _measure(ctx: Context) -> list[Measurement]:
             front = await AsyncFrontRing.create(
                 plat, BACK_DOMID, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE
             )
-            refs = ",".join(map(str, front.refs))
-            procs.append(_spawn(["serve-ring", root, refs, str(front.port), loop_name]))
-            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            procs.append(_spawn(["serve-seqpacket", str(b.fileno()), loop_name], (b.fileno(),)))
-            b.close()
-            a.setblocking(False)
-            client = _SeqpacketClient(a)
+            client: _SeqpacketClient | None = None
+            try:
+                refs = ",".join(map(str, front.refs))
+                procs.append(_spawn(["serve-ring", root, refs, str(front.port), loop_name]))
+                a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                procs.append(_spawn(["serve-seqpacket", str(b.fileno()), loop_name], (b.fileno(),)))
+                b.close()
+                a.setblocking(False)
+                client = _SeqpacketClient(a)
 
-            prebuilt: dict[int, list[N.NetifTxRequest]] = {}
+                prebuilt: dict[int, list[N.NetifTxRequest]] = {}
 
-            async def ring_exchange(sizes: list[int]) -> list[int]:
-                reqs = prebuilt.get(len(sizes))
-                if reqs is None:  # ids are assigned by the ring: the same requests can go again
-                    reqs = prebuilt[len(sizes)] = [N.NetifTxRequest(0, 0, 0, 0, s) for s in sizes]
-                rsps = await front.request_many(reqs)
-                return [r.status for r in rsps]
+                async def ring_exchange(sizes: list[int]) -> list[int]:
+                    reqs = prebuilt.get(len(sizes))
+                    if reqs is None:  # ids are assigned by the ring: the same requests go again
+                        reqs = [N.NetifTxRequest(0, 0, 0, 0, s) for s in sizes]
+                        prebuilt[len(sizes)] = reqs
+                    rsps = await front.request_many(reqs)
+                    return [r.status for r in rsps]
 
-            mechanisms = [("ring/unix", ring_exchange), ("seqpacket", client.exchange)]
-            for rep in range(ctx.repetitions):
-                for batch in BATCHES:
-                    for name, fn in mechanisms:
-                        ctx.progress(f"rings rep {rep + 1}/{ctx.repetitions} batch {batch} {name}")
-                        rate = await _time_batches(fn, batch, seconds)
-                        samples.setdefault((name, batch), []).append(rate)
-            front.close()
-            client.close()
+                mechanisms = [("ring/unix", ring_exchange), ("seqpacket", client.exchange)]
+                for rep in range(ctx.repetitions):
+                    for batch in BATCHES:
+                        for name, fn in mechanisms:
+                            ctx.progress(
+                                f"rings rep {rep + 1}/{ctx.repetitions} batch {batch} {name}"
+                            )
+                            rate = await _time_batches(fn, batch, seconds)
+                            samples.setdefault((name, batch), []).append(rate)
+            finally:  # also on Ctrl-C: the ring's pin must go before the platform closes
+                front.close()
+                if client is not None:
+                    client.close()
     finally:
         for p in procs:
             try:
