@@ -23,7 +23,9 @@ checked before any I/O (a missing, unreadable or unwritable image, a directory, 
 ``--devid``/``--frontend``/``--listen`` are usage errors, rc 2); an image that is empty or
 not a whole number of sectors is refused (rc 1: blkback serves whole sectors only and
 would silently drop the tail); runtime failures print one line, rc 1; a stop by SIGINT or
-SIGTERM exits 130 or 143 after the orderly close.
+SIGTERM exits 130 or 143 after the orderly close.  Readiness for supervisors: besides the
+``READY`` line, ``--ready-fd N`` and systemd's ``$NOTIFY_SOCKET``
+([`aioxen.apps.clistd.notify_ready`][]).
 """
 
 from __future__ import annotations
@@ -126,6 +128,12 @@ def _reason(exc: OSError) -> str:
     return exc.strerror.lower() if exc.strerror else str(exc)
 
 
+def _ready(args: argparse.Namespace, line: str) -> std.Readiness:
+    """Print the ``READY`` line and tell a supervisor (``--ready-fd``, ``$NOTIFY_SOCKET``)."""
+    print(line, flush=True)
+    return std.notify_ready(args, status=line)
+
+
 async def run_blkback(args: argparse.Namespace) -> int:
     import aioxen
     from aioxen.blk.back import BackendConfig
@@ -190,15 +198,16 @@ async def _serve_blkback(
 
     bk = Blkback(source, args.frontend, devid, platform=plat, config=config, claim=claim)
     task = asyncio.ensure_future(bk.run())
-    print(
+    ready = _ready(
+        args,
         f"READY blkback domain {plat.domid} serving {source.path} "
         f"({source.size} bytes{', read-only' if source.readonly else ''}) "
         f"as vbd {devid} of domain {args.frontend}",
-        flush=True,
     )
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
+    ready.stopping()
     if not task.done():
         await bk.close(timeout=10)
         task.cancel()
@@ -228,14 +237,15 @@ async def run_blkfront_nbd(args: argparse.Namespace) -> int:
         sockets = getattr(server, "sockets", None)
         sock = sockets[0].getsockname() if sockets else args.listen
         where = f"{sock[0]}:{sock[1]}" if isinstance(sock, tuple) else str(sock)
-        print(
+        ready = _ready(
+            args,
             f"READY blkfront nbd listening on {where} exporting "
             + ", ".join(f"{n} ({d.size} bytes)" for n, d in exports.items()),
-            flush=True,
         )
         try:
             await stop.wait()
         finally:
+            ready.stopping()
             # stop listening and end every session before the devices close under them
             await server.shutdown()
     return 0
@@ -400,6 +410,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-persistent", action="store_true", help="do not offer persistent grants")
     p.add_argument("--no-discard", action="store_true", help="do not offer discard")
     _verbose(p)
+    std.add_readiness_arguments(p, env_file=False)
     p.set_defaults(func=run_blkback)
 
     f = subparsers.add_parser(
@@ -430,6 +441,7 @@ def register(subparsers: Any) -> None:
         help="device number or xvd name; also the export name",
     )  # fmt: skip
     _front_options(nbd)
+    std.add_readiness_arguments(nbd, env_file=False)
     nbd.set_defaults(func=run_blkfront_nbd)
     info = fsub.add_parser(
         "info",

@@ -14,7 +14,8 @@ checked before any I/O (a bad domid, device id, MAC, MTU or interface name, a mi
 ``--tap``/``--switch``: usage errors, rc 2); a frontend whose device never appears or
 whose backend never connects fails after ``--timeout`` with a message naming the XenStore
 path and states it waited on (rc 1); a stop by SIGINT or SIGTERM exits 130 or 143 after
-the orderly disconnect.
+the orderly disconnect.  Readiness for supervisors: besides the ``READY`` line,
+``--ready-fd N`` and systemd's ``$NOTIFY_SOCKET`` ([`aioxen.apps.clistd.notify_ready`][]).
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def _ifname(text: str) -> str:
             f"invalid interface name {text!r}: 1..{IFNAMSIZ - 1} bytes, no '/' or spaces"
         )
     return text
+
+
+def _ready(args: argparse.Namespace, line: str) -> std.Readiness:
+    """Print the ``READY`` line and tell a supervisor (``--ready-fd``, ``$NOTIFY_SOCKET``)."""
+    print(line, flush=True)
+    return std.notify_ready(args, status=line)
 
 
 async def run_netback(args: argparse.Namespace) -> int:
@@ -100,16 +107,17 @@ async def run_netback(args: argparse.Namespace) -> int:
             if tap is not None:
                 tap.close()
             raise
-        print(
+        ready = _ready(
+            args,
             f"READY netback domain {plat.domid} serving "
             + ", ".join(f"vif {fe}/{args.devid}" for fe in frontends),
-            flush=True,
         )
         waiter = asyncio.ensure_future(netback.wait())
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
         waiter.cancel()
+        ready.stopping()
         await netback.close(remove=not args.no_create)
         if tap is not None:
             tap.close()
@@ -170,16 +178,17 @@ async def _netfront_claimed(
             claim=claim,
         )
         assert isinstance(protocol, TapFrontend)
-        print(
+        ready = _ready(
+            args,
             f"READY netfront vif {plat.domid}/{args.devid} on {tap.name} "
             f"mac {format_mac(transport.get_extra_info('mac'))} "
             f"mtu {transport.get_extra_info('mtu')}",
-            flush=True,
         )
         stopper = asyncio.ensure_future(stop.wait())
         waits: list[asyncio.Future[Any]] = [stopper, protocol.closed]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
+        ready.stopping()
         if protocol.closed.done():
             exc = protocol.closed.result()
             if exc is not None:
@@ -235,6 +244,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="serve devices a toolstack created instead of creating them",
     )
+    std.add_readiness_arguments(p, env_file=False)
     p.set_defaults(func=run_netback)
 
     f = subparsers.add_parser(
@@ -279,6 +289,7 @@ def register(subparsers: Any) -> None:
         metavar="SECONDS",
         help="seconds to wait for the device to appear and connect (default 30)",
     )
+    std.add_readiness_arguments(f, env_file=False)
     f.set_defaults(func=run_netfront)
 
 

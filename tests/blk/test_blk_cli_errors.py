@@ -327,3 +327,39 @@ def test_backend_that_never_connects_is_named(xenstored: XenstoredProcess) -> No
         f"backend /local/domain/0/backend/vbd/{FRONT}/51728", "did not connect within 1 s",
         "frontend state", "backend state",
     )  # fmt: skip
+
+
+def test_readiness_for_supervisors(
+    xenstored: XenstoredProcess, images: dict[str, str], tmp_path: Path
+) -> None:
+    """``--ready-fd N`` gets a line and is closed once blkback serves; systemd's
+    ``$NOTIFY_SOCKET`` gets ``READY=1`` (with the READY line as status), then
+    ``STOPPING=1`` on the way out."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)  # hang guard
+    rfd, wfd = os.pipe()
+    env = {**xenstored.env(0), "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    try:
+        proc = subprocess.Popen(
+            [*AIOXEN, "blkback", "--image", images["ok"], "--frontend", "9",
+             "--ready-fd", str(wfd)],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, pass_fds=(wfd,),
+        )  # fmt: skip
+        os.close(wfd)
+        try:
+            with os.fdopen(rfd, "rb") as ready:
+                assert ready.read() == b"\n"  # written, then closed: EOF
+            msg = notify.recv(4096).decode()
+            assert msg.startswith("READY=1\nSTATUS=READY blkback domain 0 serving"), msg
+            proc.send_signal(signal.SIGTERM)
+            assert notify.recv(4096) == b"STOPPING=1"
+            _, err = proc.communicate(timeout=60)
+            assert (proc.returncode, err) == (143, ""), err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    finally:
+        notify.close()

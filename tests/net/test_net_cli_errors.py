@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -171,3 +172,28 @@ def test_netfront_backend_that_never_connects_is_named(xs: Xenstored) -> None:
         "did not connect within 1 s", "frontend state", "backend state",
     )  # fmt: skip
     assert not link_exists(TAP)
+
+
+def test_netback_tells_a_supervisor(xs: Xenstored, tmp_path: Path) -> None:
+    """``$NOTIFY_SOCKET`` gets ``READY=1`` once the vifs are served, ``STOPPING=1`` at the
+    stop."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)  # hang guard
+    env = {**xs.client_env(0), "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    proc = subprocess.Popen(
+        [*AIOXEN, "netback", "--switch", "--frontend", "4"], env=env,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        msg = notify.recv(4096).decode()
+        assert msg == "READY=1\nSTATUS=READY netback domain 0 serving vif 4/0", msg
+        proc.send_signal(signal.SIGINT)
+        assert notify.recv(4096) == b"STOPPING=1"
+        _, err = proc.communicate(timeout=60)
+        assert (proc.returncode, err) == (130, ""), err
+    finally:
+        notify.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
