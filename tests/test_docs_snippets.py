@@ -14,6 +14,8 @@ block.  Markers are HTML comments, which mkdocs renders as nothing:
     blocks as one program).  ``world=none`` runs without a prepared world (no
     ``$XEN_ROOT``), for snippets that make their own.  ``output=next``: the next fenced
     block is the exact output the snippet must print (stdout; trailing blanks ignored).
+    ``file=NAME`` (in a session): the block is not run but saved as ``NAME`` in the
+    session's directory, for a later shell block to run (two programs, two domains).
 
 Each run gets a fresh world: a private directory as ``$XEN_ROOT`` with its own
 ``aioxen xenstored`` (waited for through its export lines), ``$XENSTORED_PATH`` set, the
@@ -80,6 +82,7 @@ class Block:
     world: bool = True
     timeout: float = DEFAULT_TIMEOUT
     output_next: bool = False
+    file: str | None = None  # file=NAME: saved for the session's shell blocks, not run
     expected: str | None = None  # the output the snippet must print (output=next)
 
     @property
@@ -96,6 +99,11 @@ class Unit:
     """One run: a single block, or the blocks of one session, in one fresh world."""
 
     blocks: list[Block]
+
+    @property
+    def run_blocks(self) -> list[Block]:
+        """The blocks that are run (``file=`` blocks are only saved)."""
+        return [b for b in self.blocks if b.file is None]
 
     @property
     def where(self) -> str:
@@ -150,6 +158,8 @@ def parse_blocks(path: Path) -> list[Block]:
                         block.timeout = float(value)
                     elif key == "output" and value == "next":
                         block.output_next = True
+                    elif key == "file" and re.fullmatch(r"[\w.-]+", value):
+                        block.file = value
                     else:
                         raise SnippetError(f"{where}: unknown run option {opt!r}")
         if blocks and blocks[-1].output_next and blocks[-1].expected is None:
@@ -158,6 +168,8 @@ def parse_blocks(path: Path) -> list[Block]:
     for b in blocks:
         if b.output_next and (b.expected is None or b.session is not None):
             raise SnippetError(f"{b.where}: output=next needs a following block and no session")
+        if b.file is not None and b.session is None:
+            raise SnippetError(f"{b.where}: file= needs a session that runs it")
     return blocks
 
 
@@ -170,14 +182,15 @@ def units(paths: list[Path]) -> Iterator[Unit]:
                 continue
             if block.session is None:
                 yield Unit([block])
-            elif block.session in sessions:
-                unit = sessions[block.session]
-                if (block.lang in PYTHON_LANGS) != (unit.blocks[0].lang in PYTHON_LANGS):
-                    raise SnippetError(f"{block.where}: a session mixes Python and shell")
-                unit.blocks.append(block)
             else:
-                sessions[block.session] = Unit([block])
-        yield from sessions.values()
+                sessions.setdefault(block.session, Unit([])).blocks.append(block)
+        for unit in sessions.values():
+            run = unit.run_blocks
+            if not run:
+                raise SnippetError(f"{unit.where}: a session with nothing to run")
+            if len({b.lang in PYTHON_LANGS for b in run}) > 1:
+                raise SnippetError(f"{unit.where}: a session mixes Python and shell")
+            yield unit
 
 
 def shell_script(block: Block) -> str:
@@ -235,7 +248,8 @@ def start_world(work: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 def run_unit(unit: Unit, work: Path) -> subprocess.CompletedProcess[str]:
     """Run one unit in ``work`` (an empty private directory); never raises on failure."""
-    first = unit.blocks[0]
+    run = unit.run_blocks
+    first = run[0]
     env = {
         k: v
         for k, v in os.environ.items()
@@ -247,11 +261,14 @@ def run_unit(unit: Unit, work: Path) -> subprocess.CompletedProcess[str]:
     work.chmod(0o700)
     world = start_world(work, env) if all(b.world for b in unit.blocks) else None
     out, err = work / ".stdout", work / ".stderr"
+    for b in unit.blocks:
+        if b.file is not None:
+            (work / b.file).write_text(b.code)
     if first.lang in PYTHON_LANGS:
-        (work / "snippet.py").write_text("\n".join(b.code for b in unit.blocks))
+        (work / "snippet.py").write_text("\n".join(b.code for b in run))
         argv = [sys.executable, "-c", _PY_HARNESS, str(work / "snippet.py")]
     else:
-        (work / "snippet.sh").write_text("\n".join(shell_script(b) for b in unit.blocks))
+        (work / "snippet.sh").write_text("\n".join(shell_script(b) for b in run))
         argv = ["bash", "-e", str(work / "snippet.sh")]
     timeout = max(b.timeout for b in unit.blocks)
     try:
@@ -412,9 +429,19 @@ def test_sessions_share_a_world_and_world_none_has_none(tmp_path: Path) -> None:
         ```sh
         test -z "${XEN_ROOT:-}"
         ```
+
+        <!-- run: session=two file=server.py -->
+        ```python
+        import sys; sys.exit(int(sys.argv[1]))
+        ```
+
+        <!-- run: session=two -->
+        ```sh
+        python server.py 0 && ! python server.py 4
+        ```
         """,
     )
-    assert _run_all(page, tmp_path) == [0, 0]
+    assert _run_all(page, tmp_path) == [0, 0, 0]
 
 
 def test_runner_times_out_and_kills_background_daemons(tmp_path: Path) -> None:
@@ -470,8 +497,10 @@ def test_documented_output_is_checked(tmp_path: Path) -> None:
         ("<!-- not-runnable: -->\n```sh\nls\n```\n", "needs a reason"),
         ("<!-- run: sesion=x -->\n```sh\nls\n```\n", "unknown run option"),
         ("<!-- not-runnable: it is output -->\n```text\nls\n```\n", "not code"),
+        ("<!-- run: file=x.py -->\n```python\npass\n```\n", "needs a session"),
+        ("<!-- run: session=a file=x.py -->\n```python\npass\n```\n", "nothing to run"),
     ],
 )
 def test_malformed_blocks_are_rejected(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(SnippetError, match=message):
-        parse_blocks(_doc(tmp_path, text))
+        list(units([_doc(tmp_path, text)]))
