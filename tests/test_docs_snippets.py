@@ -227,20 +227,21 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 def start_world(work: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """A fresh private root with its own ``aioxen xenstored``; sets XEN_ROOT/XENSTORED_PATH."""
-    root = work / "world"
+    root, ready = work / "world", work / ".world.env"
     proc = subprocess.Popen(
-        [str(BIN / "aioxen"), "xenstored", "--root", str(root)],
-        stdout=subprocess.PIPE,
+        [str(BIN / "aioxen"), "xenstored", "--root", str(root), "--env-file", str(ready)],
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
         env=env,
         start_new_session=True,
     )
-    assert proc.stdout is not None
-    exports = [proc.stdout.readline().decode(), proc.stdout.readline().decode()]
-    if not all("export" in line for line in exports):
-        _kill_group(proc)
-        raise RuntimeError(f"aioxen xenstored did not start: {exports!r}")
+    deadline = time.monotonic() + 30  # a hang guard only: it is ready in well under 1 s
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _kill_group(proc)
+            raise RuntimeError(f"aioxen xenstored did not start (rc {proc.returncode})")
+        time.sleep(0.02)
     env["XEN_ROOT"] = str(root)
     env["XENSTORED_PATH"] = str(root / "xenstored" / "socket")
     return proc
