@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import errno
@@ -290,12 +291,22 @@ def _cmd(op: Op) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
             print(f"aioxen xenstore {args.xs_command}: {_message(exc)}", file=sys.stderr)
             return 1
         client = XenStoreClient.for_unix_socket(path, args.domid, timeout=args.timeout)
+        task = asyncio.current_task()
+        assert task is not None
+        # SIGINT/SIGTERM (a watch runs until then): cancel the operation, close the
+        # connection in order; main then exits 128 + the signal.
+        stop = StopSignals(on_signal=lambda _: task.cancel())
         try:
             return await op(client, args)
+        except asyncio.CancelledError:
+            if stop.received is None:
+                raise
+            return 0
         except (OSError, ValueError, TimeoutError, ProtocolError) as exc:
             print(f"aioxen xenstore {args.xs_command}: {_message(exc)}", file=sys.stderr)
             return 1
         finally:
+            stop.close()
             with contextlib.suppress(Exception):
                 await client.close()
 
