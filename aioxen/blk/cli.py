@@ -218,14 +218,18 @@ async def _serve_blkback(
 async def run_blkfront_nbd(args: argparse.Namespace) -> int:
     import aioxen
     from aioxen.blk.device import BlockDevice
-    from aioxen.blk.nbd import start_server
+    from aioxen.blk.nbd import bind_tcp, start_server
     from aioxen.blk.vbd import open_blkfront
 
     _logging(args.verbose)
     stop = StopSignals()  # SIGINT/SIGTERM: orderly stop
+    listener = bind_tcp(args.listen)  # a TCP port in use fails here, before any device
+    owned = False
     plat = aioxen.platform()
     config = _front_config(args)
     async with plat, contextlib.AsyncExitStack() as stack:
+        if listener is not None:  # closed here unless the server took it over
+            stack.callback(lambda: None if owned else listener.close())
         exports: dict[str, BlockDevice] = {}
         for name in args.devices:
             dev = await stack.enter_async_context(
@@ -233,7 +237,8 @@ async def run_blkfront_nbd(args: argparse.Namespace) -> int:
                               timeout=args.timeout)
             )  # fmt: skip
             exports[name] = dev
-        server = await start_server(exports, args.listen)
+        server = await start_server(exports, args.listen, sock=listener)
+        owned = True
         sockets = getattr(server, "sockets", None)
         sock = sockets[0].getsockname() if sockets else args.listen
         where = f"{sock[0]}:{sock[1]}" if isinstance(sock, tuple) else str(sock)

@@ -38,6 +38,7 @@ import contextlib
 import errno as _errno
 import logging
 import os
+import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -585,6 +586,31 @@ def parse_listen(spec: str) -> tuple[str, str | int]:
     return host or "0.0.0.0", number
 
 
+def bind_tcp(listen: str) -> socket.socket | None:
+    """Bind (and listen on) the TCP address ``listen`` names, for :func:`start_server`'s
+    ``sock`` -- so that a port in use fails before any device is connected; ``None`` for
+    a Unix address.  ``OSError`` naming the address ("address already in use")."""
+    host, addr = parse_listen(listen)
+    if isinstance(addr, str):
+        return None
+    try:
+        infos = socket.getaddrinfo(host, addr, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, where = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(where)
+            sock.listen(100)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as exc:  # one line naming the address ("address already in use")
+        reason = exc.strerror or str(exc)
+        raise OSError(exc.errno, f"NBD listen address {listen}: {reason}") from exc
+    return sock
+
+
 class NBDServer:
     """A listening NBD server: asyncio's ``Server`` (``sockets``, ``close``,
     ``wait_closed``, ``async with``, ``serve_forever``) plus [`shutdown`][], and
@@ -643,10 +669,13 @@ async def start_server(
     *,
     default_export: str | None = None,
     on_connection: Callable[[NBDConnection], Awaitable[None]] | None = None,
+    sock: socket.socket | None = None,
 ) -> NBDServer:
     """Serve ``exports`` (name -> device) over NBD on ``listen``.  The empty export name
     selects ``default_export`` (default: the first export).  A Unix socket path held by a
-    live server is refused with ``OSError(EADDRINUSE)``; a dead server's is replaced."""
+    live server is refused with ``OSError(EADDRINUSE)``; a dead server's is replaced.
+    ``sock``: a TCP socket :func:`bind_tcp` bound for ``listen`` already (the server
+    takes it over)."""
     table: dict[str, Export] = {}
     if isinstance(exports, list):
         table = {e.name: e for e in exports}
@@ -670,7 +699,10 @@ async def start_server(
             conns.discard(conn)
 
     host, addr = parse_listen(listen)
-    if isinstance(addr, str):
+    if sock is not None and not isinstance(addr, str):
+        tcp = await asyncio.start_server(client, sock=sock, limit=1 << 20)
+        server = NBDServer(tcp)
+    elif isinstance(addr, str):
         claim = UnixSocketClaim.acquire(addr, what="aioxen NBD server")  # live: EADDRINUSE
         try:
             sock = claim.bind()
@@ -696,6 +728,7 @@ __all__ = [
     "NBDConnection",
     "NBDServer",
     "RangeLock",
+    "bind_tcp",
     "nbd_errno",
     "parse_listen",
     "read_bytes",
