@@ -282,3 +282,20 @@ def test_cat_when_xenstored_stops_answering(tmp_path: Path) -> None:
     assert err.startswith("aioxen cat: ") and len(err.splitlines()) == 1, err
     assert "within 2.0 s" in err  # what was awaited, and how long
     assert "never retrieved" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("side", ["frontend", "backend"])
+def test_console_timeout_says_what_was_awaited(xs: Xenstored, side: str) -> None:
+    if side == "frontend":
+        argv, env = ["console", "--frontend", "0", "--devid", "7", "--timeout", "1"], xs.env(31)
+        says = "waited 1 s for the back end of console/7 in domain 0"
+    else:
+        argv, env = ["console", "32", "--create", "--devid", "7", "--timeout", "1"], xs.env(0)
+        says = "waited 1 s for domain 32 to connect console/7"
+    p = subprocess.run(
+        [*AIOXEN, *argv], capture_output=True, timeout=T, env=env, stdin=subprocess.DEVNULL
+    )
+    err = p.stderr.decode()
+    assert p.returncode == 1, err
+    assert err.splitlines()[-1].startswith(f"aioxen console: {says}"), err
+    assert "Traceback" not in err

@@ -151,7 +151,22 @@ async def _run(args: argparse.Namespace) -> int:
         with contextlib.suppress(BaseException):
             await work
         return 0
-    except (ConnectionError, FileNotFoundError, PermissionError, TimeoutError) as exc:
+    except TimeoutError as exc:
+        if args.timeout is None:  # not ours: a XenStore request, say (its message says which)
+            print(f"aioxen console: {describe(exc)}", file=sys.stderr)
+            return 1
+        what = (
+            f"the back end of console/{args.devid} in domain {args.domid}"
+            if args.frontend
+            else f"domain {args.domid} to connect console/{args.devid}"
+        )
+        detail = f" ({exc})" if str(exc) else ""
+        print(
+            f"aioxen console: waited {args.timeout:g} s for {what}, in vain{detail}",
+            file=sys.stderr,
+        )
+        return 1
+    except (ConnectionError, FileNotFoundError, PermissionError) as exc:
         print(f"aioxen console: {describe(exc)}", file=sys.stderr)
         return 1
     finally:

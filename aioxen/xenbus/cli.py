@@ -104,7 +104,11 @@ async def _rm(args: argparse.Namespace) -> int:
         print(f"aioxen device rm: {exc}", file=sys.stderr)
         return 1
     if not orderly and not args.force:
-        print("aioxen device rm: back end did not close in time; removed anyway", file=sys.stderr)
+        print(
+            f"aioxen device rm: the back end did not reach Closed within {args.timeout:g} s; "
+            "removed anyway",
+            file=sys.stderr,
+        )
     return 0
 
 
