@@ -587,7 +587,7 @@ def parse_listen(spec: str) -> tuple[str, str | int]:
 
 
 def bind_tcp(listen: str) -> socket.socket | None:
-    """Bind (and listen on) the TCP address ``listen`` names, for :func:`start_server`'s
+    """Bind (and listen on) the TCP address ``listen`` names, for [`start_server`][]'s
     ``sock`` -- so that a port in use fails before any device is connected; ``None`` for
     a Unix address.  ``OSError`` naming the address ("address already in use")."""
     host, addr = parse_listen(listen)
@@ -674,7 +674,7 @@ async def start_server(
     """Serve ``exports`` (name -> device) over NBD on ``listen``.  The empty export name
     selects ``default_export`` (default: the first export).  A Unix socket path held by a
     live server is refused with ``OSError(EADDRINUSE)``; a dead server's is replaced.
-    ``sock``: a TCP socket :func:`bind_tcp` bound for ``listen`` already (the server
+    ``sock``: a TCP socket [`bind_tcp`][] bound for ``listen`` already (the server
     takes it over)."""
     table: dict[str, Export] = {}
     if isinstance(exports, list):
