@@ -119,12 +119,14 @@ def fail(prog: str, message: str | BaseException, status: int = EXIT_FAILURE) ->
 
 
 _ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`~?([^`<]*?)(?:\s*<[^>]*>)?`")
+_XREF = re.compile(r"\[`([^`]*)`\]\[[^\]]*\]")  # mkdocstrings: [`name`][] or [`title`][target]
 
 
 def plain(text: str) -> str:
     """A docstring made fit for ``--help``: reST markup removed (````code```` -> code,
     ``[`name`][]`` -> name, a trailing ``::`` -> ``:``)."""
     text = _ROLE.sub(lambda m: m.group(1), text)
+    text = _XREF.sub(lambda m: m.group(1), text)
     text = text.replace("``", "")
     return re.sub(r"::$", ":", text, flags=re.MULTILINE)
 
@@ -330,21 +332,32 @@ def export_lines(exports: Mapping[str, str]) -> str:
     return "".join(f"{k}={shlex.quote(v)}; export {k};\n" for k, v in exports.items())
 
 
-def write_env_file(path: str, text: str) -> None:
+def write_env_file(path: str, text: str) -> int:
     """Write ``text`` to ``path`` atomically (a temporary file in the same directory,
-    mode 0600, renamed over ``path``)."""
+    mode 0600, renamed over ``path``).  Returns a read-only descriptor of the file written,
+    which the caller closes: while it is open the inode cannot be reused, so comparing it
+    with what ``path`` names later tells whether the file there is still this one."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".env-", dir=directory)  # mkstemp: mode 0600
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        held = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            with os.fdopen(fd, "w") as f:
+                fd = -1
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            os.close(held)
+            raise
     except BaseException:
+        if fd >= 0:
+            os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return held
 
 
 def sd_notify(message: str, environ: Mapping[str, str] = os.environ) -> bool:
@@ -368,19 +381,25 @@ def sd_notify(message: str, environ: Mapping[str, str] = os.environ) -> bool:
 class Readiness:
     """What [`notify_ready`][] did, for [`stopping`][] to undo (the env file)."""
 
-    def __init__(self, env_file: str | None, identity: tuple[int, int] | None) -> None:
+    def __init__(self, env_file: str | None, held: int | None) -> None:
         self.env_file = env_file
-        self._identity = identity
+        self._held = held  # a descriptor of the env file we wrote
 
     def stopping(self) -> None:
-        """Tell systemd we are stopping and remove the env file (if still ours)."""
+        """Tell systemd we are stopping and remove the env file if it still is the one
+        we wrote (a successor's is left alone).  Idempotent."""
         with contextlib.suppress(OSError):
             sd_notify("STOPPING=1")
-        if self.env_file and self._identity:
-            with contextlib.suppress(OSError):
-                st = os.stat(self.env_file)
-                if (st.st_dev, st.st_ino) == self._identity:
+        held, self._held = self._held, None
+        if self.env_file and held is not None:
+            try:
+                ours, there = os.fstat(held), os.stat(self.env_file)
+                if (ours.st_dev, ours.st_ino) == (there.st_dev, there.st_ino):
                     os.unlink(self.env_file)
+            except OSError:
+                pass
+            finally:
+                os.close(held)
 
 
 def notify_ready(
@@ -398,12 +417,10 @@ def notify_ready(
     text = export_lines(exports or {})
     env_file = getattr(args, "env_file", None)
     ready_fd = getattr(args, "ready_fd", None)
-    identity = None
+    held = None
     if env_file:
         try:
-            write_env_file(env_file, text)
-            st = os.stat(env_file)
-            identity = (st.st_dev, st.st_ino)
+            held = write_env_file(env_file, text)
         except OSError as exc:
             raise CommandError(f"--env-file {env_file}: {describe(exc)}") from exc
     if ready_fd is not None:
@@ -421,7 +438,7 @@ def notify_ready(
         sd_notify(message)
     except OSError as exc:
         print(f"aioxen: $NOTIFY_SOCKET: {describe(exc)}", file=sys.stderr, flush=True)
-    return Readiness(env_file, identity)
+    return Readiness(env_file, held)
 
 
 def notify_stopping() -> None:
