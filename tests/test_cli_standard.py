@@ -246,6 +246,22 @@ BAD_INPUTS: list[tuple[str, list[str], int, str, str, dict[str, str]]] = [
         "no such directory",
         {"XEN_ROOT": "{root}/deeper"},
     ),
+    (
+        "cat-listen-env-domid",
+        ["cat", "-l", "2", "foo"],
+        2,
+        "aioxen cat:",
+        "$AIOXEN_DOMID",
+        {"AIOXEN_DOMID": "x", "AIOXEN_PLATFORM": "", "TMPDIR": "{root}"},
+    ),
+    (
+        "cat-env-domid",
+        ["cat", "0", "foo"],
+        2,
+        "aioxen cat:",
+        "$AIOXEN_DOMID",
+        {"AIOXEN_DOMID": "99999", "XEN_ROOT": "{tmp}"},
+    ),
     # bridge
     (
         "bridge-garbage",
@@ -563,8 +579,9 @@ def test_bad_input(
     environ["XENSTORED_PATH"] = str(tmp_path / "no-socket")
     environ["AIOXEN_PLATFORM"] = "unix"  # never the host's Xen, whatever the machine is
     environ.update({k: _fill(v, tmp_path) for k, v in env.items()})
-    if not environ.get("XEN_ROOT"):
-        environ.pop("XEN_ROOT", None)
+    for name in ("XEN_ROOT", "AIOXEN_PLATFORM"):
+        if not environ.get(name):
+            environ.pop(name, None)
     p = subprocess.run(
         [*AIOXEN, *(_fill(a, tmp_path) if "{" in a else a for a in argv)],
         capture_output=True,

@@ -47,7 +47,7 @@ from typing import TextIO
 
 import aioxen
 from aioxen import vchan
-from aioxen.apps.clistd import CommandError, check_root_env, describe
+from aioxen.apps.clistd import CommandError, UsageError, check_root_env, describe, env_domid
 from aioxen.apps.embedded import EmbeddedRoot
 from aioxen.apps.stdio import ByteSink, ByteSource, open_sink, open_source
 from aioxen.cli import StopSignals
@@ -58,7 +58,7 @@ from aioxen.platforms.base import Platform
 CHUNK = 65536
 """Bytes read from stdin / the vchan at a time."""
 
-EXIT_OK, EXIT_ERROR, EXIT_SIGPIPE, EXIT_SIGTERM = 0, 1, 141, 143
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SIGPIPE, EXIT_SIGTERM = 0, 1, 2, 141, 143
 
 
 @dataclass
@@ -234,8 +234,11 @@ async def _run(
     async with contextlib.AsyncExitStack() as stack:
         if platform is None:
             if opts.listen and needs_embedded_world():
+                try:
+                    own = env_domid()  # checked before the world is made
+                except UsageError as exc:
+                    raise CatError(str(exc), EXIT_USAGE) from None
                 world = await stack.enter_async_context(EmbeddedRoot(prefix="aioxen-cat-"))
-                own = int(os.environ.get("AIOXEN_DOMID", "0"))
                 if own == opts.domid:
                     raise CatError(f"the peer domid {opts.domid} is our own ($AIOXEN_DOMID)")
                 _publish(world.exports(opts.domid), opts.env_fd)
@@ -245,6 +248,8 @@ async def _run(
                     _publish("", opts.env_fd)
                 try:
                     check_root_env()  # a missing or non-directory $XEN_ROOT: before any I/O
+                except UsageError as exc:
+                    raise CatError(str(exc), EXIT_USAGE) from None
                 except CommandError as exc:
                     raise CatError(str(exc)) from None
                 try:

@@ -276,14 +276,28 @@ def listen_address(text: str) -> Address:
 # -- the environment -------------------------------------------------------------------
 
 
+def env_domid(default: int = 0) -> int:
+    """``$AIOXEN_DOMID`` (the domain a unix-platform command plays), checked:
+    [`UsageError`][] for anything but a domid 0..32751; ``default`` when unset."""
+    text = os.environ.get("AIOXEN_DOMID", "")
+    if not text:
+        return default
+    try:
+        return domid(text)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"$AIOXEN_DOMID={text[:40]!r}: {exc}") from None
+
+
 def check_root_env() -> None:
     """Before a client command opens the platform the environment selects: when that is
-    the ``unix`` platform, ``$XEN_ROOT`` must name an existing directory.  A client never
+    the ``unix`` platform, ``$XEN_ROOT`` must name an existing directory (and
+    ``$AIOXEN_DOMID``, when set, a domid: [`env_domid`][]).  A client never
     creates a root (only ``aioxen xenstored --root`` and ``aioxen cat -l`` without
     ``$XEN_ROOT`` do), so a typo makes nothing on disk.  [`CommandError`][] otherwise."""
     from aioxen.errors import PlatformError
     from aioxen.platforms import choose_platform_name
 
+    env_domid()
     root = os.environ.get("XEN_ROOT")
     if not root:
         return
@@ -463,6 +477,7 @@ __all__ = [
     "connect_address",
     "describe",
     "domid",
+    "env_domid",
     "export_lines",
     "fail",
     "inherited_fd",
