@@ -299,3 +299,20 @@ def test_console_timeout_says_what_was_awaited(xs: Xenstored, side: str) -> None
     assert p.returncode == 1, err
     assert err.splitlines()[-1].startswith(f"aioxen console: {says}"), err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["xenstored", "bridge"])
+def test_unwritable_env_file_stops_the_daemon(tmp_path: Path, command: str) -> None:
+    env_file = tmp_path / "no-such-dir" / "env"
+    if command == "xenstored":
+        argv = ["xenstored", "--root", str(tmp_path / "root")]
+    else:
+        argv = ["bridge", "--listen", "127.0.0.1:0", "--connect", "tcp:127.0.0.1:9"]
+    p = subprocess.run(
+        [*AIOXEN, *argv, "--env-file", str(env_file)],
+        capture_output=True, timeout=T, env=_env(), stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    err = p.stderr.decode()
+    assert p.returncode == 1, err
+    assert err == f"aioxen {command}: --env-file {env_file}: No such file or directory\n"
+    assert not (tmp_path / "root" / "xenstored" / "socket").exists()

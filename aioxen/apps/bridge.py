@@ -492,7 +492,8 @@ class Bridge:
             async with asyncio.timeout(grace):
                 await asyncio.shield(self.wait_closed())
         except TimeoutError:
-            logger.warning("aborting %d bridged connections that did not close", self.active)
+            if self.active:
+                logger.warning("aborting %d bridged connections that did not close", self.active)
             self.abort()
             await self.wait_closed()
 

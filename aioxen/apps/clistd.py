@@ -436,7 +436,8 @@ def notify_ready(
         try:
             held = write_env_file(env_file, text)
         except OSError as exc:
-            raise CommandError(f"--env-file {env_file}: {describe(exc)}") from exc
+            why = exc.strerror or describe(exc)  # its file name is our temporary file's
+            raise CommandError(f"--env-file {env_file}: {why}") from exc
     if ready_fd is not None:
         try:
             data = (text or "\n").encode()
