@@ -34,6 +34,8 @@ from aioxen.apps.addresses import TcpAddress, UnixAddress, VchanAddress, parse_a
         (clistd.seconds, "0.5", 0.5),
         (clistd.positive_int, "3", 3),
         (clistd.nonnegative_int, "0", 0),
+        (clistd.size_in(1, 1 << 20, "ring size"), "64k", 65536),
+        (clistd.size_in(1, 1 << 20, "ring size"), "0x1000", 4096),
     ],
 )
 def test_validators_accept(fn: object, text: str, value: object) -> None:
@@ -64,6 +66,8 @@ def test_validators_accept(fn: object, text: str, value: object) -> None:
         (clistd.seconds, "soon", "invalid number of seconds"),
         (clistd.positive_int, "0", "1 or more"),
         (clistd.inherited_fd, "2", "3 or above"),
+        (clistd.size_in(1, 1 << 20, "ring size"), "2M", "ring size 2097152 out of range"),
+        (clistd.size_in(1, 1 << 20, "ring size"), "0", "out of range 1..1048576"),
     ],
 )
 def test_validators_refuse(fn: object, text: str, says: str) -> None:

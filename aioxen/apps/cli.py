@@ -12,14 +12,14 @@ from aioxen.apps.clistd import (
     connect_address,
     domid,
     inherited_fd,
-    int_range,
     listen_address,
     notify_ready,
     seconds,
+    size_in,
     vchan_port,
 )
 
-_size = int_range(1, vchan.MAX_RING_SIZE, "ring size")
+_size = size_in(1, vchan.MAX_RING_SIZE, "ring size")  # 65536, 0x10000, 64k
 
 HELP_CAT = """\
 Copy stdin to a vchan and the vchan to stdout (xencat/unixcat).  DOMID is always the peer:

@@ -41,7 +41,8 @@ Validators (``parser.add_argument("--x", type=domid)``), each raising
 * [`vchan_port`][] -- ``[A-Za-z0-9_-]+``, at most [`MAX_VCHAN_PORT`][] characters;
 * [`positive_int`][], [`nonnegative_int`][], [`int_range`][] (a factory),
   [`size`][] (bytes; accepts ``4096``, ``0x1000``, ``64k``, ``1M``, ``2G``),
-  [`seconds`][] (> 0), [`inherited_fd`][] (an open descriptor >= 3);
+  [`size_in`][] (a factory: bytes within bounds), [`seconds`][] (> 0),
+  [`inherited_fd`][] (an open descriptor >= 3);
 * [`address`][], [`listen_address`][] (TCP port 0 allowed: any free port),
   [`connect_address`][] (TCP port 1..65535) -- [`aioxen.apps.addresses.Address`][].
 
@@ -221,6 +222,22 @@ def size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
     return value
+
+
+def size_in(lo: int, hi: int, what: str = "size") -> Callable[[str], int]:
+    """A validator for a size in bytes within ``lo..hi`` (suffixes as for [`size`][])."""
+
+    def check(text: str) -> int:
+        try:
+            value = parse_size(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{what} {value} out of range {lo}..{hi}")
+        return value
+
+    check.__name__ = what
+    return check
 
 
 def seconds(text: str) -> float:
@@ -493,6 +510,7 @@ __all__ = [
     "sd_notify",
     "seconds",
     "size",
+    "size_in",
     "tcp_port",
     "tcp_port_or_any",
     "vchan_port",
