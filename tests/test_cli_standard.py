@@ -552,6 +552,7 @@ BAD_INPUTS: list[tuple[str, list[str], int, str, str, dict[str, str]]] = [
     ),
     # bench
     ("bench-loop", ["bench", "--loop", "nope"], 2, "aioxen bench:", "invalid choice", {}),
+    ("bench-suite", ["bench", "nosuch"], 2, "aioxen bench:", "unknown suite(s): nosuch", {}),
 ]
 
 

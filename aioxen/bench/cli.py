@@ -94,7 +94,8 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         print(
-            f"unknown suite(s): {', '.join(unknown)}; known: {', '.join(SUITES)}", file=sys.stderr
+            f"aioxen bench: unknown suite(s): {', '.join(unknown)}; known: {', '.join(SUITES)}",
+            file=sys.stderr,
         )
         return 2
     loops = ["uvloop", "asyncio"] if args.loop == "both" else [args.loop]
