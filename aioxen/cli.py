@@ -141,9 +141,16 @@ class StopSignals:
         await self._event.wait()
 
     def close(self) -> None:
-        """Remove the handlers (the signals get their previous action back).  Idempotent."""
+        """Remove the loop's handlers.  Idempotent.  Inside [`main`][] a stop signal that
+        arrives after this (the command is finishing on its own) ends the process with
+        ``128 + signum`` like any other stop, instead of killing it by the signal's default
+        action; elsewhere (a library user) the signals get their default action back."""
         while self._installed:
-            self._loop.remove_signal_handler(self._installed.pop())
+            sig = self._installed.pop()
+            self._loop.remove_signal_handler(sig)
+            if _IN_MAIN:  # a command process: never die by the default action now
+                with contextlib.suppress(ValueError, OSError):
+                    signal.signal(sig, _late_stop)
 
     def __enter__(self) -> StopSignals:
         return self
@@ -155,6 +162,15 @@ class StopSignals:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+_IN_MAIN = False
+"""Set by [`main`][]: this process is an ``aioxen`` command."""
+
+
+def _late_stop(signum: int, frame: object) -> None:
+    """A stop signal after the loop's handlers are gone: exit ``128 + signum`` now."""
+    raise SystemExit(128 + signum)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -246,6 +262,16 @@ def _debug_wanted(args: argparse.Namespace | None) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``aioxen`` command: run one subcommand, return its exit status."""
+    global _IN_MAIN
+    _IN_MAIN = True  # StopSignals.close() leaves late stop signals to _late_stop
+    try:
+        return _main(argv)
+    finally:
+        _IN_MAIN = False
+
+
+def _main(argv: Sequence[str] | None) -> int:
     global CLOSED_STDIO, _STOPPED_BY
     CLOSED_STDIO = guard_stdio()  # before anything opens a descriptor
     _STOPPED_BY = None

@@ -61,3 +61,25 @@ def test_every_command_stops_through_the_one_helper() -> None:
         if re.search(r"add_signal_handler|signal\.signal\(", p.read_text())
     ]
     assert own == []
+
+
+def test_a_late_stop_signal_in_a_command_exits_143_not_by_the_signal() -> None:
+    """A command whose loop handlers are already gone (it is finishing on its own) and then
+    gets SIGTERM exits 143 instead of dying by the default action (-15): the race a
+    supervisor hits when it stops a command that is ending anyway."""
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, os, signal, time\n"
+        "import aioxen.cli as cli\n"
+        "cli._IN_MAIN = True\n"
+        "async def f():\n"
+        "    cli.StopSignals().close()\n"
+        "asyncio.run(f())\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(30)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == 143, proc
+    assert b"Traceback" not in proc.stderr
