@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.unix_user import can_create_users, other_user
+from support.unix_user import other_user, require_user_creation
 from support.xenstored import XenstoredProcess
 
 pytestmark = pytest.mark.crossprocess
@@ -182,10 +182,10 @@ def test_help_is_complete_and_plain() -> None:
             assert action.help, f"{parser.prog} {action.option_strings or action.dest}: no help"
 
 
-@pytest.mark.skipif(not can_create_users(), reason="needs root to create a second user")
 def test_unwritable_image_suggests_readonly() -> None:
     """A user who may read but not write the image: usage error naming --readonly; with
     --readonly the same command gets past the image checks."""
+    require_user_creation()
     with tempfile.TemporaryDirectory(prefix="aioxen-blkro-") as tmp, other_user() as user:
         top = Path(tmp)
         os.chmod(top, 0o755)  # (pytest's own tmp_path is private to root)

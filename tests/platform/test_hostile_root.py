@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.unix_user import OtherUser, can_create_users, other_user
+from support.unix_user import OtherUser, other_user, require_user_creation
 
 from aioxen.platforms._rootdir import RootPermissionError, check_socket, replace_file
 from aioxen.platforms.unix import UnixPlatform
@@ -40,8 +40,7 @@ TIMEOUT = 60  # hang guard only
 @pytest.fixture(scope="module")
 def mallory() -> Iterator[OtherUser]:
     """A second, real Unix user (created for this module, removed after it)."""
-    if not can_create_users():
-        pytest.skip("needs root to create a second Unix user (CI runs as root)")
+    require_user_creation()
     with other_user() as user:
         yield user
 
