@@ -15,34 +15,15 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from netns_harness import Xenstored
+from support.cli_run import AIOXEN, run, standard_error
 
 pytestmark = pytest.mark.crossprocess
-AIOXEN = [sys.executable, "-m", "aioxen"]
-
-
-def run(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*AIOXEN, *args], env=env, capture_output=True, text=True, timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-
-
-def standard_error(proc: subprocess.CompletedProcess[str], rc: int, prog: str, *words: str) -> None:
-    """rc, ``prog: ...`` first on stderr, every word in that line, no traceback."""
-    err = proc.stderr
-    assert proc.returncode == rc, (proc.returncode, err)
-    assert err.startswith(f"{prog}: "), err
-    assert "Traceback" not in err, err
-    first = err.splitlines()[0]
-    for word in words:
-        assert word in first, (word, first)
 
 
 def link_exists(name: str) -> bool:
