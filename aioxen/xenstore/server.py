@@ -378,6 +378,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._out.clear()
+        if isinstance(exc, OSError):
+            self._finish_buffered()
         self.inbuf.clear()
         if self._conn is not None:
             self._conn.close()
@@ -388,6 +390,29 @@ class _Connection(asyncio.Protocol):
         self._domain = None
         if not self.lost.done():
             self.lost.set_result(None)
+
+    def _finish_buffered(self) -> None:
+        """The peer hung up (a reply's write failed) while requests it sent before hanging
+        up were still buffered here, waiting for their turn: handle them, as if they had
+        been read one at a time, with their replies discarded (``_send`` drops output once
+        the transport is closing).  A client that writes and closes at once (an unbuffered
+        ``xenstore-write; exit``) must not lose writes to the server's batching.  Bounded by
+        ``input_limit`` plus one read; stops at the first malformed request."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            return
+        buf = self.inbuf
+        pos = 0
+        try:
+            while not conn.closed:
+                end = self._frame_end(pos)
+                if not end:
+                    break
+                typ, req_id, tx_id, _ = HEADER.unpack_from(buf, pos)
+                conn.handle(Message(typ, req_id, tx_id, bytes(buf[pos + HEADER_SIZE : end])))
+                pos = end
+        except ProtocolError as exc:
+            log.info("xenstored: dropping the rest of a closed connection's input: %s", exc)
 
     def pause_writing(self) -> None:
         pass  # turns check the unsent output before each request
