@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
+import os
 import signal
 import sys
 import time
@@ -11,15 +13,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from aioxen.bench.harness import (
+    STABLE,
     Context,
     Measurement,
     Progress,
+    annotate,
     cleanup,
     format_markdown,
     format_table,
+    summary,
     write_json,
 )
 from aioxen.bench.machine import describe
+from aioxen.bench.mechanisms import DEFAULT_MECHANISMS, MECHANISMS
 
 SUITES: dict[str, str] = {
     "memcpy": "aioxen.bench.suites.memcpy",
@@ -43,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="small sizes and one repetition: every suite in well under a minute",
+        help="small sizes, short runs and one repetition: a smoke test, not a measurement",
     )
     parser.add_argument(
         "--loop",
@@ -55,13 +61,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reps",
         type=int,
         default=None,
-        help="repetitions per measurement (default 1 quick, 3 otherwise)",
+        help="repetitions per figure (default 1 quick, 5 otherwise); the table reports "
+        "median, min and max and flags a figure whose worst repetition is below "
+        f"{STABLE}x its median",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="steady-state time each repetition of a figure is timed for (default 0.2 quick, "
+        "1.0 otherwise)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="time each repetition runs before timing starts (default 0.05 quick, 0.25 otherwise)",
+    )
+    parser.add_argument(
+        "--note",
+        default="",
+        help="a sentence about the run (e.g. 'machine shared with other jobs'), stored in "
+        "the JSON and Markdown",
     )
     parser.add_argument(
         "--mechanisms",
         default=None,
-        help="comma-separated mechanisms for the stream suites "
-        "(vchan/unix,vchan/inheap,tcp,unix-socket,pipe)",
+        help="comma-separated mechanisms for the stream suites (default: "
+        f"{','.join(DEFAULT_MECHANISMS)}, plus the variants each suite adds; known: "
+        f"{','.join(MECHANISMS)})",
     )
     parser.add_argument("--json", metavar="FILE", help="write all samples and ratios as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
@@ -99,12 +127,26 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
         )
         return 2
     loops = ["uvloop", "asyncio"] if args.loop == "both" else [args.loop]
-    reps = args.reps or (1 if args.quick else 3)
+    reps = args.reps or (1 if args.quick else 5)
+    seconds = args.seconds if args.seconds is not None else (0.2 if args.quick else 1.0)
+    warmup = args.warmup if args.warmup is not None else (0.05 if args.quick else 0.25)
+    if reps < 1 or seconds <= 0 or warmup < 0:
+        print("aioxen bench: --reps, --seconds must be positive, --warmup >= 0", file=sys.stderr)
+        return 2
     selected = args.mechanisms.split(",") if args.mechanisms else None
     results: list[Measurement] = []
     t0 = time.monotonic()
+    started = datetime.datetime.now(datetime.UTC)
+    load0 = os.getloadavg()
     for loop in loops:
-        ctx = Context(quick=args.quick, loop=loop, repetitions=reps, progress=progress)
+        ctx = Context(
+            quick=args.quick,
+            loop=loop,
+            repetitions=reps,
+            progress=progress,
+            seconds=seconds,
+            warmup=warmup,
+        )
         for name in names:
             module: Any = importlib.import_module(SUITES[name])
             if name == "memcpy" and loop != loops[0]:
@@ -120,9 +162,21 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
                 if not args.keep_going:
                     raise
     progress.done()
+    annotate(results)
+    elapsed = time.monotonic() - t0
     print(format_table(results))
-    print(f"\n{len(results)} measurements in {time.monotonic() - t0:.1f} s")
+    print(f"\n{summary(results)}")
+    print(f"{len(results)} measurements in {elapsed:.1f} s")
     machine = describe(loops)
+    load1 = os.getloadavg()
+    machine["run"] = (
+        f"{' '.join(names)}; {reps} repetitions of >= {seconds:g} s steady state "
+        f"(warm-up {warmup:g} s){', quick' if args.quick else ''}; started "
+        f"{started:%Y-%m-%d %H:%M} UTC, took {elapsed / 60:.1f} min; load average "
+        f"{load0[0]:.1f} before, {load1[0]:.1f} after" + (f"; {args.note}" if args.note else "")
+    )
+    machine["elapsed_s"] = elapsed
+    machine["settings"] = {"repetitions": reps, "seconds": seconds, "warmup": warmup}
     if args.json:
         write_json(args.json, results, machine)
         print(f"JSON written to {args.json}")

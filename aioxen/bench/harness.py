@@ -9,6 +9,16 @@ keeps all its samples; the report shows the median, min and max, and for each of
 mechanisms the ratio to every baseline measuring the same case and metric ("× better", so
 latency ratios are inverted).  Speed is never asserted: the harness only reports.
 
+Steady state: every repetition of a figure first runs its workload for a warm-up
+([`Context.warmup`][], not counted), then times at least [`Context.seconds`][] of it
+(default 1 s; [`timed`][] and the suites' own loops), never a fixed small amount of work
+that a fast path finishes in milliseconds.  Stability: a figure whose worst repetition is
+below [`STABLE`][] times its median (min for throughput, max for latency, inverted) is
+flagged ``unstable``.  Busy-polling: a ``vchan`` figure measured also with polling off
+(mechanism name + [`NO_POLL`][]) is flagged ``needs a free core`` when that counterpart
+is below [`STABLE`][] times it -- the poll policy turns polling off by itself when the
+CPUs are contended, so that counterpart is what a loaded machine gets.
+
 Helper processes and temporary directories go through [`spawn`][] and
 [`make_temp_dir`][].  A helper runs in its own process group, so a Ctrl-C at the
 terminal reaches only the benchmark process; the suites' ``finally`` blocks then stop
@@ -26,9 +36,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
+
+STABLE = 0.7
+"""A figure is stable when its worst repetition is at least this fraction of its median."""
+NO_POLL = " no-poll"
+"""Suffix of a mechanism's variant measured with busy-polling off."""
+FREE_CORE_FLAG = "needs a free core"
+UNSTABLE_FLAG = "unstable"
 
 
 @dataclass
@@ -45,6 +62,10 @@ class Measurement:
     samples: list[float] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     loop: str = ""
+    note: str = ""
+    """A non-default setting (or other caveat), shown beside the figure."""
+    flags: list[str] = field(default_factory=list)
+    """Set by [`annotate`][]: ``unstable``, ``needs a free core (...)``."""
 
     @property
     def median(self) -> float:
@@ -60,6 +81,19 @@ class Measurement:
 
     def key(self) -> tuple[str, str, str, str]:
         return (self.suite, self.case, self.metric, self.loop)
+
+    def worst_ratio(self) -> float:
+        """The worst repetition as a fraction of the median (1.0: no spread)."""
+        if not self.samples or self.median == 0:
+            return float("nan")
+        if self.higher_is_better:
+            return self.min / self.median
+        return self.median / self.max if self.max else float("nan")
+
+    @property
+    def stable(self) -> bool:
+        ratio = self.worst_ratio()
+        return not ratio < STABLE  # NaN (no samples) counts as stable: nothing to flag
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -83,6 +117,7 @@ class Collector:
         higher_is_better: bool,
         ours: bool,
         params: dict[str, Any] | None = None,
+        note: str = "",
     ) -> Measurement:
         key = (case, mechanism, metric)
         if key not in self._by_key:
@@ -96,6 +131,7 @@ class Collector:
                 ours=ours,
                 params=dict(params or {}),
                 loop=self.loop,
+                note=note,
             )
         return self._by_key[key]
 
@@ -138,6 +174,10 @@ class Context:
     loop: str  # "uvloop" or "asyncio"
     repetitions: int
     progress: Callable[[str], None]
+    seconds: float = 1.0
+    """Steady-state time per repetition of each figure."""
+    warmup: float = 0.25
+    """Time each repetition runs its workload before timing starts."""
 
     def loop_factory(self) -> Callable[[], Any]:
         import asyncio
@@ -147,6 +187,79 @@ class Context:
 
             return uvloop.new_event_loop
         return asyncio.new_event_loop
+
+
+async def timed_async(step: Callable[[], Awaitable[float]], seconds: float, warmup: float) -> float:
+    """Units per second of ``step()`` in steady state: ``step`` (which returns how many
+    units it did) runs back to back for ``warmup`` seconds (at least once, not counted),
+    then for at least ``seconds``, timed."""
+    end = time.perf_counter() + warmup
+    while True:
+        await step()
+        if time.perf_counter() >= end:
+            break
+    units = 0.0
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    while True:
+        units += await step()
+        now = time.perf_counter()
+        if now >= end:
+            return units / (now - t0)
+
+
+def timed_sync(step: Callable[[], float], seconds: float, warmup: float) -> float:
+    """[`timed_async`][] for a blocking ``step``."""
+    end = time.perf_counter() + warmup
+    while True:
+        step()
+        if time.perf_counter() >= end:
+            break
+    units = 0.0
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    while True:
+        units += step()
+        now = time.perf_counter()
+        if now >= end:
+            return units / (now - t0)
+
+
+def annotate(measurements: list[Measurement]) -> list[Measurement]:
+    """Set each measurement's ``flags``: ``unstable`` (worst repetition below [`STABLE`][]
+    times the median) and, for a figure whose [`NO_POLL`][] counterpart was measured in
+    the same run, ``needs a free core`` when the counterpart is below [`STABLE`][] times
+    it.  Returns ``measurements``."""
+    by_key: dict[tuple[str, str, str, str, str], Measurement] = {
+        (*m.key(), m.mechanism): m for m in measurements
+    }
+    for m in measurements:
+        m.flags = []
+        if not m.stable:
+            m.flags.append(f"{UNSTABLE_FLAG} (worst {m.worst_ratio():.2f}× median)")
+        other = by_key.get((*m.key(), m.mechanism + NO_POLL))
+        if other is None or not other.samples or not m.samples or m.median == 0:
+            continue
+        ratio = other.median / m.median if m.higher_is_better else m.median / other.median
+        if ratio < STABLE:
+            m.flags.append(f"{FREE_CORE_FLAG} (no-poll: {ratio:.2f}×)")
+    return measurements
+
+
+def _notes(m: Measurement) -> str:
+    return "; ".join([n for n in (m.note, *m.flags) if n])
+
+
+def summary(measurements: list[Measurement]) -> str:
+    """One line: how many figures are unstable or need a free core."""
+    unstable = [m for m in measurements if any(f.startswith(UNSTABLE_FLAG) for f in m.flags)]
+    polled = [m for m in measurements if any(f.startswith(FREE_CORE_FLAG) for f in m.flags)]
+    ours = [m for m in measurements if m.ours]
+    return (
+        f"{len(unstable)} of {len(measurements)} figures unstable "
+        f"({sum(m.ours for m in unstable)} of {len(ours)} of aioxen's; rule: worst "
+        f"repetition < {STABLE}× median); {len(polled)} need a free core for busy-polling"
+    )
 
 
 def ratios(measurements: Iterable[Measurement]) -> list[dict[str, Any]]:
@@ -175,6 +288,7 @@ def ratios(measurements: Iterable[Measurement]) -> list[dict[str, Any]]:
                         "ours": o.mechanism,
                         "baseline": b.mechanism,
                         "times_better": ratio,
+                        "notes": _notes(o),
                     }
                 )
     return out
@@ -193,7 +307,7 @@ def _fmt(value: float) -> str:
 def format_table(measurements: list[Measurement]) -> str:
     """A plain-text table: one row per measurement, ratio rows after each group."""
     rows: list[tuple[str, ...]] = [
-        ("suite", "case", "metric", "loop", "mechanism", "median", "min", "max", "unit")
+        ("suite", "case", "metric", "loop", "mechanism", "median", "min", "max", "unit", "notes")
     ]
     for m in measurements:
         rows.append(
@@ -207,10 +321,13 @@ def format_table(measurements: list[Measurement]) -> str:
                 _fmt(m.min),
                 _fmt(m.max),
                 m.unit,
+                _notes(m),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     text = "\n".join(lines)
     rat = ratios(measurements)
@@ -244,27 +361,30 @@ def format_markdown(measurements: list[Measurement], machine: dict[str, Any]) ->
         f"aioxen {machine.get('aioxen')}, kernel {machine.get('kernel')}.",
         "",
     ]
+    if machine.get("run"):
+        lines += [f"Run: {machine['run']}", ""]
+    lines += [summary(measurements) + ".", ""]
     suites: dict[str, list[Measurement]] = {}
     for m in measurements:
         suites.setdefault(m.suite, []).append(m)
     for suite, ms in suites.items():
         lines += [f"### {suite}", ""]
-        lines += ["| case | metric | loop | mechanism | median | min | max | unit |"]
-        lines += ["|---|---|---|---|---:|---:|---:|---|"]
+        lines += ["| case | metric | loop | mechanism | median | min | max | unit | notes |"]
+        lines += ["|---|---|---|---|---:|---:|---:|---|---|"]
         for m in ms:
             mech = f"**{m.mechanism}**" if m.ours else m.mechanism
             lines.append(
                 f"| {m.case} | {m.metric} | {m.loop} | {mech} | {_fmt(m.median)} | "
-                f"{_fmt(m.min)} | {_fmt(m.max)} | {m.unit} |"
+                f"{_fmt(m.min)} | {_fmt(m.max)} | {m.unit} | {_notes(m)} |"
             )
         rat = ratios(ms)
         if rat:
-            lines += ["", "| case | metric | loop | aioxen | baseline | × better |"]
-            lines += ["|---|---|---|---|---|---:|"]
+            lines += ["", "| case | metric | loop | aioxen | baseline | × better | notes |"]
+            lines += ["|---|---|---|---|---|---:|---|"]
             for r in rat:
                 lines.append(
                     f"| {r['case']} | {r['metric']} | {r['loop']} | {r['ours']} | "
-                    f"{r['baseline']} | {r['times_better']:.2f} |"
+                    f"{r['baseline']} | {r['times_better']:.2f} | {r['notes']} |"
                 )
         lines.append("")
     return "\n".join(lines)
@@ -273,6 +393,7 @@ def format_markdown(measurements: list[Measurement], machine: dict[str, Any]) ->
 def write_json(path: str, measurements: list[Measurement], machine: dict[str, Any]) -> None:
     doc = {
         "machine": machine,
+        "summary": summary(measurements),
         "measurements": [m.to_json() for m in measurements],
         "ratios": ratios(measurements),
     }
@@ -337,10 +458,13 @@ def end_process(proc: subprocess.Popen[Any], timeout: float) -> int:
 
 
 __all__ = [
+    "NO_POLL",
+    "STABLE",
     "Collector",
     "Context",
     "Measurement",
     "Progress",
+    "annotate",
     "cleanup",
     "end_process",
     "format_markdown",
@@ -349,5 +473,8 @@ __all__ = [
     "ratios",
     "shm_dir",
     "spawn",
+    "summary",
+    "timed_async",
+    "timed_sync",
     "write_json",
 ]

@@ -11,7 +11,13 @@ prints ``READY <address>`` once it listens.  ``vchan-inheap`` runs both ends in 
 on one loop (that is what the ``inheap`` platform is for).
 
 Baselines: asyncio TCP loopback, Unix stream sockets and ``os.pipe`` pairs.  Ours: vchan on
-the ``unix`` platform (two processes, one ``aioxen xenstored``) and on ``inheap``.
+the ``unix`` platform (two processes, one ``aioxen xenstored``) and on ``inheap``, with the
+library's defaults (ring size, busy-poll window) -- what users get.  Variants with a
+non-default setting are mechanisms of their own whose [`Mechanism.note`][] says so beside
+every figure: ``vchan/unix 1 MiB rings`` and ``vchan/unix no-poll`` (busy-polling off, as
+the poll policy itself turns it off when the CPUs are contended; the harness compares it
+with ``vchan/unix`` to flag figures that need a free core, see
+[`aioxen.bench.harness.NO_POLL`][]).
 """
 
 from __future__ import annotations
@@ -23,11 +29,11 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from aioxen.bench.harness import end_process, make_temp_dir, shm_dir, spawn
+from aioxen.bench.harness import NO_POLL, end_process, make_temp_dir, shm_dir, spawn
 
 StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -38,15 +44,33 @@ VCHAN_PORT_1M = "bench-1m"
 VCHAN_SERVER_DOMID = 0
 VCHAN_CLIENT_DOMID = 1
 RING_SIZE = 1 << 20
+BUSY_POLL_ENV = "AIOXEN_VCHAN_BUSY_POLL"
+"""The library's environment override of the default busy-poll window (seconds)."""
 
 
 @dataclass
 class Mechanism:
+    """One way of moving bytes.  ``kind`` is the transport (``name`` unless this is a
+    variant of it); a vchan variant has a ``port`` of its own (each peer process claims
+    its ports exclusively), ``ring_size`` (``None``: the library's default), ``env``
+    for both processes, and a ``note`` shown beside its figures when a setting is not
+    the default."""
+
     name: str
     ours: bool
     two_process: bool = True
     env: dict[str, str] = field(default_factory=dict)
+    kind: str = ""
+    port: str = VCHAN_PORT
+    ring_size: int | None = None
+    note: str = ""
 
+    def __post_init__(self) -> None:
+        self.kind = self.kind or self.name
+
+
+VCHAN_1M = "vchan/unix 1 MiB rings"
+VCHAN_NO_POLL = "vchan/unix" + NO_POLL
 
 MECHANISMS: dict[str, Mechanism] = {
     "vchan/unix": Mechanism("vchan/unix", ours=True),
@@ -54,7 +78,42 @@ MECHANISMS: dict[str, Mechanism] = {
     "tcp": Mechanism("tcp", ours=False),
     "unix-socket": Mechanism("unix-socket", ours=False),
     "pipe": Mechanism("pipe", ours=False),
+    VCHAN_1M: Mechanism(
+        VCHAN_1M,
+        ours=True,
+        kind="vchan/unix",
+        port="bench-1m",
+        ring_size=RING_SIZE,
+        note="1 MiB rings each way (non-default)",
+    ),
+    VCHAN_NO_POLL: Mechanism(
+        VCHAN_NO_POLL,
+        ours=True,
+        kind="vchan/unix",
+        port="bench-np",
+        env={BUSY_POLL_ENV: "0"},
+        note="busy_poll=0 (non-default): what a machine without a free core gets",
+    ),
 }
+DEFAULT_MECHANISMS = ["vchan/unix", "vchan/inheap", "tcp", "unix-socket", "pipe"]
+"""Measured for every case when ``--mechanisms`` does not say otherwise; the variants
+are added by each suite where they matter."""
+
+
+@contextlib.contextmanager
+def mechanism_env(mech: str) -> Iterator[None]:
+    """``os.environ`` with ``mech``'s settings (for the client half, in this process)."""
+    extra = MECHANISMS[mech].env
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # --------------------------------------------------------------------------------------
@@ -112,10 +171,10 @@ class Peer:
         self.pipe_fds: tuple[int, int] | None = None
 
     def start(self) -> None:
-        env = dict(os.environ, **self.env)
+        env = dict(os.environ, **self.env, **MECHANISMS[self.mech].env)
         args = [sys.executable, "-m", "aioxen.bench.peer", self.mech, self.api, self.loop]
         pass_fds: tuple[int, ...] = ()
-        if self.mech == "pipe":
+        if MECHANISMS[self.mech].kind == "pipe":
             c2s_r, c2s_w = os.pipe()
             s2c_r, s2c_w = os.pipe()
             args += [str(c2s_r), str(s2c_w)]
@@ -149,7 +208,9 @@ class Peer:
                 self.proc.stdout.close()
             self.proc = None
         sock_dir = os.path.dirname(self.address)
-        if self.mech == "unix-socket" and os.path.basename(sock_dir).startswith("aioxen-bench-"):
+        if MECHANISMS[self.mech].kind == "unix-socket" and os.path.basename(sock_dir).startswith(
+            "aioxen-bench-"
+        ):
             # the peer removes its socket directory when it stops; this covers a peer that
             # had to be killed
             shutil.rmtree(sock_dir, ignore_errors=True)
@@ -184,7 +245,7 @@ def _vchan_platform(domid: int, env: dict[str, str]) -> Any:
 async def client_platform(mech: str, env: dict[str, str]) -> AsyncIterator[Any]:
     """The client process's platform for ``mech`` (``None`` unless vchan/unix), opened
     once for many connections -- as a program opens it once, not per connection."""
-    if mech != "vchan/unix":
+    if MECHANISMS[mech].kind != "vchan/unix":
         yield None
         return
     async with _vchan_platform(VCHAN_CLIENT_DOMID, env) as plat:
@@ -197,11 +258,15 @@ async def open_streams(
     peer: Peer | None,
     env: dict[str, str],
     platform: Any = None,
-    port: str = VCHAN_PORT,
+    port: str | None = None,
 ) -> AsyncIterator[StreamPair]:
     """Client-side streams to the peer of ``mech`` (or, for vchan/inheap, to an in-process
     echo/sink server started here).  For vchan/unix, ``platform`` (from
-    [`client_platform`][]) is used if given, else one is opened for this connection."""
+    [`client_platform`][]) is used if given, else one is opened for this connection;
+    ``port`` defaults to the mechanism's."""
+    mechanism = MECHANISMS[mech]
+    port = port or mechanism.port
+    mech = mechanism.kind
     if mech == "tcp":
         assert peer is not None
         host, port = peer.address.rsplit(":", 1)
@@ -256,6 +321,8 @@ async def open_protocol(
 ) -> AsyncIterator[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]:
     """Client-side ``(transport, protocol)`` connected to the peer of ``mech``."""
     loop = asyncio.get_running_loop()
+    mechanism = MECHANISMS[mech]
+    mech = mechanism.kind
     if mech == "tcp":
         assert peer is not None
         host, port = peer.address.rsplit(":", 1)
@@ -287,7 +354,7 @@ async def open_protocol(
         plat = _vchan_platform(VCHAN_CLIENT_DOMID, env)
         async with plat:
             transport, protocol = await vchan.create_connection(
-                factory, VCHAN_SERVER_DOMID, VCHAN_PORT, platform=plat
+                factory, VCHAN_SERVER_DOMID, mechanism.port, platform=plat
             )
             try:
                 yield transport, protocol
@@ -309,8 +376,11 @@ async def open_protocol(
 
 
 __all__ = [
+    "DEFAULT_MECHANISMS",
     "MECHANISMS",
     "RING_SIZE",
+    "VCHAN_1M",
+    "VCHAN_NO_POLL",
     "VCHAN_PORT_1M",
     "Mechanism",
     "Peer",
@@ -318,6 +388,7 @@ __all__ = [
     "StreamPair",
     "XenstoredProcess",
     "client_platform",
+    "mechanism_env",
     "open_protocol",
     "open_streams",
 ]

@@ -2,8 +2,10 @@
 
 Usage: ``python -m aioxen.bench.peer MECH API LOOP [PIPE_READ_FD PIPE_WRITE_FD]``.  It
 listens, prints ``READY <address>`` on stdout, then serves until terminated.  API
-``setup`` is the stream API; for vchan it serves the default ring size (64 KiB each way)
-on ``bench`` and 1 MiB rings on ``bench-1m`` (the ``streams`` API: 1 MiB on ``bench``).
+``setup`` is the stream API; for vchan it serves the default ring size on ``bench`` and
+1 MiB rings on ``bench-1m``.  Otherwise a vchan mechanism is served on its own port with
+its ring size (the library's default unless the mechanism says otherwise, see
+[`aioxen.bench.mechanisms.MECHANISMS`][]).
 
 Stream API commands (one text line each, then data):
 
@@ -28,6 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aioxen.bench.mechanisms import (
+    MECHANISMS,
     RING_SIZE,
     VCHAN_CLIENT_DOMID,
     VCHAN_PORT,
@@ -143,6 +146,11 @@ async def serve(mech: str, api: str, fds: list[int]) -> None:
     setup = api == "setup"
     if setup:
         api = "streams"
+    mechanism = MECHANISMS[mech]
+    mech = mechanism.kind
+    sizes: dict[str, Any] = {}  # none: the library's default ring size
+    if mechanism.ring_size is not None:
+        sizes = {"read_size": mechanism.ring_size, "write_size": mechanism.ring_size}
     if mech == "tcp":
         if api == "streams":
             server = await asyncio.start_server(
@@ -208,22 +216,16 @@ async def serve(mech: str, api: str, fds: list[int]) -> None:
             server = await vchan.start_server(
                 stream_handler,
                 VCHAN_CLIENT_DOMID,
-                VCHAN_PORT,
+                mechanism.port,
                 platform=plat,
-                read_size=RING_SIZE,
-                write_size=RING_SIZE,
                 limit=1 << 20,
+                **sizes,
             )
         else:
             server = await vchan.create_server(
-                ServerProtocol,
-                VCHAN_CLIENT_DOMID,
-                VCHAN_PORT,
-                platform=plat,
-                read_size=RING_SIZE,
-                write_size=RING_SIZE,
+                ServerProtocol, VCHAN_CLIENT_DOMID, mechanism.port, platform=plat, **sizes
             )
-        address = f"{VCHAN_SERVER_DOMID}/{VCHAN_PORT}"
+        address = f"{VCHAN_SERVER_DOMID}/{mechanism.port}"
     else:
         raise SystemExit(f"unknown mechanism {mech!r}")
     print(f"READY {address}", flush=True)
@@ -269,13 +271,7 @@ async def inheap_stream_pair() -> AsyncIterator[StreamPair]:
 
     async with _inheap_platforms() as (srv, cli):
         server = await vchan.start_server(
-            stream_handler,
-            VCHAN_CLIENT_DOMID,
-            VCHAN_PORT,
-            platform=srv,
-            read_size=RING_SIZE,
-            write_size=RING_SIZE,
-            limit=1 << 20,
+            stream_handler, VCHAN_CLIENT_DOMID, VCHAN_PORT, platform=srv, limit=1 << 20
         )
         async with server:
             reader, writer = await vchan.open_connection(
@@ -297,12 +293,7 @@ async def inheap_protocol_pair(
 
     async with _inheap_platforms() as (srv, cli):
         server = await vchan.create_server(
-            ServerProtocol,
-            VCHAN_CLIENT_DOMID,
-            VCHAN_PORT,
-            platform=srv,
-            read_size=RING_SIZE,
-            write_size=RING_SIZE,
+            ServerProtocol, VCHAN_CLIENT_DOMID, VCHAN_PORT, platform=srv
         )
         async with server:
             transport, protocol = await vchan.create_connection(

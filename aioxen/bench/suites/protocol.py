@@ -2,6 +2,11 @@
 
 The server is [`aioxen.bench.peer.ServerProtocol`][] (a BufferedProtocol sink/echo).  The
 client writes with ``transport.write`` and honours ``pause_writing``/``resume_writing``.
+Bulk is timed in steady state like the ``streams`` suite's: 16 MiB rounds, the server
+acknowledging each with one byte, one round in flight while the next is written, timed
+between acknowledgements for at least ``ctx.seconds`` after the warm-up.  Besides the
+defaults, ``vchan/unix 1 MiB rings`` is measured in every bulk case and
+``vchan/unix no-poll`` where the poll policy polls (4 KiB, ping-pong).
 For our mechanisms the bulk figure is also reported as a fraction of single-core memcpy
 bandwidth for the same chunk size (``% of memcpy``: cache-hot, one core -- an upper bound
 no cross-process path reaches) and of the cross-process copy reference for the same
@@ -18,15 +23,23 @@ import time
 from typing import Any
 
 from aioxen.bench.harness import Collector, Context, Measurement
-from aioxen.bench.mechanisms import MECHANISMS, open_protocol
+from aioxen.bench.mechanisms import (
+    MECHANISMS,
+    VCHAN_1M,
+    VCHAN_NO_POLL,
+    mechanism_env,
+    open_protocol,
+)
 from aioxen.bench.peer import HEADER
 from aioxen.bench.suites import memcpy
 from aioxen.bench.suites.streams import (
     GIB,
     PING_SIZE,
     Runner,
+    measured_in,
     mechanisms_for,
     record_pingpong,
+    round_bytes,
 )
 
 NAME = "protocol"
@@ -70,48 +83,83 @@ class ClientProtocol(asyncio.BufferedProtocol):
             self.waiter.set_exception(ConnectionResetError("benchmark peer went away"))
 
     async def expect(self, nbytes: int) -> None:
-        self.want = self.received + nbytes
+        await self.until(self.received + nbytes)
+
+    async def until(self, total: int) -> None:
+        """Wait until ``total`` bytes have been received since the connection began."""
+        self.want = total
         if self.received >= self.want:
             return
         self.waiter = asyncio.get_running_loop().create_future()
         await self.waiter
 
 
-async def bulk(proto: ClientProtocol, chunk: int, total: int) -> float:
-    n = total // chunk
+async def bulk(proto: ClientProtocol, chunk: int, seconds: float, warmup: float, rnd: int) -> float:
+    """GiB/s the server acknowledged in steady state (see the module docstring)."""
+    n = max(1, rnd // chunk)
     payload = b"\x5a" * chunk
     proto.transport.write(HEADER.pack(b"B", n * chunk))
+
+    async def send_round() -> None:
+        for _ in range(n):
+            if not proto.can_write.is_set():
+                await proto.can_write.wait()
+            proto.transport.write(payload)
+
+    await send_round()  # one round stays in flight from here on
+    sent = 1
+    end = time.perf_counter() + warmup
+    while True:
+        await send_round()
+        sent += 1
+        await proto.until(sent - 1)  # one acknowledgement byte per round
+        if time.perf_counter() >= end:
+            break
+    first = sent - 1
     t0 = time.perf_counter()
-    for _ in range(n):
-        if not proto.can_write.is_set():
-            await proto.can_write.wait()
-        proto.transport.write(payload)
-    await proto.expect(1)
-    return n * chunk / (time.perf_counter() - t0) / GIB
+    end = t0 + seconds
+    while True:
+        await send_round()
+        sent += 1
+        await proto.until(sent - 1)
+        now = time.perf_counter()
+        if now >= end:
+            break
+    await proto.until(sent)
+    return (sent - 1 - first) * n * chunk / (now - t0) / GIB
 
 
-async def pingpong(proto: ClientProtocol, count: int) -> list[float]:
+async def pingpong(proto: ClientProtocol, seconds: float, warmup: float) -> list[float]:
+    """Round-trip times (µs) of at least ``seconds`` of ping-pong after ``warmup``."""
     payload = b"p" * PING_SIZE
     proto.transport.write(HEADER.pack(b"E", 0))
     rtts = []
-    for _ in range(count):
+    t1 = time.perf_counter()
+    timing_from = t1 + warmup
+    while t1 < timing_from:
+        proto.transport.write(payload)
+        await proto.expect(PING_SIZE)
+        t1 = time.perf_counter()
+    end = t1 + seconds
+    while t1 < end:
         t0 = time.perf_counter()
         proto.transport.write(payload)
         await proto.expect(PING_SIZE)
-        rtts.append((time.perf_counter() - t0) * 1e6)
+        t1 = time.perf_counter()
+        rtts.append((t1 - t0) * 1e6)
     return rtts
 
 
 def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
-    mechs = mechanisms_for(ctx, selected)
-    total = (16 << 20) if ctx.quick else (256 << 20)
-    pings = 300 if ctx.quick else 5000
+    mechs = mechanisms_for(ctx, selected, (VCHAN_1M, VCHAN_NO_POLL))
+    rnd = round_bytes(ctx)
     collector = Collector(NAME, ctx.loop)
 
     def m(
         case: str, mech: str, metric: str, unit: str, hib: bool, params: dict[str, Any]
     ) -> Measurement:
-        return collector.get(case, mech, metric, unit, hib, MECHANISMS[mech].ours, params)
+        mechanism = MECHANISMS[mech]
+        return collector.get(case, mech, metric, unit, hib, mechanism.ours, params, mechanism.note)
 
     def session(mech: str, runner: Runner, fn: Any) -> Any:
         peer = runner.peer(mech)
@@ -121,7 +169,7 @@ def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
                 assert isinstance(proto, ClientProtocol)
                 return await fn(proto)
 
-        with asyncio.Runner(loop_factory=ctx.loop_factory()) as r:
+        with mechanism_env(mech), asyncio.Runner(loop_factory=ctx.loop_factory()) as r:
             return r.run(main())
 
     copy_gib = {c: memcpy.bandwidth_gib(c, 0.05 if ctx.quick else 0.2) for c in CHUNKS}
@@ -131,12 +179,17 @@ def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
         for rep in range(ctx.repetitions):
             for chunk in CHUNKS:
                 for mech in mechs:
+                    if selected is None and not measured_in(mech, chunk):
+                        continue
                     ctx.progress(
                         f"protocol rep {rep + 1}/{ctx.repetitions} bulk {chunk // 1024} KiB {mech}"
                     )
-                    gib = session(mech, runner, functools.partial(bulk, chunk=chunk, total=total))
+                    fn = functools.partial(
+                        bulk, chunk=chunk, seconds=ctx.seconds, warmup=ctx.warmup, rnd=rnd
+                    )
+                    gib = session(mech, runner, fn)
                     case = f"bulk {chunk // 1024} KiB"
-                    params = {"chunk": chunk, "total": total}
+                    params = {"chunk": chunk, "round": rnd, "seconds": ctx.seconds}
                     m(case, mech, "throughput", "GiB/s", True, params).samples.append(gib)
                     if MECHANISMS[mech].ours:
                         m(case, mech, "% of memcpy", "%", True, params).samples.append(
@@ -146,7 +199,10 @@ def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
                             100.0 * gib / cross_gib[chunk]
                         )
             for mech in mechs:
+                if selected is None and not measured_in(mech, None):
+                    continue
                 ctx.progress(f"protocol rep {rep + 1}/{ctx.repetitions} ping-pong {mech}")
-                rtts = session(mech, runner, functools.partial(pingpong, count=pings))
-                record_pingpong(collector, mech, rtts, pings)
+                ping = functools.partial(pingpong, seconds=ctx.seconds, warmup=ctx.warmup)
+                rtts = session(mech, runner, ping)
+                record_pingpong(collector, mech, rtts)
     return collector.results()

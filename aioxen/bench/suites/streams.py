@@ -2,8 +2,17 @@
 
 Every mechanism runs the same client code against the same server code
 ([`aioxen.bench.peer.stream_handler`][]), two processes apart except ``vchan/inheap``.
-Bulk: ``BULK n`` then ``n`` bytes in chunks of the given size, ``drain()`` after each, until
-the server's ``OK``.  Ping-pong: 64 bytes out, 64 bytes back, each round trip timed.
+Bulk: rounds of ``BULK n`` then ``n`` bytes (:data:`ROUND`, 16 MiB) in chunks of the given
+size, ``drain()`` after each chunk, the server answering ``OK`` per round; the next round
+is written while the server still reads the last, so the pipe never runs dry.  A
+repetition writes rounds for the warm-up, then times the server's acknowledgements for at
+least ``ctx.seconds`` (steady state: bytes the server confirmed between two ``OK`` s).
+Ping-pong: 64 bytes out, 64 bytes back, each round trip timed, for the warm-up (not
+recorded) and then at least ``ctx.seconds``.
+
+``vchan/unix no-poll`` (busy-polling off) is measured where the poll policy polls --
+chunks up to 16 KiB and ping-pong -- so the table can flag the figures that need a free
+core (see [`aioxen.bench.harness.annotate`][]).
 """
 
 from __future__ import annotations
@@ -16,10 +25,14 @@ from typing import Any
 
 from aioxen.bench.harness import Collector, Context, Measurement
 from aioxen.bench.mechanisms import (
+    DEFAULT_MECHANISMS,
     MECHANISMS,
+    VCHAN_1M,
+    VCHAN_NO_POLL,
     Peer,
     StreamPair,
     XenstoredProcess,
+    mechanism_env,
     open_streams,
 )
 
@@ -28,36 +41,79 @@ CHUNKS = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20]
 QUICK_CHUNKS = [4 << 10, 64 << 10, 1 << 20]
 GIB = float(1 << 30)
 PING_SIZE = 64
+ROUND = 16 << 20
+"""Bytes per acknowledged bulk round (4 MiB with ``--quick``)."""
+POLLED_CHUNK = 16 << 10
+"""Bulk chunks up to this size are also measured with busy-polling off (the poll policy
+polls after messages of at most 16 KiB)."""
+PING_BATCH = 500
 
 
-async def bulk(pair: StreamPair, chunk: int, total: int) -> float:
+def round_bytes(ctx: Context) -> int:
+    return (4 << 20) if ctx.quick else ROUND
+
+
+async def bulk(pair: StreamPair, chunk: int, seconds: float, warmup: float, rnd: int) -> float:
+    """GiB/s the server acknowledged in steady state (see the module docstring)."""
     reader, writer = pair
     payload = b"\x5a" * chunk
-    n = total // chunk
-    writer.write(b"BULK %d\n" % (n * chunk))
+    n = max(1, rnd // chunk)
+    header = b"BULK %d\n" % (n * chunk)
+
+    async def send_round() -> None:
+        writer.write(header)
+        for _ in range(n):
+            writer.write(payload)
+            await writer.drain()
+
+    async def acknowledged() -> None:
+        line = await reader.readline()
+        if line != b"OK\n":
+            raise RuntimeError(f"bulk round ended with {line!r}")
+
+    await send_round()  # one round stays in flight from here on
+    end = time.perf_counter() + warmup
+    while True:
+        await send_round()
+        await acknowledged()
+        if time.perf_counter() >= end:
+            break
+    rounds = 0
     t0 = time.perf_counter()
-    for _ in range(n):
-        writer.write(payload)
-        await writer.drain()
-    line = await reader.readline()
-    dt = time.perf_counter() - t0
-    if line != b"OK\n":
-        raise RuntimeError(f"bulk run ended with {line!r}")
-    return n * chunk / dt / GIB
+    end = t0 + seconds
+    while True:
+        await send_round()
+        await acknowledged()
+        rounds += 1
+        now = time.perf_counter()
+        if now >= end:
+            break
+    await acknowledged()
+    return rounds * n * chunk / (now - t0) / GIB
 
 
-async def pingpong(pair: StreamPair, count: int) -> list[float]:
+async def pingpong(pair: StreamPair, seconds: float, warmup: float) -> list[float]:
+    """Round-trip times (µs) of at least ``seconds`` of ping-pong after ``warmup``."""
     reader, writer = pair
     payload = b"p" * PING_SIZE
-    writer.write(b"ECHO %d %d\n" % (count, PING_SIZE))
     rtts: list[float] = []
-    for _ in range(count):
-        t0 = time.perf_counter()
-        writer.write(payload)
-        await writer.drain()
-        await reader.readexactly(PING_SIZE)
-        rtts.append((time.perf_counter() - t0) * 1e6)
-    return rtts
+    start = time.perf_counter()
+    timing_from = start + warmup
+    timed = False
+    while True:
+        writer.write(b"ECHO %d %d\n" % (PING_BATCH, PING_SIZE))
+        for _ in range(PING_BATCH):
+            t0 = time.perf_counter()
+            writer.write(payload)
+            await writer.drain()
+            await reader.readexactly(PING_SIZE)
+            t1 = time.perf_counter()
+            if timed:
+                rtts.append((t1 - t0) * 1e6)
+        if not timed and t1 >= timing_from:
+            timed, timing_from = True, t1
+        elif timed and t1 - timing_from >= seconds:
+            return rtts
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -68,19 +124,37 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
-def record_pingpong(collector: Collector, mech: str, rtts: list[float], pings: int) -> None:
+def record_pingpong(collector: Collector, mech: str, rtts: list[float]) -> None:
     """Add a ping-pong run's p50/p99/p99.9 round-trip times (µs) to ``collector``."""
     case, ours = f"ping-pong {PING_SIZE} B", MECHANISMS[mech].ours
-    params = {"size": PING_SIZE, "count": pings}
+    params = {"size": PING_SIZE, "count": len(rtts)}
     for label, pct in (("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9)):
-        collector.get(case, mech, label, "µs", False, ours, params).samples.append(
-            percentile(rtts, pct)
-        )
+        collector.get(
+            case, mech, label, "µs", False, ours, params, MECHANISMS[mech].note
+        ).samples.append(percentile(rtts, pct))
 
 
-def mechanisms_for(ctx: Context, selected: list[str] | None) -> list[str]:
-    names = list(MECHANISMS)
-    return [m for m in names if selected is None or m in selected]
+def mechanisms_for(
+    ctx: Context, selected: list[str] | None, variants: tuple[str, ...] = ()
+) -> list[str]:
+    """The mechanisms to measure: ``selected`` (``--mechanisms``), else the defaults plus
+    ``variants`` (non-default settings this suite measures)."""
+    unknown = [m for m in selected or () if m not in MECHANISMS]
+    if unknown:
+        raise ValueError(f"unknown mechanism(s) {unknown}; known: {', '.join(MECHANISMS)}")
+    if selected is not None:
+        return [m for m in MECHANISMS if m in selected]
+    return [*DEFAULT_MECHANISMS, *variants]
+
+
+def measured_in(mech: str, chunk: int | None) -> bool:
+    """Whether a default run measures ``mech`` in this case (``chunk`` None: ping-pong):
+    the busy-poll variant where the policy polls, the 1 MiB-ring variant in bulk cases."""
+    if mech == VCHAN_NO_POLL:
+        return chunk is None or chunk <= POLLED_CHUNK
+    if mech == VCHAN_1M:
+        return chunk is not None
+    return True
 
 
 class Runner:
@@ -127,40 +201,51 @@ class Runner:
             async with open_streams(mech, peer, self.env) as pair:
                 return await fn(pair)
 
-        with asyncio.Runner(loop_factory=self.ctx.loop_factory()) as runner:
+        with mechanism_env(mech), asyncio.Runner(loop_factory=self.ctx.loop_factory()) as runner:
             return runner.run(main())
 
 
 def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
-    mechs = mechanisms_for(ctx, selected)
+    mechs = mechanisms_for(ctx, selected, (VCHAN_NO_POLL,))
     chunks = QUICK_CHUNKS if ctx.quick else CHUNKS
-    total = (16 << 20) if ctx.quick else (256 << 20)
-    pings = 300 if ctx.quick else 5000
+    rnd = round_bytes(ctx)
     collector = Collector(NAME, ctx.loop)
 
     def m(
         case: str, mech: str, metric: str, unit: str, hib: bool, params: dict[str, Any]
     ) -> Measurement:
-        return collector.get(case, mech, metric, unit, hib, MECHANISMS[mech].ours, params)
+        mechanism = MECHANISMS[mech]
+        return collector.get(case, mech, metric, unit, hib, mechanism.ours, params, mechanism.note)
 
     with Runner(ctx, "streams") as runner:
         for rep in range(ctx.repetitions):
             for chunk in chunks:
                 for mech in mechs:
+                    if selected is None and not measured_in(mech, chunk):
+                        continue
                     ctx.progress(
                         f"streams rep {rep + 1}/{ctx.repetitions} bulk {chunk // 1024} KiB {mech}"
                     )
-                    gib = runner.run(mech, functools.partial(bulk, chunk=chunk, total=total))
+                    gib = runner.run(
+                        mech,
+                        functools.partial(
+                            bulk, chunk=chunk, seconds=ctx.seconds, warmup=ctx.warmup, rnd=rnd
+                        ),
+                    )
                     m(
                         f"bulk {chunk // 1024} KiB",
                         mech,
                         "throughput",
                         "GiB/s",
                         True,
-                        {"chunk": chunk, "total": total},
+                        {"chunk": chunk, "round": rnd, "seconds": ctx.seconds},
                     ).samples.append(gib)
             for mech in mechs:
+                if selected is None and not measured_in(mech, None):
+                    continue
                 ctx.progress(f"streams rep {rep + 1}/{ctx.repetitions} ping-pong {mech}")
-                rtts: list[float] = runner.run(mech, functools.partial(pingpong, count=pings))
-                record_pingpong(collector, mech, rtts, pings)
+                rtts: list[float] = runner.run(
+                    mech, functools.partial(pingpong, seconds=ctx.seconds, warmup=ctx.warmup)
+                )
+                record_pingpong(collector, mech, rtts)
     return collector.results()
