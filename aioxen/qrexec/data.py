@@ -1,0 +1,654 @@
+"""The qrexec data phase: one call's stdin/stdout/stderr and exit code over a data channel.
+
+Theory of operation
+-------------------
+Every call gets its own data channel (a stream pair).  After
+[`data_handshake`][aioxen.qrexec.data.data_handshake] (HELLO both ways, version >= 2;
+we send ours first) two ends talk:
+
+* the **service end** ([`ServiceEnd`][aioxen.qrexec.data.ServiceEnd]) runs the service:
+  it receives ``MSG_DATA_STDIN`` and sends ``MSG_DATA_STDOUT``/``MSG_DATA_STDERR``, then
+  one ``MSG_DATA_EXIT_CODE``, then closes the channel;
+* the **caller end** ([`CallerEnd`][aioxen.qrexec.data.CallerEnd]) sends stdin and
+  receives the rest.
+
+Each end is plain stdlib streams for its user: the streams it receives are
+`asyncio.StreamReader` objects fed by one pump task that reads messages; the streams it
+sends are `asyncio.StreamWriter` objects ([`DataWriter`][aioxen.qrexec.data.DataWriter])
+over a small framing transport that cuts ``write()`` into messages of at most the
+version's chunk size (4 KiB at v2, 64 KiB at v3+) -- never a zero-length one, which is
+reserved for EOF: ``write_eof()`` (or ``close()``) sends it once.  ``drain()`` is the data
+channel's own flow control (its writer's ``drain()``), so back-pressure reaches the
+writer of a stream.  The other way, a reader whose buffer is over twice its limit pauses
+the pump (through the stdlib's own ``StreamReader`` pause/resume hooks), so a stream
+nobody reads stops the channel instead of growing memory.  Read stdout and stderr
+concurrently ([`CallerEnd.communicate`][aioxen.qrexec.data.CallerEnd.communicate] does).
+
+What the pump accepts (everything else is a
+[`QrexecProtocolError`][aioxen.qrexec.wire.QrexecProtocolError] that tears the channel
+down): a payload no larger than the chunk size; on the service end STDIN (and STDOUT,
+which Qubes also accepts there, for Qubes Windows Tools) until its EOF; on the caller
+end STDOUT (or STDIN, likewise) and STDERR until their EOFs, then one 4-byte exit code,
+then nothing but the end of the channel.  The exit code also ends stdout and stderr
+(Qubes' services send both EOFs first; the code is the end of the call either way).
+
+A peer that goes away is an error, never a hang: on the service end a channel that
+ends before stdin's EOF gives ``ConnectionResetError`` to stdin's reader, and once the
+caller is gone ``drain()``/``exit()`` raise it too; on the caller end a channel that ends
+before the exit code makes the unfinished readers and
+[`CallerEnd.exit_code`][aioxen.qrexec.data.CallerEnd.exit_code] raise
+``ConnectionResetError``.  After the exit code the caller's stdin is a sink (the service
+is gone; Qubes discards such input too).
+
+[`relay_process`][aioxen.qrexec.data.relay_process] connects a service end to a
+subprocess's pipes and reports its exit status the Qubes way (128+N for signal N).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+from aioxen.qrexec.framing import exchange_hello, read_message, write_message
+from aioxen.qrexec.wire import (
+    DATA_MIN_VERSION,
+    HEADER,
+    MSG_DATA_EXIT_CODE,
+    MSG_DATA_STDERR,
+    MSG_DATA_STDIN,
+    MSG_DATA_STDOUT,
+    PROTOCOL_VERSION,
+    QrexecProtocolError,
+    data_payload_limit,
+    encode_exit_code,
+    exit_code_from_returncode,
+    max_chunk_size,
+    message_name,
+    parse_exit_code,
+)
+
+_JOIN_BELOW = 4096  # a chunk up to this size is joined with its header into one write
+DEFAULT_EXIT_GRACE = 10.0
+"""How long a caller waits, after the exit code, for the service to close the channel."""
+
+
+async def data_handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    max_version: int = PROTOCOL_VERSION,
+    what: str = "qrexec data channel",
+) -> int:
+    """HELLO on a data channel; returns the version both ends use (2, 3 or 4).
+
+    Sends ``max_version`` first, then reads the peer's HELLO (the same on both ends; see
+    [`exchange_hello`][aioxen.qrexec.framing.exchange_hello]).  A peer below version 2,
+    or anything but a 4-byte HELLO first, is a ``QrexecProtocolError``."""
+    if not DATA_MIN_VERSION <= max_version <= PROTOCOL_VERSION:
+        raise ValueError(f"max_version must be 2..{PROTOCOL_VERSION}, not {max_version}")
+    return await exchange_hello(
+        reader, writer, version=max_version, min_version=DATA_MIN_VERSION, what=what
+    )
+
+
+# -- sending streams ----------------------------------------------------------------------
+
+
+class _Valve(asyncio.ReadTransport):
+    """The "transport" a received stream's `asyncio.StreamReader` pauses: the pump waits
+    on it instead of reading more from the channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._open = asyncio.Event()
+        self._open.set()
+
+    def pause_reading(self) -> None:
+        self._open.clear()
+
+    def resume_reading(self) -> None:
+        self._open.set()
+
+    def is_reading(self) -> bool:
+        return self._open.is_set()
+
+    async def wait_open(self) -> None:
+        await self._open.wait()
+
+
+class _FrameTransport(asyncio.WriteTransport):
+    """Cuts writes into data messages of one type on the shared channel writer."""
+
+    def __init__(self, end: _End, msg_type: int) -> None:
+        super().__init__()
+        self._end = end
+        self._type = msg_type
+        self._eof = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof:
+            raise RuntimeError(f"{message_name(self._type)}: write() after write_eof()")
+        end = self._end
+        if end.sink(self._type):
+            return
+        view = memoryview(data).cast("B")
+        n = view.nbytes
+        chunk = end.chunk
+        out = end.writer
+        for off in range(0, n, chunk):
+            part = view[off : off + chunk]
+            size = part.nbytes
+            if size <= _JOIN_BELOW:
+                out.write(HEADER.pack(self._type, size) + bytes(part))
+            else:
+                out.write(HEADER.pack(self._type, size))
+                out.write(part)
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._eof:
+            return
+        self._eof = True
+        if not self._end.sink(self._type):
+            write_message(self._end.writer, self._type)
+
+    def is_closing(self) -> bool:
+        return self._eof
+
+    def close(self) -> None:
+        self.write_eof()
+
+    def abort(self) -> None:
+        self._eof = True
+        self._end.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._end.writer.transport.get_write_buffer_size()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._end.writer.get_extra_info(name, default)
+
+
+class DataWriter(asyncio.StreamWriter):
+    """A stdlib `asyncio.StreamWriter` for one sent stream of a call (stdout/stderr on
+    the service end, stdin on the caller end).
+
+    ``write()`` frames chunks, ``write_eof()``/``close()`` send the stream's EOF,
+    ``drain()`` waits on the data channel's flow control and raises the end's error (a
+    peer gone, a protocol error)."""
+
+    def __init__(self, end: _End, msg_type: int) -> None:
+        loop = asyncio.get_running_loop()
+        transport = _FrameTransport(end, msg_type)
+        super().__init__(transport, asyncio.BaseProtocol(), None, loop)
+        self._end = end
+
+    async def drain(self) -> None:
+        self._end.raise_error()
+        try:
+            await self._end.writer.drain()
+        except (ConnectionError, OSError):
+            self._end.raise_error()
+            raise
+
+    async def wait_closed(self) -> None:
+        await self.drain()
+
+
+# -- the two ends -------------------------------------------------------------------------
+
+
+class _End:
+    """What both ends share: the channel, the version, the pump task and the error."""
+
+    what = "qrexec data channel"
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, version: int
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.version = version
+        self.chunk = max_chunk_size(version)
+        self._error: Exception | None = None
+        self._lost: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+        self._closed = False
+        self._pump: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _start(self) -> None:
+        self._pump = asyncio.get_running_loop().create_task(self._run_pump())
+
+    # the pump ----------------------------------------------------------------------------
+    async def _run_pump(self) -> None:
+        try:
+            while True:
+                msg = await read_message(
+                    self.reader,
+                    limit=lambda t: data_payload_limit(self.version, t),
+                    what=self.what,
+                )
+                if msg is None:
+                    self._channel_ended()
+                    return
+                await self._handle(msg.type, msg.payload)
+        except asyncio.CancelledError:
+            raise
+        except QrexecProtocolError as exc:
+            self._fail(exc)
+        except (ConnectionError, OSError) as exc:
+            self._fail(
+                exc
+                if isinstance(exc, ConnectionResetError)
+                else ConnectionResetError(f"{self.what}: {exc}")
+            )
+
+    async def _handle(self, msg_type: int, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def _channel_ended(self) -> None:
+        raise NotImplementedError
+
+    def _fail(self, exc: Exception) -> None:
+        """Record the end's error, hand it to unfinished readers, drop the channel."""
+        if self._error is None:
+            self._error = exc
+        if not self._lost.done():
+            self._lost.set_result(exc)
+        self._fail_readers(exc)
+        self.writer.transport.abort()
+
+    def _fail_readers(self, exc: Exception) -> None:
+        raise NotImplementedError
+
+    def sink(self, msg_type: int) -> bool:
+        """Whether writes of ``msg_type`` are dropped (the peer no longer wants them)."""
+        return False
+
+    def raise_error(self) -> None:
+        """Raise the end's error, if it has one (the peer gone, a protocol error)."""
+        if self._error is not None:
+            raise self._error
+
+    async def wait_lost(self) -> Exception:
+        """Wait until the end fails (the peer gone or misbehaving); returns the error
+        (``ConnectionResetError`` or ``QrexecProtocolError``).  Never returns after a
+        normal end of the call."""
+        return await asyncio.shield(self._lost)
+
+    def _stop(self) -> None:
+        self._closed = True
+        if self._pump is not None:
+            self._pump.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+
+    # closing -----------------------------------------------------------------------------
+    def abort(self) -> None:
+        """Drop the channel at once (the peer sees a reset)."""
+        self._stop()
+        self.writer.transport.abort()
+
+    async def aclose(self) -> None:
+        """Close the channel and stop the pump."""
+        self._stop()
+        if self._pump is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class ServiceEnd(_End):
+    """The end of a data channel that runs the service.
+
+    ``stdin`` (a `asyncio.StreamReader`) receives the caller's input and its EOF;
+    ``stdout``/``stderr`` ([`DataWriter`][aioxen.qrexec.data.DataWriter]) send output;
+    [`exit`][aioxen.qrexec.data.ServiceEnd.exit] ends the call.  Construct it after the
+    handshake (inside a running loop), or use [`open`][aioxen.qrexec.data.ServiceEnd.open].
+    """
+
+    what = "qrexec caller"
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        version: int,
+        *,
+        stdin_limit: int = 2**16,
+    ) -> None:
+        super().__init__(reader, writer, version)
+        self._valve = _Valve()
+        self.stdin = asyncio.StreamReader(limit=stdin_limit)
+        self.stdin.set_transport(self._valve)
+        self.stdout: asyncio.StreamWriter = DataWriter(self, MSG_DATA_STDOUT)
+        self.stderr: asyncio.StreamWriter = DataWriter(self, MSG_DATA_STDERR)
+        self._stdin_eof = False
+        self._exited = False
+        self._start()
+
+    @classmethod
+    async def open(
+        cls,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        max_version: int = PROTOCOL_VERSION,
+        stdin_limit: int = 2**16,
+    ) -> ServiceEnd:
+        """Handshake on a fresh data channel, then the service end over it."""
+        version = await data_handshake(reader, writer, max_version=max_version, what=cls.what)
+        return cls(reader, writer, version, stdin_limit=stdin_limit)
+
+    async def _handle(self, msg_type: int, payload: bytes) -> None:
+        if msg_type not in (MSG_DATA_STDIN, MSG_DATA_STDOUT):
+            raise QrexecProtocolError(
+                f"{self.what} sent {message_name(msg_type)} (only stdin flows to a service)",
+                field="type",
+            )
+        if self._stdin_eof:
+            raise QrexecProtocolError(f"{self.what} sent stdin after its EOF", field="type")
+        if not payload:
+            self._stdin_eof = True
+            self.stdin.feed_eof()
+            return
+        self.stdin.feed_data(payload)
+        await self._valve.wait_open()
+
+    def _channel_ended(self) -> None:
+        if not self._exited:
+            self._fail(ConnectionResetError(f"{self.what} closed the data channel during the call"))
+
+    def _fail_readers(self, exc: Exception) -> None:
+        if not self._stdin_eof:
+            self._stdin_eof = True
+            self.stdin.set_exception(exc)
+
+    async def exit(self, code: int) -> None:
+        """End the call: EOF on stdout and stderr (if not sent yet), the exit ``code``,
+        then close the channel.  ``ConnectionResetError`` (or the protocol error) if the
+        caller is gone; the channel is closed either way."""
+        if self._exited:
+            raise RuntimeError("exit() called twice")
+        payload = encode_exit_code(code)
+        self._exited = True
+        try:
+            self.raise_error()
+            for w in (self.stdout, self.stderr):
+                if not w.transport.is_closing():
+                    w.write_eof()
+            write_message(self.writer, MSG_DATA_EXIT_CODE, payload)
+            await self.stdout.drain()
+        finally:
+            await self.aclose()
+
+
+class CallerEnd(_End):
+    """The calling end of a data channel.
+
+    ``stdin`` ([`DataWriter`][aioxen.qrexec.data.DataWriter]) sends input (``write_eof()``
+    ends it); ``stdout``/``stderr`` (`asyncio.StreamReader`) receive the service's
+    output; [`exit_code`][aioxen.qrexec.data.CallerEnd.exit_code] returns its status."""
+
+    what = "qrexec service"
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        version: int,
+        *,
+        limit: int = 2**16,
+        exit_grace: float = DEFAULT_EXIT_GRACE,
+    ) -> None:
+        super().__init__(reader, writer, version)
+        self._out_valve = _Valve()
+        self._err_valve = _Valve()
+        self.stdout = asyncio.StreamReader(limit=limit)
+        self.stderr = asyncio.StreamReader(limit=limit)
+        self.stdout.set_transport(self._out_valve)
+        self.stderr.set_transport(self._err_valve)
+        self.stdin: asyncio.StreamWriter = DataWriter(self, MSG_DATA_STDIN)
+        self._out_eof = False
+        self._err_eof = False
+        self._code: int | None = None
+        self._done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._exit_grace = exit_grace
+        self._start()
+
+    @classmethod
+    async def open(
+        cls,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        max_version: int = PROTOCOL_VERSION,
+        limit: int = 2**16,
+        exit_grace: float = DEFAULT_EXIT_GRACE,
+    ) -> CallerEnd:
+        """Handshake on a fresh data channel, then the caller end over it."""
+        version = await data_handshake(reader, writer, max_version=max_version, what=cls.what)
+        return cls(reader, writer, version, limit=limit, exit_grace=exit_grace)
+
+    async def _handle(self, msg_type: int, payload: bytes) -> None:
+        if self._code is not None:
+            raise QrexecProtocolError(
+                f"{self.what} sent {message_name(msg_type)} after its exit code", field="type"
+            )
+        if msg_type in (MSG_DATA_STDOUT, MSG_DATA_STDIN):
+            if self._out_eof:
+                raise QrexecProtocolError(f"{self.what} sent stdout after its EOF", field="type")
+            if not payload:
+                self._out_eof = True
+                self.stdout.feed_eof()
+                return
+            self.stdout.feed_data(payload)
+        elif msg_type == MSG_DATA_STDERR:
+            if self._err_eof:
+                raise QrexecProtocolError(f"{self.what} sent stderr after its EOF", field="type")
+            if not payload:
+                self._err_eof = True
+                self.stderr.feed_eof()
+                return
+            self.stderr.feed_data(payload)
+        else:  # MSG_DATA_EXIT_CODE (read_message refused every other type)
+            self._code = parse_exit_code(payload)
+            self._finish_streams()
+            self._timer = asyncio.get_running_loop().call_later(self._exit_grace, self._grace_over)
+            return
+        await self._out_valve.wait_open()
+        await self._err_valve.wait_open()
+
+    def _finish_streams(self) -> None:
+        if not self._out_eof:
+            self._out_eof = True
+            self.stdout.feed_eof()
+        if not self._err_eof:
+            self._err_eof = True
+            self.stderr.feed_eof()
+
+    def _grace_over(self) -> None:
+        if not self._done.done() and self._code is not None:
+            self._done.set_result(self._code)
+            self.abort()
+
+    def _channel_ended(self) -> None:
+        if self._code is None:
+            self._fail(
+                ConnectionResetError(
+                    f"{self.what} closed the data channel before sending its exit code"
+                )
+            )
+        elif not self._done.done():
+            self._done.set_result(self._code)
+
+    def _fail(self, exc: Exception) -> None:
+        super()._fail(exc)
+        if not self._done.done():
+            self._done.set_exception(exc)
+            self._done.exception()  # retrieved here: exit_code() re-raises it
+
+    def _fail_readers(self, exc: Exception) -> None:
+        for eof, reader in ((self._out_eof, self.stdout), (self._err_eof, self.stderr)):
+            if not eof:
+                reader.set_exception(exc)
+        self._out_eof = self._err_eof = True
+
+    def sink(self, msg_type: int) -> bool:
+        return self._code is not None
+
+    async def exit_code(self) -> int:
+        """The service's exit status, once it has sent it and closed the channel (or
+        ``exit_grace`` seconds after the code, if it does not close).
+        ``ConnectionResetError`` if the channel ends first, ``QrexecProtocolError`` if
+        the service misbehaves (even after its code)."""
+        return await asyncio.shield(self._done)
+
+    async def communicate(self, input: bytes | None = None) -> tuple[bytes, bytes, int]:
+        """Send ``input`` (then EOF), read stdout and stderr to their ends concurrently,
+        and return ``(stdout, stderr, exit_code)``."""
+
+        async def feed() -> None:
+            if input:
+                self.stdin.write(input)
+                await self.stdin.drain()
+            self.stdin.write_eof()
+            await self.stdin.drain()
+
+        feeder = asyncio.ensure_future(feed())
+        try:
+            out, err = await asyncio.gather(self.stdout.read(), self.stderr.read())
+            code = await self.exit_code()
+        finally:
+            if not feeder.done():
+                feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+                await feeder
+        return out, err, code
+
+
+# -- subprocesses ---------------------------------------------------------------------------
+
+
+async def relay_process(
+    end: ServiceEnd,
+    process: asyncio.subprocess.Process | Sequence[str],
+    *,
+    kill_grace: float = 10.0,
+    **popen_kwargs: Any,
+) -> int:
+    """Run a service as a subprocess over ``end``: stdin/stdout/stderr piped through the
+    data channel, then its status sent as the exit code (128+N if killed by signal N) and
+    returned.
+
+    ``process`` is a started `asyncio.subprocess.Process` with all three pipes, or an
+    argv to start (``popen_kwargs`` go to `asyncio.create_subprocess_exec`).  When the
+    process exits, input still arriving is discarded (as Qubes does).  If the caller goes
+    away (or breaks the protocol), the pipes are closed, the process gets ``kill_grace``
+    seconds to exit before ``SIGKILL``, and the error is raised."""
+    if not isinstance(process, asyncio.subprocess.Process):
+        PIPE = asyncio.subprocess.PIPE
+        process = await asyncio.create_subprocess_exec(
+            *process, stdin=PIPE, stdout=PIPE, stderr=PIPE, **popen_kwargs
+        )
+    proc = process
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+
+    async def feed_stdin() -> None:
+        pipe = proc.stdin
+        assert pipe is not None
+        broken = False
+        while data := await end.stdin.read(1 << 16):
+            if broken:
+                continue  # discard: the process no longer reads
+            try:
+                pipe.write(data)
+                await pipe.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                broken = True
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            pipe.close()
+            await pipe.wait_closed()
+
+    async def copy_out(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        while data := await src.read(1 << 16):
+            dst.write(data)
+            await dst.drain()
+        dst.write_eof()
+        await dst.drain()
+
+    stdin_task = asyncio.ensure_future(feed_stdin())
+    outputs = asyncio.gather(copy_out(proc.stdout, end.stdout), copy_out(proc.stderr, end.stderr))
+    lost = asyncio.ensure_future(end.wait_lost())
+    try:
+        waiting: set[asyncio.Future[Any]] = {outputs, lost}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if lost.done():
+            raise lost.result()
+        outputs.result()
+        returncode = await proc.wait()
+    except BaseException:
+        outputs.cancel()
+        stdin_task.cancel()
+        with contextlib.suppress(BaseException):
+            await outputs
+        await _reap(proc, kill_grace)
+        with contextlib.suppress(BaseException):
+            await stdin_task
+        end.abort()
+        raise
+    finally:
+        lost.cancel()
+    stdin_task.cancel()
+    with contextlib.suppress(BaseException):
+        await stdin_task
+    code = exit_code_from_returncode(returncode)
+    await end.exit(code)
+    return code
+
+
+async def _reap(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """Close our pipe ends, give ``proc`` ``grace`` seconds, then SIGKILL it; wait."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+    # asyncio has no public way to close a child's output pipes early (Qubes closes them
+    # so a writer gets SIGPIPE): the subprocess transport's own pipe transports do it.
+    transport = getattr(proc, "_transport", None)
+    for fd in (1, 2):
+        pipe = transport.get_pipe_transport(fd) if transport is not None else None
+        if pipe is not None:
+            pipe.close()
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+__all__ = [
+    "DEFAULT_EXIT_GRACE",
+    "CallerEnd",
+    "DataWriter",
+    "ServiceEnd",
+    "data_handshake",
+    "relay_process",
+]
