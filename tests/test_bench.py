@@ -6,6 +6,7 @@ suite, ours and the baselines side by side, and writes the JSON the docs are mad
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -21,9 +22,17 @@ from pathlib import Path
 
 import pytest
 
-from aioxen.bench import plots
+from aioxen.bench import harness, plots
 from aioxen.bench.cli import SUITES
-from aioxen.bench.harness import Measurement, format_table, ratios
+from aioxen.bench.harness import (
+    NO_POLL,
+    Measurement,
+    annotate,
+    format_markdown,
+    format_table,
+    ratios,
+    summary,
+)
 
 
 def _m(mech: str, ours: bool, samples: list[float], hib: bool = True) -> Measurement:
@@ -53,6 +62,75 @@ def test_table_lists_every_measurement_and_the_ratios() -> None:
     assert "× better" in text and "2.00" in text
 
 
+def test_a_figure_whose_worst_repetition_is_below_0_7_of_its_median_is_flagged() -> None:
+    shaky = _m("ours", True, [10.0, 10.0, 6.9])  # min 0.69x the median
+    steady = _m("base", False, [10.0, 10.0, 7.1])
+    slow_tail = _m("lat", True, [10.0, 10.0, 14.5], hib=False)  # max: median/max 0.69
+    annotate([shaky, steady, slow_tail])
+    assert [f.split()[0] for f in shaky.flags] == ["unstable"]
+    assert steady.flags == []
+    assert [f.split()[0] for f in slow_tail.flags] == ["unstable"]
+    assert shaky.worst_ratio() == pytest.approx(0.69)
+    text = format_table([shaky, steady])
+    assert "unstable (worst 0.69× median)" in text
+    assert "1 of 2 figures unstable" in summary([shaky, steady])
+
+
+def test_a_figure_that_needs_busy_polling_is_flagged_by_its_no_poll_counterpart() -> None:
+    polled = _m("vchan/unix", True, [10.0], hib=False)  # latency: 10 µs polled
+    no_poll = _m("vchan/unix" + NO_POLL, True, [30.0], hib=False)  # 30 µs without
+    fast = _m("vchan/unix", True, [5.0])
+    fast.case = "bulk"
+    fast_np = _m("vchan/unix" + NO_POLL, True, [4.0])  # 0.8x: not flagged
+    fast_np.case = "bulk"
+    annotate([polled, no_poll, fast, fast_np])
+    assert polled.flags == ["needs a free core (no-poll: 0.33×)"]
+    assert no_poll.flags == [] and fast.flags == [] and fast_np.flags == []
+    assert "1 need a free core" in summary([polled, no_poll, fast, fast_np])
+    md = format_markdown([polled, no_poll], {"run": "streams; shared machine"})
+    assert "| needs a free core (no-poll: 0.33×) |" in md
+    assert "Run: streams; shared machine" in md
+
+
+def test_a_non_default_setting_is_said_beside_the_figure() -> None:
+    wide = _m("vchan/unix 1 MiB rings", True, [3.0])
+    wide.note = "1 MiB rings each way (non-default)"
+    base = _m("unix-socket", False, [1.0])
+    annotate([wide, base])
+    md = format_markdown([wide, base], {})
+    assert (
+        "| **vchan/unix 1 MiB rings** | 3 | 3 | 3 | u | 1 MiB rings each way (non-default) |" in md
+    )
+    (ratio,) = ratios([wide, base])
+    assert ratio["notes"] == "1 MiB rings each way (non-default)"
+
+
+def test_timed_loops_leave_the_warm_up_out_and_time_at_least_the_given_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fake clock: each step takes 0.1 s and does 1 unit during the warm-up, 2 after."""
+    clock = [0.0]
+    calls: list[float] = []
+
+    def now() -> float:
+        return clock[0]
+
+    def step() -> float:
+        clock[0] += 0.1
+        calls.append(clock[0])
+        return 2.0 if clock[0] > 0.55 else 1.0
+
+    async def astep() -> float:
+        return step()
+
+    monkeypatch.setattr(harness.time, "perf_counter", now)
+    assert harness.timed_sync(step, seconds=1.0, warmup=0.5) == pytest.approx(20.0)
+    assert calls[-1] >= 1.5
+    clock[0], calls[:] = 0.0, []
+    assert asyncio.run(harness.timed_async(astep, seconds=1.0, warmup=0.5)) == pytest.approx(20.0)
+    assert calls[-1] >= 1.5
+
+
 def test_quick_run_of_every_suite_writes_json_and_charts(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     charts = tmp_path / "charts"
@@ -66,8 +144,11 @@ def test_quick_run_of_every_suite_writes_json_and_charts(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     machine = doc["machine"]
-    for key in ("cpu_model", "cores", "python", "loops", "aioxen"):
+    for key in ("cpu_model", "cores", "python", "loops", "aioxen", "run"):
         assert machine[key], key
+    assert machine["settings"] == {"repetitions": 1, "seconds": 0.2, "warmup": 0.05}
+    assert "figures unstable" in doc["summary"]
+    assert all("flags" in m and "note" in m for m in doc["measurements"])
     suites = {m["suite"] for m in doc["measurements"]}
     assert suites == set(SUITES)
     for suite in suites - {"memcpy"}:

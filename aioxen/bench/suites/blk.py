@@ -115,16 +115,20 @@ def _offsets(kind: str, bs: int, size: int, worker: int, depth: int) -> Callable
 
 
 async def _drive(
-    depth: int, seconds: float, make_op: Callable[[int], Callable[[], Awaitable[Any]]]
+    depth: int,
+    seconds: float,
+    make_op: Callable[[int], Callable[[], Awaitable[Any]]],
+    warmup: float = 0.0,
 ) -> float:
-    """Run ``depth`` workers issuing ops back to back; return ops per second."""
+    """Run ``depth`` workers issuing ops back to back for ``warmup`` seconds (untimed;
+    it also faults in persistent grants and starts the thread pool), then for
+    ``seconds``; return ops per second of the timed part."""
     ops = [make_op(w) for w in range(depth)]
-    for op in ops:  # warm up (and fault in persistent grants / thread pool)
+    for op in ops:
         await op()
     counts = [0] * depth
-    deadline = time.perf_counter() + seconds
 
-    async def worker(i: int) -> None:
+    async def worker(i: int, deadline: float) -> None:
         op = ops[i]
         n = 0
         while time.perf_counter() < deadline:
@@ -132,8 +136,11 @@ async def _drive(
             n += 1
         counts[i] = n
 
+    deadline = time.perf_counter() + warmup
+    await asyncio.gather(*(worker(i, deadline) for i in range(depth)))
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker(i) for i in range(depth)))
+    deadline = t0 + seconds
+    await asyncio.gather(*(worker(i, deadline) for i in range(depth)))
     return sum(counts) / (time.perf_counter() - t0)
 
 
@@ -171,7 +178,7 @@ async def _measure(
     import aioxen
     from aioxen.blk.vbd import open_blkfront
 
-    seconds = 0.4 if ctx.quick else 2.0
+    seconds = ctx.seconds
     size = os.path.getsize(image)
     plat = aioxen.platform(
         "unix", domid=FRONT_DOMID, root=env["XEN_ROOT"], xenstored_path=env["XENSTORED_PATH"]
@@ -188,7 +195,7 @@ async def _measure(
                             make = _ours(dev, kind, bs, depth, size)
                         else:
                             make = _baseline(fd, pool, kind, bs, depth, size)
-                        rate = await _drive(depth, seconds, make)
+                        rate = await _drive(depth, seconds, make, ctx.warmup)
                         m = results[(case, mech)]
                         m.samples.append(rate * bs / GIB if bs >= MIB else rate)
     finally:

@@ -27,10 +27,9 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from typing import Any
 
-from aioxen.bench.harness import Context, Measurement, make_temp_dir, spawn
+from aioxen.bench.harness import Context, Measurement, make_temp_dir, spawn, timed_async
 
 NAME = "rings"
 
@@ -145,21 +144,18 @@ class _SeqpacketClient:
         self.sock.close()
 
 
-async def _time_batches(exchange: Any, batch: int, seconds: float) -> float:
-    """Round trips per second of ``exchange(sizes)`` with ``batch`` requests per call."""
+async def _time_batches(exchange: Any, batch: int, seconds: float, warmup: float) -> float:
+    """Round trips per second of ``exchange(sizes)`` with ``batch`` requests per call, in
+    steady state: ``warmup`` seconds untimed, then at least ``seconds`` timed."""
     sizes = list(range(batch))
-    await exchange(sizes)  # warm up
-    n = 0
-    t0 = time.perf_counter()
-    deadline = t0 + seconds
-    while True:
+
+    async def step() -> float:
         got = await exchange(sizes)
         if sorted(got) != sizes:
             raise AssertionError(f"wrong responses: {got[:5]}...")
-        n += batch
-        now = time.perf_counter()
-        if now >= deadline:
-            return n / (now - t0)
+        return batch
+
+    return await timed_async(step, seconds, warmup)
 
 
 def _spawn(args: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[str]:
@@ -182,7 +178,7 @@ async def _measure(ctx: Context) -> list[Measurement]:
     from aioxen.net import netif as N
     from aioxen.rings.aio import AsyncFrontRing
 
-    seconds = 0.25 if ctx.quick else 1.0
+    seconds = ctx.seconds
     loop_name = ctx.loop
     root = make_temp_dir("aioxen-rings-bench-")
     samples: dict[tuple[str, int], list[float]] = {}
@@ -219,7 +215,7 @@ async def _measure(ctx: Context) -> list[Measurement]:
                             ctx.progress(
                                 f"rings rep {rep + 1}/{ctx.repetitions} batch {batch} {name}"
                             )
-                            rate = await _time_batches(fn, batch, seconds)
+                            rate = await _time_batches(fn, batch, seconds, ctx.warmup)
                             samples.setdefault((name, batch), []).append(rate)
             finally:  # also on Ctrl-C: the ring's pin must go before the platform closes
                 front.close()

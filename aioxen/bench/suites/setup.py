@@ -22,7 +22,7 @@ import asyncio
 import time
 from typing import Any
 
-from aioxen.bench.harness import Collector, Context, Measurement
+from aioxen.bench.harness import Collector, Context, Measurement, timed_async
 from aioxen.bench.mechanisms import (
     MECHANISMS,
     VCHAN_PORT,
@@ -55,15 +55,22 @@ async def one_cycle(
 
 
 async def cycles(
-    mech: str, peer: Peer | None, env: dict[str, str], seconds: float, port: str = VCHAN_PORT
+    mech: str,
+    peer: Peer | None,
+    env: dict[str, str],
+    seconds: float,
+    port: str = VCHAN_PORT,
+    warmup: float = 0.0,
 ) -> float:
+    """Connect+close cycles per second: ``warmup`` seconds untimed, then at least
+    ``seconds`` timed."""
     async with client_platform(mech, env) as plat:
-        n = 0
-        t0 = time.perf_counter()
-        while (now := time.perf_counter()) - t0 < seconds or n == 0:
+
+        async def step() -> float:
             await one_cycle(mech, peer, env, plat, port)
-            n += 1
-    return n / (now - t0)
+            return 1
+
+        return await timed_async(step, seconds, warmup)
 
 
 async def concurrent(
@@ -118,7 +125,7 @@ async def concurrent(
 
 def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
     mechs = [m for m in SETUP_MECHS if selected is None or m in selected]
-    seconds = 0.5 if ctx.quick else 2.0
+    seconds, warmup = ctx.seconds, ctx.warmup
     count = 100 if ctx.quick else 1000
     collector = Collector(NAME, ctx.loop)
 
@@ -135,13 +142,18 @@ def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
         for rep in range(ctx.repetitions):
             for mech in mechs:
                 ctx.progress(f"setup rep {rep + 1}/{ctx.repetitions} connect+close {mech}")
-                rate = go(mech, lambda p, mech=mech: cycles(mech, p, runner.env, seconds))
+                rate = go(
+                    mech,
+                    lambda p, mech=mech: cycles(mech, p, runner.env, seconds, VCHAN_PORT, warmup),
+                )
                 m("connect+close", mech, "rate", "cycles/s", True).samples.append(rate)
                 if mech == "vchan/unix":
                     ctx.progress(f"setup rep {rep + 1}/{ctx.repetitions} connect+close 1 MiB")
                     rate = go(
                         mech,
-                        lambda p, mech=mech: cycles(mech, p, runner.env, seconds, VCHAN_PORT_1M),
+                        lambda p, mech=mech: cycles(
+                            mech, p, runner.env, seconds, VCHAN_PORT_1M, warmup
+                        ),
                     )
                     m("connect+close 1 MiB rings", mech, "rate", "cycles/s", True).samples.append(
                         rate

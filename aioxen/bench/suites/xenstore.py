@@ -35,39 +35,24 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aioxen.bench.harness import Context, Measurement, end_process, spawn
+from aioxen.bench.harness import (
+    Context,
+    Measurement,
+    end_process,
+    spawn,
+    timed_async,
+    timed_sync,
+)
 from aioxen.bench.mechanisms import XenstoredProcess
 
 NAME = "xenstore"
 VALUE = b"0123456789abcdef"
 FLOOD_DOMID = 5
 FLOOD_PHASES = ("unflooded", "directory_part flood", "read flood")
-
-
-async def _timed_async(fn: Callable[[], Awaitable[int]], seconds: float) -> float:
-    ops = 0
-    t0 = time.perf_counter()
-    deadline = t0 + seconds
-    while True:
-        ops += await fn()
-        now = time.perf_counter()
-        if now >= deadline:
-            return ops / (now - t0)
-
-
-def _timed_sync(fn: Callable[[], int], seconds: float) -> float:
-    ops = 0
-    t0 = time.perf_counter()
-    deadline = t0 + seconds
-    while True:
-        ops += fn()
-        now = time.perf_counter()
-        if now >= deadline:
-            return ops / (now - t0)
 
 
 async def _measure(sock: str, ctx: Context) -> list[Measurement]:
@@ -78,7 +63,7 @@ async def _measure(sock: str, ctx: Context) -> list[Measurement]:
 
     from aioxen.xenstore import XenStoreClient
 
-    seconds = 0.3 if ctx.quick else 1.5
+    seconds = ctx.seconds
     ours = XenStoreClient.for_unix_socket(sock, 0, timeout=30)
     await ours.write("/bench/r", VALUE)
     key = "/bench/w"
@@ -143,9 +128,9 @@ async def _measure(sock: str, ctx: Context) -> list[Measurement]:
             for op, mech, fn, is_async in cases:
                 ctx.progress(f"xenstore rep {rep + 1}/{ctx.repetitions} {op} {mech}")
                 if is_async:
-                    rate = await _timed_async(fn, seconds)
+                    rate = await timed_async(fn, seconds, ctx.warmup)
                 else:
-                    rate = _timed_sync(fn, seconds)
+                    rate = timed_sync(fn, seconds, ctx.warmup)
                 samples.setdefault((op, mech), []).append(rate)
     finally:
         if px is not None:
@@ -308,7 +293,7 @@ def _percentile(values: list[float], q: float) -> float:
 async def _measure_flood(ctx: Context) -> list[Measurement]:
     from aioxen.xenstore import XenStoreClient
 
-    seconds = 0.5 if ctx.quick else 3.0
+    seconds = max(0.5, ctx.seconds)
     samples: dict[tuple[str, str], list[float]] = {}
     counts: dict[str, int] = {}
     for rep in range(ctx.repetitions):
