@@ -468,8 +468,10 @@ def encode_trigger_service(version: int, trigger: TriggerService) -> tuple[int, 
 def parse_trigger_service(msg_type: int, payload: bytes | bytearray | memoryview) -> TriggerService:
     """Decode a ``MSG_TRIGGER_SERVICE``/``3``/``4`` payload.
 
-    Structure errors (lengths, terminators, the ident) raise ``QrexecProtocolError``; a
-    sound structure with a bad name raises ``InvalidRequest`` carrying the ident.  Which
+    A wrong length or a bad request ident raises ``QrexecProtocolError`` (drop the
+    connection); once the ident is valid, any fault in a name field (terminator, NULs,
+    characters) raises ``InvalidRequest`` carrying the ident (answer
+    ``MSG_SERVICE_REFUSED``), as Qubes' daemon does.  Which
     type is allowed at which negotiated version is the caller's decision (Qubes' daemon
     accepts only the one of its version)."""
     n = len(payload)
@@ -493,28 +495,31 @@ def parse_trigger_service(msg_type: int, payload: bytes | bytearray | memoryview
             )
         ident = check_ident(_fixed_field(view[fixed - IDENT_SIZE : fixed], "request_id"))
         tail = view[fixed:]
-        if tail[-1] != 0:
-            raise QrexecProtocolError("service name is not NUL-terminated", field="service_name")
-        if bytes(tail[:-1]).find(0) >= 0:
-            raise QrexecProtocolError("service name holds a NUL", field="service_name")
+        try:
+            if tail[-1] != 0:
+                raise QrexecProtocolError(
+                    "service name is not NUL-terminated", field="service_name"
+                )
+            if bytes(tail[:-1]).find(0) >= 0:
+                raise QrexecProtocolError("service name holds a NUL", field="service_name")
+        except QrexecProtocolError as exc:
+            raise InvalidRequest(str(exc), request_id=ident, field=exc.field) from None
         service = _named(tail, "service_name", ident)
         off = fixed - IDENT_SIZE - 64
         target = _named(view[off : off + 64], "target_domain", ident)
         source = None
-        if msg_type == MSG_TRIGGER_SERVICE4:
-            src = _fixed_field(view[0:64], "source_domain")
-            source = _checked(src, "source_domain", ident) if src else None
+        if msg_type == MSG_TRIGGER_SERVICE4 and view[0] != 0:
+            source = _named(view[0:64], "source_domain", ident)
     else:
         raise QrexecProtocolError(f"{name} is not a trigger", field="type")
     return TriggerService(service=service, target=target, request_id=ident, source=source)
 
 
 def _named(raw: memoryview, field: str, ident: str) -> str:
-    return _checked(_fixed_field(raw, field), field, ident)
-
-
-def _checked(value: str, field: str, ident: str) -> str:
+    """A name field of a trigger whose ident is valid: any fault is an ``InvalidRequest``
+    (Qubes' daemon refuses such a call instead of dropping the agent)."""
     try:
+        value = _fixed_field(raw, field)
         if field == "service_name":
             return check_service_name(value)
         return check_domain_name(value, field)
