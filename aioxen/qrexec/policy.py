@@ -119,8 +119,8 @@ class PolicyDecision:
 
     @classmethod
     def allowed(cls, target: str, user: str = "user", **kw: object) -> PolicyDecision:
-        target = "dom0" if target in ADMIN_NAMES else target
         kw.setdefault("requested_target", target)
+        target = "dom0" if target in ADMIN_NAMES else target
         return cls(True, target=target, user=user, **kw)  # type: ignore[arg-type]
 
     @classmethod
