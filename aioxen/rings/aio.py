@@ -50,6 +50,8 @@ import itertools
 import operator
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from os import sched_yield as _sched_yield
+from time import perf_counter
 from typing import Any, Generic, Self, TypeVar, cast
 
 from aioxen.errors import ProtocolError
@@ -57,6 +59,14 @@ from aioxen.platforms.base import EventChannel, Mapping, Platform, Share
 from aioxen.rings.formats import EntryFormat, batch_codec
 from aioxen.rings.service import RingService
 from aioxen.rings.sring import BackRing, FrontRing, _Ring, ring_pages
+from aioxen.vchan.pollpolicy import (
+    DEFAULT_BUSY_POLL,
+    MAX_BUSY_POLL,
+    POLL_AGAIN,
+    POLL_FOUND,
+    POLL_YIELD,
+    PollPolicy,
+)
 
 Req = TypeVar("Req")
 Rsp = TypeVar("Rsp")
@@ -80,14 +90,29 @@ def _release(resources: list[Any]) -> None:
         raise errors[0]
 
 
+def check_busy_poll(busy_poll: float | None, peer_runs_concurrently: bool = True) -> float:
+    """Resolve a ``busy_poll`` argument: ``None`` means [`DEFAULT_BUSY_POLL`][] where the
+    peer runs concurrently, else 0 (no polling); otherwise 0..`MAX_BUSY_POLL` seconds."""
+    if busy_poll is None:
+        return DEFAULT_BUSY_POLL if peer_runs_concurrently else 0.0
+    if isinstance(busy_poll, bool) or not isinstance(busy_poll, (int, float)):
+        raise TypeError(f"busy_poll must be a number of seconds, not {busy_poll!r}")
+    if not 0 <= busy_poll <= MAX_BUSY_POLL:
+        raise ValueError(f"busy_poll {busy_poll!r} out of range 0..{MAX_BUSY_POLL} s")
+    return float(busy_poll)
+
+
 class _Adapter(RingService):
-    """State shared by both adapters: channel, shutdown, owned resources; the event →
-    service → flush cycle and the once-per-iteration flush are [`RingService`][]'s."""
+    """State shared by both adapters: channel, shutdown, owned resources, busy polling;
+    the event → service → flush cycle and the once-per-iteration flush are
+    [`RingService`][]'s."""
 
     _ring: _Ring[Any, Any]  # set by the subclass
     _channel: EventChannel
 
-    def __init__(self, channel: EventChannel, name: str) -> None:
+    def __init__(self, channel: EventChannel, name: str, busy_poll: float = 0.0) -> None:
+        self._poll_max = check_busy_poll(busy_poll)
+        self._policy = PollPolicy(self._poll_max, perf_counter())
         self._channel = channel
         self._name = name
         self._loop = asyncio.get_running_loop()
@@ -149,6 +174,61 @@ class _Adapter(RingService):
     def _shutdown(self, exc: BaseException | None) -> None:
         raise NotImplementedError
 
+    # -- busy polling (the decisions are PollPolicy's, as for vchan) --------------------
+    @property
+    def busy_poll(self) -> float:
+        """The maximum busy-poll window in seconds (0: this end never polls)."""
+        return self._poll_max
+
+    def _woken(self) -> None:
+        """An event came while no poll window was open: let the policy size the next."""
+        if not self._policy.polling:
+            self._policy.woken(perf_counter())
+
+    def _want_poll(self) -> None:
+        """We published entries: the peer's answer may follow soon.  Extend the poll
+        window, or open one (and schedule its first poll) if the policy says so."""
+        if self._policy.activity(perf_counter(), not self._closed):
+            self._loop.call_soon(self._poll)
+
+    def _poll(self) -> None:
+        """One poll: a validated look at the peer's producer index (no event index
+        written, so the peer does not notify while we watch); the policy says what next."""
+        policy = self._policy
+        if not policy.polling:
+            return
+        if self._closed:
+            policy.cancel()
+            return
+        try:
+            found = self._peek()
+        except ProtocolError as exc:
+            policy.cancel()
+            self._fail(exc)
+            return
+        action = policy.polled(perf_counter(), found, True)
+        if action == POLL_AGAIN:
+            self._loop.call_soon(self._poll)
+        elif action == POLL_YIELD:
+            _sched_yield()  # perhaps the peer waits for our CPU: let it run
+            self._loop.call_soon(self._poll)
+        elif action == POLL_FOUND:
+            if policy.polling:
+                self._loop.call_soon(self._poll)
+            self._poll_found()  # services; re-arms the event index if the window closed
+        else:  # POLL_ENDED: back to notifications -- arm, re-check, sleep
+            self._poll_ended()
+
+    def _peek(self) -> bool:
+        """Whether the peer published something for us (validated; may raise)."""
+        raise NotImplementedError
+
+    def _poll_found(self) -> None:
+        raise NotImplementedError
+
+    def _poll_ended(self) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
         """Shut down (see the subclass), then release the ring and whatever
         ``create``/``attach`` allocated.  Idempotent."""
@@ -203,8 +283,9 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
         channel: EventChannel,
         *,
         name: str | None = None,
+        busy_poll: float = 0.0,
     ) -> None:
-        super().__init__(channel, name or ring.name)
+        super().__init__(channel, name or ring.name, busy_poll)
         self._ring = ring
         self._req_fmt = ring.request_format
         self._rsp_fmt = ring.response_format
@@ -231,11 +312,16 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
         order: int = 0,
         start: int = 0,
         name: str | None = None,
+        busy_poll: float | None = None,
     ) -> AsyncFrontRing[Req, Rsp]:
         """Share ``2**order`` zeroed pages with ``remote_domid``, initialise the ring in
         them and listen on a new event channel.  Advertise `refs` and `port`
-        to the back end (e.g. as ``ring-ref``/``event-channel`` in XenStore)."""
+        to the back end (e.g. as ``ring-ref``/``event-channel`` in XenStore).
+        ``busy_poll``: the maximum busy-poll window in seconds after requests go out
+        (``None``: [`DEFAULT_BUSY_POLL`][] where the platform's peer runs concurrently,
+        else 0; 0 never polls)."""
         label = name or f"front(to {remote_domid})"
+        window = check_busy_poll(busy_poll, platform.peer_runs_concurrently)
         share: Share = platform.grants.share(remote_domid, ring_pages(order))
         ring: FrontRing[Req, Rsp] | None = None
         try:
@@ -246,7 +332,7 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
                 ring.close()
             share.close()
             raise
-        self = cls(ring, channel, name=label)
+        self = cls(ring, channel, name=label, busy_poll=window)
         self._owned = [share, channel]
         self.refs = share.refs
         return self
@@ -384,6 +470,14 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
     async def _request_many(self, reqs: Sequence[Req]) -> list[Rsp]:
         n = len(reqs)
         batch = _Batch(self._loop.create_future(), n)
+        free = self._free_ids
+        if n <= len(free) and not self._slot_waiters and not self._closed:
+            # The usual case, written out (no _acquire_ids coroutine): all ids are free.
+            ids = free[:n]
+            del free[:n]
+            self._put(batch, 0, reqs, ids)
+            self._run_flush()
+            return await batch.future  # type: ignore[no-any-return]
         done = 0
         while done < n:
             ids = await self._acquire_ids(n - done)
@@ -394,8 +488,13 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
         return results
 
     def _flush(self) -> None:
-        if self._ring.push_requests():
+        ring = self._ring
+        if not ring.unpushed:
+            return
+        if ring.push_requests():
             self._channel.notify()
+        if self._poll_max:
+            self._want_poll()  # the answers may come soon: watch rsp_prod for a while
 
     def flush(self) -> None:
         """Publish queued requests now instead of at the end of the loop iteration."""
@@ -404,6 +503,22 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
 
     # -- receiving (RingService._on_event runs the service step and the peer check) ---
     flush_on_event = False  # requests go out with the scheduled flush of their iteration
+
+    def _peek(self) -> bool:
+        return self._ring.unconsumed_responses() > 0
+
+    def _poll_found(self) -> None:
+        try:
+            self._service()
+        except ProtocolError as exc:
+            self._fail(exc)
+
+    def _poll_ended(self) -> None:
+        try:
+            if self._ring.final_check_for_responses():
+                self._service()
+        except ProtocolError as exc:
+            self._fail(exc)
 
     def _service(self) -> None:
         ring, pending, free, ids_of = self._ring, self._pending, self._free_ids, self._rsp_codec.ids
@@ -440,6 +555,8 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
                         field="id",
                     )
                 freed = True
+            if self._policy.polling:  # a poll window watches rsp_prod: leave rsp_event be
+                break
             if not ring.final_check_for_responses():
                 break
         if freed and self._slot_waiters:
@@ -450,6 +567,7 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
         if self._closed:
             return
         self._closed = True
+        self._policy.cancel()
         if exc is not None:
             self._error = exc
         err = self._shutdown_error()
@@ -513,8 +631,9 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
         *,
         name: str | None = None,
         check_ids: bool = True,
+        busy_poll: float = 0.0,
     ) -> None:
-        super().__init__(channel, name or ring.name)
+        super().__init__(channel, name or ring.name, busy_poll)
         self._ring = ring
         self._req_fmt = ring.request_format
         self._rsp_fmt = ring.response_format
@@ -525,7 +644,18 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
         self._buffer: deque[Req] = deque()
         self._req_codec = batch_codec(ring.request_format, ring.slot_size)
         self._rsp_codec = batch_codec(ring.response_format, ring.slot_size)
-        channel.set_handler(self._on_event)
+        self._handler: Callable[[], None] = self._on_event  # what an event (or a poll) runs
+        channel.set_handler(self._on_channel_event if self._poll_max else self._on_event)
+
+    def _set_handler(self, handler: Callable[[], None]) -> None:
+        self._handler = handler
+        self._channel.set_handler(self._on_channel_event if self._poll_max else handler)
+
+    def _on_channel_event(self) -> None:
+        """The channel handler while polling is configured: tell the policy, then run
+        the current handler."""
+        self._woken()
+        self._handler()
 
     @classmethod
     async def attach(
@@ -539,9 +669,14 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
         *,
         name: str | None = None,
         check_ids: bool = True,
+        busy_poll: float | None = None,
     ) -> AsyncBackRing[Req, Rsp]:
-        """Map the front end's ring pages ``refs`` and bind to its event channel ``port``."""
+        """Map the front end's ring pages ``refs`` and bind to its event channel ``port``.
+        ``busy_poll``: the maximum busy-poll window in seconds after responses go out
+        (``None``: [`DEFAULT_BUSY_POLL`][] where the platform's peer runs concurrently,
+        else 0; 0 never polls)."""
         label = name or f"back(to {remote_domid})"
+        window = check_busy_poll(busy_poll, platform.peer_runs_concurrently)
         mapping: Mapping = platform.grants.map(remote_domid, refs)
         ring: BackRing[Req, Rsp] | None = None
         try:
@@ -552,7 +687,7 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
                 ring.close()
             mapping.close()
             raise
-        self = cls(ring, channel, name=label, check_ids=check_ids)
+        self = cls(ring, channel, name=label, check_ids=check_ids, busy_poll=window)
         self._owned = [mapping, channel]
         return self
 
@@ -615,11 +750,14 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
             reqs = self._take()
             if reqs:
                 return reqs
-            try:
-                more = self._ring.final_check_for_requests()
-            except ProtocolError as exc:
-                self._shutdown(exc)
-                raise
+            if self._policy.polling:
+                more = False  # a poll window watches req_prod and sets the event
+            else:
+                try:
+                    more = self._ring.final_check_for_requests()
+                except ProtocolError as exc:
+                    self._shutdown(exc)
+                    raise
             if not more:
                 await self._wait_event()
 
@@ -675,8 +813,28 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
             self._ring.put_responses(batch)
 
     def _flush(self) -> None:
-        if self._ring.push_responses():
+        ring = self._ring
+        if not ring.unpushed:
+            return
+        if ring.push_responses():
             self._channel.notify()
+        if self._poll_max:
+            self._want_poll()  # the next requests may come soon: watch req_prod a while
+
+    def _peek(self) -> bool:
+        return self._ring.unconsumed_requests() > 0
+
+    def _poll_found(self) -> None:
+        self._handler()  # the event handler: takes the requests (it catches its errors)
+
+    def _poll_ended(self) -> None:
+        try:
+            more = self._ring.final_check_for_requests()
+        except ProtocolError as exc:
+            self._shutdown(exc)
+            return
+        if more:
+            self._handler()
 
     def flush(self) -> None:
         """Publish queued responses now."""
@@ -722,8 +880,8 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
                             )
                         self._put_responses(results)
                         self._run_flush()
-                    if not final_check():
-                        break
+                    if self._policy.polling or not final_check():
+                        break  # (a poll window watches req_prod: leave req_event be)
             except ProtocolError as exc:
                 self._shutdown(exc)
             except Exception as exc:
@@ -736,14 +894,14 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
                 done.set_result(None)
 
         self._waiter = done  # _shutdown resolves it
-        self._channel.set_handler(on_event)
+        self._set_handler(on_event)
         try:
             on_event()  # requests published before we started listening
             await done
         finally:
             self._waiter = None
             if not self._closed:
-                self._channel.set_handler(self._on_event)
+                self._set_handler(self._on_event)
         if failure:
             raise failure[0]
         if self._error is not None:
@@ -798,6 +956,7 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
             with contextlib.suppress(ProtocolError):
                 self._flush()  # a local close still publishes what was answered
         self._closed = True
+        self._policy.cancel()
         if exc is not None:
             self._error = exc
         self._channel.set_handler(None)

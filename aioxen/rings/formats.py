@@ -181,6 +181,11 @@ class FixedFormat:
         return self._id_bits
 
 
+_SMALL_BATCH = 8
+"""Up to this many entries `pack_with_ids` rebuilds the rows with their ids; above, it
+patches the ids into the packed bytes (fewer Python-level steps per entry)."""
+
+
 class _StructCodec(Generic[R]):
     """C-speed batches: ``starmap`` of one padded `struct.Struct` to pack,
     ``iter_unpack`` to decode, ``tuple.__new__`` to build the records."""
@@ -226,7 +231,7 @@ class _StructCodec(Generic[R]):
         if len(values) != len(ids):
             raise ValueError(f"{len(values)} values but {len(ids)} ids")
         patch = self._id_patch
-        if patch is None:
+        if patch is None or len(ids) <= _SMALL_BATCH:  # rebuilding a few rows is cheaper
             rows = [(*v[:i], ident, *v[i + 1 :]) for v, ident in zip(values, ids)]  # noqa: B905
             return b"".join(itertools.starmap(self._struct.pack, rows))
         # Pack the values as they are, then overwrite every slot's id field with strided

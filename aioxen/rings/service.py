@@ -41,6 +41,9 @@ from aioxen.errors import ProtocolError
 class RingService:
     """Base of every ring end driven by event-channel callbacks (see the module text)."""
 
+    _poll_max: float = 0.0
+    """Maximum busy-poll window in seconds; 0 (the default): the end never polls."""
+
     flush_on_event: ClassVar[bool] = True
     """Whether an event publishes what its service step produced (one push, one notify)."""
 
@@ -65,10 +68,16 @@ class RingService:
         """The error that ends this end when its event channel's peer is gone."""
         raise NotImplementedError
 
+    def _woken(self) -> None:
+        """An event arrived (an end that busy-polls tells its poll policy; see
+        [`AsyncFrontRing`][aioxen.rings.aio.AsyncFrontRing])."""
+
     def _on_event(self) -> None:
         """The event-channel handler: service, flush, then the peer check."""
         if self._closed:
             return
+        if self._poll_max:
+            self._woken()
         try:
             self._service()
             if self.flush_on_event:
