@@ -50,6 +50,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "aioxen.blk.cli",
     "aioxen.xenbus.cli",
     "aioxen.console.cli",
+    "aioxen.apps.qrexec_cli",
 )
 
 

@@ -138,6 +138,8 @@ class Agent:
         self.version: int | None = None
         """The negotiated control-channel version (``None`` while no daemon)."""
         self.connected = asyncio.Event()
+        self.listening = asyncio.Event()
+        """Set once port 512 is offered to dom0 (a daemon can connect)."""
         self._handlers: dict[str, ServiceHandler] = {}
         self._ctl: asyncio.StreamWriter | None = None
         self._pending: dict[str, asyncio.Future[tuple[int, int]]] = {}
@@ -145,6 +147,7 @@ class Agent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._serve: asyncio.Task[None] | None = None
         self._triggers: list[asyncio.Server] = []
+        self._claims: list[Any] = []  # the trigger sockets' path claims
         self._closed = False
 
     # -- services ------------------------------------------------------------------
@@ -174,6 +177,19 @@ class Agent:
         assert self._serve is not None
         await asyncio.shield(self._serve)
 
+    async def wait_listening(self, timeout: float | None = None) -> None:
+        """Wait until port 512 is offered (raises what stopped the agent, if it stopped)."""
+        await self.start()
+        assert self._serve is not None
+        async with asyncio.timeout(timeout):
+            waiter = asyncio.ensure_future(self.listening.wait())
+            try:
+                await asyncio.wait({waiter, self._serve}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if self._serve.done() and not self.listening.is_set():
+                self._serve.result()
+
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until a daemon is connected (``TimeoutError`` after ``timeout``)."""
         async with asyncio.timeout(timeout):
@@ -191,6 +207,9 @@ class Agent:
         for srv in self._triggers:
             with contextlib.suppress(Exception):
                 await srv.wait_closed()
+        for claim in self._claims:
+            claim.release()
+        self._claims.clear()
         self._fail_pending(ConnectionResetError("qrexec agent closed"))
 
     async def __aenter__(self) -> Agent:
@@ -213,6 +232,7 @@ class Agent:
             pending = await self.channels.listen(
                 self.daemon_domid, CONTROL_PORT, buffer_size=CONTROL_BUFFER_SIZE
             )
+            self.listening.set()
             try:
                 reader, writer = await pending.accept(timeout=None)
             finally:
@@ -456,7 +476,8 @@ class Agent:
         """Serve ``qrexec-client-vm``'s trigger protocol at ``path`` (a new socket,
         claimed exclusively): ``TRIGGER_SERVICE4`` in; ``{domain, port}`` out when dom0
         allows (the client then offers the data channel itself), the socket closed when
-        it refuses; when the client closes its socket the call is finished."""
+        it refuses; when the client closes its socket the call is finished.  The socket
+        is removed by [`aclose`][aioxen.qrexec.agent.Agent.aclose]."""
         from aioxen.ownership import UnixSocketClaim
 
         claim = UnixSocketClaim.acquire(os.fspath(path), what="qrexec agent trigger socket")
@@ -466,13 +487,7 @@ class Agent:
             claim.release()
             raise
         self._triggers.append(server)
-        orig_close = server.close
-
-        def close() -> None:
-            orig_close()
-            claim.release()
-
-        server.close = close  # type: ignore[method-assign]
+        self._claims.append(claim)
         return server
 
     async def _trigger_client(
