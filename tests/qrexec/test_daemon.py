@@ -1,0 +1,167 @@
+"""The daemon on the wire, against a hand-written agent (raw messages, as Qubes' own socket
+tests drive qrexec-daemon): HELLO, port allocation (513+, odd/even towards other VMs),
+CONNECTION_TERMINATED bookkeeping, the qrexec-client socket, refusal of malformed
+requests, and a hostile agent dropped while the other domains keep being served."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import tempfile
+from collections.abc import AsyncIterator
+
+import pytest
+from platform_harness import leak_checked
+from vchan_harness import InHeapWorld, World
+
+from aioxen.qrexec import Agent, Daemon, VchanChannels
+from aioxen.qrexec import wire as w
+from aioxen.qrexec.channels import CONTROL_PORT
+from aioxen.qrexec.framing import exchange_hello, read_message, write_message
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    wd = InHeapWorld()
+    async with leak_checked(wd):
+        yield wd
+
+
+class RawAgent:
+    """An agent written by hand: offers port 512 and speaks raw messages."""
+
+    def __init__(self, chans: VchanChannels, version: int = 4) -> None:
+        self.chans, self.version = chans, version
+
+    async def accept(self) -> Streams:
+        pending = await self.chans.listen(0, CONTROL_PORT, buffer_size=4096)
+        r, wr = await pending.accept(timeout=30)
+        self.negotiated = await exchange_hello(r, wr, version=self.version, min_version=2)
+        self.r, self.w = r, wr
+        return r, wr
+
+    async def recv(self) -> tuple[int, bytes]:
+        async with asyncio.timeout(30):
+            msg = await read_message(self.r, limit=1 << 17)
+        assert msg is not None
+        return msg.type, msg.payload
+
+    def send(self, t: int, p: bytes) -> None:
+        write_message(self.w, t, p)
+
+
+def trigger4(target: str, ident: str, service: str, source: str = "") -> tuple[int, bytes]:
+    return w.MSG_TRIGGER_SERVICE4, struct.pack(
+        "<64s64s32s", source.encode(), target.encode(), ident.encode()
+    ) + service.encode() + b"\0"
+
+
+async def test_ports_handshake_and_termination(world: World) -> None:
+    raw = RawAgent(VchanChannels(await world.platform(42)), version=3)
+    daemon = Daemon(VchanChannels(await world.platform(0)), domains={"vm42": 42})
+    async with daemon:
+        await raw.accept()
+        assert raw.negotiated == 3
+        await daemon.wait_connected(timeout=30)
+        # dom0 -> VM: ports 513, 514, ... (every port usable towards dom0)
+        assert await daemon.exec("vm42", "user:true") == (42, 513)
+        assert await raw.recv() == (w.MSG_EXEC_CMDLINE, w.encode_exec_params(0, 513, "user:true"))
+        assert await daemon.exec("vm42", "user:x", just_exec=True) == (42, 514)
+        t, _ = await raw.recv()
+        assert t == w.MSG_JUST_EXEC
+        # a termination naming the wrong domain frees nothing; the right one frees the port
+        raw.send(w.MSG_CONNECTION_TERMINATED, w.encode_exec_params(7, 513))
+        raw.send(w.MSG_CONNECTION_TERMINATED, w.encode_exec_params(0, 514))
+        await asyncio.sleep(0.05)
+        assert await daemon.exec("vm42", "user:y") == (42, 514)
+        await raw.recv()
+
+
+async def test_odd_even_ports_towards_other_vms(world: World) -> None:
+    daemon = Daemon(VchanChannels(await world.platform(0)), domains={"a": 5})
+    link = daemon._links["a"]
+    assert [link.allocate(9) for _ in range(3)] == [514, 516, 518]  # peer above: odd i
+    assert [link.allocate(2) for _ in range(2)] == [513, 515]  # peer below: even i
+    assert link.allocate(0) == 517  # dom0: the first free
+    link.release(516, 9)
+    assert link.allocate(9) == 516
+
+
+async def test_refusals_and_client_socket(world: World) -> None:
+    raw = RawAgent(VchanChannels(await world.platform(42)))
+    with tempfile.TemporaryDirectory() as sdir:
+        daemon = Daemon(
+            VchanChannels(await world.platform(0)),
+            domains={"vm42": 42},
+            policy=lambda r: r.service == "my.Ok+",
+            socket_dir=sdir,
+        )
+        async with daemon:
+            await raw.accept()
+            await daemon.wait_connected(timeout=30)
+            # denied by policy: SERVICE_REFUSED carrying the ident
+            raw.send(*trigger4("dom0", "SOCKET7", "my.No"))
+            assert await raw.recv() == (w.MSG_SERVICE_REFUSED, b"SOCKET7".ljust(32, b"\0"))
+            # malformed names: refused, not dropped (as Qubes' daemon)
+            for bad in ("", "+a", "a\0b"):
+                raw.send(*trigger4("dom0", "ab", bad))
+                assert await raw.recv() == (w.MSG_SERVICE_REFUSED, b"ab".ljust(32, b"\0"))
+            # allowed, target dom0: SERVICE_CONNECT {0, port, ident}
+            raw.send(*trigger4("dom0", "SOCKET8", "my.Ok+"))
+            t, p = await raw.recv()
+            assert t == w.MSG_SERVICE_CONNECT
+            assert p == w.encode_exec_params(0, 513, "SOCKET8")
+            # the qrexec-client socket: HELLO 3, EXEC_CMDLINE {0,0,DEFAULT:cmd}, answer {42, port}
+            cr, cw = await asyncio.open_unix_connection(f"{sdir}/qrexec.vm42")
+            assert await exchange_hello(cr, cw, version=3, min_version=2) == 3
+            write_message(cw, w.MSG_EXEC_CMDLINE, w.encode_exec_params(0, 0, "DEFAULT:ls"))
+            msg = await read_message(cr, limit=8)
+            assert msg is not None and msg.type == w.MSG_EXEC_CMDLINE
+            assert msg.payload == struct.pack("<II", 42, 514)
+            assert await raw.recv() == (
+                w.MSG_EXEC_CMDLINE,
+                w.encode_exec_params(0, 514, "user:ls"),
+            )
+            # the client's socket closes when the agent reports the port finished
+            raw.send(w.MSG_CONNECTION_TERMINATED, w.encode_exec_params(0, 514))
+            async with asyncio.timeout(30):
+                assert await cr.read() == b""
+            cw.close()
+            # SERVICE_CONNECT from a client is not taken: closed at once
+            cr, cw = await asyncio.open_unix_connection(f"{sdir}/qrexec.42")
+            await exchange_hello(cr, cw, version=3, min_version=2)
+            write_message(cw, w.MSG_SERVICE_CONNECT, w.encode_exec_params(43, 513, "SOCKET1"))
+            async with asyncio.timeout(30):
+                assert await cr.read() == b""
+            cw.close()
+
+
+async def test_hostile_agent_is_dropped_others_keep_working(world: World) -> None:
+    raw = RawAgent(VchanChannels(await world.platform(42)))
+    good = Agent(VchanChannels(await world.platform(43)))
+
+    @good.service("my.Echo")
+    async def echo(stdin: asyncio.StreamReader, stdout: asyncio.StreamWriter, req: object) -> int:
+        stdout.write(await stdin.read())
+        return 0
+
+    daemon = Daemon(VchanChannels(await world.platform(0)), domains={"bad": 42, "good": 43})
+    async with good, daemon:
+        await raw.accept()
+        await daemon.wait_connected(timeout=30)
+        raw.w.write(struct.pack("<II", w.MSG_TRIGGER_SERVICE4, 1 << 30))  # a lie about a length
+        async with asyncio.timeout(30):
+            assert await raw.r.read() == b""  # dropped
+        r = await daemon.call("good", "my.Echo", input=b"still here", timeout=30)
+        assert (r.stdout, r.exit_code) == (b"still here", 0)
+        # the bad domain's agent may come back: the daemon reconnects
+        await raw.accept()
+        await daemon.wait_connected("bad", timeout=30)
+        raw.send(w.MSG_HELLO, w.encode_hello(4))  # HELLO again mid-session: dropped
+        async with asyncio.timeout(30):
+            assert await raw.r.read() == b""
+        raw.w.close()
+        r = await daemon.call("good", "my.Echo", input=b"and here", timeout=30)
+        assert r.stdout == b"and here"
