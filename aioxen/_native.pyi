@@ -172,6 +172,11 @@ class _Lib:
         /,
     ) -> int: ...
     def ax_vchan_step(self, ctrl: _WPtr, cfg: _CData, new_cons: int, arm_bit: int, /) -> int: ...
+    # vchan bulk spin-wait (issue 18): -1 after max_ns, else ns until prod - cons != stuck
+    # | ns of that off the CPU << 24
+    def ax_vchan_spin(
+        self, ctrl: _Ptr, cons_off: int, prod_off: int, stuck: int, max_ns: int, /
+    ) -> int: ...
     # benchmark reference: a cross-process byte stream through a shared ring, all in C
     def ax_xring_produce(
         self,

@@ -76,6 +76,10 @@ int64_t  ax_xring_consume(void *hdr, const void *ring, uint32_t size, void *dst,
                           uint64_t total, double timeout);
 /* vchan reader step: release, check both rings, maybe arm -- one call (aioxen.vchan.wire) */
 int64_t  ax_vchan_step(void *ctrl, const uint32_t *cfg, int64_t new_cons, uint8_t arm_bit);
+/* vchan bulk spin-wait (issue 18): spin while prod - cons == stuck, at most max_ns;
+   -1, or ns taken | ns off the CPU << 24 */
+int64_t  ax_vchan_spin(const void *ctrl, size_t cons_off, size_t prod_off, uint32_t stuck,
+                       int64_t max_ns);
 """
 
 SOURCE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native_impl.c")

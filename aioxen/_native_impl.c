@@ -379,3 +379,49 @@ static int64_t ax_vchan_step(void *ctrl, const uint32_t *cfg, int64_t new_cons, 
     return (int64_t)used | ((int64_t)cons << 21) | ((note & 0x80) ? ((int64_t)1 << 53) : 0)
            | ((int64_t)live << 54) | notify;
 }
+
+/* ==== vchan bulk spin-wait (issue 18, data path) ====================================
+ * A bulk transfer through a small ring waits, every ring's worth, for the peer to copy it
+ * (a few microseconds), while a sleep and an event-channel wake-up cost tens.  So before
+ * asking for a notification the transport may spin here, briefly:
+ *
+ * Spin while `prod - cons` (u32, both loaded with acquire, each once per look) equals
+ * `stuck` -- 0 for a reader waiting for data, the ring size for a writer waiting for
+ * space -- for at most `max_ns` nanoseconds.  Returns -1 on timeout, else the nanoseconds
+ * it took (bits 0..23, capped) | the nanoseconds of that we spent off the CPU (bits
+ * 24..47, capped; thread CPU time against wall time: a spin that had to give its CPU away
+ * means the CPUs are contended, where spinning only takes time from others).  The looks
+ * only decide whether to stop spinning: the caller then goes through the ordinary
+ * validated step/send path, which reads the indices again once and checks them, so a peer
+ * scribbling on the page gets nothing here but a bounded wait.  The CPU is yielded every
+ * 256 looks (about 10 us), so a peer that shares our CPU gets to run. */
+static int64_t ax_thread_cpu_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static int64_t ax_vchan_spin(const void *ctrl, size_t cons_off, size_t prod_off, uint32_t stuck,
+                             int64_t max_ns)
+{
+    const uint32_t *pp = AX_PTR(const uint32_t, ctrl, prod_off);
+    const uint32_t *cp = AX_PTR(const uint32_t, ctrl, cons_off);
+    int64_t start = ax_now_ns(), cpu0 = ax_thread_cpu_ns();
+    for (uint32_t looks = 1;; looks++) {
+        uint32_t used = __atomic_load_n(pp, __ATOMIC_ACQUIRE) - __atomic_load_n(cp, __ATOMIC_ACQUIRE);
+        if (used != stuck) {
+            int64_t took = ax_now_ns() - start;
+            int64_t off = took - (ax_thread_cpu_ns() - cpu0);
+            if (off < 0) off = 0;
+            if (took > 0xFFFFFF) took = 0xFFFFFF;
+            if (off > 0xFFFFFF) off = 0xFFFFFF;
+            return took | (off << 24);
+        }
+        ax_cpu_relax();
+        if ((looks & 31) == 0) {
+            if (ax_now_ns() - start >= max_ns) return -1;
+            if ((looks & 255) == 0) sched_yield();
+        }
+    }
+}

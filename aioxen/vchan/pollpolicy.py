@@ -86,6 +86,17 @@ POLL_MAX_MESSAGE = 16 * 1024
 window (and a delivery that big closes one).  Bulk transfers run on notifications, which
 let each side move big batches while the other sleeps."""
 
+SPIN_ROUNDS = 64
+"""Bulk spin-waits ([`SpinPolicy`][]) one transport call may make: a writer's flush, or a
+reader's delivery pass, before it falls back to notifications (bounds the time one
+callback holds the event loop)."""
+SPIN_BATCH_MAX = 4 << 20
+"""A reader's delivery pass spins only until it has delivered this many bytes; then it
+lets the event loop run and continues in its next iteration."""
+MIN_SPIN_SCORE = 0.5
+"""Bulk spinning stops for a while when fewer than this share of recent spins saw the
+peer move in time."""
+
 # What :meth:`PollPolicy.polled` tells the transport to do.
 POLL_AGAIN = 0
 """Nothing found, the window is open: schedule the next poll."""
@@ -243,12 +254,74 @@ class PollPolicy:
         self.window = 0.0
 
 
+class SpinPolicy:
+    """The bulk spin governor of one transport: all state, no I/O.
+
+    Bulk data through a ring smaller than the transfer makes one side wait, every ring's
+    worth, for the other to copy: a few microseconds, while sleeping until an event costs
+    a system call on each side and a wake-up (tens of microseconds).  So a writer that
+    finds the ring full with bytes still queued, or a reader that emptied the ring in the
+    middle of a bulk delivery (more than [`POLL_MAX_MESSAGE`][] bytes), first spins on
+    the ring's indices for up to ``max_ns`` nanoseconds (``aioxen._native``'s
+    ``ax_vchan_spin``) before asking the peer for a notification -- which, while both ends
+    spin, suppresses the notifications (and their system calls) altogether.  At most
+    [`SPIN_ROUNDS`][] spins per call, and a reader's pass stops spinning after
+    [`SPIN_BATCH_MAX`][] bytes.
+
+    Spinning pays only while the peer runs on another CPU.  Each spin reports whether the
+    peer moved in time, and whether we kept our CPU meanwhile ([`spun`][]); when fewer
+    than [`MIN_SPIN_SCORE`][] of recent spins did both, spinning stops for
+    [`POLL_COOLDOWN`][] seconds, twice as long each further time (up to
+    [`MAX_POLL_COOLDOWN`][]), then resumes on probation.  ``busy_poll = 0``
+    (e.g. a single-process platform) never spins."""
+
+    __slots__ = ("cooldown_len", "max_ns", "off_until", "score")
+
+    def __init__(self, busy_poll: float) -> None:
+        self.max_ns = int(busy_poll * 1e9)  # the longest spin (0: never spin)
+        self.score = 1.0  # moving share of recent spins that saw the peer move in time
+        self.off_until = 0.0  # no spinning before this time (0: not paused)
+        self.cooldown_len = 0.0  # the last pause (doubles while spins keep failing)
+
+    def __repr__(self) -> str:
+        return f"<SpinPolicy max={self.max_ns}ns score={self.score:.2f}>"
+
+    def allowed(self, now: float) -> bool:
+        """May the transport spin at ``now``?"""
+        if not self.max_ns:
+            return False
+        if self.off_until:
+            if now < self.off_until:
+                return False
+            self.off_until = 0.0
+        return True
+
+    def spun(self, now: float, result: int) -> bool:
+        """A spin ended with ``result`` (``ax_vchan_spin``'s: -1 if it timed out, else the
+        nanoseconds it took in bits 0..23 and those of them spent off the CPU in bits
+        24..47).  Returns whether the peer moved.  A spin counts as a success only if the
+        peer moved and we kept the CPU for most of it (otherwise the CPUs are contended)."""
+        moved = result >= 0
+        good = moved and 2 * (result >> 24) <= (result & 0xFFFFFF)
+        self.score += ((1.0 if good else 0.0) - self.score) / _EWMA
+        if good:
+            if self.score > 0.75:
+                self.cooldown_len = 0.0  # spinning works: forget past failures
+        elif self.score < MIN_SPIN_SCORE:
+            pause = min(MAX_POLL_COOLDOWN, 2 * self.cooldown_len or POLL_COOLDOWN)
+            self.cooldown_len = pause
+            self.off_until = now + pause
+            self.score = MIN_SPIN_SCORE + 1 / _EWMA  # probation after the pause
+        return moved
+
+
 __all__ = [
     "CONTENDED_GAP",
     "DEFAULT_BUSY_POLL",
     "LATE_FINDS",
     "MAX_BUSY_POLL",
     "MAX_POLL_COOLDOWN",
+    "MIN_SPIN_SCORE",
     "MIN_WINDOW_SCORE",
     "POLL_AGAIN",
     "POLL_COOLDOWN",
@@ -257,6 +330,9 @@ __all__ = [
     "POLL_MAX_MESSAGE",
     "POLL_YIELD",
     "SHRINK_GAP",
+    "SPIN_BATCH_MAX",
+    "SPIN_ROUNDS",
     "YIELD_AFTER",
     "PollPolicy",
+    "SpinPolicy",
 ]

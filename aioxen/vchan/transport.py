@@ -94,8 +94,11 @@ from aioxen.vchan.pollpolicy import (
     POLL_MAX_MESSAGE,
     POLL_YIELD,
     SHRINK_GAP,
+    SPIN_BATCH_MAX,
+    SPIN_ROUNDS,
     YIELD_AFTER,
     PollPolicy,
+    SpinPolicy,
 )
 from aioxen.vchan.wire import (
     NOTIFY_WRITE,
@@ -202,6 +205,11 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
         # busy polling: the policy decides, we look at the rings (see pollpolicy.py)
         self._poll_max = window  # cached: write() tests it on every call
         self._policy = PollPolicy(window, perf_counter())
+        self._spin = SpinPolicy(window)  # bulk spin-waits (see SpinPolicy)
+        self._bulk_scheduled = False  # a delivery pass continues next loop iteration
+        # a delivery pass this big is bulk (a message is at most POLL_MAX_MESSAGE; a
+        # ring smaller than that is bulk when one pass empties a full ring)
+        self._bulk_min = min(POLL_MAX_MESSAGE + 1, self._core.read_size)
         self._last_batch = 0  # bytes the last pump delivered
         self._rleft = 0  # bytes the last pump left in the read ring (a partial datagram)
         self._lost_waiters: list[asyncio.Future[None]] = []  # resolved by _teardown
@@ -362,7 +370,13 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
         step = core.step_raw
         arm_bit = NOTIFY_WRITE if arm and not force else 0
         rsize = core.read_size
-        r = step(-1, arm_bit)
+        # Bulk: an emptied ring is first watched by a short spin, unarmed (SpinPolicy) --
+        # also on entry if the previous pass was bulk (an event for bytes that pass
+        # already took must not re-arm: that would cost the writer a notification).
+        spins = SPIN_ROUNDS if arm_bit and self._spin.allowed(perf_counter()) else 0
+        bulk_min = self._bulk_min
+        bulk = self._last_batch >= bulk_min
+        r = step(-1, 0 if spins and bulk else arm_bit)
         self._last_batch = 0
         while True:
             if r < 0:
@@ -371,13 +385,29 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
             if not used:
                 if r & STEP_EOF:
                     self._deliver_eof()
+                    return 1 if r & STEP_LIVE else 0
+                if spins and (bulk or self._last_batch >= bulk_min) and r & STEP_LIVE:
+                    spins -= 1
+                    if not self._spin_wait(True):
+                        spins = 0
+                        r = step(-1, arm_bit)  # back to notifications: arm, re-check
+                        continue
+                    bulk = True
+                    r = step(-1, 0)
+                    continue
                 return 1 if r & STEP_LIVE else 0
+            if spins and self._last_batch >= SPIN_BATCH_MAX:
+                # enough for one callback while spinning: go on in the next loop iteration
+                self._continue_bulk()
+                return 1
+            # after this delivery: arm only if no spin will watch the ring
+            next_arm = 0 if spins and self._last_batch + used >= bulk_min else arm_bit
             if self._buffered:
                 self._last_batch += self._deliver_buffered(force, used)
                 if self._conn_lost:
                     return 1
                 stop = not force and (self._closing or self._reading_paused)
-                r = step(-1, 0 if stop else arm_bit)
+                r = step(-1, 0 if stop else next_arm)
                 if stop:
                     if r < 0:
                         raise core.step_error(r)
@@ -403,13 +433,13 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
                 if self._conn_lost:
                     return 1
                 stop = not force and (self._closing or self._reading_paused)
-                r = step((cons + n) & _U32, 0 if stop else arm_bit)
+                r = step((cons + n) & _U32, 0 if stop else next_arm)
                 if r > 0 and r & STEP_NOTIFY:
                     core.notify_pending = True
             else:
                 data = bytes(chunk)
                 chunk.release()
-                r = step((cons + n) & _U32, arm_bit)
+                r = step((cons + n) & _U32, next_arm)
                 if r > 0 and r & STEP_NOTIFY:
                     core.notify_pending = True
                 protocol.data_received(data)
@@ -420,6 +450,29 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
                 if r < 0:
                     raise core.step_error(r)
                 return 1 if r & STEP_LIVE else 0
+
+    def _spin_wait(self, reading: bool) -> bool:
+        """Bulk spin ([`SpinPolicy`][aioxen.vchan.pollpolicy.SpinPolicy]): send any pending
+        notification first (the peer may be asleep waiting for it), then spin while the
+        read ring stays empty (``reading``) or the write ring full.  True if it changed."""
+        core = self._core
+        if core.notify_pending:
+            core.notify_pending = False
+            self._channel.notify()
+        spin = self._spin
+        took = core.spin_readable(spin.max_ns) if reading else core.spin_writable(spin.max_ns)
+        return spin.spun(perf_counter(), took)
+
+    def _continue_bulk(self) -> None:
+        """A delivery pass stopped with bulk data still coming: continue it in the next
+        event-loop iteration (no notification needed; other callbacks run first)."""
+        if not self._bulk_scheduled:
+            self._bulk_scheduled = True
+            self._loop.call_soon(self._bulk_pass)
+
+    def _bulk_pass(self) -> None:
+        self._bulk_scheduled = False
+        self._run_service(True)
 
     def _deliver_buffered(self, force: bool, n: int) -> int:
         """Copy up to ``n`` bytes straight from the ring into the protocol's buffers (one
@@ -576,6 +629,8 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
         notification and re-check (otherwise a poll window watches for space)."""
         core = self._core
         wbuf = self._wbuf
+        # Bulk: a full ring is first watched by a short spin, unarmed (SpinPolicy).
+        spins = SPIN_ROUNDS if arm and self._spin.allowed(perf_counter()) else 0
         try:
             while wbuf:
                 head = wbuf[0]
@@ -588,7 +643,13 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
                         wbuf.popleft()
                     else:
                         wbuf[0] = head[put:]
-                elif not arm or core.request_writable() == 0:
+                elif not arm:
+                    break
+                elif spins:
+                    spins -= 1
+                    if not self._spin_wait(False):
+                        spins = 0
+                elif core.request_writable() == 0:
                     break
         except ProtocolError as exc:
             self._fatal_error(exc)

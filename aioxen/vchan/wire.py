@@ -561,6 +561,20 @@ class VchanCore:
             return put
         return self._moved(put, False)
 
+    def spin_readable(self, max_ns: int) -> int:
+        """Spin at most ``max_ns`` nanoseconds while the read ring is empty: -1, or the
+        nanoseconds until it was not | those spent off the CPU << 24.  (Only a hint: read
+        through [`step`][].)"""
+        r: int = lib.ax_vchan_spin(self._ctrl, self._rcons, self._rprod, 0, max_ns)
+        return r
+
+    def spin_writable(self, max_ns: int) -> int:
+        """Spin at most ``max_ns`` nanoseconds while the write ring is full: -1, or the
+        nanoseconds until it was not | those spent off the CPU << 24.  (Only a hint: write
+        through [`send`][].)"""
+        r: int = lib.ax_vchan_spin(self._ctrl, self._wcons, self._wprod, self._wsize, max_ns)
+        return r
+
     def announce_ends(self) -> None:
         """Tell the peer that we end our stream with [`NOTIFY_EOF`][]: OR
         [`NOTIFY_ENDS`][] into its notify byte (once connected, before writing)."""

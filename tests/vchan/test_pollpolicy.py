@@ -23,6 +23,7 @@ from aioxen.vchan.pollpolicy import (
     SHRINK_GAP,
     YIELD_AFTER,
     PollPolicy,
+    SpinPolicy,
 )
 
 CAP = 100e-6
@@ -231,3 +232,73 @@ def test_cancel_drops_the_window_without_scoring() -> None:
     score = p.window_score
     p.cancel()
     assert not p.polling and p.window_score == score and "idle" in repr(p)
+
+
+# -- SpinPolicy: the bulk spin governor --------------------------------------------------
+def spin_result(took_ns: int, off_cpu_ns: int = 0) -> int:
+    """An ``ax_vchan_spin`` result: the peer moved after ``took_ns``, ``off_cpu_ns`` of
+    them spent off the CPU."""
+    return took_ns | off_cpu_ns << 24
+
+
+def test_spin_policy_never_spins_at_busy_poll_zero() -> None:
+    assert not SpinPolicy(0.0).allowed(T0)
+    p = SpinPolicy(CAP)
+    assert p.max_ns == 100_000 and p.allowed(T0)
+
+
+def test_spins_that_see_the_peer_move_keep_spinning() -> None:
+    p = SpinPolicy(CAP)
+    for i in range(100):
+        assert p.spun(T0 + i * TICK, spin_result(3_000)) is True
+        assert p.allowed(T0 + i * TICK)
+    assert p.score == pytest.approx(1.0)
+
+
+def test_failed_spins_pause_spinning_with_growing_cooldowns() -> None:
+    p = SpinPolicy(CAP)
+    now = T0
+    for expected in (POLL_COOLDOWN, 2 * POLL_COOLDOWN, 4 * POLL_COOLDOWN):
+        while p.allowed(now):
+            assert p.spun(now, -1) is False  # timed out
+            now += TICK
+        assert p.cooldown_len == pytest.approx(expected)
+        assert not p.allowed(now + expected / 2)  # paused
+        now += expected + TICK
+        assert p.allowed(now)  # then back, on probation: one more failure pauses again
+        assert p.score < 0.75
+    for _ in range(200):
+        now += MAX_POLL_COOLDOWN
+        while p.allowed(now):
+            p.spun(now, -1)
+    assert p.cooldown_len == MAX_POLL_COOLDOWN  # capped
+
+
+def test_a_spin_mostly_off_the_cpu_counts_as_contention() -> None:
+    """The peer moved, but we were descheduled for most of the spin: the CPUs are busy, so
+    that spin fails the score (it still reports that the peer moved)."""
+    p = SpinPolicy(CAP)
+    now = T0
+    spins = 0
+    while p.allowed(now):
+        assert p.spun(now, spin_result(40_000, 30_000)) is True
+        spins += 1
+        now += TICK
+    assert 1 < spins < 20 and p.off_until > now
+    q = SpinPolicy(CAP)
+    for _ in range(100):  # a little time off the CPU is no contention
+        q.spun(now, spin_result(40_000, 10_000))
+    assert q.allowed(now) and q.score == pytest.approx(1.0)
+
+
+def test_successful_spins_forget_past_cooldowns() -> None:
+    p = SpinPolicy(CAP)
+    now = T0
+    while p.allowed(now):
+        p.spun(now, -1)
+    assert p.cooldown_len == POLL_COOLDOWN
+    now += POLL_COOLDOWN + TICK
+    for _ in range(50):
+        assert p.allowed(now)
+        p.spun(now, spin_result(1_000))
+    assert p.cooldown_len == 0.0 and p.score > 0.75
