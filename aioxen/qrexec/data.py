@@ -192,13 +192,19 @@ class DataWriter(asyncio.StreamWriter):
         transport = _FrameTransport(end, msg_type)
         super().__init__(transport, asyncio.BaseProtocol(), None, loop)
         self._end = end
+        self._type = msg_type
 
     async def drain(self) -> None:
-        self._end.raise_error()
+        end = self._end
+        end.raise_error()
+        if end.sink(self._type):
+            return
         try:
-            await self._end.writer.drain()
+            await end.writer.drain()
         except (ConnectionError, OSError):
-            self._end.raise_error()
+            if end.sink(self._type):
+                return
+            end.raise_error()
             raise
 
     async def wait_closed(self) -> None:
@@ -247,7 +253,7 @@ class _End:
         except QrexecProtocolError as exc:
             self._fail(exc)
         except (ConnectionError, OSError) as exc:
-            self._fail(
+            self._channel_reset(
                 exc
                 if isinstance(exc, ConnectionResetError)
                 else ConnectionResetError(f"{self.what}: {exc}")
@@ -258,6 +264,9 @@ class _End:
 
     def _channel_ended(self) -> None:
         raise NotImplementedError
+
+    def _channel_reset(self, exc: ConnectionResetError) -> None:
+        self._fail(exc)
 
     def _fail(self, exc: Exception) -> None:
         """Record the end's error, hand it to unfinished readers, drop the channel."""
@@ -499,6 +508,14 @@ class CallerEnd(_End):
             )
         elif not self._done.done():
             self._done.set_result(self._code)
+
+    def _channel_reset(self, exc: ConnectionResetError) -> None:
+        if self._code is not None:
+            # the service sent its code and closed with our input unread (a Unix socket
+            # then reports a reset): the call is complete
+            self._channel_ended()
+        else:
+            self._fail(exc)
 
     def _fail(self, exc: Exception) -> None:
         super()._fail(exc)
