@@ -126,7 +126,8 @@ class Daemon:
     """The dom0 side.  ``domains`` maps names to domids; ``policy`` decides VM calls
     (see [`aioxen.qrexec.policy`][]; ``None`` denies all); ``services_dir`` holds
     dom0's own executable services; ``socket_dir`` (optional) gets the
-    ``qrexec.<domid>``/``qrexec.<name>`` client sockets.
+    ``qrexec.<domid>``/``qrexec.<name>`` client sockets.  A domain may have domid 0: an
+    agent running in dom0 itself (a loopback, as the Xen lab's tests use).
 
     ::
 
@@ -178,7 +179,7 @@ class Daemon:
     def _add(self, name: str, domid: int) -> _Link:
         if name in ADMIN_NAMES or not name or "/" in name or name.startswith("."):
             raise ValueError(f"bad domain name {name!r}")
-        if not 0 < domid < 0x7FF0:
+        if not 0 <= domid < 0x7FF0:  # 0: an agent in dom0 itself (a loopback, for tests)
             raise ValueError(f"bad domid {domid} for {name}")
         if name in self._links or any(lk.domid == domid for lk in self._links.values()):
             raise ValueError(f"domain {name} ({domid}) already served")
