@@ -29,6 +29,14 @@ given to `respond` are written into the ring at once and published together at t
 end of the loop iteration: one push, at most one notify, per batch.  With
 ``check_ids=True`` the back also rejects a front that reuses an id still being served.
 
+**Busy polling.** After an end publishes (requests, or responses) it may watch the
+peer's producer index for a window instead of sleeping: one validated look per loop
+iteration (``call_soon``), with its event index left unarmed so that, by ``io/ring.h``'s
+own rule, the peer's pushes need no notification; when the window runs out the end arms
+and re-checks as without polling.  How long, and whether at all, is decided by vchan's
+pure `aioxen.vchan.pollpolicy.PollPolicy` (``busy_poll`` is its maximum;
+0 turns polling off, the default where the peer cannot run concurrently).
+
 **Shutdown.** `close` (or the peer's event channel going away, or a protocol
 violation) shuts the adapter down: every pending request, free-slot waiter and iterator is
 failed with a clear error (``ConnectionResetError`` naming the ring and domain, or the
@@ -91,7 +99,7 @@ def _release(resources: list[Any]) -> None:
 
 
 def check_busy_poll(busy_poll: float | None, peer_runs_concurrently: bool = True) -> float:
-    """Resolve a ``busy_poll`` argument: ``None`` means [`DEFAULT_BUSY_POLL`][] where the
+    """Resolve a ``busy_poll`` argument: ``None`` means `DEFAULT_BUSY_POLL` (100 µs) where the
     peer runs concurrently, else 0 (no polling); otherwise 0..`MAX_BUSY_POLL` seconds."""
     if busy_poll is None:
         return DEFAULT_BUSY_POLL if peer_runs_concurrently else 0.0
@@ -318,7 +326,7 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
         them and listen on a new event channel.  Advertise `refs` and `port`
         to the back end (e.g. as ``ring-ref``/``event-channel`` in XenStore).
         ``busy_poll``: the maximum busy-poll window in seconds after requests go out
-        (``None``: [`DEFAULT_BUSY_POLL`][] where the platform's peer runs concurrently,
+        (``None``: `DEFAULT_BUSY_POLL` (100 µs) where the platform's peer runs concurrently,
         else 0; 0 never polls)."""
         label = name or f"front(to {remote_domid})"
         window = check_busy_poll(busy_poll, platform.peer_runs_concurrently)
@@ -439,7 +447,7 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
         slots are written at once; the rest wait for slots (first come, first served).
         Cancelled while waiting, the requests already queued stay queued and their
         responses are dropped, as with [`request_many`][]."""
-        batch = reqs if isinstance(reqs, Sequence) else list(reqs)
+        batch = reqs if type(reqs) is list or isinstance(reqs, Sequence) else list(reqs)
         futures = self.submit_many_nowait(batch)
         while len(futures) < len(batch):
             ids = await self._acquire_ids(len(batch) - len(futures))
@@ -459,7 +467,7 @@ class AsyncFrontRing(_Adapter, Generic[Req, Rsp]):
         """Submit all of ``reqs`` and return their responses in order.  As many requests
         as there are free slots go out in one push (one notify at most); the rest follow
         as slots free up."""
-        batch_reqs = reqs if isinstance(reqs, Sequence) else list(reqs)
+        batch_reqs = reqs if type(reqs) is list or isinstance(reqs, Sequence) else list(reqs)
         if not batch_reqs:
             return []
         if timeout is None:
@@ -673,7 +681,7 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
     ) -> AsyncBackRing[Req, Rsp]:
         """Map the front end's ring pages ``refs`` and bind to its event channel ``port``.
         ``busy_poll``: the maximum busy-poll window in seconds after responses go out
-        (``None``: [`DEFAULT_BUSY_POLL`][] where the platform's peer runs concurrently,
+        (``None``: `DEFAULT_BUSY_POLL` (100 µs) where the platform's peer runs concurrently,
         else 0; 0 never polls)."""
         label = name or f"back(to {remote_domid})"
         window = check_busy_poll(busy_poll, platform.peer_runs_concurrently)
@@ -794,7 +802,7 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
     def respond_many(self, rsps: Iterable[Rsp]) -> None:
         """Queue several responses (one encode and copy into the ring)."""
         self._check_open()
-        batch = rsps if isinstance(rsps, Sequence) else list(rsps)
+        batch = rsps if type(rsps) is list or isinstance(rsps, Sequence) else list(rsps)
         if batch:
             self._put_responses(batch)
             self._schedule_flush()
@@ -864,6 +872,7 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
             return  # closed locally before serving started
         done: asyncio.Future[None] = self._loop.create_future()
         failure: list[BaseException] = []
+        checked: list[type] = []  # result types known not to be awaitable
 
         def on_event() -> None:
             if self._closed:
@@ -871,13 +880,15 @@ class AsyncBackRing(_Adapter, Generic[Req, Rsp]):
             try:
                 final_check = self._ring.final_check_for_requests
                 while True:
-                    reqs = self._buffer_and_take()
+                    reqs = self._buffer_and_take() if self._buffer else self._take()
                     if reqs:
                         results = list(map(handler, reqs))
-                        if inspect.isawaitable(results[0]):
-                            raise TypeError(
-                                "serve(): handler returned an awaitable; make it an async def"
-                            )
+                        if type(results[0]) not in checked:  # isawaitable is an ABC check
+                            if inspect.isawaitable(results[0]):
+                                raise TypeError(
+                                    "serve(): handler returned an awaitable; make it an async def"
+                                )
+                            checked.append(type(results[0]))
                         self._put_responses(results)
                         self._run_flush()
                     if self._policy.polling or not final_check():

@@ -236,11 +236,14 @@ class _Ring(Generic[Req, Rsp]):
     def _push(self, prod_off: int, event_off: int, old: int, new: int, field: str) -> bool:
         notify = _push_checked(self._ptr, prod_off, event_off, old, new)
         if notify < 0:
-            seen = _load_u32(self._ptr, prod_off)
-            raise self._fail(
-                f"{field} was overwritten by the peer (found {seen}, we published {old})", field
-            )
+            raise self._overwritten(prod_off, old, field)
         return bool(notify > 0)
+
+    def _overwritten(self, prod_off: int, old: int, field: str) -> ProtocolError:
+        seen = _load_u32(self._ptr, prod_off)  # for the message only
+        return self._fail(
+            f"{field} was overwritten by the peer (found {seen}, we published {old})", field
+        )
 
     def close(self) -> None:
         """Drop the pin on the shared memory (idempotent)."""
@@ -322,7 +325,7 @@ class FrontRing(_Ring[Req, Rsp]):
         if not self._ok:
             self._check()
         free = self.nr_ents - ((self._req_prod_pvt - self._rsp_cons) & U32)
-        batch = values if isinstance(values, Sequence) else list(values)
+        batch = values if type(values) is list or isinstance(values, Sequence) else list(values)
         if len(batch) > free:
             batch = batch[:free]
         if batch:
@@ -356,9 +359,11 @@ class FrontRing(_Ring[Req, Rsp]):
         if not self._ok:
             self._check()
         old, new = self._req_pushed, self._req_prod_pvt
-        notify = self._push(REQ_PROD, REQ_EVENT, old, new, "req_prod")
+        notify = _push_checked(self._ptr, REQ_PROD, REQ_EVENT, old, new)  # _push written out
+        if notify < 0:
+            raise self._overwritten(REQ_PROD, old, "req_prod")
         self._req_pushed = new
-        return notify
+        return notify > 0
 
     def _rsp_available(self, prod: int | None = None) -> int:
         """Validated number of unconsumed responses (``prod``: an already loaded
@@ -384,13 +389,18 @@ class FrontRing(_Ring[Req, Rsp]):
         """Consume up to ``limit`` (default: all) published responses, in order."""
         if not self._ok:
             self._check()
-        n = self._rsp_available()
-        if limit is not None:
-            n = min(n, limit)
+        # _rsp_available and _read_slots written out: this runs once per event.
+        cons = self._rsp_cons
+        prod = _load_u32(self._ptr, RSP_PROD)  # read once, validated before any use
+        n = (prod - cons) & U32
+        if n > (self._req_pushed - cons) & U32:
+            self._rsp_available(prod)  # raises the ProtocolError for this value
+        if limit is not None and limit < n:
+            n = limit
         if n == 0:
             return []
-        out = self._read_slots(self._rsp_codec, self._rsp_cons, n)
-        self._rsp_cons = (self._rsp_cons + n) & U32
+        out = self._rsp_codec.unpack(self._copy_slots(cons, n))
+        self._rsp_cons = (cons + n) & U32
         return out
 
     def take_encoded(self, limit: int | None = None) -> tuple[bytes, int, int]:
@@ -417,8 +427,11 @@ class FrontRing(_Ring[Req, Rsp]):
         if not self._ok:
             self._check()
         cons = self._rsp_cons
-        prod = int(_final_check(self._ptr, RSP_PROD, RSP_EVENT, cons, ahead))
-        return self._rsp_available(prod) > 0
+        prod = _final_check(self._ptr, RSP_PROD, RSP_EVENT, cons, ahead)
+        n = (prod - cons) & U32
+        if n > (self._req_pushed - cons) & U32:
+            self._rsp_available(prod)  # raises the ProtocolError for this value
+        return n > 0
 
 
 class BackRing(_Ring[Req, Rsp]):
@@ -489,13 +502,18 @@ class BackRing(_Ring[Req, Rsp]):
         """Consume up to ``limit`` (default: all) published requests, in order."""
         if not self._ok:
             self._check()
-        n = self._req_available()
-        if limit is not None:
-            n = min(n, limit)
+        # _req_available and _read_slots written out: this runs once per event.
+        cons = self._req_cons
+        prod = _load_u32(self._ptr, REQ_PROD)  # read once, validated before any use
+        n = (prod - cons) & U32
+        if n > self.nr_ents - ((cons - self._rsp_prod_pvt) & U32):
+            self._req_available(prod)  # raises the ProtocolError for this value
+        if limit is not None and limit < n:
+            n = limit
         if n == 0:
             return []
-        out = self._read_slots(self._req_codec, self._req_cons, n)
-        self._req_cons = (self._req_cons + n) & U32
+        out = self._req_codec.unpack(self._copy_slots(cons, n))
+        self._req_cons = (cons + n) & U32
         return out
 
     def take_encoded(self, limit: int | None = None) -> tuple[bytes, int, int]:
@@ -530,15 +548,16 @@ class BackRing(_Ring[Req, Rsp]):
         nothing written) if there are fewer consumed requests than responses."""
         if not self._ok:
             self._check()
-        batch = values if isinstance(values, Sequence) else list(values)
+        batch = values if type(values) is list or isinstance(values, Sequence) else list(values)
         if len(batch) > (self._req_cons - self._rsp_prod_pvt) & U32:
             raise RingFull(
                 f"ring {self._name}: {len(batch)} responses for "
                 f"{self.pending_responses} consumed requests"
             )
         if batch:
-            self._write_slots(self._rsp_codec, self._rsp_prod_pvt, batch)
-            self._rsp_prod_pvt = (self._rsp_prod_pvt + len(batch)) & U32
+            start = self._rsp_prod_pvt
+            self._write_encoded(start, self._rsp_codec.pack(batch))
+            self._rsp_prod_pvt = (start + len(batch)) & U32
         return len(batch)
 
     def put_encoded(self, data: Encoded) -> int:
@@ -564,17 +583,22 @@ class BackRing(_Ring[Req, Rsp]):
         if not self._ok:
             self._check()
         old, new = self._rsp_pushed, self._rsp_prod_pvt
-        notify = self._push(RSP_PROD, RSP_EVENT, old, new, "rsp_prod")
+        notify = _push_checked(self._ptr, RSP_PROD, RSP_EVENT, old, new)  # _push written out
+        if notify < 0:
+            raise self._overwritten(RSP_PROD, old, "rsp_prod")
         self._rsp_pushed = new
-        return notify
+        return notify > 0
 
     def final_check_for_requests(self, ahead: int = 1) -> bool:
         """``RING_FINAL_CHECK_FOR_REQUESTS``."""
         if not self._ok:
             self._check()
         cons = self._req_cons
-        prod = int(_final_check(self._ptr, REQ_PROD, REQ_EVENT, cons, ahead))
-        return self._req_available(prod) > 0
+        prod = _final_check(self._ptr, REQ_PROD, REQ_EVENT, cons, ahead)
+        n = (prod - cons) & U32
+        if n > self.nr_ents - ((cons - self._rsp_prod_pvt) & U32):
+            self._req_available(prod)  # raises the ProtocolError for this value
+        return n > 0
 
 
 def byte_source(view: memoryview) -> Any:
