@@ -133,8 +133,8 @@ class _FrameTransport(asyncio.WriteTransport):
         if self._eof:
             raise RuntimeError(f"{message_name(self._type)}: write() after write_eof()")
         end = self._end
-        if end.sink(self._type):
-            return
+        if end.sink(self._type) or end.dead():
+            return  # like a transport after connection_lost: drain() reports the error
         view = memoryview(data).cast("B")
         n = view.nbytes
         chunk = end.chunk
@@ -159,7 +159,7 @@ class _FrameTransport(asyncio.WriteTransport):
         if self._eof:
             return
         self._eof = True
-        if not self._end.sink(self._type):
+        if not (self._end.sink(self._type) or self._end.dead()):
             write_message(self._end.writer, self._type)
 
     def is_closing(self) -> bool:
@@ -283,6 +283,10 @@ class _End:
     def sink(self, msg_type: int) -> bool:
         """Whether writes of ``msg_type`` are dropped (the peer no longer wants them)."""
         return False
+
+    def dead(self) -> bool:
+        """Whether the channel is failed or closed (writes are dropped)."""
+        return self._error is not None or self._closed
 
     def raise_error(self) -> None:
         """Raise the end's error, if it has one (the peer gone, a protocol error)."""
