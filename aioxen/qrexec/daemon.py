@@ -149,6 +149,7 @@ class Daemon:
         default_user: str = "user",
         data_buffer_size: int = DATA_BUFFER_SIZE,
         policy_timeout: float | None = 60.0,
+        connect_wait: float = 10.0,
     ) -> None:
         self.channels = channels
         self.policy = policy
@@ -157,6 +158,8 @@ class Daemon:
         self.default_user = default_user
         self.data_buffer_size = data_buffer_size
         self.policy_timeout = policy_timeout
+        self.connect_wait = connect_wait
+        """Seconds a call waits for its target's agent to connect before it is refused."""
         self.local = Agent(
             channels,
             services_dir=services_dir,
@@ -332,7 +335,7 @@ class Daemon:
                 await self._to_dom0(link, call, service, source, decision.requested_target)
             elif target in self._links:
                 tlink = self._links[target]
-                if not tlink.up.is_set():
+                if not await self._wait_up(tlink):
                     log.warning("qrexec daemon: target %s is not connected", target)
                     link.send(*refused)
                     return
@@ -389,6 +392,15 @@ class Daemon:
         link.send(w.MSG_SERVICE_CONNECT, w.encode_exec_params(domid, port, call.ident))
         self._spawn(_hold_until_eof(reader, writer), f"qrexec-relay-{target}")
 
+    async def _wait_up(self, link: _Link) -> bool:
+        """Whether ``link``'s agent is connected, waiting up to ``connect_wait`` for it
+        (what Qubes does by starting the VM; here the agent may just be starting)."""
+        if not link.up.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.connect_wait):
+                    await link.up.wait()
+        return link.up.is_set()
+
     # -- dom0 as the caller ---------------------------------------------------------
     async def request(
         self, target: str, service: str, *, user: str | None = None, just_exec: bool = False
@@ -408,7 +420,7 @@ class Daemon:
         link = self._links.get(target)
         if link is None:
             raise ServiceRefused(f"qrexec: no domain {target!r}")
-        if not link.up.is_set():
+        if not await self._wait_up(link):
             raise ConnectionRefusedError(f"qrexec: domain {target} is not connected")
         port = link.allocate(0)
         t = w.MSG_JUST_EXEC if just_exec else w.MSG_EXEC_CMDLINE
@@ -467,7 +479,7 @@ class Daemon:
             domain, cmd = params.connect_domain, params.cmdline or ""
             if cmd.startswith("DEFAULT:"):
                 cmd = self.default_user + cmd[len("DEFAULT") :]
-            if not link.up.is_set():
+            if not await self._wait_up(link):
                 raise ConnectionRefusedError(f"domain {link.name} is not connected")
             port = link.allocate(domain)
             released = asyncio.Event()

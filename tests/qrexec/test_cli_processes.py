@@ -109,6 +109,10 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
             "work=2",
             "--domain",
             "vault=3",
+            "--domain",
+            "old=4",
+            "--domain",
+            "mid=5",
             "--policy",
             str(tmp_path / "policy"),
             "--socket-dir",
@@ -206,3 +210,18 @@ def test_caller_killed_mid_call_ends_the_service(lab: Lab) -> None:
         time.sleep(0.05)
     r = lab.run(0, "call", "vault", "test.Echo", "--dir", str(lab.qdir), input=b"again")
     assert (r.returncode, r.stdout) == (0, b"from dom0 arg=\nagain"), r.stderr
+
+
+@pytest.mark.parametrize(("domid", "name", "version"), [(4, "old", 2), (5, "mid", 3)])
+def test_multichunk_between_processes_at_older_versions(
+    lab: Lab, domid: int, name: str, version: int
+) -> None:
+    """An agent process capped at v2 (4 KiB chunks) or v3: 1 MiB each way, intact."""
+    cat = lab.rpc / "test.Cat"
+    cat.write_text("#!/bin/sh\nexec cat\n")
+    cat.chmod(0o755)
+    lab.start(domid, "agent", "--services-dir", str(lab.rpc), "--max-version", str(version))
+    data = os.urandom(1 << 20)
+    r = lab.run(0, "call", name, "test.Cat", "--dir", str(lab.qdir), input=data)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == data
