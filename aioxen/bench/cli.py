@@ -36,6 +36,7 @@ SUITES: dict[str, str] = {
     "xenstore": "aioxen.bench.suites.xenstore",
     "rings": "aioxen.bench.suites.rings",
     "blk": "aioxen.bench.suites.blk",
+    "qrexec": "aioxen.bench.suites.qrexec",
 }
 
 
@@ -91,6 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{','.join(DEFAULT_MECHANISMS)}, plus the variants each suite adds; known: "
         f"{','.join(MECHANISMS)})",
     )
+    parser.add_argument(
+        "--qubes-bin",
+        metavar="DIR",
+        help="qrexec suite: also measure Qubes' qrexec-daemon/-agent/-client found in DIR "
+        "(built against libvchan-socket)",
+    )
     parser.add_argument("--json", metavar="FILE", help="write all samples and ratios as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
     parser.add_argument("--plot", metavar="DIR", help="write PNG charts (needs matplotlib)")
@@ -133,6 +140,11 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
     if reps < 1 or seconds <= 0 or warmup < 0:
         print("aioxen bench: --reps, --seconds must be positive, --warmup >= 0", file=sys.stderr)
         return 2
+    if args.qubes_bin:  # read by the qrexec suite
+        if not os.path.isdir(args.qubes_bin):
+            print(f"aioxen bench: --qubes-bin {args.qubes_bin}: not a directory", file=sys.stderr)
+            return 2
+        os.environ["AIOXEN_BENCH_QUBES_BIN"] = os.path.abspath(args.qubes_bin)
     selected = args.mechanisms.split(",") if args.mechanisms else None
     results: list[Measurement] = []
     t0 = time.monotonic()
