@@ -83,7 +83,10 @@ MODULES = [
 # dom0 loads neither these nor xen-netback/xen-blkback: aioxen's backends serve the domU.
 # crc32c_generic: ext4 asks the crypto API for "crc32c" by name at mount time.
 DOMU_MODULES = ["xen-blkfront", "xen-netfront", "ext4", "crc32c_generic"]
-IMAGE_FORMAT = 3  # bump when the image layout changes
+# Kernel modules for the *peer* domU, which runs aioxen itself (test_crossdomain.py): the
+# user-space Xen devices aioxen's ``xen`` platform opens (``/dev/xen/xenbus`` is built in).
+PEER_MODULES = ["xen-evtchn", "xen-gntdev", "xen-gntalloc"]
+IMAGE_FORMAT = 4  # bump when the image layout changes
 DEFAULT_WATCHDOG = 600  # seconds the guest may run before powering itself off
 INIT_DEADLINE = 120.0  # seconds for dom0 to reach /init (~5 s normally) before a reboot
 INIT_MARKER = b"xenlab: init up"
@@ -135,13 +138,19 @@ class Cpio:
     def __init__(self) -> None:
         self._parts: list[bytes] = []
         self._ino = 1
+        self._dirs: set[str] = set()
 
     def _entry(
-        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+        self,
+        name: str,
+        mode: int,
+        data: bytes = b"",
+        rdev: tuple[int, int] = (0, 0),
+        mtime: int = 0,
     ) -> None:
         encoded = name.encode() + b"\0"
         fields = [
-            self._ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0
+            self._ino, mode, 0, 0, 1, mtime, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0
         ]  # fmt: skip
         self._ino += 1
         header = b"070701" + b"".join(b"%08x" % f for f in fields)
@@ -151,8 +160,18 @@ class Cpio:
     def dir(self, name: str) -> None:
         self._entry(name, 0o040755)
 
-    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
-        self._entry(name, 0o100000 | mode, data)
+    def file(self, name: str, data: bytes, mode: int = 0o644, mtime: int = 0) -> None:
+        self._entry(name, 0o100000 | mode, data, mtime=mtime)
+
+    def tree_file(self, name: str, data: bytes, mode: int = 0o644, mtime: int = 0) -> None:
+        """``file``, after the directories leading to it (the kernel creates no parents)."""
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if d not in self._dirs:
+                self._dirs.add(d)
+                self.dir(d)
+        self.file(name, data, mode, mtime)
 
     def symlink(self, name: str, target: str) -> None:
         self._entry(name, 0o120777, target.encode())
@@ -232,6 +251,157 @@ def _build_initrd(kver: str, modules: list[str], init: Path) -> bytes:
     return gzip.compress(c.finish(), compresslevel=6)
 
 
+# --- the peer domU: the host's Python and the project in an initramfs --------------------
+
+# Stdlib parts the peer never imports (and the biggest): left out of its initramfs.
+STDLIB_SKIP = {
+    "site-packages", "dist-packages", "test", "tests", "idlelib", "tkinter", "turtledemo",
+    "lib2to3", "ensurepip", "pydoc_data", "distutils", "__phello__", "sqlite3", "curses",
+}  # fmt: skip
+# Of the venv: what aioxen needs at run time (the native helper's cffi backend, uvloop).
+SITE_KEEP = ("uvloop", "_cffi_backend", "cffi")
+# Guest-side helpers from the tree, importable by module name in the peer domU.
+PEER_TREE_FILES = ("tests/xenlab/guest/peer.py",)
+_PYINFO = (
+    "import json, os, sys, sysconfig;"
+    "print(json.dumps({'exe': os.path.realpath(sys.executable),"
+    " 'stdlib': sysconfig.get_path('stdlib'), 'platstdlib': sysconfig.get_path('platstdlib'),"
+    " 'purelib': sysconfig.get_path('purelib'), 'tag': sys.implementation.cache_tag,"
+    " 'version': sys.version}))"
+)
+
+
+def python_info(python: str) -> dict[str, str]:
+    """Where ``python`` (the venv's) keeps its interpreter, stdlib and site-packages."""
+    import json
+
+    out = subprocess.run([python, "-c", _PYINFO], capture_output=True, text=True, check=True)
+    info: dict[str, str] = json.loads(out.stdout)
+    return info
+
+
+def _ldd(path: Path) -> list[Path]:
+    """The shared libraries (and the ELF interpreter) ``path`` loads, as ldd names them."""
+    out = subprocess.run(["ldd", str(path)], capture_output=True, text=True)
+    libs = []
+    for line in out.stdout.splitlines():
+        m = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
+        if m:
+            libs.append(Path(m.group(1)))
+    return libs
+
+
+def _is_elf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"\x7fELF"
+
+
+def _stripped(path: Path) -> bytes:
+    """``path``'s bytes, without debug symbols when ``strip`` is there (libpython: 23 -> 4 MB)."""
+    strip = shutil.which("strip")
+    if strip and _is_elf(path):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / path.name
+            r = subprocess.run([strip, "--strip-debug", "-o", str(out), str(path)],
+                               capture_output=True)  # fmt: skip
+            if r.returncode == 0:
+                return out.read_bytes()
+    return path.read_bytes()
+
+
+def _add_python_tree(c: Cpio, root: Path, tag: str, skip: set[str], elves: list[Path]) -> None:
+    """``*.py``, their ``__pycache__/*.<tag>.pyc`` and extension modules under ``root``, at
+    their own paths, mtimes kept (so the cached bytecode stays valid)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        for f in sorted(filenames):
+            p = Path(dirpath) / f
+            keep_pyc = p.parent.name == "__pycache__" and f.endswith(f".{tag}.pyc")
+            if not (f.endswith(".py") or keep_pyc or f.endswith(".so")):
+                continue
+            if not p.is_file():
+                continue
+            data = _stripped(p) if f.endswith(".so") else p.read_bytes()
+            if f.endswith(".so"):
+                elves.append(p)
+            c.tree_file(str(p).lstrip("/"), data, 0o755 if f.endswith(".so") else 0o644,
+                        int(p.stat().st_mtime))  # fmt: skip
+
+
+def python_runtime_key(info: dict[str, str]) -> str:
+    h = hashlib.sha256(repr((IMAGE_FORMAT, sorted(info.items()), STDLIB_SKIP, SITE_KEEP)).encode())
+    for name in SITE_KEEP:
+        for p in Path(info["purelib"]).glob(f"{name}*"):
+            h.update(f"{p.name}:{p.stat().st_mtime_ns}\n".encode())
+    h.update(str(Path(info["exe"]).stat().st_mtime_ns).encode())
+    return h.hexdigest()[:16]
+
+
+def build_python_runtime(python: str, cache: Path = CACHE) -> Path:
+    """A cpio archive of the interpreter, its stdlib (less :data:`STDLIB_SKIP`), uvloop and
+    cffi's backend from the venv, and every library they load -- all at the host's own
+    paths, so the interpreter finds its prefix as on the host.  Cached by
+    :func:`python_runtime_key`."""
+    info = python_info(python)
+    out = cache / f"pyrt-{python_runtime_key(info)}.cpio"
+    if out.exists():
+        os.utime(out)
+        return out
+    c = Cpio()
+    elves: list[Path] = [Path(info["exe"])]
+    c.tree_file(info["exe"].lstrip("/"), _stripped(Path(info["exe"])), 0o755)
+    roots = {Path(info["stdlib"]), Path(info["platstdlib"])}
+    for root in sorted(roots):
+        _add_python_tree(c, root, info["tag"], STDLIB_SKIP, elves)
+    site = Path(info["purelib"])
+    for name in SITE_KEEP:
+        for p in sorted(site.glob(f"{name}*")):
+            if p.is_dir() and not p.name.endswith(".dist-info"):
+                _add_python_tree(c, p, info["tag"], set(), elves)
+            elif p.suffix == ".so":
+                elves.append(p)
+                c.tree_file(str(p).lstrip("/"), _stripped(p), 0o755, int(p.stat().st_mtime))
+    seen: set[Path] = set()
+    for elf in elves:
+        for lib in _ldd(elf):
+            if lib in seen or not lib.exists():
+                continue
+            seen.add(lib)
+            c.tree_file(str(lib).lstrip("/"), _stripped(lib.resolve()), 0o755)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    tmp.write_bytes(c.finish())
+    tmp.rename(out)
+    for old in sorted(cache.glob("pyrt-*.cpio"), key=lambda p: p.stat().st_mtime)[:-2]:
+        old.unlink(missing_ok=True)
+    return out
+
+
+def build_tree_archive(tag: str) -> bytes:
+    """A cpio archive of the working tree's ``aioxen`` package (with the compiled native
+    helper) and :data:`PEER_TREE_FILES`, at the tree's own path; bytecode compiled here
+    (unchecked-hash ``.pyc``: nothing to compile in the peer, whose CPU is slow TCG)."""
+    import py_compile
+
+    c = Cpio()
+    files = sorted(p for p in (TREE / "aioxen").rglob("*") if p.suffix in (".py", ".so"))
+    files += [TREE / f for f in PEER_TREE_FILES]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, p in enumerate(files):
+            if "__pycache__" in p.parts or not p.is_file():
+                continue
+            c.tree_file(str(p).lstrip("/"), p.read_bytes(), 0o644, int(p.stat().st_mtime))
+            if p.suffix == ".py":
+                pyc = Path(tmp) / f"{i}.pyc"
+                py_compile.compile(
+                    str(p), cfile=str(pyc), dfile=str(p), doraise=True,
+                    invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+                )  # fmt: skip
+                cached = p.parent / "__pycache__" / f"{p.stem}.{tag}.pyc"
+                c.tree_file(str(cached).lstrip("/"), pyc.read_bytes(), 0o644)
+    return c.finish()
+
+
 @dataclasses.dataclass(frozen=True)
 class Image:
     xen: Path
@@ -243,6 +413,12 @@ class Image:
     def domu_initrd(self) -> Path:
         """The PV domU's initramfs (the domU boots the same kernel as dom0)."""
         return self.initrd.with_name("domu-initrd.gz")
+
+    @property
+    def peer_initrd_base(self) -> Path:
+        """The peer domU's initramfs without Python: busybox, :data:`PEER_MODULES`, and
+        ``domu-init``; :func:`boot` appends the Python runtime and the tree to it."""
+        return self.initrd.with_name("peer-initrd-base.gz")
 
     @property
     def domu_kernel(self) -> Path:
@@ -261,7 +437,7 @@ def image_key() -> tuple[str, str]:
         h.update(f"{pkg}={_dpkg_version(pkg)}\n".encode())
     for init in (INIT, DOMU_INIT):
         h.update(init.read_bytes())
-    h.update(repr((IMAGE_FORMAT, MODULES, DOMU_MODULES)).encode())
+    h.update(repr((IMAGE_FORMAT, MODULES, DOMU_MODULES, PEER_MODULES)).encode())
     return h.hexdigest()[:16], kver
 
 
@@ -284,6 +460,7 @@ def build_image(cache: Path = CACHE) -> Image:
             (tmp / "vmlinux").write_bytes(elf)
         (tmp / "initrd.gz").write_bytes(_build_initrd(kver, MODULES, INIT))
         (tmp / "domu-initrd.gz").write_bytes(_build_initrd(kver, DOMU_MODULES, DOMU_INIT))
+        (tmp / "peer-initrd-base.gz").write_bytes(_build_initrd(kver, PEER_MODULES, DOMU_INIT))
         (tmp / "ok").write_text(f"{kver}\n")
         try:
             tmp.rename(final)
@@ -423,6 +600,34 @@ def _build_oxenstored_shim(results: Path) -> Path | None:
     return shim
 
 
+@dataclasses.dataclass(frozen=True)
+class PeerInitrd:
+    initrd: Path
+    python: str  # the interpreter's path (the same in the peer as on the host)
+    pythonpath: str  # the tree and the venv's site-packages
+    seconds: float  # to build it (the runtime part is cached)
+
+
+def build_peer_initrd(image: Image, python: str, results: Path, cache: Path = CACHE) -> PeerInitrd:
+    """``results/peer-initrd.cpio``: three cpio archives one after the other, the kernel
+    unpacks each in turn: :attr:`Image.peer_initrd_base`, the Python runtime
+    (:func:`build_python_runtime`, cached) and this tree's ``aioxen`` (built per run).
+    Not compressed: Xen's PV domain builder (libxenguest) inflates a gzip'd ramdisk
+    itself, in dom0, which took 2 minutes for these 62 MB under TCG (and it inflates only
+    the first gzip member: three concatenated ``.gz`` files gave the domU just the first
+    archive); loading the plain cpio is a copy."""
+    t0 = time.monotonic()
+    info = python_info(python)
+    runtime = build_python_runtime(python, cache)
+    out = results / "peer-initrd.cpio"
+    with open(out, "wb") as f:
+        f.write(gzip.decompress(image.peer_initrd_base.read_bytes()))
+        f.write(runtime.read_bytes())
+        f.write(build_tree_archive(info["tag"]))
+    pythonpath = f"{TREE}:{TREE / 'tests' / 'xenlab' / 'guest'}:{info['purelib']}"
+    return PeerInitrd(out, info["exe"], pythonpath, time.monotonic() - t0)
+
+
 def boot(
     pytest_args: list[str] | None = None,
     *,
@@ -451,6 +656,7 @@ def boot(
     python = python or str(TREE / ".venv" / "bin" / "python")
     if not Path(python).exists():
         python = sys.executable
+    peer = build_peer_initrd(image, python, results, cache)
     env = {
         "XENLAB_GUEST_SCRIPT": str(TREE / "xenlab" / "guest-run.sh"),
         "XENLAB_TREE": str(TREE),
@@ -460,6 +666,11 @@ def boot(
         # What tests/xenlab/guest/test_domu.py boots as a PV domU with ``xl create``.
         "XENLAB_DOMU_KERNEL": str(image.domu_kernel),
         "XENLAB_DOMU_INITRD": str(image.domu_initrd),
+        # The peer domU running aioxen (test_crossdomain.py): its initramfs, and how to run
+        # the host's Python in it (the same paths as here).
+        "XENLAB_PEER_INITRD": f"/tmp/xenlab-results/{peer.initrd.name}",
+        "XENLAB_PEER_PYTHON": peer.python,
+        "XENLAB_PEER_PYTHONPATH": peer.pythonpath,
         # oxenstored beside the C xenstored (test_xenstore.py); "" if it did not compile.
         "XENLAB_OXENSTORED_SHIM": f"/tmp/xenlab-results/{shim.name}" if shim else "",
     }
