@@ -53,7 +53,7 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
-from aioxen.qrexec.framing import exchange_hello, read_message, write_message
+from aioxen.qrexec.framing import TruncatedMessage, exchange_hello, read_message, write_message
 from aioxen.qrexec.wire import (
     DATA_MIN_VERSION,
     HEADER,
@@ -514,7 +514,11 @@ class CallerEnd(_End):
             self._done.set_result(self._code)
 
     def _channel_reset(self, exc: ConnectionResetError) -> None:
-        if self._code is not None:
+        if self._code is not None and isinstance(exc, TruncatedMessage):
+            self._fail(
+                QrexecProtocolError(f"{self.what} sent bytes after its exit code", field="type")
+            )
+        elif self._code is not None:
             # the service sent its code and closed with our input unread (a Unix socket
             # then reports a reset): the call is complete
             self._channel_ended()

@@ -43,6 +43,10 @@ from aioxen.qrexec.wire import (
 _JOIN_BELOW = 4096  # a body up to this size is joined with its header into one write
 
 
+class TruncatedMessage(ConnectionResetError):
+    """The stream ended inside a message (a cut stream, never a short message)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """One qrexec message: its type and payload."""
@@ -65,14 +69,16 @@ async def read_message(
     """Read one message; ``None`` at a clean EOF between messages.
 
     ``QrexecProtocolError`` if the type is refused by ``limit`` or the length exceeds it
-    (checked before the body is read); ``ConnectionResetError`` if the stream ends inside
-    the message.  ``what`` names the peer in errors."""
+    (checked before the body is read);
+    [`TruncatedMessage`][aioxen.qrexec.framing.TruncatedMessage] (a
+    ``ConnectionResetError``) if the stream ends inside the message.  ``what`` names the
+    peer in errors."""
     try:
         head = await reader.readexactly(HEADER_SIZE)
     except asyncio.IncompleteReadError as exc:
         if not exc.partial:
             return None
-        raise ConnectionResetError(
+        raise TruncatedMessage(
             f"{what}: stream ended inside a message header ({len(exc.partial)} of 8 bytes)"
         ) from None
     msg_type, length = HEADER.unpack(head)
@@ -91,7 +97,7 @@ async def read_message(
     try:
         body = await reader.readexactly(length)
     except asyncio.IncompleteReadError as exc:
-        raise ConnectionResetError(
+        raise TruncatedMessage(
             f"{what}: stream ended inside {message_name(msg_type)} "
             f"({len(exc.partial)} of {length} bytes)"
         ) from None
@@ -158,6 +164,7 @@ async def exchange_hello(
 __all__ = [
     "Limit",
     "Message",
+    "TruncatedMessage",
     "exchange_hello",
     "read_message",
     "send_message",
