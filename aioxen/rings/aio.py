@@ -196,8 +196,14 @@ class _Adapter(RingService):
     def _want_poll(self) -> None:
         """We published entries: the peer's answer may follow soon.  Extend the poll
         window, or open one (and schedule its first poll) if the policy says so."""
-        if self._policy.activity(perf_counter(), not self._closed):
+        policy = self._policy
+        now = perf_counter()
+        if policy.activity(now, not self._closed):
             self._loop.call_soon(self._poll)
+        elif policy.polling:
+            # We just ran (a batch decoded, answered, published): the gap to the next poll
+            # starts now, or a big batch's own work would look like time off the CPU.
+            policy.last_poll = now
 
     def _poll(self) -> None:
         """One poll: a validated look at the peer's producer index (no event index
