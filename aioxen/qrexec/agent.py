@@ -14,7 +14,9 @@ request gets its own data channel:
   ``<services_dir>/service+arg`` (else ``<services_dir>/service``) with Qubes' argv and
   environment (argv ``[path, arg]`` when the argument is not empty;
   ``QREXEC_SERVICE_FULL_NAME``, ``QREXEC_REMOTE_DOMAIN``, ``QREXEC_SERVICE_ARGUMENT``,
-  ``QREXEC_REQUESTED_TARGET_TYPE``, ...); any other command runs as ``sh -c cmd``.
+  ``QREXEC_REQUESTED_TARGET_TYPE``, ...), or, if that file is a Unix socket, a *socket
+  service*: the agent connects, sends ``"service+arg source\\0"`` and relays bytes (exit
+  code 0); any other command runs as ``sh -c cmd``.
   No such service: exit code 127; it could not be started: 125.
 * ``JUST_EXEC`` -- the same, with the process's stdio on ``/dev/null``; exit code 0 is
   sent at once.
@@ -343,12 +345,47 @@ class Agent:
             log.info("qrexec agent: no service %s", rpc.descriptor)
             await end.exit(w.EXIT_NOT_FOUND)
             return w.EXIT_NOT_FOUND
+        if stat.S_ISSOCK(path.stat().st_mode):
+            descriptor = cmd.command.partition(" ")[2]  # all after "QUBESRPC ", as Qubes
+            return await self._socket_service(end, path, descriptor)
         argv = [str(path)] + ([rpc.arg] if rpc.arg else [])
         return await self._exec_process(end, argv, service_env(rpc))
 
+    async def _socket_service(self, end: ServiceEnd, path: Path, descriptor: str) -> int:
+        """A socket service: connect, send ``"name+arg source\\0"``, then relay bytes both
+        ways; exit code 0 once the socket's side is done (125 if it cannot connect)."""
+        try:
+            sr, sw = await asyncio.open_unix_connection(str(path))
+        except OSError as e:
+            log.warning("qrexec agent: socket service %s: %s", path, e)
+            await end.exit(w.EXIT_PROBLEM)
+            return w.EXIT_PROBLEM
+        sw.write(descriptor.encode("utf-8", "surrogateescape") + b"\0")
+
+        async def feed() -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await end.stdin.read(65536):
+                    sw.write(data)
+                    await sw.drain()
+                if sw.can_write_eof():
+                    sw.write_eof()
+
+        feeder = asyncio.ensure_future(feed())
+        try:
+            while data := await sr.read(65536):
+                end.stdout.write(data)
+                await end.stdout.drain()
+        finally:
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await feeder
+            await close_streams(sw)
+        await end.exit(0)
+        return 0
+
     def find_service(self, service: str) -> Path | None:
         """The file serving ``name+arg``: ``name+arg`` first, then ``name``, in each
-        services directory in turn."""
+        services directory in turn (an executable, or a Unix socket: a socket service)."""
         name = service.partition("+")[0]
         if "/" in service or service.startswith("."):
             return None
@@ -356,7 +393,8 @@ class Agent:
             for candidate in (service, name):
                 p = d / candidate
                 with contextlib.suppress(OSError):
-                    if stat.S_ISREG(p.stat().st_mode):
+                    mode = p.stat().st_mode
+                    if stat.S_ISREG(mode) or stat.S_ISSOCK(mode):
                         return p
         return None
 

@@ -179,3 +179,21 @@ async def test_stdin_eof_before_and_after_output(world: World) -> None:
         assert (r.stdout, r.exit_code) == (b"first ", 0)
         r = await agents["work"].call("vault", "test.Ignore", input=b"z" * 200_000, timeout=30)
         assert (r.stdout, r.exit_code) == (b"done", 4)
+
+
+async def test_socket_service(world: World, tmp_path: Path) -> None:
+    svc = tmp_path / "rpc"
+    svc.mkdir()
+    got: list[bytes] = []
+
+    async def serve(reader: Reader, writer: Writer) -> None:
+        got.append(await reader.readuntil(b"\0"))
+        writer.write(b"socket says " + await reader.read())
+        writer.close()
+
+    server = await asyncio.start_unix_server(serve, str(svc / "test.Sock"))
+    world_cm = qrexec_world(world, policy=allow_work_to_vault, services_dir=svc)
+    async with server, world_cm as (_, a):
+        r = await a["work"].call("vault", "test.Sock+arg", input=b"data", timeout=30)
+        assert (r.stdout, r.exit_code) == (b"socket says data", 0)
+        assert got == [b"test.Sock+arg work\0"]
