@@ -394,3 +394,24 @@ async def test_caller_gone_while_service_blocked_writing(channel_pair: PairFacto
         with pytest.raises(ConnectionResetError):
             await task
     service.abort()
+
+
+async def test_handshake_refuses_version_1(channel_pair: PairFactory) -> None:
+    (_cr, cw), (sr, sw) = await channel_pair()
+    cw.write(w.frame(w.MSG_HELLO, w.encode_hello(1)))
+    async with asyncio.timeout(HANG_GUARD):
+        with pytest.raises(w.QrexecProtocolError, match="version 1; at least 2") as e:
+            await ServiceEnd.open(sr, sw)
+    assert e.value.field == "version"
+    with pytest.raises(ValueError, match="max_version"):
+        await data_handshake(sr, sw, max_version=1)
+    with pytest.raises(ValueError, match="max_version"):
+        await data_handshake(sr, sw, max_version=5)
+
+
+async def test_handshake_refuses_data_before_hello(channel_pair: PairFactory) -> None:
+    (_cr, cw), (sr, sw) = await channel_pair()
+    cw.write(w.frame(w.MSG_DATA_STDIN, b"early"))
+    async with asyncio.timeout(HANG_GUARD):
+        with pytest.raises(w.QrexecProtocolError, match="expected MSG_HELLO first"):
+            await ServiceEnd.open(sr, sw)
