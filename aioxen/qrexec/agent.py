@@ -73,6 +73,8 @@ ServiceHandler = Callable[..., Awaitable[int | None] | int | None]
 ``stdin`` an `asyncio.StreamReader`, ``stdout`` a writer (``write``, ``drain``,
 ``write_eof``), ``request`` a [`ServiceRequest`][aioxen.qrexec.agent.ServiceRequest]."""
 
+TRIGGER_TIMEOUT = 30.0
+"""Seconds a trigger-socket client has to send its request."""
 MAX_PENDING_CALLS = 256
 """Calls from this VM awaiting dom0's answer at once (more are refused locally)."""
 
@@ -532,7 +534,8 @@ class Agent:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         try:
-            msg = await read_message(reader, limit=_trigger_limit, what="qrexec trigger client")
+            async with asyncio.timeout(TRIGGER_TIMEOUT):  # a silent client is dropped
+                msg = await read_message(reader, limit=_trigger_limit, what="qrexec trigger client")
             if msg is None:
                 return
             trig = w.parse_trigger_service(msg.type, msg.payload)
@@ -552,8 +555,8 @@ class Agent:
                 pass
             finally:
                 self.terminated(domain, port)
-        except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as e:
-            log.warning("qrexec agent: bad trigger-socket request: %s", e)
+        except (ProtocolError, asyncio.IncompleteReadError, OSError) as e:  # TimeoutError too
+            log.warning("qrexec agent: bad trigger-socket request: %s", e or "timed out")
         finally:
             await close_streams(writer)
 

@@ -73,6 +73,8 @@ MAX_PORTS = 256
 MAX_PENDING = 256
 """Policy decisions pending per link; more are refused."""
 RECONNECT_DELAY = 0.2
+REQUEST_TIMEOUT = 30.0
+"""Seconds a client-socket connection has to send its HELLO and request."""
 
 
 class _Link:
@@ -464,14 +466,15 @@ class Daemon:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         try:
-            await exchange_hello(
-                reader,
-                writer,
-                version=w.CLIENT_PROTOCOL_VERSION,
-                min_version=2,
-                what="qrexec client",
-            )
-            msg = await read_message(reader, limit=_from_client_limit, what="qrexec client")
+            async with asyncio.timeout(REQUEST_TIMEOUT):  # a silent client is dropped
+                await exchange_hello(
+                    reader,
+                    writer,
+                    version=w.CLIENT_PROTOCOL_VERSION,
+                    min_version=2,
+                    what="qrexec client",
+                )
+                msg = await read_message(reader, limit=_from_client_limit, what="qrexec client")
             if msg is None:
                 return
             t = msg.type
@@ -488,8 +491,8 @@ class Daemon:
             link.send(t, w.encode_exec_params(domain, port, cmd))
             await writer.drain()
             await released.wait()  # the client learns the end of the call by our close
-        except (ProtocolError, ConnectionError, asyncio.IncompleteReadError, OSError) as e:
-            log.warning("qrexec daemon: client of %s: %s", link.name, e)
+        except (ProtocolError, OSError, asyncio.IncompleteReadError) as e:  # TimeoutError too
+            log.warning("qrexec daemon: client of %s: %s", link.name, e or "timed out")
         finally:
             await close_streams(writer)
 

@@ -165,3 +165,24 @@ async def test_hostile_agent_is_dropped_others_keep_working(world: World) -> Non
         raw.w.close()
         r = await daemon.call("good", "my.Echo", input=b"and here", timeout=30)
         assert r.stdout == b"and here"
+
+
+async def test_silent_clients_are_dropped(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    import aioxen.qrexec.agent as agent_mod
+    import aioxen.qrexec.daemon as daemon_mod
+
+    monkeypatch.setattr(daemon_mod, "REQUEST_TIMEOUT", 0.2)
+    monkeypatch.setattr(agent_mod, "TRIGGER_TIMEOUT", 0.2)
+    agent = Agent(VchanChannels(await world.platform(43)))
+    with tempfile.TemporaryDirectory() as sdir:
+        daemon = Daemon(VchanChannels(await world.platform(0)), domains={"vm": 43}, socket_dir=sdir)
+        async with agent, daemon:
+            await agent.start_trigger_socket(f"{sdir}/trigger")
+            for path in (f"{sdir}/qrexec.vm", f"{sdir}/trigger"):
+                cr, cw = await asyncio.open_unix_connection(path)
+                async with asyncio.timeout(30):
+                    while await cr.read(100):  # (the daemon's HELLO), then EOF
+                        pass
+                cw.close()
+            await daemon.wait_connected(timeout=30)
+            assert daemon.link_up("vm")
