@@ -320,8 +320,10 @@ class Agent:
                 await end.exit(await self._just_exec(raw))
             else:
                 await self._serve_call(end, raw)
-        except (ProtocolError, ConnectionError, asyncio.IncompleteReadError) as e:
+        except (ProtocolError, OSError, asyncio.IncompleteReadError) as e:
             log.warning("qrexec agent: data channel %d/%d: %s", domain, port, e)
+        except Exception:  # a bug in one call must not go unnoticed, nor stop the others
+            log.exception("qrexec agent: data channel %d/%d failed", domain, port)
         finally:
             await close_streams(writer)
             self.terminated(domain, port)

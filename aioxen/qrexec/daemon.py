@@ -353,12 +353,12 @@ class Daemon:
                 )
             else:
                 await self._to_other_daemon(link, call, service, source, user, target)
-        except ConnectionError as e:
-            log.warning("qrexec daemon: call from %s: %s", link.name, e)
+        except (OSError, ProtocolError, ValueError) as e:  # peer gone, no free port, bad names
+            log.warning("qrexec daemon: call from %s refused: %s", link.name, e)
             with contextlib.suppress(ConnectionError):
                 link.send(*refused)
-        except OSError as e:  # no free port
-            log.warning("qrexec daemon: %s", e)
+        except Exception:  # a bug must not leave the caller waiting
+            log.exception("qrexec daemon: call from %s failed", link.name)
             with contextlib.suppress(ConnectionError):
                 link.send(*refused)
         finally:

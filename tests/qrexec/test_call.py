@@ -197,3 +197,21 @@ async def test_socket_service(world: World, tmp_path: Path) -> None:
         r = await a["work"].call("vault", "test.Sock+arg", input=b"data", timeout=30)
         assert (r.stdout, r.exit_code) == (b"socket says data", 0)
         assert got == [b"test.Sock+arg work\0"]
+
+
+async def test_odd_policy_answers_refuse_never_hang(world: World) -> None:
+    from aioxen.qrexec import PolicyDecision
+
+    def odd(r: PolicyRequest) -> PolicyDecision | bool:
+        if r.service == "to.Nowhere":
+            return PolicyDecision.allowed("nowhere")  # no such domain
+        if r.service == "bad.Source":
+            return PolicyDecision(True, target="vault", user="u", source="not a name")
+        raise RuntimeError("policy bug")
+
+    async with qrexec_world(world, policy=odd) as (_, a):
+        add_echo(a["vault"])
+        for svc in ("to.Nowhere", "explodes"):
+            assert (await a["work"].call("vault", svc, timeout=30)).exit_code == 126
+        r = await a["work"].call("vault", "bad.Source", timeout=30)
+        assert r.exit_code in (125, 126)  # never a hang
