@@ -384,7 +384,8 @@ class ServiceEnd(_End):
             self.stdin.feed_eof()
             return
         self.stdin.feed_data(payload)
-        await self._valve.wait_open()
+        if not self._valve.is_reading():
+            await self._valve.wait_open()
 
     def _channel_ended(self) -> None:
         if not self._exited:
@@ -487,8 +488,10 @@ class CallerEnd(_End):
             self._finish_streams()
             self._timer = asyncio.get_running_loop().call_later(self._exit_grace, self._grace_over)
             return
-        await self._out_valve.wait_open()
-        await self._err_valve.wait_open()
+        if not self._out_valve.is_reading():
+            await self._out_valve.wait_open()
+        if not self._err_valve.is_reading():
+            await self._err_valve.wait_open()
 
     def _finish_streams(self) -> None:
         if not self._out_eof:
