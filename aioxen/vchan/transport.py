@@ -20,7 +20,7 @@ appears.  asyncio's high/low water marks drive ``pause_writing``/``resume_writin
 read notification is requested when the ring is full, so the peer's next consumption
 wakes us.
 
-Busy polling.  After a message (a write, or a delivery, of at most
+Busy polling.  After a message (a write that fits the ring, or a delivery, of at most
 [`aioxen.vchan.pollpolicy.POLL_MAX_MESSAGE`][] bytes) the transport may poll its rings
 for a bounded, adaptive window instead of asking the peer for notifications: one look per
 event-loop iteration ([`_poll`][], an ordinary ``call_soon`` callback); when the window
@@ -30,6 +30,16 @@ module docstring is the theory of operation); the transport tells it each event 
 time, and does what it answers.  ``busy_poll`` is the window's maximum; ``busy_poll=0``
 disables polling (the default where the peer cannot run concurrently, e.g. the
 single-process ``inheap`` platform: [`aioxen.platforms.base.Platform.peer_runs_concurrently`][]).
+
+Bulk spinning.  Bulk data through a ring smaller than the transfer makes one side wait,
+every ring's worth, for the other to copy -- microseconds, while a sleep and an
+event-channel wake-up cost tens.  So a writer that finds the ring full with bytes queued,
+and a reader that empties the ring in the middle of a bulk delivery, first spin on the
+ring's indices in C for up to ``busy_poll`` (``_spin_wait``), and only then arm
+notifications and re-check; while both ends keep up, no notification is sent at all.  A
+[`SpinPolicy`][aioxen.vchan.pollpolicy.SpinPolicy] stops spinning for a while when spins
+time out or run mostly off the CPU (a busy machine), and a reader's pass hands the loop
+back after [`aioxen.vchan.pollpolicy.SPIN_BATCH_MAX`][] bytes.
 
 Delivery.  A `asyncio.BufferedProtocol` gets bytes copied once from the ring into
 the buffer it returns from ``get_buffer``.  The stdlib ``StreamReaderProtocol`` (which
@@ -560,8 +570,9 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
                 put &= _U32
                 self._channel.notify()
             if put != n:
+                # the ring is full: bulk, not a message (no poll window; see _flush)
                 self._enqueue(memoryview(data)[put:], n - put)
-            if self._poll_max and n <= POLL_MAX_MESSAGE:
+            elif self._poll_max and n <= POLL_MAX_MESSAGE:
                 self._want_poll()  # a reply may follow: watch the ring for a while
         except ProtocolError as exc:
             self._fatal_error(exc)
@@ -601,8 +612,8 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
             if put != n:
                 # bytes are immutable: queue a view; anything else is copied once
                 rest = view[put:] if type(data) is bytes else memoryview(bytes(view[put:]))
-                self._enqueue(rest, n - put)
-            if self._poll_max and n <= POLL_MAX_MESSAGE:
+                self._enqueue(rest, n - put)  # the ring is full: bulk, no poll window
+            elif self._poll_max and n <= POLL_MAX_MESSAGE:
                 self._want_poll()
         except ProtocolError as exc:
             self._fatal_error(exc)
