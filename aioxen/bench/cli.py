@@ -77,7 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup",
         type=float,
         default=None,
-        help="time each repetition runs before timing starts (default 0.05 quick, 0.25 otherwise)",
+        help="time each repetition runs before timing starts (default 0.05 quick, 0.2 otherwise)",
+    )
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated case names to measure in the streams and protocol suites "
+        "(e.g. 'bulk 64 KiB,ping-pong 64 B'; default: all)",
     )
     parser.add_argument(
         "--note",
@@ -136,7 +142,7 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
     loops = ["uvloop", "asyncio"] if args.loop == "both" else [args.loop]
     reps = args.reps or (1 if args.quick else 5)
     seconds = args.seconds if args.seconds is not None else (0.2 if args.quick else 1.0)
-    warmup = args.warmup if args.warmup is not None else (0.05 if args.quick else 0.25)
+    warmup = args.warmup if args.warmup is not None else (0.05 if args.quick else 0.2)
     if reps < 1 or seconds <= 0 or warmup < 0:
         print("aioxen bench: --reps, --seconds must be positive, --warmup >= 0", file=sys.stderr)
         return 2
@@ -158,6 +164,7 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
             progress=progress,
             seconds=seconds,
             warmup=warmup,
+            cases=args.cases.split(",") if args.cases else None,
         )
         for name in names:
             module: Any = importlib.import_module(SUITES[name])

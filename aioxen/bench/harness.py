@@ -176,8 +176,13 @@ class Context:
     progress: Callable[[str], None]
     seconds: float = 1.0
     """Steady-state time per repetition of each figure."""
-    warmup: float = 0.25
+    warmup: float = 0.2
     """Time each repetition runs its workload before timing starts."""
+    cases: list[str] | None = None
+    """``--cases``: only these case names (the suites with many cases honour it)."""
+
+    def wants(self, case: str) -> bool:
+        return self.cases is None or case in self.cases
 
     def loop_factory(self) -> Callable[[], Any]:
         import asyncio

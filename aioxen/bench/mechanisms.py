@@ -95,9 +95,11 @@ MECHANISMS: dict[str, Mechanism] = {
         note="busy_poll=0 (non-default): what a machine without a free core gets",
     ),
 }
-DEFAULT_MECHANISMS = ["vchan/unix", "vchan/inheap", "tcp", "unix-socket", "pipe"]
+DEFAULT_MECHANISMS = ["vchan/unix", "tcp", "unix-socket", "pipe"]
 """Measured for every case when ``--mechanisms`` does not say otherwise; the variants
-are added by each suite where they matter."""
+are added by each suite where they matter.  ``vchan/inheap`` (both ends in one process,
+no IPC at all) only on request: it is no alternative to the baselines, and leaving it out
+keeps the full run within minutes."""
 
 
 @contextlib.contextmanager

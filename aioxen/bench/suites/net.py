@@ -314,11 +314,15 @@ def _counts(ctx: Context) -> dict[int, int]:
     return {64: 30_000, 1500: 30_000, 65535: 3_000}
 
 
-def _steady(sender: _Proc, receiver: _Proc, size: int, first: int, ctx: Context) -> float:
+def _steady(
+    sender: _Proc, receiver: _Proc, size: int, first: int, ctx: Context, last: float = 0.0
+) -> float:
     """Frames per second of a burst sized to last at least ``ctx.seconds``, after an
-    untimed warm-up burst (``first`` frames, or ``ctx.warmup`` seconds' worth)."""
+    untimed warm-up burst (``first`` frames, or ``ctx.warmup`` seconds' worth); the burst
+    is sized from the faster of the warm-up's rate and ``last`` (the previous repetition's)
+    and run again, longer, if it still ended too soon."""
     warm = _one_way(sender, receiver, size, first)
-    count = max(first, int(warm * ctx.seconds * 1.1))
+    count = max(first, int(max(warm, last) * ctx.seconds * 1.15))
     rate = _one_way(sender, receiver, size, count)
     while count / rate < ctx.seconds:  # the warm-up rate was too low an estimate
         count = int(rate * ctx.seconds * 1.1) + 1
@@ -342,7 +346,7 @@ def _xenstored() -> Any:
 
 def run(ctx: Context) -> list[Measurement]:
     counts = _counts(ctx)
-    warm_counts: dict[tuple[str, str], int] = {}
+    warm_counts: dict[tuple[str, str], tuple[int, float]] = {}
     results: dict[tuple[str, str, str], Measurement] = {}
 
     def m(case: str, mech: str, metric: str, unit: str, params: dict[str, Any]) -> Measurement:
@@ -391,9 +395,9 @@ def run(ctx: Context) -> list[Measurement]:
                         (BASE, f"sp-{src}", f"sp-{dst}"),
                     ):
                         ctx.progress(f"net rep {rep + 1}/{ctx.repetitions} {case} {mech}")
-                        first = warm_counts.get((case, mech), count)
-                        fps = _steady(procs[s_key], procs[d_key], size, first, ctx)
-                        warm_counts[(case, mech)] = max(100, int(fps * ctx.warmup))
+                        first, last = warm_counts.get((case, mech), (count, 0.0))
+                        fps = _steady(procs[s_key], procs[d_key], size, first, ctx, last)
+                        warm_counts[(case, mech)] = (max(100, int(fps * ctx.warmup)), fps)
                         params = {"frame": size, "seconds": ctx.seconds}
                         m(case, mech, "frames/s", "frames/s", params).samples.append(fps)
                         m(case, mech, "throughput", "Gbit/s", params).samples.append(

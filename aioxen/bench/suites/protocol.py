@@ -2,7 +2,7 @@
 
 The server is [`aioxen.bench.peer.ServerProtocol`][] (a BufferedProtocol sink/echo).  The
 client writes with ``transport.write`` and honours ``pause_writing``/``resume_writing``.
-Bulk is timed in steady state like the ``streams`` suite's: 16 MiB rounds, the server
+Bulk is timed in steady state like the ``streams`` suite's: 8 MiB rounds, the server
 acknowledging each with one byte, one round in flight while the next is written, timed
 between acknowledgements for at least ``ctx.seconds`` after the warm-up.  Besides the
 defaults, ``vchan/unix 1 MiB rings`` is measured in every bulk case and
@@ -181,6 +181,8 @@ def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
                 for mech in mechs:
                     if selected is None and not measured_in(mech, chunk):
                         continue
+                    if not ctx.wants(f"bulk {chunk // 1024} KiB"):
+                        continue
                     ctx.progress(
                         f"protocol rep {rep + 1}/{ctx.repetitions} bulk {chunk // 1024} KiB {mech}"
                     )
@@ -200,6 +202,8 @@ def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
                         )
             for mech in mechs:
                 if selected is None and not measured_in(mech, None):
+                    continue
+                if not ctx.wants(f"ping-pong {PING_SIZE} B"):
                     continue
                 ctx.progress(f"protocol rep {rep + 1}/{ctx.repetitions} ping-pong {mech}")
                 ping = functools.partial(pingpong, seconds=ctx.seconds, warmup=ctx.warmup)
