@@ -27,6 +27,11 @@ The core turns that into the [`EventChannel`][aioxen.platforms.base.EventChannel
   [`_bound_by_connect`][] so that every platform behaves alike (the ``xen`` backend gets
   the event from the kernel instead).
 
+* A listening end whose backend sees the bind (``unix``: the connector's hello;
+  ``inheap``: ``connect``) calls [`_peer_bound`][]; callbacks registered with
+  [`when_bound`][] run then, once, from the loop (a server re-advertises at once instead
+  of after the whole handshake).  Xen shows no bind: there they never run.
+
 Handler exceptions go to the loop's exception handler; delivery continues.
 """
 
@@ -53,6 +58,8 @@ class ChannelCore:
         self._handler: Callable[[], None] | None = None
         self._kick_scheduled = False
         self._waiters: list[asyncio.Future[bool]] = []
+        self._on_bound: list[Callable[[], None]] | None = None
+        self._was_bound = False
 
     # -- read-only properties ------------------------------------------------------------
     @property
@@ -110,6 +117,24 @@ class ChannelCore:
         """This end was just bound by ``connect``: start with one pending event, as Xen
         does (call on the loop, before anyone can wait or set a handler)."""
         self._pending = True
+
+    def _peer_bound(self) -> None:
+        """A peer bound this listening end (call on the loop): run the
+        [`when_bound`][] callbacks, once."""
+        self._was_bound = True
+        callbacks, self._on_bound = self._on_bound, None
+        for cb in callbacks or ():
+            self._loop.call_soon(cb)
+
+    def when_bound(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from the loop, once) when a peer binds this listening end --
+        soon if one already did.  Only backends that see binds ever call it."""
+        if self._was_bound:
+            self._loop.call_soon(callback)
+        elif self._on_bound is None:
+            self._on_bound = [callback]
+        else:
+            self._on_bound.append(callback)
 
     def _peer_gone(self) -> None:
         """The remote end went away (call on the loop).  Idempotent."""
@@ -215,6 +240,7 @@ class ChannelCore:
         self._closed = True
         self._handler = None
         self._pending = False
+        self._on_bound = None
         self._wake()
 
 

@@ -137,6 +137,7 @@ class InHeapEventChannels:
         ch._bound = target._bound = True
         self._register(ch)
         ch._bound_by_connect()
+        target._peer_bound()
         return ch
 
     def _register(self, ch: InHeapEventChannel) -> None:

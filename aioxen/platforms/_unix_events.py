@@ -314,6 +314,7 @@ class UnixEventChannel(ChannelCore):
                 os.unlink(self._listen_path)
         self._remote_port = port
         self._state = _State.CONNECTED
+        self._peer_bound()
         if self._deferred_notify:
             self._deferred_notify = False
             self.notify()

@@ -4,7 +4,9 @@ Theory of operation
 -------------------
 [`connect_client`][] holds a (shared) watch on ``<path>/event-channel``, waits for its
 turn among the waiters of this process (see [`advertise`][aioxen.vchan.advertise]) and loops: read
-the advertisement; if there is one, [`attach_client`][aioxen.vchan.endpoint.attach_client]; if it
+the advertisement; if there is one, [`attach_client`][aioxen.vchan.endpoint.attach_client]
+(the turn passes to the next waiter as soon as the port is bound: a server that sees the
+bind re-advertises at once, so the next client overlaps this one's mapping); if it
 was stale (endpoint already taken by a concurrent client, or gone), wait for the next
 change of the key -- the server re-advertises after every connect -- or, as a safety net,
 [`RETRY_INTERVAL`][] seconds.  The whole wait is bounded by ``timeout``; cancellation
@@ -57,38 +59,61 @@ async def connect_client(
     deadline = asyncio.timeout(timeout)
     try:
         key = f"{path}/{advertise.EVENT_CHANNEL}"
-        async with deadline, advertise.watch_key(platform, key) as sw, sw.turn:
-            patient = True
-            while True:
-                seen = sw.generation
-                if seen == sw.consumed and patient:
-                    # Another waiter here took this advertisement: wait for the next one
-                    # (or, as a safety net, RETRY_INTERVAL) instead of trying it again.
-                    patient = await sw.wait_change(seen, RETRY_INTERVAL)
-                    continue
-                ad = await advertise.read(platform, path)
-                if ad is not None and ad == sw.consumed_ad and patient:
-                    # A change, but still the advertisement taken here: wait again.
-                    patient = await sw.wait_change(seen, RETRY_INTERVAL)
-                    continue
+        async with deadline, advertise.watch_key(platform, key) as sw:
+            turn = sw.turn
+            held = False
+
+            def release_turn() -> None:
+                nonlocal held
+                if held:
+                    held = False
+                    turn.release()
+
+            try:
                 patient = True
-                if ad is not None:
-                    try:
-                        conn = await attach_client(
-                            platform,
-                            domid,
-                            port,
-                            ad[0],
-                            ad[1],
-                            read_size=read_size,
-                            write_size=write_size,
-                        )
-                    except StaleAdvertisement as exc:
-                        last = exc
-                    else:
-                        sw.consumed, sw.consumed_ad = seen, ad
-                        return conn
-                await sw.wait_change(seen, RETRY_INTERVAL)
+                while True:
+                    if not held:
+                        await turn.acquire()
+                        held = True
+                    seen = sw.generation
+                    if seen == sw.consumed and patient:
+                        # Another waiter here took this advertisement: wait for the next
+                        # one (or, as a safety net, RETRY_INTERVAL) instead of trying it.
+                        patient = await sw.wait_change(seen, RETRY_INTERVAL)
+                        continue
+                    ad = await advertise.read(platform, path)
+                    if ad is not None and ad == sw.consumed_ad and patient:
+                        # A change, but still the advertisement taken here: wait again.
+                        patient = await sw.wait_change(seen, RETRY_INTERVAL)
+                        continue
+                    patient = True
+                    if ad is not None:
+
+                        def bound(seen: int = seen, ad: tuple[int, int] = ad) -> None:
+                            # The port is ours (or the endpoint dead): the next waiter
+                            # may look for the next advertisement while we map and go
+                            # live -- the server re-advertises as soon as it sees a bind.
+                            sw.consumed, sw.consumed_ad = seen, ad
+                            release_turn()
+
+                        try:
+                            return await attach_client(
+                                platform,
+                                domid,
+                                port,
+                                ad[0],
+                                ad[1],
+                                read_size=read_size,
+                                write_size=write_size,
+                                on_bound=bound,
+                            )
+                        except StaleAdvertisement as exc:
+                            last = exc
+                        if not held:
+                            continue  # bound, then stale: wait for the next generation
+                    await sw.wait_change(seen, RETRY_INTERVAL)
+            finally:
+                release_turn()
     except TimeoutError:
         if not deadline.expired():
             raise

@@ -325,6 +325,18 @@ class PendingServer:
             return bound
         return None
 
+    def when_bound(self, callback: Callable[[], None]) -> bool:
+        """Arrange ``callback()`` (once, from the loop) for when a client binds the port.
+        False, and nothing arranged, where the platform shows no binds (Xen)."""
+        channel = self._channel
+        if channel is None or self.maybe_bound() is None:
+            return False
+        hook = getattr(channel, "when_bound", None)
+        if hook is None:
+            return False
+        hook(callback)
+        return True
+
     def retire(self) -> bool:
         """Withdraw an endpoint no client has claimed, atomically with respect to clients.
 
@@ -364,14 +376,16 @@ async def attach_client(
     *,
     read_size: int | None = None,
     write_size: int | None = None,
+    on_bound: Callable[[], None] | None = None,
 ) -> Connection:
     """Connect as the client to the server endpoint ``(ring_ref, event_channel)`` of
     domain ``peer_domid``.
 
     ``read_size``/``write_size``, if given, are minimums the server's rings must meet
-    (``ConnectionRefusedError`` otherwise).  [`StaleAdvertisement`][] when the
-    endpoint is gone or already taken; ``ProtocolError`` for a malformed control page or
-    ring grants that cannot be mapped.
+    (``ConnectionRefusedError`` otherwise).  ``on_bound()`` is called once the port is
+    bound (the endpoint is ours or dead: the next waiter may look for the next one).
+    [`StaleAdvertisement`][] when the endpoint is gone or already taken;
+    ``ProtocolError`` for a malformed control page or ring grants that cannot be mapped.
     """
     where = (
         f"vchan server domid {peer_domid} port {port!r} "
@@ -383,6 +397,8 @@ async def attach_client(
         # Refused (no such unbound port: taken by another client, or gone), or the
         # listener went away while we bound: either way, not available to us.
         raise StaleAdvertisement(f"{where}: cannot bind event channel: {exc}") from exc
+    if on_bound is not None:
+        on_bound()
     grants: list[Share | Mapping] = []
     views: list[memoryview] = []
     try:

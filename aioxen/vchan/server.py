@@ -24,20 +24,27 @@ client domid, port) fails in [`VchanServer.start_serving`][] with
 [`ResourceBusy`][aioxen.ownership.ResourceBusy] (``EADDRINUSE``) naming the holder and touches
 nothing; closing removes the advertisement only while it is still ours.
 
-Bounded handshakes.  The advertised endpoint is given ``handshake_timeout`` seconds at a
-time.  When they pass without a connection and the port may have been bound (the
-``unix`` and ``inheap`` platforms show whether it was; Xen cannot), the server stops
-waiting for it: an
-endpoint no client claimed is retired atomically
-([`retire`][aioxen.vchan.endpoint.PendingServer.retire]) and released at once -- this is
-what drops a client that bound the port and stalled -- while one a client claimed is set
-aside with one more ``handshake_timeout`` to go live (served like any other client if it
-does, released otherwise).  Either way a fresh endpoint is advertised at once, so other
-clients wait at most one bound for a stalled one.  On Xen an idle server therefore
-re-advertises every ``handshake_timeout`` seconds (one XenStore write); there the retired
-endpoint, if small enough to have a spare, is also kept aside for one bound, because a
-libxenvchan client that read it just before may be half-way through its handshake (it
-does not claim; it goes live by storing 1, which the server accepts).
+Re-advertising at the bind.  Where the platform shows binds (``unix``, ``inheap``: the
+channel's ``when_bound`` callback) and
+only one client can bind a port, a bind takes the endpoint: the server advertises the
+next one at once and lets the binder finish its handshake aside, within
+``handshake_timeout`` (dropped after that, counted in ``dropped``).  The next client's
+XenStore round trips then overlap this one's mapping and going live, and a client that
+binds and stalls holds nobody up.
+
+Bounded handshakes (where binds are invisible, i.e. on Xen). The advertised endpoint is
+given ``handshake_timeout`` seconds at a time. When they pass without a connection and
+the port may have been bound, the server stops waiting for it: an endpoint no client
+claimed is retired atomically ([`retire`][aioxen.vchan.endpoint.PendingServer.retire])
+and released at once -- this is what drops a client that bound the port and stalled --
+while one a client claimed is set aside with one more ``handshake_timeout`` to go live
+(served like any other client if it does, released otherwise). Either way a fresh
+endpoint is advertised at once, so other clients wait at most one bound for a stalled
+one. On Xen an idle server therefore re-advertises every ``handshake_timeout`` seconds
+(one XenStore write); there the retired endpoint, if small enough to have a spare, is
+also kept aside for one bound, because a libxenvchan client that read it just before may
+be half-way through its handshake (it does not claim; it goes live by storing 1, which
+the server accepts).
 
 ``close()`` stops accepting: the waiting endpoint is unshared and unbound and the XenStore
 directory removed; established connections stay open (asyncio 3.11 semantics) --
@@ -232,6 +239,17 @@ class VchanServer(asyncio.AbstractServer):
             while True:
                 pending = self._pending
                 assert pending is not None
+                bind_seen = self._bind_signal(pending)
+                if bind_seen is not None:
+                    # The platform shows binds, and only one client can bind a port: the
+                    # endpoint is taken.  Advertise the next one at once and let the
+                    # binder finish its handshake aside, within handshake_timeout.
+                    await bind_seen
+                    self._pending = None
+                    self._set_aside(pending, stalled=True)
+                    self._pending = await self._advertise()
+                    await self._prepare_spare()
+                    continue
                 try:
                     conn = await pending.wait_connected(timeout=self._handshake_timeout)
                 except TimeoutError:
@@ -262,6 +280,17 @@ class VchanServer(asyncio.AbstractServer):
         finally:
             self._release_waiting()
             await self._withdraw()
+
+    def _bind_signal(self, pending: PendingServer) -> asyncio.Future[None] | None:
+        """A future resolved when a client binds ``pending``'s port; ``None`` where the
+        platform shows no binds (Xen: the endpoint is waited on until it goes live)."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+
+        def bound() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        return fut if pending.when_bound(bound) else None
 
     def _accepted(self, conn: Connection) -> None:
         self.accepted += 1
@@ -301,8 +330,9 @@ class VchanServer(asyncio.AbstractServer):
             conn = await pending.wait_connected(timeout=self._handshake_timeout)
         except TimeoutError:
             if stalled:
+                pending.retire()  # an unclaimed one can no longer be claimed
                 logger.info(
-                    "%r: dropping %s: claimed, not connected within %s s",
+                    "%r: dropping %s: bound or claimed, not connected within %s s",
                     self,
                     pending.describe(),
                     self._handshake_timeout,

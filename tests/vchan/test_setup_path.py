@@ -136,3 +136,64 @@ async def test_one_grant_allocation_per_endpoint(world: World) -> None:
         )
         transport.close()
         srv_transport.close()
+
+
+async def test_a_bind_takes_the_endpoint_and_the_next_is_advertised_at_once(
+    world: World,
+) -> None:
+    """Where the platform shows binds (unix, inheap), a client that bound the advertised
+    port has taken the endpoint (only one bind succeeds): the server advertises the next
+    endpoint at once instead of after the handshake -- so the next client does not wait
+    for this one to map and go live, nor for ``handshake_timeout`` if it stalls."""
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    path = vchan_path(SERVER, CLIENT, "early")
+    server = await vchan.start_server(echo, CLIENT, "early", platform=srv, handshake_timeout=None)
+    async with server:
+        first = await advertise.read(cli, path)
+        assert first is not None
+        stalled = await cli.events.connect(SERVER, first[1])  # binds, never goes live
+        try:
+            while await advertise.read(cli, path) == first:
+                await asyncio.sleep(0.005)
+            async with vchan.connect(SERVER, "early", platform=cli, timeout=30) as (r, w):
+                w.write(b"served")
+                assert await r.readexactly(6) == b"served"
+            assert server.accepted == 1
+        finally:
+            stalled.close()
+
+
+async def test_the_next_waiter_goes_once_the_port_is_bound(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent connects of one process take turns on an advertisement only until the
+    port is bound: a client still mapping the pages does not hold the others up."""
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    release = asyncio.Event()
+    real_map = type(cli.grants).map_async
+    held = 0
+
+    async def slow_first_map(self: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal held
+        if held == 0:  # the first client's first map waits until the second is served
+            held += 1
+            await release.wait()
+        return await real_map(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(cli.grants), "map_async", slow_first_map)
+    server = await vchan.start_server(echo, CLIENT, "turns", platform=srv)
+    async with server:
+        first = asyncio.ensure_future(vchan.open_connection(SERVER, "turns", platform=cli))
+        await wait_for(lambda: held == 1)
+        try:
+            async with vchan.connect(SERVER, "turns", platform=cli, timeout=30) as (r, w):
+                w.write(b"second")
+                assert await r.readexactly(6) == b"second"
+        finally:
+            release.set()
+        _r1, w1 = await first
+        w1.close()
+        await w1.wait_closed()
+    assert server.accepted == 2
