@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 from typing import Any
@@ -81,6 +82,8 @@ def register(subparsers: Any) -> None:
                    help="the domain whose daemon may connect (default 0)")  # fmt: skip
     a.add_argument("--max-version", type=_version, default=4,
                    help="highest protocol version to offer (2..4, default 4)")  # fmt: skip
+    a.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log every call (-vv: debug)")  # fmt: skip
     add_readiness_arguments(a)
     a.set_defaults(func=_agent)
 
@@ -101,6 +104,8 @@ def register(subparsers: Any) -> None:
                    help="user for DEFAULT: command lines (default user)")  # fmt: skip
     d.add_argument("--max-version", type=_version, default=4,
                    help="highest protocol version to offer (2..4, default 4)")  # fmt: skip
+    d.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log every decision (-vv: debug)")  # fmt: skip
     add_readiness_arguments(d)
     d.set_defaults(func=_daemon)
 
@@ -121,6 +126,13 @@ def register(subparsers: Any) -> None:
         c.set_defaults(func=_call, vm_only=name == "client-vm")
 
 
+def _logging(verbose: int) -> None:
+    """Warnings (a dropped peer, a refused call) always; ``-v`` info, ``-vv`` debug.  The
+    library's messages start with ``qrexec agent:``/``qrexec daemon:``."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="aioxen %(message)s", stream=sys.stderr)
+
+
 def _platform_env() -> None:
     if os.environ.get("AIOXEN_PLATFORM", "") in ("", "unix"):
         check_root_env()
@@ -134,6 +146,7 @@ async def _open_platform() -> Any:
 
 async def _agent(args: argparse.Namespace) -> int:
     _platform_env()
+    _logging(args.verbose)
     for d in args.services_dir:
         if not os.path.isdir(d):
             raise UsageError(f"--services-dir {d}: not a directory")
@@ -197,6 +210,7 @@ def _policy(args: argparse.Namespace) -> Any:
 
 async def _daemon(args: argparse.Namespace) -> int:
     _platform_env()
+    _logging(args.verbose)
     policy = _policy(args)
     names = [n for n, _ in args.domain]
     ids = [i for _, i in args.domain]
