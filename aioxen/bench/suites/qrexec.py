@@ -10,8 +10,11 @@ fresh data channel offered by dom0, the data handshake, stdin/stdout/exit code.
 
 Cases (each repetition: warm-up, then >= ``ctx.seconds`` of steady state):
 
-* ``call round trip`` -- sequential ``bench.One`` calls with 1 byte in: p50/p99 (µs) and
-  calls/s.  Goals (issue 17): p50 <= 1 ms, >= 1,000 calls/s.
+* ``call round trip`` -- sequential ``bench.One`` calls with 1 byte in: p50/p99 (µs),
+  calls/s, and the CPU time per call of every process involved (the benchmark, the
+  agent, xenstored, Qubes' daemon/agent and what they spawned; from ``/proc``), which a
+  shared machine distorts far less than the wall-clock figures.  Goals (issue 17):
+  p50 <= 1 ms, >= 1,000 calls/s.
 * ``100 concurrent calls`` -- 100 calls started at once, again and again: calls/s.
 * ``bulk through a call`` -- one ``bench.Sink`` call per round with a 64 MiB stdin
   (4 MiB with ``--quick``): GiB/s of stdin delivered (goal >= 1 GiB/s).
@@ -269,8 +272,28 @@ def _check(service: str, data: bytes, out: bytes, code: int) -> None:
         raise RuntimeError(f"qrexec bench: {service} answered {out[:40]!r}, exit {code}")
 
 
-async def round_trips(call: Call, seconds: float, warmup: float) -> tuple[list[float], float]:
-    """Round-trip times (µs) of sequential 1-byte calls for >= ``seconds``, and calls/s."""
+def cpu_seconds(pids: list[int]) -> float | None:
+    """CPU time (user + system, s) used so far by this process, its reaped children and
+    the processes ``pids`` with their reaped children (``/proc``; ``None`` elsewhere)."""
+    t = os.times()
+    total = t.user + t.system + t.children_user + t.children_system
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            return None
+        total += sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
+    return total
+
+
+async def round_trips(
+    call: Call, seconds: float, warmup: float, pids: list[int] | None = None
+) -> tuple[list[float], float, float | None]:
+    """Round-trip times (µs) of sequential 1-byte calls for >= ``seconds``, calls/s, and
+    the CPU time per call (µs) of every process involved (this one, ``pids``, children):
+    what a call costs whatever else the machine runs."""
     end = time.perf_counter() + warmup
     while True:
         out, code = await call("bench.One", b"x")
@@ -278,6 +301,7 @@ async def round_trips(call: Call, seconds: float, warmup: float) -> tuple[list[f
         if time.perf_counter() >= end:
             break
     rtts: list[float] = []
+    cpu0 = cpu_seconds(pids or [])
     start = t1 = time.perf_counter()
     while t1 - start < seconds:
         t0 = time.perf_counter()
@@ -285,7 +309,9 @@ async def round_trips(call: Call, seconds: float, warmup: float) -> tuple[list[f
         t1 = time.perf_counter()
         _check("bench.One", b"x", out, code)
         rtts.append((t1 - t0) * 1e6)
-    return rtts, len(rtts) / (t1 - start)
+    cpu1 = cpu_seconds(pids or [])
+    cpu = None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / len(rtts) * 1e6
+    return rtts, len(rtts) / (t1 - start), cpu
 
 
 async def concurrent(call: Call, seconds: float, warmup: float) -> tuple[float, list[str]]:
@@ -326,12 +352,16 @@ async def bulk(call: Call, data: bytes, seconds: float, warmup: float) -> float:
     return await timed_async(step, seconds, warmup) / GIB
 
 
-async def _measure_all(call: Call, ctx: Context, data: bytes, record: Callable[..., None]) -> None:
-    rtts, rate = await round_trips(call, ctx.seconds, ctx.warmup)
+async def _measure_all(
+    call: Call, ctx: Context, data: bytes, record: Callable[..., None], pids: list[int]
+) -> None:
+    rtts, rate, cpu = await round_trips(call, ctx.seconds, ctx.warmup, pids)
     case = "call round trip"
     record(case, "p50", "µs", False, percentile(rtts, 50.0))
     record(case, "p99", "µs", False, percentile(rtts, 99.0))
     record(case, "calls/s", "calls/s", True, rate)
+    if cpu is not None:
+        record(case, "CPU per call", "µs", False, cpu)
     rate, errors = await concurrent(call, ctx.seconds, ctx.warmup)
     case = f"{CONCURRENT} concurrent calls"
     record(case, "calls/s", "calls/s", True, rate)
@@ -342,7 +372,13 @@ async def _measure_all(call: Call, ctx: Context, data: bytes, record: Callable[.
 
 
 async def _aioxen_session(
-    transport: str, where: str, env: dict[str, str], ctx: Context, data: bytes, record: Any
+    transport: str,
+    where: str,
+    env: dict[str, str],
+    ctx: Context,
+    data: bytes,
+    record: Any,
+    pids: list[int],
 ) -> None:
     from aioxen.qrexec.channels import ChannelFactory, VchanChannels
     from aioxen.qrexec.client import call as qcall
@@ -369,7 +405,7 @@ async def _aioxen_session(
                 r = await qcall(VM, service, input=data, via=daemon)
                 return r.stdout, r.exit_code
 
-            await _measure_all(call, ctx, data, record)
+            await _measure_all(call, ctx, data, record, pids)
     finally:
         if plat is not None:
             await plat.__aexit__(None, None, None)
@@ -426,14 +462,16 @@ def run(ctx: Context) -> list[Measurement]:
 
                 main: Awaitable[None]
                 if mech == AIOXEN_VCHAN:
-                    main = _aioxen_session("unix", "-", env, ctx, data, record)
+                    pids = [agents[0].pid] + ([xenstored.proc.pid] if xenstored.proc else [])
+                    main = _aioxen_session("unix", "-", env, ctx, data, record, pids)
                 elif mech == AIOXEN_SOCKET:
-                    main = _aioxen_session("socket", socket_dir, {}, ctx, data, record)
+                    pids = [agents[1].pid]
+                    main = _aioxen_session("socket", socket_dir, {}, ctx, data, record, pids)
                 elif mech == SPAWN:
-                    main = _measure_all(_spawn_call, ctx, data, record)
+                    main = _measure_all(_spawn_call, ctx, data, record, [])
                 else:
                     assert chain is not None
-                    main = _measure_all(chain.call, ctx, data, record)
+                    main = _measure_all(chain.call, ctx, data, record, [p.pid for p in chain.procs])
                 with asyncio.Runner(loop_factory=ctx.loop_factory()) as runner:
                     runner.run(_as_coroutine(main))
     finally:
