@@ -249,6 +249,8 @@ class Agent:
                     self.daemon_domid,
                     e,
                 )
+            except Exception:  # a bug: offer port 512 again rather than go deaf
+                log.exception("qrexec agent: control connection failed")
             finally:
                 self.connected.clear()
                 self._ctl = None

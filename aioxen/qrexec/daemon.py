@@ -260,6 +260,10 @@ class Daemon:
                 log.debug("qrexec daemon: agent of %s not there yet: %s", link.name, e)
                 await asyncio.sleep(RECONNECT_DELAY)
                 continue
+            except Exception as e:  # a bad advertisement: try again, never give the domain up
+                log.warning("qrexec daemon: cannot connect to %s: %s", link.name, e)
+                await asyncio.sleep(RECONNECT_DELAY)
+                continue
             try:
                 link.version = await exchange_hello(
                     reader,
@@ -279,6 +283,8 @@ class Daemon:
                 await self._serve_link(link, reader)
             except (ProtocolError, ConnectionError, asyncio.IncompleteReadError) as e:
                 log.warning("qrexec daemon: dropped domain %s (%d): %s", link.name, link.domid, e)
+            except Exception:  # a bug: this link restarts, the others are unaffected
+                log.exception("qrexec daemon: link to %s failed", link.name)
             finally:
                 link.up.clear()
                 link.writer = None
