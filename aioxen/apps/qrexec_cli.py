@@ -68,6 +68,15 @@ def _target(text: str) -> str:
 _version = int_range(2, 4, "protocol version")
 
 
+def _transport_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--vchan-socket",
+        action="store_true",
+        help="use Qubes' vchan-socket transport ($VCHAN_SOCKET_DIR, $VCHAN_DOMAIN) "
+        "instead of aioxen vchan, to talk to Qubes' own programs built for tests",
+    )
+
+
 def register(subparsers: Any) -> None:
     doc = plain(__doc__.split("\n\n")[1].replace("\n", " ")) if __doc__ else None
     top = subparsers.add_parser("qrexec", help="Qubes RPC: agent, daemon, calls", description=doc)
@@ -84,6 +93,7 @@ def register(subparsers: Any) -> None:
                    help="highest protocol version to offer (2..4, default 4)")  # fmt: skip
     a.add_argument("-v", "--verbose", action="count", default=0,
                    help="log every call (-vv: debug)")  # fmt: skip
+    _transport_argument(a)
     add_readiness_arguments(a)
     a.set_defaults(func=_agent)
 
@@ -106,6 +116,7 @@ def register(subparsers: Any) -> None:
                    help="highest protocol version to offer (2..4, default 4)")  # fmt: skip
     d.add_argument("-v", "--verbose", action="count", default=0,
                    help="log every decision (-vv: debug)")  # fmt: skip
+    _transport_argument(d)
     add_readiness_arguments(d)
     d.set_defaults(func=_daemon)
 
@@ -123,6 +134,7 @@ def register(subparsers: Any) -> None:
         c.add_argument("--user", default="user", help="user to run as (dom0 calls)")
         c.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
                        help="give up after SECONDS (default: never)")  # fmt: skip
+        _transport_argument(c)
         c.set_defaults(func=_call, vm_only=name == "client-vm")
 
 
@@ -133,31 +145,47 @@ def _logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="aioxen %(message)s", stream=sys.stderr)
 
 
-def _platform_env() -> None:
+def _platform_env(args: argparse.Namespace) -> None:
+    if args.vchan_socket:
+        return
     if os.environ.get("AIOXEN_PLATFORM", "") in ("", "unix"):
         check_root_env()
 
 
-async def _open_platform() -> Any:
-    from aioxen.platforms import resolve
+@contextlib.asynccontextmanager
+async def _channels(args: argparse.Namespace) -> Any:
+    """The command's channels: Qubes' vchan-socket wire with ``--vchan-socket``
+    (``$VCHAN_SOCKET_DIR``/``$VCHAN_DOMAIN``, as Qubes' programs built for tests use),
+    else aioxen vchan on the platform the environment names."""
+    if args.vchan_socket:
+        from aioxen.qrexec.vchan_socket import VchanSocketChannels
 
-    return await resolve(None)
+        try:
+            yield VchanSocketChannels.from_environ()
+        except ValueError as e:
+            raise UsageError(f"--vchan-socket: {e}") from None
+        return
+    from aioxen.platforms import resolve
+    from aioxen.qrexec import VchanChannels
+
+    plat = await resolve(None)
+    async with plat:
+        yield VchanChannels(plat)
 
 
 async def _agent(args: argparse.Namespace) -> int:
-    _platform_env()
+    _platform_env(args)
     _logging(args.verbose)
     for d in args.services_dir:
         if not os.path.isdir(d):
             raise UsageError(f"--services-dir {d}: not a directory")
-    from aioxen.qrexec import Agent, VchanChannels
+    from aioxen.qrexec import Agent
 
     stop = StopSignals()
     with stop:
-        plat = await _open_platform()
-        async with plat:
+        async with _channels(args) as channels:
             agent = Agent(
-                VchanChannels(plat),
+                channels,
                 services_dir=args.services_dir,
                 daemon_domid=args.daemon_domid,
                 max_version=args.max_version,
@@ -209,7 +237,7 @@ def _policy(args: argparse.Namespace) -> Any:
 
 
 async def _daemon(args: argparse.Namespace) -> int:
-    _platform_env()
+    _platform_env(args)
     _logging(args.verbose)
     policy = _policy(args)
     names = [n for n, _ in args.domain]
@@ -219,14 +247,13 @@ async def _daemon(args: argparse.Namespace) -> int:
     for opt, path in (("--socket-dir", args.socket_dir), ("--services-dir", args.services_dir)):
         if path is not None and not os.path.isdir(path):
             raise UsageError(f"{opt} {path}: not a directory")
-    from aioxen.qrexec import Daemon, VchanChannels
+    from aioxen.qrexec import Daemon
 
     stop = StopSignals()
     with stop:
-        plat = await _open_platform()
-        async with plat:
+        async with _channels(args) as channels:
             daemon = Daemon(
-                VchanChannels(plat),
+                channels,
                 domains=dict(args.domain),
                 policy=policy,
                 services_dir=args.services_dir,
@@ -247,18 +274,16 @@ async def _daemon(args: argparse.Namespace) -> int:
 
 
 async def _call(args: argparse.Namespace) -> int:
-    _platform_env()
+    _platform_env(args)
     from aioxen.apps.stdio import open_sink, open_source
     from aioxen.qrexec import ServiceRefused, connect
 
     where = args.where or os.environ.get("AIOXEN_QREXEC_DIR", DEFAULT_DIR)
     stop = StopSignals()
     with stop:
-        plat = await _open_platform()
-        async with plat:
-            if args.vm_only and plat.domid == 0:
-                raise UsageError("client-vm runs in a VM, not in dom0 ($AIOXEN_DOMID=0)")
-            from aioxen.qrexec import VchanChannels
+        async with _channels(args) as channels:
+            if args.vm_only and channels.local_domid == 0:
+                raise UsageError("client-vm runs in a VM, not in dom0 (domid 0)")
 
             stdin = await open_source(os.dup(0))
             sys.stdout.flush()
@@ -272,7 +297,7 @@ async def _call(args: argparse.Namespace) -> int:
                             args.target,
                             args.service,
                             via=where,
-                            channels=VchanChannels(plat),
+                            channels=channels,
                             user=args.user,
                         )
                         async with ctx as (reader, writer):

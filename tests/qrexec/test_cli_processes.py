@@ -225,3 +225,51 @@ def test_multichunk_between_processes_at_older_versions(
     r = lab.run(0, "call", name, "test.Cat", "--dir", str(lab.qdir), input=data)
     assert r.returncode == 0, r.stderr
     assert r.stdout == data
+
+
+def test_processes_over_vchan_socket(tmp_path: Path) -> None:
+    """The same commands over Qubes' vchan-socket wire (no xenstored, no platform):
+    ``--vchan-socket`` with ``$VCHAN_SOCKET_DIR``/``$VCHAN_DOMAIN`` as Qubes' programs."""
+    vdir = tmp_path / "vchan"
+    vdir.mkdir(mode=0o700)
+    qdir = tmp_path / "q"
+    qdir.mkdir(mode=0o700)
+    rpc = tmp_path / "rpc"
+    rpc.mkdir()
+    svc = rpc / "test.Echo"
+    svc.write_text('#!/bin/sh\necho "from $QREXEC_REMOTE_DOMAIN"\ncat\n')
+    svc.chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in ("XEN_ROOT", "XENSTORED_PATH")}
+
+    def env(domid: int) -> dict[str, str]:
+        return {**base, "VCHAN_SOCKET_DIR": str(vdir), "VCHAN_DOMAIN": str(domid)}
+
+    procs = []
+    try:
+        for domid, args in (
+            (2, ["agent", "--services-dir", str(rpc)]),
+            (0, ["daemon", "--domain", "work=2", "--socket-dir", str(qdir)]),
+        ):
+            r, w = os.pipe()
+            p = subprocess.Popen(
+                [sys.executable, "-m", "aioxen", "qrexec", *args, "--vchan-socket",
+                 "--ready-fd", str(w)],
+                env=env(domid), pass_fds=(w,), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            os.close(w)
+            procs.append(p)
+            with os.fdopen(r, "rb") as ready:
+                assert ready.read(), p.wait(10)
+        res = subprocess.run(
+            [sys.executable, "-m", "aioxen", "qrexec", "call", "work", "test.Echo",
+             "--dir", str(qdir), "--vchan-socket"],
+            env=env(0), input=b"over sockets", capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert (res.returncode, res.stdout) == (0, b"from dom0\nover sockets"), res.stderr
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            assert p.wait(20) == 143
+            assert p.stderr is not None
+            p.stderr.close()
