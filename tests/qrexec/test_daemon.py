@@ -186,3 +186,28 @@ async def test_silent_clients_are_dropped(world: World, monkeypatch: pytest.Monk
                 cw.close()
             await daemon.wait_connected(timeout=30)
             assert daemon.link_up("vm")
+
+
+async def test_vm_to_vm_across_two_daemons(world: World) -> None:
+    """One daemon per VM, as on Qubes: work's daemon asks vault's daemon for the port
+    through its qrexec-client socket, then tells work to connect."""
+    work = Agent(VchanChannels(await world.platform(2)))
+    vault = Agent(VchanChannels(await world.platform(3)))
+
+    @vault.service("my.Echo")
+    async def echo(stdin: asyncio.StreamReader, stdout: asyncio.StreamWriter, req: object) -> int:
+        stdout.write(b"vault: " + await stdin.read())
+        return 0
+
+    with tempfile.TemporaryDirectory() as sdir:
+        d_work = Daemon(VchanChannels(await world.platform(0)), domains={"work": 2},
+                        policy=lambda r: r.target == "vault", socket_dir=sdir)  # fmt: skip
+        d_vault = Daemon(VchanChannels(await world.platform(0)), domains={"vault": 3},
+                         socket_dir=sdir)  # fmt: skip
+        async with work, vault, d_work, d_vault:
+            await d_work.wait_connected(timeout=30)
+            await d_vault.wait_connected(timeout=30)
+            for _ in range(3):  # ports are released and reused
+                r = await work.call("vault", "my.Echo", input=b"hi", timeout=30)
+                assert (r.stdout, r.exit_code) == (b"vault: hi", 0)
+            assert (await work.call("nowhere", "my.Echo", timeout=30)).exit_code == 126
