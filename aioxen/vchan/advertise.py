@@ -39,8 +39,10 @@ it (its task ends with the XenStore connection, when the platform closes), and t
 turns ([`_SharedWatch.turn`][]): one waiter at a time reads and tries the current
 advertisement, and once it took one, the next waits for the watch to report the next
 advertisement instead of trying the taken one.  So N concurrent clients cost N reads, not
-N per advertisement.  Advertisement transactions are limited to a few at a time per store
-client (10 open transactions per domain).
+N per advertisement.  The watch reads each new advertisement as soon as it is reported
+(while it exists: during connects and the linger), so the next connect usually finds it
+read already and starts with the bind.  Advertisement transactions are limited to a few
+at a time per store client (10 open transactions per domain).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import contextlib
 import errno
 import logging
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aioxen.errors import ProtocolError
@@ -230,12 +233,26 @@ async def read(platform: Platform, path: str) -> tuple[int, int] | None:
 
 
 class _SharedWatch:
-    """One XenStore watch on a key, shared by every waiter in this process."""
+    """One XenStore watch on a key, shared by every waiter in this process.
 
-    def __init__(self, store: Any, key: str, registry: dict[str, _SharedWatch]) -> None:
+    With ``prefetch`` (a coroutine function reading the advertisement), every change
+    starts that read at once, while the watch exists (its users' connects, then the
+    linger): the next connect finds the advertisement already read -- in a connect/close
+    loop the read overlaps the previous connection instead of preceding the next one.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        key: str,
+        registry: dict[str, _SharedWatch],
+        prefetch: Callable[[], Awaitable[tuple[int, int] | None]] | None = None,
+    ) -> None:
         self._store = store
         self._key = key
         self._registry = registry
+        self._prefetch = prefetch
+        self._prefetched: tuple[int, asyncio.Future[tuple[int, int] | None]] | None = None
         self._users = 0
         self._error: BaseException | None = None
         self.generation = 0
@@ -259,6 +276,8 @@ class _SharedWatch:
                     self._ready.set_result(None)
                 async for _ in w:
                     self.generation += 1
+                    if self._prefetch is not None:
+                        self._start_prefetch()
                     changed, self._changed = self._changed, asyncio.Event()
                     changed.set()
         except asyncio.CancelledError:
@@ -275,6 +294,27 @@ class _SharedWatch:
         finally:
             if self._registry.get(self._key) is self:
                 del self._registry[self._key]
+
+    def _start_prefetch(self) -> None:
+        assert self._prefetch is not None
+        old = self._prefetched
+        if old is not None and not old[1].done():
+            old[1].cancel()  # superseded: nobody asked for that generation
+        fut = asyncio.ensure_future(self._prefetch())
+        fut.add_done_callback(_retrieve)
+        self._prefetched = (self.generation, fut)
+
+    async def read(
+        self, seen: int, fresh: Callable[[], Awaitable[tuple[int, int] | None]]
+    ) -> tuple[int, int] | None:
+        """The advertisement as of generation ``seen``: the prefetched read of that
+        generation if there is one (each is handed out once), else ``fresh()``."""
+        pre = self._prefetched
+        if pre is not None and pre[0] == seen:
+            self._prefetched = None
+            if not pre[1].cancelled():
+                return await asyncio.shield(pre[1])
+        return await fresh()
 
     async def wait_registered(self) -> None:
         await asyncio.shield(self._ready)
@@ -316,6 +356,15 @@ class _SharedWatch:
         if self._registry.get(self._key) is self:
             del self._registry[self._key]
         self._task.cancel()
+        pre, self._prefetched = self._prefetched, None
+        if pre is not None:
+            pre[1].cancel()
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a prefetch's outcome retrieved (nobody may ask for it)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 _watches: weakref.WeakKeyDictionary[Any, dict[str, _SharedWatch]] = weakref.WeakKeyDictionary()
@@ -330,7 +379,14 @@ async def watch_key(platform: Platform, key: str) -> Any:
         registry = _watches[store] = {}
     sw = registry.get(key)
     if sw is None or sw._error is not None:
-        sw = registry[key] = _SharedWatch(store, key, registry)
+        prefetch = None
+        if key.endswith("/" + EVENT_CHANNEL):
+            path = key[: -len(EVENT_CHANNEL) - 1]
+
+            def prefetch() -> Awaitable[tuple[int, int] | None]:
+                return read(platform, path)  # the module's read, looked up at call time
+
+        sw = registry[key] = _SharedWatch(store, key, registry, prefetch)
     sw.acquire()
     try:
         await sw.wait_registered()

@@ -81,7 +81,7 @@ async def connect_client(
                         # one (or, as a safety net, RETRY_INTERVAL) instead of trying it.
                         patient = await sw.wait_change(seen, RETRY_INTERVAL)
                         continue
-                    ad = await advertise.read(platform, path)
+                    ad = await sw.read(seen, lambda: advertise.read(platform, path))
                     if ad is not None and ad == sw.consumed_ad and patient:
                         # A change, but still the advertisement taken here: wait again.
                         patient = await sw.wait_change(seen, RETRY_INTERVAL)

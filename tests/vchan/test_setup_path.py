@@ -197,3 +197,32 @@ async def test_the_next_waiter_goes_once_the_port_is_bound(
         w1.close()
         await w1.wait_closed()
     assert server.accepted == 2
+
+
+async def test_the_next_connect_uses_the_advertisement_read_when_it_changed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shared watch reads each new advertisement as soon as it is reported: a connect
+    that follows finds it read and makes no XenStore round trip of its own first."""
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    key = f"{vchan_path(SERVER, CLIENT, 'ahead')}/{advertise.EVENT_CHANNEL}"
+    server = await vchan.start_server(echo, CLIENT, "ahead", platform=srv)
+    async with server:
+        async with vchan.connect(SERVER, "ahead", platform=cli) as (r, w):
+            w.write(b"1")
+            assert await r.readexactly(1) == b"1"
+        sw = advertise._watches[cli.store][key]
+        # the re-advertisement was reported and read in the background
+        await wait_for(lambda: sw._prefetched is not None and sw._prefetched[1].done())
+        ahead = sw._prefetched[1].result()
+        assert ahead == (server._pending.ring_ref, server._pending.event_channel)
+
+        async def no_read(platform: Any, path: str) -> Any:
+            raise AssertionError("the connect read the advertisement again")
+
+        monkeypatch.setattr(advertise, "read", no_read)
+        async with vchan.connect(SERVER, "ahead", platform=cli) as (r, w):
+            w.write(b"2")
+            assert await r.readexactly(1) == b"2"
+    assert server.accepted == 2
