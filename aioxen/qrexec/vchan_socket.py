@@ -32,7 +32,8 @@ each other between ordinary processes.  What the library does on the wire (read 
 Filesystem safety (the rules of ``aioxen.platforms._rootdir`` and
 ``aioxen.ownership.UnixSocketClaim``): the directory must be a private directory of ours
 (made 0700 if missing; never a link; no group/other access); a listener claims its path
-exclusively -- a live socket there is ``OSError(EADDRINUSE)`` naming it (told from
+exclusively (``bind`` itself when nothing is there; ``UnixSocketClaim``'s lock when
+something is) -- a live socket there is ``OSError(EADDRINUSE)`` naming it (told from
 ``/proc/net/unix`` where it exists, not by connecting: that would use up a C server's one
 accept), a stale socket of
 ours (e.g. one a Qubes program left) is replaced, a link, a non-socket or another user's
@@ -152,12 +153,52 @@ async def _streams(
     return await asyncio.open_unix_connection(sock=sock, limit=limit)
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    # device, inode and change time: an inode number alone is reused at once on tmpfs
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
+class _PathHold:
+    """Our hold on a socket path: the bind itself (fast path: nothing was there, bind is
+    exclusive) or a ``UnixSocketClaim`` (a stale socket was replaced under its lock).
+    ``release`` unlinks the path only if it is still the socket we bound."""
+
+    def __init__(self, path: str, claim: UnixSocketClaim | None) -> None:
+        self.path = path
+        self.claim = claim
+        self.ident: tuple[int, int, int] | None = None
+
+    def bind(self) -> socket.socket:
+        if self.claim is not None:
+            return self.claim.bind()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.path)
+            self.ident = _identity(os.lstat(self.path))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def release(self) -> None:
+        if self.claim is not None:
+            self.claim.release()
+            return
+        ident, self.ident = self.ident, None
+        if ident is not None:
+            try:
+                if _identity(os.lstat(self.path)) == ident:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+
+
 class PendingSocketChannel:
     """A bound, listening vchan-socket server waiting for its one client."""
 
-    def __init__(self, claim: UnixSocketClaim, sock: socket.socket, path: str, limit: int) -> None:
+    def __init__(self, hold: _PathHold, sock: socket.socket, path: str, limit: int) -> None:
         self.path = path
-        self._claim: UnixSocketClaim | None = claim
+        self._claim: _PathHold | None = hold
         self._sock: socket.socket | None = sock
         self._limit = limit
 
@@ -258,25 +299,37 @@ class VchanSocketChannels:
         if buffer_size <= 0:
             raise ValueError(f"buffer_size must be positive, got {buffer_size}")
         path = self.path(self.local_domid, peer_domid, port)
-        if os.path.lexists(path) and _listening(path):
-            raise ResourceBusy(
-                f"vchan-socket {path} is in use: a process listens on it (left alone)"
-            )
-        claim = UnixSocketClaim.acquire(
-            path, what=f"vchan-socket server {self.local_domid}->{peer_domid} port {port}"
-        )
+        hold = _PathHold(path, None)
         try:
-            sock = claim.bind()
-            try:
-                sock.listen(1)
-                sock.setblocking(False)
-            except BaseException:
-                sock.close()
+            sock = hold.bind()  # the common case, cheap: nothing is at the path
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
                 raise
+            # Something is there: a live listener is left alone; a stale socket of ours
+            # (a Qubes server leaves its socket behind) is replaced under the path's lock.
+            if _listening(path):
+                raise ResourceBusy(
+                    f"vchan-socket {path} is in use: a process listens on it (left alone)"
+                ) from None
+            hold = _PathHold(
+                path,
+                UnixSocketClaim.acquire(
+                    path, what=f"vchan-socket server {self.local_domid}->{peer_domid} port {port}"
+                ),
+            )
+            try:
+                sock = hold.bind()
+            except BaseException:
+                hold.release()
+                raise
+        try:
+            sock.listen(1)
+            sock.setblocking(False)
         except BaseException:
-            claim.release()
+            sock.close()
+            hold.release()
             raise
-        return PendingSocketChannel(claim, sock, path, max(buffer_size, _MIN_READ_LIMIT))
+        return PendingSocketChannel(hold, sock, path, max(buffer_size, _MIN_READ_LIMIT))
 
     async def connect(
         self,

@@ -34,7 +34,7 @@ import pytest
 
 from aioxen.ownership import ResourceBusy
 from aioxen.qrexec.channels import ChannelFactory
-from aioxen.qrexec.vchan_socket import VchanSocketChannels, socket_path
+from aioxen.qrexec.vchan_socket import VchanSocketChannels, _listening, socket_path
 
 HANG = 30.0  # hang guard only
 DATA = os.urandom(3 * 1024 * 1024 + 17)  # many socket-buffers' worth, odd length
@@ -155,7 +155,7 @@ async def test_a_live_listener_is_not_replaced(vdir: Path) -> None:
     peer = _peer(vdir, 2, "server", "write", 0, 801)
     path = vdir / "vchan.2.0.801.sock"
     deadline = time.monotonic() + HANG
-    while not path.exists():
+    while not _listening(str(path)):  # bound is not enough: listen() must have run
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
     before = os.lstat(path)
@@ -266,6 +266,17 @@ async def test_close_or_cancel_before_a_client_removes_the_path(vdir: Path) -> N
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not path.exists()
+
+
+async def test_close_leaves_a_socket_that_replaced_ours(vdir: Path) -> None:
+    # A Qubes server unlinks whatever is at its path and binds its own: closing ours
+    # afterwards must not remove theirs.
+    pending = await VchanSocketChannels(vdir, 4).listen(0, 1004, buffer_size=4096)
+    os.unlink(pending.path)
+    with socket.socket(socket.AF_UNIX) as theirs:
+        theirs.bind(pending.path)
+        pending.close()
+        assert stat.S_ISSOCK(os.lstat(pending.path).st_mode)
 
 
 async def test_timeouts_name_the_path(vdir: Path) -> None:

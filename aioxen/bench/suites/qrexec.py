@@ -53,6 +53,7 @@ from aioxen.bench.harness import (
     Measurement,
     end_process,
     make_temp_dir,
+    shm_dir,
     spawn,
     timed_async,
 )
@@ -156,7 +157,7 @@ class QubesChain:
         for prog in ("qrexec-daemon", "qrexec-agent", "qrexec-client"):
             if not os.access(os.path.join(self.bin, prog), os.X_OK):
                 raise FileNotFoundError(f"--qubes-bin {bin_dir}: no executable {prog} there")
-        self.dir = make_temp_dir("aioxen-bench-qubes-")
+        self.dir = make_temp_dir("aioxen-bench-qubes-", shm_dir())
         self.procs: list[subprocess.Popen[Any]] = []
         self.run_as: dict[str, Any] = {}
         self.user = pwd.getpwuid(os.geteuid()).pw_name
@@ -424,7 +425,7 @@ def run(ctx: Context) -> list[Measurement]:
     if qubes_dir:
         mechs.append(QUBES)
     xenstored = XenstoredProcess()
-    socket_dir = make_temp_dir("aioxen-bench-vchan-socket-")
+    socket_dir = make_temp_dir("aioxen-bench-vchan-socket-", shm_dir())  # tmpfs, as /run
     agents: list[subprocess.Popen[str]] = []
     chain: QubesChain | None = None
     try:
