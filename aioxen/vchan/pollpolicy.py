@@ -88,8 +88,10 @@ let each side move big batches while the other sleeps."""
 
 SPIN_ROUNDS = 64
 """Bulk spin-waits ([`SpinPolicy`][]) one transport call may make: a writer's flush, or a
-reader's delivery pass, before it falls back to notifications (bounds the time one
-callback holds the event loop)."""
+reader's delivery pass, before it falls back to notifications."""
+SPIN_PASS_MAX = 1e-3
+"""Seconds one such call may spend spinning in all (bounds how long one callback holds
+the event loop, whatever ``busy_poll``)."""
 SPIN_BATCH_MAX = 4 << 20
 """A reader's delivery pass spins only until it has delivered this many bytes; then it
 lets the event loop run and continues in its next iteration."""
@@ -265,8 +267,8 @@ class SpinPolicy:
     the ring's indices for up to ``max_ns`` nanoseconds (``aioxen._native``'s
     ``ax_vchan_spin``) before asking the peer for a notification -- which, while both ends
     spin, suppresses the notifications (and their system calls) altogether.  At most
-    [`SPIN_ROUNDS`][] spins per call, and a reader's pass stops spinning after
-    [`SPIN_BATCH_MAX`][] bytes.
+    [`SPIN_ROUNDS`][] spins and [`SPIN_PASS_MAX`][] seconds of spinning per call, and a
+    reader's pass stops spinning after [`SPIN_BATCH_MAX`][] bytes.
 
     Spinning pays only while the peer runs on another CPU.  Each spin reports whether the
     peer moved in time, and whether we kept our CPU meanwhile ([`spun`][]); when fewer
@@ -275,13 +277,14 @@ class SpinPolicy:
     [`MAX_POLL_COOLDOWN`][]), then resumes on probation.  ``busy_poll = 0``
     (e.g. a single-process platform) never spins."""
 
-    __slots__ = ("cooldown_len", "max_ns", "off_until", "score")
+    __slots__ = ("budget_ns", "cooldown_len", "max_ns", "off_until", "score")
 
     def __init__(self, busy_poll: float) -> None:
         self.max_ns = int(busy_poll * 1e9)  # the longest spin (0: never spin)
         self.score = 1.0  # moving share of recent spins that saw the peer move in time
         self.off_until = 0.0  # no spinning before this time (0: not paused)
         self.cooldown_len = 0.0  # the last pause (doubles while spins keep failing)
+        self.budget_ns = 0  # spinning left to the current call (see start)
 
     def __repr__(self) -> str:
         return f"<SpinPolicy max={self.max_ns}ns score={self.score:.2f}>"
@@ -296,13 +299,24 @@ class SpinPolicy:
             self.off_until = 0.0
         return True
 
+    def start(self) -> None:
+        """A transport call that may spin begins (not a nested one): its spinning budget
+        is [`SPIN_PASS_MAX`][]."""
+        self.budget_ns = int(SPIN_PASS_MAX * 1e9)
+
+    def spin_ns(self) -> int:
+        """How long the next spin of this call may last (0: the call's budget is spent)."""
+        return min(self.max_ns, max(self.budget_ns, 0))
+
     def spun(self, now: float, result: int) -> bool:
         """A spin ended with ``result`` (``ax_vchan_spin``'s: -1 if it timed out, else the
         nanoseconds it took in bits 0..23 and those of them spent off the CPU in bits
         24..47).  Returns whether the peer moved.  A spin counts as a success only if the
         peer moved and we kept the CPU for most of it (otherwise the CPUs are contended)."""
         moved = result >= 0
-        good = moved and 2 * (result >> 24) <= (result & 0xFFFFFF)
+        took = result & 0xFFFFFF if moved else self.max_ns
+        self.budget_ns -= max(took, 1000)  # each spin costs at least a microsecond
+        good = moved and 2 * (result >> 24) <= took
         self.score += ((1.0 if good else 0.0) - self.score) / _EWMA
         if good:
             if self.score > 0.75:
@@ -331,6 +345,7 @@ __all__ = [
     "POLL_YIELD",
     "SHRINK_GAP",
     "SPIN_BATCH_MAX",
+    "SPIN_PASS_MAX",
     "SPIN_ROUNDS",
     "YIELD_AFTER",
     "PollPolicy",

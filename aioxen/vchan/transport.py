@@ -292,6 +292,7 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
             return
         self._in_service = True
         self._busy += 1
+        self._spin.start()  # this callback's spinning budget (nested writes share it)
         try:
             core = self._core
             if self._wbuf:
@@ -470,7 +471,10 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
             core.notify_pending = False
             self._channel.notify()
         spin = self._spin
-        took = core.spin_readable(spin.max_ns) if reading else core.spin_writable(spin.max_ns)
+        ns = spin.spin_ns()
+        if not ns:
+            return False  # this call's spinning budget is spent: notifications
+        took = core.spin_readable(ns) if reading else core.spin_writable(ns)
         return spin.spun(perf_counter(), took)
 
     def _continue_bulk(self) -> None:
@@ -642,6 +646,8 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
         wbuf = self._wbuf
         # Bulk: a full ring is first watched by a short spin, unarmed (SpinPolicy).
         spins = SPIN_ROUNDS if arm and self._spin.allowed(perf_counter()) else 0
+        if spins and not self._in_service:
+            self._spin.start()  # a write() from outside our callbacks: its own budget
         try:
             while wbuf:
                 head = wbuf[0]

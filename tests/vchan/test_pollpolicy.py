@@ -13,6 +13,7 @@ import pytest
 from aioxen.vchan.pollpolicy import (
     CONTENDED_GAP,
     LATE_FINDS,
+    MAX_BUSY_POLL,
     MAX_POLL_COOLDOWN,
     MIN_WINDOW_SCORE,
     POLL_AGAIN,
@@ -21,6 +22,7 @@ from aioxen.vchan.pollpolicy import (
     POLL_FOUND,
     POLL_YIELD,
     SHRINK_GAP,
+    SPIN_PASS_MAX,
     YIELD_AFTER,
     PollPolicy,
     SpinPolicy,
@@ -302,3 +304,19 @@ def test_successful_spins_forget_past_cooldowns() -> None:
         assert p.allowed(now)
         p.spun(now, spin_result(1_000))
     assert p.cooldown_len == 0.0 and p.score > 0.75
+
+
+def test_spinning_per_call_is_bounded_by_a_budget() -> None:
+    """One transport call spins at most SPIN_PASS_MAX in all, whatever busy_poll."""
+    p = SpinPolicy(MAX_BUSY_POLL)
+    p.start()
+    total = 0
+    while ns := p.spin_ns():
+        assert ns <= p.max_ns
+        p.spun(T0, spin_result(ns // 3))  # the peer moved after a third of the spin
+        total += ns // 3
+    assert total <= SPIN_PASS_MAX * 1e9
+    p.start()  # the next call
+    assert p.spin_ns() == p.max_ns
+    p.spun(T0, -1)  # a timeout spends a whole spin
+    assert p.spin_ns() == SPIN_PASS_MAX * 1e9 - p.max_ns
