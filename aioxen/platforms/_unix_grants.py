@@ -275,6 +275,13 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
         self._platform = platform
         self._table_fd: int | None = None
         self._remote_tables: dict[int, int] = {}  # domid -> read-only table fd (maps)
+        # The backing file of the share mapped last: (domid, share id, writable, fd, size).
+        # A vchan client maps three ranges of one share in a row (control page, rings);
+        # the later maps dup() this fd instead of opening and checking the file again.
+        # Safe: share ids are never reused within a root, the entries are still checked
+        # under the lock on every map, and share files never shrink.  It pins at most one
+        # share's pages after that share is revoked, until the next map or close_all.
+        self._last_backing: tuple[int, int, bool, int, int] | None = None
         self._dirs: dict[int, str] = {}  # domid -> domain_dir (the root never changes)
 
     @property
@@ -398,10 +405,10 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
                 for ref, (share_id, page) in zip(refs, checked, strict=True):
                     fd = fds.get(share_id)
                     if fd is None:
-                        fd = fds[share_id] = self._open_backing(
+                        fd, sizes[share_id] = self._backing(
                             d, remote_domid, ref, share_id, writable
                         )
-                        sizes[share_id] = os.fstat(fd).st_size
+                        fds[share_id] = fd
                     if (page + 1) * PAGE_SIZE > sizes[share_id]:
                         raise ProtocolError(
                             f"grant ref {ref} of domain {remote_domid} names page {page} beyond "
@@ -415,6 +422,32 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
             raise
         pages = ComposedPages(sources, writable, list(fds.values()))
         return UnixMapping(self, remote_domid, refs, writable, pages)
+
+    def _backing(
+        self, d: str, remote_domid: int, ref: int, share_id: int, writable: bool
+    ) -> tuple[int, int]:
+        """A new fd of share ``share_id``'s backing file and its size (caller holds the
+        table's lock and checked the entry): a ``dup`` of the last one's if it is the
+        same share, else opened (and remembered)."""
+        last = self._last_backing
+        if last is not None and last[:2] == (remote_domid, share_id) and (last[2] or not writable):
+            # A writable fd serves a read-only map too: the pages are mapped PROT_READ.
+            return os.dup(last[3]), last[4]
+        fd = self._open_backing(d, remote_domid, ref, share_id, writable)
+        try:
+            size = os.fstat(fd).st_size
+            keep = os.dup(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._forget_backing()
+        self._last_backing = (remote_domid, share_id, writable, keep, size)
+        return fd, size
+
+    def _forget_backing(self) -> None:
+        last, self._last_backing = self._last_backing, None
+        if last is not None:
+            os.close(last[3])
 
     def _check_run(
         self, tfd: int, refs: list[int], remote_domid: int, writable: bool
@@ -472,6 +505,7 @@ class UnixGrantTable(GrantTableBase[UnixShare, UnixMapping]):
     def close_all(self, ignore_busy: bool = False) -> None:
         """Close every mapping, then every share, then the table files."""
         super().close_all(ignore_busy)
+        self._forget_backing()
         if self._table_fd is not None:
             os.close(self._table_fd)
             self._table_fd = None

@@ -86,3 +86,45 @@ async def test_revoke_frees_only_entries_still_owned_by_the_share(tmp_path: Path
         assert sorted(entries) == sorted([*keep.refs, third.refs[2]])
         assert entries[third.refs[2]][2] == 999
         keep.close()
+
+
+async def test_maps_of_one_share_in_a_row_open_its_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A vchan client maps the control page and both rings of one share in a row: the
+    backing file is opened once and the later maps reuse it -- while every map still
+    checks the entries, so a revoked ref fails as before and the fd is released."""
+    from aioxen.platforms import _unix_grants
+
+    opened: list[str] = []
+    real_open = _unix_grants.open_file
+
+    def spy(path: str, flags: int, mode: int = 0o600) -> int:
+        opened.append(path)
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(_unix_grants, "open_file", spy)
+    async with UnixPlatform(1, tmp_path) as a, UnixPlatform(2, tmp_path) as b:
+        share = a.grants.share(2, 5)
+        share.buf[PAGE_SIZE] = 7
+        refs = share.refs
+        b.grants.map(1, refs[:1]).close()  # (opens the table, then the share file)
+        opened.clear()
+        left = b.grants.map(1, refs[1:3], writable=True)
+        right = b.grants.map(1, refs[3:], writable=False)
+        assert opened == []  # both served by the file the first map opened
+        assert left.buf[0] == 7
+        left.buf[1] = 9
+        assert share.buf[PAGE_SIZE + 1] == 9
+        with pytest.raises(TypeError):
+            right.buf[0] = 1  # still a read-only view
+        left.close()
+        right.close()
+        share.close()
+        with pytest.raises(FileNotFoundError, match=f"grant ref {refs[1]} "):
+            b.grants.map(1, refs[1:3])
+        other = a.grants.share(2, 1)
+        opened.clear()
+        b.grants.map(1, other.refs).close()  # another share: opened, the old fd let go
+        assert opened == [str(tmp_path / "grants" / "1" / f"share-{other.share_id}")]
+        other.close()
