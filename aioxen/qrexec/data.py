@@ -51,7 +51,7 @@ import contextlib
 import os
 import signal
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 from aioxen.qrexec.framing import TruncatedMessage, exchange_hello, read_message, write_message
 from aioxen.qrexec.wire import (
@@ -95,7 +95,7 @@ async def data_handshake(
     )
 
 
-# -- sending streams ----------------------------------------------------------------------
+# -- stream plumbing ----------------------------------------------------------------------
 
 
 class _Valve(asyncio.ReadTransport):
@@ -258,6 +258,9 @@ class _End:
                 if isinstance(exc, ConnectionResetError)
                 else ConnectionResetError(f"{self.what}: {exc}")
             )
+        except Exception as exc:  # a bug: the streams get it rather than wait forever
+            self._fail(exc)
+            raise
 
     async def _handle(self, msg_type: int, payload: bytes) -> None:
         raise NotImplementedError
@@ -322,7 +325,7 @@ class _End:
         with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
 
-    async def __aenter__(self) -> Any:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
