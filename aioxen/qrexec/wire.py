@@ -439,6 +439,22 @@ def trigger_type(version: int) -> int:
     return MSG_TRIGGER_SERVICE
 
 
+def check_trigger_version(msg_type: int, version: int) -> None:
+    """Refuse a trigger type the negotiated ``version`` does not use, as Qubes' daemon
+    does (``MSG_TRIGGER_SERVICE`` only below 3, ``3`` from 3, ``4`` from 4)."""
+    ok = {
+        MSG_TRIGGER_SERVICE: version < PROTOCOL_V3,
+        MSG_TRIGGER_SERVICE3: version >= PROTOCOL_V3,
+        MSG_TRIGGER_SERVICE4: version >= PROTOCOL_V4,
+    }.get(msg_type)
+    if ok is None:
+        raise QrexecProtocolError(f"{message_name(msg_type)} is not a trigger", field="type")
+    if not ok:
+        raise QrexecProtocolError(
+            f"{message_name(msg_type)} at negotiated protocol version {version}", field="type"
+        )
+
+
 def encode_trigger_service(version: int, trigger: TriggerService) -> tuple[int, bytes]:
     """``(msg_type, payload)`` of ``trigger`` for protocol ``version``.
 
@@ -681,6 +697,7 @@ __all__ = [
     "check_domain_name",
     "check_ident",
     "check_service_name",
+    "check_trigger_version",
     "control_payload_limit",
     "data_payload_limit",
     "encode_exec_params",

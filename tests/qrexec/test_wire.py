@@ -256,6 +256,21 @@ def test_trigger_layout_v4() -> None:
     assert raw[160:] == b"qubes.Echo+x\0"
 
 
+def test_trigger_type_per_version() -> None:
+    for version in (2, 3, 4):
+        w.check_trigger_version(w.trigger_type(version), version)
+    w.check_trigger_version(w.MSG_TRIGGER_SERVICE3, 4)  # Qubes' daemon takes 3 at v4 too
+    for t, v in [
+        (w.MSG_TRIGGER_SERVICE, 3),
+        (w.MSG_TRIGGER_SERVICE3, 2),
+        (w.MSG_TRIGGER_SERVICE4, 3),
+    ]:
+        with pytest.raises(QrexecProtocolError, match=f"at negotiated protocol version {v}"):
+            w.check_trigger_version(t, v)
+    with pytest.raises(QrexecProtocolError, match="not a trigger"):
+        w.check_trigger_version(w.MSG_HELLO, 4)
+
+
 def test_trigger_source_needs_v4() -> None:
     with pytest.raises(ValueError, match="source"):
         w.encode_trigger_service(3, w.TriggerService("a", "b", "c", "d"))
