@@ -317,17 +317,20 @@ def _counts(ctx: Context) -> dict[int, int]:
 def _steady(
     sender: _Proc, receiver: _Proc, size: int, first: int, ctx: Context, last: float = 0.0
 ) -> float:
-    """Frames per second of a burst sized to last at least ``ctx.seconds``, after an
-    untimed warm-up burst (``first`` frames, or ``ctx.warmup`` seconds' worth); the burst
-    is sized from the faster of the warm-up's rate and ``last`` (the previous repetition's)
-    and run again, longer, if it still ended too soon."""
-    warm = _one_way(sender, receiver, size, first)
-    count = max(first, int(max(warm, last) * ctx.seconds * 1.15))
-    rate = _one_way(sender, receiver, size, count)
-    while count / rate < ctx.seconds:  # the warm-up rate was too low an estimate
-        count = int(rate * ctx.seconds * 1.1) + 1
-        rate = _one_way(sender, receiver, size, count)
-    return rate
+    """Frames per second over at least ``ctx.seconds`` of bursts, after an untimed
+    warm-up burst (``first`` frames, about ``ctx.warmup`` seconds' worth).  Bursts are
+    sized from the previous repetition's rate ``last`` (else the warm-up's); if a burst
+    ends too soon another one makes up the missing time, and the figure is all timed
+    frames over all timed bursts' time."""
+    est = _one_way(sender, receiver, size, first)
+    est = last or est
+    frames, elapsed = 0, 0.0
+    while elapsed < ctx.seconds:
+        count = max(100, int(est * (ctx.seconds - elapsed) * 1.05))
+        est = _one_way(sender, receiver, size, count)
+        frames += count
+        elapsed += count / est
+    return frames / elapsed
 
 
 def _xenstored() -> Any:

@@ -10,9 +10,9 @@ least ``ctx.seconds`` (steady state: bytes the server confirmed between two ``OK
 Ping-pong: 64 bytes out, 64 bytes back, each round trip timed, for the warm-up (not
 recorded) and then at least ``ctx.seconds``.
 
-``vchan/unix no-poll`` (busy-polling off) is measured where the poll policy polls --
-chunks up to 16 KiB and ping-pong -- so the table can flag the figures that need a free
-core (see [`aioxen.bench.harness.annotate`][]).
+``vchan/unix no-poll`` (busy-polling off) is measured where the poll policy polls -- 4 KiB
+chunks and ping-pong by default, any case with ``--mechanisms`` -- so the table can flag
+the figures that need a free core (see [`aioxen.bench.harness.annotate`][]).
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ ROUND = 8 << 20
 """Bytes per acknowledged bulk round (4 MiB with ``--quick``): long enough that the
 acknowledgement costs nothing measurable, short enough that a slow path's last round
 does not stretch the repetition much beyond ``ctx.seconds``."""
-POLLED_CHUNK = 16 << 10
-"""Bulk chunks up to this size are also measured with busy-polling off (the poll policy
-polls after messages of at most 16 KiB)."""
+POLLED_CHUNKS = (4 << 10,)
+"""Bulk chunk sizes a default run also measures with busy-polling off (the poll policy
+polls after messages of at most 16 KiB; one such size keeps the run short)."""
 PING_BATCH = 500
 
 
@@ -156,7 +156,7 @@ def measured_in(mech: str, chunk: int | None) -> bool:
     """Whether a default run measures ``mech`` in this case (``chunk`` None: ping-pong):
     the busy-poll variant where the policy polls, the 1 MiB-ring variant in bulk cases."""
     if mech == VCHAN_NO_POLL:
-        return chunk is None or chunk <= POLLED_CHUNK
+        return chunk is None or chunk in POLLED_CHUNKS
     if mech == VCHAN_1M:
         return chunk is not None
     return True
