@@ -220,8 +220,14 @@ class _End:
     what = "qrexec data channel"
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, version: int
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        version: int,
+        what: str | None = None,
     ) -> None:
+        if what is not None:
+            self.what = what  # e.g. "qrexec service in domain 3 (port 513)", for errors
         self.reader = reader
         self.writer = writer
         self.version = version
@@ -350,8 +356,9 @@ class ServiceEnd(_End):
         version: int,
         *,
         stdin_limit: int = 2**16,
+        what: str | None = None,
     ) -> None:
-        super().__init__(reader, writer, version)
+        super().__init__(reader, writer, version, what)
         self._valve = _Valve()
         self.stdin = asyncio.StreamReader(limit=stdin_limit)
         self.stdin.set_transport(self._valve)
@@ -369,10 +376,13 @@ class ServiceEnd(_End):
         *,
         max_version: int = PROTOCOL_VERSION,
         stdin_limit: int = 2**16,
+        what: str | None = None,
     ) -> ServiceEnd:
-        """Handshake on a fresh data channel, then the service end over it."""
-        version = await data_handshake(reader, writer, max_version=max_version, what=cls.what)
-        return cls(reader, writer, version, stdin_limit=stdin_limit)
+        """Handshake on a fresh data channel, then the service end over it.  ``what``
+        names the peer in errors (default ``"qrexec caller"``)."""
+        name = what or cls.what
+        version = await data_handshake(reader, writer, max_version=max_version, what=name)
+        return cls(reader, writer, version, stdin_limit=stdin_limit, what=name)
 
     async def _handle(self, msg_type: int, payload: bytes) -> None:
         if msg_type not in (MSG_DATA_STDIN, MSG_DATA_STDOUT):
@@ -435,8 +445,9 @@ class CallerEnd(_End):
         *,
         limit: int = 2**16,
         exit_grace: float = DEFAULT_EXIT_GRACE,
+        what: str | None = None,
     ) -> None:
-        super().__init__(reader, writer, version)
+        super().__init__(reader, writer, version, what)
         self._out_valve = _Valve()
         self._err_valve = _Valve()
         self.stdout = asyncio.StreamReader(limit=limit)
@@ -460,10 +471,13 @@ class CallerEnd(_End):
         max_version: int = PROTOCOL_VERSION,
         limit: int = 2**16,
         exit_grace: float = DEFAULT_EXIT_GRACE,
+        what: str | None = None,
     ) -> CallerEnd:
-        """Handshake on a fresh data channel, then the caller end over it."""
-        version = await data_handshake(reader, writer, max_version=max_version, what=cls.what)
-        return cls(reader, writer, version, limit=limit, exit_grace=exit_grace)
+        """Handshake on a fresh data channel, then the caller end over it.  ``what``
+        names the peer in errors (default ``"qrexec service"``)."""
+        name = what or cls.what
+        version = await data_handshake(reader, writer, max_version=max_version, what=name)
+        return cls(reader, writer, version, limit=limit, exit_grace=exit_grace, what=name)
 
     async def _handle(self, msg_type: int, payload: bytes) -> None:
         if self._code is not None:

@@ -121,6 +121,19 @@ async def test_caller_accepts_stdin_for_stdout(channel_pair: PairFactory) -> Non
     await caller.aclose()
 
 
+async def test_errors_name_the_peer(channel_pair: PairFactory) -> None:
+    (cr, cw), (sr, sw) = await channel_pair()
+    caller, _ = await asyncio.gather(
+        CallerEnd.open(cr, cw, what="qrexec service in domain 3 (port 513)"),
+        data_handshake(sr, sw),
+    )
+    sw.write(msg(0x999))
+    async with asyncio.timeout(HANG_GUARD):
+        with pytest.raises(QrexecProtocolError, match=r"^qrexec service in domain 3 \(port 513\)"):
+            await caller.exit_code()
+    await caller.aclose()
+
+
 async def test_exit_code_without_close(channel_pair: PairFactory) -> None:
     """A service that sends its code but keeps the channel open: the caller returns the
     code after its grace period, never hangs."""
