@@ -315,6 +315,7 @@ class BlkFront:
                         platform, domid, req_fmt, rsp_fmt,
                         order=neg.ring_page_order, start=ring_start,
                         name=f"{self.name}/q{q}",
+                        busy_poll=0,  # I/O completes in the back end's threads: no polling
                     )
                 )  # fmt: skip
                 cap = ring.ring.nr_ents

@@ -192,6 +192,7 @@ class BlkbackDriver(BackendDriver):
             ring: AsyncBackRing[Any, Any] = await AsyncBackRing.attach(
                 platform, dev.peer_domid, q.refs, q.port,
                 B.request_format(keys.abi), B.response_format(keys.abi), name=name,
+                busy_poll=0,  # its answers wait for I/O threads: polling would race them
             )  # fmt: skip
             self._rings.append(ring)
             self.servers.append(RingServer(
