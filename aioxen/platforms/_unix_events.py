@@ -31,7 +31,18 @@ After that every notification is one byte (value irrelevant) sent with ``MSG_DON
 the socket buffer is full the peer has plenty of unread notifications already, so dropping the
 byte only coalesces.  The receiving fd is an asyncio reader; each readiness callback does one
 ``recv`` of everything available and reports one batch to
-[`ChannelCore`][aioxen.platforms._channel.ChannelCore].  EOF — the peer closed, or its process died
+[`ChannelCore`][aioxen.platforms._channel.ChannelCore].
+
+Doorbells.  A socket byte costs the sender an skb and the receiver a ``recv``; an ``eventfd``
+(a pipe where there is none) is several times cheaper to ring.  So once connected, each end
+makes a *doorbell* -- an ``eventfd`` it watches with ``loop.add_reader`` (or a pipe's read
+end) -- and passes its ringing end to the peer over the socket (one byte ``D`` with
+``SCM_RIGHTS``).  From the moment an end has received the peer's doorbell it notifies by
+ringing it (``eventfd_write`` of 1, or one byte into the pipe; ``EAGAIN`` only coalesces)
+instead of sending a byte.  Semantics are unchanged: any byte or doorbell reading is one batch,
+so the switch-over loses or reorders nothing, and a peer that passes no doorbell (or anything
+that is neither an eventfd nor a pipe) is simply notified by socket bytes.  The socket stays
+the channel: its EOF still reports the peer gone.  EOF — the peer closed, or its process died
 (SIGKILL closes its sockets too) — reports the peer gone, which wakes waiters with
 ``ConnectionResetError`` and calls the handler with ``peer_lost`` true.  A listener that
 ``notify``\\ s before its peer is accepted remembers it and sends one byte on acceptance.
@@ -53,6 +64,7 @@ import socket
 import stat
 import struct
 import threading
+from array import array
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -82,6 +94,45 @@ def _recv_buffer() -> memoryview:
 
 
 _SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
+_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_ANC_SIZE = socket.CMSG_SPACE(4 * 4)  # room for a few fds; extra ones are closed
+DOORBELL_BYTE = b"D"
+_NO_FDS: list[int] = []  # (never modified) "read with recv_into, no fds possible"
+
+
+def make_doorbell() -> tuple[int, int]:
+    """A doorbell: ``(fd to watch, fd to ring)`` -- one non-blocking ``eventfd`` for both
+    where the system has it, else a non-blocking pipe."""
+    if hasattr(os, "eventfd"):
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return fd, fd
+    r, w = os.pipe()
+    for fd in (r, w):
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+    return r, w
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
+def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array("i")
+            got.frombytes(data[: len(data) - len(data) % got.itemsize])
+            fds.extend(got)
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.set_inheritable(fd, False)
+    return fds
+
+
 _MAX_SUN_PATH = 100
 _claims = itertools.count()
 
@@ -192,6 +243,9 @@ class UnixEventChannel(ChannelCore):
         self._hello = b""
         self._deferred_notify = False
         self._death_clears: dict[int, ClearSpec] = {}
+        self._bell: int | None = None  # our doorbell's watched fd (see Doorbells)
+        self._peer_bell: int | None = None  # the peer's doorbell, once it passed it
+        self._peer_bell_is_pipe = False
         if listener is not None:
             self._state = _State.LISTENING
             loop.add_reader(listener.fileno(), self._on_acceptable)
@@ -199,6 +253,7 @@ class UnixEventChannel(ChannelCore):
             assert conn is not None
             self._state = _State.CONNECTED
             loop.add_reader(conn.fileno(), self._on_readable)
+            self._offer_doorbell()
 
     @property
     def remote_port(self) -> int | None:
@@ -220,6 +275,16 @@ class UnixEventChannel(ChannelCore):
         if self._state is _State.CONNECTED:
             if conn is None:
                 return  # peer gone
+            bell = self._peer_bell
+            if bell is not None:
+                try:
+                    if self._peer_bell_is_pipe:
+                        os.write(bell, b"\x01")
+                    else:
+                        os.eventfd_write(bell, 1)
+                except OSError:
+                    pass  # EAGAIN: the doorbell is rung already (coalesces); else peer gone
+                return
             try:
                 conn.send(b"\x01", _SEND_FLAGS)
             except BlockingIOError:
@@ -228,6 +293,66 @@ class UnixEventChannel(ChannelCore):
                 pass  # the peer is gone; the EOF on our reader reports it
         elif self._state is not _State.CLOSED:
             self._deferred_notify = True
+
+    # -- doorbells (see the module docstring) ---------------------------------------------
+    def _offer_doorbell(self) -> None:
+        """Connected: make our doorbell, watch it, pass its ringing end to the peer."""
+        conn = self._conn
+        if conn is None or self._bell is not None:
+            return
+        watch, ring = make_doorbell()
+        try:
+            conn.sendmsg(
+                [DOORBELL_BYTE],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [ring]).tobytes())],
+                _SEND_FLAGS,
+            )
+        except OSError:  # no room or the peer is gone: it keeps getting socket bytes
+            os.close(watch)
+            if ring != watch:
+                os.close(ring)
+            return
+        if ring != watch:
+            os.close(ring)  # the peer holds the write end now
+        self._bell = watch
+        self._loop.add_reader(watch, self._on_doorbell)
+
+    def _adopt_doorbell(self, fds: list[int]) -> None:
+        """Keep the first fd the peer passed as its doorbell if it is one; close the rest."""
+        for fd in fds:
+            if self._peer_bell is None and self._state is _State.CONNECTED:
+                try:
+                    pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+                except OSError:
+                    pipe = False
+                if pipe or _is_eventfd(fd):
+                    os.set_blocking(fd, False)
+                    self._peer_bell = fd
+                    self._peer_bell_is_pipe = pipe
+                    continue
+            os.close(fd)
+
+    def _on_doorbell(self) -> None:
+        bell = self._bell
+        if bell is None:
+            return
+        try:
+            os.read(bell, 4096)  # an eventfd's counter (8 bytes), or the pipe's bytes
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        self._events_arrived()
+
+    def _close_doorbells(self) -> None:
+        bell, self._bell = self._bell, None
+        if bell is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                self._loop.remove_reader(bell)
+            os.close(bell)
+        peer, self._peer_bell = self._peer_bell, None
+        if peer is not None:
+            os.close(peer)
 
     # -- unmap notification on process death (see aioxen.platforms._unix_death) ----------
     def add_death_clear(self, spec: ClearSpec) -> int:
@@ -301,7 +426,7 @@ class UnixEventChannel(ChannelCore):
         if len(self._hello) < HELLO.size:
             return
         magic, version, domid, port = HELLO.unpack_from(self._hello)
-        rest = self._hello[HELLO.size :]
+        rest = self._hello[HELLO.size :].strip(DOORBELL_BYTE)  # the marker is no event
         self._hello = b""
         if magic != HELLO_MAGIC or version != HELLO_VERSION or domid != self._remote_domid:
             self._reject()
@@ -314,6 +439,7 @@ class UnixEventChannel(ChannelCore):
                 os.unlink(self._listen_path)
         self._remote_port = port
         self._state = _State.CONNECTED
+        self._offer_doorbell()
         self._peer_bound()
         if self._deferred_notify:
             self._deferred_notify = False
@@ -327,18 +453,29 @@ class UnixEventChannel(ChannelCore):
         if conn is None:
             return
         buf = _recv_buffer()
+        fds: list[int] = _NO_FDS
         try:
-            n = conn.recv_into(buf)
+            if self._peer_bell is None:  # the peer's doorbell may come with these bytes
+                n, ancdata, _flags, _addr = conn.recvmsg_into([buf], _ANC_SIZE, _RECV_FLAGS)
+                fds = _received_fds(ancdata)
+            else:
+                n = conn.recv_into(buf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             n = 0  # ECONNRESET and friends: the peer is gone
         if self._state is _State.HELLO:
             if not n:
+                self._adopt_doorbell(fds)  # (closes them: not connected)
                 self._reject()
             else:
                 self._on_hello(bytes(buf[:n]))
+                self._adopt_doorbell(fds)  # kept only if the hello was accepted
             return
+        if fds:
+            self._adopt_doorbell(fds)
+        if n and fds is not _NO_FDS and not bytes(buf[:n]).strip(DOORBELL_BYTE):
+            return  # only the peer's doorbell marker: no notification
         if n:
             self._events_arrived()  # one batch, however many bytes (events coalesce)
             return
@@ -358,6 +495,7 @@ class UnixEventChannel(ChannelCore):
             if path is not None:
                 write_record(path, [])
         self._state = _State.CLOSED
+        self._close_doorbells()
         for sock in (self._conn, self._lsock):
             if sock is not None:
                 with contextlib.suppress(OSError, RuntimeError):
