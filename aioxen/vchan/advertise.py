@@ -174,12 +174,15 @@ async def republish(platform: Platform, path: str, ring_ref: int, event_channel:
     last).  A reader that catches the pair half-written is covered by its double read of
     ``event-channel`` and the endpoint checks (see the module docstring)."""
     store = _store(platform)
-    await _all(
-        [
-            store.write(f"{path}/{RING_REF}", str(ring_ref).encode("ascii")),
-            store.write(f"{path}/{EVENT_CHANNEL}", str(event_channel).encode("ascii")),
-        ]
-    )
+    items = [
+        (f"{path}/{RING_REF}", str(ring_ref).encode("ascii")),
+        (f"{path}/{EVENT_CHANNEL}", str(event_channel).encode("ascii")),
+    ]
+    many = getattr(store, "write_many", None)
+    if many is not None:
+        await many(items)  # pipelined, no task per request
+    else:
+        await _all([store.write(k, v) for k, v in items])
 
 
 async def withdraw(platform: Platform, path: str, owner: Owner | None = None) -> None:
@@ -222,9 +225,12 @@ async def read(platform: Platform, path: str) -> tuple[int, int] | None:
     ec_key = f"{path}/{EVENT_CHANNEL}"
     try:
         # Pipelined (one round trip); xenstored answers them in order.
-        ec1, rr, ec2 = await _all(
-            [store.read(ec_key), store.read(f"{path}/{RING_REF}"), store.read(ec_key)]
-        )
+        keys = [ec_key, f"{path}/{RING_REF}", ec_key]
+        many = getattr(store, "read_many", None)
+        if many is not None:
+            ec1, rr, ec2 = await many(keys)  # no task per request
+        else:
+            ec1, rr, ec2 = await _all([store.read(k) for k in keys])
     except (FileNotFoundError, PermissionError):
         return None
     if ec1 != ec2:

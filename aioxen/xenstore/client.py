@@ -40,7 +40,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from aioxen.errors import ProtocolError
 from aioxen.xenstore.errors import TransactionConflict, error_for
@@ -86,6 +86,24 @@ class _Expired(Exception):
 def _expire(fut: asyncio.Future[Message]) -> None:
     if not fut.done():
         fut.set_exception(_Expired())
+
+
+def _expire_all(futs: list[asyncio.Future[Message]]) -> None:
+    for fut in futs:
+        _expire(fut)
+
+
+def _reply_payload(reply: Message, typ: XsType, op: str, path: str | None) -> bytes:
+    """The payload of ``reply`` to a ``typ`` request, or the error it carries."""
+    if reply.type == XsType.ERROR:
+        name, errnum = parse_error(reply.payload)
+        raise error_for(errnum, name, op=op, path=path)
+    if reply.type != typ:
+        raise ProtocolError(
+            f"XenStore {op}: reply type {reply.type_name} to a {typ.name} request",
+            field="type",
+        )
+    return reply.payload
 
 
 def _path_bytes(path: str | bytes) -> bytes:
@@ -593,15 +611,84 @@ class XenStoreClient(_Ops):
                     timer.cancel()
                 if self._pending.get(req_id) is fut:
                     del self._pending[req_id]
-        if reply.type == XsType.ERROR:
-            name, errnum = parse_error(reply.payload)
-            raise error_for(errnum, name, op=op, path=path)
-        if reply.type != typ:
-            raise ProtocolError(
-                f"XenStore {op}: reply type {reply.type_name} to a {typ.name} request",
-                field="type",
+        return _reply_payload(reply, typ, op, path)
+
+    async def read_many(
+        self, paths: Sequence[str | bytes], *, timeout: float | None = _UNSET
+    ) -> list[bytes]:
+        """The values at ``paths``, read pipelined (the requests leave back to back: one
+        round trip).  The first error is raised once every reply is in."""
+        return await self._many(
+            [(XsType.READ, _path_bytes(p) + NUL, "read", _path_str(p)) for p in paths], timeout
+        )
+
+    async def write_many(
+        self,
+        items: Sequence[tuple[str | bytes, bytes | bytearray | memoryview | str]],
+        *,
+        timeout: float | None = _UNSET,
+    ) -> None:
+        """Write ``(path, value)`` pairs pipelined, in order (one round trip).  The first
+        error is raised once every reply is in."""
+        await self._many(
+            [
+                (XsType.WRITE, encode_write(_path_bytes(p), _value_bytes(v)), "write", _path_str(p))
+                for p, v in items
+            ],
+            timeout,
+        )
+
+    async def _many(
+        self, requests: list[tuple[XsType, bytes, str, str | None]], timeout: float | None
+    ) -> list[bytes]:
+        """Send ``requests`` (type, payload, op, path) back to back and collect their
+        replies in order -- without a task per request (kept dense for the vchan set-up
+        path, which pipelines its reads and writes)."""
+        if timeout is not None and timeout != timeout:  # _UNSET is NaN
+            timeout = self.timeout
+        transport = self._transport
+        results: list[Any] = []
+        if transport is None or self._limit is not None:  # connect first / in-flight limit
+            results = await asyncio.gather(
+                *(self._request(t, p, op=o, path=pa, timeout=timeout) for t, p, o, pa in requests),
+                return_exceptions=True,
             )
-        return reply.payload
+        else:
+            loop = asyncio.get_running_loop()
+            sent: list[tuple[int, asyncio.Future[Message]]] = []
+            timer = None
+            try:
+                for typ, payload, _op, _path in requests:
+                    req_id = self._new_req_id()
+                    fut: asyncio.Future[Message] = loop.create_future()
+                    self._pending[req_id] = fut
+                    sent.append((req_id, fut))
+                    transport.send(Message(typ, req_id, 0, payload))
+                if timeout is not None:
+                    timer = loop.call_later(timeout, _expire_all, [f for _, f in sent])
+                if transport.backlog() > _DRAIN_ABOVE:
+                    async with asyncio.timeout(timeout):
+                        await transport.drain()
+                for (typ, _payload, op, path), (_req_id, fut) in zip(requests, sent, strict=True):
+                    try:
+                        results.append(_reply_payload(await fut, typ, op, path))
+                    except _Expired:
+                        results.append(self._timeout_error(op, path, timeout))
+                    except Exception as exc:
+                        results.append(exc)
+            except TimeoutError:  # the drain
+                op, path = requests[0][2], requests[0][3]
+                raise self._timeout_error(op, path, timeout) from None
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                for req_id, fut in sent:
+                    if self._pending.get(req_id) is fut:
+                        del self._pending[req_id]
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
 
     def _timeout_error(self, op: str, path: str | None, timeout: float | None) -> TimeoutError:
         what = f" {path!r}" if path is not None else ""

@@ -39,6 +39,31 @@ async def test_many_pipelined_requests_from_one_client(unix_clients: ClientFacto
     assert isinstance(results[3], list) and len(results[3]) == 201
 
 
+async def test_read_many_and_write_many_pipeline_without_tasks(
+    unix_clients: ClientFactory,
+) -> None:
+    """``write_many``/``read_many`` send their requests back to back (no task each) and
+    answer in order; a failing request raises only once every reply is in, so nothing is
+    left in flight on the connection."""
+    c = unix_clients(35)
+    await c.write("m/x", "connected")  # (the first request opens the connection)
+    tasks_before = len(asyncio.all_tasks())
+    writing = asyncio.ensure_future(c.write_many([(f"m/{i}", f"v{i}") for i in range(50)]))
+    await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) == tasks_before + 1  # just the one we made
+    await writing
+    assert await c.read_many([f"m/{i}" for i in (3, 1, 49)]) == [b"v3", b"v1", b"v49"]
+    try:
+        await c.read_many(["m/0", "m/missing", "m/2"])
+    except FileNotFoundError as exc:
+        assert "m/missing" in str(exc)
+    else:
+        raise AssertionError("a missing node must raise")
+    assert c._pending == {}  # every reply was collected
+    await c.write_many([("m/0", "again")])
+    assert await c.read("m/0") == b"again"
+
+
 async def test_transaction_pipelined_writes_commit(unix_clients: ClientFactory) -> None:
     c = unix_clients(32)
 
