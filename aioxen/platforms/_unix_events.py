@@ -39,9 +39,11 @@ makes a *doorbell* -- an ``eventfd`` it watches with ``loop.add_reader`` (or a p
 end) -- and passes its ringing end to the peer over the socket (one byte ``D`` with
 ``SCM_RIGHTS``).  From the moment an end has received the peer's doorbell it notifies by
 ringing it (``eventfd_write`` of 1, or one byte into the pipe; ``EAGAIN`` only coalesces)
-instead of sending a byte.  Semantics are unchanged: any byte or doorbell reading is one batch,
-so the switch-over loses or reorders nothing, and a peer that passes no doorbell (or anything
-that is neither an eventfd nor a pipe) is simply notified by socket bytes.  The socket stays
+instead of sending a byte (a channel made when many fds are open already --
+[`doorbell_fd_limit`][] -- keeps to socket bytes).  Semantics are unchanged: any byte
+or doorbell reading is one batch, so the switch-over loses or reorders nothing, and a
+peer that passes no doorbell (or anything that is neither an eventfd nor a pipe) is simply
+notified by socket bytes.  The socket stays
 the channel: its EOF still reports the peer gone.  EOF — the peer closed, or its process died
 (SIGKILL closes its sockets too) — reports the peer gone, which wakes waiters with
 ``ConnectionResetError`` and calls the handler with ``peer_lost`` true.  A listener that
@@ -58,8 +60,10 @@ import contextlib
 import enum
 import errno
 import fcntl
+import functools
 import itertools
 import os
+import resource
 import socket
 import stat
 import struct
@@ -98,6 +102,15 @@ _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _ANC_SIZE = socket.CMSG_SPACE(4 * 4)  # room for a few fds; extra ones are closed
 DOORBELL_BYTE = b"D"
 _NO_FDS: list[int] = []  # (never modified) "read with recv_into, no fds possible"
+
+
+@functools.cache
+def doorbell_fd_limit() -> int:
+    """Doorbells cost two fds per channel: none is made once a channel's socket fd number
+    (about the number of fds open) reaches a quarter of the soft ``RLIMIT_NOFILE``, so many
+    channels under a default limit of 1,024 stay within it (they use socket bytes)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft // 4 if soft > 0 else 1 << 30
 
 
 def make_doorbell() -> tuple[int, int]:
@@ -298,7 +311,7 @@ class UnixEventChannel(ChannelCore):
     def _offer_doorbell(self) -> None:
         """Connected: make our doorbell, watch it, pass its ringing end to the peer."""
         conn = self._conn
-        if conn is None or self._bell is not None:
+        if conn is None or self._bell is not None or conn.fileno() >= doorbell_fd_limit():
             return
         watch, ring = make_doorbell()
         try:

@@ -97,3 +97,26 @@ async def test_something_else_passed_as_a_doorbell_is_refused(tmp_path: Path) ->
         await peer.wait(timeout=T)
         ch.close()
         peer.close()
+
+
+async def test_no_doorbells_when_many_fds_are_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Doorbells cost two fds per channel: past a quarter of RLIMIT_NOFILE, socket bytes."""
+    from aioxen.platforms import _unix_events
+
+    monkeypatch.setattr(_unix_events, "doorbell_fd_limit", lambda: 0)
+    before = open_fds()
+    async with UnixPlatform(1, tmp_path) as a, UnixPlatform(2, tmp_path) as b:
+        ch = await a.events.listen(2)
+        peer = await b.events.connect(1, ch.port)
+        await peer.wait(timeout=T)
+        ch.notify()
+        await peer.wait(timeout=T)
+        peer.notify()
+        await ch.wait(timeout=T)
+        assert ch._bell is None and peer._bell is None
+        assert ch._peer_bell is None and peer._peer_bell is None
+        ch.close()
+        peer.close()
+    assert open_fds() == before
