@@ -216,7 +216,7 @@ async def _open(
     service: str,
     via: Agent | Daemon | str | os.PathLike[str] | None,
     channels: ChannelFactory | None,
-    user: str,
+    user: str | None,
 ) -> tuple[ChannelFactory, int, int, Any]:
     """Get a data channel; returns ``(channels, domain, port, finish)``."""
     from aioxen.qrexec.agent import Agent
@@ -232,7 +232,8 @@ async def _open(
     where = os.fspath(via) if via is not None else _default_dir()
     if chans.local_domid == 0:
         path = os.path.join(where, f"qrexec.{target}") if os.path.isdir(where) else where
-        cmdline = f"{user}:QUBESRPC {service if '+' in service else service + '+'} dom0"
+        who = user or "user"
+        cmdline = f"{who}:QUBESRPC {service if '+' in service else service + '+'} dom0"
         domain, port, _, sock = await request_via_daemon_socket(path, cmdline)
     else:
         path = os.path.join(where, TRIGGER_NAME) if os.path.isdir(where) else where
@@ -247,7 +248,7 @@ async def call(
     input: bytes = b"",
     via: Agent | Daemon | str | os.PathLike[str] | None = None,
     channels: ChannelFactory | None = None,
-    user: str = "user",
+    user: str | None = None,
     timeout: float | None = None,
 ) -> CallResult:
     """Call ``service`` (``"name+arg"``) in domain ``target`` with ``input`` on its
@@ -257,7 +258,8 @@ async def call(
     [`Daemon`][aioxen.qrexec.daemon.Daemon], or the directory (or socket path) of the
     agent's trigger socket (in a VM) / the daemon's client sockets (in dom0); default
     ``$AIOXEN_QREXEC_DIR`` or ``/var/run/qubes``.  ``channels`` opens the data channel
-    (default: vchan on ``aioxen.platform()``)."""
+    (default: vchan on ``aioxen.platform()``).  ``user`` (calls from dom0): the user the
+    service runs as; default the daemon's ``default_user`` (``user`` over a socket)."""
     async with asyncio.timeout(timeout):
         try:
             chans, domain, port, finish = await _open(target, service, via, channels, user)
@@ -277,7 +279,7 @@ async def connect(
     *,
     via: Agent | Daemon | str | os.PathLike[str] | None = None,
     channels: ChannelFactory | None = None,
-    user: str = "user",
+    user: str | None = None,
 ) -> AsyncIterator[Streams]:
     """``async with qrexec.connect(target, "svc+arg") as (reader, writer)``: the
     service's stdout and stdin as streams (``writer.write_eof()`` ends stdin;

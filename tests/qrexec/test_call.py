@@ -215,3 +215,17 @@ async def test_odd_policy_answers_refuse_never_hang(world: World) -> None:
             assert (await a["work"].call("vault", svc, timeout=30)).exit_code == 126
         r = await a["work"].call("vault", "bad.Source", timeout=30)
         assert r.exit_code in (125, 126)  # never a hang
+
+
+async def test_dom0_calls_run_as_the_daemons_default_user(world: World) -> None:
+    async with qrexec_world(world) as (daemon, agents):
+        daemon.default_user = "alice"
+
+        @agents["vault"].service("test.Who")
+        async def who(stdin: Reader, stdout: Writer, req: ServiceRequest) -> int:
+            stdout.write(req.user.encode())
+            return 0
+
+        assert (await daemon.call("vault", "test.Who", timeout=30)).stdout == b"alice"
+        r = await qrexec.call("vault", "test.Who", via=daemon, user="bob", timeout=30)
+        assert r.stdout == b"bob"
