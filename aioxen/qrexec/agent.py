@@ -487,13 +487,22 @@ class Agent:
             self._pending.pop(ident, None)
 
     @contextlib.asynccontextmanager
-    async def connect(self, target: str, service: str) -> AsyncIterator[Streams]:
+    async def connect(
+        self, target: str, service: str, *, keep_stderr: bool = False
+    ) -> AsyncIterator[Streams]:
         """``async with agent.connect("vault", "my.Service+arg") as (reader, writer)``:
-        stream a call; ``writer.write_eof()`` ends its stdin."""
+        stream a call; ``writer.write_eof()`` ends its stdin.  stderr as in
+        [`qrexec.connect`][aioxen.qrexec.client.connect] (discarded unless
+        ``keep_stderr``)."""
         domain, port = await self.request(target, service)
         try:
             async with caller_session(
-                self.channels, domain, port, self.data_buffer_size, self.max_version
+                self.channels,
+                domain,
+                port,
+                self.data_buffer_size,
+                self.max_version,
+                keep_stderr=keep_stderr,
             ) as streams:
                 yield streams
         finally:

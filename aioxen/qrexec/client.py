@@ -110,11 +110,18 @@ class _CallStreams:
 
 @contextlib.asynccontextmanager
 async def caller_session(
-    channels: ChannelFactory, domain: int, port: int, buffer_size: int, max_version: int
+    channels: ChannelFactory,
+    domain: int,
+    port: int,
+    buffer_size: int,
+    max_version: int,
+    *,
+    keep_stderr: bool = True,
 ) -> AsyncIterator[Streams]:
     """Offer the data channel ``(domain, port)``, accept the service side, handshake;
     yield ``(stdout reader, stdin writer)`` (the writer has ``exit_code()`` and
-    ``stderr``)."""
+    ``stderr``).  ``keep_stderr=False``: the service's stderr is discarded as it
+    arrives (nobody has to read ``writer.stderr``, which then only sees the EOF)."""
     pending = await channels.listen(domain, port, buffer_size=buffer_size)
     try:
         reader, writer = await pending.accept()
@@ -122,7 +129,8 @@ async def caller_session(
         pending.close()
     try:
         version = await data_handshake(reader, writer, max_version=max_version)
-        end = CallerEnd(reader, writer, version)
+        what = f"qrexec service in domain {domain} (port {port})"
+        end = CallerEnd(reader, writer, version, what=what, discard_stderr=not keep_stderr)
         try:
             yield end.stdout, _CallStreams(end)  # type: ignore[misc]
         finally:
@@ -280,14 +288,22 @@ async def connect(
     via: Agent | Daemon | str | os.PathLike[str] | None = None,
     channels: ChannelFactory | None = None,
     user: str | None = None,
+    keep_stderr: bool = False,
 ) -> AsyncIterator[Streams]:
     """``async with qrexec.connect(target, "svc+arg") as (reader, writer)``: the
     service's stdout and stdin as streams (``writer.write_eof()`` ends stdin;
-    ``await writer.exit_code()`` its status).  ``ServiceRefused`` if refused."""
+    ``await writer.exit_code()`` its status).  ``ServiceRefused`` if refused.
+
+    The service's stderr is discarded as it arrives, so reading ``reader`` alone never
+    stalls on it; with ``keep_stderr=True`` it is ``writer.stderr`` (an
+    `asyncio.StreamReader`), which must then be read concurrently with ``reader`` (a
+    full one pauses the call)."""
     chans, domain, port, finish = await _open(target, service, via, channels, user)
     try:
         vers = getattr(via, "max_version", w.PROTOCOL_VERSION)
-        async with caller_session(chans, domain, port, DATA_BUFFER_SIZE, vers) as streams:
+        async with caller_session(
+            chans, domain, port, DATA_BUFFER_SIZE, vers, keep_stderr=keep_stderr
+        ) as streams:
             yield streams
     finally:
         finish()

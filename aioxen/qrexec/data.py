@@ -433,7 +433,10 @@ class CallerEnd(_End):
 
     ``stdin`` ([`DataWriter`][aioxen.qrexec.data.DataWriter]) sends input (``write_eof()``
     ends it); ``stdout``/``stderr`` (`asyncio.StreamReader`) receive the service's
-    output; [`exit_code`][aioxen.qrexec.data.CallerEnd.exit_code] returns its status."""
+    output; [`exit_code`][aioxen.qrexec.data.CallerEnd.exit_code] returns its status.
+    Both readers must be read: a full one pauses the channel.  With
+    ``discard_stderr=True`` stderr's bytes are dropped as they arrive (its reader only
+    sees the EOF), for users that read stdout alone."""
 
     what = "qrexec service"
 
@@ -446,8 +449,10 @@ class CallerEnd(_End):
         limit: int = 2**16,
         exit_grace: float = DEFAULT_EXIT_GRACE,
         what: str | None = None,
+        discard_stderr: bool = False,
     ) -> None:
         super().__init__(reader, writer, version, what)
+        self._discard_stderr = discard_stderr  # stderr's bytes dropped, its EOF kept
         self._out_valve = _Valve()
         self._err_valve = _Valve()
         self.stdout = asyncio.StreamReader(limit=limit)
@@ -472,12 +477,21 @@ class CallerEnd(_End):
         limit: int = 2**16,
         exit_grace: float = DEFAULT_EXIT_GRACE,
         what: str | None = None,
+        discard_stderr: bool = False,
     ) -> CallerEnd:
         """Handshake on a fresh data channel, then the caller end over it.  ``what``
         names the peer in errors (default ``"qrexec service"``)."""
         name = what or cls.what
         version = await data_handshake(reader, writer, max_version=max_version, what=name)
-        return cls(reader, writer, version, limit=limit, exit_grace=exit_grace, what=name)
+        return cls(
+            reader,
+            writer,
+            version,
+            limit=limit,
+            exit_grace=exit_grace,
+            what=name,
+            discard_stderr=discard_stderr,
+        )
 
     async def _handle(self, msg_type: int, payload: bytes) -> None:
         if self._code is not None:
@@ -498,6 +512,8 @@ class CallerEnd(_End):
             if not payload:
                 self._err_eof = True
                 self.stderr.feed_eof()
+                return
+            if self._discard_stderr:
                 return
             self.stderr.feed_data(payload)
         else:  # MSG_DATA_EXIT_CODE (read_message refused every other type)

@@ -229,3 +229,34 @@ async def test_dom0_calls_run_as_the_daemons_default_user(world: World) -> None:
         assert (await daemon.call("vault", "test.Who", timeout=30)).stdout == b"alice"
         r = await qrexec.call("vault", "test.Who", via=daemon, user="bob", timeout=30)
         assert r.stdout == b"bob"
+
+
+async def test_connect_never_stalls_on_unread_stderr(world: World) -> None:
+    """A service writing far more stderr than a stream buffers (1 MiB here, > the 128 KiB
+    a full reader holds before it pauses the channel) must not stall a connect() user who
+    reads stdout only: connect() discards stderr unless keep_stderr=True (before, the
+    unread stderr paused the channel and stdout never ended: the 60 s guard fired)."""
+    async with qrexec_world(world, policy=allow_work_to_vault) as (daemon, agents):
+
+        @agents["vault"].service("test.Noisy")
+        async def noisy(stdin: Reader, stdout: Writer, req: ServiceRequest) -> int:
+            for _ in range(16):
+                req.stderr.write(b"e" * 65536)
+                await req.stderr.drain()
+            stdout.write(b"the answer")
+            return 3
+
+        async with asyncio.timeout(60):
+            async with qrexec.connect("vault", "test.Noisy", via=agents["work"]) as (r, wr):
+                wr.write_eof()
+                assert await r.read() == b"the answer"
+                assert await wr.exit_code() == 3  # type: ignore[attr-defined]
+                assert await wr.stderr.read() == b""  # type: ignore[attr-defined]
+            async with qrexec.connect("vault", "test.Noisy", via=daemon) as (r, wr):
+                assert await r.read() == b"the answer"
+            # kept: read concurrently, all of it arrives
+            cm = qrexec.connect("vault", "test.Noisy", via=agents["work"], keep_stderr=True)
+            async with cm as (r, wr):
+                err = wr.stderr  # type: ignore[attr-defined]
+                out, errs = await asyncio.gather(r.read(), err.read())
+                assert (out, len(errs)) == (b"the answer", 16 * 65536)
