@@ -29,7 +29,14 @@ import subprocess
 import sys
 from typing import Any
 
-from aioxen.bench.harness import Context, Measurement, make_temp_dir, spawn, timed_async
+from aioxen.bench.harness import (
+    NO_POLL,
+    Context,
+    Measurement,
+    make_temp_dir,
+    spawn,
+    timed_async,
+)
 
 NAME = "rings"
 
@@ -50,15 +57,16 @@ def _loop_factory(name: str) -> Any:
 # ----------------------------------------------------------------------------- servers
 
 
-async def _serve_ring(root: str, refs: list[int], port: int) -> None:
+async def _serve_ring(root: str, refs: list[int], port: int, busy_poll: float | None) -> None:
     import aioxen
     from aioxen.net import netif as N
     from aioxen.rings.aio import AsyncBackRing
 
     async with aioxen.platform("unix", root=root, domid=BACK_DOMID) as plat:
         back = await AsyncBackRing.attach(
-            plat, FRONT_DOMID, refs, port, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE
-        )
+            plat, FRONT_DOMID, refs, port, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE,
+            busy_poll=busy_poll,
+        )  # fmt: skip
         print("READY", flush=True)
 
         def echo(req: N.NetifTxRequest) -> N.NetifTxResponse:
@@ -188,10 +196,19 @@ async def _measure(ctx: Context) -> list[Measurement]:
             front = await AsyncFrontRing.create(
                 plat, BACK_DOMID, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE
             )
+            # The same pair with busy polling off at both ends: what a machine without a
+            # free core gets (flags the figures that need one, see harness.annotate).
+            front_np = await AsyncFrontRing.create(
+                plat, BACK_DOMID, N.NETIF_TX_REQUEST, N.NETIF_TX_RESPONSE, busy_poll=0
+            )
             client: _SeqpacketClient | None = None
             try:
                 refs = ",".join(map(str, front.refs))
                 procs.append(_spawn(["serve-ring", root, refs, str(front.port), loop_name]))
+                refs_np = ",".join(map(str, front_np.refs))
+                procs.append(
+                    _spawn(["serve-ring", root, refs_np, str(front_np.port), loop_name, "0"])
+                )
                 a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 procs.append(_spawn(["serve-seqpacket", str(b.fileno()), loop_name], (b.fileno(),)))
                 b.close()
@@ -200,15 +217,22 @@ async def _measure(ctx: Context) -> list[Measurement]:
 
                 prebuilt: dict[int, list[N.NetifTxRequest]] = {}
 
-                async def ring_exchange(sizes: list[int]) -> list[int]:
-                    reqs = prebuilt.get(len(sizes))
-                    if reqs is None:  # ids are assigned by the ring: the same requests go again
-                        reqs = [N.NetifTxRequest(0, 0, 0, 0, s) for s in sizes]
-                        prebuilt[len(sizes)] = reqs
-                    rsps = await front.request_many(reqs)
-                    return [r.status for r in rsps]
+                def ring_exchange(ring: Any) -> Any:
+                    async def exchange(sizes: list[int]) -> list[int]:
+                        reqs = prebuilt.get(len(sizes))
+                        if reqs is None:  # the ring assigns ids: the same requests go again
+                            reqs = [N.NetifTxRequest(0, 0, 0, 0, s) for s in sizes]
+                            prebuilt[len(sizes)] = reqs
+                        rsps = await ring.request_many(reqs)
+                        return [r.status for r in rsps]
 
-                mechanisms = [("ring/unix", ring_exchange), ("seqpacket", client.exchange)]
+                    return exchange
+
+                mechanisms = [
+                    ("ring/unix", ring_exchange(front)),
+                    ("ring/unix" + NO_POLL, ring_exchange(front_np)),
+                    ("seqpacket", client.exchange),
+                ]
                 for rep in range(ctx.repetitions):
                     for batch in BATCHES:
                         for name, fn in mechanisms:
@@ -219,6 +243,7 @@ async def _measure(ctx: Context) -> list[Measurement]:
                             samples.setdefault((name, batch), []).append(rate)
             finally:  # also on Ctrl-C: the ring's pin must go before the platform closes
                 front.close()
+                front_np.close()
                 if client is not None:
                     client.close()
     finally:
@@ -239,7 +264,7 @@ async def _measure(ctx: Context) -> list[Measurement]:
             metric="round trips",
             unit="req/s",
             higher_is_better=True,
-            ours=name == "ring/unix",
+            ours=name.startswith("ring/unix"),
             samples=values,
             params={"batch": batch, "seconds": seconds},
             loop=loop_name,
@@ -262,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     ring.add_argument("refs")
     ring.add_argument("port", type=int)
     ring.add_argument("loop")
+    ring.add_argument("busy_poll", type=float, nargs="?", default=None)
     seq = sub.add_parser("serve-seqpacket")
     seq.add_argument("fd", type=int)
     seq.add_argument("loop")
@@ -269,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "serve-ring":
         refs = [int(r) for r in args.refs.split(",")]
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
-            runner.run(_serve_ring(args.root, refs, args.port))
+            runner.run(_serve_ring(args.root, refs, args.port, args.busy_poll))
         return 0
     if args.cmd == "serve-seqpacket":
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
