@@ -57,6 +57,8 @@ chatty peer with CPUs to spare is polled.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 DEFAULT_BUSY_POLL = 100e-6
 """Default maximum busy-poll window in seconds; 0 where the peer cannot run concurrently
 ([`peer_runs_concurrently`][aioxen.platforms.base.Platform.peer_runs_concurrently])."""
@@ -270,19 +272,23 @@ class SpinPolicy:
     [`SPIN_ROUNDS`][] spins and [`SPIN_PASS_MAX`][] seconds of spinning per call, and a
     reader's pass stops spinning after [`SPIN_BATCH_MAX`][] bytes.
 
-    Spinning pays only while the peer runs on another CPU.  Each spin reports whether the
-    peer moved in time, and whether we kept our CPU meanwhile ([`spun`][]); when fewer
+    Spinning pays only while the peer runs on another CPU.  ``calm`` (if given) is asked
+    before spinning starts and whenever a pause ends, and answers whether there is a CPU
+    to spare (the transport compares the load average with the CPU count); no, and the
+    pause goes on.  Each spin reports whether the peer moved in time, and whether we kept
+    our CPU for at least three quarters of it ([`spun`][]); when fewer
     than [`MIN_SPIN_SCORE`][] of recent spins did both, spinning stops for
     [`POLL_COOLDOWN`][] seconds, twice as long each further time (up to
     [`MAX_POLL_COOLDOWN`][]), then resumes on probation.  ``busy_poll = 0``
     (e.g. a single-process platform) never spins."""
 
-    __slots__ = ("budget_ns", "cooldown_len", "max_ns", "off_until", "score")
+    __slots__ = ("budget_ns", "calm", "cooldown_len", "max_ns", "off_until", "score")
 
-    def __init__(self, busy_poll: float) -> None:
+    def __init__(self, busy_poll: float, calm: Callable[[], bool] | None = None) -> None:
         self.max_ns = int(busy_poll * 1e9)  # the longest spin (0: never spin)
+        self.calm = calm  # asked before spinning starts or resumes: a CPU to spare?
         self.score = 1.0  # moving share of recent spins that saw the peer move in time
-        self.off_until = 0.0  # no spinning before this time (0: not paused)
+        self.off_until = -1.0  # no spinning before this time (0: not paused; -1: ask calm)
         self.cooldown_len = 0.0  # the last pause (doubles while spins keep failing)
         self.budget_ns = 0  # spinning left to the current call (see start)
 
@@ -295,6 +301,10 @@ class SpinPolicy:
             return False
         if self.off_until:
             if now < self.off_until:
+                return False
+            if self.calm is not None and not self.calm():
+                # no CPU to spare (say, the load average exceeds the CPUs): ask again later
+                self.off_until = now + (self.cooldown_len or POLL_COOLDOWN)
                 return False
             self.off_until = 0.0
         return True
@@ -316,7 +326,7 @@ class SpinPolicy:
         moved = result >= 0
         took = result & 0xFFFFFF if moved else self.max_ns
         self.budget_ns -= max(took, 1000)  # each spin costs at least a microsecond
-        good = moved and 2 * (result >> 24) <= took
+        good = moved and 4 * (result >> 24) <= took  # at most a quarter off the CPU
         self.score += ((1.0 if good else 0.0) - self.score) / _EWMA
         if good:
             if self.score > 0.75:

@@ -150,6 +150,15 @@ def check_busy_poll(busy_poll: float | None, peer_runs_concurrently: bool = True
     return float(busy_poll)
 
 
+def _cpu_to_spare() -> bool:
+    """Whether the machine looks like it has a CPU to spare for spinning: the 1-minute load
+    average at most the number of CPUs (both ends of a busy vchan count)."""
+    try:
+        return os.getloadavg()[0] <= (os.cpu_count() or 1)
+    except OSError:
+        return True
+
+
 class VchanTransport(WriteFlowControl, asyncio.Transport):
     """A bidirectional byte-stream transport over one vchan.
 
@@ -215,7 +224,7 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
         # busy polling: the policy decides, we look at the rings (see pollpolicy.py)
         self._poll_max = window  # cached: write() tests it on every call
         self._policy = PollPolicy(window, perf_counter())
-        self._spin = SpinPolicy(window)  # bulk spin-waits (see SpinPolicy)
+        self._spin = SpinPolicy(window, _cpu_to_spare)  # bulk spin-waits (see SpinPolicy)
         self._bulk_scheduled = False  # a delivery pass continues next loop iteration
         # a delivery pass this big is bulk (a message is at most POLL_MAX_MESSAGE; a
         # ring smaller than that is bulk when one pass empties a full ring)
@@ -463,13 +472,17 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
                 return 1 if r & STEP_LIVE else 0
 
     def _spin_wait(self, reading: bool) -> bool:
-        """Bulk spin ([`SpinPolicy`][aioxen.vchan.pollpolicy.SpinPolicy]): send any pending
-        notification first (the peer may be asleep waiting for it), then spin while the
-        read ring stays empty (``reading``) or the write ring full.  True if it changed."""
+        """Bulk spin ([`SpinPolicy`][aioxen.vchan.pollpolicy.SpinPolicy]) while the read
+        ring stays empty (``reading``) or the write ring full.  True if it changed.
+
+        Only while the peer is awake: if it asked to be notified (a notification is
+        pending), it sleeps -- send it and do not spin: it can only answer after a wake-up,
+        and on a busy machine our spinning would take the very CPU it needs to wake."""
         core = self._core
         if core.notify_pending:
             core.notify_pending = False
             self._channel.notify()
+            return False
         spin = self._spin
         ns = spin.spin_ns()
         if not ns:

@@ -320,3 +320,19 @@ def test_spinning_per_call_is_bounded_by_a_budget() -> None:
     assert p.spin_ns() == p.max_ns
     p.spun(T0, -1)  # a timeout spends a whole spin
     assert p.spin_ns() == SPIN_PASS_MAX * 1e9 - p.max_ns
+
+
+def test_spinning_starts_and_resumes_only_when_calm_says_so() -> None:
+    busy = [True]
+    p = SpinPolicy(CAP, lambda: not busy[0])
+    assert not p.allowed(T0)  # a busy machine: no spinning to begin with
+    assert not p.allowed(T0 + POLL_COOLDOWN / 2)  # and not asked again at once
+    busy[0] = False
+    assert p.allowed(T0 + 2 * POLL_COOLDOWN)
+    while p.allowed(T0 + 3 * POLL_COOLDOWN):
+        p.spun(T0 + 3 * POLL_COOLDOWN, -1)  # spins fail: a pause
+    busy[0] = True
+    later = p.off_until + TICK
+    assert not p.allowed(later)  # the pause ended, but the machine is busy: it goes on
+    busy[0] = False
+    assert p.allowed(later + MAX_POLL_COOLDOWN)
