@@ -316,8 +316,9 @@ class Agent:
             self.terminated(domain, port)
             return
         try:
-            version = await data_handshake(reader, writer, max_version=self.max_version)
-            end = ServiceEnd(reader, writer, version)
+            what = f"qrexec caller in domain {domain} (port {port})"
+            version = await data_handshake(reader, writer, max_version=self.max_version, what=what)
+            end = ServiceEnd(reader, writer, version, what=what)
             if t == w.MSG_JUST_EXEC:
                 await end.exit(await self._just_exec(raw))
             else:

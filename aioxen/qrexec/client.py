@@ -127,9 +127,9 @@ async def caller_session(
         reader, writer = await pending.accept()
     finally:
         pending.close()
+    what = f"qrexec service in domain {domain} (port {port})"
     try:
-        version = await data_handshake(reader, writer, max_version=max_version)
-        what = f"qrexec service in domain {domain} (port {port})"
+        version = await data_handshake(reader, writer, max_version=max_version, what=what)
         end = CallerEnd(reader, writer, version, what=what, discard_stderr=not keep_stderr)
         try:
             yield end.stdout, _CallStreams(end)  # type: ignore[misc]

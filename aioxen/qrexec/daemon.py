@@ -294,6 +294,8 @@ class Daemon:
             await asyncio.sleep(RECONNECT_DELAY)
 
     async def _serve_link(self, link: _Link, reader: asyncio.StreamReader) -> None:
+        version = link.version
+        assert version is not None  # negotiated before the link is served
         while True:
             msg = await read_message(
                 reader, limit=_from_agent_limit, what=f"qrexec agent of {link.name}"
@@ -304,6 +306,8 @@ class Daemon:
                 params = w.parse_exec_params(msg.payload, with_cmdline=False)
                 link.release(params.connect_port, params.connect_domain)
             else:
+                # a trigger type the negotiated version does not use drops the link
+                w.check_trigger_version(msg.type, version)
                 self._trigger(link, msg.type, msg.payload)
 
     def _trigger(self, link: _Link, t: int, p: bytes) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -260,3 +261,38 @@ async def test_connect_never_stalls_on_unread_stderr(world: World) -> None:
                 err = wr.stderr  # type: ignore[attr-defined]
                 out, errs = await asyncio.gather(r.read(), err.read())
                 assert (out, len(errs)) == (b"the answer", 16 * 65536)
+
+
+async def test_data_channel_errors_name_the_peer(world: World) -> None:
+    """A peer vanishing mid-call: the error on each side names the other's domain and
+    the data channel's port (before: just "qrexec service" / "qrexec caller")."""
+    async with qrexec_world(world, policy=allow_work_to_vault) as (_daemon, agents):
+        seen: list[str] = []
+
+        @agents["vault"].service("test.Vanish")
+        async def vanish(stdin: Reader, stdout: Writer, req: ServiceRequest) -> int:
+            stdout.write(b"x")
+            await stdout.drain()
+            stdout._end.writer.close()  # type: ignore[attr-defined]  # closed, no exit code
+            return 0
+
+        @agents["vault"].service("test.Wait")
+        async def wait(stdin: Reader, stdout: Writer, req: ServiceRequest) -> int:
+            stdout.write(b"ready")
+            await stdout.drain()
+            try:
+                await stdin.read()
+            except ConnectionResetError as e:
+                seen.append(str(e))
+            return 0
+
+        named = r"qrexec service in domain \d+ \(port 5\d\d\) closed"
+        with pytest.raises(ConnectionResetError, match=named):
+            await agents["work"].call("vault", "test.Vanish", timeout=30)
+        async with asyncio.timeout(30):
+            async with qrexec.connect("vault", "test.Wait", via=agents["work"]) as (r, wr):
+                assert await r.readexactly(5) == b"ready"
+                wr._end.writer.close()  # type: ignore[attr-defined]  # gone mid-call
+            while not seen:
+                await asyncio.sleep(0.01)
+        assert re.search(r"qrexec caller in domain \d+ \(port 5\d\d\)", seen[0]), seen

@@ -211,3 +211,29 @@ async def test_vm_to_vm_across_two_daemons(world: World) -> None:
                 r = await work.call("vault", "my.Echo", input=b"hi", timeout=30)
                 assert (r.stdout, r.exit_code) == (b"vault: hi", 0)
             assert (await work.call("nowhere", "my.Echo", timeout=30)).exit_code == 126
+
+
+async def test_trigger_types_follow_the_negotiated_version(world: World) -> None:
+    """As Qubes' daemon: TRIGGER_SERVICE only below version 3, TRIGGER_SERVICE3 from 3,
+    TRIGGER_SERVICE4 from 4; any other combination drops the agent's link (it may come
+    back).  Before, every trigger type was taken at every version."""
+    daemon = Daemon(VchanChannels(await world.platform(0)), domains={"vm42": 42})
+    async with daemon:
+        for version, sent_at in ((2, 3), (2, 4), (3, 2), (3, 4)):
+            raw = RawAgent(VchanChannels(await world.platform(42)), version=version)
+            await raw.accept()
+            await daemon.wait_connected("vm42", timeout=30)
+            trig = w.TriggerService("my.Svc+", "dom0", f"ID{version}{sent_at}")
+            raw.send(*w.encode_trigger_service(sent_at, trig))
+            async with asyncio.timeout(30):
+                assert await raw.r.read() == b"", (version, sent_at)  # dropped
+            raw.w.close()
+        for version in (2, 3, 4):  # the matching type: decided (refused: no policy)
+            raw = RawAgent(VchanChannels(await world.platform(42)), version=version)
+            await raw.accept()
+            await daemon.wait_connected("vm42", timeout=30)
+            trig = w.TriggerService("my.Svc+", "dom0", f"OK{version}")
+            raw.send(*w.encode_trigger_service(version, trig))
+            refused = (w.MSG_SERVICE_REFUSED, f"OK{version}".encode().ljust(32, b"\0"))
+            assert await raw.recv() == refused
+            raw.w.close()
