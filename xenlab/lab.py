@@ -87,7 +87,10 @@ DOMU_MODULES = ["xen-blkfront", "xen-netfront", "ext4", "crc32c_generic"]
 # user-space Xen devices aioxen's ``xen`` platform opens (``/dev/xen/xenbus`` is built in).
 PEER_MODULES = ["xen-evtchn", "xen-gntdev", "xen-gntalloc"]
 IMAGE_FORMAT = 4  # bump when the image layout changes
-DEFAULT_WATCHDOG = 600  # seconds the guest may run before powering itself off
+# Seconds the guest may run before powering itself off (its pytest gets 60 s less; the host
+# kills QEMU 60 s after it, within test_lab.py's 1200 s per-test timeout).  The tier takes
+# 4-8 min with the peer domU's tests; this is a hang guard, not a budget.
+DEFAULT_WATCHDOG = 1080
 INIT_DEADLINE = 120.0  # seconds for dom0 to reach /init (~5 s normally) before a reboot
 INIT_MARKER = b"xenlab: init up"
 INIT = TREE / "xenlab" / "init"  # dom0's /init
@@ -258,10 +261,29 @@ STDLIB_SKIP = {
     "site-packages", "dist-packages", "test", "tests", "idlelib", "tkinter", "turtledemo",
     "lib2to3", "ensurepip", "pydoc_data", "distutils", "__phello__", "sqlite3", "curses",
 }  # fmt: skip
-# Of the venv: what aioxen needs at run time (the native helper's cffi backend, uvloop).
-SITE_KEEP = ("uvloop", "_cffi_backend", "cffi")
-# Guest-side helpers from the tree, importable by module name in the peer domU.
-PEER_TREE_FILES = ("tests/xenlab/guest/peer.py",)
+# Files of those trees left out too: extension modules that drag in big libraries or
+# serve tests of CPython itself (_tkinter alone brings 6 MB of Tcl/Tk/X11), and the
+# pygments lexers pytest does not load (8 MB; it imports only these four).
+SKIP_FILES = re.compile(
+    r"/lib-dynload/(_tkinter|_sqlite3|_curses|_curses_panel|_test\w*|_ctypes_test|xxlimited\w*"
+    r"|nis|readline|audioop|_dbm|_gdbm)\."
+    r"|/pygments/lexers/(__pycache__/)?(?!(__init__|_mapping|diff|python)\.)\w+\."
+)
+# Of the venv: what aioxen needs at run time (the native helper's cffi backend, uvloop),
+# and pytest with the plugins the suite uses (loaded with -p: no entry-point scan).
+# Each name is a package directory, a ``.py`` module or an extension module.
+SITE_KEEP = (
+    "uvloop", "_cffi_backend", "_pytest", "pytest", "pytest_asyncio",
+    "pytest_timeout", "pluggy", "iniconfig", "packaging", "typing_extensions", "pygments",
+    "py",
+)  # fmt: skip
+# Files of the tree the peer domU needs besides aioxen: its half of the cross-domain tests
+# (peer.py) and the pytest session it runs (tests/xenlab/peer/ and what those import).
+PEER_TREE_FILES = (
+    "pyproject.toml", "tests/conftest.py", "tests/xenlab/conftest.py",
+    "tests/xenlab/guest/peer.py", "tests/xenlab/peer/*.py",
+    "tests/platform/platform_harness.py", "tests/platform/test_platform_conformance.py",
+)  # fmt: skip
 _PYINFO = (
     "import json, os, sys, sysconfig;"
     "print(json.dumps({'exe': os.path.realpath(sys.executable),"
@@ -319,7 +341,7 @@ def _add_python_tree(c: Cpio, root: Path, tag: str, skip: set[str], elves: list[
             keep_pyc = p.parent.name == "__pycache__" and f.endswith(f".{tag}.pyc")
             if not (f.endswith(".py") or keep_pyc or f.endswith(".so")):
                 continue
-            if not p.is_file():
+            if not p.is_file() or SKIP_FILES.search(str(p)):
                 continue
             data = _stripped(p) if f.endswith(".so") else p.read_bytes()
             if f.endswith(".so"):
@@ -329,7 +351,8 @@ def _add_python_tree(c: Cpio, root: Path, tag: str, skip: set[str], elves: list[
 
 
 def python_runtime_key(info: dict[str, str]) -> str:
-    h = hashlib.sha256(repr((IMAGE_FORMAT, sorted(info.items()), STDLIB_SKIP, SITE_KEEP)).encode())
+    inputs = (IMAGE_FORMAT, sorted(info.items()), STDLIB_SKIP, SITE_KEEP, SKIP_FILES.pattern)
+    h = hashlib.sha256(repr(inputs).encode())
     for name in SITE_KEEP:
         for p in Path(info["purelib"]).glob(f"{name}*"):
             h.update(f"{p.name}:{p.stat().st_mtime_ns}\n".encode())
@@ -356,8 +379,19 @@ def build_python_runtime(python: str, cache: Path = CACHE) -> Path:
     site = Path(info["purelib"])
     for name in SITE_KEEP:
         for p in sorted(site.glob(f"{name}*")):
-            if p.is_dir() and not p.name.endswith(".dist-info"):
+            if p.name.startswith(f"{name}-") and p.name.endswith(".dist-info"):
+                for meta in sorted(m for m in p.iterdir() if m.is_file()):  # importlib.metadata
+                    c.tree_file(str(meta).lstrip("/"), meta.read_bytes(), 0o644)
+                continue
+            if p.name != name and p.name != f"{name}.py" and not p.name.startswith(f"{name}."):
+                continue
+            if p.is_dir():
                 _add_python_tree(c, p, info["tag"], set(), elves)
+            elif p.suffix == ".py":
+                c.tree_file(str(p).lstrip("/"), p.read_bytes(), 0o644, int(p.stat().st_mtime))
+                pyc = p.parent / "__pycache__" / f"{p.stem}.{info['tag']}.pyc"
+                if pyc.exists():
+                    c.tree_file(str(pyc).lstrip("/"), pyc.read_bytes(), 0o644)
             elif p.suffix == ".so":
                 elves.append(p)
                 c.tree_file(str(p).lstrip("/"), _stripped(p), 0o755, int(p.stat().st_mtime))
@@ -385,7 +419,8 @@ def build_tree_archive(tag: str) -> bytes:
 
     c = Cpio()
     files = sorted(p for p in (TREE / "aioxen").rglob("*") if p.suffix in (".py", ".so"))
-    files += [TREE / f for f in PEER_TREE_FILES]
+    for pattern in PEER_TREE_FILES:
+        files += sorted(TREE.glob(pattern))
     with tempfile.TemporaryDirectory() as tmp:
         for i, p in enumerate(files):
             if "__pycache__" in p.parts or not p.is_file():

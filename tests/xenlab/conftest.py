@@ -1,6 +1,8 @@
 """The Xen lab tier: ``test_lab.py`` runs on the host and boots Xen once per session;
 ``guest/`` holds the tests that run *inside* dom0 and is only collected there (the guest
-sets ``AIOXEN_XENLAB_GUEST=1``) or when the host lists them (``AIOXEN_XENLAB_COLLECT=1``)."""
+sets ``AIOXEN_XENLAB_GUEST=1``) or when the host lists them (``AIOXEN_XENLAB_COLLECT=1``);
+``peer/`` holds the pytest session that runs inside the peer domU (``AIOXEN_XENLAB_PEER=1``,
+set by ``guest/test_crossdomain.py``, which also lists it)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ import pytest
 collect_ignore = []
 if not (os.environ.get("AIOXEN_XENLAB_GUEST") or os.environ.get("AIOXEN_XENLAB_COLLECT")):
     collect_ignore.append("guest")
+# peer/ runs inside the peer domU (test_crossdomain.py starts it there) and nowhere else.
+if not os.environ.get("AIOXEN_XENLAB_PEER"):
+    collect_ignore.append("peer")
 
 _REPORT = pytest.StashKey[dict[str, Any]]()
 

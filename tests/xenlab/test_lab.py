@@ -59,10 +59,13 @@ def guest_manifest() -> list[str]:
 
 
 def junit_key(nodeid: str) -> tuple[str, str]:
-    """(classname, name) of ``nodeid`` as pytest's junit XML spells them."""
-    parts = nodeid.split("::")
+    """(classname, name) of ``nodeid`` as pytest's junit XML spells them.  The parameter
+    part is split off first: it may hold ``::`` itself (the peer domU's node ids are
+    the parameters of ``test_crossdomain.py::test_in_peer_domu``)."""
+    path, bracket, params = nodeid.partition("[")
+    parts = path.split("::")
     module = parts[0].removesuffix(".py").replace("/", ".")
-    return ".".join([module, *parts[1:-1]]), parts[-1]
+    return ".".join([module, *parts[1:-1]]), parts[-1] + bracket + params
 
 
 @dataclass

@@ -91,10 +91,14 @@ class Peer:
     pythonpath: str
     timings: dict[str, float] = field(default_factory=dict)
 
+    def python_command(self, env: str = "") -> str:
+        """``env ... python -S``: the host's interpreter in the domU, the tree importable."""
+        base = f"PYTHONPATH={self.pythonpath} PYTHONDONTWRITEBYTECODE=1 AIOXEN_PLATFORM=xen"
+        return f"env {base} {env} {self.python} -S"
+
     def command(self, loop: str, action: str, *args: object) -> str:
-        env = f"PYTHONPATH={self.pythonpath} PYTHONDONTWRITEBYTECODE=1 AIOXEN_PLATFORM=xen"
         argv = " ".join(shlex.quote(str(a)) for a in (loop, action, *args))
-        return f"env {env} {self.python} -S -m peer {argv}"
+        return f"{self.python_command()} -m peer {argv}"
 
     def run(self, loop: str, action: str, *args: object, timeout: float = 300.0) -> str:
         """Run an action in the foreground; its output (``DomuError`` if it failed)."""

@@ -11,17 +11,22 @@ from a thread, so dom0's aioxen runs meanwhile.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import os
 import re
 import signal
+import subprocess
 import sys
 import textwrap
+import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from domu import RESULTS
 from peer import stream
 from peerdomu import Peer, start_peer
 
@@ -362,3 +367,84 @@ async def test_xenstore_watch_from_domu(plat: XenPlatform, peer: Peer) -> None:
         assert proc.output().count(f"EVENT {path}") == 2
     finally:
         await plat.store.rm(path)
+
+
+# --------------------------------------------------------------------------- pytest in the domU
+
+TREE = Path(__file__).resolve().parents[3]
+PEER_DIR = "tests/xenlab/peer"
+PEER_JUNIT = "/tmp/peer-junit.xml"  # in the domU
+
+
+@functools.cache
+def peer_manifest() -> list[str]:
+    """Node ids of ``tests/xenlab/peer``, collected here (the domU runs the same files)."""
+    env = dict(os.environ, AIOXEN_XENLAB_PEER="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "-p", "no:hypothesispytest", PEER_DIR],
+        cwd=TREE, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    ids = [ln.strip() for ln in out.stdout.splitlines() if ln.startswith(PEER_DIR + "/")]
+    if out.returncode != 0 or not ids:
+        raise RuntimeError(f"collecting {PEER_DIR} failed (rc {out.returncode}):\n{out.stdout}")
+    return ids
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "peer_test" in metafunc.fixturenames:
+        ids = peer_manifest()
+        metafunc.parametrize("peer_test", ids, ids=ids)
+
+
+def junit_outcomes(xml: str) -> dict[str, str]:
+    """``nodeid-like key -> "passed" or what went wrong`` from pytest's junit XML."""
+    outcomes: dict[str, str] = {}
+    for case in ET.fromstring(xml).iter("testcase"):
+        key = f"{case.get('classname', '')}::{case.get('name', '')}"
+        status = "passed"
+        for tag in ("failure", "error", "skipped"):
+            el = case.find(tag)
+            if el is not None:
+                status = f"{tag}: {el.get('message', '')}\n{el.text or ''}".strip()
+                break
+        if outcomes.get(key, "passed") == "passed":
+            outcomes[key] = status
+    return outcomes
+
+
+def junit_key(nodeid: str) -> str:
+    """``classname::name`` of ``nodeid`` as pytest's junit XML spells them."""
+    path, bracket, params = nodeid.partition("[")
+    parts = path.split("::")
+    module = parts[0].removesuffix(".py").replace("/", ".")
+    return ".".join([module, *parts[1:-1]]) + f"::{parts[-1]}{bracket}{params}"
+
+
+@pytest.fixture(scope="module")
+def peer_pytest(peer: Peer) -> dict[str, str]:
+    """One pytest session in the domU over ``tests/xenlab/peer``; its junit outcomes."""
+    env = (
+        f"AIOXEN_XENLAB_PEER=1 XENLAB_PEER_DOMID={peer.domid} USER=root HOME=/tmp"
+        " PYTEST_DISABLE_PLUGIN_AUTOLOAD=1"
+    )
+    run = (
+        f"cd {TREE} && {peer.python_command(env)} -m pytest -p pytest_asyncio.plugin"
+        f" -p pytest_timeout -p no:cacheprovider -q -rfE --timeout 200"
+        f" --junitxml={PEER_JUNIT} {PEER_DIR} >/tmp/peer-pytest.log 2>&1; echo rc=$?"
+    )
+    out = peer.console.run(run, timeout=900)
+    log = peer.console.run("cat /tmp/peer-pytest.log", timeout=120, check=False)
+    (RESULTS / "peer-pytest.log").write_text(log)
+    xml = peer.console.run(f"cat {PEER_JUNIT}", timeout=120, check=False)
+    (RESULTS / "peer-junit.xml").write_text(xml)
+    if "<testsuite" not in xml:
+        pytest.fail(f"pytest in the domU left no junit XML ({out.strip()}):\n{log[-3000:]}")
+    return junit_outcomes(xml)
+
+
+def test_in_peer_domu(peer_pytest: dict[str, str], peer_test: str) -> None:
+    """One test of the domU's own pytest session (``tests/xenlab/peer``)."""
+    outcome = peer_pytest.get(junit_key(peer_test))
+    assert outcome is not None, f"{peer_test} did not run in the domU"
+    assert outcome == "passed", f"in the peer domU: {outcome}"
