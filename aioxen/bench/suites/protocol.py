@@ -2,7 +2,8 @@
 
 The server is [`aioxen.bench.peer.ServerProtocol`][] (a BufferedProtocol sink/echo).  The
 client writes with ``transport.write`` and honours ``pause_writing``/``resume_writing``.
-Bulk is timed in steady state like the ``streams`` suite's: 8 MiB rounds, the server
+Bulk is timed in steady state like the ``streams`` suite's: rounds of 256 chunks (at
+most 8 MiB), the server
 acknowledging each with one byte, one round in flight while the next is written, timed
 between acknowledgements for at least ``ctx.seconds`` after the warm-up.  Besides the
 defaults, ``vchan/unix 1 MiB rings`` is measured in every bulk case and
@@ -36,6 +37,7 @@ from aioxen.bench.suites.streams import (
     GIB,
     PING_SIZE,
     Runner,
+    chunks_per_round,
     measured_in,
     mechanisms_for,
     record_pingpong,
@@ -96,7 +98,7 @@ class ClientProtocol(asyncio.BufferedProtocol):
 
 async def bulk(proto: ClientProtocol, chunk: int, seconds: float, warmup: float, rnd: int) -> float:
     """GiB/s the server acknowledged in steady state (see the module docstring)."""
-    n = max(1, rnd // chunk)
+    n = chunks_per_round(chunk, rnd)
     payload = b"\x5a" * chunk
     proto.transport.write(HEADER.pack(b"B", n * chunk))
 

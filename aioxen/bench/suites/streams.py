@@ -2,11 +2,12 @@
 
 Every mechanism runs the same client code against the same server code
 ([`aioxen.bench.peer.stream_handler`][]), two processes apart except ``vchan/inheap``.
-Bulk: rounds of ``BULK n`` then ``n`` bytes (:data:`ROUND`, 8 MiB) in chunks of the given
-size, ``drain()`` after each chunk, the server answering ``OK`` per round; the next round
-is written while the server still reads the last, so the pipe never runs dry.  A
-repetition writes rounds for the warm-up, then times the server's acknowledgements for at
-least ``ctx.seconds`` (steady state: bytes the server confirmed between two ``OK`` s).
+Bulk: rounds of ``BULK n`` then ``n`` bytes (256 chunks, at most :data:`ROUND`, 8 MiB)
+in chunks of the given size, ``drain()`` after each chunk, the server answering ``OK``
+per round; the next round is written while the server still reads the last, so the pipe
+never runs dry.  A repetition writes rounds for the warm-up, then times the server's
+acknowledgements for at least ``ctx.seconds`` (steady state: bytes the server confirmed
+between two ``OK`` s).
 Ping-pong: 64 bytes out, 64 bytes back, each round trip timed, for the warm-up (not
 recorded) and then at least ``ctx.seconds``.
 
@@ -45,9 +46,17 @@ QUICK_CHUNKS = [4 << 10, 64 << 10, 1 << 20]
 GIB = float(1 << 30)
 PING_SIZE = 64
 ROUND = 8 << 20
-"""Bytes per acknowledged bulk round (4 MiB with ``--quick``): long enough that the
-acknowledgement costs nothing measurable, short enough that a slow path's last round
-does not stretch the repetition much beyond ``ctx.seconds``."""
+"""Most bytes per acknowledged bulk round (4 MiB with ``--quick``), and at most
+:data:`ROUND_CHUNKS` chunks: long enough that the acknowledgement costs nothing
+measurable, short enough that a slow path's last round does not stretch the repetition
+much beyond ``ctx.seconds``."""
+ROUND_CHUNKS = 256
+
+
+def chunks_per_round(chunk: int, rnd: int) -> int:
+    return max(1, min(rnd // chunk, ROUND_CHUNKS))
+
+
 POLLED_CHUNKS = (4 << 10,)
 """Bulk chunk sizes a default run also measures with busy-polling off (the poll policy
 polls after messages of at most 16 KiB; one such size keeps the run short)."""
@@ -62,7 +71,7 @@ async def bulk(pair: StreamPair, chunk: int, seconds: float, warmup: float, rnd:
     """GiB/s the server acknowledged in steady state (see the module docstring)."""
     reader, writer = pair
     payload = b"\x5a" * chunk
-    n = max(1, rnd // chunk)
+    n = chunks_per_round(chunk, rnd)
     header = b"BULK %d\n" % (n * chunk)
 
     async def send_round() -> None:
