@@ -89,7 +89,7 @@ async def _agent_main(transport: str, where: str) -> None:
 
     plat: Any = None
     channels: ChannelFactory
-    if transport == "unix":
+    if transport == "vchan":  # aioxen vchan on the unix platform
         import aioxen
 
         plat = aioxen.platform(
@@ -388,7 +388,7 @@ async def _aioxen_session(
 
     plat: Any = None
     channels: ChannelFactory
-    if transport == "unix":
+    if transport == "vchan":  # aioxen vchan on the unix platform
         import aioxen
 
         plat = aioxen.platform(
@@ -430,7 +430,7 @@ def run(ctx: Context) -> list[Measurement]:
     chain: QubesChain | None = None
     try:
         env = xenstored.start()
-        agents.append(_start_agent("unix", "-", env))
+        agents.append(_start_agent("vchan", "-", env))
         agents.append(_start_agent("socket", socket_dir, {}))
         if qubes_dir:
             chain = QubesChain(qubes_dir)
@@ -464,7 +464,7 @@ def run(ctx: Context) -> list[Measurement]:
                 main: Awaitable[None]
                 if mech == AIOXEN_VCHAN:
                     pids = [agents[0].pid] + ([xenstored.proc.pid] if xenstored.proc else [])
-                    main = _aioxen_session("unix", "-", env, ctx, data, record, pids)
+                    main = _aioxen_session("vchan", "-", env, ctx, data, record, pids)
                 elif mech == AIOXEN_SOCKET:
                     pids = [agents[1].pid]
                     main = _aioxen_session("socket", socket_dir, {}, ctx, data, record, pids)
@@ -492,7 +492,7 @@ async def _as_coroutine(aw: Awaitable[None]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aioxen.bench.suites.qrexec")
     parser.add_argument("role", choices=["agent"])
-    parser.add_argument("transport", choices=["unix", "socket"])
+    parser.add_argument("transport", choices=["vchan", "socket"])
     parser.add_argument("where", help="the vchan-socket directory ('-' for unix)")
     args = parser.parse_args(argv)
     try:
