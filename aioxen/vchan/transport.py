@@ -627,8 +627,10 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
                     core.notify_pending = False
                     self._channel.notify()
             if put != n:
-                # bytes are immutable: queue a view; anything else is copied once
-                rest = view[put:] if type(data) is bytes else memoryview(bytes(view[put:]))
+                # bytes are immutable: queue a view (also of a read-only view of bytes,
+                # e.g. qrexec's chunks of one big write); anything else is copied once
+                frozen = type(data) is bytes or (view.readonly and type(view.obj) is bytes)
+                rest = view[put:] if frozen else memoryview(bytes(view[put:]))
                 self._enqueue(rest, n - put)  # the ring is full: bulk, no poll window
             elif self._poll_max and n <= POLL_MAX_MESSAGE:
                 self._want_poll()
