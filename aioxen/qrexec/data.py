@@ -72,6 +72,7 @@ from aioxen.qrexec.wire import (
 )
 
 _JOIN_BELOW = 4096  # a chunk up to this size is joined with its header into one write
+_INLINE_INPUT = 1 << 16  # communicate() writes input up to this size without a task
 DEFAULT_EXIT_GRACE = 10.0
 """How long a caller waits, after the exit code, for the service to close the channel."""
 
@@ -106,9 +107,11 @@ class _Valve(asyncio.ReadTransport):
         super().__init__()
         self._open = asyncio.Event()
         self._open.set()
+        self.unbounded = False  # set when everything is collected anyway: never pause
 
     def pause_reading(self) -> None:
-        self._open.clear()
+        if not self.unbounded:
+            self._open.clear()
 
     def resume_reading(self) -> None:
         self._open.set()
@@ -584,8 +587,13 @@ class CallerEnd(_End):
         return await asyncio.shield(self._done)
 
     async def communicate(self, input: bytes | None = None) -> tuple[bytes, bytes, int]:
-        """Send ``input`` (then EOF), read stdout and stderr to their ends concurrently,
-        and return ``(stdout, stderr, exit_code)``."""
+        """Send ``input`` (then EOF), read stdout and stderr to their ends, and return
+        ``(stdout, stderr, exit_code)``.
+
+        Both are collected in memory anyway, so stderr never pauses the channel (it is
+        read after stdout: no task per stream); input up to 64 KiB is written at once
+        (no feeding task; the channel's buffer holds it), larger input is fed by a task
+        under flow control."""
 
         async def feed() -> None:
             if input:
@@ -594,15 +602,25 @@ class CallerEnd(_End):
             self.stdin.write_eof()
             await self.stdin.drain()
 
-        feeder = asyncio.ensure_future(feed())
+        self._err_valve.unbounded = True
+        self._err_valve.resume_reading()
+        feeder: asyncio.Future[None] | None = None
+        if input is None or len(input) <= _INLINE_INPUT:  # fewer tasks per call: for speed
+            if input:
+                self.stdin.write(input)
+            self.stdin.write_eof()
+        else:
+            feeder = asyncio.ensure_future(feed())
         try:
-            out, err = await asyncio.gather(self.stdout.read(), self.stderr.read())
+            out = await self.stdout.read()
+            err = await self.stderr.read()
             code = await self.exit_code()
         finally:
-            if not feeder.done():
-                feeder.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
-                await feeder
+            if feeder is not None:
+                if not feeder.done():
+                    feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+                    await feeder
         return out, err, code
 
 
