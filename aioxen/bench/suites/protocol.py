@@ -7,7 +7,8 @@ most 8 MiB), the server
 acknowledging each with one byte, one round in flight while the next is written, timed
 between acknowledgements for at least ``ctx.seconds`` after the warm-up.  Besides the
 defaults, ``vchan/unix 1 MiB rings`` is measured in every bulk case and
-``vchan/unix no-poll`` where the poll policy polls (4 KiB, ping-pong).
+``vchan/unix no-poll`` where the poll policy polls (4 KiB, ping-pong).  The ``pipe``
+baseline only with ``--mechanisms`` (here it was always the slowest baseline).
 For our mechanisms the bulk figure is also reported as a fraction of single-core memcpy
 bandwidth for the same chunk size (``% of memcpy``: cache-hot, one core -- an upper bound
 no cross-process path reaches) and of the cross-process copy reference for the same
@@ -153,7 +154,8 @@ async def pingpong(proto: ClientProtocol, seconds: float, warmup: float) -> list
 
 
 def run(ctx: Context, selected: list[str] | None = None) -> list[Measurement]:
-    mechs = mechanisms_for(ctx, selected, (VCHAN_1M, VCHAN_NO_POLL))
+    # pipes only on request here: the slowest baseline of this API in every earlier run
+    mechs = mechanisms_for(ctx, selected, (VCHAN_1M, VCHAN_NO_POLL), without=("pipe",))
     rnd = round_bytes(ctx)
     collector = Collector(NAME, ctx.loop)
 

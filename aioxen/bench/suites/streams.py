@@ -149,16 +149,19 @@ def record_pingpong(collector: Collector, mech: str, rtts: list[float]) -> None:
 
 
 def mechanisms_for(
-    ctx: Context, selected: list[str] | None, variants: tuple[str, ...] = ()
+    ctx: Context,
+    selected: list[str] | None,
+    variants: tuple[str, ...] = (),
+    without: tuple[str, ...] = (),
 ) -> list[str]:
-    """The mechanisms to measure: ``selected`` (``--mechanisms``), else the defaults plus
-    ``variants`` (non-default settings this suite measures)."""
+    """The mechanisms to measure: ``selected`` (``--mechanisms``), else the defaults
+    except ``without`` plus ``variants`` (non-default settings this suite measures)."""
     unknown = [m for m in selected or () if m not in MECHANISMS]
     if unknown:
         raise ValueError(f"unknown mechanism(s) {unknown}; known: {', '.join(MECHANISMS)}")
     if selected is not None:
         return [m for m in MECHANISMS if m in selected]
-    return [*DEFAULT_MECHANISMS, *variants]
+    return [*(m for m in DEFAULT_MECHANISMS if m not in without), *variants]
 
 
 def measured_in(mech: str, chunk: int | None) -> bool:
