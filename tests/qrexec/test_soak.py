@@ -5,10 +5,14 @@ vchan).  The daemon's and the agent's descriptor counts must not grow, nor their
 (beyond a generous bound), over the run.
 
 The call count is ``$AIOXEN_QREXEC_SOAK_CALLS`` (default 10,000), bounded in time by
-``$AIOXEN_QREXEC_SOAK_SECONDS`` (default 150 s; 0 = no bound): on a slow or loaded machine
-the run stops at the bound, but never before 1,000 calls, and says how many it made.  A
-call costs a few milliseconds of vchan setup (XenStore round trips through the xenstored
-process) besides the call itself.
+``$AIOXEN_QREXEC_SOAK_SECONDS`` (default 45 s, so the CI run stays short; 0 = no bound):
+the run stops at the bound, but never before 500 calls, and says how many it made.  The
+full 10,000-call soak (several minutes on a loaded machine) is::
+
+    AIOXEN_QREXEC_SOAK_SECONDS=0 .venv/bin/python -m pytest -s tests/qrexec/test_soak.py
+
+A call costs a few milliseconds of vchan setup (XenStore round trips through the
+xenstored process) besides the call itself.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ from aioxen import qrexec
 from aioxen.qrexec import VchanChannels
 
 CALLS = int(os.environ.get("AIOXEN_QREXEC_SOAK_CALLS", "10000"))
-BUDGET = float(os.environ.get("AIOXEN_QREXEC_SOAK_SECONDS", "150"))
+BUDGET = float(os.environ.get("AIOXEN_QREXEC_SOAK_SECONDS", "45"))
 """Stop early (after at least MIN_CALLS) when the calls take longer than this; 0: never."""
-MIN_CALLS = 1000
+MIN_CALLS = 500
 WARMUP = 200
 WORK = 2
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
