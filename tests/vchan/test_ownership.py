@@ -135,7 +135,7 @@ async def test_publish_retries_conflicts_in_one_layer_only(world: World) -> None
     """``store.transact`` retries a conflicting advertisement transaction itself;
     ``publish`` adds no second retry layer around it: every commit here conflicts (a
     write outside the transaction lands just before it), and the conflict surfaces after
-    transact's own attempts (1 + 16), not 50 times as many."""
+    transact's own attempts (1 + ADVERTISE_RETRIES), not 50 times as many."""
     from aioxen.xenstore import TransactionConflict
 
     srv = await world.platform(SERVER)
@@ -165,7 +165,7 @@ async def test_publish_retries_conflicts_in_one_layer_only(world: World) -> None
             await advertise.publish(srv, path, CLIENT, 8, 9, owner)
     finally:
         del store.transaction
-    assert starts == 17
+    assert starts == 1 + advertise.ADVERTISE_RETRIES
 
 
 async def test_other_ports_and_clients_are_independent(world: World) -> None:
