@@ -86,6 +86,10 @@ def test_a_figure_that_needs_busy_polling_is_flagged_by_its_no_poll_counterpart(
     annotate([polled, no_poll, fast, fast_np])
     assert polled.flags == ["needs a free core (no-poll: 0.33×)"]
     assert no_poll.flags == [] and fast.flags == [] and fast_np.flags == []
+    slow = _m("ring/unix", True, [100.0])
+    slow_np = _m("ring/unix" + NO_POLL, True, [300.0])  # polling cost 3x on a busy machine
+    annotate([slow, slow_np])
+    assert slow.flags == ["busy-polling cost here (no-poll: 3.00×)"]
     assert "1 need a free core" in summary([polled, no_poll, fast, fast_np])
     md = format_markdown([polled, no_poll], {"run": "streams; shared machine"})
     assert "| needs a free core (no-poll: 0.33×) |" in md

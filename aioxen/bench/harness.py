@@ -45,6 +45,7 @@ STABLE = 0.7
 NO_POLL = " no-poll"
 """Suffix of a mechanism's variant measured with busy-polling off."""
 FREE_CORE_FLAG = "needs a free core"
+POLL_HURT_FLAG = "busy-polling cost here"
 UNSTABLE_FLAG = "unstable"
 
 
@@ -234,7 +235,8 @@ def annotate(measurements: list[Measurement]) -> list[Measurement]:
     """Set each measurement's ``flags``: ``unstable`` (worst repetition below [`STABLE`][]
     times the median) and, for a figure whose [`NO_POLL`][] counterpart was measured in
     the same run, ``needs a free core`` when the counterpart is below [`STABLE`][] times
-    it.  Returns ``measurements``."""
+    it, and ``busy-polling cost here`` when it is above 1/[`STABLE`][] times it (polling
+    took CPU time the peer needed).  Returns ``measurements``."""
     by_key: dict[tuple[str, str, str, str, str], Measurement] = {
         (*m.key(), m.mechanism): m for m in measurements
     }
@@ -248,6 +250,8 @@ def annotate(measurements: list[Measurement]) -> list[Measurement]:
         ratio = other.median / m.median if m.higher_is_better else m.median / other.median
         if ratio < STABLE:
             m.flags.append(f"{FREE_CORE_FLAG} (no-poll: {ratio:.2f}×)")
+        elif ratio > 1 / STABLE:  # polling cost more than it saved (e.g. no free core)
+            m.flags.append(f"{POLL_HURT_FLAG} (no-poll: {ratio:.2f}×)")
     return measurements
 
 
@@ -259,11 +263,13 @@ def summary(measurements: list[Measurement]) -> str:
     """One line: how many figures are unstable or need a free core."""
     unstable = [m for m in measurements if any(f.startswith(UNSTABLE_FLAG) for f in m.flags)]
     polled = [m for m in measurements if any(f.startswith(FREE_CORE_FLAG) for f in m.flags)]
+    hurt = [m for m in measurements if any(f.startswith(POLL_HURT_FLAG) for f in m.flags)]
     ours = [m for m in measurements if m.ours]
     return (
         f"{len(unstable)} of {len(measurements)} figures unstable "
         f"({sum(m.ours for m in unstable)} of {len(ours)} of aioxen's; rule: worst "
-        f"repetition < {STABLE}× median); {len(polled)} need a free core for busy-polling"
+        f"repetition < {STABLE}× median); {len(polled)} need a free core for busy-polling, "
+        f"in {len(hurt)} busy-polling cost more than it saved"
     )
 
 
