@@ -38,6 +38,7 @@ import os
 import signal
 import sys
 import traceback
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import NoReturn
@@ -122,6 +123,8 @@ class StopSignals:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 self._loop.add_signal_handler(sig, self._handle, sig)
                 self._installed.append(sig)
+        if self._installed:
+            _OPEN_STOP_SIGNALS.add(self)
 
     def _handle(self, sig: int) -> None:
         global _STOPPED_BY
@@ -146,6 +149,7 @@ class StopSignals:
         arrives after this (the command is finishing on its own) ends the process with
         ``128 + signum`` like any other stop, instead of killing it by the signal's default
         action; elsewhere (a library user) the signals get their default action back."""
+        _OPEN_STOP_SIGNALS.discard(self)
         while self._installed:
             sig = self._installed.pop()
             self._loop.remove_signal_handler(sig)
@@ -167,6 +171,12 @@ class StopSignals:
 
 _IN_MAIN = False
 """Set by [`main`][]: this process is an ``aioxen`` command."""
+
+_OPEN_STOP_SIGNALS: weakref.WeakSet[StopSignals] = weakref.WeakSet()
+"""[`StopSignals`][] whose loop handlers are installed.  [`run_async`][] closes those a
+command left open before its loop closes: a closing loop resets their signals to the
+default action, and a stop signal in that window would kill the command (-15, seen in CI)
+instead of ending it with ``128 + signum``."""
 
 
 def _late_stop(signum: int, frame: object) -> None:
@@ -192,8 +202,18 @@ def run_async(coro_fn: object, args: argparse.Namespace) -> int:
     (``$AIOXEN_LOOP`` chooses)."""
     assert callable(coro_fn)
     factory = _loop_factory()
+
+    async def command() -> int | None:
+        try:
+            result: int | None = await coro_fn(args)
+            return result
+        finally:  # still inside the loop, before it closes
+            for stop in list(_OPEN_STOP_SIGNALS):
+                if stop._loop is asyncio.get_running_loop():
+                    stop.close()
+
     with asyncio.Runner(loop_factory=factory) as runner:
-        result = runner.run(coro_fn(args))
+        result = runner.run(command())
     return int(result or 0)
 
 

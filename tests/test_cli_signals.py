@@ -13,6 +13,8 @@ import re
 import signal
 from pathlib import Path
 
+import pytest
+
 from aioxen.cli import STOP_SIGNALS, StopSignals
 
 ROOT = Path(__file__).resolve().parent.parent / "aioxen"
@@ -83,3 +85,30 @@ def test_a_late_stop_signal_in_a_command_exits_143_not_by_the_signal() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert proc.returncode == 143, proc
     assert b"Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_stop_signal_after_the_loop_closed_with_stop_signals_left_open_exits_143(
+    loop: str,
+) -> None:
+    """A command that leaves its StopSignals open (console, net and blk did) and is
+    SIGTERMed after its loop closed -- the closing loop had reset SIGTERM to the default
+    action -- exits 143, not by the signal (-15, seen in CI: test_any_stdio's console)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import argparse, os, signal, time\n"
+        "import aioxen.cli as cli\n"
+        "cli._IN_MAIN = True\n"
+        "async def command(args):\n"
+        "    cli.StopSignals()  # never closed\n"
+        "    return 0\n"
+        "cli.run_async(command, argparse.Namespace())\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(30)\n"
+    )
+    env = {**os.environ, "AIOXEN_LOOP": loop}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, env=env)
+    assert proc.returncode == 143, proc

@@ -61,11 +61,11 @@ async def _vm_vault() -> dict[str, Any]:
             stdout.write(f"hello {req.argument}, {req.source}; you said {text!r}".encode())
             return 0
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        async with agent:
-            await stop.wait()
+        from aioxen.cli import StopSignals
+
+        with StopSignals((signal.SIGTERM,)) as stop:
+            async with agent:
+                await stop.wait()
     return {}
 
 
