@@ -11,7 +11,7 @@ latency ratios are inverted).  Speed is never asserted: the harness only reports
 
 Steady state: every repetition of a figure first runs its workload for a warm-up
 ([`Context.warmup`][], not counted), then times at least [`Context.seconds`][] of it
-(default 1 s; [`timed`][] and the suites' own loops), never a fixed small amount of work
+(default 1 s; [`timed_async`][] and the suites' own loops), never a fixed small amount of work
 that a fast path finishes in milliseconds.  Stability: a figure whose worst repetition is
 below [`STABLE`][] times its median (min for throughput, max for latency, inverted) is
 flagged ``unstable``.  Busy-polling: a ``vchan`` figure measured also with polling off

@@ -2,7 +2,7 @@
 
 Every mechanism runs the same client code against the same server code
 ([`aioxen.bench.peer.stream_handler`][]), two processes apart except ``vchan/inheap``.
-Bulk: rounds of ``BULK n`` then ``n`` bytes (256 chunks, at most :data:`ROUND`, 8 MiB)
+Bulk: rounds of ``BULK n`` then ``n`` bytes (256 chunks, at most [`ROUND`][] = 8 MiB)
 in chunks of the given size, ``drain()`` after each chunk, the server answering ``OK``
 per round; the next round is written while the server still reads the last, so the pipe
 never runs dry.  A repetition writes rounds for the warm-up, then times the server's
