@@ -54,6 +54,7 @@ directory removed; established connections stay open (asyncio 3.11 semantics) --
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import weakref
 from collections.abc import Callable
@@ -77,6 +78,11 @@ logger = logging.getLogger("aioxen.vchan")
 
 SPARE_MAX_PAGES = 64
 """Largest endpoint (control page + ring pages) for which a spare is kept ready."""
+
+GRANT_RETRY_FIRST = 0.02
+GRANT_RETRY_MAX = 1.0
+"""Backoff (first, longest; seconds) of an accept loop waiting for the grant limit to
+free up before making the next endpoint."""
 
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 """Seconds an advertised endpoint may stay bound by a client that does not complete the
@@ -200,9 +206,16 @@ class VchanServer(asyncio.AbstractServer):
         )
 
     async def _prepare_spare(self) -> None:
-        """Make the next endpoint now, so that re-advertising is only a XenStore write."""
+        """Make the next endpoint now, so that re-advertising is only a XenStore write
+        (skipped while the platform's grant limit is reached: the spare is an optimisation)."""
         if self._spare is None and not self._closed and self._keep_spare:
-            spare = await self._create()
+            try:
+                spare = await self._create()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                logger.debug("%r: no spare endpoint: %s", self, exc)
+                return
             if self._closed or self._spare is not None:
                 spare.close()
             else:
@@ -212,6 +225,38 @@ class VchanServer(asyncio.AbstractServer):
         pending, self._spare = self._spare, None
         if pending is None:
             pending = await self._create()
+        return await self._publish(pending)
+
+    async def _advertise_next(self) -> PendingServer:
+        """[`_advertise`][] for the accept loop: where the platform's grant limit is
+        reached (Xen's gntalloc ``limit``: e.g. one client of a 1 MiB endpoint holds 513
+        of the 1,024 pages), wait for connections to end and free their grants, retrying
+        with a backoff up to [`GRANT_RETRY_MAX`][] seconds, instead of stopping to accept
+        (seen in the Xen lab).  Clients meanwhile see the taken endpoint and wait on the
+        watch for the next advertisement."""
+        delay = GRANT_RETRY_FIRST
+        warned = False
+        while True:
+            pending, self._spare = self._spare, None
+            try:
+                if pending is None:
+                    pending = await self._create()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC or self._closed:
+                    raise
+                if not warned:
+                    logger.warning(
+                        "%r: cannot make the next endpoint (%s); retrying as connections end",
+                        self,
+                        exc,
+                    )
+                    warned = True
+                await asyncio.sleep(delay)
+                delay = min(GRANT_RETRY_MAX, delay * 2)
+                continue
+            return await self._publish(pending)
+
+    async def _publish(self, pending: PendingServer) -> PendingServer:
         try:
             self._published = True
             if self._ad_written:
@@ -247,7 +292,7 @@ class VchanServer(asyncio.AbstractServer):
                     await bind_seen
                     self._pending = None
                     self._set_aside(pending, stalled=True)
-                    self._pending = await self._advertise()
+                    self._pending = await self._advertise_next()
                     await self._prepare_spare()
                     continue
                 try:
@@ -258,19 +303,19 @@ class VchanServer(asyncio.AbstractServer):
                         continue  # nobody bound it: keep it advertised
                     self._pending = None
                     self._give_up_on(pending, bound)
-                    self._pending = await self._advertise()
+                    self._pending = await self._advertise_next()
                     await self._prepare_spare()
                     continue
                 except (ConnectionError, ProtocolError) as exc:
                     logger.debug("%r: discarding endpoint: %s", self, exc)
                     self._pending = None
                     pending.close()
-                    self._pending = await self._advertise()
+                    self._pending = await self._advertise_next()
                     await self._prepare_spare()
                     continue
                 self._pending = None
                 self._accepted(conn)
-                self._pending = await self._advertise()
+                self._pending = await self._advertise_next()
                 await self._prepare_spare()
         except asyncio.CancelledError:
             raise

@@ -248,3 +248,50 @@ async def test_many_servers_started_at_once_all_advertise(world: World) -> None:
         for server in servers:
             server.close()
         await asyncio.gather(*(server.wait_closed() for server in servers))
+
+
+async def test_a_server_at_the_grant_limit_waits_for_grants_instead_of_stopping(
+    world: World,
+) -> None:
+    """On Xen a process may grant 1,024 pages (gntalloc's ``limit``): one client of a
+    1 MiB endpoint holds 513, so the next endpoint cannot be made until a connection ends.
+    The server must wait and retry (seen in the Xen lab: it logged "stopped accepting" and
+    never served another client).  The limit is played by making ``share`` fail with
+    ENOSPC, as gntalloc does, while the first client is connected."""
+    import errno
+
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    grants: Any = srv.grants
+    real_share = grants.share
+    at_limit = False
+    refused = 0
+
+    def share(remote_domid: int, npages: int, writable: bool = True) -> Any:
+        nonlocal refused
+        if at_limit:
+            refused += 1
+            raise OSError(errno.ENOSPC, f"cannot grant {npages} page(s): limit reached")
+        return real_share(remote_domid, npages, writable)
+
+    grants.share = share
+    try:
+        server = await vchan.start_server(
+            echo, CLIENT, "limit", platform=srv, read_size=1 << 20, write_size=1 << 20
+        )
+        async with server:
+            at_limit = True
+            r1, w1 = await vchan.open_connection(SERVER, "limit", platform=cli, timeout=20)
+            w1.write(b"one")
+            assert await r1.readexactly(3) == b"one"
+            await wait_for(lambda: refused >= 2)  # the next endpoint was refused, retried
+            w1.close()
+            await w1.wait_closed()
+            at_limit = False  # the first connection's grants are free again
+            r2, w2 = await vchan.open_connection(SERVER, "limit", platform=cli, timeout=20)
+            w2.write(b"two")
+            assert await r2.readexactly(3) == b"two"
+            w2.close()
+            await w2.wait_closed()
+    finally:
+        del grants.share
