@@ -575,27 +575,15 @@ class Agent:
             await close_streams(writer)
 
 
-def _from_daemon_limit(msg_type: int) -> int:
-    """Payload limits of what a daemon may send an agent (anything else is an error)."""
-    if msg_type not in (
-        w.MSG_EXEC_CMDLINE,
-        w.MSG_JUST_EXEC,
-        w.MSG_SERVICE_CONNECT,
-        w.MSG_SERVICE_REFUSED,
-    ):
-        raise w.QrexecProtocolError(
-            f"a daemon does not send {w.message_name(msg_type)}", field="type"
-        )
-    return w.control_payload_limit(msg_type)
+_from_daemon_limit = w.payload_limits(
+    (w.MSG_EXEC_CMDLINE, w.MSG_JUST_EXEC, w.MSG_SERVICE_CONNECT, w.MSG_SERVICE_REFUSED),
+    "a daemon does not send {name}",
+)
+"""Payload limits of what a daemon may send an agent (anything else is an error)."""
 
-
-def _trigger_limit(msg_type: int) -> int:
-    if msg_type != w.MSG_TRIGGER_SERVICE4:
-        raise w.QrexecProtocolError(
-            f"trigger socket wants MSG_TRIGGER_SERVICE4, got {w.message_name(msg_type)}",
-            field="type",
-        )
-    return w.control_payload_limit(msg_type)
+_trigger_limit = w.payload_limits(
+    (w.MSG_TRIGGER_SERVICE4,), "trigger socket wants MSG_TRIGGER_SERVICE4, got {name}"
+)
 
 
 def service_env(rpc: w.RpcRequest) -> dict[str, str]:

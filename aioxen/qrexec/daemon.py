@@ -507,25 +507,18 @@ class Daemon:
             await close_streams(writer)
 
 
-def _from_agent_limit(msg_type: int) -> int:
-    if msg_type not in (
+_from_agent_limit = w.payload_limits(
+    (
         w.MSG_TRIGGER_SERVICE,
         w.MSG_TRIGGER_SERVICE3,
         w.MSG_TRIGGER_SERVICE4,
         w.MSG_CONNECTION_TERMINATED,
-    ):
-        raise w.QrexecProtocolError(
-            f"an agent does not send {w.message_name(msg_type)}", field="type"
-        )
-    return w.control_payload_limit(msg_type)
-
-
-def _from_client_limit(msg_type: int) -> int:
-    if msg_type not in (w.MSG_EXEC_CMDLINE, w.MSG_JUST_EXEC):
-        raise w.QrexecProtocolError(
-            f"the client socket does not take {w.message_name(msg_type)}", field="type"
-        )
-    return w.control_payload_limit(msg_type)
+    ),
+    "an agent does not send {name}",
+)
+_from_client_limit = w.payload_limits(
+    (w.MSG_EXEC_CMDLINE, w.MSG_JUST_EXEC), "the client socket does not take {name}"
+)
 
 
 async def _hold_until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

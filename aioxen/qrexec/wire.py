@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from aioxen.errors import ProtocolError
@@ -169,6 +170,20 @@ def max_chunk_size(version: int) -> int:
     if version < PROTOCOL_V2:
         raise ValueError(f"qrexec data channels need version >= 2, not {version}")
     return MAX_DATA_CHUNK_V2 if version == PROTOCOL_V2 else MAX_DATA_CHUNK_V3
+
+
+def payload_limits(allowed: Collection[int], refusal: str) -> Callable[[int], int]:
+    """A ``read_message`` limit for one kind of peer: [`control_payload_limit`][] for the
+    ``allowed`` message types, a ``QrexecProtocolError`` with ``refusal`` (``{name}``:
+    the type's name) for any other."""
+    kinds = frozenset(allowed)
+
+    def limit(msg_type: int) -> int:
+        if msg_type not in kinds:
+            raise QrexecProtocolError(refusal.format(name=message_name(msg_type)), field="type")
+        return control_payload_limit(msg_type)
+
+    return limit
 
 
 def control_payload_limit(msg_type: int) -> int:
