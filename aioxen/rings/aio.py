@@ -34,7 +34,7 @@ peer's producer index for a window instead of sleeping: one validated look per l
 iteration (``call_soon``), with its event index left unarmed so that, by ``io/ring.h``'s
 own rule, the peer's pushes need no notification; when the window runs out the end arms
 and re-checks as without polling.  How long, and whether at all, is decided by vchan's
-pure `aioxen.vchan.pollpolicy.PollPolicy` (``busy_poll`` is its maximum;
+pure `aioxen.pollpolicy.PollPolicy` (``busy_poll`` is its maximum;
 0 turns polling off, the default where the peer cannot run concurrently).
 
 **Shutdown.** `close` (or the peer's event channel going away, or a protocol
@@ -64,10 +64,7 @@ from typing import Any, Generic, Self, TypeVar, cast
 
 from aioxen.errors import ProtocolError
 from aioxen.platforms.base import EventChannel, Mapping, Platform, Share
-from aioxen.rings.formats import EntryFormat, batch_codec
-from aioxen.rings.service import RingService
-from aioxen.rings.sring import BackRing, FrontRing, _Ring, ring_pages
-from aioxen.vchan.pollpolicy import (
+from aioxen.pollpolicy import (
     DEFAULT_BUSY_POLL,
     MAX_BUSY_POLL,
     POLL_AGAIN,
@@ -75,6 +72,9 @@ from aioxen.vchan.pollpolicy import (
     POLL_YIELD,
     PollPolicy,
 )
+from aioxen.rings.formats import EntryFormat, batch_codec
+from aioxen.rings.service import RingService
+from aioxen.rings.sring import BackRing, FrontRing, _Ring, ring_pages
 
 Req = TypeVar("Req")
 Rsp = TypeVar("Rsp")

@@ -21,11 +21,11 @@ read notification is requested when the ring is full, so the peer's next consump
 wakes us.
 
 Busy polling.  After a message (a write that fits the ring, or a delivery, of at most
-[`aioxen.vchan.pollpolicy.POLL_MAX_MESSAGE`][] bytes) the transport may poll its rings
+[`aioxen.pollpolicy.POLL_MAX_MESSAGE`][] bytes) the transport may poll its rings
 for a bounded, adaptive window instead of asking the peer for notifications: one look per
 event-loop iteration ([`_poll`][], an ordinary ``call_soon`` callback); when the window
 runs out it arms notifications and re-checks, exactly as without polling.  *Whether* and
-*how long* to poll is decided by a [`PollPolicy`][aioxen.vchan.pollpolicy.PollPolicy] (its
+*how long* to poll is decided by a [`PollPolicy`][aioxen.pollpolicy.PollPolicy] (its
 module docstring is the theory of operation); the transport tells it each event with the
 time, and does what it answers.  ``busy_poll`` is the window's maximum; ``busy_poll=0``
 disables polling (the default where the peer cannot run concurrently, e.g. the
@@ -37,9 +37,9 @@ event-channel wake-up cost tens.  So a writer that finds the ring full with byte
 and a reader that empties the ring in the middle of a bulk delivery, first spin on the
 ring's indices in C for up to ``busy_poll`` (``_spin_wait``), and only then arm
 notifications and re-check; while both ends keep up, no notification is sent at all.  A
-[`SpinPolicy`][aioxen.vchan.pollpolicy.SpinPolicy] stops spinning for a while when spins
+[`SpinPolicy`][aioxen.pollpolicy.SpinPolicy] stops spinning for a while when spins
 time out or run mostly off the CPU (a busy machine), and a reader's pass hands the loop
-back after [`aioxen.vchan.pollpolicy.SPIN_BATCH_MAX`][] bytes.
+back after [`aioxen.pollpolicy.SPIN_BATCH_MAX`][] bytes.
 
 Delivery.  A `asyncio.BufferedProtocol` gets bytes copied once from the ring into
 the buffer it returns from ``get_buffer``.  The stdlib ``StreamReaderProtocol`` (which
@@ -89,9 +89,7 @@ from typing import Any
 from aioxen.errors import ProtocolError
 from aioxen.flowcontrol import WriteFlowControl
 from aioxen.native import ffi
-from aioxen.vchan import wire
-from aioxen.vchan.endpoint import Connection
-from aioxen.vchan.pollpolicy import (
+from aioxen.pollpolicy import (
     CONTENDED_GAP,
     DEFAULT_BUSY_POLL,
     LATE_FINDS,
@@ -110,6 +108,8 @@ from aioxen.vchan.pollpolicy import (
     PollPolicy,
     SpinPolicy,
 )
+from aioxen.vchan import wire
+from aioxen.vchan.endpoint import Connection
 from aioxen.vchan.wire import (
     NOTIFY_WRITE,
     STEP_CONS_SHIFT,
@@ -472,7 +472,7 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
                 return 1 if r & STEP_LIVE else 0
 
     def _spin_wait(self, reading: bool) -> bool:
-        """Bulk spin ([`SpinPolicy`][aioxen.vchan.pollpolicy.SpinPolicy]) while the read
+        """Bulk spin ([`SpinPolicy`][aioxen.pollpolicy.SpinPolicy]) while the read
         ring stays empty (``reading``) or the write ring full.  True if it changed.
 
         Only while the peer is awake: if it asked to be notified (a notification is

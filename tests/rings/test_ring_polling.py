@@ -14,10 +14,10 @@ from ring_helpers import BE, FE, counted_pair, echo, treq, until
 import aioxen
 from aioxen import ProtocolError
 from aioxen.net import netif as N
+from aioxen.pollpolicy import CONTENDED_GAP, DEFAULT_BUSY_POLL, MAX_BUSY_POLL
 from aioxen.rings import aio
 from aioxen.rings.aio import AsyncBackRing, AsyncFrontRing, check_busy_poll
 from aioxen.rings.sring import REQ_PROD, RSP_PROD, BackRing, FrontRing
-from aioxen.vchan.pollpolicy import CONTENDED_GAP, DEFAULT_BUSY_POLL, MAX_BUSY_POLL
 
 
 class FakeClock:

@@ -2,7 +2,7 @@
 
 A bulk writer that finds the ring full, or a reader that emptied it in the middle of a bulk
 delivery, spins briefly on the ring's indices (``ax_vchan_spin``,
-[`SpinPolicy`][aioxen.vchan.pollpolicy.SpinPolicy]) before asking the peer for a
+[`SpinPolicy`][aioxen.pollpolicy.SpinPolicy]) before asking the peer for a
 notification.  The spin only decides when to look again: what it saw is re-read and
 validated by the ordinary step/send path, so a peer scribbling on the page still gets
 ``ProtocolError``, and a peer that never moves costs at most one bounded spin.

@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 
-from aioxen.vchan.pollpolicy import (
+from aioxen.pollpolicy import (
     CONTENDED_GAP,
     LATE_FINDS,
     MAX_BUSY_POLL,
