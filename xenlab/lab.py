@@ -281,7 +281,7 @@ SITE_KEEP = (
 # (peer.py) and the pytest session it runs (tests/xenlab/peer/ and what those import).
 PEER_TREE_FILES = (
     "pyproject.toml", "tests/conftest.py", "tests/xenlab/conftest.py",
-    "tests/xenlab/guest/peer.py", "tests/xenlab/peer/*.py",
+    "tests/xenlab/guest/peer.py", "tests/xenlab/guest/peer_*.py", "tests/xenlab/peer/*.py",
     "tests/platform/platform_harness.py", "tests/platform/test_platform_conformance.py",
 )  # fmt: skip
 _PYINFO = (
