@@ -40,7 +40,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
 from aioxen.errors import ProtocolError
 from aioxen.xenstore.errors import TransactionConflict, error_for
@@ -123,6 +123,58 @@ def _value_bytes(value: bytes | bytearray | memoryview | str) -> bytes:
     return value.encode() if isinstance(value, str) else bytes(value)
 
 
+_Req = tuple[XsType, bytes, str, str | None]
+"""A request of a pipelined batch: type, payload, operation name and path (for errors)."""
+
+
+class Batch:
+    """Requests that leave together: one write, one round trip, replies in order.
+
+    Build it with ``client.batch()`` (or ``tx.batch()`` inside a transaction), add
+    requests with [`read`][], [`write`][], [`set_perms`][] and [`rm`][] (nothing is sent
+    yet; each returns its index), then ``await batch.run()``: the list of results in
+    order -- a read's value, the reply's payload for the others -- with a failed request's
+    exception *in its place* (not raised), so the caller decides what an error means.
+    Every reply is in when ``run`` returns: nothing is left in flight.
+    """
+
+    __slots__ = ("_ops", "_requests")
+
+    def __init__(self, ops: _Ops) -> None:
+        self._ops = ops
+        self._requests: list[_Req] = []
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def _add(self, req: _Req) -> int:
+        self._requests.append(req)
+        return len(self._requests) - 1
+
+    def read(self, path: str | bytes) -> int:
+        return self._add((XsType.READ, _path_bytes(path) + NUL, "read", _path_str(path)))
+
+    def write(self, path: str | bytes, value: bytes | bytearray | memoryview | str) -> int:
+        raw = encode_write(_path_bytes(path), _value_bytes(value))
+        return self._add((XsType.WRITE, raw, "write", _path_str(path)))
+
+    def set_perms(self, path: str | bytes, perms: Sequence[PermLike]) -> int:
+        if not perms:
+            raise ValueError("set_perms needs at least the owner entry")
+        raw = _path_bytes(path) + NUL + encode_perms(perms)
+        return self._add((XsType.SET_PERMS, raw, "set_perms", _path_str(path)))
+
+    def rm(self, path: str | bytes) -> int:
+        return self._add((XsType.RM, _path_bytes(path) + NUL, "rm", _path_str(path)))
+
+    async def run(self, *, timeout: float | None = _UNSET) -> list[bytes | Exception]:
+        """Send the requests (once) and return their results in order (see the class)."""
+        requests, self._requests = self._requests, []
+        if not requests:
+            return []
+        return await self._ops._run_batch(requests, timeout)
+
+
 class _Ops:
     """The path operations shared by the client and a transaction."""
 
@@ -132,6 +184,15 @@ class _Ops:
         self, typ: XsType, payload: bytes, *, op: str, path: str | None, timeout: float | None
     ) -> bytes:
         raise NotImplementedError
+
+    async def _run_batch(
+        self, requests: list[_Req], timeout: float | None
+    ) -> list[bytes | Exception]:
+        raise NotImplementedError
+
+    def batch(self) -> Batch:
+        """A [`Batch`][] of requests to pipeline (in this transaction, for a transaction)."""
+        return Batch(self)
 
     async def read(self, path: str | bytes, *, timeout: float | None = _UNSET) -> bytes:
         """The value at ``path`` (``FileNotFoundError`` if there is no such node)."""
@@ -261,6 +322,13 @@ class Transaction(_Ops):
         return await self._client._request(
             typ, payload, tx_id=self._tx_id, op=op, path=path, timeout=timeout
         )
+
+    async def _run_batch(
+        self, requests: list[_Req], timeout: float | None
+    ) -> list[bytes | Exception]:
+        if self._tx_id == 0 or self._finished:
+            raise RuntimeError("transaction is not open")
+        return await self._client._many_results(requests, timeout, self._tx_id)
 
     async def start(self) -> Self:
         payload = await self._client._request(
@@ -639,31 +707,55 @@ class XenStoreClient(_Ops):
         )
 
     async def _many(
-        self, requests: list[tuple[XsType, bytes, str, str | None]], timeout: float | None
+        self, requests: list[_Req], timeout: float | None, tx_id: int = 0
     ) -> list[bytes]:
-        """Send ``requests`` (type, payload, op, path) back to back and collect their
-        replies in order -- without a task per request (kept dense for the vchan set-up
-        path, which pipelines its reads and writes)."""
+        """[`_many_results`][] raising the first error (once every reply is in)."""
+        results = await self._many_results(requests, timeout, tx_id)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return cast(list[bytes], results)
+
+    async def _many_results(
+        self, requests: list[_Req], timeout: float | None, tx_id: int = 0
+    ) -> list[bytes | Exception]:
+        """Send ``requests`` (type, payload, op, path) back to back -- in one write where
+        the transport can -- and collect their replies (or errors) in order, without a
+        task per request (kept dense for the vchan set-up path, which pipelines its
+        reads and writes)."""
         if timeout is not None and timeout != timeout:  # _UNSET is NaN
             timeout = self.timeout
         transport = self._transport
         results: list[Any] = []
         if transport is None or self._limit is not None:  # connect first / in-flight limit
             results = await asyncio.gather(
-                *(self._request(t, p, op=o, path=pa, timeout=timeout) for t, p, o, pa in requests),
+                *(
+                    self._request(t, p, tx_id=tx_id, op=o, path=pa, timeout=timeout)
+                    for t, p, o, pa in requests
+                ),
                 return_exceptions=True,
             )
+            for r in results:
+                if isinstance(r, BaseException) and not isinstance(r, Exception):
+                    raise r  # a cancellation is not a result
         else:
             loop = asyncio.get_running_loop()
             sent: list[tuple[int, asyncio.Future[Message]]] = []
             timer = None
             try:
+                msgs = []
                 for typ, payload, _op, _path in requests:
                     req_id = self._new_req_id()
                     fut: asyncio.Future[Message] = loop.create_future()
                     self._pending[req_id] = fut
                     sent.append((req_id, fut))
-                    transport.send(Message(typ, req_id, 0, payload))
+                    msgs.append(Message(typ, req_id, tx_id, payload))
+                send_many = getattr(transport, "send_many", None)
+                if send_many is not None:
+                    send_many(msgs)
+                else:
+                    for msg in msgs:
+                        transport.send(msg)
                 if timeout is not None:
                     timer = loop.call_later(timeout, _expire_all, [f for _, f in sent])
                 if transport.backlog() > _DRAIN_ABOVE:
@@ -685,9 +777,6 @@ class XenStoreClient(_Ops):
                 for req_id, fut in sent:
                     if self._pending.get(req_id) is fut:
                         del self._pending[req_id]
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
         return results
 
     def _timeout_error(self, op: str, path: str | None, timeout: float | None) -> TimeoutError:
@@ -733,6 +822,11 @@ class XenStoreClient(_Ops):
         self, typ: XsType, payload: bytes, *, op: str, path: str | None, timeout: float | None
     ) -> bytes:
         return await self._request(typ, payload, op=op, path=path, timeout=timeout)
+
+    async def _run_batch(
+        self, requests: list[_Req], timeout: float | None
+    ) -> list[bytes | Exception]:
+        return await self._many_results(requests, timeout)
 
     # -- transactions ----------------------------------------------------------------
 
@@ -848,6 +942,7 @@ class XenStoreClient(_Ops):
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "Batch",
     "Perm",
     "Transaction",
     "Watch",

@@ -84,7 +84,9 @@ class SocketTransport:
     message sent after it before the loop runs its next callbacks goes out in one more
     ``write`` -- so requests issued together (``asyncio.gather``, a transaction's pipelined
     writes) cost two system calls here however many they are, and xenstored answers each
-    batch it reads with one write.  A lone request pays no extra loop iteration.
+    batch it reads with one write.  A lone request pays no extra loop iteration.  A batch
+    known as such ([`send_many`][], the client's ``read_many``/``write_many`` and
+    [`Batch`][aioxen.xenstore.client.Batch]) leaves in one write.
     """
 
     max_in_flight: int | None = None
@@ -118,6 +120,22 @@ class SocketTransport:
             )
         protocol.send(msg.encode())
 
+    def send_many(self, msgs: list[Message]) -> None:
+        """Send ``msgs`` back to back in *one* ``write`` (a pipelined batch: xenstored
+        reads it at once and answers with one write)."""
+        protocol = self._protocol
+        if protocol is None or protocol.closing:
+            raise ConnectionResetError(
+                errno.ECONNRESET, "xenstored connection is closed", self.path
+            )
+        protocol.send(b"".join([m.encode() for m in msgs]))
+
+    @property
+    def writes(self) -> int:
+        """Writes to the socket so far (a pipelined batch is one)."""
+        protocol = self._protocol
+        return protocol.writes if protocol is not None else 0
+
     def backlog(self) -> int:
         protocol = self._protocol
         return protocol.backlog() if protocol is not None else 0
@@ -147,6 +165,8 @@ class _SocketProtocol(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closing = False
+        self.writes = 0
+        """``transport.write`` calls so far (each is one system call, one read for xenstored)."""
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -199,12 +219,15 @@ class _SocketProtocol(asyncio.Protocol):
             transport = self._transport
             if transport is not None and not transport.is_closing():
                 transport.write(data)
+                self.writes += 1
             return
         self._out.append(data)
 
     def _flush(self) -> None:
         self._flush_handle = None
-        self._out.write_to(self._transport)
+        if self._out:
+            self._out.write_to(self._transport)
+            self.writes += 1
 
     def _cancel_flush(self) -> None:
         if self._flush_handle is not None:

@@ -11,12 +11,14 @@ import asyncio
 import os
 import socket
 
+import pytest
 from rawsock import Raw
 from support.xenstored import ClientFactory, Xenstored
 
-from aioxen.xenstore import XenStoreClient
+from aioxen.xenstore import Perm, XenStoreClient
 from aioxen.xenstore.client import Transaction
 from aioxen.xenstore.server import XenStoreServer
+from aioxen.xenstore.transport import SocketTransport
 from aioxen.xenstore.wire import Message, XsType, join
 
 
@@ -180,3 +182,77 @@ async def test_watch_events_from_other_connections_arrive(unix_clients: ClientFa
         await asyncio.gather(*(b.write(f"/bw/{i}", "x") for i in range(10)))
         seen = {await w.next(timeout=5) for _ in range(10)}
         assert seen == {f"/bw/{i}" for i in range(10)}
+
+
+async def test_a_pipelined_batch_leaves_in_one_write(unix_clients: ClientFactory) -> None:
+    """``read_many``/``write_many``/``Batch.run`` hand their requests to the socket in
+    *one* write (before: the first went out alone and the rest a loop iteration later, so
+    xenstored often read, handled and answered a batch in two goes)."""
+    c = unix_clients(36)
+    await c.write("w/a", "1")  # opens the connection
+    transport = c._transport
+    assert isinstance(transport, SocketTransport)
+    before = transport.writes
+    await c.write_many([("w/a", "2"), ("w/b", "3"), ("w/c", "4")])
+    assert transport.writes == before + 1
+    assert await c.read_many(["w/a", "w/b", "w/c"]) == [b"2", b"3", b"4"]
+    assert transport.writes == before + 2
+    batch = c.batch()
+    batch.read("w/b")
+    batch.write("w/d", "5")
+    await batch.run()
+    assert transport.writes == before + 3
+
+
+async def test_batch_results_in_order_with_errors_in_place(unix_clients: ClientFactory) -> None:
+    c = unix_clients(37)
+    await c.write("bb/x", "1")
+    batch = c.batch()
+    assert [batch.read("bb/x"), batch.read("bb/missing"), batch.write("bb/y", "2")] == [0, 1, 2]
+    assert batch.set_perms("bb/y", [Perm(37, "n"), Perm(0, "r")]) == 3
+    assert batch.rm("bb/gone") == 4
+    assert len(batch) == 5
+    results = await batch.run()
+    assert results[0] == b"1"
+    assert isinstance(results[1], FileNotFoundError) and "bb/missing" in str(results[1])
+    assert not isinstance(results[2], Exception) and not isinstance(results[3], Exception)
+    assert not isinstance(results[4], Exception)  # rm of a missing node is fine
+    assert await c.get_perms("bb/y") == [Perm(37, "n"), Perm(0, "r")]
+    assert c._pending == {}  # every reply collected
+    assert await batch.run() == []  # sent once; an empty batch sends nothing
+    with pytest.raises(ValueError):
+        batch.set_perms("bb/y", [])
+
+
+async def test_batch_inside_a_transaction(unix_clients: ClientFactory) -> None:
+    """A transaction's batch runs in that transaction: invisible until the commit, and
+    gone if the body fails."""
+    c, other = unix_clients(38), unix_clients(0)
+    await c.rm("tb")  # (the module's xenstored is shared by both event loops' runs)
+
+    async def body(tx: Transaction) -> None:
+        batch = tx.batch()
+        batch.write("tb/a", "1")
+        batch.write("tb/b", "2")
+        batch.read("tb/a")
+        results = await batch.run()
+        assert results[2] == b"1"
+        with pytest.raises(FileNotFoundError):
+            await other.read("/local/domain/38/tb/a")
+
+    await c.transact(body)
+    assert await c.read_many(["tb/a", "tb/b"]) == [b"1", b"2"]
+
+    with pytest.raises(RuntimeError):
+        async with c.transaction() as tx:
+            batch = tx.batch()
+            batch.write("tb/c", "3")
+            await batch.run()
+            raise RuntimeError("abort")
+    with pytest.raises(FileNotFoundError):
+        await c.read("tb/c")
+    tx = c.transaction()
+    with pytest.raises(RuntimeError, match="not open"):
+        batch = tx.batch()
+        batch.read("tb/a")
+        await batch.run()
