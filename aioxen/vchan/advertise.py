@@ -106,6 +106,43 @@ def server_owner(platform: Platform, path: str) -> Owner:
     return Owner.current(f"vchan server at {path}", domid=platform.domid)
 
 
+class _Pipelined:
+    """The open transaction as [`claim_in`][aioxen.ownership.claim_in] sees it during
+    [`publish`][]: reads are answered from one pipelined batch made up front, writes and
+    permission changes are queued and leave, with the advertisement's own, in one batch
+    ([`flush`][]) -- one round trip each instead of one per request.  A queued request's
+    error is raised by ``flush``, still inside the transaction (which then aborts)."""
+
+    def __init__(self, tx: Any, reads: dict[str, bytes | Exception]) -> None:
+        self._tx = tx
+        self._reads = reads
+        self.batch = tx.batch()
+        """The queued requests (add more before [`flush`][])."""
+
+    async def read(self, path: str) -> bytes:
+        value = self._reads.get(path)
+        if value is None:
+            return bytes(await self._tx.read(path))  # not read up front: a round trip
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def peek(self, path: str) -> bytes | Exception | None:
+        """What the up-front batch read at ``path`` (``None``: not read)."""
+        return self._reads.get(path)
+
+    async def write(self, path: str, value: bytes) -> None:
+        self.batch.write(path, value)
+
+    async def set_perms(self, path: str, perms: Any) -> None:
+        self.batch.set_perms(path, perms)
+
+    async def flush(self) -> None:
+        for result in await self.batch.run():
+            if isinstance(result, Exception):
+                raise result
+
+
 async def publish(
     platform: Platform,
     path: str,
@@ -116,47 +153,60 @@ async def publish(
 ) -> None:
     """Write (or overwrite) the advertisement at ``path`` in one transaction; with
     ``owner``, claim the path in that same transaction (``ResourceBusy`` naming the live
-    holder, nothing written; see the module docstring)."""
+    holder, nothing written; see the module docstring).
+
+    Pipelined: the transaction is four round trips whatever it writes -- start; read the
+    owner key and ``event-channel`` together; the owner record, ``ring-ref``,
+    ``event-channel`` and their permissions together; commit."""
     from aioxen.xenstore import Perm
 
     store = _store(platform)
     perms = [Perm(platform.domid, "n"), Perm(peer_domid, "r")]
+    owner_key = f"{path}/{OWNER}"
+    ec_key = f"{path}/{EVENT_CHANNEL}"
 
-    async def write_keys(tx: Any) -> None:
-        # Pipelined: xenstored handles one connection's requests in order, so the four
-        # requests go out back to back and cost one round trip instead of four.
-        ops = []
+    def write_keys(tx: Any) -> None:
         for key, value in ((RING_REF, ring_ref), (EVENT_CHANNEL, event_channel)):
-            ops.append(tx.write(f"{path}/{key}", str(value).encode("ascii")))
-            ops.append(tx.set_perms(f"{path}/{key}", perms))
-        await _all(ops)
+            tx.write(f"{path}/{key}", str(value).encode("ascii"))
+            tx.set_perms(f"{path}/{key}", perms)
 
     async def body(tx: Any) -> None:
         if owner is None:
-            await write_keys(tx)
+            ptx = _Pipelined(tx, {})
+            write_keys(ptx.batch)
+            await ptx.flush()
             return
+        first = tx.batch()
+        first.read(owner_key)
+        first.read(ec_key)
+        owner_raw, ec_raw = await first.run()
+        ptx = _Pipelined(tx, {owner_key: owner_raw, ec_key: ec_raw})
 
-        async def then(tx: Any, stale: Owner | None) -> None:
+        async def then(ptx: _Pipelined, stale: Owner | None) -> None:
             if stale is not None:
                 logger.info("vchan %s: taking over from dead %s", path, stale.describe())
             else:
-                with contextlib.suppress(FileNotFoundError, PermissionError):
-                    await tx.read(f"{path}/{EVENT_CHANNEL}")
+                ec = ptx.peek(ec_key)
+                if isinstance(ec, Exception):
+                    if not isinstance(ec, (FileNotFoundError, PermissionError)):
+                        raise ec
+                else:
                     logger.warning(
                         "vchan %s: replacing an advertisement without an owner record "
                         "(a libxenvchan server, or a leftover)",
                         path,
                     )
-            await write_keys(tx)
+            write_keys(ptx.batch)
 
         await claim_in(
-            tx,
-            f"{path}/{OWNER}",
+            ptx,
+            owner_key,
             owner,
             what=f"vchan advertisement {path}",
             perms=[Perm(platform.domid, "n")],
             then=then,
         )
+        await ptx.flush()
 
     async with _tx_limit(store):
         for attempt in range(QUOTA_RETRIES):

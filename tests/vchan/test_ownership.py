@@ -196,6 +196,42 @@ async def test_owner_record_is_hidden_from_the_client(world: World) -> None:
     await server.wait_closed()
 
 
+async def test_publish_is_four_round_trips(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    """The claiming advertisement transaction is pipelined: start; the owner key and
+    ``event-channel`` read together; the owner record, both keys and their permissions
+    written together; commit -- four socket writes to xenstored (seven before: the
+    owner read, its write, its permissions and the leftover check each waited for their
+    reply).  Same result: keys, permissions, owner record; a libxenvchan leftover
+    (keys without an owner) is still reported and replaced."""
+    from aioxen.xenstore import Perm
+
+    srv = await world.platform(SERVER)
+    store: Any = srv.store
+    path = vchan_path(SERVER, CLIENT, "fourtrips")
+    await store.write(f"{path}/{advertise.EVENT_CHANNEL}", b"77")  # a libxenvchan leftover
+    transport = store._transport
+    writes = getattr(transport, "writes", None)  # socket transports count their writes
+    owner = advertise.server_owner(srv, path)
+    with caplog.at_level("WARNING", logger="aioxen.vchan"):
+        await advertise.publish(srv, path, CLIENT, 8, 9, owner)
+    if writes is not None:
+        assert transport.writes - writes == 4
+    assert "without an owner record" in caplog.text
+    assert await store.read(f"{path}/{advertise.RING_REF}") == b"8"
+    assert await store.read(f"{path}/{advertise.EVENT_CHANNEL}") == b"9"
+    for key in (advertise.RING_REF, advertise.EVENT_CHANNEL):
+        assert await store.get_perms(f"{path}/{key}") == [Perm(SERVER, "n"), Perm(CLIENT, "r")]
+    assert await store.get_perms(f"{path}/{advertise.OWNER}") == [Perm(SERVER, "n")]
+    assert json.loads(await store.read(f"{path}/{advertise.OWNER}"))["claim"] == owner.claim
+    other = advertise.server_owner(srv, path)
+    with pytest.raises(ResourceBusy):
+        await advertise.publish(srv, path, CLIENT, 10, 11, other)
+    assert await store.read(f"{path}/{advertise.RING_REF}") == b"8"  # untouched
+    await advertise.withdraw(srv, path, owner)
+    with pytest.raises(FileNotFoundError):
+        await store.read(path)
+
+
 async def test_dead_owner_is_taken_over_and_live_foreign_one_is_not(world: World) -> None:
     """Owner records of a dead process (pid gone / pid reused) are reclaimed."""
     srv = await world.platform(SERVER)
