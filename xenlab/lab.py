@@ -437,6 +437,29 @@ def build_tree_archive(tag: str) -> bytes:
     return c.finish()
 
 
+def build_extra_archive(paths: list[Path]) -> bytes:
+    """A cpio archive of ``$XENLAB_PEER_EXTRA``: host files and directories (recursively)
+    at their own paths in the peer domU, with every shared library ``ldd`` names for the
+    ELF files among them (e.g. programs built outside the tree, to run in the domU)."""
+    c = Cpio()
+    elves: list[Path] = []
+    files: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"XENLAB_PEER_EXTRA names {path}, which does not exist")
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    seen: set[Path] = set()
+    for p in files:
+        if _is_elf(p):
+            elves.append(p)
+        seen.add(p)
+        c.tree_file(str(p).lstrip("/"), _stripped(p.resolve()), p.stat().st_mode & 0o7777)
+    for lib in sorted({lib for elf in elves for lib in _ldd(elf)} - seen):
+        if lib.exists():
+            c.tree_file(str(lib).lstrip("/"), _stripped(lib.resolve()), 0o755)
+    return c.finish()
+
+
 @dataclasses.dataclass(frozen=True)
 class Image:
     xen: Path
@@ -659,6 +682,9 @@ def build_peer_initrd(image: Image, python: str, results: Path, cache: Path = CA
         f.write(gzip.decompress(image.peer_initrd_base.read_bytes()))
         f.write(runtime.read_bytes())
         f.write(build_tree_archive(info["tag"]))
+        extra = os.environ.get("XENLAB_PEER_EXTRA", "")
+        if extra:
+            f.write(build_extra_archive([Path(x) for x in extra.split(":") if x]))
     pythonpath = f"{TREE}:{TREE / 'tests' / 'xenlab' / 'guest'}:{info['purelib']}"
     return PeerInitrd(out, info["exe"], pythonpath, time.monotonic() - t0)
 
