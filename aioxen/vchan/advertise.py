@@ -56,7 +56,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aioxen.errors import ProtocolError
-from aioxen.ownership import Owner, ResourceBusy, claim_in, forget, release_key
+from aioxen.ownership import Owner, ResourceBusy, claim_in, forget, release_in
 from aioxen.platforms.base import Platform
 from aioxen.xenstore.errors import TransactionConflict
 
@@ -107,11 +107,13 @@ def server_owner(platform: Platform, path: str) -> Owner:
 
 
 class _Pipelined:
-    """The open transaction as [`claim_in`][aioxen.ownership.claim_in] sees it during
-    [`publish`][]: reads are answered from one pipelined batch made up front, writes and
-    permission changes are queued and leave, with the advertisement's own, in one batch
-    ([`flush`][]) -- one round trip each instead of one per request.  A queued request's
-    error is raised by ``flush``, still inside the transaction (which then aborts)."""
+    """The open transaction as [`claim_in`][aioxen.ownership.claim_in] and
+    [`release_in`][aioxen.ownership.release_in] see it in [`publish`][] and
+    [`withdraw`][]: reads are answered from one pipelined batch made up front (or read
+    at once), writes, permission changes and removals are queued and leave together in
+    one batch ([`flush`][], or ``batch.run()`` with the commit) -- one round trip instead
+    of one per request.  A queued request's error is raised by ``flush``, still inside
+    the transaction (which then aborts)."""
 
     def __init__(self, tx: Any, reads: dict[str, bytes | Exception]) -> None:
         self._tx = tx
@@ -136,6 +138,9 @@ class _Pipelined:
 
     async def set_perms(self, path: str, perms: Any) -> None:
         self.batch.set_perms(path, perms)
+
+    async def rm(self, path: str) -> None:
+        self.batch.rm(path)
 
     async def flush(self) -> None:
         for result in await self.batch.run():
@@ -250,7 +255,20 @@ async def withdraw(platform: Platform, path: str, owner: Owner | None = None) ->
         with contextlib.suppress(FileNotFoundError):
             await store.rm(path)
         return
-    if not await release_key(store, f"{path}/{OWNER}", owner, remove=[path]):
+
+    async def body(tx: Any) -> bool:
+        # Pipelined: the owner check is one round trip, then the removal and the commit
+        # leave together (a removal that fails leaves nothing for the commit to apply).
+        ptx = _Pipelined(tx, {})
+        if not await release_in(ptx, f"{path}/{OWNER}", owner, remove=[path]):
+            return False
+        ptx.batch.commit()
+        for result in await ptx.batch.run():
+            if isinstance(result, Exception) and not isinstance(result, FileNotFoundError):
+                raise result
+        return True
+
+    if not await store.transact(body):
         logger.debug("vchan %s: not removed, no longer ours", path)
 
 

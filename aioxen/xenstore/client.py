@@ -148,6 +148,8 @@ class Batch:
         return len(self._requests)
 
     def _add(self, req: _Req) -> int:
+        if self._requests and self._requests[-1][0] == XsType.TRANSACTION_END:
+            raise RuntimeError("nothing can follow a batch's commit")
         self._requests.append(req)
         return len(self._requests) - 1
 
@@ -166,6 +168,15 @@ class Batch:
 
     def rm(self, path: str | bytes) -> int:
         return self._add((XsType.RM, _path_bytes(path) + NUL, "rm", _path_str(path)))
+
+    def commit(self) -> int:
+        """A transaction's batch only: end it with a commit, sent after the other
+        requests (a conflict is the ``TransactionConflict`` in its place).  Only for
+        requests whose failure leaves nothing worth aborting -- the commit does not wait
+        for them.  The transaction counts as finished from ``run`` on."""
+        if not isinstance(self._ops, Transaction):
+            raise TypeError("only a transaction's batch can commit")
+        return self._add((XsType.TRANSACTION_END, b"T\x00", "commit", None))
 
     async def run(self, *, timeout: float | None = _UNSET) -> list[bytes | Exception]:
         """Send the requests (once) and return their results in order (see the class)."""
@@ -328,6 +339,8 @@ class Transaction(_Ops):
     ) -> list[bytes | Exception]:
         if self._tx_id == 0 or self._finished:
             raise RuntimeError("transaction is not open")
+        if requests[-1][0] == XsType.TRANSACTION_END:
+            self._finished = True  # committed by this batch (not again on exit)
         return await self._client._many_results(requests, timeout, self._tx_id)
 
     async def start(self) -> Self:

@@ -197,7 +197,8 @@ async def test_owner_record_is_hidden_from_the_client(world: World) -> None:
 
 
 async def test_publish_is_four_round_trips(world: World, caplog: pytest.LogCaptureFixture) -> None:
-    """The claiming advertisement transaction is pipelined: start; the owner key and
+    """The claiming advertisement transaction is pipelined (and withdrawing it three
+    round trips instead of four): start; the owner key and
     ``event-channel`` read together; the owner record, both keys and their permissions
     written together; commit -- four socket writes to xenstored (seven before: the
     owner read, its write, its permissions and the leftover check each waited for their
@@ -227,7 +228,12 @@ async def test_publish_is_four_round_trips(world: World, caplog: pytest.LogCaptu
     with pytest.raises(ResourceBusy):
         await advertise.publish(srv, path, CLIENT, 10, 11, other)
     assert await store.read(f"{path}/{advertise.RING_REF}") == b"8"  # untouched
+    await advertise.withdraw(srv, path, other)  # not ours: nothing removed
+    assert await store.read(f"{path}/{advertise.RING_REF}") == b"8"
+    writes = getattr(transport, "writes", None)
     await advertise.withdraw(srv, path, owner)
+    if writes is not None:  # start; owner check; removal + commit (4 before)
+        assert transport.writes - writes == 3
     with pytest.raises(FileNotFoundError):
         await store.read(path)
 

@@ -15,7 +15,7 @@ import pytest
 from rawsock import Raw
 from support.xenstored import ClientFactory, Xenstored
 
-from aioxen.xenstore import Perm, XenStoreClient
+from aioxen.xenstore import Perm, TransactionConflict, XenStoreClient
 from aioxen.xenstore.client import Transaction
 from aioxen.xenstore.server import XenStoreServer
 from aioxen.xenstore.transport import SocketTransport
@@ -256,3 +256,37 @@ async def test_batch_inside_a_transaction(unix_clients: ClientFactory) -> None:
         batch = tx.batch()
         batch.read("tb/a")
         await batch.run()
+
+
+async def test_a_batch_may_end_its_transaction_with_a_commit(unix_clients: ClientFactory) -> None:
+    """``tx.batch().commit()``: the requests and the commit leave together; a conflict
+    is the ``TransactionConflict`` in the commit's place; nothing may follow the commit,
+    and the transaction is not committed again on exit."""
+    c, other = unix_clients(39), unix_clients(39)
+    await c.rm("tc")
+    transport = None
+    async with c.transaction() as tx:
+        batch = tx.batch()
+        batch.write("tc/a", "1")
+        assert batch.commit() == 1
+        with pytest.raises(RuntimeError, match="follow"):
+            batch.write("tc/b", "2")
+        transport = c._transport
+        assert isinstance(transport, SocketTransport)
+        before = transport.writes
+        assert [isinstance(r, Exception) for r in await batch.run()] == [False, False]
+        assert transport.writes == before + 1
+    assert transport.writes == before + 1  # no second commit on exit
+    assert await other.read("tc/a") == b"1"
+    async with c.transaction() as tx:
+        await tx.read("tc/a")
+        await other.write("tc/a", "changed")  # lands before the commit: conflict
+        batch = tx.batch()
+        batch.write("tc/c", "3")
+        batch.commit()
+        results = await batch.run()
+        assert isinstance(results[1], TransactionConflict)
+    with pytest.raises(FileNotFoundError):
+        await c.read("tc/c")
+    with pytest.raises(TypeError):
+        c.batch().commit()
