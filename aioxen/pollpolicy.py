@@ -266,7 +266,8 @@ class SpinPolicy:
     worth, for the other to copy: a few microseconds, while sleeping until an event costs
     a system call on each side and a wake-up (tens of microseconds).  So a writer that
     finds the ring full with bytes still queued, or a reader that emptied the ring in the
-    middle of a bulk delivery (more than [`POLL_MAX_MESSAGE`][] bytes), first spins on
+    middle of a bulk delivery (more than [`POLL_MAX_MESSAGE`][] bytes) into a buffered
+    protocol (the vchan transport says why not a ``data_received`` one), first spins on
     the ring's indices for up to ``max_ns`` nanoseconds (``aioxen._native``'s
     ``ax_vchan_spin``) before asking the peer for a notification -- which, while both ends
     spin, suppresses the notifications (and their system calls) altogether.  At most
