@@ -511,6 +511,7 @@ async def accept_one(
     timeout: float | None = None,
     initial_index: int = 0,
     handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    on_advertised: Callable[[], None] | None = None,
 ) -> Connection:
     """Serve exactly one client (libxenvchan's model): advertise an endpoint, wait up to
     ``timeout`` for a client to go live, withdraw the advertisement, return the
@@ -518,7 +519,14 @@ async def accept_one(
     connecting, or stalls for ``handshake_timeout`` (see [`VchanServer`][]), gets a
     fresh endpoint advertised.  The path is claimed as in [`VchanServer`][]
     (``ResourceBusy`` if another live server holds it).  Cancellation or timeout
-    releases everything and removes the XenStore entries."""
+    releases everything and removes the XenStore entries.
+
+    ``on_advertised()`` is called once, as soon as the first endpoint is in XenStore (a
+    client may connect from then on) -- for callers that must tell the peer to connect,
+    as a qrexec caller does.  One client costs less here than a [`VchanServer`][] closed
+    after its first client: no spare endpoint and no re-advertisement after the bind
+    (about 1.4 ms of CPU and 5 XenStore requests per connection on the ``unix``
+    platform)."""
     check_domid(domid)
     check_port(port)
     check_size(read_size, "read_size")
@@ -557,6 +565,8 @@ async def accept_one(
     try:
         async with deadline:
             pending = await fresh()
+            if on_advertised is not None:
+                on_advertised()
             second_chance = False
             while conn is None:
                 try:

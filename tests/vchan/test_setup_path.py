@@ -295,3 +295,50 @@ async def test_a_server_at_the_grant_limit_waits_for_grants_instead_of_stopping(
             await w2.wait_closed()
     finally:
         del grants.share
+
+
+async def test_accept_one_reports_its_advertisement_and_serves_one_client(world: World) -> None:
+    """``accept_one(on_advertised=...)``: the callback runs once, when the endpoint can be
+    read from XenStore and before any client connected -- what a caller that must tell
+    its peer to connect (qrexec) waits for instead of a whole ``VchanServer``; the one
+    client is served and the advertisement is gone afterwards, with no re-advertisement
+    in between."""
+    from aioxen.vchan.protocols import start_transport
+    from aioxen.vchan.server import accept_one
+    from aioxen.vchan.transport import VchanTransport
+
+    srv = await world.platform(SERVER)
+    cli = await world.platform(CLIENT)
+    path = vchan_path(SERVER, CLIENT, "oneshot")
+    loop = asyncio.get_running_loop()
+    advertised: asyncio.Future[tuple[int, int] | None] = loop.create_future()
+    calls = 0
+
+    def on_advertised() -> None:
+        nonlocal calls
+        calls += 1
+        assert not advertised.done()
+        advertised.set_result(None)
+
+    accepting = asyncio.ensure_future(
+        accept_one(srv, CLIENT, "oneshot", timeout=30, on_advertised=on_advertised)
+    )
+    await asyncio.wait_for(asyncio.shield(advertised), 30)
+    first = await advertise.read(cli, path)
+    assert first is not None and not accepting.done()
+    reader, writer = await vchan.open_connection(SERVER, "oneshot", platform=cli, timeout=30)
+    conn = await asyncio.wait_for(accepting, 30)
+    assert calls == 1
+    with pytest.raises(FileNotFoundError):  # withdrawn: nothing re-advertised
+        await srv.store.read(path)
+    sreader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(sreader)
+    transport, _ = await start_transport(conn, lambda: protocol, VchanTransport, busy_poll=None)
+    swriter = asyncio.StreamWriter(transport, protocol, sreader, loop)
+    writer.write(b"ping")
+    assert await sreader.readexactly(4) == b"ping"
+    swriter.write(b"pong")
+    assert await reader.readexactly(4) == b"pong"
+    for w in (writer, swriter):
+        w.close()
+        await w.wait_closed()
