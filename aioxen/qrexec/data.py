@@ -13,18 +13,24 @@ we send ours first) two ends talk:
   receives the rest.
 
 Each end is plain stdlib streams for its user: the streams it receives are
-`asyncio.StreamReader` objects fed by one pump task that reads messages; the streams it
+`asyncio.StreamReader` objects fed with the payloads of the messages read from the
+channel -- by a small protocol that takes the channel's transport over from its
+``StreamReaderProtocol`` (for speed: the transport reads into one reused buffer and each
+payload is copied once, into its reader, with no task; writing-side calls go on to the
+original protocol), or, on a stream that is not a plain stdlib one, by a pump task that
+reads messages from the channel's ``StreamReader``; the streams it
 sends are `asyncio.StreamWriter` objects ([`DataWriter`][aioxen.qrexec.data.DataWriter])
 over a small framing transport that cuts ``write()`` into messages of at most the
 version's chunk size (4 KiB at v2, 64 KiB at v3+) -- never a zero-length one, which is
 reserved for EOF: ``write_eof()`` (or ``close()``) sends it once.  ``drain()`` is the data
 channel's own flow control (its writer's ``drain()``), so back-pressure reaches the
-writer of a stream.  The other way, a reader whose buffer is over twice its limit pauses
-the pump (through the stdlib's own ``StreamReader`` pause/resume hooks), so a stream
-nobody reads stops the channel instead of growing memory.  Read stdout and stderr
-concurrently ([`CallerEnd.communicate`][aioxen.qrexec.data.CallerEnd.communicate] does).
+writer of a stream.  The other way, a reader whose buffer is over twice its limit stops
+delivery and pauses the channel (through the stdlib's own ``StreamReader`` pause/resume
+hooks), so a stream nobody reads stops the channel instead of growing memory.  Read
+stdout and stderr concurrently
+([`CallerEnd.communicate`][aioxen.qrexec.data.CallerEnd.communicate] does).
 
-What the pump accepts (everything else is a
+What an end accepts (everything else is a
 [`QrexecProtocolError`][aioxen.qrexec.wire.QrexecProtocolError] that tears the channel
 down): a payload no larger than the chunk size; on the service end STDIN (and STDOUT,
 which Qubes also accepts there, for Qubes Windows Tools) until its EOF; on the caller
@@ -50,13 +56,21 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Self
 
-from aioxen.qrexec.framing import TruncatedMessage, exchange_hello, read_message, write_message
+from aioxen.qrexec.framing import (
+    TruncatedMessage,
+    check_header,
+    exchange_hello,
+    read_message,
+    write_message,
+)
 from aioxen.qrexec.wire import (
     DATA_MIN_VERSION,
     HEADER,
+    HEADER_SIZE,
+    MAX_DATA_CHUNK_V3,
     MSG_DATA_EXIT_CODE,
     MSG_DATA_STDERR,
     MSG_DATA_STDIN,
@@ -100,27 +114,181 @@ async def data_handshake(
 
 
 class _Valve(asyncio.ReadTransport):
-    """The "transport" a received stream's `asyncio.StreamReader` pauses: the pump waits
-    on it instead of reading more from the channel."""
+    """The "transport" a received stream's `asyncio.StreamReader` pauses: the end stops
+    delivering messages (and reading the channel) until it opens again."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_open: Callable[[], None]) -> None:
         super().__init__()
-        self._open = asyncio.Event()
-        self._open.set()
+        self.open = True
         self.unbounded = False  # set when everything is collected anyway: never pause
+        self._on_open = on_open
 
     def pause_reading(self) -> None:
         if not self.unbounded:
-            self._open.clear()
+            self.open = False
 
     def resume_reading(self) -> None:
-        self._open.set()
+        if not self.open:
+            self.open = True
+            self._on_open()
 
     def is_reading(self) -> bool:
-        return self._open.is_set()
+        return self.open
 
-    async def wait_open(self) -> None:
-        await self._open.wait()
+
+_READ_FIRST = 16384  # the channel reader's first buffer (a call's small messages fit)
+_READ_MAX = 4 * (MAX_DATA_CHUNK_V3 + HEADER_SIZE)  # its largest: four 64 KiB messages
+
+
+class _ChannelReader(asyncio.BufferedProtocol):
+    """Reads a data channel's messages in place of the channel's own
+    ``StreamReaderProtocol`` (installed with ``transport.set_protocol``), for speed: the
+    transport reads straight into one reused buffer, payloads are fed to the end's
+    readers from there (one copy, no allocation per read, no task); writing-side calls
+    (flow control, ``connection_lost``) go on to the original protocol, so the channel's
+    ``StreamWriter`` works as before.
+
+    Messages are delivered whole (a cut one never reaches a reader) in order; while a
+    reader of the end is full, delivery stops and the transport is paused.  A clean EOF
+    is handled after the messages before it; a transport error at once (as a
+    ``StreamReader`` raises it before its buffered bytes)."""
+
+    def __init__(self, end: _End, inner: asyncio.BaseProtocol, buffered: bytes, eof: bool) -> None:
+        self._end = end
+        self._inner: Any = inner
+        self._transport: Any = end.writer.transport
+        self._buf = bytearray(max(_READ_FIRST, len(buffered) + HEADER_SIZE))
+        self._view = memoryview(self._buf)
+        self._start = 0  # first unparsed byte
+        self._stop = 0  # end of the received bytes
+        self._need = HEADER_SIZE  # bytes from _start the next step needs
+        self._filled = False  # the last read filled the buffer: bulk, grow it
+        self._eof = eof  # the peer's EOF, handled once the buffer is parsed
+        self._done = False  # the end of the channel was reported
+        self._paused = False  # we paused the transport
+        self._scheduled = False
+        self._limit = end.payload_limit
+        n = len(buffered)
+        self._view[:n] = buffered
+        self._stop = n
+
+    # -- the transport's calls -------------------------------------------------------------
+    def get_buffer(self, sizehint: int) -> memoryview:
+        stop = self._stop
+        size = len(self._buf)
+        if not self._filled and size - stop >= max(self._need - (stop - self._start), size >> 2):
+            return self._view[stop:]  # the common case: room behind what we have
+        # Make room: grow (bulk fills the buffer; a message larger than it), else move
+        # the unparsed bytes (part of one message, unless a reader is full) to the front.
+        start = self._start
+        kept = stop - start
+        new = min(_READ_MAX, 2 * size) if self._filled else size
+        new = max(new, kept + max(self._need, size >> 2))
+        if new > size:
+            buf = bytearray(new)
+            buf[:kept] = self._view[start:stop]
+            self._buf, self._view = buf, memoryview(buf)
+        elif start:
+            self._view[:kept] = self._view[start:stop]
+        self._start, self._stop = 0, kept
+        self._filled = False
+        return self._view[kept:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._stop += nbytes
+        self._filled = self._stop == len(self._buf)
+        self._parse()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._parse()
+        return True  # as StreamReaderProtocol: the writing side stays open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+        if exc is None:
+            self._eof = True
+            self._parse()
+        elif not self._done:
+            self._done = True
+            self._end._channel_error(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    # -- delivery --------------------------------------------------------------------------
+    def unblocked(self) -> None:
+        """A full reader of the end was read: deliver on (soon, outside its read())."""
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._resume)
+
+    def _resume(self) -> None:
+        self._scheduled = False
+        self._parse()
+
+    def _parse(self) -> None:
+        end = self._end
+        if self._done:
+            return
+        if end.dead():
+            self._start = self._stop = 0  # the end is closed: drop what arrives
+            return
+        view, i, stop = self._view, self._start, self._stop
+        unpack = HEADER.unpack_from
+        try:
+            while stop - i >= HEADER_SIZE:  # dense loop, kept for speed
+                if end.blocked():
+                    if not self._paused:
+                        self._paused = True
+                        self._transport.pause_reading()
+                    return
+                msg_type, length = unpack(view, i)
+                check_header(msg_type, length, self._limit, end.what)
+                if stop - i - HEADER_SIZE < length:
+                    self._need = HEADER_SIZE + length
+                    break
+                i += HEADER_SIZE + length
+                self._start = i
+                end._deliver(msg_type, view[i - length : i])
+                if self._done or end.dead():
+                    return
+            else:
+                self._need = HEADER_SIZE
+            if i == stop:
+                self._start = self._stop = i = stop = 0
+            if self._eof:
+                self._done = True
+                if i == stop:
+                    end._channel_ended()
+                else:
+                    end._channel_reset(self._truncated(view, i, stop))
+                return
+            if self._paused and not end.blocked():
+                self._paused = False
+                self._transport.resume_reading()
+        except QrexecProtocolError as exc:
+            self._done = True
+            end._fail(exc)
+        except Exception as exc:  # a bug: the streams get it rather than wait forever
+            self._done = True
+            end._fail(exc)
+            raise
+
+    def _truncated(self, view: memoryview, i: int, stop: int) -> TruncatedMessage:
+        what = self._end.what
+        if stop - i < HEADER_SIZE:
+            return TruncatedMessage(
+                f"{what}: stream ended inside a message header ({stop - i} of 8 bytes)"
+            )
+        msg_type, length = HEADER.unpack_from(view, i)
+        return TruncatedMessage(
+            f"{what}: stream ended inside {message_name(msg_type)} "
+            f"({stop - i - HEADER_SIZE} of {length} bytes)"
+        )
 
 
 class _FrameTransport(asyncio.WriteTransport):
@@ -182,6 +350,21 @@ class _FrameTransport(asyncio.WriteTransport):
         return self._end.writer.get_extra_info(name, default)
 
 
+def _plain_stream(reader: Any, transport: Any, inner: Any) -> bool:
+    """Whether ``reader`` is a stdlib ``StreamReader`` fed by ``inner``, the plain
+    ``StreamReaderProtocol`` of a live ``transport`` (whose buffer we may take over)."""
+    # the stdlib stream's private fields, read once at the start: checked, else the task path
+    return (
+        transport is not None
+        and not transport.is_closing()
+        and type(inner) is asyncio.StreamReaderProtocol
+        and getattr(inner, "_stream_reader", None) is reader
+        and getattr(reader, "_transport", None) is transport
+        and type(getattr(reader, "_buffer", None)) is bytearray
+        and getattr(reader, "_exception", None) is None
+    )
+
+
 class DataWriter(asyncio.StreamWriter):
     """A stdlib `asyncio.StreamWriter` for one sent stream of a call (stdout/stderr on
     the service end, stdin on the caller end).
@@ -239,39 +422,82 @@ class _End:
         self._lost: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
         self._closed = False
         self._pump: asyncio.Task[None] | None = None
+        self._channel_reader: _ChannelReader | None = None
+        self._unblocked: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
+    def payload_limit(self, msg_type: int) -> int:
+        """The largest payload of ``msg_type`` here (``QrexecProtocolError`` if it is
+        not a data message)."""
+        return data_payload_limit(self.version, msg_type)
+
+    def _valve(self) -> _Valve:
+        return _Valve(self._valve_opened)
+
+    def blocked(self) -> bool:
+        """Whether an unfinished reader of this end is full (delivery waits until it is
+        read)."""
+        raise NotImplementedError
+
+    def _valve_opened(self) -> None:
+        if self._channel_reader is not None:
+            self._channel_reader.unblocked()
+        elif self._unblocked is not None and not self._unblocked.done():
+            self._unblocked.set_result(None)
+
     def _start(self) -> None:
+        """Start receiving: take the channel's transport over (the fast path; see
+        [`_ChannelReader`][]) where it is a plain stream transport, else a pump task
+        that reads messages from the ``StreamReader``."""
+        reader: Any = self.reader
+        transport: Any = self.writer.transport
+        inner: Any = transport.get_protocol() if transport is not None else None
+        if _plain_stream(reader, transport, inner):
+            pending: bytearray = reader._buffer
+            buffered = bytes(pending)
+            pending.clear()
+            eof = reader.at_eof()
+            self._channel_reader = _ChannelReader(self, inner, buffered, eof)
+            transport.set_protocol(self._channel_reader)
+            transport.resume_reading()  # the StreamReader may have paused it
+            self._channel_reader._parse()
+            return
         self._pump = asyncio.get_running_loop().create_task(self._run_pump())
 
-    # the pump ----------------------------------------------------------------------------
+    # the pump task (the fallback path) -----------------------------------------------------
     async def _run_pump(self) -> None:
         try:
             while True:
-                msg = await read_message(
-                    self.reader,
-                    limit=lambda t: data_payload_limit(self.version, t),
-                    what=self.what,
-                )
+                msg = await read_message(self.reader, limit=self.payload_limit, what=self.what)
                 if msg is None:
                     self._channel_ended()
                     return
-                await self._handle(msg.type, msg.payload)
+                self._deliver(msg.type, msg.payload)
+                while self.blocked() and not self.dead():
+                    self._unblocked = asyncio.get_running_loop().create_future()
+                    await self._unblocked
         except asyncio.CancelledError:
             raise
         except QrexecProtocolError as exc:
             self._fail(exc)
         except (ConnectionError, OSError) as exc:
-            self._channel_reset(
-                exc
-                if isinstance(exc, ConnectionResetError)
-                else ConnectionResetError(f"{self.what}: {exc}")
-            )
+            self._channel_error(exc)
         except Exception as exc:  # a bug: the streams get it rather than wait forever
             self._fail(exc)
             raise
 
-    async def _handle(self, msg_type: int, payload: bytes) -> None:
+    def _channel_error(self, exc: BaseException) -> None:
+        """The channel failed under us (a transport error)."""
+        if isinstance(exc, ConnectionResetError):
+            self._channel_reset(exc)
+        elif isinstance(exc, (ConnectionError, OSError)):
+            self._channel_reset(ConnectionResetError(f"{self.what}: {exc}"))
+        elif isinstance(exc, Exception):
+            self._fail(exc)
+
+    def _deliver(self, msg_type: int, payload: bytes | memoryview) -> None:
+        """Hand one received message to its stream (``QrexecProtocolError`` if it does
+        not belong)."""
         raise NotImplementedError
 
     def _channel_ended(self) -> None:
@@ -330,6 +556,18 @@ class _End:
         if self._pump is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
+        else:
+            # one loop iteration before the close, as awaiting the pump task took: a
+            # peer in this loop still writing to us reads our last messages first
+            await asyncio.sleep(0)
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() and not transport.is_closing():
+            # flush before close() (wait_closed() waits for it anyway): asyncio's socket
+            # transport closed with bytes queued ends without counting itself lost, and
+            # a later abort() of it fails
+            with contextlib.suppress(ConnectionError, OSError, NotImplementedError):
+                transport.set_write_buffer_limits(high=0)
+                await self.writer.drain()
         self.writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
@@ -362,9 +600,9 @@ class ServiceEnd(_End):
         what: str | None = None,
     ) -> None:
         super().__init__(reader, writer, version, what)
-        self._valve = _Valve()
+        self._stdin_valve = self._valve()
         self.stdin = asyncio.StreamReader(limit=stdin_limit)
-        self.stdin.set_transport(self._valve)
+        self.stdin.set_transport(self._stdin_valve)
         self.stdout: asyncio.StreamWriter = DataWriter(self, MSG_DATA_STDOUT)
         self.stderr: asyncio.StreamWriter = DataWriter(self, MSG_DATA_STDERR)
         self._stdin_eof = False
@@ -387,7 +625,10 @@ class ServiceEnd(_End):
         version = await data_handshake(reader, writer, max_version=max_version, what=name)
         return cls(reader, writer, version, stdin_limit=stdin_limit, what=name)
 
-    async def _handle(self, msg_type: int, payload: bytes) -> None:
+    def blocked(self) -> bool:
+        return not (self._stdin_valve.open or self._stdin_eof)
+
+    def _deliver(self, msg_type: int, payload: bytes | memoryview) -> None:
         if msg_type not in (MSG_DATA_STDIN, MSG_DATA_STDOUT):
             raise QrexecProtocolError(
                 f"{self.what} sent {message_name(msg_type)} (only stdin flows to a service)",
@@ -400,8 +641,6 @@ class ServiceEnd(_End):
             self.stdin.feed_eof()
             return
         self.stdin.feed_data(payload)
-        if not self._valve.is_reading():
-            await self._valve.wait_open()
 
     def _channel_ended(self) -> None:
         if not self._exited:
@@ -456,8 +695,8 @@ class CallerEnd(_End):
     ) -> None:
         super().__init__(reader, writer, version, what)
         self._discard_stderr = discard_stderr  # stderr's bytes dropped, its EOF kept
-        self._out_valve = _Valve()
-        self._err_valve = _Valve()
+        self._out_valve = self._valve()
+        self._err_valve = self._valve()
         self.stdout = asyncio.StreamReader(limit=limit)
         self.stderr = asyncio.StreamReader(limit=limit)
         self.stdout.set_transport(self._out_valve)
@@ -496,7 +735,12 @@ class CallerEnd(_End):
             discard_stderr=discard_stderr,
         )
 
-    async def _handle(self, msg_type: int, payload: bytes) -> None:
+    def blocked(self) -> bool:
+        return not (self._out_valve.open or self._out_eof) or not (
+            self._err_valve.open or self._err_eof
+        )
+
+    def _deliver(self, msg_type: int, payload: bytes | memoryview) -> None:
         if self._code is not None:
             raise QrexecProtocolError(
                 f"{self.what} sent {message_name(msg_type)} after its exit code", field="type"
@@ -523,11 +767,6 @@ class CallerEnd(_End):
             self._code = parse_exit_code(payload)
             self._finish_streams()
             self._timer = asyncio.get_running_loop().call_later(self._exit_grace, self._grace_over)
-            return
-        if not self._out_valve.is_reading():
-            await self._out_valve.wait_open()
-        if not self._err_valve.is_reading():
-            await self._err_valve.wait_open()
 
     def _finish_streams(self) -> None:
         if not self._out_eof:

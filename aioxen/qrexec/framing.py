@@ -63,6 +63,21 @@ Limit = int | Callable[[int], int]
 ``QrexecProtocolError`` for a type that does not belong on the channel."""
 
 
+def check_header(msg_type: int, length: int, limit: Limit, what: str) -> None:
+    """``QrexecProtocolError`` if ``limit`` refuses ``msg_type`` or ``length`` exceeds
+    it (what [`read_message`][aioxen.qrexec.framing.read_message] checks before a body)."""
+    try:
+        cap = limit(msg_type) if callable(limit) else limit
+    except QrexecProtocolError as exc:
+        raise QrexecProtocolError(f"{what}: {exc}", field=exc.field) from None
+    if length > cap:
+        raise QrexecProtocolError(
+            f"{what}: {message_name(msg_type)} declares {length} bytes, more than its limit "
+            f"of {cap}",
+            field="len",
+        )
+
+
 async def read_message(
     reader: asyncio.StreamReader, *, limit: Limit, what: str = "qrexec peer"
 ) -> Message | None:
@@ -82,16 +97,7 @@ async def read_message(
             f"{what}: stream ended inside a message header ({len(exc.partial)} of 8 bytes)"
         ) from None
     msg_type, length = HEADER.unpack(head)
-    try:
-        cap = limit(msg_type) if callable(limit) else limit
-    except QrexecProtocolError as exc:
-        raise QrexecProtocolError(f"{what}: {exc}", field=exc.field) from None
-    if length > cap:
-        raise QrexecProtocolError(
-            f"{what}: {message_name(msg_type)} declares {length} bytes, more than its limit "
-            f"of {cap}",
-            field="len",
-        )
+    check_header(msg_type, length, limit, what)
     if not length:
         return Message(msg_type, b"")
     try:
@@ -165,6 +171,7 @@ __all__ = [
     "Limit",
     "Message",
     "TruncatedMessage",
+    "check_header",
     "exchange_hello",
     "read_message",
     "send_message",
