@@ -64,7 +64,6 @@ from aioxen.qrexec.framing import (
     check_header,
     exchange_hello,
     read_message,
-    write_message,
 )
 from aioxen.qrexec.wire import (
     DATA_MIN_VERSION,
@@ -327,11 +326,31 @@ class _FrameTransport(asyncio.WriteTransport):
         return True
 
     def write_eof(self) -> None:
+        message = self.eof_message()
+        if message:
+            self._end.writer.write(message)
+
+    def eof_message(self) -> bytes:
+        """Mark the stream ended and return its EOF message for the caller to write
+        (``b""`` if it was sent already or is not wanted): several messages of an end
+        then go out in one channel write, for speed."""
         if self._eof:
-            return
+            return b""
         self._eof = True
-        if not (self._end.sink(self._type) or self._end.dead()):
-            write_message(self._end.writer, self._type)
+        if self._end.sink(self._type) or self._end.dead():
+            return b""
+        return HEADER.pack(self._type, 0)
+
+    def write_last(self, data: bytes) -> None:
+        """``write(data)``, then ``write_eof()``: small data in one channel write."""
+        if len(data) > _JOIN_BELOW or self._eof or self._end.sink(self._type):
+            self.write(data)
+            self.write_eof()
+        elif not self._end.dead():
+            head = HEADER.pack(self._type, len(data)) + data if data else b""
+            self._end.writer.write(head + self.eof_message())
+        else:
+            self._eof = True
 
     def is_closing(self) -> bool:
         return self._eof
@@ -363,6 +382,12 @@ def _plain_stream(reader: Any, transport: Any, inner: Any) -> bool:
         and type(getattr(reader, "_buffer", None)) is bytearray
         and getattr(reader, "_exception", None) is None
     )
+
+
+def _frames(writer: asyncio.StreamWriter) -> _FrameTransport:
+    transport = writer.transport
+    assert isinstance(transport, _FrameTransport)
+    return transport
 
 
 class DataWriter(asyncio.StreamWriter):
@@ -446,8 +471,8 @@ class _End:
             self._unblocked.set_result(None)
 
     def _start(self) -> None:
-        """Start receiving: take the channel's transport over (the fast path; see
-        [`_ChannelReader`][]) where it is a plain stream transport, else a pump task
+        """Start receiving: take the channel's transport over (the fast path,
+        ``_ChannelReader``) where it is a plain stream transport, else a pump task
         that reads messages from the ``StreamReader``."""
         reader: Any = self.reader
         transport: Any = self.writer.transport
@@ -661,10 +686,10 @@ class ServiceEnd(_End):
         self._exited = True
         try:
             self.raise_error()
-            for w in (self.stdout, self.stderr):
-                if not w.transport.is_closing():
-                    w.write_eof()
-            write_message(self.writer, MSG_DATA_EXIT_CODE, payload)
+            # both EOFs (if not sent yet) and the code in one channel write, for speed
+            last = [_frames(w).eof_message() for w in (self.stdout, self.stderr)]
+            last.append(HEADER.pack(MSG_DATA_EXIT_CODE, len(payload)) + payload)
+            self.writer.write(b"".join(last))
             await self.stdout.drain()
         finally:
             await self.aclose()
@@ -845,9 +870,7 @@ class CallerEnd(_End):
         self._err_valve.resume_reading()
         feeder: asyncio.Future[None] | None = None
         if input is None or len(input) <= _INLINE_INPUT:  # fewer tasks per call: for speed
-            if input:
-                self.stdin.write(input)
-            self.stdin.write_eof()
+            _frames(self.stdin).write_last(input or b"")
         else:
             feeder = asyncio.ensure_future(feed())
         try:
