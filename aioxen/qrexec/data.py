@@ -219,6 +219,10 @@ class _ChannelReader(asyncio.BufferedProtocol):
         self._inner.resume_writing()
 
     # -- delivery --------------------------------------------------------------------------
+    def finished(self) -> bool:
+        """Whether the end of the channel (or its failure) was reported."""
+        return self._done
+
     def unblocked(self) -> None:
         """A full reader of the end was read: deliver on (soon, outside its read())."""
         if not self._scheduled:
@@ -581,7 +585,7 @@ class _End:
         if self._pump is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
-        else:
+        elif self._channel_reader is not None and not self._channel_reader.finished():
             # one loop iteration before the close, as awaiting the pump task took: a
             # peer in this loop still writing to us reads our last messages first
             await asyncio.sleep(0)
