@@ -76,6 +76,24 @@ async def act_blk(plat: Any, devid: str, seed: str, sector: str, nbytes: str) ->
     say(f"RESULT {result}")
 
 
+async def act_blk_hold(plat: Any, devid: str) -> None:
+    """Open vbd ``devid`` and keep reading it (requests in flight) until killed."""
+    from aioxen.blk.vbd import open_blkfront
+
+    async with open_blkfront(int(devid), platform=plat, backend_domid=0, timeout=HANG) as dev:
+        await dev.read(0, 8)
+        say("READY")
+        while True:  # 64 KiB reads, 4 at a time, over and over
+            await asyncio.gather(*(dev.read(i * 128, 128) for i in range(4)))
+
+
+async def act_write_file(plat: Any, path: str, seed: str, n: str) -> None:
+    """Write ``stream(seed, n)`` to ``path`` in the domU (input for a CLI)."""
+    with open(path, "wb") as f:
+        f.write(stream(int(seed), int(n)))
+    say(f"RESULT wrote={n}")
+
+
 async def act_net(plat: Any, devid: str, seed: str, count: str, echo: str) -> None:
     """Connect vif ``devid`` (dom0's netback); echo back each of dom0's ``echo`` frames
     (source and destination swapped) while sending ``count`` numbered frames of our own."""
@@ -131,6 +149,8 @@ async def act_console(
 
 ACTIONS: dict[str, Callable[..., Awaitable[None]]] = {
     "blk": act_blk,
+    "blk-hold": act_blk_hold,
+    "write-file": act_write_file,
     "net": act_net,
     "console": act_console,
 }

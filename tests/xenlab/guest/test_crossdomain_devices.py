@@ -166,6 +166,28 @@ async def test_blk_readonly_device_refuses_writes_from_domu(
     assert image.read_bytes() == original
 
 
+async def test_blk_killed_domu_frontend_then_a_new_one_connects(
+    plat: XenPlatform, peer: Peer, tmp_path: Path
+) -> None:
+    """kill -9 of the domU's blkfront with reads in flight: nothing on real Xen tells
+    dom0 (the domU's XenStore state stays Connected, its claim is judged in the domU);
+    the next blkfront in the domU takes the device over (Initialising), blkback resets,
+    unmaps the dead one's rings and pages and serves the new one."""
+    image = tmp_path / "disk.img"
+    original = stream(15, IMAGE_BYTES)
+    image.write_bytes(original)
+    async with served_vbd(plat, peer, image, readonly=False) as devid:
+        proc = await spawn(peer, "blk-hold", devid)
+        await asyncio.to_thread(proc.wait_for, "^READY", HANG)
+        await asyncio.to_thread(proc.kill9)
+        out = await in_domu(peer, "blk", devid, 16, WRITE_SECTOR, WRITE_BYTES)
+        data = image.read_bytes()
+    assert field(out, "sha256") == sha(original)
+    assert field(out, "write") == "done" and field(out, "readback") == "True"
+    at = WRITE_SECTOR * SECTOR
+    assert data[at : at + WRITE_BYTES] == stream(16, WRITE_BYTES)
+
+
 # --------------------------------------------------------------------------- network
 
 ECHO_FRAMES = 3 * len(NET_SIZES)  # dom0 -> domU -> dom0
@@ -253,6 +275,44 @@ async def test_console_domu_guest_side_against_dom0_back_end(plat: XenPlatform, 
             )
             assert done.groups() == (str(TO_GUEST), "True")
             assert await asyncio.wait_for(reader.read(), HANG) == b""  # the guest closed
+        finally:
+            await be.close(timeout=30)
+            await remove_console(peer.domid, devid, platform=plat, force=True)
+    finally:
+        await asyncio.to_thread(peer.console.run, "echo 1 > /sys/bus/xen/drivers_autoprobe")
+
+
+async def test_console_cli_frontend_in_domu(plat: XenPlatform, peer: Peer) -> None:
+    """``aioxen console --frontend 0`` in the domU, stdin and stdout regular files, with
+    dom0's back end: the guest's stdin reaches dom0, dom0's bytes reach its stdout, and
+    the back end's close ends the command (exit 0)."""
+    devid = next(CONSOLE_IDS)
+    n = next(_ids)
+    src, dst, err = f"/tmp/cons-in-{n}", f"/tmp/cons-out-{n}", f"/tmp/cons-err-{n}"
+    await in_domu(peer, "write-file", src, 33, FROM_GUEST)
+    await asyncio.to_thread(peer.console.run, "echo 0 > /sys/bus/xen/drivers_autoprobe")
+    try:
+        await create_console(peer.domid, devid, platform=plat, replace=True)
+        be = await ConsoleBackend.start(peer.domid, devid, platform=plat)
+        try:
+            cli = f"{peer.python_command()} -m aioxen console --frontend 0 --devid {devid}"
+            line = f"( {cli} --timeout 120 <{src} >{dst} 2>{err}; echo rc=$? >>{err} ) & echo $!"
+            pid = int((await asyncio.to_thread(peer.console.run, f"( {line} )")).strip())
+            proc = Spawned(peer, pid, err)
+            reader, writer = await be.accept(timeout=HANG)
+            writer.write(stream(34, TO_GUEST))
+            got = await asyncio.wait_for(reader.readexactly(FROM_GUEST), HANG)
+            assert got == stream(33, FROM_GUEST)
+            await asyncio.wait_for(writer.drain(), HANG)
+            size = f"wc -c <{dst}"
+            async with asyncio.timeout(HANG):  # until the guest's stdout has it all
+                while int(await asyncio.to_thread(peer.console.run, size)) < TO_GUEST:
+                    await asyncio.sleep(0.5)
+            await be.close(timeout=30)  # the console ends: the command exits
+            m = await asyncio.to_thread(proc.wait_for, r"^rc=(\d+)", HANG)
+            assert m.group(1) == "0", proc.output()
+            digest = await asyncio.to_thread(peer.console.run, f"sha256sum {dst}")
+            assert digest.split()[0] == sha(stream(34, TO_GUEST))
         finally:
             await be.close(timeout=30)
             await remove_console(peer.domid, devid, platform=plat, force=True)
