@@ -454,7 +454,10 @@ def build_extra_archive(paths: list[Path]) -> bytes:
             elves.append(p)
         seen.add(p)
         c.tree_file(str(p).lstrip("/"), _stripped(p.resolve()), p.stat().st_mode & 0o7777)
-    for lib in sorted({lib for elf in elves for lib in _ldd(elf)} - seen):
+    libs = {lib for elf in elves for lib in _ldd(elf)}
+    # glibc dlopens libgcc_s for pthread_cancel (libxenstore's xs_close), unseen by ldd
+    libs |= {lib.with_name("libgcc_s.so.1") for lib in libs if lib.name == "libc.so.6"}
+    for lib in sorted(libs - seen):
         if lib.exists():
             c.tree_file(str(lib).lstrip("/"), _stripped(lib.resolve()), 0o755)
     return c.finish()
