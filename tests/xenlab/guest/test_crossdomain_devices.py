@@ -28,18 +28,22 @@ import hashlib
 import itertools
 import re
 import shlex
+import socket
+import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from peer import stream
-from peer_devices import DOM0_MAC, NET_SIZES, net_frame
+from peer_devices import DOM0_MAC, ETHERTYPE, NET_SIZES, net_frame
 from peerdomu import Peer, Spawned, start_peer
 
 from aioxen.blk.source import FileSource
 from aioxen.blk.vbd import Blkback
 from aioxen.console import ConsoleBackend, create_console, remove_console
 from aioxen.net import FrameInfo, Netback, Vif
+from aioxen.net.tap import TapDevice, TapPort
+from aioxen.net.tap_glue import attach_tap_to_vif
 from aioxen.platforms.xen import XenPlatform
 from aioxen.xenbus.toolstack import add_device, remove_device
 
@@ -193,6 +197,7 @@ async def test_blk_killed_domu_frontend_then_a_new_one_connects(
 ECHO_FRAMES = 3 * len(NET_SIZES)  # dom0 -> domU -> dom0
 DOMU_FRAMES = 3 * len(NET_SIZES)  # domU -> dom0
 ECHO_MAC = b"\xfe\xee\xee\xee\xee\x01"  # dom0's source address for frames to be echoed
+PACKET_OUTGOING = 4  # sockaddr_ll pkttype of a frame this host sent
 WINDOW = 8  # dom0's frames in flight: well below the domU's posted RX buffers
 
 
@@ -246,6 +251,77 @@ async def test_net_frames_both_ways(plat: XenPlatform, peer: Peer) -> None:
         assert max(map(len, sent)) == 9014
     finally:
         await netback.close(remove=True)
+
+
+async def test_net_through_a_dom0_tap(plat: XenPlatform, peer: Peer) -> None:
+    """netback cross-connected to a TAP in dom0 (as ``aioxen netback --tap``): the same
+    exchange, with dom0's end an ``AF_PACKET`` socket on the TAP, so every frame passes
+    dom0's kernel."""
+    devid = next(VIF_IDS)
+    name = f"aioxd{peer.domid}v{devid}"
+    tap = TapDevice(name)
+    ports: list[TapPort] = []
+
+    def connect(vif: Vif) -> Callable[[bytes, FrameInfo], None]:
+        ports.append(attach_tap_to_vif(vif, tap))
+        return tap.write_frame
+
+    def disconnect(vif: Vif) -> None:
+        for port in ports:
+            port.pause_reading()
+
+    netback = Netback(plat, connect=connect, disconnect=disconnect)
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+    loop = asyncio.get_running_loop()
+    try:
+        for cmd in (["sysctl", "-q", f"net.ipv6.conf.{name}.disable_ipv6=1"],  # a quiet link
+                    ["ip", "link", "set", name, "mtu", "9000", "up"]):  # fmt: skip
+            subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+        sock.bind((name, ETHERTYPE))
+        sock.setblocking(False)
+        from_domu: asyncio.Queue[bytes] = asyncio.Queue()
+
+        def readable() -> None:
+            while True:
+                try:
+                    frame, addr = sock.recvfrom(65536)
+                except BlockingIOError:
+                    return
+                if addr[2] != PACKET_OUTGOING:  # not our own sends
+                    from_domu.put_nowait(frame)
+
+        loop.add_reader(sock.fileno(), readable)
+        await netback.add(peer.domid, devid, mtu=9000)
+        proc = await spawn(peer, "net", devid, 23, DOMU_FRAMES, ECHO_FRAMES)
+        m = await asyncio.to_thread(proc.wait_for, r"^READY mac=(\S+)", HANG)
+        mac = bytes.fromhex(m.group(1).replace(":", ""))
+        sent: list[bytes] = []
+        own: dict[int, bytes] = {}
+        echoes: list[bytes] = []
+        async with asyncio.timeout(HANG):
+            while len(echoes) < ECHO_FRAMES or len(own) < DOMU_FRAMES:
+                if len(sent) < ECHO_FRAMES and len(sent) - len(echoes) < WINDOW:
+                    frame = net_frame(24, len(sent), ECHO_MAC, mac)
+                    sock.send(frame)
+                    sent.append(frame)
+                    continue
+                frame = await from_domu.get()
+                if frame[:6] == DOM0_MAC:
+                    own[int.from_bytes(frame[14:18], "big")] = frame
+                elif frame[:6] == ECHO_MAC:
+                    echoes.append(frame)
+        for i, (s, e) in enumerate(zip(sent, echoes, strict=True)):
+            assert e == s[6:12] + s[0:6] + s[12:], f"echo {i} ({len(s)} bytes) differs"
+        assert sorted(own) == list(range(DOMU_FRAMES))
+        for i, f in own.items():
+            assert f == net_frame(23, i, mac, DOM0_MAC), f"domU frame {i} ({len(f)} bytes) differs"
+        done = await asyncio.to_thread(proc.wait_for, r"^RESULT echoed=(\d+) sha256=(\S+)", HANG)
+        assert done.group(2) == sha(b"".join(sent))
+    finally:
+        loop.remove_reader(sock.fileno())
+        sock.close()
+        await netback.close(remove=True)
+        tap.close()
 
 
 # --------------------------------------------------------------------------- console
