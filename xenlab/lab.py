@@ -32,6 +32,7 @@ Command line: ``python xenlab/lab.py [--build-only] [PYTEST_ARGS...]`` (default 
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import gzip
 import hashlib
@@ -88,9 +89,10 @@ DOMU_MODULES = ["xen-blkfront", "xen-netfront", "ext4", "crc32c_generic"]
 PEER_MODULES = ["xen-evtchn", "xen-gntdev", "xen-gntalloc"]
 IMAGE_FORMAT = 4  # bump when the image layout changes
 # Seconds the guest may run before powering itself off (its pytest gets 60 s less; the host
-# kills QEMU 60 s after it, within test_lab.py's 1200 s per-test timeout).  The tier takes
-# 4-8 min with the peer domU's tests; this is a hang guard, not a budget.
-DEFAULT_WATCHDOG = 1080
+# kills QEMU 60 s after it, within test_lab.py's 2400 s per-test timeout).  The tier takes
+# ~10 min alone with the cross-domain files, longer while the host's tests share the CPUs
+# (the test session boots the lab in the background); this is a hang guard, not a budget.
+DEFAULT_WATCHDOG = 1800
 INIT_DEADLINE = 120.0  # seconds for dom0 to reach /init (~5 s normally) before a reboot
 INIT_MARKER = b"xenlab: init up"
 INIT = TREE / "xenlab" / "init"  # dom0's /init
@@ -600,6 +602,18 @@ def qemu_command(image: Image, results: Path, watchdog: int) -> list[str]:
     ]  # fmt: skip
 
 
+_LIVE_QEMU: set[subprocess.Popen[bytes]] = set()
+
+
+@atexit.register
+def _kill_live_qemu() -> None:
+    """Kill a QEMU run still going when the interpreter exits: a boot in a background
+    thread (the test session starts the lab early) whose session ended first."""
+    for proc in list(_LIVE_QEMU):
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _run_qemu(
     cmd: list[str], console_path: Path, init_deadline: float, deadline: float, echo: bool
 ) -> tuple[int | None, bool]:
@@ -614,6 +628,7 @@ def _run_qemu(
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
+        _LIVE_QEMU.add(proc)
         assert proc.stdout is not None
         os.set_blocking(proc.stdout.fileno(), False)
         try:
@@ -639,6 +654,7 @@ def _run_qemu(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            _LIVE_QEMU.discard(proc)
 
 
 def _build_oxenstored_shim(results: Path) -> Path | None:

@@ -27,6 +27,20 @@ def lab_report(request: pytest.FixtureRequest) -> dict[str, Any]:
     return request.config.stash.setdefault(_REPORT, {})
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the lab's boot as soon as the selection is known to hold ``test_lab.py``:
+    the boot and the guest tier take minutes, mostly in QEMU, and the host's other tests
+    can run meanwhile instead of before it."""
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        module = getattr(item, "module", None)
+        start = getattr(module, "start_in_background", None)
+        if start is not None and item.path.name == "test_lab.py":
+            start()
+            return
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     run = config.stash.get(_REPORT, {}).get("run")
     if run is not None:

@@ -15,6 +15,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import pytest
 TREE = Path(__file__).resolve().parents[2]
 GUEST_DIR = "tests/xenlab/guest"
 
-pytestmark = [pytest.mark.xenlab, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.xenlab, pytest.mark.timeout(2400)]
 
 
 def _load_lab() -> ModuleType:
@@ -100,11 +101,44 @@ class LabResult:
     problem: str | None
 
 
+_EARLY: dict[str, Any] = {}
+
+
+def start_in_background() -> None:
+    """Boot the lab now in a background thread, so that Xen under QEMU runs while the
+    host's other tests do (``conftest.pytest_collection_finish`` calls this once the
+    selection holds this module's tests); ``lab_result`` then waits for that run.  A
+    session that ends first kills QEMU on exit (``xenlab.lab._kill_live_qemu``)."""
+    if "thread" in _EARLY:
+        return
+
+    def work() -> None:
+        try:
+            lab.ensure_debs()
+            _EARLY["run"] = lab.boot()
+        except BaseException as exc:  # re-raised in the session's thread by lab_result
+            _EARLY["error"] = exc
+
+    thread = threading.Thread(target=work, name="xenlab-boot", daemon=True)
+    _EARLY["thread"] = thread
+    thread.start()
+
+
+def _lab_run() -> Any:
+    thread = _EARLY.get("thread")
+    if thread is None:
+        lab.ensure_debs()
+        return lab.boot()
+    thread.join()
+    if "error" in _EARLY:
+        raise _EARLY["error"]
+    return _EARLY["run"]
+
+
 @pytest.fixture(scope="session")
 def lab_result(lab_report: dict[str, Any]) -> LabResult:
-    """One boot of Xen running the whole guest tier."""
-    lab.ensure_debs()
-    run = lab.boot()
+    """One boot of Xen running the whole guest tier (started early if it could be)."""
+    run = _lab_run()
     lab_report["run"] = run
     problem = None
     outcomes: dict[tuple[str, str], Outcome] = {}
