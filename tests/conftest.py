@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,12 @@ def pytest_asyncio_loop_factories(
 
 
 def pytest_configure(config: Any) -> None:
+    # A shell without job control starts background jobs (``make test &`` in a script, a
+    # CI runner's ``cmd &``) with SIGINT ignored, and the processes the tests start would
+    # inherit that and shrug off the Ctrl-C the signal tests send them.  Give this process
+    # Python's usual handler back: the children then start with SIGINT at its default.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line("markers", "crossprocess: spawns real processes")
     config.addinivalue_line(
         "markers", "needs_distinct_domains: conformance test needs several domains"
