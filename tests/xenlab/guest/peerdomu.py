@@ -78,6 +78,11 @@ class Spawned:
     def kill9(self) -> None:
         self.peer.console.run(f"kill -9 {self.pid}")
 
+    def kill9_if_alive(self) -> None:
+        """Clean-up: kill -9 the process if it still runs (no error if it just ended --
+        checking ``alive()`` first races with a process on its way out)."""
+        self.peer.console.run(f"kill -9 {self.pid} 2>/dev/null; true", check=False)
+
     def alive(self) -> bool:
         return self.peer.console.run(f"kill -0 {self.pid} 2>/dev/null && echo alive",
                                      check=False).strip() == "alive"  # fmt: skip

@@ -224,8 +224,7 @@ async def test_vchan_killed_dom0_client_is_noticed_in_domu(plat: XenPlatform, pe
         if holder.returncode is None:
             holder.kill()
             await holder.wait()
-        if await asyncio.to_thread(proc.alive):
-            await asyncio.to_thread(proc.kill9)
+        await asyncio.to_thread(proc.kill9_if_alive)
 
 
 # --------------------------------------------------------------------------- grants + events

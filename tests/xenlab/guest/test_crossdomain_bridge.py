@@ -118,8 +118,7 @@ async def domu_bridge(peer: Peer, count: int, *options: str) -> AsyncIterator[Do
         yield DomuBridge(port, server, proc)
     finally:
         for p in procs:
-            if await asyncio.to_thread(p.alive):
-                await asyncio.to_thread(p.kill9)
+            await asyncio.to_thread(p.kill9_if_alive)
 
 
 @dataclasses.dataclass
@@ -216,5 +215,4 @@ async def test_dom0_bridge_forwards_tcp_to_a_domu_vchan_service(
         out = await asyncio.to_thread(server.output)
         assert re.search(r"^CONN hold (eof rest=0|reset \w+)$", out, re.MULTILINE), out
     finally:
-        if await asyncio.to_thread(server.alive):
-            await asyncio.to_thread(server.kill9)
+        await asyncio.to_thread(server.kill9_if_alive)

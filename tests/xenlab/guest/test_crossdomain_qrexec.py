@@ -75,8 +75,7 @@ async def domu_agent(
         ready = await asyncio.to_thread(proc.wait_for, r"^READY pid=(\d+) trigger=(\S+)", HANG)
         yield DomuAgent(proc, ready)
     finally:
-        if await asyncio.to_thread(proc.alive):
-            await asyncio.to_thread(proc.kill9)
+        await asyncio.to_thread(proc.kill9_if_alive)
 
 
 @contextlib.asynccontextmanager
