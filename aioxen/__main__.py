@@ -1,5 +1,3 @@
-import sys
+from aioxen.cli import command
 
-from aioxen.cli import main
-
-sys.exit(main())
+command()

@@ -292,6 +292,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         _IN_MAIN = False
 
 
+def command() -> NoReturn:
+    """The ``aioxen`` program (``python -m aioxen`` and the installed script): run
+    [`main`][] and exit with its status through [`exit_process`][]."""
+    exit_process(main())
+
+
+def exit_process(status: int) -> NoReturn:
+    """End the process with ``status``.  Output is flushed first, then the stop signals
+    are blocked: while the interpreter shuts down its signal handlers go back to the
+    default action, and a SIGTERM/SIGINT arriving then would kill the finished command by
+    that signal (-15) instead of letting its status stand.  A blocked signal stays pending
+    and dies with the process."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
+    with contextlib.suppress(ValueError, OSError):
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    sys.exit(status)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     global CLOSED_STDIO, _STOPPED_BY
     CLOSED_STDIO = guard_stdio()  # before anything opens a descriptor
