@@ -55,12 +55,12 @@ static int64_t ax_bring_used(const void *idx, size_t cons_off, size_t prod_off, 
 /* Copy to or from memory another CPU is using (a shared ring), with plain unaligned
  * 16-byte vector moves rather than memcpy.  For mid-sized and large copies glibc's memcpy
  * uses `rep movsb` on CPUs with ERMS/FSRM, and on the AMD EPYC we benchmark on that runs at
- * ~2.5-3 GiB/s whenever the destination is not 16-byte aligned relative to the source and
- * its cache lines were just read by the consumer's core -- 3-5x slower than these moves
+ * ~2.5-3 GiB/s when source and destination are not 16-byte aligned relative to each other
+ * and the other core is using the ring's cache lines -- 3-5x slower than these moves
  * (which match memcpy when both are aligned).  A byte stream's ring position is
  * arbitrary (any write of n % 16 != 0 shifts every later one), so this is the common
- * case, not a corner: see docs/benchmarks.md, "Copies into the ring".  The empty asm
- * keeps the compiler from turning the loop back into a memcpy call. */
+ * case, not a corner: docs/benchmarks.md ("the protocol rows with 1 MiB rings").  The
+ * empty asm keeps the compiler from turning the loop back into a memcpy call. */
 typedef unsigned char ax_v16 __attribute__((vector_size(16), aligned(1), may_alias));
 
 static void ax_copy_to_shared(void *dst, const void *src, size_t n)
