@@ -36,7 +36,10 @@ Two mechanisms use the record:
   socket path: a live socket at PATH (a connect succeeds) is ``ResourceBusy``; a stale
   socket of ours is replaced; a link, a non-socket or someone else's socket is refused.
   On release it unlinks PATH only if it is still the socket it bound (same device,
-  inode and change time).
+  inode and change time).  The socket is made owner-only (0600, or the ``mode`` given
+  to ``bind``) whatever the umask, between ``bind`` and ``listen``: connecting needs write
+  permission on the socket file, and a service started with umask 0 would otherwise let
+  every local user connect (a connect before ``listen`` is refused, so there is no window).
 
 API summary::
 
@@ -529,12 +532,20 @@ class UnixSocketClaim:
             raise
         return cls(path, lock)
 
-    def bind(self) -> socket.socket:
-        """A new ``AF_UNIX`` stream socket bound to the path (not yet listening)."""
+    def bind(self, mode: int = 0o600) -> socket.socket:
+        """A new ``AF_UNIX`` stream socket bound to the path (not yet listening), its
+        file set to ``mode`` (default owner-only) whatever the process's umask."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(self.path)
             if not self.path.startswith("\0"):
+                st = os.lstat(self.path)
+                if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+                    raise PermissionError(
+                        errno.EPERM, f"{self.path} was replaced right after bind; not using it"
+                    )
+                # Not listening yet, so nobody can have connected through the umask's mode.
+                os.chmod(self.path, mode)
                 st = os.lstat(self.path)
                 self._ident = _identity(st)
         except BaseException:
