@@ -31,8 +31,9 @@ Two mechanisms use the record:
   [`claim_in`][] until [`release_in`][] or [`forget`][]), so a server whose store
   connection died before it removed its record does not block its own process.
 * **Files** -- [`FileLock`][] takes an ``flock`` on a lock file (created ``O_NOFOLLOW``,
-  mode 0600, must be a regular file of ours); the kernel drops it when the process dies,
-  so liveness is exact.  [`UnixSocketClaim`][] uses ``PATH.lock`` to claim a Unix
+  mode 0600, must be a regular file of ours with one link -- never a hard link to another
+  file of ours, which writing the record would truncate); the kernel drops it when the
+  process dies, so liveness is exact.  [`UnixSocketClaim`][] uses ``PATH.lock`` to claim a Unix
   socket path: a live socket at PATH (a connect succeeds) is ``ResourceBusy``; a stale
   socket of ours is replaced; a link, a non-socket or someone else's socket is refused.
   On release it unlinks PATH only if it is still the socket it bound (same device,
@@ -407,6 +408,14 @@ class FileLock:
                         errno.EPERM,
                         f"lock file {path} is not a regular file owned by uid {os.geteuid()} "
                         f"(uid {st.st_uid}, mode {stat.filemode(st.st_mode)}); refusing to use it",
+                    )
+                if st.st_nlink != 1:
+                    # A hard link someone put there to a file of ours (possible in a shared
+                    # directory when fs.protected_hardlinks is 0): we would truncate it.
+                    raise PermissionError(
+                        errno.EPERM,
+                        f"lock file {path} has {st.st_nlink} hard links (a link to another "
+                        f"file of uid {st.st_uid}?); refusing to use it -- remove it",
                     )
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -107,3 +107,37 @@ def test_claim_bind_ignores_the_umask(mallory: OtherUser, shared: Path) -> None:
         sock.close()
         claim.release()
     assert not path.exists()  # release still recognises the socket after the chmod
+
+
+def test_lock_file_hard_linked_to_a_file_of_ours_is_left_alone(shared: Path) -> None:
+    """With ``fs.protected_hardlinks = 0`` (the kernel's default; systemd's sysctl sets 1)
+    another user may hard-link any file of ours into a shared directory, as the lock file
+    of the socket path we are about to listen on.  The test makes that link itself (it
+    cannot change the sysctl of the machine): the bridge must refuse, not truncate the file
+    and write its owner record into it."""
+    private = shared / "roots-own"
+    private.mkdir(mode=0o700)
+    precious = private / "precious"
+    content = b"root's precious file\n" * 100
+    precious.write_bytes(content)
+    precious.chmod(0o600)
+    os.link(precious, shared / "bridge.sock.lock")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aioxen",
+            "bridge",
+            "--listen",
+            f"unix:{shared / 'bridge.sock'}",
+            "--connect",
+            f"unix:{shared / 'nothing-here.sock'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "hard links" in proc.stderr and "bridge.sock.lock" in proc.stderr, proc.stderr
+    assert precious.read_bytes() == content
+    assert not (shared / "bridge.sock").exists()
