@@ -60,6 +60,7 @@ from aioxen.qrexec.channels import (
     DATA_BUFFER_SIZE,
     ChannelFactory,
     Streams,
+    aclose_pending,
     close_streams,
 )
 from aioxen.qrexec.client import CallResult, ServiceRefused, caller_session, run_call
@@ -240,7 +241,7 @@ class Agent:
             try:
                 reader, writer = await pending.accept(timeout=None)
             finally:
-                pending.close()
+                await aclose_pending(pending)
             try:
                 await self._session(reader, writer)
             except (ProtocolError, ConnectionError, asyncio.IncompleteReadError) as e:

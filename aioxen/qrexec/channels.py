@@ -24,6 +24,14 @@ Two factories exist:
 before it tells the other side (through the daemon) to connect: ``listen`` returns once
 the peer could connect, ``accept`` awaits that peer.  Streams are stdlib
 `asyncio.StreamReader`/`asyncio.StreamWriter` pairs.
+
+No advertisement or grant outlives its owner.  Over vchan a pending channel is one
+[`accept_one`][aioxen.vchan.server.accept_one] serving in a task, and giving it up takes
+event-loop iterations (withdraw the XenStore advertisement, release the pages and the
+port).  So ``accept`` returns or raises -- connected, timed out, cancelled -- only once
+that is done, and the owner of a pending channel ends it with ``await aclose()`` on
+every path (a synchronous ``close()`` only starts it): a platform closed right after
+finds nothing still shared or advertised.
 """
 
 from __future__ import annotations
@@ -33,8 +41,11 @@ import contextlib
 from typing import Protocol, runtime_checkable
 
 from aioxen.platforms.base import Platform
-from aioxen.vchan.server import VchanServer
-from aioxen.vchan.streams import open_connection, start_server
+from aioxen.vchan.endpoint import Connection
+from aioxen.vchan.protocols import start_transport
+from aioxen.vchan.server import abandon, accept_one
+from aioxen.vchan.streams import STREAM_LIMIT, open_connection
+from aioxen.vchan.transport import VchanTransport, check_busy_poll
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -58,7 +69,17 @@ class PendingChannel(Protocol):
         ...
 
     def close(self) -> None:
-        """Stop listening (idempotent; no effect on an accepted connection)."""
+        """Start to stop listening (idempotent; no effect on an accepted connection).
+        What is left to release may take a few event-loop iterations: an owner that
+        can await uses ``aclose``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop listening and return once everything is released -- the advertisement
+        withdrawn, pages and ports given back -- and a peer that connected but was never
+        accepted disconnected (idempotent; no effect on an accepted connection).
+        Finishes even if the caller is cancelled meanwhile (the cancellation is
+        re-raised afterwards)."""
         ...
 
 
@@ -90,39 +111,105 @@ def port_name(port: int) -> str:
     return str(port)
 
 
-class _VchanPending:
-    """A [`VchanServer`][aioxen.vchan.VchanServer] that hands out its first client."""
+async def aclose_pending(pending: PendingChannel) -> None:
+    """``await pending.aclose()``, or ``pending.close()`` for a pending channel of a
+    factory written before ``aclose`` was part of
+    [`PendingChannel`][aioxen.qrexec.channels.PendingChannel]."""
+    aclose = getattr(pending, "aclose", None)
+    if aclose is None:
+        pending.close()
+    else:
+        await aclose()
 
-    def __init__(self, peer_domid: int, port: int) -> None:
+
+async def _reap(task: asyncio.Task[Connection]) -> None:
+    """Cancel ``task`` and wait until it has ended, also through cancellations of our
+    own caller (re-raised afterwards): its clean-up -- withdraw the advertisement,
+    release the endpoint -- is a bounded number of XenStore round trips, and what it
+    holds must not outlive whoever awaits this."""
+    task.cancel()
+    interrupted: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.wait((task,))
+        except asyncio.CancelledError as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
+
+
+def _retrieve(task: asyncio.Task[Connection]) -> None:
+    if not task.cancelled():
+        task.exception()  # reported by accept(); never "exception was never retrieved"
+
+
+class _VchanPending:
+    """One peer on one vchan port: [`accept_one`][aioxen.vchan.server.accept_one]
+    serving in a task -- no spare endpoint, no re-advertisement after the bind: the
+    cheapest one-shot server, and every qrexec data channel is one.  Every path out of
+    ``accept`` (connected, timed out, cancelled, failed) and ``aclose`` returns only
+    once that task has ended, i.e. its advertisement is withdrawn and its grants and
+    port released."""
+
+    def __init__(self, peer_domid: int, port: int, serving: asyncio.Task[Connection]) -> None:
         self._peer = peer_domid
         self._port = port
-        self._server: VchanServer | None = None
-        self._first: asyncio.Future[Streams] = asyncio.get_running_loop().create_future()
-
-    def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._first.done():  # a second client: not ours to serve
-            writer.transport.abort()
-            return
-        self._first.set_result((reader, writer))
-        self.close()
+        self._serving = serving
+        self._taken = False  # accept() took the connection, or it was abandoned
+        serving.add_done_callback(_retrieve)
 
     async def accept(self, timeout: float | None = DEFAULT_ACCEPT_TIMEOUT) -> Streams:
+        serving = self._serving
+        if self._taken or serving.cancelled():
+            raise ConnectionAbortedError(
+                f"qrexec: vchan port {self._port} for domain {self._peer} is closed "
+                "(or already accepted)"
+            )
         try:
-            async with asyncio.timeout(timeout):
-                return await asyncio.shield(self._first)
-        except TimeoutError:
+            done, _ = await asyncio.wait((serving,), timeout=timeout)
+        except BaseException:  # cancelled: release before the cancellation goes on
+            await self.aclose()
+            raise
+        if not done:
+            await self.aclose()
             raise TimeoutError(
                 f"qrexec: domain {self._peer} did not connect to vchan port {self._port} "
                 f"within {timeout} s"
-            ) from None
-        finally:
-            self.close()
+            )
+        self._taken = True
+        conn = serving.result()  # accept_one's error: it released everything itself
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        busy_poll = check_busy_poll(None, conn.platform.peer_runs_concurrently)
+        # start_transport abandons or aborts the connection itself if it fails
+        transport, _ = await start_transport(
+            conn, lambda: protocol, VchanTransport, busy_poll=busy_poll
+        )
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+    def _drop_unaccepted(self, serving: asyncio.Task[Connection]) -> None:
+        if self._taken or serving.cancelled() or serving.exception() is not None:
+            return
+        self._taken = True
+        abandon(serving.result())  # connected, but nobody came for it
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        if not self._first.done():
-            self._first.cancel()
+        serving = self._serving
+        if serving.done():
+            self._drop_unaccepted(serving)
+        else:
+            serving.cancel()  # accept_one withdraws and releases in its next iterations
+            serving.add_done_callback(self._drop_unaccepted)
+
+    async def aclose(self) -> None:
+        serving = self._serving
+        try:
+            if not serving.done():
+                await _reap(serving)
+        finally:
+            if serving.done():
+                self._drop_unaccepted(serving)
 
 
 class VchanChannels:
@@ -138,16 +225,33 @@ class VchanChannels:
         return self.platform.domid
 
     async def listen(self, peer_domid: int, port: int, *, buffer_size: int) -> PendingChannel:
-        pending = _VchanPending(peer_domid, port)
-        pending._server = await start_server(
-            pending._connected,
-            peer_domid,
-            port_name(port),
-            platform=self.platform,
-            read_size=buffer_size,
-            write_size=buffer_size,
+        loop = asyncio.get_running_loop()
+        advertised: asyncio.Future[None] = loop.create_future()
+
+        def on_advertised() -> None:
+            if not advertised.done():
+                advertised.set_result(None)
+
+        serving = loop.create_task(
+            accept_one(
+                self.platform,
+                peer_domid,
+                port_name(port),
+                read_size=buffer_size,
+                write_size=buffer_size,
+                on_advertised=on_advertised,
+            ),
+            name=f"qrexec vchan port {port} for domain {peer_domid}",
         )
-        return pending
+        try:
+            await asyncio.wait((advertised, serving), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # also ends a connection made meanwhile
+            await _VchanPending(peer_domid, port, serving).aclose()
+            raise
+        if not advertised.done():  # ended before advertising: the claim failed, ...
+            advertised.cancel()
+            serving.result()  # raises what accept_one raised (it released everything)
+        return _VchanPending(peer_domid, port, serving)
 
     async def connect(self, server_domid: int, port: int) -> Streams:
         return await open_connection(
@@ -173,6 +277,7 @@ __all__ = [
     "PendingChannel",
     "Streams",
     "VchanChannels",
+    "aclose_pending",
     "close_streams",
     "port_name",
 ]

@@ -38,6 +38,7 @@ from aioxen.qrexec.channels import (
     ChannelFactory,
     Streams,
     VchanChannels,
+    aclose_pending,
     close_streams,
 )
 from aioxen.qrexec.data import CallerEnd, data_handshake
@@ -126,7 +127,7 @@ async def caller_session(
     try:
         reader, writer = await pending.accept()
     finally:
-        pending.close()
+        await aclose_pending(pending)
     what = f"qrexec service in domain {domain} (port {port})"
     try:
         version = await data_handshake(reader, writer, max_version=max_version, what=what)

@@ -239,6 +239,10 @@ class PendingSocketChannel:
         if claim is not None:
             claim.release()
 
+    async def aclose(self) -> None:
+        """``close()``: here everything is released at once.  Idempotent."""
+        self.close()
+
     async def __aenter__(self) -> PendingSocketChannel:
         return self
 
