@@ -49,6 +49,7 @@ import aioxen
 from aioxen import vchan
 from aioxen.apps.addresses import Address, parse_address
 from aioxen.apps.clistd import CommandError, check_root_env
+from aioxen.apps.stderr_log import StderrLogHandler
 from aioxen.cli import StopSignals
 from aioxen.errors import PlatformError, ProtocolError
 from aioxen.platforms.base import Platform
@@ -543,10 +544,14 @@ async def run_bridge_command(
     """``aioxen bridge``: run until SIGTERM/SIGINT (exit 0; the command exits 128 + the
     signal) or a listener failure (1).  ``on_ready(address)`` is called once listening
     (readiness for a supervisor); what it returns is called when stopping."""
-    handler = logging.StreamHandler(sys.stderr)
+    # Never a blocking write to stderr from the event loop: a pipe nobody reads would
+    # freeze the bridge after 64 KiB of warnings, which any client can cause.
+    handler = StderrLogHandler()
     handler.setFormatter(logging.Formatter("aioxen bridge: %(message)s"))
     saved = logger.level, logger.propagate
     logger.addHandler(handler)
+    loop_logger = logging.getLogger("asyncio")  # e.g. accept() at the descriptor limit
+    loop_logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.propagate = False
     stop = StopSignals()  # SIGINT/SIGTERM: orderly stop
@@ -591,14 +596,18 @@ async def run_bridge_command(
                 serving.cancel()
                 await asyncio.gather(serving, return_exceptions=True)
     except (_Fatal, CommandError) as exc:
+        handler.flush()  # the log lines before the message that ends the command
         print(f"aioxen bridge: {exc}", file=sys.stderr)
         return 1
     except (PlatformError, OSError, ProtocolError) as exc:
+        handler.flush()
         print(f"aioxen bridge: {exc}", file=sys.stderr)
         return 1
     finally:
         stop.close()
         logger.removeHandler(handler)
+        loop_logger.removeHandler(handler)
+        handler.close()
         logger.level, logger.propagate = saved
     return 0
 
