@@ -151,3 +151,37 @@ async def test_a_connection_nobody_accepts_is_closed_by_aclose(world: World) -> 
         await writer.wait_closed()
     await close_now(world, a)
     await gone(world, "/local/domain/0/data/vchan/6/605")
+
+
+async def test_accept_cancelled_again_while_releasing_still_releases(world: World) -> None:
+    plat = await world.platform(0)
+    pending = await VchanChannels(plat).listen(6, 606, buffer_size=65536)
+    accepting = asyncio.ensure_future(pending.accept(timeout=30))
+    await advertised(world, "/local/domain/0/data/vchan/6/606")
+    accepting.cancel()
+    for _ in range(3):  # cancelled again while it withdraws and releases
+        await asyncio.sleep(0)
+        accepting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await accepting
+    await close_now(world, plat)
+    await gone(world, "/local/domain/0/data/vchan/6/606")
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 5])
+async def test_listen_cancelled_midway_releases(world: World, steps: int) -> None:
+    """``listen`` cancelled after ``steps`` loop iterations (before or after the
+    advertisement is complete): nothing is left either way."""
+    plat = await world.platform(0)
+    listening = asyncio.ensure_future(VchanChannels(plat).listen(6, 607, buffer_size=4096))
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    listening.cancel()
+    try:
+        pending = await listening
+    except asyncio.CancelledError:
+        pass
+    else:  # it had finished before the cancellation: its owner closes it
+        await pending.aclose()
+    await close_now(world, plat)
+    await gone(world, "/local/domain/0/data/vchan/6/607")
