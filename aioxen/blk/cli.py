@@ -38,16 +38,19 @@ import json
 import logging
 import os
 import stat
-import sys
 from typing import Any
 
 from aioxen.apps import clistd as std
+from aioxen.apps.stderr_log import StderrLogHandler
 from aioxen.cli import StopSignals
 
 
 def _logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
+    # a log write never blocks the event loop (stderr a pipe nobody reads: any NBD client
+    # can make the server log); see aioxen.apps.stderr_log
+    handler = StderrLogHandler()
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", handlers=[handler])
 
 
 def _vdev(text: str) -> int:

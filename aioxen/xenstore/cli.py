@@ -113,12 +113,13 @@ def _quota(text: str) -> tuple[str, int]:
 
 
 async def _run_xenstored(args: argparse.Namespace) -> int:
+    from aioxen.apps.stderr_log import StderrLogHandler
     from aioxen.xenstore.server import XenStoreServer
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="aioxen xenstored: %(message)s",
-        stream=sys.stderr,
+        handlers=[StderrLogHandler()],  # never blocks the store on an unread stderr
     )
     if not args.root:
         print(
