@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from aioxen.platforms.xen import XenPlatform
+
+if TYPE_CHECKING:
+    from peerdomu import Peer
 
 IN_GUEST = bool(os.environ.get("AIOXEN_XENLAB_GUEST"))
 
@@ -38,3 +42,17 @@ async def plat2() -> AsyncIterator[XenPlatform]:
     p = XenPlatform()
     async with p:
         yield p
+
+
+@pytest.fixture(scope="module")
+def peer() -> Iterator[Peer]:
+    """The peer domU (:mod:`peerdomu`) of a cross-domain test module: module scope, so
+    each ``test_crossdomain*.py`` module boots its own and destroys it at its end."""
+    from peerdomu import start_peer
+
+    p = start_peer()
+    try:
+        yield p
+    finally:
+        p.console.close()
+        p.destroy()

@@ -3,9 +3,10 @@ netfront, the PV console's guest side) in a real domU, against aioxen's back end
 
 Run in the domU as ``python -S -m peer_devices LOOP ACTION ARGS...``
 (``tests/xenlab/guest/test_crossdomain_devices.py`` starts it over the peer's console,
-:mod:`peerdomu`).  Like :mod:`peer` (whose helpers it uses), each action prints
-``READY ...`` once its device is connected and ``RESULT key=value ...`` at the end, or
-``ERROR Type: message`` and exits 1.  dom0 created each device (the toolstack step) and
+:mod:`peerdomu`).  Its actions join ``peer.ACTIONS`` and :func:`peer.run` runs them, so
+like :mod:`peer`'s each prints ``READY ...`` once its device is connected and ``RESULT
+key=value ...`` at the end, or ``ERROR Type: message`` and exits 1.  dom0 created each
+device (the toolstack step) and
 serves it; the domU only opens its front end, through ``/dev/xen/xenbus`` with a guest's
 permissions, and its grants and event channels cross to dom0.
 """
@@ -20,7 +21,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from peer import HANG, say, stream
+from peer import ACTIONS, HANG, run, say, stream
 
 MIB = 1 << 20
 ETHERTYPE = 0x88B5  # IEEE "local experimental"
@@ -151,35 +152,15 @@ async def act_console(
     await fe.close(timeout=HANG)
 
 
-ACTIONS: dict[str, Callable[..., Awaitable[None]]] = {
+DEVICE_ACTIONS: dict[str, Callable[..., Awaitable[None]]] = {
     "blk": act_blk,
     "blk-hold": act_blk_hold,
     "write-file": act_write_file,
     "net": act_net,
     "console": act_console,
 }
-
-
-async def main(action: str, args: list[str]) -> None:
-    import aioxen
-
-    async with aioxen.platform("xen") as plat:
-        await ACTIONS[action](plat, *args)
-
-
-def run(argv: list[str]) -> int:
-    loop, action, args = argv[0], argv[1], argv[2:]
-    try:
-        if loop == "uvloop":
-            import uvloop
-
-            uvloop.run(main(action, args))
-        else:
-            asyncio.run(main(action, args))
-    except Exception as exc:
-        say(f"ERROR {type(exc).__name__}: {exc}")
-        return 1
-    return 0
+assert not DEVICE_ACTIONS.keys() & ACTIONS.keys()
+ACTIONS.update(DEVICE_ACTIONS)  # peer.run() dispatches through peer.ACTIONS
 
 
 if __name__ == "__main__":

@@ -21,14 +21,15 @@ import subprocess
 import sys
 import textwrap
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from crossdomain import field, loop_name, sha
 from domu import RESULTS
 from peer import stream
-from peerdomu import Peer, start_peer
+from peerdomu import Peer
 
 from aioxen import vchan
 from aioxen.platforms.base import PAGE_SIZE
@@ -43,30 +44,6 @@ T = TypeVar("T")
 
 def port_name() -> str:
     return f"xd{os.getpid()}x{next(_ids)}"
-
-
-def loop_name() -> str:
-    return "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def field(out: str, key: str) -> str:
-    m = re.search(rf"\b{key}=(\S+)", out)
-    assert m, f"no {key}= in the domU's output:\n{out}"
-    return m.group(1)
-
-
-@pytest.fixture(scope="module")
-def peer() -> Iterator[Peer]:
-    p = start_peer()
-    try:
-        yield p
-    finally:
-        p.console.close()
-        p.destroy()
 
 
 async def in_domu(peer: Peer, action: str, *args: object, timeout: float = 300.0) -> str:

@@ -23,18 +23,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import os
 import re
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from crossdomain import loop_name, sha
 from peer import stream
 from peer_qrexec import bulk_client, command, exit_status, spawn
-from peerdomu import Peer, Spawned, start_peer
+from peerdomu import Peer, Spawned
 
 from aioxen import bridge, vchan
 from aioxen.platforms.xen import XenPlatform
@@ -47,27 +47,14 @@ CONNECTIONS = 4
 _ids = itertools.count()
 
 
-def loop_name() -> str:
-    return "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def port_name() -> str:
     return f"br{os.getpid()}x{next(_ids)}"
 
 
-@pytest.fixture(scope="module")
-def peer() -> Iterator[Peer]:
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)  # dom0's 127.0.0.1
-    p = start_peer()
-    try:
-        yield p
-    finally:
-        p.console.close()
-        p.destroy()
+@pytest.fixture(scope="module", autouse=True)
+def dom0_loopback() -> None:
+    """dom0's 127.0.0.1 (autouse: set up before the module's ``peer`` from conftest)."""
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 
 async def wait_conn_lines(server: Spawned, seeds: list[int], nbytes: int = BULK) -> None:

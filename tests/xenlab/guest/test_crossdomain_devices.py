@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
-import re
 import shlex
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import pytest
+from crossdomain import field, loop_name, sha
 from peer import stream
 from peer_devices import DOM0_MAC, ETHERTYPE, NET_SIZES, net_frame
-from peerdomu import Peer, Spawned, start_peer
+from peerdomu import Peer, Spawned
 
 from aioxen.blk.source import FileSource
 from aioxen.blk.vbd import Blkback
@@ -57,30 +55,6 @@ _ids = itertools.count()
 VBD_IDS = itertools.count(51728, 16)  # xvdb, xvdc, ...: a fresh device per test
 VIF_IDS = itertools.count(1)
 CONSOLE_IDS = itertools.count(1)
-
-
-def loop_name() -> str:
-    return "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def field(out: str, key: str) -> str:
-    m = re.search(rf"\b{key}=(\S+)", out)
-    assert m, f"no {key}= in the domU's output:\n{out}"
-    return m.group(1)
-
-
-@pytest.fixture(scope="module")
-def peer() -> Iterator[Peer]:
-    p = start_peer()
-    try:
-        yield p
-    finally:
-        p.console.close()
-        p.destroy()
 
 
 def domu_command(peer: Peer, loop: str, action: str, *args: object) -> str:

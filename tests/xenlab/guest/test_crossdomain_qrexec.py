@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
+from crossdomain import loop_name, sha
 from peer import stream
 from peer_qrexec import bulk_service, command, spawn
-from peerdomu import Peer, Spawned, start_peer
+from peerdomu import Peer, Spawned
 
 from aioxen import qrexec
 from aioxen.errors import ProtocolError
@@ -31,26 +31,8 @@ MIB = 1 << 20
 Reader = asyncio.StreamReader
 
 
-def loop_name() -> str:
-    return "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def policy(r: PolicyRequest) -> bool:
     return not r.service.startswith("no.")
-
-
-@pytest.fixture(scope="module")
-def peer() -> Iterator[Peer]:
-    p = start_peer()
-    try:
-        yield p
-    finally:
-        p.console.close()
-        p.destroy()
 
 
 class DomuAgent:
