@@ -3,8 +3,10 @@
 By default this process is the console's back end (what ``xl console`` does through
 xenconsoled): it waits for the guest ``DOMID`` to connect its ``console/N`` and copies
 stdin to the guest and the guest's output to stdout.  ``--frontend`` plays the guest
-instead (``DOMID`` is then the back end domain).  On a terminal, input is raw and
-``Ctrl-]`` detaches.  SIGINT/SIGTERM close the device end in an orderly way.
+instead (``DOMID`` is then the back end domain); it refuses (exit status 1) a device
+that a kernel driver such as ``hvc_xen`` holds, naming the driver and how to unbind it.
+On a terminal, input is raw and ``Ctrl-]`` detaches.  SIGINT/SIGTERM close the device
+end in an orderly way.
 
 Stdin and stdout may be anything ([`aioxen.apps.stdio`][]): a terminal, a pipe, a
 regular file, ``/dev/null`` or closed (the command then reads nothing / discards the
@@ -22,10 +24,19 @@ import termios
 import tty
 from typing import Any
 
-from aioxen.apps.clistd import check_root_env, describe, domid, nonnegative_int, plain, seconds
+from aioxen.apps.clistd import (
+    UsageError,
+    check_root_env,
+    describe,
+    domid,
+    nonnegative_int,
+    plain,
+    seconds,
+)
 from aioxen.apps.stdio import ByteSink, ByteSource, open_sink, open_source
 from aioxen.cli import StopSignals
 from aioxen.console.device import DEFAULT_DEVID, ConsoleBackend, ConsoleFrontend
+from aioxen.console.inuse import FrontendInUse
 
 ESCAPE = 0x1D  # Ctrl-]
 
@@ -42,6 +53,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--devid", type=nonnegative_int, default=DEFAULT_DEVID,
                    help=f"console device number (default {DEFAULT_DEVID})")  # fmt: skip
     p.add_argument("--frontend", action="store_true", help="be the guest side")
+    p.add_argument("--force", action="store_true",
+                   help="with --frontend: take the device over although its XenStore "
+                        "state says a front end without an aioxen owner is at work (a stale "
+                        "state left by one that died); never overrides a bound kernel "
+                        "driver")  # fmt: skip
     p.add_argument("--create", action="store_true",
                    help="create the device first if missing (toolstack rights needed)")  # fmt: skip
     p.add_argument("--follow", action="store_true",
@@ -109,6 +125,8 @@ async def _session(
 
 async def _run(args: argparse.Namespace) -> int:
     check_root_env()  # a missing or non-directory $XEN_ROOT: before any I/O
+    if args.force and not args.frontend:
+        raise UsageError("--force goes with --frontend (it takes over a guest's device)")
     stop = StopSignals()  # SIGINT/SIGTERM: orderly stop
     raw = sys.stdin.isatty()
     saved = termios.tcgetattr(0) if raw else None
@@ -126,7 +144,7 @@ async def _run(args: argparse.Namespace) -> int:
             nonlocal endpoint
             if args.frontend:
                 fe = endpoint = await ConsoleFrontend.open(
-                    args.domid, args.devid, timeout=args.timeout
+                    args.domid, args.devid, timeout=args.timeout, force=args.force
                 )
                 print(f"aioxen console: connected to domain {args.domid}", file=sys.stderr)
                 await _session(fe.reader, fe.writer, stdin, stdout, raw)
@@ -166,7 +184,7 @@ async def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    except (ConnectionError, FileNotFoundError, PermissionError) as exc:
+    except (ConnectionError, FileNotFoundError, PermissionError, FrontendInUse) as exc:
         print(f"aioxen console: {describe(exc)}", file=sys.stderr)
         return 1
     finally:

@@ -17,7 +17,8 @@ stdlib ``StreamReader``/``StreamWriter``:
   When the front end closes (or its process dies) the reader sees EOF and the back end
   waits for the next front end (a restarted guest reconnects).
 * [`ConsoleFrontend`][] — ``reader``/``writer`` the other way round; ``close()`` is
-  the orderly xenbus close (``Closing`` → ``Closed``).
+  the orderly xenbus close (``Closing`` → ``Closed``).  It first makes sure no other
+  front end (a guest kernel's ``hvc_xen``) holds the device (``aioxen.console.inuse``).
 
 The device is created by the toolstack step (``aioxen device add console FRONT --devid N``
 or [`create_console`][]).  Device numbers default to 1: on Xen, console 0 is the
@@ -32,6 +33,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from aioxen.console.inuse import check_frontend_free
 from aioxen.errors import ProtocolError
 from aioxen.platforms import resolve
 from aioxen.platforms.base import EventChannel, Platform, Share
@@ -277,11 +279,20 @@ class ConsoleFrontend(_Endpoint):
         platform: Platform | None = None,
         timeout: float | None = 30.0,
         reconnect: bool = True,
+        force: bool = False,
     ) -> ConsoleFrontend:
         """Connect this domain's console ``devid`` and wait (bounded) until the back end
-        is ``Connected``."""
+        is ``Connected``.
+
+        Refuses with ``aioxen.console.inuse.FrontendInUse``
+        (``OSError(EBUSY)``), before writing anything, if a kernel driver is bound to the
+        device (``hvc_xen``; the message says how to unbind it) or its XenStore state says
+        a front end without an aioxen owner record is at work; ``force`` takes over such
+        a state (left by a front end that died), never a bound kernel driver.  See
+        ``aioxen.console.inuse``."""
         plat = await resolve(platform)
         dev = await frontend_device(plat, TYPE, devid, backend_domid=backend_domid, timeout=timeout)
+        await check_frontend_free(dev, force=force)
         driver = ConsoleFrontendDriver()
         self = cls(DeviceRunner(dev, driver, reconnect=reconnect), driver)
         try:

@@ -1,10 +1,12 @@
 """The PV console device: streams in one process on inheap and unix, and ``aioxen console``
 between real processes (back end and guest), including a guest that is killed and comes
-back."""
+back (its stale ``Connected`` state is taken over: its owner record names a dead process),
+and a front end that refuses a device another front end (a kernel driver) holds."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
 import signal
@@ -26,8 +28,15 @@ from aioxen.console.device import (
     create_console,
     remove_console,
 )
+from aioxen.console.inuse import (
+    FrontendInUse,
+    check_frontend_free,
+    kernel_driver,
+    kernel_driver_error,
+)
 from aioxen.rings.byte import CONSOLE
 from aioxen.xenbus import XenbusState, list_devices
+from aioxen.xenbus.driver import frontend_device
 
 __all__ = ["world", "xenstored_proc"]  # fixtures used by the tests below
 
@@ -271,3 +280,131 @@ def test_console_is_its_own_package_and_the_old_path_still_imports() -> None:
         check=True,
     ).stdout
     assert out.startswith("usage: aioxen console") and "--frontend" in out
+
+
+# ------------------------------------------------------------- a front end already at work
+
+
+async def test_foreign_front_end_state_is_refused_then_forced(world: World) -> None:
+    """The guest's ``console/1`` state says ``Connected`` but no aioxen process claims it
+    (what a kernel driver such as ``hvc_xen`` leaves): the front end refuses with EBUSY,
+    naming the state key, and writes nothing; ``force=True`` takes the device over."""
+    dom0 = await world.platform(0)
+    guest = world.dom(1)
+    gplat = await world.platform(guest)
+    await create_console(guest, 1, platform=dom0)
+    be = await ConsoleBackend.start(guest, 1, platform=dom0)
+    state = f"/local/domain/{guest}/device/console/1/state"
+    await gplat.store.write(state, b"4")  # a foreign front end, Connected
+    await gplat.store.write(f"/local/domain/{guest}/device/console/1/ring-ref", b"8")
+    with pytest.raises(FrontendInUse) as info:
+        await ConsoleFrontend.open(0, 1, platform=gplat, timeout=T)
+    assert info.value.errno == errno.EBUSY and info.value.path == state
+    assert info.value.driver is None
+    text = str(info.value)
+    assert f"console/1 of domain {guest} is in use by another front end" in text, text
+    assert f"{state} is 4 (Connected)" in text and "force=True" in text, text
+    assert await gplat.store.read(state) == b"4"  # touched nothing
+    assert await gplat.store.read(f"/local/domain/{guest}/device/console/1/ring-ref") == b"8"
+    fe = await ConsoleFrontend.open(0, 1, platform=gplat, timeout=T, force=True)
+    _reader, writer = await be.accept(timeout=T)
+    writer.write(b"taken over\n")
+    assert await asyncio.wait_for(fe.reader.readline(), T) == b"taken over\n"
+    await fe.close()
+    await be.close()
+
+
+async def test_an_idle_or_closed_state_is_free(world: World) -> None:
+    """Only a session state (Initialised, Connected, Reconfigur*) counts as in use: a
+    foreign front end that said ``Closed`` left the device free."""
+    dom0 = await world.platform(0)
+    guest = world.dom(1)
+    gplat = await world.platform(guest)
+    await create_console(guest, 1, platform=dom0)
+    be = await ConsoleBackend.start(guest, 1, platform=dom0)
+    await gplat.store.write(f"/local/domain/{guest}/device/console/1/state", b"6")
+    fe = await ConsoleFrontend.open(0, 1, platform=gplat, timeout=T)
+    await be.accept(timeout=T)
+    await fe.close()
+    await be.close()
+
+
+def test_kernel_driver_is_read_from_the_sysfs_links(tmp_path: Path) -> None:
+    """The xen bus in sysfs: ``devices/console-1/driver`` links to ``drivers/xenconsole``,
+    whose ``module`` link names ``hvc_xen``; the error names both and the unbind file.
+    (A directory tree with Linux's link layout; the lab test meets the real one.)"""
+    bus = tmp_path / "bus" / "xen"
+    drv = bus / "drivers" / "xenconsole"
+    (tmp_path / "module" / "hvc_xen").mkdir(parents=True)
+    drv.mkdir(parents=True)
+    (drv / "module").symlink_to("../../../../module/hvc_xen")
+    dev = tmp_path / "devices" / "console-1"
+    dev.mkdir(parents=True)
+    (bus / "devices").mkdir()
+    (bus / "devices" / "console-1").symlink_to("../../../devices/console-1")
+    (bus / "devices" / "console-2").symlink_to("../../../devices/console-1")
+    sysfs = str(bus)
+    assert kernel_driver("console", 1, sysfs) is None  # present, not bound
+    assert kernel_driver("console", 7, sysfs) is None  # no such device
+    assert kernel_driver("console", 1, str(tmp_path / "nowhere")) is None
+    (dev / "driver").symlink_to("../../bus/xen/drivers/xenconsole")
+    assert kernel_driver("console", 1, sysfs) == ("xenconsole", "hvc_xen")
+    (drv / "module").unlink()
+    assert kernel_driver("console", 1, sysfs) == ("xenconsole", None)
+    err = kernel_driver_error("console/1 of domain 3", "console", 1, "xenconsole", "hvc_xen", sysfs)
+    assert err.errno == errno.EBUSY and err.driver == "xenconsole" and err.module == "hvc_xen"
+    text = str(err)
+    assert text.startswith("console/1 of domain 3 is in use by the kernel driver hvc_xen"), text
+    assert f"echo console-1 > {sysfs}/drivers/xenconsole/unbind" in text, text
+    assert err.path == f"{sysfs}/devices/console-1/driver"
+
+
+async def test_sysfs_is_consulted_only_on_xen(world: World, tmp_path: Path) -> None:
+    """On ``unix``/``inheap`` the host's sysfs says nothing about the simulated guest:
+    a bound driver in a sysfs tree given to the check is ignored there."""
+    bus = tmp_path / "xen"
+    (bus / "drivers" / "xenconsole").mkdir(parents=True)
+    (bus / "devices" / "console-1").mkdir(parents=True)
+    (bus / "devices" / "console-1" / "driver").symlink_to("../../drivers/xenconsole")
+    dom0 = await world.platform(0)
+    guest = world.dom(1)
+    await create_console(guest, 1, platform=dom0)
+    dev = await frontend_device(await world.platform(guest), "console", 1, timeout=T)
+    await check_frontend_free(dev, sysfs=str(bus))  # no error
+    assert kernel_driver("console", 1, str(bus)) == ("xenconsole", None)
+
+
+async def test_aioxen_console_frontend_refuses_a_foreign_front_end(spawn: Spawn) -> None:
+    """Between processes: the guest's state is ``Initialised`` by a foreign writer;
+    ``aioxen console --frontend`` prints why and exits 1 without touching it;
+    ``--force`` takes the device over; ``--force`` without ``--frontend`` is a usage error."""
+    start = spawn
+    guest = next(_guests)
+    add = await start(0, "device", "add", "console", str(guest), "--devid", "1")
+    assert await add.finish(None) == 0
+    state = f"/local/domain/{guest}/device/console/1/state"
+    w = await start(guest, "xenstore", "write", state, "3")
+    assert await w.finish(None) == 0
+    back = await start(0, "console", str(guest), "--devid", "1", name="back")
+    await back.stderr_until("waiting for domain")
+    front = await start(guest, "console", "--frontend", "0", "--timeout", "20", name="guest")
+    assert await front.finish(None) == 1
+    assert front.proc.stderr is not None
+    err = (await front.proc.stderr.read()).decode()
+    assert err.startswith(f"aioxen console: console/1 of domain {guest} is in use by"), err
+    assert f"{state} is 3 (Initialised)" in err and "--force" in err, err
+    assert "Traceback" not in err, err
+    rd = await start(guest, "xenstore", "read", state)
+    assert await rd.finish(None) == 0 and rd.proc.stdout is not None
+    assert (await rd.proc.stdout.read()).strip() == b"3"
+    bad = await start(0, "console", str(guest), "--force")
+    assert await bad.finish(None) == 2
+    assert bad.proc.stderr is not None
+    assert b"--force goes with --frontend" in await bad.proc.stderr.read()
+    front2 = await start(guest, "console", "--frontend", "0", "--force", name="guest2")
+    await front2.stderr_until("connected")
+    await back.stderr_until("connected")
+    await front2.send(b"mine now\n")
+    assert await back.line() == b"mine now\n"
+    assert await front2.finish() == 143
+    assert await back.finish(None) == 0  # no --follow: the guest's orderly close ends it
