@@ -11,8 +11,9 @@ So before its runner writes anything, the front end asks [`check_frontend_free`]
 
 * **sysfs** (only on the ``xen`` platform, where the front end is this very domain):
   a xenbus device ``T/N`` appears as ``/sys/bus/xen/devices/T-N``; its ``driver`` link
-  names the bound kernel driver (``.../drivers/xenconsole``), whose ``module`` link names
-  the kernel module (``hvc_xen``, also for a built-in driver).  A bound driver is
+  names the bound kernel driver (``.../drivers/xenconsole``); its ``module`` link, where
+  there is one, names the kernel module (a built-in driver may have none: then Linux's
+  name from [`LINUX_SOURCES`][], ``hvc_xen``).  A bound driver is
   [`FrontendInUse`][] (``EBUSY``) naming both and the ``unbind`` file that releases the
   device.  It is never overridden: the kernel is alive by definition.
 * **XenStore** (every platform): the front end's own ``state`` is ``Initialised``,
@@ -41,6 +42,10 @@ from aioxen.xenbus.state import XenbusState, parse_state
 SYSFS_XEN = "/sys/bus/xen"
 """Where Linux shows the xen bus: ``devices/T-N`` and ``drivers/NAME``."""
 
+LINUX_SOURCES = {"xenconsole": "hvc_xen", "vbd": "xen-blkfront", "vif": "xen-netfront"}
+"""Linux's name (module or source file) of its xenbus front end drivers, for a built-in
+driver whose sysfs directory has no ``module`` link (Debian's ``xenconsole`` has none)."""
+
 S = XenbusState
 BUSY_STATES = (S.INITIALISED, S.CONNECTED, S.RECONFIGURING, S.RECONFIGURED)
 """Front end states that mean a front end is at work on the device."""
@@ -65,8 +70,8 @@ class FrontendInUse(OSError):
 
 def kernel_driver(type_: str, devid: int, sysfs: str = SYSFS_XEN) -> tuple[str, str | None] | None:
     """``(driver, module)`` of the kernel driver bound to xenbus device ``type_-devid``
-    (``module`` ``None`` if sysfs does not say), or ``None`` if none is bound (or there
-    is no such sysfs)."""
+    (``module`` from the driver's ``module`` link, else [`LINUX_SOURCES`][], else
+    ``None``), or ``None`` if none is bound (or there is no such sysfs)."""
     try:
         target = os.readlink(f"{sysfs}/devices/{type_}-{devid}/driver")
     except OSError:
@@ -77,7 +82,7 @@ def kernel_driver(type_: str, devid: int, sysfs: str = SYSFS_XEN) -> tuple[str, 
             os.readlink(f"{sysfs}/drivers/{driver}/module").rstrip("/")
         )
     except OSError:
-        module = None
+        module = LINUX_SOURCES.get(driver)
     return driver, module
 
 
@@ -87,7 +92,7 @@ def kernel_driver_error(
     """The [`FrontendInUse`][] for a bound kernel driver, with the way to unbind it."""
     name = f"{type_}-{devid}"
     link = f"{sysfs}/devices/{name}/driver"
-    who = f"{module} (xenbus driver {driver})" if module and module != driver else driver
+    who = f"{driver} ({module})" if module and module != driver else driver
     return FrontendInUse(
         f"{what} is in use by the kernel driver {who}: {link} -> {driver}; unbind it first "
         f"(echo {name} > {sysfs}/drivers/{driver}/unbind, and echo 0 > "
@@ -129,6 +134,7 @@ async def check_frontend_free(
 
 __all__ = [
     "BUSY_STATES",
+    "LINUX_SOURCES",
     "SYSFS_XEN",
     "FrontendInUse",
     "check_frontend_free",

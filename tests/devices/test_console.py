@@ -331,7 +331,8 @@ async def test_an_idle_or_closed_state_is_free(world: World) -> None:
 
 def test_kernel_driver_is_read_from_the_sysfs_links(tmp_path: Path) -> None:
     """The xen bus in sysfs: ``devices/console-1/driver`` links to ``drivers/xenconsole``,
-    whose ``module`` link names ``hvc_xen``; the error names both and the unbind file.
+    whose ``module`` link (or, for a built-in driver without one, a table) names
+    ``hvc_xen``; the error names both and the unbind file.
     (A directory tree with Linux's link layout; the lab test meets the real one.)"""
     bus = tmp_path / "bus" / "xen"
     drv = bus / "drivers" / "xenconsole"
@@ -349,14 +350,22 @@ def test_kernel_driver_is_read_from_the_sysfs_links(tmp_path: Path) -> None:
     assert kernel_driver("console", 1, str(tmp_path / "nowhere")) is None
     (dev / "driver").symlink_to("../../bus/xen/drivers/xenconsole")
     assert kernel_driver("console", 1, sysfs) == ("xenconsole", "hvc_xen")
-    (drv / "module").unlink()
-    assert kernel_driver("console", 1, sysfs) == ("xenconsole", None)
+    (drv / "module").unlink()  # built in, as in Debian's kernel: Linux's name from a table
+    assert kernel_driver("console", 1, sysfs) == ("xenconsole", "hvc_xen")
+    other = bus / "drivers" / "otherfront"
+    other.mkdir()
+    (dev / "driver").unlink()
+    (dev / "driver").symlink_to("../../bus/xen/drivers/otherfront")
+    assert kernel_driver("console", 1, sysfs) == ("otherfront", None)
     err = kernel_driver_error("console/1 of domain 3", "console", 1, "xenconsole", "hvc_xen", sysfs)
     assert err.errno == errno.EBUSY and err.driver == "xenconsole" and err.module == "hvc_xen"
     text = str(err)
-    assert text.startswith("console/1 of domain 3 is in use by the kernel driver hvc_xen"), text
+    busy = "console/1 of domain 3 is in use by the kernel driver"
+    assert text.startswith(f"{busy} xenconsole (hvc_xen): {sysfs}/devices/console-1/driver"), text
     assert f"echo console-1 > {sysfs}/drivers/xenconsole/unbind" in text, text
     assert err.path == f"{sysfs}/devices/console-1/driver"
+    text = str(kernel_driver_error("console/1 of domain 3", "console", 1, "otherfront", None))
+    assert text.startswith(f"{busy} otherfront: /sys/bus/xen/devices/console-1/driver"), text
 
 
 async def test_sysfs_is_consulted_only_on_xen(world: World, tmp_path: Path) -> None:
@@ -371,7 +380,7 @@ async def test_sysfs_is_consulted_only_on_xen(world: World, tmp_path: Path) -> N
     await create_console(guest, 1, platform=dom0)
     dev = await frontend_device(await world.platform(guest), "console", 1, timeout=T)
     await check_frontend_free(dev, sysfs=str(bus))  # no error
-    assert kernel_driver("console", 1, str(bus)) == ("xenconsole", None)
+    assert kernel_driver("console", 1, str(bus)) == ("xenconsole", "hvc_xen")
 
 
 async def test_aioxen_console_frontend_refuses_a_foreign_front_end(spawn: Spawn) -> None:

@@ -152,12 +152,31 @@ async def act_console(
     await fe.close(timeout=HANG)
 
 
+async def act_console_open(plat: Any, devid: str) -> None:
+    """Try to open ``console/devid``'s front end once: ``RESULT opened=1`` (then an
+    orderly close), or for an ``OSError`` a ``MESSAGE`` line and ``RESULT errno=NAME
+    type=... driver=... module=...`` (:class:`aioxen.console.inuse.FrontendInUse`)."""
+    from aioxen.console import ConsoleFrontend
+
+    try:
+        fe = await ConsoleFrontend.open(0, int(devid), platform=plat, timeout=HANG, reconnect=False)
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        say(f"MESSAGE {exc}")
+        driver, module = getattr(exc, "driver", None), getattr(exc, "module", None)
+        say(f"RESULT errno={name} type={type(exc).__name__} driver={driver} module={module}")
+        return
+    say("RESULT opened=1")
+    await fe.close(timeout=HANG)
+
+
 DEVICE_ACTIONS: dict[str, Callable[..., Awaitable[None]]] = {
     "blk": act_blk,
     "blk-hold": act_blk_hold,
     "write-file": act_write_file,
     "net": act_net,
     "console": act_console,
+    "console-open": act_console_open,
 }
 assert not DEVICE_ACTIONS.keys() & ACTIONS.keys()
 ACTIONS.update(DEVICE_ACTIONS)  # peer.run() dispatches through peer.ACTIONS

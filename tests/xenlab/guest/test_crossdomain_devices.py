@@ -368,3 +368,58 @@ async def test_console_cli_frontend_in_domu(plat: XenPlatform, peer: Peer) -> No
             await remove_console(peer.domid, devid, platform=plat, force=True)
     finally:
         await asyncio.to_thread(peer.console.run, "echo 1 > /sys/bus/xen/drivers_autoprobe")
+
+
+async def test_console_frontend_refuses_the_kernels_hvc_xen(plat: XenPlatform, peer: Peer) -> None:
+    """With the xen bus's driver autoprobe on (the kernel's default), Linux's ``hvc_xen``
+    (xenbus driver ``xenconsole``) binds a ``console/N`` that appears for the domU and
+    connects to dom0's back end.  aioxen's front end then refuses the device with EBUSY
+    naming the driver, the module and the unbind file (from sysfs), and touches nothing;
+    ``aioxen console --frontend`` prints that and exits 1.  After the unbind the kernel
+    leaves the device ``Closed`` and aioxen's front end connects to the same back end."""
+    devid = next(CONSOLE_IDS)
+    name = f"console-{devid}"
+    state = f"/local/domain/{peer.domid}/device/console/{devid}/state"
+    await asyncio.to_thread(peer.console.run, "echo 1 > /sys/bus/xen/drivers_autoprobe")
+    await create_console(peer.domid, devid, platform=plat, replace=True)
+    be = await ConsoleBackend.start(peer.domid, devid, platform=plat)
+    try:
+        kernel_reader, _ = await be.accept(timeout=HANG)  # hvc_xen's ring, mapped by dom0
+        wait_bound = (
+            f"for i in $(seq 600); do readlink /sys/bus/xen/devices/{name}/driver && break;"
+            " sleep 0.1; done"
+        )
+        link = await asyncio.to_thread(peer.console.run, wait_bound, HANG)
+        assert link.strip().endswith("/xenconsole"), link
+        assert await plat.store.read(state) == b"4"  # the kernel's front end: Connected
+
+        out = await in_domu(peer, "console-open", devid)
+        assert field(out, "errno") == "EBUSY", out
+        assert field(out, "type") == "FrontendInUse", out
+        assert (field(out, "driver"), field(out, "module")) == ("xenconsole", "hvc_xen"), out
+        msg = next(ln for ln in out.splitlines() if ln.startswith("MESSAGE "))
+        busy = f"console/{devid} of domain {peer.domid} is in use by the kernel driver"
+        assert f"{busy} xenconsole (hvc_xen): /sys/bus/xen/devices/{name}/driver" in msg, msg
+        assert f"echo {name} > /sys/bus/xen/drivers/xenconsole/unbind" in msg, msg
+        cli = f"{peer.python_command()} -m aioxen console --frontend 0 --devid {devid}"
+        got = await asyncio.to_thread(
+            peer.console.run, f"{cli} --timeout 60 </dev/null 2>&1; echo rc=$?", HANG, False
+        )
+        assert got.strip().endswith("rc=1"), got
+        assert f"aioxen console: {busy} xenconsole (hvc_xen)" in got, got
+        assert "Traceback" not in got, got
+        assert await plat.store.read(state) == b"4"  # still the kernel's
+
+        unbind = f"echo {name} > /sys/bus/xen/drivers/xenconsole/unbind"
+        await asyncio.to_thread(peer.console.run, unbind)
+        await asyncio.wait_for(kernel_reader.read(), HANG)  # the kernel's session ends
+        proc = await spawn(peer, "console", devid, 41, 1000, 42, 2000)
+        reader, writer = await be.accept(timeout=HANG)
+        writer.write(stream(41, 1000))
+        assert await asyncio.wait_for(reader.readexactly(2000), HANG) == stream(42, 2000)
+        done = await asyncio.to_thread(proc.wait_for, r"^RESULT received=(\d+) match=(\w+)", HANG)
+        assert done.groups() == ("1000", "True"), proc.output()
+        assert await asyncio.wait_for(reader.read(), HANG) == b""  # the guest closed
+    finally:
+        await be.close(timeout=30)
+        await remove_console(peer.domid, devid, platform=plat, force=True)
