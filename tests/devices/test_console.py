@@ -53,6 +53,16 @@ async def pair(world: World, devid: int = 1) -> tuple[ConsoleBackend, ConsoleFro
     return be, fe, guest
 
 
+async def greet_and_close(be: ConsoleBackend, fe: ConsoleFrontend, line: bytes) -> None:
+    """The back end's next connection is ``fe``'s: ``line`` typed into the guest arrives;
+    then both ends close."""
+    _reader, writer = await be.accept(timeout=T)
+    writer.write(line)
+    assert await asyncio.wait_for(fe.reader.readline(), T) == line
+    await fe.close()
+    await be.close()
+
+
 async def test_both_directions_and_flow_control(world: World) -> None:
     be, fe, _guest = await pair(world)
     reader, writer = await be.accept(timeout=T)
@@ -112,11 +122,7 @@ async def test_guest_close_gives_eof_and_a_new_guest_reconnects(world: World) ->
     assert await asyncio.wait_for(reader.read(), T) == b"bye"  # drained, then EOF
     assert fe.runner.dev.state == S.CLOSED
     fe2 = await ConsoleFrontend.open(0, 1, platform=await world.platform(guest), timeout=T)
-    _reader2, writer2 = await be.accept(timeout=T)
-    writer2.write(b"welcome back\n")
-    assert await asyncio.wait_for(fe2.reader.readline(), T) == b"welcome back\n"
-    await fe2.close()
-    await be.close()
+    await greet_and_close(be, fe2, b"welcome back\n")
 
 
 async def test_back_end_close_gives_the_guest_eof(world: World) -> None:
@@ -307,11 +313,7 @@ async def test_foreign_front_end_state_is_refused_then_forced(world: World) -> N
     assert await gplat.store.read(state) == b"4"  # touched nothing
     assert await gplat.store.read(f"/local/domain/{guest}/device/console/1/ring-ref") == b"8"
     fe = await ConsoleFrontend.open(0, 1, platform=gplat, timeout=T, force=True)
-    _reader, writer = await be.accept(timeout=T)
-    writer.write(b"taken over\n")
-    assert await asyncio.wait_for(fe.reader.readline(), T) == b"taken over\n"
-    await fe.close()
-    await be.close()
+    await greet_and_close(be, fe, b"taken over\n")
 
 
 async def test_an_idle_or_closed_state_is_free(world: World) -> None:
@@ -324,9 +326,7 @@ async def test_an_idle_or_closed_state_is_free(world: World) -> None:
     be = await ConsoleBackend.start(guest, 1, platform=dom0)
     await gplat.store.write(f"/local/domain/{guest}/device/console/1/state", b"6")
     fe = await ConsoleFrontend.open(0, 1, platform=gplat, timeout=T)
-    await be.accept(timeout=T)
-    await fe.close()
-    await be.close()
+    await greet_and_close(be, fe, b"free\n")
 
 
 def test_kernel_driver_is_read_from_the_sysfs_links(tmp_path: Path) -> None:
