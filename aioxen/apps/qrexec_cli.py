@@ -142,7 +142,11 @@ def _logging(verbose: int) -> None:
     """Warnings (a dropped peer, a refused call) always; ``-v`` info, ``-vv`` debug.  The
     library's messages start with ``qrexec agent:``/``qrexec daemon:``."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="aioxen %(message)s", stream=sys.stderr)
+    from aioxen.apps.stderr_log import StderrLogHandler
+
+    # never a blocking log write: a VM can make the daemon log, and stderr may be a full
+    # pipe nobody reads (aioxen.apps.stderr_log)
+    logging.basicConfig(level=level, format="aioxen %(message)s", handlers=[StderrLogHandler()])
 
 
 def _platform_env(args: argparse.Namespace) -> None:
