@@ -46,7 +46,8 @@ flushed after each turn, one ``write`` per connection.
 
 Persistence.  With a state file, the tree is loaded at start, saved every
 ``sync_interval`` seconds when changed, and saved on close -- so a clean shutdown
-(SIGTERM/SIGINT) loses no committed write.
+(SIGTERM/SIGINT) loses no committed write.  A save that fails (disk full, no descriptor
+left) is logged once and retried every interval until one succeeds.
 """
 
 from __future__ import annotations
@@ -160,9 +161,27 @@ class XenStoreServer:
             self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
 
     async def _sync_loop(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self.sync_interval)
-            self.save_if_changed()
+            try:
+                self.save_if_changed()
+            except OSError as exc:
+                # A full disk or the descriptor limit -- which other users and domains can
+                # bring about -- is transient: keep serving, say so once, retry each interval
+                # (a failed save used to end this task for good, unnoticed).
+                if not failing:
+                    log.warning(
+                        "xenstored: cannot save the state to %s: %s; retrying every %g s",
+                        self.state_file,
+                        exc,
+                        self.sync_interval,
+                    )
+                failing = True
+            else:
+                if failing:
+                    log.warning("xenstored: state saved to %s again", self.state_file)
+                failing = False
 
     def save_if_changed(self) -> None:
         if self.state_file is not None and self.engine.modified != self._saved_at:
