@@ -409,7 +409,7 @@ class FileLock:
                         f"lock file {path} is not a regular file owned by uid {os.geteuid()} "
                         f"(uid {st.st_uid}, mode {stat.filemode(st.st_mode)}); refusing to use it",
                     )
-                if st.st_nlink != 1:
+                if st.st_nlink > 1:  # 0: unlinked by its holder as we opened it (retried below)
                     # A hard link someone put there to a file of ours (possible in a shared
                     # directory when fs.protected_hardlinks is 0): we would truncate it.
                     raise PermissionError(
