@@ -175,6 +175,26 @@ PACKET_OUTGOING = 4  # sockaddr_ll pkttype of a frame this host sent
 WINDOW = 8  # dom0's frames in flight: well below the domU's posted RX buffers
 
 
+async def check_net_exchange(
+    proc: Spawned,
+    sent: list[bytes],
+    echoes: list[bytes],
+    own: dict[int, bytes],
+    seed: int,
+    mac: bytes,
+) -> None:
+    """Byte for byte: each frame dom0 sent came back with its MACs swapped, the domU's
+    own frames (``stream(seed)``) all arrived, and the domU's ``RESULT`` line has the
+    SHA-256 of what it echoed."""
+    for i, (s, e) in enumerate(zip(sent, echoes, strict=True)):
+        assert e == s[6:12] + s[0:6] + s[12:], f"echo {i} ({len(s)} bytes) differs"
+    assert sorted(own) == list(range(DOMU_FRAMES))
+    for i, f in own.items():
+        assert f == net_frame(seed, i, mac, DOM0_MAC), f"domU frame {i} ({len(f)} bytes) differs"
+    done = await asyncio.to_thread(proc.wait_for, r"^RESULT echoed=(\d+) sha256=(\S+)", HANG)
+    assert done.group(2) == sha(b"".join(sent))
+
+
 async def test_net_frames_both_ways(plat: XenPlatform, peer: Peer) -> None:
     assert "xen_netback" not in Path("/proc/modules").read_text(), "it would take the vif"
     devid = next(VIF_IDS)
@@ -215,13 +235,7 @@ async def test_net_frames_both_ways(plat: XenPlatform, peer: Peer) -> None:
                 take(await from_domu.get())
         # byte for byte, in order: what dom0 sent came back with the MACs swapped
         assert [len(f) for f in echoes] == [len(f) for f in sent]
-        for i, (s, e) in enumerate(zip(sent, echoes, strict=True)):
-            assert e == s[6:12] + s[0:6] + s[12:], f"echo {i} ({len(s)} bytes) differs"
-        assert sorted(own) == list(range(DOMU_FRAMES))
-        for i, f in own.items():
-            assert f == net_frame(21, i, mac, DOM0_MAC), f"domU frame {i} ({len(f)} bytes) differs"
-        done = await asyncio.to_thread(proc.wait_for, r"^RESULT echoed=(\d+) sha256=(\S+)", HANG)
-        assert done.group(2) == sha(b"".join(sent))
+        await check_net_exchange(proc, sent, echoes, own, 21, mac)
         assert max(map(len, sent)) == 9014
     finally:
         await netback.close(remove=True)
@@ -284,13 +298,7 @@ async def test_net_through_a_dom0_tap(plat: XenPlatform, peer: Peer) -> None:
                     own[int.from_bytes(frame[14:18], "big")] = frame
                 elif frame[:6] == ECHO_MAC:
                     echoes.append(frame)
-        for i, (s, e) in enumerate(zip(sent, echoes, strict=True)):
-            assert e == s[6:12] + s[0:6] + s[12:], f"echo {i} ({len(s)} bytes) differs"
-        assert sorted(own) == list(range(DOMU_FRAMES))
-        for i, f in own.items():
-            assert f == net_frame(23, i, mac, DOM0_MAC), f"domU frame {i} ({len(f)} bytes) differs"
-        done = await asyncio.to_thread(proc.wait_for, r"^RESULT echoed=(\d+) sha256=(\S+)", HANG)
-        assert done.group(2) == sha(b"".join(sent))
+        await check_net_exchange(proc, sent, echoes, own, 23, mac)
     finally:
         loop.remove_reader(sock.fileno())
         sock.close()
@@ -304,70 +312,72 @@ TO_GUEST = 64 * 1024 + 5
 FROM_GUEST = 64 * 1024 + 7
 
 
-async def test_console_domu_guest_side_against_dom0_back_end(plat: XenPlatform, peer: Peer) -> None:
-    """aioxen's console front end in the domU, its back end in dom0.  Linux's own
-    ``hvc_xen`` front end (built into the kernel) would take any ``console/N`` (N > 0)
-    that appears for the domU, so the xen bus's driver autoprobe is off meanwhile."""
+@contextlib.asynccontextmanager
+async def console_backend(
+    plat: XenPlatform, peer: Peer, *, autoprobe: bool
+) -> AsyncIterator[tuple[int, ConsoleBackend]]:
+    """A fresh ``console/N`` of the peer (the toolstack step) served by dom0's back end:
+    ``(N, back end)``.  ``autoprobe`` is the domU's ``/sys/bus/xen/drivers_autoprobe``
+    meanwhile: off keeps Linux's ``hvc_xen`` away from the device, on lets it bind.
+    Afterwards the back end is closed, the device removed and autoprobe back on (the
+    kernel's default)."""
     devid = next(CONSOLE_IDS)
-    await asyncio.to_thread(peer.console.run, "echo 0 > /sys/bus/xen/drivers_autoprobe")
+    flag = "/sys/bus/xen/drivers_autoprobe"
+    await asyncio.to_thread(peer.console.run, f"echo {int(autoprobe)} > {flag}")
     try:
         await create_console(peer.domid, devid, platform=plat, replace=True)
         be = await ConsoleBackend.start(peer.domid, devid, platform=plat)
         try:
-            proc = await spawn(peer, "console", devid, 31, TO_GUEST, 32, FROM_GUEST)
-            reader, writer = await be.accept(timeout=HANG)
-            writer.write(stream(31, TO_GUEST))
-            got = await asyncio.wait_for(reader.readexactly(FROM_GUEST), HANG)
-            await asyncio.wait_for(writer.drain(), HANG)
-            assert got == stream(32, FROM_GUEST)
-            done = await asyncio.to_thread(
-                proc.wait_for, r"^RESULT received=(\d+) match=(\S+)", HANG
-            )
-            assert done.groups() == (str(TO_GUEST), "True")
-            assert await asyncio.wait_for(reader.read(), HANG) == b""  # the guest closed
+            yield devid, be
         finally:
             await be.close(timeout=30)
             await remove_console(peer.domid, devid, platform=plat, force=True)
     finally:
-        await asyncio.to_thread(peer.console.run, "echo 1 > /sys/bus/xen/drivers_autoprobe")
+        await asyncio.to_thread(peer.console.run, f"echo 1 > {flag}")
+
+
+async def test_console_domu_guest_side_against_dom0_back_end(plat: XenPlatform, peer: Peer) -> None:
+    """aioxen's console front end in the domU, its back end in dom0.  Linux's own
+    ``hvc_xen`` front end (built into the kernel) would take any ``console/N`` (N > 0)
+    that appears for the domU, so the xen bus's driver autoprobe is off meanwhile."""
+    async with console_backend(plat, peer, autoprobe=False) as (devid, be):
+        proc = await spawn(peer, "console", devid, 31, TO_GUEST, 32, FROM_GUEST)
+        reader, writer = await be.accept(timeout=HANG)
+        writer.write(stream(31, TO_GUEST))
+        got = await asyncio.wait_for(reader.readexactly(FROM_GUEST), HANG)
+        await asyncio.wait_for(writer.drain(), HANG)
+        assert got == stream(32, FROM_GUEST)
+        done = await asyncio.to_thread(proc.wait_for, r"^RESULT received=(\d+) match=(\S+)", HANG)
+        assert done.groups() == (str(TO_GUEST), "True")
+        assert await asyncio.wait_for(reader.read(), HANG) == b""  # the guest closed
 
 
 async def test_console_cli_frontend_in_domu(plat: XenPlatform, peer: Peer) -> None:
     """``aioxen console --frontend 0`` in the domU, stdin and stdout regular files, with
     dom0's back end: the guest's stdin reaches dom0, dom0's bytes reach its stdout, and
     the back end's close ends the command (exit 0)."""
-    devid = next(CONSOLE_IDS)
     n = next(_ids)
     src, dst, err = f"/tmp/cons-in-{n}", f"/tmp/cons-out-{n}", f"/tmp/cons-err-{n}"
     await in_domu(peer, "write-file", src, 33, FROM_GUEST)
-    await asyncio.to_thread(peer.console.run, "echo 0 > /sys/bus/xen/drivers_autoprobe")
-    try:
-        await create_console(peer.domid, devid, platform=plat, replace=True)
-        be = await ConsoleBackend.start(peer.domid, devid, platform=plat)
-        try:
-            cli = f"{peer.python_command()} -m aioxen console --frontend 0 --devid {devid}"
-            line = f"( {cli} --timeout 120 <{src} >{dst} 2>{err}; echo rc=$? >>{err} ) & echo $!"
-            pid = int((await asyncio.to_thread(peer.console.run, f"( {line} )")).strip())
-            proc = Spawned(peer, pid, err)
-            reader, writer = await be.accept(timeout=HANG)
-            writer.write(stream(34, TO_GUEST))
-            got = await asyncio.wait_for(reader.readexactly(FROM_GUEST), HANG)
-            assert got == stream(33, FROM_GUEST)
-            await asyncio.wait_for(writer.drain(), HANG)
-            size = f"wc -c <{dst}"
-            async with asyncio.timeout(HANG):  # until the guest's stdout has it all
-                while int(await asyncio.to_thread(peer.console.run, size)) < TO_GUEST:
-                    await asyncio.sleep(0.5)
-            await be.close(timeout=30)  # the console ends: the command exits
-            m = await asyncio.to_thread(proc.wait_for, r"^rc=(\d+)", HANG)
-            assert m.group(1) == "0", proc.output()
-            digest = await asyncio.to_thread(peer.console.run, f"sha256sum {dst}")
-            assert digest.split()[0] == sha(stream(34, TO_GUEST))
-        finally:
-            await be.close(timeout=30)
-            await remove_console(peer.domid, devid, platform=plat, force=True)
-    finally:
-        await asyncio.to_thread(peer.console.run, "echo 1 > /sys/bus/xen/drivers_autoprobe")
+    async with console_backend(plat, peer, autoprobe=False) as (devid, be):
+        cli = f"{peer.python_command()} -m aioxen console --frontend 0 --devid {devid}"
+        line = f"( {cli} --timeout 120 <{src} >{dst} 2>{err}; echo rc=$? >>{err} ) & echo $!"
+        pid = int((await asyncio.to_thread(peer.console.run, f"( {line} )")).strip())
+        proc = Spawned(peer, pid, err)
+        reader, writer = await be.accept(timeout=HANG)
+        writer.write(stream(34, TO_GUEST))
+        got = await asyncio.wait_for(reader.readexactly(FROM_GUEST), HANG)
+        assert got == stream(33, FROM_GUEST)
+        await asyncio.wait_for(writer.drain(), HANG)
+        size = f"wc -c <{dst}"
+        async with asyncio.timeout(HANG):  # until the guest's stdout has it all
+            while int(await asyncio.to_thread(peer.console.run, size)) < TO_GUEST:
+                await asyncio.sleep(0.5)
+        await be.close(timeout=30)  # the console ends: the command exits
+        m = await asyncio.to_thread(proc.wait_for, r"^rc=(\d+)", HANG)
+        assert m.group(1) == "0", proc.output()
+        digest = await asyncio.to_thread(peer.console.run, f"sha256sum {dst}")
+        assert digest.split()[0] == sha(stream(34, TO_GUEST))
 
 
 async def test_console_frontend_refuses_the_kernels_hvc_xen(plat: XenPlatform, peer: Peer) -> None:
@@ -377,13 +387,9 @@ async def test_console_frontend_refuses_the_kernels_hvc_xen(plat: XenPlatform, p
     naming the driver, the module and the unbind file (from sysfs), and touches nothing;
     ``aioxen console --frontend`` prints that and exits 1.  After the unbind the kernel
     leaves the device ``Closed`` and aioxen's front end connects to the same back end."""
-    devid = next(CONSOLE_IDS)
-    name = f"console-{devid}"
-    state = f"/local/domain/{peer.domid}/device/console/{devid}/state"
-    await asyncio.to_thread(peer.console.run, "echo 1 > /sys/bus/xen/drivers_autoprobe")
-    await create_console(peer.domid, devid, platform=plat, replace=True)
-    be = await ConsoleBackend.start(peer.domid, devid, platform=plat)
-    try:
+    async with console_backend(plat, peer, autoprobe=True) as (devid, be):
+        name = f"console-{devid}"
+        state = f"/local/domain/{peer.domid}/device/console/{devid}/state"
         kernel_reader, _ = await be.accept(timeout=HANG)  # hvc_xen's ring, mapped by dom0
         wait_bound = (
             f"for i in $(seq 600); do readlink /sys/bus/xen/devices/{name}/driver && break;"
@@ -420,6 +426,3 @@ async def test_console_frontend_refuses_the_kernels_hvc_xen(plat: XenPlatform, p
         done = await asyncio.to_thread(proc.wait_for, r"^RESULT received=(\d+) match=(\w+)", HANG)
         assert done.groups() == ("1000", "True"), proc.output()
         assert await asyncio.wait_for(reader.read(), HANG) == b""  # the guest closed
-    finally:
-        await be.close(timeout=30)
-        await remove_console(peer.domid, devid, platform=plat, force=True)
