@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -130,3 +131,41 @@ def _read_all(fd: int) -> bytes:
     while chunk := os.read(fd, 65536):
         out += chunk
     return out
+
+
+def test_handler_waits_on_a_non_blocking_stderr() -> None:
+    """stderr inherited non-blocking (O_NONBLOCK is shared by every process on the pipe):
+    a full pipe is waited out in the writer thread, no line is lost."""
+    r, w = _small_pipe()
+    os.set_blocking(w, False)
+    handler = StderrLogHandler(w)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("aioxen.test_redteam_stdio.nonblocking")
+    log.propagate = False
+    log.addHandler(handler)
+    filler = 0
+    try:
+        while True:  # fill the pipe: every write the handler tries now would block
+            filler += os.write(w, b"-" * 512)
+    except BlockingIOError:
+        pass
+    try:
+        for i in range(200):
+            log.warning("line %04d %s", i, "y" * 40)
+        deadline = time.monotonic() + TIMEOUT  # hang guard only
+        while handler.queued_lines() == 200 and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the writer took the first line and met the full pipe
+        got = bytearray()
+        reader = threading.Thread(target=lambda: got.extend(_read_all(r)), daemon=True)
+        reader.start()
+        handler.flush(timeout=TIMEOUT)  # hang guard only
+        handler.close()
+    finally:
+        log.removeHandler(handler)
+        os.close(w)
+    reader.join(TIMEOUT)
+    os.close(r)
+    assert got[:filler] == b"-" * filler
+    lines = got[filler:].decode().splitlines()
+    assert handler.dropped == 0
+    assert lines == [f"line {i:04d} {'y' * 40}" for i in range(200)]

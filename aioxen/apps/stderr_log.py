@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -97,13 +98,21 @@ class StderrLogHandler(logging.Handler):
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(self.fd, view) :]
+                    try:
+                        view = view[os.write(self.fd, view) :]
+                    except BlockingIOError:  # an inherited non-blocking stderr: wait here
+                        select.select([], [self.fd], [])
             except OSError:
                 pass  # stderr gone (EPIPE, EBADF): the line is lost, as a print's would be
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+    def queued_lines(self) -> int:
+        """Lines waiting for the writer (not counting one it is writing)."""
+        with self._cond:
+            return len(self._queue)
 
     def flush(self, timeout: float = FLUSH_SECONDS) -> None:
         """Wait until the queued lines are written, at most ``timeout`` seconds."""
