@@ -42,7 +42,11 @@ spin: it pays a Python call and a copy per delivery, and a spinning reader takes
 write as it lands -- 4 KiB at a time from a 4 KiB writer -- where a sleeping one takes
 the ring's worth that piled up meanwhile (measured: streams bulk at 4 and 16 KiB writes
 through the default ring ran at about half the speed with reader spinning, while
-BufferedProtocol bulk at 64 KiB and 1 MiB gained from it).  A
+BufferedProtocol bulk at 64 KiB and 1 MiB gained from it).  Instead, a stream reader
+that took bulk and emptied the ring looks once more, unarmed, in the next loop iteration --
+after its consumer ran, by when a spinning writer has usually refilled the ring -- and
+only arms and re-checks if that look finds nothing: a stream of bulk writes then costs
+the reader no wake-up per ring's worth and the writer no notification.  A
 [`SpinPolicy`][aioxen.pollpolicy.SpinPolicy] stops spinning for a while when spins
 time out or run mostly off the CPU (a busy machine), and a reader's pass hands the loop
 back after [`aioxen.pollpolicy.SPIN_BATCH_MAX`][] bytes.
@@ -250,6 +254,7 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
         # The stdlib stream protocol copies synchronously in data_received: give it a view.
         self._trusted = type(protocol) is asyncio.StreamReaderProtocol
+        self._recheck_unarmed = False
 
     def _start(self, waiter: asyncio.Future[None] | None) -> None:
         try:
@@ -402,9 +407,12 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
         # only a BufferedProtocol reader spins (see the module docstring: Bulk spinning)
         spin = arm_bit and self._buffered and self._spin.allowed(perf_counter())
         spins = SPIN_ROUNDS if spin else 0
+        stream_bulk = arm_bit and not self._buffered
         bulk_min = self._bulk_min
         bulk = self._last_batch >= bulk_min
-        r = step(-1, 0 if spins and bulk else arm_bit)
+        recheck = self._recheck_unarmed
+        self._recheck_unarmed = False
+        r = step(-1, 0 if (spins and bulk) or recheck else arm_bit)
         self._last_batch = 0
         while True:
             if r < 0:
@@ -423,6 +431,16 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
                     bulk = True
                     r = step(-1, 0)
                     continue
+                if stream_bulk and self._last_batch >= bulk_min and r & STEP_LIVE:
+                    # a stream reader that took bulk: look again, unarmed, once its
+                    # consumer has run (module docstring: Bulk spinning)
+                    self._recheck_unarmed = True
+                    self._continue_bulk()
+                    return 1
+                if recheck:
+                    recheck = False
+                    r = step(-1, arm_bit)  # the look found nothing: arm, re-check
+                    continue
                 return 1 if r & STEP_LIVE else 0
             if spins and self._last_batch >= SPIN_BATCH_MAX:
                 # enough for one callback while spinning: go on in the next loop iteration
@@ -430,6 +448,8 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
                 return 1
             # after this delivery: arm only if no spin will watch the ring
             next_arm = 0 if spins and self._last_batch + used >= bulk_min else arm_bit
+            if stream_bulk and self._last_batch + used >= bulk_min:
+                next_arm = 0
             if self._buffered:
                 self._last_batch += self._deliver_buffered(force, used)
                 if self._conn_lost:

@@ -276,3 +276,46 @@ async def test_only_a_buffered_reader_spins_for_bulk(
         assert reads == []
     else:
         assert reads, "a buffered reader emptying the ring mid-bulk spins first"
+
+
+async def test_stream_reader_looks_again_unarmed_after_bulk_and_then_arms(world: World) -> None:
+    """A ``StreamReader`` that took bulk does not ask the writer for a notification when it
+    empties the ring: it looks again, unarmed, in the next loop iteration (after its
+    consumer ran) -- bytes a writer adds meanwhile arrive without any event.  When that
+    look finds nothing it arms and re-checks, so a writer that notifies later is heard."""
+    server, client = await raw_pair(world, 4096, 4096)
+    evil = server  # writes by hand, notifying only when the test says
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    transport = VchanTransport(loop, client, asyncio.StreamReaderProtocol(reader))
+    ctrl = ctrl_of(evil)
+
+    def armed() -> bool:  # the reader asked the writer to notify it after a write
+        return bool(ctrl[wire.SRV_NOTIFY] & wire.NOTIFY_WRITE)
+
+    async def until(cond: Any) -> None:
+        for _ in range(1000):
+            if cond():
+                return
+            await asyncio.sleep(0)
+        raise AssertionError("condition not reached within 1,000 loop iterations")
+
+    await asyncio.sleep(0)
+    blob = random.Random(5).randbytes(3 * 4096)
+    assert evil.core.send(blob, 4096) == 4096  # a ring's worth: bulk
+    evil.channel.notify()
+    await until(lambda: len(reader._buffer) >= 4096)  # type: ignore[attr-defined]
+    assert not armed(), "emptied after bulk: no notification asked for yet"
+    # the writer refills the ring without an event: the reader's second look takes it
+    assert evil.core.send(blob[4096:], 4096) == 4096
+    await until(lambda: len(reader._buffer) >= 8192)  # type: ignore[attr-defined]
+    # nothing more comes: the look finds the ring empty, arms, re-checks
+    await until(armed)
+    assert evil.core.send(blob[8192:], 4096) == 4096
+    evil.channel.notify()
+    async with asyncio.timeout(30):
+        got = await reader.readexactly(3 * 4096)
+    assert got == blob
+    transport.abort()
+    await asyncio.sleep(0)
+    evil.release()
