@@ -77,6 +77,17 @@ def _transport_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _file_mode(text: str) -> int:
+    """An octal file mode for a socket (``600``, ``0660``, ``666``); no set-id/sticky bits."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal file mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"file mode out of range (000..777): {text!r}")
+    return mode
+
+
 def register(subparsers: Any) -> None:
     doc = plain(__doc__.split("\n\n")[1].replace("\n", " ")) if __doc__ else None
     top = subparsers.add_parser("qrexec", help="Qubes RPC: agent, daemon, calls", description=doc)
@@ -87,6 +98,9 @@ def register(subparsers: Any) -> None:
                    help="directory of executable services (repeatable, in order)")  # fmt: skip
     a.add_argument("--trigger-socket", metavar="PATH",
                    help="serve qrexec-client-vm's trigger socket at PATH (new)")  # fmt: skip
+    a.add_argument("--trigger-mode", type=_file_mode, default=0o666, metavar="OCTAL",
+                   help="the trigger socket's file mode (default 666: any local user "
+                        "may ask, dom0's policy decides, as in Qubes)")  # fmt: skip
     a.add_argument("--daemon-domid", type=domid, default=0, metavar="DOMID",
                    help="the domain whose daemon may connect (default 0)")  # fmt: skip
     a.add_argument("--max-version", type=_version, default=4,
@@ -109,6 +123,8 @@ def register(subparsers: Any) -> None:
                      help="run PROGRAM -- SOURCE TARGET SERVICE (Qubes style)")  # fmt: skip
     d.add_argument("--socket-dir", metavar="DIR",
                    help="create qrexec.<domid>, qrexec.<name> client sockets in DIR")  # fmt: skip
+    d.add_argument("--socket-mode", type=_file_mode, default=0o600, metavar="OCTAL",
+                   help="the client sockets' file mode (default 600: owner only)")  # fmt: skip
     d.add_argument("--services-dir", metavar="DIR", help="dom0's own executable services")
     d.add_argument("--default-user", default="user", metavar="USER",
                    help="user for DEFAULT: command lines (default user)")  # fmt: skip
@@ -197,7 +213,7 @@ async def _agent(args: argparse.Namespace) -> int:
             async with agent:
                 exports = {}
                 if args.trigger_socket:
-                    await agent.start_trigger_socket(args.trigger_socket)
+                    await agent.start_trigger_socket(args.trigger_socket, mode=args.trigger_mode)
                     exports["AIOXEN_QREXEC_TRIGGER"] = os.path.abspath(args.trigger_socket)
                 await agent.wait_listening()
                 ready = notify_ready(args, exports=exports, status="serving")
@@ -262,6 +278,7 @@ async def _daemon(args: argparse.Namespace) -> int:
                 policy=policy,
                 services_dir=args.services_dir,
                 socket_dir=args.socket_dir,
+                socket_mode=args.socket_mode,
                 max_version=args.max_version,
                 default_user=args.default_user,
             )

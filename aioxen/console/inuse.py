@@ -18,7 +18,7 @@ So before its runner writes anything, the front end asks [`check_frontend_free`]
   device.  It is never overridden: the kernel is alive by definition.
 * **XenStore** (every platform): the front end's own ``state`` is ``Initialised``,
   ``Connected`` or ``Reconfigur*`` (a session at work) but no aioxen owner record
-  ([`aioxen.xenbus.claim`][]) says which process wrote it: a foreign front end -- a kernel
+  (``aioxen.xenbus.claim``) says which process wrote it: a foreign front end -- a kernel
   driver, or another program -- is at work, [`FrontendInUse`][] again.  With an owner
   record the claim decides as for every device: a live holder is ``EADDRINUSE``, a dead
   one's state is taken over (an aioxen front end that crashed is recovered by liveness).

@@ -76,6 +76,9 @@ ServiceHandler = Callable[..., Awaitable[int | None] | int | None]
 
 TRIGGER_TIMEOUT = 30.0
 """Seconds a trigger-socket client has to send its request."""
+TRIGGER_SOCKET_MODE = 0o666
+"""The trigger socket's default file mode: any local user may ask for a call, as in
+Qubes (its agent creates the socket with umask 0); dom0's policy is what decides."""
 MAX_PENDING_CALLS = 256
 """Calls from this VM awaiting dom0's answer at once (more are refused locally)."""
 
@@ -527,17 +530,27 @@ class Agent:
                 self.terminated(domain, port)
 
     # -- the trigger socket (qrexec-client-vm) ---------------------------------------
-    async def start_trigger_socket(self, path: str | os.PathLike[str]) -> asyncio.Server:
+    async def start_trigger_socket(
+        self, path: str | os.PathLike[str], *, mode: int = TRIGGER_SOCKET_MODE
+    ) -> asyncio.Server:
         """Serve ``qrexec-client-vm``'s trigger protocol at ``path`` (a new socket,
         claimed exclusively): ``TRIGGER_SERVICE4`` in; ``{domain, port}`` out when dom0
         allows (the client then offers the data channel itself), the socket closed when
         it refuses; when the client closes its socket the call is finished.  The socket
-        is removed by [`aclose`][aioxen.qrexec.agent.Agent.aclose]."""
+        is removed by [`aclose`][aioxen.qrexec.agent.Agent.aclose].
+
+        ``mode`` is the socket file's mode whatever the umask: by default
+        ``TRIGGER_SOCKET_MODE`` (``0o666``),
+        as Qubes' agent makes it -- every user of the VM may *ask* for a call, and
+        dom0's policy decides.  Pass ``0o600`` (or ``0o660`` with a group owning the
+        directory) to let fewer local users ask."""
         from aioxen.ownership import UnixSocketClaim
 
         claim = UnixSocketClaim.acquire(os.fspath(path), what="qrexec agent trigger socket")
         try:
-            server = await asyncio.start_unix_server(self._trigger_client, sock=claim.bind())
+            server = await asyncio.start_unix_server(
+                self._trigger_client, sock=claim.bind(mode=mode)
+            )
         except BaseException:
             claim.release()
             raise

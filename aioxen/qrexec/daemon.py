@@ -128,7 +128,8 @@ class Daemon:
     """The dom0 side.  ``domains`` maps names to domids; ``policy`` decides VM calls
     (see [`aioxen.qrexec.policy`][]; ``None`` denies all); ``services_dir`` holds
     dom0's own executable services; ``socket_dir`` (optional) gets the
-    ``qrexec.<domid>``/``qrexec.<name>`` client sockets.  A domain may have domid 0: an
+    ``qrexec.<domid>``/``qrexec.<name>`` client sockets, mode ``socket_mode``
+    (default ``0o600``) whatever the umask.  A domain may have domid 0: an
     agent running in dom0 itself (a loopback, as the Xen lab's tests use).
 
     ::
@@ -147,6 +148,7 @@ class Daemon:
         policy: PolicyHook | None = None,
         services_dir: str | os.PathLike[str] | None = None,
         socket_dir: str | os.PathLike[str] | None = None,
+        socket_mode: int = 0o600,
         max_version: int = w.PROTOCOL_VERSION,
         default_user: str = "user",
         data_buffer_size: int = DATA_BUFFER_SIZE,
@@ -156,6 +158,10 @@ class Daemon:
         self.channels = channels
         self.policy = policy
         self.socket_dir = None if socket_dir is None else os.fspath(socket_dir)
+        self.socket_mode = socket_mode
+        """File mode of the client sockets in ``socket_dir`` whatever the umask (default
+        owner-only; Qubes lets its ``qubes`` group in through the directory: pass
+        ``0o660`` or ``0o666`` and let the directory's permissions decide)."""
         self.max_version = max_version
         self.default_user = default_user
         self.data_buffer_size = data_buffer_size
@@ -461,7 +467,7 @@ class Daemon:
             claim = UnixSocketClaim.acquire(path, what=f"qrexec daemon socket for {link.name}")
             try:
                 server = await asyncio.start_unix_server(
-                    functools.partial(self._client, link), sock=claim.bind()
+                    functools.partial(self._client, link), sock=claim.bind(self.socket_mode)
                 )
             except BaseException:
                 claim.release()

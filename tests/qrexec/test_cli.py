@@ -57,6 +57,13 @@ def run(args: list[str], env: dict[str, str] | None = None) -> subprocess.Comple
         ),
         (["agent", "--services-dir", "{missing}"], "aioxen qrexec agent:", "not a directory"),
         (["agent", "--max-version", "5"], "aioxen qrexec agent:", "2"),
+        (["agent", "--trigger-mode", "rw"], "aioxen qrexec agent:", "not an octal file mode"),
+        (["agent", "--trigger-mode", "4755"], "aioxen qrexec agent:", "out of range"),
+        (
+            ["daemon", "--domain", "a=2", "--socket-mode", "9"],
+            "aioxen qrexec daemon:",
+            "not an octal file mode",
+        ),
         (["call", "vault", "bad/name"], "aioxen qrexec call:", "service name"),
         (["call", "va ult", "x"], "aioxen qrexec call:", "target"),
         (["call", "vault"], "aioxen qrexec call:", "service"),
