@@ -16,9 +16,10 @@ themselves read and write stdio through [`aioxen.apps.stdio`][], which serves ev
 of descriptor (threads for those the loop cannot watch).
 
 Stopping.  A long-running command (``xenstored``, ``bridge``, ``netback``, ``blkback``,
-``console``, ...) stops in an orderly way on SIGINT/SIGTERM: [`StopSignals`][] turns
-them into an event the command awaits, then it closes what it opened; [`main`][] then
-exits ``128 + signal`` (130, 143) as a shell expects of a command a signal ended.
+``console``, ...) stops in an orderly way on SIGINT/SIGTERM/SIGHUP: [`StopSignals`][]
+turns them into an event the command awaits, then it closes what it opened; [`main`][]
+then exits ``128 + signal`` (130, 143, 129) as a shell expects of a command a signal
+ended.  SIGHUP is left ignored when the process started with it ignored (``nohup``).
 
 The command-line standard (validators, addresses, error reporting, exit statuses,
 ``--debug``, readiness for supervisors) is described and implemented in
@@ -89,8 +90,12 @@ def guard_stdio() -> frozenset[int]:
     return frozenset(closed)
 
 
-STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
-"""The signals that ask a long-running command to stop."""
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""The signals that ask a long-running command to stop (exit ``128 + signum``: 130, 143,
+129).  SIGHUP -- the terminal hung up, or a shell exiting -- stops as cleanly as SIGTERM
+instead of killing the process by its default action (sockets, lock and env files left
+behind, an unsaved store); a process started with SIGHUP ignored (``nohup``) keeps
+ignoring it."""
 
 _STOPPED_BY: int | None = None
 """The first stop signal any [`StopSignals`][] received during [`main`][]'s command
@@ -120,6 +125,8 @@ class StopSignals:
         """The first signal received, else ``None``."""
         self._installed: list[int] = []
         for sig in signals:
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # started under nohup: the hang-up is meant to be ignored
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 self._loop.add_signal_handler(sig, self._handle, sig)
                 self._installed.append(sig)

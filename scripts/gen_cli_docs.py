@@ -29,8 +29,8 @@ HEADER = """\
 One entry point, `aioxen`, with a subcommand per tool. Every command validates its
 arguments before any I/O, reports errors as `aioxen CMD: message` on stderr, exits 2 for
 a usage error and 1 for a runtime failure, shows a traceback only with `--debug`, and exits
-130 after SIGINT and 143 after SIGTERM once it has stopped cleanly.  This page is the
-`--help` output of every command, generated from the parsers themselves.
+130 after SIGINT, 143 after SIGTERM and 129 after SIGHUP once it has stopped cleanly.
+This page is the `--help` output of every command, generated from the parsers themselves.
 
 The guides show the commands at work: [cat, bridge and the demo](apps.md),
 [XenStore](xenstore.md), [Block devices](block.md), [Network devices](network.md),

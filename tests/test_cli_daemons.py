@@ -1,8 +1,9 @@
 """Long-running commands in shells and under service managers (the CLI standard,
 :mod:`aioxen.apps.clistd`), with real processes and real sockets:
 
-* SIGINT -> 130 and SIGTERM -> 143 after a clean stop, for ``xenstored``, ``bridge``,
-  ``cat``, ``xenstore watch`` and ``console``;
+* SIGINT -> 130, SIGTERM -> 143 and SIGHUP -> 129 after a clean stop, for ``xenstored``,
+  ``bridge``, ``cat``, ``xenstore watch`` and ``console``; SIGHUP left ignored under
+  ``nohup``;
 * readiness: ``--env-file`` (atomic, 0600, sourced by a real shell, removed at stop),
   ``--ready-fd``, systemd's ``$NOTIFY_SOCKET`` (a real datagram socket, path and abstract);
 * the documented shell pattern ``aioxen xenstored --root R --env-file R/env &`` returns;
@@ -69,6 +70,7 @@ def _end(proc: subprocess.Popen[bytes], sig: int) -> tuple[int, str]:
 SIGNALS = [
     pytest.param(signal.SIGINT, 130, id="SIGINT"),
     pytest.param(signal.SIGTERM, 143, id="SIGTERM"),
+    pytest.param(signal.SIGHUP, 129, id="SIGHUP"),
 ]
 
 
@@ -87,6 +89,23 @@ def test_xenstored_signal(tmp_path: Path, sig: int, status: int) -> None:
     assert (rc, err) == (status, "")
     assert not env_file.exists(), "the env file outlived the daemon"
     assert not (root / "xenstored" / "socket").exists()
+
+
+def test_xenstored_started_with_sighup_ignored_keeps_ignoring_it(tmp_path: Path) -> None:
+    """``nohup aioxen xenstored ...``: the hang-up does not stop it.  SIGHUP is sent
+    first and SIGTERM after it; were SIGHUP handled, it would be the stop (129), since
+    the lower-numbered of two pending signals is delivered first."""
+    root, env_file = tmp_path / "root", tmp_path / "root" / "env"
+    proc = subprocess.Popen(
+        [*AIOXEN, "xenstored", "--root", str(root), "--env-file", str(env_file)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )  # fmt: skip
+    _wait_file(env_file, proc)
+    proc.send_signal(signal.SIGHUP)
+    rc, err = _end(proc, signal.SIGTERM)
+    assert (rc, err) == (143, "")
+    assert not env_file.exists()
 
 
 @pytest.mark.parametrize(("sig", "status"), SIGNALS)

@@ -371,12 +371,13 @@ async def main(opts: CatOptions) -> int:
     os.close(devnull)
     task = asyncio.current_task()
     assert task is not None
-    stop = StopSignals((signal.SIGTERM,), on_signal=lambda _: task.cancel())
+    # SIGINT arrives as KeyboardInterrupt (130); SIGTERM and SIGHUP stop it here
+    stop = StopSignals((signal.SIGTERM, signal.SIGHUP), on_signal=lambda _: task.cancel())
     try:
         return await run_cat(opts, stdin_fd, stdout_fd)
     except asyncio.CancelledError:
         if stop.received is not None:
-            return EXIT_SIGTERM
+            return 128 + stop.received
         raise
     finally:
         stop.close()

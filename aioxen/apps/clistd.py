@@ -17,7 +17,8 @@ The standard
   traceback unless ``--debug`` (accepted before or after the subcommand) or
   ``$AIOXEN_DEBUG=1``.
 * **Signals.**  Long-running commands stop through [`aioxen.cli.StopSignals`][]; after
-  a clean stop ``main`` exits ``128 + signal``: 130 for SIGINT, 143 for SIGTERM.
+  a clean stop ``main`` exits ``128 + signal``: 130 for SIGINT, 143 for SIGTERM, 129
+  for SIGHUP (unless started with SIGHUP ignored, as under ``nohup``).
 * **Timeouts** say what was awaited (``TimeoutError("no answer from ... within 10 s")``);
   a bare ``TimeoutError`` is still reported, as "timed out".
 * **Addresses**: ``tcp:HOST:PORT`` (``tcp:[V6]:PORT``), ``unix:PATH``,
