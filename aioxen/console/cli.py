@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 import termios
@@ -33,6 +34,7 @@ from aioxen.apps.clistd import (
     plain,
     seconds,
 )
+from aioxen.apps.stderr_log import StderrLogHandler
 from aioxen.apps.stdio import ByteSink, ByteSource, open_sink, open_source
 from aioxen.cli import StopSignals
 from aioxen.console.device import DEFAULT_DEVID, ConsoleBackend, ConsoleFrontend
@@ -127,7 +129,27 @@ async def _run(args: argparse.Namespace) -> int:
     check_root_env()  # a missing or non-directory $XEN_ROOT: before any I/O
     if args.force and not args.frontend:
         raise UsageError("--force goes with --frontend (it takes over a guest's device)")
-    stop = StopSignals()  # SIGINT/SIGTERM: orderly stop
+    # Status and error lines never block the loop on stderr: with --follow a domain that
+    # reconnects over and over writes two lines each time, and a pipe nobody reads
+    # would otherwise freeze the back end for good, SIGTERM included.
+    handler = StderrLogHandler()
+    handler.setFormatter(logging.Formatter("aioxen console: %(message)s"))
+    log = logging.getLogger("aioxen.console.cli")
+    saved_log = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        return await _run_logged(args, log)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved_log[0])
+        log.propagate = saved_log[1]
+        handler.close()  # the last lines out first (bounded wait)
+
+
+async def _run_logged(args: argparse.Namespace, log: logging.Logger) -> int:
+    stop = StopSignals()  # SIGINT/SIGTERM/SIGHUP: orderly stop
     raw = sys.stdin.isatty()
     saved = termios.tcgetattr(0) if raw else None
     endpoint: ConsoleBackend | ConsoleFrontend | None = None
@@ -146,18 +168,17 @@ async def _run(args: argparse.Namespace) -> int:
                 fe = endpoint = await ConsoleFrontend.open(
                     args.domid, args.devid, timeout=args.timeout, force=args.force
                 )
-                print(f"aioxen console: connected to domain {args.domid}", file=sys.stderr)
+                log.info("connected to domain %d", args.domid)
                 await _session(fe.reader, fe.writer, stdin, stdout, raw)
                 return 0
             be = endpoint = await ConsoleBackend.start(args.domid, args.devid, create=args.create)
-            print(f"aioxen console: waiting for domain {args.domid} console/{args.devid}",
-                  file=sys.stderr)  # fmt: skip
+            log.info("waiting for domain %d console/%d", args.domid, args.devid)
             while True:
                 reader, writer = await be.accept(timeout=args.timeout)
-                print(f"aioxen console: domain {args.domid} connected", file=sys.stderr)
+                log.info("domain %d connected", args.domid)
                 if not await _session(reader, writer, stdin, stdout, raw) or not args.follow:
                     return 0
-                print(f"aioxen console: domain {args.domid} disconnected", file=sys.stderr)
+                log.info("domain %d disconnected", args.domid)
 
         work = asyncio.ensure_future(body())
         stopper = asyncio.ensure_future(stop.wait())
@@ -171,7 +192,7 @@ async def _run(args: argparse.Namespace) -> int:
         return 0
     except TimeoutError as exc:
         if args.timeout is None:  # not ours: a XenStore request, say (its message says which)
-            print(f"aioxen console: {describe(exc)}", file=sys.stderr)
+            log.error("%s", describe(exc))
             return 1
         what = (
             f"the back end of console/{args.devid} in domain {args.domid}"
@@ -179,13 +200,10 @@ async def _run(args: argparse.Namespace) -> int:
             else f"domain {args.domid} to connect console/{args.devid}"
         )
         detail = f" ({exc})" if str(exc) else ""
-        print(
-            f"aioxen console: waited {args.timeout:g} s for {what}, in vain{detail}",
-            file=sys.stderr,
-        )
+        log.error("waited %g s for %s, in vain%s", args.timeout, what, detail)
         return 1
     except (ConnectionError, FileNotFoundError, PermissionError, FrontendInUse) as exc:
-        print(f"aioxen console: {describe(exc)}", file=sys.stderr)
+        log.error("%s", describe(exc))
         return 1
     finally:
         if endpoint is not None:

@@ -6,6 +6,7 @@ and a front end that refuses a device another front end (a kernel driver) holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import os
@@ -417,3 +418,53 @@ async def test_aioxen_console_frontend_refuses_a_foreign_front_end(spawn: Spawn)
     assert await back.line() == b"mine now\n"
     assert await front2.finish() == 143
     assert await back.finish(None) == 0  # no --follow: the guest's orderly close ends it
+
+
+async def test_following_back_end_with_unread_stderr_survives_reconnects(
+    xenstored_proc: XenstoredProcess,
+) -> None:
+    """``aioxen console DOMID --follow`` writes two status lines per guest connection.
+    With stderr a pipe nobody reads (4 KiB), a guest that reconnects over and over used to
+    block the back end in write(2) for good -- no more connections, SIGTERM ignored.  Now
+    the lines queue (bounded) and the back end keeps serving and stops on SIGTERM."""
+    import fcntl
+
+    import aioxen
+
+    guest = next(_guests)
+    env0 = xenstored_proc.env(0)
+    add = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aioxen", "device", "add", "console", str(guest), "--devid", "1",
+        env=env0,
+    )  # fmt: skip
+    assert await asyncio.wait_for(add.wait(), T) == 0
+    r, w = os.pipe()
+    fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
+    back = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aioxen", "console", str(guest), "--devid", "1", "--follow",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=w, env=env0,
+    )  # fmt: skip
+    os.close(w)
+    genv = xenstored_proc.env(guest)
+    plat = aioxen.platform(
+        "unix", domid=guest, root=genv["XEN_ROOT"], xenstored_path=genv["XENSTORED_PATH"]
+    )
+    try:
+        async with plat:
+            for _ in range(120):  # ~75 bytes of status per cycle: the pipe fills ~50 in
+                fe = await ConsoleFrontend.open(0, 1, platform=plat, timeout=T)
+                await fe.close()
+        back.terminate()
+        assert await asyncio.wait_for(back.wait(), T) == 143
+    finally:
+        if back.returncode is None:
+            back.kill()
+            await back.wait()
+        os.set_blocking(r, False)
+        logged = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(r, 65536):
+                logged += chunk
+        os.close(r)
+    assert logged.startswith(b"aioxen console: waiting for domain"), logged[:200]
+    assert f"aioxen console: domain {guest} connected".encode() in logged
