@@ -320,6 +320,22 @@ BAD_INPUTS: list[tuple[str, list[str], int, str, str, dict[str, str]]] = [
         {},
     ),
     (
+        "bridge-max-connections",
+        [
+            "bridge",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--connect",
+            "tcp:127.0.0.1:1",
+            "--max-connections",
+            "0",
+        ],
+        2,
+        "aioxen bridge:",
+        "--max-connections",
+        {},
+    ),
+    (
         "bridge-root-file",
         ["bridge", "--listen", "vchan:2/web", "--connect", "tcp:127.0.0.1:1"],
         1,

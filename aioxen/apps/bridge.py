@@ -335,6 +335,21 @@ class _Link:
             self.bridge._link_done(self)
 
 
+class _Refused(asyncio.Protocol):
+    """A connection over the bridge's ``max_connections``: closed as soon as it is made."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        logger.warning(
+            "%s: closed at once, %d connections open (--max-connections)",
+            _peer_name(transport),
+            len(self.bridge._links),
+        )
+        transport.close()
+
+
 class Bridge:
     """Listen on ``listen``, bridge every connection to ``connect``.
 
@@ -346,7 +361,11 @@ class Bridge:
 
     ``platform`` serves the vchan addresses (``None``: the environment's).  ``buffer_size``
     is the ring size each way of vchans the bridge serves; ``connect_timeout`` bounds each
-    outgoing connection attempt.
+    outgoing connection attempt.  ``max_connections`` (``None``: only the descriptor
+    limit) bounds the bridged connections open at once: one more is closed as soon as it
+    is accepted, logged and counted in [`refused`][aioxen.apps.bridge.Bridge.refused], so
+    a client opening connections without end costs the others nothing once the cap is
+    reached -- each bridged vchan holds two rings (2 x ``buffer_size``) and descriptors.
     """
 
     def __init__(
@@ -357,7 +376,10 @@ class Bridge:
         platform: Platform | None = None,
         buffer_size: int = vchan.DEFAULT_SIZE,
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+        max_connections: int | None = None,
     ) -> None:
+        if max_connections is not None and max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
         self.listen_address = parse_address(listen) if isinstance(listen, str) else listen
         """Where the bridge listens (after [`start`][]: the bound address, e.g. the
         real TCP port when 0 was asked for)."""
@@ -373,8 +395,11 @@ class Bridge:
         self._stopped: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
         self._closed = False
+        self.max_connections = max_connections
         self.accepted = 0
         """Connections accepted so far."""
+        self.refused = 0
+        """Connections closed at once because ``max_connections`` were open."""
 
     def __repr__(self) -> str:
         return (
@@ -402,6 +427,9 @@ class Bridge:
         ]
 
     def _factory(self) -> asyncio.BaseProtocol:
+        if self.max_connections is not None and len(self._links) >= self.max_connections:
+            self.refused += 1
+            return _Refused(self)
         link = _Link(self, next(self._numbers))
         self.accepted += 1
         self._links.add(link)
@@ -518,6 +546,7 @@ async def start_bridge(
     platform: Platform | None = None,
     buffer_size: int = vchan.DEFAULT_SIZE,
     connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+    max_connections: int | None = None,
 ) -> Bridge:
     """Create a [`Bridge`][] and start listening."""
     bridge = Bridge(
@@ -526,6 +555,7 @@ async def start_bridge(
         platform=platform,
         buffer_size=buffer_size,
         connect_timeout=connect_timeout,
+        max_connections=max_connections,
     )
     await bridge.start()
     return bridge
@@ -539,6 +569,7 @@ async def run_bridge_command(
     connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     grace: float | None = DEFAULT_GRACE,
     verbose: bool = False,
+    max_connections: int | None = None,
     on_ready: Callable[[Address], Callable[[], None] | None] | None = None,
 ) -> int:
     """``aioxen bridge``: run until SIGTERM/SIGINT (exit 0; the command exits 128 + the
@@ -567,6 +598,7 @@ async def run_bridge_command(
                 platform=plat,
                 buffer_size=buffer_size,
                 connect_timeout=connect_timeout,
+                max_connections=max_connections,
             )
             try:
                 await bridge.start()

@@ -14,6 +14,7 @@ from aioxen.apps.clistd import (
     inherited_fd,
     listen_address,
     notify_ready,
+    positive_int,
     seconds,
     size_in,
     vchan_port,
@@ -144,6 +145,14 @@ def _register_bridge(subparsers: Any) -> None:
         metavar="SECONDS",
         help="on shutdown, let connections flush this long before aborting (default %(default)g)",
     )
+    p.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="bridge at most N connections at once; more are closed at once and logged "
+        "(default: only the descriptor limit)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection on stderr")
     add_readiness_arguments(p)
     p.set_defaults(func=_run_bridge)
@@ -159,6 +168,7 @@ async def _run_bridge(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout,
         grace=args.grace,
         verbose=args.verbose,
+        max_connections=args.max_connections,
         on_ready=lambda where: (
             notify_ready(
                 args, exports={"AIOXEN_BRIDGE_ADDRESS": str(where)}, status=f"listening on {where}"

@@ -323,3 +323,50 @@ async def test_client_that_leaves_before_the_target_is_up_still_delivers(
             w.close()
             async with asyncio.timeout(10):
                 assert await received == data
+
+
+async def test_max_connections_closes_the_one_too_many_and_keeps_serving(
+    world: MakePlatform,
+) -> None:
+    """With ``max_connections=2`` a third connection is closed as soon as it is accepted
+    (EOF for its client, counted in ``refused``) while the two open ones keep working;
+    once one of them ends, a new connection is bridged again."""
+    p0, p2 = await world(SERVICE), await world(CLIENT)
+    service = await vchan.start_server(echo, CLIENT, "echo", platform=p0)
+    async with service:
+        b = await bridge.start_bridge(
+            "tcp:127.0.0.1:0", "vchan:0/echo", platform=p2, max_connections=2
+        )
+        async with b:
+            addr = b.listen_address
+            assert isinstance(addr, bridge.TcpAddress)
+
+            async def opened() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                r, w = await asyncio.open_connection(addr.host, addr.port)
+                w.write(b"ping\n")
+                assert await asyncio.wait_for(r.readline(), 30) == b"ping\n"  # bridged
+                return r, w
+
+            first, second = await opened(), await opened()
+            for _ in range(3):  # each one too many: closed at once, nothing bridged
+                r, w = await asyncio.open_connection(addr.host, addr.port)
+                with contextlib.suppress(ConnectionError):
+                    w.write(b"ping\n")
+                    assert await asyncio.wait_for(r.read(), 30) == b""
+                w.close()
+            assert (b.accepted, b.refused, b.active) == (2, 3, 2)
+            assert service.accepted == 2
+            assert await exchange(*second, b"bye") == b"bye"  # still bridged
+            async with asyncio.timeout(30):
+                while b.active > 1:
+                    await asyncio.sleep(0.01)
+            third = await opened()  # room again
+            assert b.accepted == 3
+            for _r, w in (first, third):
+                w.close()
+        assert b.active == 0
+
+
+def test_max_connections_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        bridge.Bridge("tcp:127.0.0.1:0", "tcp:127.0.0.1:9", max_connections=0)
