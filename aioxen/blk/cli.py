@@ -240,7 +240,9 @@ async def run_blkfront_nbd(args: argparse.Namespace) -> int:
                               timeout=args.timeout)
             )  # fmt: skip
             exports[name] = dev
-        server = await start_server(exports, args.listen, sock=listener)
+        server = await start_server(
+            exports, args.listen, sock=listener, max_connections=args.max_connections
+        )
         owned = True
         sockets = getattr(server, "sockets", None)
         sock = sockets[0].getsockname() if sockets else args.listen
@@ -444,6 +446,11 @@ def register(subparsers: Any) -> None:
         help="tcp:HOST:PORT, HOST:PORT or unix:PATH (default tcp:127.0.0.1:10809; "
         "port 0 picks a free one)",
     )
+    nbd.add_argument(
+        "--max-connections", type=std.positive_int, default=None, metavar="N",
+        help="serve at most N clients at once; more are closed at once and logged "
+        "(default: only the descriptor limit)",
+    )  # fmt: skip
     nbd.add_argument(
         "devices", nargs="+", type=_vdev_name, metavar="DEVICE",
         help="device number or xvd name; also the export name",

@@ -670,12 +670,18 @@ async def start_server(
     default_export: str | None = None,
     on_connection: Callable[[NBDConnection], Awaitable[None]] | None = None,
     sock: socket.socket | None = None,
+    max_connections: int | None = None,
 ) -> NBDServer:
     """Serve ``exports`` (name -> device) over NBD on ``listen``.  The empty export name
     selects ``default_export`` (default: the first export).  A Unix socket path held by a
     live server is refused with ``OSError(EADDRINUSE)``; a dead server's is replaced.
     ``sock``: a TCP socket [`bind_tcp`][] bound for ``listen`` already (the server
-    takes it over)."""
+    takes it over).  ``max_connections`` (``None``: only the descriptor limit) bounds the
+    sessions open at once: one more is closed as soon as it is accepted, before the
+    greeting, and logged -- a client opening connections without end cannot take the
+    server from the others."""
+    if max_connections is not None and max_connections < 1:
+        raise ValueError(f"max_connections must be at least 1, not {max_connections}")
     table: dict[str, Export] = {}
     if isinstance(exports, list):
         table = {e.name: e for e in exports}
@@ -689,6 +695,14 @@ async def start_server(
     conns: set[NBDConnection] = set()
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if max_connections is not None and len(conns) >= max_connections:
+            log.warning(
+                "%s: closed at once, %d sessions open (max_connections)",
+                writer.get_extra_info("peername") or "a client",
+                len(conns),
+            )
+            writer.transport.abort()
+            return
         conn = NBDConnection(table, reader, writer, default_export=default_export)
         conns.add(conn)
         try:

@@ -96,6 +96,7 @@ BAD_INPUT: list[tuple[list[str], int, str, tuple[str, ...]]] = [
         ("5000 bytes", "4096-byte", "last 904 bytes"),
     ),
     ([*NBD, "--listen", "garbage", "xvda"], 2, "aioxen blkfront nbd", ("--listen", "garbage")),
+    ([*NBD, "--max-connections", "0", "xvda"], 2, "aioxen blkfront nbd", ("--max-connections",)),
     (
         [*NBD, "--listen", "127.0.0.1:99999", "xvda"],
         2,

@@ -389,3 +389,45 @@ async def test_unix_listen_path_is_owned(tmp_path: Path) -> None:
         (tmp_path / "plain").write_text("keep")
         await start_server({"disk": dev}, f"unix:{tmp_path / 'plain'}")
     assert (tmp_path / "plain").read_text() == "keep"
+
+
+async def test_max_connections_closes_the_one_too_many_before_the_greeting() -> None:
+    """``max_connections=2``: two sessions get the greeting and stay served; more are
+    closed at once (EOF, no greeting) until one of the two ends; then a real NBD client
+    (nbdinfo) is served again."""
+    server = await start_server(
+        {"disk": SourceDevice(MemorySource(SIZE))}, "127.0.0.1:0", max_connections=2
+    )
+    port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    try:
+
+        async def greeted() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            (magic,) = struct.unpack(">Q", await asyncio.wait_for(r.readexactly(8), 30))
+            assert magic == W.NBDMAGIC
+            return r, w
+
+        held = [await greeted(), await greeted()]
+        for _ in range(3):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            with contextlib.suppress(ConnectionError):
+                assert await asyncio.wait_for(r.read(), 30) == b""  # no greeting
+            w.close()
+        assert len(server.connections) == 2
+        _r, w = held.pop()
+        w.close()
+        async with asyncio.timeout(30):
+            while len(server.connections) > 1:
+                await asyncio.sleep(0.01)
+        info = json.loads(await run("nbdinfo", "--json", f"nbd://127.0.0.1:{port}/disk"))
+        assert info["exports"][0]["export-size"] == SIZE
+        for _r, w in held:
+            w.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_max_connections_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        asyncio.run(start_server({"disk": SourceDevice(MemorySource(SIZE))}, max_connections=0))
