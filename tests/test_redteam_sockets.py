@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -26,17 +27,6 @@ from aioxen.ownership import UnixSocketClaim
 pytestmark = pytest.mark.crossprocess
 
 TIMEOUT = 60  # hang guard only
-
-CONNECT = """
-import socket, sys
-s = socket.socket(socket.AF_UNIX)
-try:
-    s.connect(sys.argv[1])
-except OSError as e:
-    print("refused", e.errno)
-else:
-    print("connected")
-"""
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +47,6 @@ def shared() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _mallory_connects(mallory: OtherUser, path: Path) -> str:
-    return mallory.python(CONNECT, str(path), timeout=TIMEOUT).stdout.strip()
-
-
 def test_bridge_started_with_umask_0_listens_owner_only(mallory: OtherUser, shared: Path) -> None:
     sock = shared / "bridge.sock"
     argv = [sys.executable, "-m", "aioxen", "bridge", "--listen", f"unix:{sock}"]
@@ -78,12 +64,9 @@ def test_bridge_started_with_umask_0_listens_owner_only(mallory: OtherUser, shar
         assert "listening on" in line, (line, proc.poll())
         mode = stat.S_IMODE(os.lstat(sock).st_mode)
         assert mode & 0o077 == 0, f"socket mode {mode:04o} under umask 0"
-        assert _mallory_connects(mallory, sock) == "refused 13"  # EACCES
-        # its owner still connects
-        own = subprocess.run(
-            [sys.executable, "-c", CONNECT, str(sock)], capture_output=True, text=True
-        )
-        assert own.stdout.strip() == "connected"
+        assert mallory.connects(str(sock)) == "refused 13"  # EACCES
+        with socket.socket(socket.AF_UNIX) as own:
+            own.connect(str(sock))  # its owner still connects
     finally:
         proc.terminate()
         proc.communicate(timeout=TIMEOUT)
@@ -102,7 +85,7 @@ def test_claim_bind_ignores_the_umask(mallory: OtherUser, shared: Path) -> None:
     try:
         sock.listen()
         assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
-        assert _mallory_connects(mallory, path) == "refused 13"
+        assert mallory.connects(str(path)) == "refused 13"
     finally:
         sock.close()
         claim.release()

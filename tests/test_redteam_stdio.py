@@ -9,7 +9,6 @@ now go through a bounded queue and a writer thread ([`aioxen.apps.stderr_log`][]
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import subprocess
@@ -20,13 +19,13 @@ from collections.abc import Iterator
 
 import pytest
 from support.unix_user import OtherUser, other_user, require_user_creation
+from support.unread_pipe import leftover, small_pipe
 
 from aioxen.apps.stderr_log import StderrLogHandler
 
 pytestmark = pytest.mark.crossprocess
 
 TIMEOUT = 60  # hang guard only
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 FLOOD = """
 import socket, sys
@@ -54,25 +53,8 @@ def mallory() -> Iterator[OtherUser]:
         yield user
 
 
-def _small_pipe() -> tuple[int, int]:
-    r, w = os.pipe()
-    fcntl.fcntl(w, F_SETPIPE_SZ, 4096)  # the smallest pipe: a bounded flood fills it
-    return r, w
-
-
-def _drain(fd: int) -> bytes:
-    os.set_blocking(fd, False)
-    out = b""
-    try:
-        while chunk := os.read(fd, 65536):
-            out += chunk
-    except BlockingIOError:
-        pass
-    return out
-
-
 def test_bridge_with_unread_stderr_survives_a_warning_flood(mallory: OtherUser) -> None:
-    r, w = _small_pipe()
+    r, w = small_pipe()
     argv = [sys.executable, "-m", "aioxen", "bridge", "--listen", "tcp:127.0.0.1:0"]
     argv += ["--connect", "unix:/nonexistent-aioxen-target/x.sock"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=w, text=True)
@@ -94,13 +76,12 @@ def test_bridge_with_unread_stderr_survives_a_warning_flood(mallory: OtherUser) 
             proc.wait()
         assert proc.stdout is not None
         proc.stdout.close()
-        logged = _drain(r)
-        os.close(r)
+        logged = leftover(r)
     assert b"cannot connect to unix:/nonexistent-aioxen-target/x.sock" in logged
 
 
 def test_handler_drops_instead_of_blocking_and_says_so() -> None:
-    r, w = _small_pipe()
+    r, w = small_pipe()
     handler = StderrLogHandler(w, limit=8192)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log = logging.getLogger("aioxen.test_redteam_stdio")
@@ -136,7 +117,7 @@ def _read_all(fd: int) -> bytes:
 def test_handler_waits_on_a_non_blocking_stderr() -> None:
     """stderr inherited non-blocking (O_NONBLOCK is shared by every process on the pipe):
     a full pipe is waited out in the writer thread, no line is lost."""
-    r, w = _small_pipe()
+    r, w = small_pipe()
     os.set_blocking(w, False)
     handler = StderrLogHandler(w)
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -8,7 +8,6 @@ bad handshakes; the export must keep serving and stop cleanly.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import subprocess
@@ -18,13 +17,13 @@ from pathlib import Path
 
 import pytest
 from support.unix_user import OtherUser, other_user, require_user_creation
+from support.unread_pipe import leftover, small_pipe
 from support.xenstored import Xenstored
 
 pytestmark = pytest.mark.crossprocess
 
 TIMEOUT = 60  # hang guard only
 FRONT = 7
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 BAD_CLIENTS = """
 import socket, sys
@@ -108,8 +107,7 @@ def test_nbd_export_survives_bad_clients_with_unread_stderr(
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
     xs = Xenstored(tmp_path / "root")
-    r, w = os.pipe()
-    fcntl.fcntl(w, F_SETPIPE_SZ, 4096)  # nobody reads it; a bounded flood fills it
+    r, w = small_pipe()  # nobody reads it; a bounded flood fills it
     procs: list[subprocess.Popen[str]] = []
     try:
         back = ["blkback", "--image", str(image), "--frontend", str(FRONT)]
@@ -131,11 +129,6 @@ def test_nbd_export_survives_bad_clients_with_unread_stderr(
             _stop(p)
         if w >= 0:
             os.close(w)
-        os.set_blocking(r, False)
-        try:
-            logged = os.read(r, 65536)
-        except BlockingIOError:
-            logged = b""
-        os.close(r)
+        logged = leftover(r)
         xs.stop()
     assert b"unknown client flags" in logged

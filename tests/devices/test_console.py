@@ -6,7 +6,6 @@ and a front end that refuses a device another front end (a kernel driver) holds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import itertools
 import os
@@ -19,6 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "xenbus"))
 
+from support.unread_pipe import leftover, small_pipe
 from support.xenstored import XenstoredProcess
 from xenbus_world import World, world, xenstored_proc
 
@@ -427,8 +427,6 @@ async def test_following_back_end_with_unread_stderr_survives_reconnects(
     With stderr a pipe nobody reads (4 KiB), a guest that reconnects over and over used to
     block the back end in write(2) for good -- no more connections, SIGTERM ignored.  Now
     the lines queue (bounded) and the back end keeps serving and stops on SIGTERM."""
-    import fcntl
-
     import aioxen
 
     guest = next(_guests)
@@ -438,8 +436,7 @@ async def test_following_back_end_with_unread_stderr_survives_reconnects(
         env=env0,
     )  # fmt: skip
     assert await asyncio.wait_for(add.wait(), T) == 0
-    r, w = os.pipe()
-    fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
+    r, w = small_pipe()
     back = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "aioxen", "console", str(guest), "--devid", "1", "--follow",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=w, env=env0,
@@ -460,11 +457,6 @@ async def test_following_back_end_with_unread_stderr_survives_reconnects(
         if back.returncode is None:
             back.kill()
             await back.wait()
-        os.set_blocking(r, False)
-        logged = b""
-        with contextlib.suppress(BlockingIOError):
-            while chunk := os.read(r, 65536):
-                logged += chunk
-        os.close(r)
+        logged = leftover(r)
     assert logged.startswith(b"aioxen console: waiting for domain"), logged[:200]
     assert f"aioxen console: domain {guest} connected".encode() in logged

@@ -23,17 +23,6 @@ from aioxen.qrexec import Agent, Daemon, VchanChannels
 
 pytestmark = pytest.mark.crossprocess
 
-CONNECT = """
-import socket, sys
-s = socket.socket(socket.AF_UNIX)
-try:
-    s.connect(sys.argv[1])
-except OSError as e:
-    print("refused", e.errno)
-else:
-    print("connected")
-"""
-
 
 @pytest.fixture
 async def world() -> AsyncIterator[World]:
@@ -53,10 +42,6 @@ def shared_dir() -> tempfile.TemporaryDirectory[str]:
     d = tempfile.TemporaryDirectory(prefix="aioxen-qrexec-modes-")
     os.chmod(d.name, 0o755)  # others may reach the sockets; their modes decide
     return d
-
-
-def connects(user: OtherUser, path: str) -> str:
-    return user.python(CONNECT, path, timeout=60).stdout.strip()
 
 
 @pytest.mark.parametrize("umask", [0o000, 0o077])
@@ -79,10 +64,10 @@ async def test_trigger_socket_mode_whatever_the_umask(
             got = stat.S_IMODE(os.lstat(path).st_mode)
             if mode is None:  # as Qubes: every local user may ask
                 assert got == 0o666
-                assert connects(mallory, path) == "connected"
+                assert mallory.connects(path) == "connected"
             else:
                 assert got == 0o600
-                assert connects(mallory, path) == "refused 13"  # EACCES
+                assert mallory.connects(path) == "refused 13"  # EACCES
 
 
 @pytest.mark.parametrize("mode", [None, 0o666])
@@ -105,9 +90,9 @@ async def test_daemon_client_socket_mode_whatever_the_umask(
                 got = stat.S_IMODE(os.lstat(path).st_mode)
                 if mode is None:  # owner-only by default, even under umask 0
                     assert got == 0o600
-                    assert connects(mallory, path) == "refused 13"
+                    assert mallory.connects(path) == "refused 13"
                 else:
                     assert got == 0o666
-                    assert connects(mallory, path) == "connected"
+                    assert mallory.connects(path) == "connected"
         finally:
             await daemon.__aexit__(None, None, None)

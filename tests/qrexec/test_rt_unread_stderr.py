@@ -10,7 +10,6 @@ the daemon is a real ``aioxen qrexec daemon`` process.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import signal
 import struct
@@ -18,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from support.unread_pipe import leftover, small_pipe
 from support.xenstored import Xenstored
 
 from aioxen.platforms.unix import UnixPlatform
@@ -28,7 +28,6 @@ from aioxen.qrexec.framing import exchange_hello
 
 GUARD = 60  # hang guard only
 EVIL = 42
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 def _trigger(ident: bytes) -> bytes:
@@ -41,8 +40,7 @@ async def test_daemon_with_unread_stderr_survives_a_hostile_vm(tmp_path: Path) -
     xs = Xenstored(tmp_path / "root")
     qdir = tmp_path / "dom0"
     qdir.mkdir(mode=0o700)
-    r, wfd = os.pipe()
-    fcntl.fcntl(wfd, F_SETPIPE_SZ, 4096)  # nobody reads it; a bounded flood fills it
+    r, wfd = small_pipe()  # nobody reads it; a bounded flood fills it
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -85,11 +83,6 @@ async def test_daemon_with_unread_stderr_survives_a_hostile_vm(tmp_path: Path) -
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        os.set_blocking(r, False)
-        try:
-            logged = os.read(r, 65536)
-        except BlockingIOError:
-            logged = b""
-        os.close(r)
+        logged = leftover(r)
         xs.stop()
     assert b"bad request from evil" in logged

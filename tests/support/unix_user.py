@@ -20,6 +20,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+_CONNECT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print("refused", e.errno)
+else:
+    print("connected")
+"""
+
 
 @dataclass(frozen=True)
 class OtherUser:
@@ -51,6 +62,11 @@ class OtherUser:
         return subprocess.Popen(
             list(argv), user=self.uid, group=self.gid, extra_groups=[], cwd="/", text=True, **kw
         )
+
+    def connects(self, path: str, timeout: float = 60) -> str:
+        """Try, as this user, to connect a stream socket to the Unix socket ``path``:
+        ``"connected"`` or ``"refused ERRNO"``."""
+        return self.python(_CONNECT, path, timeout=timeout).stdout.strip()
 
     @functools.cached_property
     def python_exe(self) -> str:

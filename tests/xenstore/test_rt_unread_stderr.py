@@ -8,7 +8,6 @@ pipe was full.  Now log lines never block it (``aioxen.apps.stderr_log``).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 import struct
@@ -17,11 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.unread_pipe import leftover, small_pipe
 
 pytestmark = pytest.mark.crossprocess
 
 TIMEOUT = 60  # hang guard only
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 XS_READ = 2
 
 
@@ -31,8 +30,7 @@ def _frame(typ: int, payload: bytes, length: int | None = None) -> bytes:
 
 
 def test_xenstored_with_unread_stderr_survives_a_log_flood(tmp_path: Path) -> None:
-    r, w = os.pipe()
-    fcntl.fcntl(w, F_SETPIPE_SZ, 4096)  # nobody reads it; a bounded flood fills it
+    r, w = small_pipe()  # nobody reads it; a bounded flood fills it
     root = tmp_path / "root"
     proc = subprocess.Popen(
         [sys.executable, "-m", "aioxen", "xenstored", "--root", str(root)],
@@ -66,10 +64,5 @@ def test_xenstored_with_unread_stderr_survives_a_log_flood(tmp_path: Path) -> No
             proc.wait()
         assert proc.stdout is not None
         proc.stdout.close()
-        os.set_blocking(r, False)
-        try:
-            logged = os.read(r, 65536)
-        except BlockingIOError:
-            logged = b""
-        os.close(r)
+        logged = leftover(r)
     assert b"closing connection of domid 0" in logged
