@@ -315,6 +315,7 @@ class DeviceRunner:
         self._close_timer: asyncio.TimerHandle | None = None
         self._stale_peer: object = _FRESH
         self._peer_wrote = False  # the peer's state key was written since _stale_peer
+        self._stale_until_changed = False  # _stale_peer goes only when the value changes
         self._attached = False  # driver.connect was called; disconnect is due
         self._published: tuple[str, ...] = ()  # top-level names of the front's last keys
         self._task: asyncio.Task[None] | None = None
@@ -504,6 +505,22 @@ class DeviceRunner:
         if isinstance(self.driver, BackendDriver):
             await self._publish(S.INIT_WAIT, await self.driver.advertise(self.dev))
         else:
+            # Taking over from a front end that died in a session (on Xen nothing tells
+            # the back end): the back end's state belongs to the dead session -- a
+            # Connected back end still serves the dead one's rings.  Ignore it until it
+            # changes (the back end resets when it sees our Initialising); connecting to
+            # it at once would "connect" to the old rings, and the back end's reset would
+            # then shut ours down under the first requests.
+            try:
+                left, peer = (
+                    parse_state(await self.dev.read("state"), f"{self.dev.own_dir}/state"),
+                    await self.dev.peer_state(),
+                )
+            except ProtocolError:
+                left = peer = None
+            if left in _SESSION and peer in _SESSION:
+                self._stale_peer = peer
+                self._stale_until_changed = True  # its watch may fire without a change
             await self._remove_published()
             await self._publish(S.INITIALISING)
 
@@ -571,6 +588,7 @@ class DeviceRunner:
             # mapped): ignore such a state until it changes.  A peer already back at the
             # start of a handshake (InitWait, Initialising) is not stale.
             self._peer_wrote = False
+            self._stale_until_changed = False
             try:
                 stale = await dev.peer_state()
             except ProtocolError:
@@ -593,10 +611,11 @@ class DeviceRunner:
         if self._stale_peer is not _FRESH:
             # The same state written again (a new front end going straight to the state
             # the dead one was in) is a new session too.
-            if peer == self._stale_peer and not self._peer_wrote:
+            if peer == self._stale_peer and (self._stale_until_changed or not self._peer_wrote):
                 peer = None  # the dead session's state: as if the peer were absent
             else:
                 self._stale_peer = _FRESH
+                self._stale_until_changed = False
         if self._closing:
             return await self._close_step(peer)
         if isinstance(self.driver, BackendDriver):

@@ -322,6 +322,55 @@ async def test_front_end_dies_and_a_new_one_connects(world: World, ends: Ends) -
     assert back.connects == 2
 
 
+class UnnoticedDeathFront(PingFront):
+    """A front end whose process dies as on real Xen: nothing reaches the back end (no
+    event, no unmap) -- its ring stays as it was."""
+
+    async def disconnect(self, dev: XenbusDevice) -> None:
+        self.up.clear()
+
+
+async def test_front_end_dies_unnoticed_and_a_new_one_takes_over(world: World, ends: Ends) -> None:
+    """The dead front end left its state Connected and the back end, told nothing, is
+    still Connected to the dead one's ring.  The new front end must not take that
+    Connected for its own session: it waits until the back end, seeing Initialising,
+    resets -- then its very first requests are answered (connecting at once, it lost them
+    when the back end's reset shut its ring down)."""
+    _tool, be, fe = await setup_device(world)
+    brun, back = await start_back(ends, be, fe.domid)
+    dead = UnnoticedDeathFront()
+    fdev = await frontend_device(fe, TYPE, 0, backend_domid=be.domid, timeout=10)
+    ends.start(DeviceRunner(fdev, dead))
+    assert await dead.ping(1) == 2
+    await fe.store.close()  # the process dies: XenStore connection gone, no state update
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(ends.tasks[1], 10)
+    assert brun.dev.state == S.CONNECTED and back.connects == 1  # nobody told it
+    # The back end is slow to look (as dom0's is, next to a fast domU): it reacts only
+    # once the gate opens, so a front end that trusted the stale Connected would be
+    # "connected" by then.
+    gate = asyncio.Event()
+    real_step = brun._step
+
+    async def slow_step() -> bool:
+        await gate.wait()
+        return await real_step()
+
+    brun._step = slow_step  # type: ignore[method-assign]
+    fe2 = await world.platform(fe.domid)
+    frun2, front2 = await start_front(ends, fe2, be.domid)
+    await frun2.wait_state(S.INITIALISING, timeout=10)
+    await asyncio.sleep(0.2)  # room for a wrong step (the assertions never need it)
+    assert frun2.dev.state == S.INITIALISING and front2.connections == 0
+    gate.set()
+    brun._wakeup.set()
+    for i in range(20):  # the very first requests are answered
+        assert await front2.ping(i) == 2 * i
+    assert back.connects == 2 and front2.connections == 1
+    assert dead.ring is not None
+    dead.ring.close()
+
+
 async def test_garbage_from_the_front_end_does_not_break_the_back_end(
     world: World, ends: Ends
 ) -> None:
