@@ -110,7 +110,7 @@ async def check_frontend_free(
     front end (XenStore state without an aioxen owner record, unless ``force``) holds
     front end device ``dev``.  Reads only."""
     what = f"{dev.type}/{dev.devid} of domain {dev.platform.domid}"
-    if dev.platform.name == "xen":
+    if dev.platform.kernel_xenbus_drivers:
         bound = kernel_driver(dev.type, dev.devid, sysfs)
         if bound is not None:
             raise kernel_driver_error(what, dev.type, dev.devid, *bound, sysfs=sysfs)

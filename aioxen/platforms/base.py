@@ -236,6 +236,11 @@ class Platform(abc.ABC):
     single_process: bool = False
     """Whether every domain of this platform lives in this one process (``inheap``):
     other programs cannot be its peers."""
+    kernel_xenbus_drivers: bool = False
+    """Whether this domain's kernel has xenbus drivers of its own that may bind a device
+    before we do (``xen``: a Linux guest's ``hvc_xen``, ``xen-blkfront``, ...; their
+    bindings are visible in ``/sys/bus/xen``).  Front ends check it before taking a
+    device (see ``aioxen.console.inuse``)."""
     grant_share_limit: int | None = None
     """How many pages one process can have shared (granted) at a time by default, if the
     platform has a fixed limit (``xen``: gntalloc's ``limit`` module parameter, 1024);

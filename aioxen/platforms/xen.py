@@ -67,6 +67,7 @@ class XenPlatform(LeakChecks, Platform):
 
     name = "xen"
     grant_share_limit = GNTALLOC_DEFAULT_LIMIT
+    kernel_xenbus_drivers = True
 
     def __init__(self, domid: int | None = None, device_dir: str = DEFAULT_DEVICE_DIR) -> None:
         super().__init__(0 if domid is None else domid)

@@ -382,6 +382,9 @@ async def test_sysfs_is_consulted_only_on_xen(world: World, tmp_path: Path) -> N
     dev = await frontend_device(await world.platform(guest), "console", 1, timeout=T)
     await check_frontend_free(dev, sysfs=str(bus))  # no error
     assert kernel_driver("console", 1, str(bus)) == ("xenconsole", "hvc_xen")
+    dev.platform.kernel_xenbus_drivers = True  # what the xen platform says: now it counts
+    with pytest.raises(FrontendInUse):
+        await check_frontend_free(dev, sysfs=str(bus))
 
 
 async def test_aioxen_console_frontend_refuses_a_foreign_front_end(spawn: Spawn) -> None:
@@ -447,8 +450,18 @@ async def test_following_back_end_with_unread_stderr_survives_reconnects(
         "unix", domid=guest, root=genv["XEN_ROOT"], xenstored_path=genv["XENSTORED_PATH"]
     )
     try:
+        backend_state = f"/local/domain/0/backend/console/{guest}/1/state"
         async with plat:
-            for _ in range(120):  # ~75 bytes of status per cycle: the pipe fills ~50 in
+            for cycle in range(120):  # ~75 bytes of status per cycle: the pipe fills ~50 in
+                # a guest that reconnects once the back end has finished the last session
+                # (InitWait or Closed, not Connected/Closing)
+                seen = b""
+                try:
+                    async with asyncio.timeout(T):
+                        while (seen := await plat.store.read(backend_state)) in (b"4", b"5"):
+                            await asyncio.sleep(0.01)
+                except TimeoutError:
+                    raise AssertionError(f"cycle {cycle}: back end state {seen!r}") from None
                 fe = await ConsoleFrontend.open(0, 1, platform=plat, timeout=T)
                 await fe.close()
         back.terminate()
