@@ -41,6 +41,7 @@ import contextlib
 from typing import Protocol, runtime_checkable
 
 from aioxen.platforms.base import Platform
+from aioxen.tasks import wait_out
 from aioxen.vchan.endpoint import Connection
 from aioxen.vchan.protocols import start_transport
 from aioxen.vchan.server import abandon, accept_one
@@ -128,12 +129,7 @@ async def _reap(task: asyncio.Task[Connection]) -> None:
     release the endpoint -- is a bounded number of XenStore round trips, and what it
     holds must not outlive whoever awaits this."""
     task.cancel()
-    interrupted: asyncio.CancelledError | None = None
-    while not task.done():
-        try:
-            await asyncio.wait((task,))
-        except asyncio.CancelledError as exc:
-            interrupted = exc
+    interrupted = await wait_out(task)
     if interrupted is not None:
         raise interrupted
 

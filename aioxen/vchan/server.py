@@ -62,6 +62,7 @@ from typing import Any
 
 from aioxen.errors import ProtocolError
 from aioxen.platforms.base import Platform, check_domid
+from aioxen.tasks import wait_out
 from aioxen.vchan import advertise
 from aioxen.vchan.endpoint import (
     DEFAULT_SIZE,
@@ -605,12 +606,7 @@ async def accept_one(
         # Withdraw to the end even if cancelled meanwhile (the cancellation is re-raised
         # after it): once an awaited accept_one has ended, its advertisement is gone.
         withdrawing = asyncio.ensure_future(advertise.withdraw(platform, path, owner))
-        interrupted: asyncio.CancelledError | None = None
-        while not withdrawing.done():
-            try:
-                await asyncio.wait((withdrawing,))
-            except asyncio.CancelledError as exc:
-                interrupted = exc
+        interrupted = await wait_out(withdrawing)
         try:
             withdrawing.result()
         except BaseException:
