@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +42,15 @@ def pytest_configure(config: Any) -> None:
     config.addinivalue_line(
         "markers", "needs_peer_loss_reports: conformance test needs peer-loss reports"
     )
+
+
+@pytest.fixture(scope="module")
+def mallory() -> Iterator[Any]:
+    """A second, real Unix user (``support.unix_user.OtherUser``, created for the module
+    using it, removed after it): the other local user of the hostile-root and red-team
+    tests."""
+    from support.unix_user import other_user, require_user_creation
+
+    require_user_creation()
+    with other_user() as user:
+        yield user

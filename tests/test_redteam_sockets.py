@@ -20,20 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.unix_user import OtherUser, other_user, require_user_creation
+from support.unix_user import OtherUser
 
 from aioxen.ownership import UnixSocketClaim
 
 pytestmark = pytest.mark.crossprocess
 
 TIMEOUT = 60  # hang guard only
-
-
-@pytest.fixture(scope="module")
-def mallory() -> Iterator[OtherUser]:
-    require_user_creation()
-    with other_user() as user:
-        yield user
 
 
 @pytest.fixture

@@ -15,10 +15,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
-from support.unix_user import OtherUser, other_user, require_user_creation
+from support.unix_user import OtherUser
 from support.unread_pipe import leftover, small_pipe
 
 from aioxen.apps.stderr_log import StderrLogHandler
@@ -44,13 +43,6 @@ for i in range(n):
 else:
     print("all", n)
 """
-
-
-@pytest.fixture(scope="module")
-def mallory() -> Iterator[OtherUser]:
-    require_user_creation()
-    with other_user() as user:
-        yield user
 
 
 def test_bridge_with_unread_stderr_survives_a_warning_flood(mallory: OtherUser) -> None:

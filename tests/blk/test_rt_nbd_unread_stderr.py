@@ -12,11 +12,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.unix_user import OtherUser, other_user, require_user_creation
+from support.unix_user import OtherUser
 from support.unread_pipe import leftover, small_pipe
 from support.xenstored import Xenstored
 
@@ -64,13 +63,6 @@ while len(r) < 10:
     r += s.recv(10 - len(r))
 print("size", struct.unpack(">Q", r[:8])[0])
 """
-
-
-@pytest.fixture(scope="module")
-def mallory() -> Iterator[OtherUser]:
-    require_user_creation()
-    with other_user() as user:
-        yield user
 
 
 def _start(xs: Xenstored, domid: int, *args: str, stderr: int) -> tuple[subprocess.Popen[str], str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.unix_user import OtherUser, other_user, require_user_creation
+from support.unix_user import OtherUser
 
 from aioxen.platforms._rootdir import RootPermissionError, check_socket, replace_file
 from aioxen.platforms.unix import UnixPlatform
@@ -35,14 +35,6 @@ TIMEOUT = 60  # hang guard only
 
 
 # -- fixtures ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def mallory() -> Iterator[OtherUser]:
-    """A second, real Unix user (created for this module, removed after it)."""
-    require_user_creation()
-    with other_user() as user:
-        yield user
 
 
 @pytest.fixture

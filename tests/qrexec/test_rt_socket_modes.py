@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from platform_harness import leak_checked
-from support.unix_user import OtherUser, other_user, require_user_creation
+from support.unix_user import OtherUser
 from vchan_harness import InHeapWorld, World
 
 from aioxen.qrexec import Agent, Daemon, VchanChannels
@@ -29,13 +29,6 @@ async def world() -> AsyncIterator[World]:
     wd = InHeapWorld()
     async with leak_checked(wd):
         yield wd
-
-
-@pytest.fixture(scope="module")
-def mallory() -> Iterator[OtherUser]:
-    require_user_creation()
-    with other_user() as user:
-        yield user
 
 
 def shared_dir() -> tempfile.TemporaryDirectory[str]:
