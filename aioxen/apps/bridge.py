@@ -345,7 +345,7 @@ class _Refused(asyncio.Protocol):
         logger.warning(
             "%s: closed at once, %d connections open (--max-connections)",
             _peer_name(transport),
-            len(self.bridge._links),
+            self.bridge.active,
         )
         transport.close()
 

@@ -236,6 +236,7 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
         self._policy = PollPolicy(window, perf_counter())
         self._spin = SpinPolicy(window, _cpu_to_spare)  # bulk spin-waits (see SpinPolicy)
         self._bulk_scheduled = False  # a delivery pass continues next loop iteration
+        self._recheck_unarmed = False  # that pass is a stream reader's unarmed second look
         # a delivery pass this big is bulk (a message is at most POLL_MAX_MESSAGE; a
         # ring smaller than that is bulk when one pass empties a full ring)
         self._bulk_min = min(POLL_MAX_MESSAGE + 1, self._core.read_size)
@@ -254,7 +255,6 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
         # The stdlib stream protocol copies synchronously in data_received: give it a view.
         self._trusted = type(protocol) is asyncio.StreamReaderProtocol
-        self._recheck_unarmed = False
 
     def _start(self, waiter: asyncio.Future[None] | None) -> None:
         try:
